@@ -1,0 +1,5 @@
+"""Simulators with known truth (DESIGN §5)."""
+
+from pluralign.envs.lowrank_contextual import LowRankContextual
+
+__all__ = ["LowRankContextual"]

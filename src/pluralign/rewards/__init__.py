@@ -1,0 +1,6 @@
+"""Reward models fitted by Bradley–Terry maximum likelihood (DESIGN §2)."""
+
+from pluralign.rewards.base import BradleyTerryModel, RewardModel
+from pluralign.rewards.linear import Bilinear, Linear, LinearInParameters
+
+__all__ = ["Bilinear", "BradleyTerryModel", "Linear", "LinearInParameters", "RewardModel"]

@@ -1,0 +1,187 @@
+"""The reward-model interface and the Bradley–Terry maximum-likelihood machinery they share.
+
+Every estimator fits the penalized Bradley–Terry MLE
+
+    minimize  (1/N) Σ_i −log σ(s_i · (r(x_i, φ1_i) − r(x_i, φ0_i)))  +  penalty(params),
+    s_i = 2 y_i − 1,
+
+with ``−log σ(t) = softplus(−t)`` evaluated stably. Subclasses say how the margin
+``r(x, φ1) − r(x, φ0)`` depends on the parameters; this module solves, stores and predicts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pluralign.data import PreferenceData
+from pluralign.errors import DataValidationError, NotFittedError
+from pluralign.rewards._solver import SolverInfo, minimize_lbfgs
+
+__all__ = ["BradleyTerryModel", "RewardModel", "log_sigmoid"]
+
+
+def log_sigmoid(t: np.ndarray) -> np.ndarray:
+    """Numerically stable ``log σ(t)``."""
+    t = np.asarray(t, dtype=np.float64)
+    return -np.logaddexp(0.0, -t)
+
+
+class RewardModel(ABC):
+    """A reward ``r(x, φ)``; fitted from comparisons by Bradley–Terry maximum likelihood."""
+
+    @abstractmethod
+    def fit(self, data: PreferenceData) -> RewardModel:
+        """Fit to ``data`` and return ``self``."""
+
+    @abstractmethod
+    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """Rewards of responses ``phi``.
+
+        ``phi`` is ``(n, d_phi)`` with ``x`` ``(n, d_x)``, giving ``(n,)``; or ``(m, K, d_phi)``
+        (K candidates per state) with ``x`` ``(m, d_x)``, giving ``(m, K)``. Context-free models
+        ignore ``x`` (it may be ``None``).
+        """
+
+    def predict_proba(self, data: PreferenceData) -> np.ndarray:
+        """``P(y = 1) = σ(r(x, φ1) − r(x, φ0))`` for each comparison."""
+        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
+        return np.exp(log_sigmoid(margin))
+
+    def log_likelihood(self, data: PreferenceData) -> float:
+        """Mean Bradley–Terry log-likelihood per comparison (higher is better; ≤ 0)."""
+        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
+        sign = 2.0 * data.y - 1.0
+        return float(np.mean(log_sigmoid(sign * margin)))
+
+    def _check_fitted(self) -> None:
+        if not getattr(self, "is_fitted_", False):
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(data) first")
+
+
+class BradleyTerryModel(RewardModel):
+    """Shared fitting code: torch objective, SciPy L-BFGS, fitted-state bookkeeping.
+
+    Parameters common to all estimators
+    -----------------------------------
+    l2:
+        Ridge strength λ: the objective adds ``(λ/2)·‖params‖²``.
+    tol:
+        Gradient tolerance: stop when the largest absolute entry of the objective's gradient
+        is ``≤ tol``.
+    max_iter:
+        Iteration cap of L-BFGS.
+    dtype, device:
+        Torch dtype (``"float64"`` by default) and device (``"cpu"``, ``"cuda"``, ...) for the
+        objective's evaluation.
+    """
+
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        dtype: str = "float64",
+        device: str = "cpu",
+    ) -> None:
+        self.l2 = l2
+        self.tol = tol
+        self.max_iter = max_iter
+        self.dtype = dtype
+        self.device = device
+
+    # ---- to be provided by subclasses ---------------------------------------------------
+    @abstractmethod
+    def _initial_params(self, data: PreferenceData) -> np.ndarray:
+        """Flat starting point for the solver."""
+
+    @abstractmethod
+    def _margins(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``r(x, φ1) − r(x, φ0)`` for every comparison, differentiable in ``params``."""
+
+    @abstractmethod
+    def _store(self, params: np.ndarray, data: PreferenceData) -> None:
+        """Unpack the solution into the learned attributes (ending in ``_``)."""
+
+    def _penalty(self, params: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.l2 * torch.sum(params * params)
+
+    def _validate(self, data: PreferenceData) -> None:
+        """Model-specific checks on the training data (e.g. that contexts exist)."""
+
+    # ---- shared machinery -----------------------------------------------------------------
+    @property
+    def _torch_dtype(self) -> torch.dtype:
+        try:
+            dtype = getattr(torch, self.dtype)
+        except AttributeError:
+            raise DataValidationError(
+                f"unknown torch dtype {self.dtype!r}; use 'float64' or 'float32'", field="dtype"
+            ) from None
+        if dtype not in (torch.float64, torch.float32):
+            raise DataValidationError(f"must be 'float64' or 'float32', got {self.dtype!r}",
+                                      field="dtype")
+        return dtype
+
+    def _tensors(self, data: PreferenceData) -> dict[str, torch.Tensor]:
+        dtype, device = self._torch_dtype, torch.device(self.device)
+        batch = {
+            "dphi": torch.as_tensor(data.delta_phi, dtype=dtype, device=device),
+            "sign": torch.as_tensor(2.0 * data.y - 1.0, dtype=dtype, device=device),
+        }
+        if data.x is not None:
+            batch["x"] = torch.as_tensor(data.x, dtype=dtype, device=device)
+        return batch
+
+    def _objective(self, batch: dict[str, torch.Tensor]):
+        def objective(params: torch.Tensor) -> torch.Tensor:
+            margins = self._margins(params, batch)
+            return F.softplus(-batch["sign"] * margins).mean() + self._penalty(params)
+
+        return objective
+
+    def _solve(self, data: PreferenceData, x0: np.ndarray) -> tuple[np.ndarray, SolverInfo]:
+        batch = self._tensors(data)
+        return minimize_lbfgs(
+            self._objective(batch),
+            x0,
+            dtype=self._torch_dtype,
+            device=self.device,
+            tol=self.tol,
+            max_iter=self.max_iter,
+        )
+
+    def fit(self, data: PreferenceData) -> BradleyTerryModel:
+        """Penalized Bradley–Terry MLE on ``data``; returns ``self``."""
+        if not isinstance(data, PreferenceData):
+            raise DataValidationError(
+                f"fit expects PreferenceData, got {type(data).__name__}", field="data"
+            )
+        self._validate(data)
+        params, info = self._solve(data, self._initial_params(data))
+        self._store(params, data)
+        self.solver_info_ = info
+        self.n_iter_ = info.n_iter
+        self.converged_ = info.converged
+        self.is_fitted_ = True
+        return self
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyper-parameters, as given to ``__init__`` (scikit-learn convention)."""
+        import inspect
+
+        names = [
+            p.name
+            for p in inspect.signature(type(self).__init__).parameters.values()
+            if p.name != "self" and p.kind is not p.VAR_KEYWORD
+        ]
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"

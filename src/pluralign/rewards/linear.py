@@ -1,0 +1,135 @@
+"""Convex Bradley–Terry estimators: ``Linear`` (θᵀφ) and ``Bilinear`` (xᵀΘφ, full rank).
+
+Both are linear in their parameters after a known feature map ``z(x, φ)``:
+``Linear`` uses ``z = φ``; ``Bilinear`` uses ``z = vec(x φᵀ)`` (row-major, so that
+``⟨vec Θ, vec(xφᵀ)⟩ = xᵀΘφ``). The Kronecker features are never formed for fitting: the margin
+is ``Σ_j (XΘ)_ij Δφ_ij``, one matrix product per pass, ``O(N·d_x·d_phi)``.
+
+The MLE with ridge λ (Zhu, Jordan & Jiao 2023, eq. 3) is
+
+    θ̂ = argmin_θ (1/N) Σ_i −log σ(s_i θᵀΔz_i) + (λ/2)‖θ‖²,
+
+the same optimum as scikit-learn's ``LogisticRegression(fit_intercept=False, C=1/(N·λ))`` on
+the features ``Δz_i`` with labels ``y_i``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pluralign.data import PreferenceData
+from pluralign.errors import DataValidationError
+from pluralign.rewards.base import BradleyTerryModel
+
+__all__ = ["Bilinear", "Linear", "LinearInParameters"]
+
+
+class LinearInParameters:
+    """Mixin for models whose reward is ``θᵀ z(x, φ)`` for a known feature map ``z``.
+
+    Confidence sets and pessimistic policies work with any model that has ``features`` and
+    ``params_``.
+    """
+
+    params_: np.ndarray
+
+    def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """``z(x, φ)`` with trailing dimension ``n_params``; leading dims follow ``phi``."""
+        raise NotImplementedError  # pragma: no cover - implemented by every subclass
+
+    @property
+    def n_params(self) -> int:
+        """Dimension ``k`` of ``z``."""
+        return int(self.params_.size)
+
+
+def _check_phi(model: str, phi: np.ndarray, d_phi: int) -> np.ndarray:
+    phi = np.asarray(phi, dtype=np.float64)
+    if phi.ndim not in (2, 3) or phi.shape[-1] != d_phi:
+        raise DataValidationError(
+            f"{model} expects phi of shape (n, {d_phi}) or (m, K, {d_phi}), got {phi.shape}",
+            field="phi",
+        )
+    return phi
+
+
+def _check_x(model: str, x: np.ndarray | None, phi: np.ndarray, d_x: int) -> np.ndarray:
+    if x is None:
+        raise DataValidationError(f"{model} needs user contexts x", field="x")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != d_x or x.shape[0] != phi.shape[0]:
+        raise DataValidationError(
+            f"{model} expects x of shape ({phi.shape[0]}, {d_x}), got {x.shape}", field="x"
+        )
+    return x
+
+
+class Linear(BradleyTerryModel, LinearInParameters):
+    """Context-free reward ``r(φ) = θᵀφ``: one reward model for everybody.
+
+    Learned attributes: ``theta_`` (d_phi,), ``params_`` (same, flat), ``solver_info_``.
+    Any user contexts in the data are ignored. Fitting ``Linear`` on everybody's data is the
+    ``pooled`` baseline.
+    """
+
+    def _initial_params(self, data: PreferenceData) -> np.ndarray:
+        return np.zeros(data.d_phi)
+
+    def _margins(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["dphi"] @ params
+
+    def _store(self, params: np.ndarray, data: PreferenceData) -> None:
+        self.theta_ = params.copy()
+        self.params_ = self.theta_
+        self.d_phi_ = data.d_phi
+
+    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        return _check_phi("Linear", phi, self.d_phi_) @ self.theta_
+
+    def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        return _check_phi("Linear", phi, self.d_phi_)
+
+
+class Bilinear(BradleyTerryModel, LinearInParameters):
+    """Full-rank contextual reward ``r(x, φ) = xᵀΘφ``.
+
+    Learned attributes: ``theta_`` (d_x, d_phi), ``params_`` = ``vec(theta_)`` (row-major),
+    ``solver_info_``.
+    """
+
+    def _validate(self, data: PreferenceData) -> None:
+        if data.x is None:
+            raise DataValidationError("Bilinear needs user contexts; the data has x=None",
+                                      field="x")
+
+    def _initial_params(self, data: PreferenceData) -> np.ndarray:
+        return np.zeros(data.d_x * data.d_phi)
+
+    def _margins(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x, dphi = batch["x"], batch["dphi"]
+        theta = params.reshape(x.shape[1], dphi.shape[1])
+        return ((x @ theta) * dphi).sum(dim=1)
+
+    def _store(self, params: np.ndarray, data: PreferenceData) -> None:
+        self.theta_ = params.reshape(data.d_x, data.d_phi).copy()
+        self.params_ = self.theta_.ravel()
+        self.d_x_, self.d_phi_ = data.d_x, data.d_phi
+
+    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        phi = _check_phi("Bilinear", phi, self.d_phi_)
+        xt = _check_x("Bilinear", x, phi, self.d_x_) @ self.theta_
+        return np.einsum("md,mkd->mk", xt, phi) if phi.ndim == 3 else np.sum(xt * phi, axis=1)
+
+    def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """``vec(x φᵀ)``: materialized, ``k = d_x·d_phi`` columns; only for small dimensions."""
+        self._check_fitted()
+        phi = _check_phi("Bilinear", phi, self.d_phi_)
+        x = _check_x("Bilinear", x, phi, self.d_x_)
+        if phi.ndim == 3:
+            z = x[:, None, :, None] * phi[:, :, None, :]
+            return z.reshape(*phi.shape[:2], -1)
+        return (x[:, :, None] * phi[:, None, :]).reshape(phi.shape[0], -1)
