@@ -92,14 +92,23 @@ class PreferenceData:
                 raise DataValidationError(
                     f"must have shape ({n},) like 'y', got {users.shape}", field="users"
                 )
-            if users.dtype.kind == "f":
-                bad = ~np.isfinite(users)
-                if bad.any():
-                    raise DataValidationError(
-                        "contains NaN or inf", field="users", row=int(np.argmax(bad))
-                    )
             if users.dtype.kind == "O":
-                users = users.astype(str)
+                kinds = {type(u) for u in users.tolist()}
+                if not kinds <= {str, int}:
+                    raise DataValidationError(
+                        f"user ids must be integers or strings, got {sorted(map(str, kinds))}",
+                        field="users",
+                    )
+                if len(kinds) > 1:
+                    raise DataValidationError(
+                        "user ids mix integers and strings; use one type", field="users"
+                    )
+                users = users.astype(str) if kinds == {str} else users.astype(np.int64)
+            if users.dtype.kind not in "iuU":
+                raise DataValidationError(
+                    f"user ids must be integers or strings, got dtype {users.dtype}",
+                    field="users",
+                )
             object.__setattr__(self, "users", users)
 
     # ------------------------------------------------------------------ shape
@@ -172,6 +181,11 @@ class PreferenceData:
         has_users = {p.users is not None for p in parts}
         if len(has_x) > 1 or len(has_users) > 1:
             raise DataValidationError("parts disagree on having x / users", field="parts")
+        for name, dims in (("phi0", {p.d_phi for p in parts}), ("x", {p.d_x for p in parts})):
+            if len(dims) > 1:
+                raise DataValidationError(
+                    f"parts have different dimensions {sorted(dims)}", field=name
+                )
         return cls(
             x=np.concatenate([p.x for p in parts]) if parts[0].x is not None else None,
             phi0=np.concatenate([p.phi0 for p in parts]),

@@ -55,6 +55,34 @@ def _positive_int(key: str, value: object) -> int:
     return value
 
 
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Give ``value`` the type of ``default`` (YAML reads ``1e-4`` as a string), or refuse."""
+    try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if isinstance(default, int):
+            if isinstance(value, bool) or int(value) != float(value):
+                raise TypeError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if isinstance(default, list):
+            if not isinstance(value, list | tuple) or len(value) != len(default):
+                raise TypeError
+            return [_coerce(key, v, d) for v, d in zip(value, default, strict=True)]
+        if isinstance(default, str) and not isinstance(value, str):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{key!r} must be like the default {default!r}, got {value!r}"
+        ) from None
+    return value
+
+
 def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, Any]:
     """Validate ``config`` and fill in defaults; return the fully resolved config.
 
@@ -94,7 +122,13 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
         for key in env:
             if key not in experiment.env_defaults:
                 raise _unknown("env parameter", key, experiment.env_defaults)
-        resolved_envs.append({**experiment.env_defaults, **env})
+        resolved_envs.append(
+            {k: _coerce(f"env.{k}", env.get(k, d), d) for k, d in experiment.env_defaults.items()}
+        )
+    names = [experiment.describe_setting(env) for env in resolved_envs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two env settings are the same (or differ only in parameters the "
+                          f"setting name omits): {names}")
 
     n_samples = config.get("n_samples", list(experiment.default_n_samples))
     if isinstance(n_samples, int):
@@ -118,6 +152,8 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     for key in options:
         if key not in experiment.option_defaults:
             raise _unknown("option", key, experiment.option_defaults)
+    options = {k: _coerce(f"options.{k}", options.get(k, d), d)
+               for k, d in experiment.option_defaults.items()}
 
     return {
         "experiment": name,
@@ -126,5 +162,5 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
         "env": resolved_envs,
         "n_samples": n_samples,
         "methods": list(dict.fromkeys(methods)),
-        "options": {**experiment.option_defaults, **options},
+        "options": options,
     }

@@ -97,9 +97,10 @@ def linear_greedy(ctx: UnitContext) -> dict[str, float]:
 
 
 def describe_setting(env: dict[str, Any]) -> str:
+    behavior = env["behavior"] + (f"({env['skew']})" if env["behavior"] == "skewed" else "")
     return (
-        f"d_x={env['d_x']} d_phi={env['d_phi']} r={env['rank']} "
-        f"{env['behavior']} shift={env['shift']}"
+        f"d_x={env['d_x']} d_phi={env['d_phi']} r={env['rank']} K={env['n_actions']} "
+        f"{behavior} shift={env['shift']}"
     )
 
 

@@ -2,5 +2,6 @@
 
 from pluralign.policies.base import Policy, as_probs, one_hot_argmax
 from pluralign.policies.greedy import Greedy
+from pluralign.policies.pessimistic import Pessimistic, reference_probs
 
-__all__ = ["Greedy", "Policy", "as_probs", "one_hot_argmax"]
+__all__ = ["Greedy", "Pessimistic", "Policy", "as_probs", "one_hot_argmax", "reference_probs"]

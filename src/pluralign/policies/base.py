@@ -44,4 +44,9 @@ def as_probs(policy: Policy | np.ndarray, targets: TargetStates) -> np.ndarray:
             f"policy gives probabilities of shape {probs.shape}, "
             f"expected ({targets.m}, {targets.n_actions})"
         )
+    if not np.isfinite(probs).all() or (probs < -1e-12).any():
+        raise ValueError("policy probabilities must be finite and non-negative")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-9):
+        row = int(np.argmax(np.abs(probs.sum(axis=1) - 1.0)))
+        raise ValueError(f"policy probabilities of state {row} do not sum to 1")
     return probs

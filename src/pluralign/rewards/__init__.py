@@ -2,5 +2,15 @@
 
 from pluralign.rewards.base import BradleyTerryModel, RewardModel
 from pluralign.rewards.linear import Bilinear, Linear, LinearInParameters
+from pluralign.rewards.lowrank import LowRank
+from pluralign.rewards.reduced import RTVReduced
 
-__all__ = ["Bilinear", "BradleyTerryModel", "Linear", "LinearInParameters", "RewardModel"]
+__all__ = [
+    "Bilinear",
+    "BradleyTerryModel",
+    "Linear",
+    "LinearInParameters",
+    "LowRank",
+    "RTVReduced",
+    "RewardModel",
+]

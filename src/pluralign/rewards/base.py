@@ -108,7 +108,8 @@ class BradleyTerryModel(RewardModel):
     def _store(self, params: np.ndarray, data: PreferenceData) -> None:
         """Unpack the solution into the learned attributes (ending in ``_``)."""
 
-    def _penalty(self, params: torch.Tensor) -> torch.Tensor:
+    def _penalty(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Regularizer added to the mean loss; the ridge ``(λ/2)‖params‖²`` by default."""
         return 0.5 * self.l2 * torch.sum(params * params)
 
     def _validate(self, data: PreferenceData) -> None:
@@ -141,7 +142,7 @@ class BradleyTerryModel(RewardModel):
     def _objective(self, batch: dict[str, torch.Tensor]):
         def objective(params: torch.Tensor) -> torch.Tensor:
             margins = self._margins(params, batch)
-            return F.softplus(-batch["sign"] * margins).mean() + self._penalty(params)
+            return F.softplus(-batch["sign"] * margins).mean() + self._penalty(params, batch)
 
         return objective
 
@@ -154,6 +155,7 @@ class BradleyTerryModel(RewardModel):
             device=self.device,
             tol=self.tol,
             max_iter=self.max_iter,
+            work=data.n * x0.size,
         )
 
     def fit(self, data: PreferenceData) -> BradleyTerryModel:

@@ -15,6 +15,8 @@ the features ``Δz_i`` with labels ``y_i``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
@@ -22,26 +24,51 @@ from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
 from pluralign.rewards.base import BradleyTerryModel
 
-__all__ = ["Bilinear", "Linear", "LinearInParameters"]
+__all__ = ["Bilinear", "Linear", "LinearInParameters", "contract"]
 
 
-class LinearInParameters:
-    """Mixin for models whose reward is ``θᵀ z(x, φ)`` for a known feature map ``z``.
+class LinearInParameters(ABC):
+    """Mixin for models whose reward is ``θᵀ z(x, φ)`` for a known feature map ``z``, with ``z``
+    linear in ``φ`` for fixed ``x``.
 
-    Confidence sets and pessimistic policies work with any model that has ``features`` and
-    ``params_``.
+    Confidence sets and pessimistic policies work with any such model through three
+    primitives; only ``features`` materializes ``z`` (confidence sets call it in chunks):
+
+    * ``features(x, φ)`` — ``z``, trailing dimension ``n_params``;
+    * ``reward_at(params, x, φ)`` — ``paramsᵀ z(x, φ)`` for any parameter vector, computed
+      without forming ``z``;
+    * ``mean_features(x, φ)`` — ``(1/n) Σ_i z(x_i, φ_i)``, without forming ``z``.
     """
 
     params_: np.ndarray
 
+    @abstractmethod
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         """``z(x, φ)`` with trailing dimension ``n_params``; leading dims follow ``phi``."""
-        raise NotImplementedError  # pragma: no cover - implemented by every subclass
+
+    @abstractmethod
+    def reward_at(self, params: np.ndarray, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """``paramsᵀ z(x, φ)``; shapes as in :meth:`RewardModel.reward`."""
+
+    @abstractmethod
+    def mean_features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """``(1/n) Σ_i z(x_i, φ_i)`` for ``phi`` of shape ``(n, d_phi)``."""
+
+    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        return self.reward_at(self.params_, x, phi)
 
     @property
     def n_params(self) -> int:
         """Dimension ``k`` of ``z``."""
         return int(self.params_.size)
+
+
+def contract(g: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """``Σ_d g[j, d] · phi[j, (a,) d]``: per-row inner products, for ``phi`` 2-D or 3-D."""
+    if phi.ndim == 3:
+        return np.matmul(phi, g[:, :, None])[..., 0]
+    return np.einsum("nd,nd->n", g, phi)
 
 
 def _check_phi(model: str, phi: np.ndarray, d_phi: int) -> np.ndarray:
@@ -65,7 +92,7 @@ def _check_x(model: str, x: np.ndarray | None, phi: np.ndarray, d_x: int) -> np.
     return x
 
 
-class Linear(BradleyTerryModel, LinearInParameters):
+class Linear(LinearInParameters, BradleyTerryModel):
     """Context-free reward ``r(φ) = θᵀφ``: one reward model for everybody.
 
     Learned attributes: ``theta_`` (d_phi,), ``params_`` (same, flat), ``solver_info_``.
@@ -84,16 +111,18 @@ class Linear(BradleyTerryModel, LinearInParameters):
         self.params_ = self.theta_
         self.d_phi_ = data.d_phi
 
-    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        self._check_fitted()
-        return _check_phi("Linear", phi, self.d_phi_) @ self.theta_
+    def reward_at(self, params: np.ndarray, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        return _check_phi("Linear", phi, self.d_phi_) @ params
 
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         self._check_fitted()
         return _check_phi("Linear", phi, self.d_phi_)
 
+    def mean_features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        return _check_phi("Linear", phi, self.d_phi_).mean(axis=0)
 
-class Bilinear(BradleyTerryModel, LinearInParameters):
+
+class Bilinear(LinearInParameters, BradleyTerryModel):
     """Full-rank contextual reward ``r(x, φ) = xᵀΘφ``.
 
     Learned attributes: ``theta_`` (d_x, d_phi), ``params_`` = ``vec(theta_)`` (row-major),
@@ -118,11 +147,15 @@ class Bilinear(BradleyTerryModel, LinearInParameters):
         self.params_ = self.theta_.ravel()
         self.d_x_, self.d_phi_ = data.d_x, data.d_phi
 
-    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        self._check_fitted()
+    def reward_at(self, params: np.ndarray, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         phi = _check_phi("Bilinear", phi, self.d_phi_)
-        xt = _check_x("Bilinear", x, phi, self.d_x_) @ self.theta_
-        return np.einsum("md,mkd->mk", xt, phi) if phi.ndim == 3 else np.sum(xt * phi, axis=1)
+        xt = _check_x("Bilinear", x, phi, self.d_x_) @ params.reshape(self.d_x_, self.d_phi_)
+        return contract(xt, phi)
+
+    def mean_features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        phi = _check_phi("Bilinear", phi, self.d_phi_)
+        x = _check_x("Bilinear", x, phi, self.d_x_)
+        return (x.T @ phi).ravel() / phi.shape[0]
 
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         """``vec(x φᵀ)``: materialized, ``k = d_x·d_phi`` columns; only for small dimensions."""

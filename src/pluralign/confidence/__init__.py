@@ -1,0 +1,5 @@
+"""Confidence sets around fitted reward models (DESIGN §3)."""
+
+from pluralign.confidence.ellipsoid import ConfidenceSet, beta_rate, theory_beta
+
+__all__ = ["ConfidenceSet", "beta_rate", "theory_beta"]

@@ -1,0 +1,182 @@
+"""Ellipsoidal confidence sets for models linear in their parameters (DESIGN §3).
+
+For a model ``r = θᵀz(x, φ)`` with comparison differences ``Δz_i = z(x_i, φ1_i) − z(x_i, φ0_i)``
+(Zhu, Jordan & Jiao 2023):
+
+* design matrix ``Σ̂ = (1/N) Σ_i Δz_i Δz_iᵀ`` (``kind="design"``), or Fisher information
+  ``(1/N) Σ_i σ'(θ̂ᵀΔz_i) Δz_i Δz_iᵀ`` (``kind="fisher"``); ``M = Σ̂ + λI``;
+* ``C = {θ : ‖θ − θ̂‖_M ≤ β}``;
+* ``β = "theory"``: ``β = sqrt((k + log(1/δ)) / (γ² N) + λB²)`` with
+  ``γ = 1 / (2 + e^{−LB} + e^{LB})``, ``L = max_i ‖Δz_i‖`` and ``B`` a bound on ``‖θ‖``
+  (``‖θ̂‖`` unless given). This is the constant of Zhu et al.'s Lemma 3.1 without its universal
+  multiplier; it is very conservative when ``LB`` is large, which is why experiments sweep a
+  numeric ``β`` (see :func:`beta_rate`).
+* the worst case of a linear functional is closed-form:
+  ``min_{θ∈C} θᵀw = θ̂ᵀw − β‖w‖_{M⁻¹}``, attained at ``θ̂ − β M⁻¹w / ‖w‖_{M⁻¹}``.
+
+``M`` is ``k×k`` and is accumulated from ``Δz`` in chunks of rows, so the ``N×k`` matrix of
+features is never held at once. When ``k×k`` would not fit in ``max_bytes`` (e.g. full-rank
+``k = d_x·d_phi`` at high dimension), construction refuses with a
+:class:`~pluralign.errors.ResourceError` instead of running out of memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve, solve_triangular
+
+from pluralign.data import PreferenceData
+from pluralign.errors import PluralignError, ResourceError
+from pluralign.rewards.linear import LinearInParameters
+
+__all__ = ["ConfidenceSet", "beta_rate", "theory_beta"]
+
+_CHUNK_ENTRIES = 1 << 22  # rows per chunk × k: ~32 MB of float64 features at a time
+
+
+def beta_rate(k: int, n: int, delta: float = 0.05) -> float:
+    """``sqrt((k + log(1/δ)) / N)``: the rate of ``β`` in the theory, without constants."""
+    return math.sqrt((k + math.log(1.0 / delta)) / n)
+
+
+def theory_beta(
+    k: int, n: int, *, delta: float, lam: float, bound_theta: float, bound_feature: float
+) -> float:
+    """``sqrt((k + log(1/δ)) / (γ² N) + λB²)``, ``γ = 1/(2 + e^{−LB} + e^{LB})``."""
+    half = abs(bound_feature * bound_theta) / 2.0
+    # 1/γ = 2 + e^{−LB} + e^{LB} = 4 cosh²(LB/2); in logs, so it stays finite for large LB.
+    log_cosh = half + math.log1p(math.exp(-2.0 * half)) - math.log(2.0)
+    log_inv_gamma = math.log(4.0) + 2.0 * log_cosh
+    log_first = math.log(k + math.log(1.0 / delta)) + 2.0 * log_inv_gamma - math.log(n)
+    first = math.exp(min(log_first, 700.0))
+    return math.sqrt(first + lam * bound_theta**2)
+
+
+def max_matrix_bytes() -> int:
+    """Default memory cap for ``M``: a quarter of the physical memory (at most 8 GiB)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        total = 8 << 30
+    return int(min(total // 4, 8 << 30))
+
+
+class ConfidenceSet:
+    """``{θ : ‖θ − θ̂‖_M ≤ β}`` around a fitted linear-in-parameters model.
+
+    Build it with :meth:`fit`. Attributes: ``center`` (``θ̂``), ``beta``, ``M`` (k×k), ``lam``,
+    ``n``, ``kind``, ``bound_feature`` (``L``), ``bound_theta`` (``B``).
+    """
+
+    def __init__(self, center: np.ndarray, M: np.ndarray, beta: float, *, lam: float, n: int,
+                 kind: str, bound_feature: float, bound_theta: float) -> None:
+        self.center = np.asarray(center, float)
+        self.M = M
+        self.beta = float(beta)
+        self.lam, self.n, self.kind = lam, n, kind
+        self.bound_feature, self.bound_theta = bound_feature, bound_theta
+        self._chol = cho_factor(M, lower=True)
+
+    @property
+    def k(self) -> int:
+        return int(self.center.size)
+
+    @classmethod
+    def fit(
+        cls,
+        model: LinearInParameters,
+        data: PreferenceData,
+        *,
+        beta: float | str = "theory",
+        kind: str = "design",
+        lam: float | None = None,
+        delta: float = 0.05,
+        bound_theta: float | None = None,
+        max_bytes: int | None = None,
+    ) -> ConfidenceSet:
+        """Accumulate ``M`` over ``data`` and set ``β``.
+
+        ``lam`` defaults to the model's ridge ``l2`` (or ``1/N`` when that is 0), so that ``M``
+        is the Hessian of the model's own penalized objective under the design/Fisher choice.
+        """
+        if not isinstance(model, LinearInParameters):
+            raise PluralignError(
+                f"{type(model).__name__} is not linear in its parameters; confidence sets need "
+                "a model with features/params_ (Linear, Bilinear, RTVReduced)"
+            )
+        if kind not in ("design", "fisher"):
+            raise PluralignError(f"kind must be 'design' or 'fisher', got {kind!r}")
+        k = model.n_params
+        needed = 3 * 8 * k * k  # M, its Cholesky factor, one temporary
+        limit = max_bytes if max_bytes is not None else max_matrix_bytes()
+        if needed > limit:
+            raise ResourceError(
+                f"a confidence set in {k} dimensions needs a {k}×{k} matrix "
+                f"(about {needed / 2**30:.1f} GiB with its factor), over the limit of "
+                f"{limit / 2**30:.1f} GiB. Full-rank pessimism does not scale to this dimension; "
+                "use the low-rank model and PRS (RTVReduced, k = (d_x+d_phi)r − r²)."
+            )
+        n = data.n
+        lam = float(lam if lam is not None else (model.l2 if model.l2 > 0 else 1.0 / n))
+        M = np.zeros((k, k))
+        max_norm = 0.0
+        chunk = max(1, _CHUNK_ENTRIES // max(k, 1))
+        for start in range(0, n, chunk):
+            part = slice(start, min(n, start + chunk))
+            x = None if data.x is None else data.x[part]
+            dz = model.features(x, data.delta_phi[part])  # z is linear in φ
+            max_norm = max(max_norm, float(np.sqrt(np.max(np.sum(dz * dz, axis=1)))))
+            if kind == "fisher":
+                margin = dz @ model.params_
+                p = 1.0 / (1.0 + np.exp(-margin))
+                M += (dz * (p * (1.0 - p))[:, None]).T @ dz
+            else:
+                M += dz.T @ dz
+        M /= n
+        M[np.diag_indices_from(M)] += lam
+        center = model.params_
+        bound = float(bound_theta if bound_theta is not None else np.linalg.norm(center))
+        if beta == "theory":
+            beta_value = theory_beta(k, n, delta=delta, lam=lam, bound_theta=bound,
+                                     bound_feature=max_norm)
+        elif isinstance(beta, int | float) and not isinstance(beta, bool) and beta >= 0:
+            beta_value = float(beta)
+        else:
+            raise PluralignError(f"beta must be a non-negative number or 'theory', got {beta!r}")
+        return cls(center, M, beta_value, lam=lam, n=n, kind=kind, bound_feature=max_norm,
+                   bound_theta=bound)
+
+    # ------------------------------------------------------------------ geometry
+    def solve(self, w: np.ndarray) -> np.ndarray:
+        """``M⁻¹ w`` (``w`` of shape (k,) or (k, p))."""
+        return cho_solve(self._chol, w)
+
+    def norm(self, w: np.ndarray) -> np.ndarray:
+        """``‖w‖_{M⁻¹} = sqrt(wᵀM⁻¹w)`` along the last axis of ``w``."""
+        w = np.asarray(w, float)
+        flat = w.reshape(-1, self.k)
+        factor = np.tril(self._chol[0])
+        half = solve_triangular(factor, flat.T, lower=True)
+        return np.sqrt(np.sum(half * half, axis=0)).reshape(w.shape[:-1])
+
+    def worst_case(self, w: np.ndarray) -> np.ndarray:
+        """``min_{θ∈C} θᵀw = θ̂ᵀw − β‖w‖_{M⁻¹}`` along the last axis of ``w``."""
+        w = np.asarray(w, float)
+        return w @ self.center - self.beta * self.norm(w)
+
+    def worst_theta(self, w: np.ndarray) -> np.ndarray:
+        """The minimiser ``θ̂ − β M⁻¹w / ‖w‖_{M⁻¹}`` (``θ̂`` when ``w = 0``)."""
+        w = np.asarray(w, float)
+        m_inv_w = self.solve(w)
+        size = math.sqrt(max(float(w @ m_inv_w), 0.0))
+        if size == 0.0:
+            return self.center.copy()
+        return self.center - self.beta * m_inv_w / size
+
+    def contains(self, theta: np.ndarray) -> bool:
+        """Whether ``‖θ − θ̂‖_M ≤ β`` (with a relative slack of 1e-9)."""
+        diff = np.asarray(theta, float) - self.center
+        return float(diff @ self.M @ diff) <= self.beta**2 * (1 + 1e-9) + 1e-12

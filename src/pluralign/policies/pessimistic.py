@@ -1,0 +1,215 @@
+"""Pessimistic policies over a confidence set: the max–min policy and its pointwise variant.
+
+For a model ``r = θᵀz(x, φ)`` with confidence set ``C = {θ : ‖θ − θ̂‖_M ≤ β}``, on target states
+``j = 1..m`` with candidates ``a = 1..K`` and a reference policy ``π_ref``
+(Zhu, Jordan & Jiao 2023; LoCo-RLHF's PRS when the model is RTV-reduced):
+
+    π̂ = argmax_π min_{θ∈C} θᵀ w(π),   w(π) = (1/m) Σ_j (Σ_a π(a|j) z(j,a) − Σ_a π_ref(a|j) z(j,a))
+      = argmax_π f(π),                f(π) = θ̂ᵀ w(π) − β ‖w(π)‖_{M⁻¹}.
+
+``f`` is concave on the product of simplices but not separable across states, so it is solved
+exactly by **Frank–Wolfe**: the linear step is a per-state argmax of ``θ_tᵀ z(j, a)`` under the
+current worst-case parameter ``θ_t = θ̂ − β M⁻¹w / ‖w‖_{M⁻¹}`` (the supergradient of ``f``), and the
+step size is the exact line search of the one-dimensional concave function
+``γ ↦ f((1−γ)π + γ s)`` (all of it in ``k``-space: ``w`` is linear in ``π``). The Frank–Wolfe gap
+
+    g(π) = max_s ⟨∇f(π), s − π⟩
+         = (1/m) Σ_j (max_a θ_tᵀz(j,a) − Σ_a π(a|j) θ_tᵀz(j,a)) ≥ f(π*) − f(π)
+
+is the duality gap of the visited worst-case parameter: ``h(θ_t) − f(π)`` with
+``h(θ) = max_π θᵀw(π) ≥ f(π*)`` for every ``θ ∈ C``. The solver keeps the best such bound over
+all iterations, stops when ``min_t h(θ_t) − f(π) ≤ tol`` and reports it as ``duality_gap_``, a
+certified bound on ``f(π*) − f(π̂)``. When ``‖θ̂‖_M ≤ β`` the set contains ``θ = 0``, whose
+``h(0) = 0`` shows that the reference policy (value 0) is optimal: it is returned at once.
+Rewards ``θ_tᵀz`` and ``w(π)`` use the model's ``reward_at`` / ``mean_features``, so ``z`` is never
+formed for the max–min policy.
+
+``pointwise=True`` gives the per-state lower-confidence-bound policy
+``argmax_a θ̂ᵀz(j,a) − β‖z(j,a) − z_ref(j)‖_{M⁻¹}`` (``z_ref(j) = Σ_a π_ref(a|j) z(j,a)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pluralign.confidence import ConfidenceSet
+from pluralign.data import TargetStates
+from pluralign.errors import PluralignError
+from pluralign.policies.base import Policy, one_hot_argmax
+from pluralign.rewards.linear import LinearInParameters
+
+__all__ = ["Pessimistic", "reference_probs"]
+
+_CHUNK_ENTRIES = 1 << 22
+
+
+def reference_probs(reference: str | np.ndarray, targets: TargetStates) -> np.ndarray:
+    """``π_ref`` as an ``(m, K)`` matrix.
+
+    ``"uniform"`` (the default: the mean candidate, i.e. a uniformly random reference action),
+    an ``(m,)`` array of reference actions, or an ``(m, K)`` reference policy.
+    """
+    m, n_actions = targets.m, targets.n_actions
+    if isinstance(reference, str):
+        if reference != "uniform":
+            raise PluralignError(f"unknown reference {reference!r}; use 'uniform' or an array")
+        return np.full((m, n_actions), 1.0 / n_actions)
+    ref = np.asarray(reference)
+    if ref.shape == (m,):
+        if ref.dtype.kind not in "iu" or ref.min() < 0 or ref.max() >= n_actions:
+            raise PluralignError(f"reference actions must be integers in [0, {n_actions})")
+        return one_hot_argmax(np.eye(n_actions)[ref])
+    if ref.shape == (m, n_actions):
+        if (ref < 0).any() or not np.allclose(ref.sum(axis=1), 1.0):
+            raise PluralignError("a reference policy's rows must be probability vectors")
+        return ref.astype(float)
+    raise PluralignError(f"reference must have shape ({m},) or ({m}, {n_actions}), got {ref.shape}")
+
+
+def _line_search(b: float, c: float, e: float, g: float, beta: float) -> float:
+    """argmax over γ ∈ [0, 1] of ``γ·b − β sqrt(c + 2γe + γ²g)`` (concave), by bisection on its
+    decreasing derivative."""
+
+    def slope(gamma: float) -> float:
+        q = max(c + 2 * gamma * e + gamma * gamma * g, 0.0)
+        if q == 0.0:
+            return b - beta * np.sqrt(g)
+        return b - beta * (e + gamma * g) / np.sqrt(q)
+
+    if slope(1.0) >= 0.0:
+        return 1.0
+    if slope(0.0) <= 0.0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if slope(mid) > 0.0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+class Pessimistic(Policy):
+    """The pessimistic (max–min) policy of a linear-in-parameters model and its confidence set.
+
+    Parameters
+    ----------
+    model:
+        A fitted model with ``params_``, ``reward_at`` and ``mean_features`` (``Linear``,
+        ``Bilinear``, ``RTVReduced``; with ``RTVReduced`` this is LoCo-RLHF's PRS policy).
+    confidence:
+        Its :class:`~pluralign.confidence.ConfidenceSet`.
+    reference:
+        The reference policy ``π_ref`` (see :func:`reference_probs`).
+    pointwise:
+        Per-state lower-confidence-bound argmax instead of the policy-level max–min.
+    tol:
+        Frank–Wolfe stops when its duality gap is ``≤ tol`` (in reward units).
+    max_iter:
+        Frank–Wolfe iteration cap (``converged_`` is False if reached first).
+
+    After ``probs(targets)``: ``duality_gap_``, ``n_iter_``, ``converged_``, and
+    ``pessimistic_value_`` (``f(π̂)``, the certified lower bound of the improvement over
+    ``π_ref`` for every ``θ ∈ C``).
+    """
+
+    def __init__(
+        self,
+        model: LinearInParameters,
+        confidence: ConfidenceSet,
+        *,
+        reference: str | np.ndarray = "uniform",
+        pointwise: bool = False,
+        tol: float = 1e-6,
+        max_iter: int = 5000,
+    ) -> None:
+        if not isinstance(model, LinearInParameters):
+            raise PluralignError(f"{type(model).__name__} is not linear in its parameters")
+        if model.n_params != confidence.k:
+            raise PluralignError(
+                f"confidence set has k={confidence.k} but the model has {model.n_params} params"
+            )
+        self.model = model
+        self.confidence = confidence
+        self.reference = reference
+        self.pointwise = pointwise
+        self.tol = tol
+        self.max_iter = max_iter
+
+    # ------------------------------------------------------------------ values
+    def _w(self, probs: np.ndarray, targets: TargetStates, w_ref: np.ndarray) -> np.ndarray:
+        mean_phi = np.einsum("ja,jad->jd", probs, targets.phi)
+        return self.model.mean_features(targets.x, mean_phi) - w_ref
+
+    def objective(self, probs: np.ndarray, targets: TargetStates) -> float:
+        """``f(π) = min_{θ∈C} θᵀw(π)`` for an explicit ``(m, K)`` policy."""
+        ref = reference_probs(self.reference, targets)
+        w_ref = self.model.mean_features(targets.x, np.einsum("ja,jad->jd", ref, targets.phi))
+        return float(self.confidence.worst_case(self._w(probs, targets, w_ref)))
+
+    def probs(self, targets: TargetStates) -> np.ndarray:
+        if self.pointwise:
+            return self._pointwise(targets)
+        return self._frank_wolfe(targets)
+
+    # ------------------------------------------------------------------ solvers
+    def _frank_wolfe(self, targets: TargetStates) -> np.ndarray:
+        cs, model = self.confidence, self.model
+        ref = reference_probs(self.reference, targets)
+        w_ref = model.mean_features(targets.x, np.einsum("ja,jad->jd", ref, targets.phi))
+        if cs.contains(np.zeros(cs.k)):
+            # ‖θ̂‖_M ≤ β: θ = 0 is in C, so h(0) = 0 bounds every policy's pessimistic value and
+            # the reference policy (w = 0, value 0) is optimal: not enough evidence to deviate.
+            self.duality_gap_, self.n_iter_, self.converged_ = 0.0, 0, True
+            self.pessimistic_value_ = 0.0
+            return ref.copy()
+        rows = np.arange(targets.m)
+        probs = one_hot_argmax(model.reward_at(cs.center, targets.x, targets.phi))
+        w = self._w(probs, targets, w_ref)
+        value = float(cs.worst_case(w))
+        dual_bound = np.inf  # min over visited θ_t ∈ C of h(θ_t) = max_π θ_tᵀw(π) ≥ f(π*)
+        it = 0
+        for it in range(1, self.max_iter + 1):  # noqa: B007
+            theta_t = cs.worst_theta(w)
+            scores = model.reward_at(theta_t, targets.x, targets.phi)
+            best = np.argmax(scores, axis=1)
+            dual_bound = min(dual_bound, float(np.mean(scores[rows, best]) - theta_t @ w_ref))
+            if dual_bound - value <= self.tol:
+                break
+            w_vertex = model.mean_features(targets.x, targets.phi[rows, best]) - w_ref
+            d = w_vertex - w
+            m_inv_w, m_inv_d = cs.solve(w), cs.solve(d)
+            gamma = _line_search(float(cs.center @ d), float(w @ m_inv_w), float(w @ m_inv_d),
+                                 float(d @ m_inv_d), cs.beta)
+            if gamma > 0.0:
+                probs *= 1.0 - gamma
+                probs[rows, best] += gamma
+                w = w + gamma * d
+                value = max(value, float(cs.worst_case(w)))
+        self.duality_gap_ = dual_bound - value
+        self.n_iter_ = it
+        self.converged_ = self.duality_gap_ <= self.tol
+        self.pessimistic_value_ = value
+        return probs
+
+    def _pointwise(self, targets: TargetStates) -> np.ndarray:
+        cs, model = self.confidence, self.model
+        ref = reference_probs(self.reference, targets)
+        phi_ref = np.einsum("ja,jad->jd", ref, targets.phi)
+        # z(j,a) − z_ref(j) = z(x_j, φ_ja − φ_ref_j): z is linear in φ for fixed x.
+        diff = targets.phi - phi_ref[:, None, :]
+        lcb = np.empty((targets.m, targets.n_actions))
+        chunk = max(1, _CHUNK_ENTRIES // (targets.n_actions * cs.k))
+        for start in range(0, targets.m, chunk):
+            part = slice(start, min(targets.m, start + chunk))
+            x = None if targets.x is None else targets.x[part]
+            dz = model.features(x, diff[part])
+            lcb[part] = dz @ cs.center - cs.beta * cs.norm(dz)
+        self.duality_gap_ = 0.0
+        self.n_iter_ = 0
+        self.converged_ = True
+        probs = one_hot_argmax(lcb)
+        self.pessimistic_value_ = float(cs.worst_case(self._w(probs, targets, model.mean_features(
+            targets.x, phi_ref))))
+        return probs
