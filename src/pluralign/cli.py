@@ -51,7 +51,7 @@ def _fmt(mean: float | None, se: float | None) -> str:
 
 
 _SHORT = {"suboptimality": "subopt", "estimation_error": "est. error",
-          "heldout_loglik": "held-out LL", "fit_seconds": "fit s"}
+          "heldout_loglik": "held-out LL", "fit_seconds": "fit s", "duality_gap": "FW gap"}
 
 
 def summary_tables(summary: list[dict[str, Any]], metrics: list[str]) -> list[Table]:

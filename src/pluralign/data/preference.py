@@ -162,7 +162,7 @@ class PreferenceData:
         """A random ``(train, test)`` split; ``test_size`` is a fraction in (0, 1)."""
         if not 0.0 < test_size < 1.0:
             raise DataValidationError(f"must be in (0, 1), got {test_size}", field="test_size")
-        n_test = int(round(test_size * self.n))
+        n_test = round(test_size * self.n)
         if n_test == 0 or n_test == self.n:
             raise DataValidationError(
                 f"a {test_size} split of {self.n} comparisons leaves one side empty",

@@ -9,17 +9,36 @@ Metrics (per row):
 * ``suboptimality`` — ``J(π*) − J(π̂)`` on the target sample, exact (true rewards);
 * ``estimation_error`` — ``‖Θ̂ − Θ*‖_F / ‖Θ*‖_F`` (contextual models only);
 * ``heldout_loglik`` — mean Bradley–Terry log-likelihood on the held-out sample;
-* ``fit_seconds`` — wall time of the method, including shared fits it used.
+* ``fit_seconds`` — wall time of the method, including shared fits it used;
+* ``duality_gap`` — the pessimistic solver's certified gap (pessimistic methods only).
+
+Methods:
+
+* ``prs`` — LoCo-RLHF: ``LowRank`` (true rank) → RTV reduction and refit → max–min pessimistic
+  policy in the reduced space (Pessimism in Reduced Subspace);
+* ``prs_pointwise`` — the same confidence set, per-state lower confidence bound;
+* ``lowrank_greedy`` — argmax of the low-rank estimate;
+* ``fullrank_pessimistic`` — ``Bilinear`` with its ``d_x·d_phi``-dimensional confidence set,
+  max–min policy (Zhu et al. 2023 on Kronecker features);
+* ``fullrank_greedy`` — argmax of the full-rank estimate;
+* ``linear_pessimistic`` / ``linear_greedy`` — the context-free ``θᵀφ`` model (one reward for
+  everybody), pessimistic or greedy.
+
+Options: ``ridge`` (the estimators' ``l2 = ridge / N``, i.e. a fixed Gaussian prior on the
+summed log-likelihood), ``beta`` (the confidence radius is ``β = beta · sqrt((k + log(1/δ))/N)``,
+the theory's rate with its constant exposed, so that models of different dimension ``k`` are
+treated alike), ``delta`` and ``fw_tol`` (the Frank–Wolfe duality-gap tolerance).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.envs import LowRankContextual
 from pluralign.experiments.base import Experiment, UnitContext
-from pluralign.policies import Greedy, Policy
-from pluralign.rewards import Bilinear, Linear, RewardModel
+from pluralign.policies import Greedy, Pessimistic, Policy
+from pluralign.rewards import Bilinear, Linear, LinearInParameters, LowRank, RewardModel, RTVReduced
 
 __all__ = ["LOCO"]
 
@@ -37,7 +56,10 @@ ENV_DEFAULTS: dict[str, Any] = {
 }
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    "l2": 1e-4,
+    "ridge": 1.0,
+    "beta": 1.0,
+    "delta": 0.05,
+    "fw_tol": 1e-6,
 }
 
 
@@ -74,26 +96,91 @@ def _evaluate(ctx: UnitContext, model: RewardModel, policy: Policy) -> dict[str,
     return metrics
 
 
+def _l2(ctx: UnitContext) -> float:
+    return ctx.options["ridge"] / ctx.unit.n
+
+
 def _fullrank(ctx: UnitContext) -> Bilinear:
     offline, _, _ = _draws(ctx)
-    return ctx.cached("bilinear", lambda: Bilinear(l2=ctx.options["l2"]).fit(offline))
+    return ctx.cached("bilinear", lambda: Bilinear(l2=_l2(ctx)).fit(offline))
 
 
 def _linear(ctx: UnitContext) -> Linear:
     offline, _, _ = _draws(ctx)
-    return ctx.cached("linear", lambda: Linear(l2=ctx.options["l2"]).fit(offline))
+    return ctx.cached("linear", lambda: Linear(l2=_l2(ctx)).fit(offline))
+
+
+def _lowrank(ctx: UnitContext) -> LowRank:
+    offline, _, _ = _draws(ctx)
+    rank = ctx.env_params["rank"]
+    return ctx.cached("lowrank", lambda: LowRank(rank, l2=_l2(ctx), seed=ctx.unit.repeat).fit(
+        offline))
+
+
+def _reduced(ctx: UnitContext) -> RTVReduced:
+    offline, _, _ = _draws(ctx)
+    base = _lowrank(ctx)
+    return ctx.cached("rtv", lambda: RTVReduced(base, l2=_l2(ctx)).fit(offline))
+
+
+def _confidence(ctx: UnitContext, name: str, model: LinearInParameters) -> ConfidenceSet:
+    offline, _, _ = _draws(ctx)
+    opts = ctx.options
+
+    def build() -> ConfidenceSet:
+        beta = opts["beta"] * beta_rate(model.n_params, offline.n, opts["delta"])
+        return ConfidenceSet.fit(model, offline, beta=beta, delta=opts["delta"])
+
+    return ctx.cached(f"{name}_confidence", build)
+
+
+def _greedy(ctx: UnitContext, model: RewardModel) -> dict[str, float]:
+    return _evaluate(ctx, model, Greedy(model))
+
+
+def _pessimistic(ctx: UnitContext, name: str, model: LinearInParameters, *,
+                 pointwise: bool = False, report_model: RewardModel | None = None
+                 ) -> dict[str, float]:
+    policy = Pessimistic(model, _confidence(ctx, name, model), pointwise=pointwise,
+                         tol=ctx.options["fw_tol"])
+    metrics = _evaluate(ctx, report_model or model, policy)
+    metrics["duality_gap"] = policy.duality_gap_
+    return metrics
+
+
+def prs(ctx: UnitContext) -> dict[str, float]:
+    """LoCo-RLHF's PRS: max–min pessimism in the RTV-reduced space."""
+    return _pessimistic(ctx, "rtv", _reduced(ctx))
+
+
+def prs_pointwise(ctx: UnitContext) -> dict[str, float]:
+    """Per-state lower confidence bound in the RTV-reduced space."""
+    return _pessimistic(ctx, "rtv", _reduced(ctx), pointwise=True)
+
+
+def lowrank_greedy(ctx: UnitContext) -> dict[str, float]:
+    """Greedy policy of the low-rank Burer–Monteiro MLE."""
+    return _greedy(ctx, _lowrank(ctx))
+
+
+def fullrank_pessimistic(ctx: UnitContext) -> dict[str, float]:
+    """Max–min pessimism with the full-rank ``d_x·d_phi`` confidence set."""
+    return _pessimistic(ctx, "bilinear", _fullrank(ctx))
 
 
 def fullrank_greedy(ctx: UnitContext) -> dict[str, float]:
     """Greedy policy of the full-rank bilinear MLE."""
-    model = _fullrank(ctx)
-    return _evaluate(ctx, model, Greedy(model))
+    return _greedy(ctx, _fullrank(ctx))
+
+
+def linear_pessimistic(ctx: UnitContext) -> dict[str, float]:
+    """Max–min pessimism for the context-free linear model."""
+    return _pessimistic(ctx, "linear", _linear(ctx))
 
 
 def linear_greedy(ctx: UnitContext) -> dict[str, float]:
     """Greedy policy of the context-free linear MLE (one reward for everybody)."""
-    model = _linear(ctx)
-    return _evaluate(ctx, model, Greedy(model))
+    return _greedy(ctx, _linear(ctx))
 
 
 def describe_setting(env: dict[str, Any]) -> str:
@@ -109,11 +196,16 @@ LOCO = Experiment(
     env_defaults=ENV_DEFAULTS,
     option_defaults=OPTION_DEFAULTS,
     methods={
+        "prs": prs,
+        "prs_pointwise": prs_pointwise,
+        "lowrank_greedy": lowrank_greedy,
+        "fullrank_pessimistic": fullrank_pessimistic,
         "fullrank_greedy": fullrank_greedy,
+        "linear_pessimistic": linear_pessimistic,
         "linear_greedy": linear_greedy,
     },
     default_n_samples=(500, 1000, 2000, 5000),
-    metrics=("suboptimality", "estimation_error", "heldout_loglik"),
+    metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap"),
     plot_metric="suboptimality",
     describe_setting=describe_setting,
 )

@@ -21,7 +21,7 @@ def summarize(rows: Iterable[dict[str, Any]], metrics: Iterable[str]) -> list[di
     method does not report (e.g. ``estimation_error`` of a context-free model) are left out of
     its mean.
     """
-    metrics = list(metrics) + ["fit_seconds"]
+    metrics = [*list(metrics), "fit_seconds"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["method"], row["n"]), []).append(row)
