@@ -106,11 +106,46 @@ def run(
         raise typer.Exit(code=2) from None
     experiment = EXPERIMENTS[resolved["experiment"]]
     summary = summarize(read_results(out / "results.jsonl"), experiment.metrics)
-    console.print(f"[bold]{experiment.name}[/bold] ({path})")
+    _print_report(out, resolved, summary, f"{experiment.name} ({path})")
+
+
+def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, Any]],
+                  title: str) -> None:
+    from pluralign.experiments import EXPERIMENTS, read_results
+
+    experiment = EXPERIMENTS[resolved["experiment"]]
+    console.print(f"[bold]{title}[/bold]")
     for table in summary_tables(summary, list(experiment.metrics)):
         console.print(table)
+    if resolved["experiment"] == "loco":
+        from pluralign.experiments.loco_claims import check_loco_claims
+
+        for claim in check_loco_claims(read_results(out / "results.jsonl"), resolved):
+            mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
+                    None: "[yellow]not measured[/yellow]"}[claim["held"]]
+            console.print(f"{claim['claim']}: {mark}\n    {claim['detail']}")
     console.print(f"results: {out / 'results.jsonl'}   summary: {out / 'summary.csv'}   "
                   f"plot: {out / (experiment.plot_metric + '.png')}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="An output folder written by `pluralign run`.")],
+) -> None:
+    """Print the summary (and, for LoCo runs, claims C1–C4) of an existing run folder."""
+    import yaml
+
+    from pluralign.experiments import EXPERIMENTS, read_results
+    from pluralign.experiments.summary import summarize
+
+    config_path = out / "config.yaml"
+    if not config_path.exists():
+        console.print(f"[red]error:[/red] {out} has no config.yaml; is it a run folder?")
+        raise typer.Exit(code=2)
+    resolved = yaml.safe_load(config_path.read_text())
+    experiment = EXPERIMENTS[resolved["experiment"]]
+    summary = summarize(read_results(out / "results.jsonl"), experiment.metrics)
+    _print_report(out, resolved, summary, f"{experiment.name} ({out})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ def plot_metric(
 ) -> Path:
     """``metric`` against ``n`` per method (mean ± standard error), one panel per setting."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -41,6 +42,9 @@ def plot_metric(
             ses = [0.0 if se != se else se for se in ses]  # NaN (one repeat) -> no bar
             ax.errorbar(ns, means, yerr=ses, marker="o", ms=4, capsize=2, label=method)
         ax.set_xscale("log")
+        ticks = sorted({r["n"] for r in summary if r["setting"] == setting})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if logy:
             ax.set_yscale("log")
         ax.set_title(setting, fontsize=10)
