@@ -201,7 +201,7 @@ def test_estimation_error_shrinks_with_more_samples(reference):
         ({"env": {"d_x": 4, "dx": 3}}, "env parameter", tuple(ENV_DEFAULTS)),
         ({"methods": ["fullrank_greedy", "magic"]}, "method", ("fullrank_greedy", "linear_greedy")),
         ({"experiment": "nope"}, "experiment", ("loco",)),
-        ({"options": {"lambda": 1.0}}, "option", ("l2",)),
+        ({"options": {"lambda": 1.0}}, "option", ("ridge_grid",)),
     ],
 )
 def test_unknown_names_raise_config_error_listing_valid_choices(

@@ -59,11 +59,13 @@ def summary_tables(summary: list[dict[str, Any]], metrics: list[str]) -> list[Ta
     tables = []
     for setting in dict.fromkeys(r["setting"] for r in summary):
         table = Table(title=setting, title_justify="left")
-        for column in ("method", "n", "reps"):
-            table.add_column(column, justify="left" if column == "method" else "right")
+        rows = [r for r in summary if r["setting"] == setting]
+        width = max(len(r["method"]) for r in rows)
+        table.add_column("method", no_wrap=True, min_width=width)
+        for column in ("n", "reps"):
+            table.add_column(column, justify="right")
         for metric in [*metrics, "fit_seconds"]:
             table.add_column(_SHORT.get(metric, metric), justify="right")
-        rows = [r for r in summary if r["setting"] == setting]
         for rec in sorted(rows, key=lambda r: (r["method"], r["n"])):
             table.add_row(
                 rec["method"], str(rec["n"]), str(rec["count"]),

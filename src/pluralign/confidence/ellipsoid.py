@@ -79,6 +79,7 @@ class ConfidenceSet:
         self.lam, self.n, self.kind = lam, n, kind
         self.bound_feature, self.bound_theta = bound_feature, bound_theta
         self._chol = cho_factor(M, lower=True)
+        self._lower = np.tril(self._chol[0])
 
     @property
     def k(self) -> int:
@@ -152,14 +153,13 @@ class ConfidenceSet:
     # ------------------------------------------------------------------ geometry
     def solve(self, w: np.ndarray) -> np.ndarray:
         """``M⁻¹ w`` (``w`` of shape (k,) or (k, p))."""
-        return cho_solve(self._chol, w)
+        return cho_solve(self._chol, w, check_finite=False)
 
     def norm(self, w: np.ndarray) -> np.ndarray:
         """``‖w‖_{M⁻¹} = sqrt(wᵀM⁻¹w)`` along the last axis of ``w``."""
         w = np.asarray(w, float)
         flat = w.reshape(-1, self.k)
-        factor = np.tril(self._chol[0])
-        half = solve_triangular(factor, flat.T, lower=True)
+        half = solve_triangular(self._lower, flat.T, lower=True, check_finite=False)
         return np.sqrt(np.sum(half * half, axis=0)).reshape(w.shape[:-1])
 
     def worst_case(self, w: np.ndarray) -> np.ndarray:

@@ -88,6 +88,8 @@ class LowRankContextual:
             raise ConfigError(f"rank must be in [1, min(d_x, d_phi)] = [1, {min(d_x, d_phi)}]")
         if n_actions < 2:
             raise ConfigError(f"n_actions must be ≥ 2, got {n_actions}")
+        if len(singular_values) != 2:
+            raise ConfigError(f"singular_values must be (lo, hi), got {singular_values}")
         lo, hi = singular_values
         if not 0 < lo <= hi:
             raise ConfigError(f"singular_values must satisfy 0 < lo ≤ hi, got {singular_values}")

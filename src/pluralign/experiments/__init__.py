@@ -1,9 +1,10 @@
 """Experiments, their configs and the sweep runner (DESIGN §7)."""
 
 from pluralign.experiments.base import Experiment, Unit, UnitContext
+from pluralign.experiments.gshf import GSHF
 from pluralign.experiments.loco import LOCO
 
-EXPERIMENTS: dict[str, Experiment] = {LOCO.name: LOCO}
+EXPERIMENTS: dict[str, Experiment] = {LOCO.name: LOCO, GSHF.name: GSHF}
 
 from pluralign.experiments.config import load_config, resolve_config  # noqa: E402
 from pluralign.experiments.runner import read_results, run_experiment  # noqa: E402

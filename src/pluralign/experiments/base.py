@@ -4,6 +4,11 @@ A *unit* is one ``(setting, n, repeat)``: it builds the simulator for that setti
 draws the data, and evaluates every requested method on it, returning one row per method.
 Methods of a unit share fitted models through :class:`UnitContext` (e.g. PRS, pointwise PRS and
 low-rank greedy share one low-rank fit).
+
+A method may instead return a *curve*: a list of metric dicts, each with its own ``"n"`` (the
+x value, e.g. the round of an online loop). Each point becomes a row whose ``n`` is that x value,
+with ``unit_n`` (the unit's ``n``, which keys resuming) and ``unit_rows`` (the unit's row count,
+so that a unit cut short mid-write is recomputed). A point may carry its own ``fit_seconds``.
 """
 
 from __future__ import annotations
@@ -66,8 +71,10 @@ class UnitContext:
 class Experiment:
     """An experiment's schema and its unit runner.
 
-    ``methods`` maps each method name to a function ``(ctx) -> dict`` of metrics; it may read
-    shared objects through ``ctx.cached``. ``run_unit`` wraps it, timing each method.
+    ``methods`` maps each method name to a function ``(ctx) -> dict`` of metrics (or a list of
+    them, one per x value; see the module docstring); it may read shared objects through
+    ``ctx.cached``. ``run_unit`` wraps it, timing each method. ``x_label`` and ``logx`` describe
+    the plot's x axis (the rows' ``n``).
     """
 
     name: str
@@ -78,28 +85,52 @@ class Experiment:
     metrics: tuple[str, ...]
     plot_metric: str
     describe_setting: Callable[[dict[str, Any]], str]
+    x_label: str = "N (offline comparisons)"
+    logx: bool = True
 
     def run_unit(self, config: dict[str, Any], unit: Unit) -> list[dict[str, Any]]:
         env_params = config["env"][unit.setting]
         ctx = UnitContext(config=config, env_params=env_params, unit=unit)
-        rows = []
+        rows: list[dict[str, Any]] = []
+        curves = False
         for method in config["methods"]:
             ctx.used = set()
             built_before = set(ctx.seconds)
             start = time.perf_counter()
-            metrics = self.methods[method](ctx)
+            result = self.methods[method](ctx)
             elapsed = time.perf_counter() - start
             # Charge each method the full cost of the shared objects it used, built now or
             # earlier in the unit, so fit_seconds does not depend on the order of methods.
             reused = sum(ctx.seconds[name] for name in ctx.used & built_before)
-            rows.append(
-                {
-                    "setting": self.describe_setting(env_params),
-                    "method": method,
-                    "n": unit.n,
-                    "repeat": unit.repeat,
-                    **{k: float(v) for k, v in metrics.items()},
-                    "fit_seconds": elapsed + reused,
-                }
-            )
+            if not isinstance(result, list):
+                rows.append(
+                    {
+                        "setting": self.describe_setting(env_params),
+                        "method": method,
+                        "n": unit.n,
+                        "repeat": unit.repeat,
+                        **{k: float(v) for k, v in result.items()},
+                        "fit_seconds": elapsed + reused,
+                    }
+                )
+                continue
+            curves = True
+            for point in result:
+                metrics = dict(point)
+                x = metrics.pop("n")
+                seconds = metrics.pop("fit_seconds", elapsed) + reused
+                rows.append(
+                    {
+                        "setting": self.describe_setting(env_params),
+                        "method": method,
+                        "n": int(x),
+                        "repeat": unit.repeat,
+                        "unit_n": unit.n,
+                        **{k: float(v) for k, v in metrics.items()},
+                        "fit_seconds": float(seconds),
+                    }
+                )
+        if curves:
+            for row in rows:
+                row["unit_rows"] = len(rows)
         return rows

@@ -71,9 +71,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
                 raise TypeError
             return float(value)
         if isinstance(default, list):
-            if not isinstance(value, list | tuple) or len(value) != len(default):
+            if not isinstance(value, list | tuple) or not value:
                 raise TypeError
-            return [_coerce(key, v, d) for v, d in zip(value, default, strict=True)]
+            return [_coerce(key, v, default[0]) for v in value]
         if isinstance(default, str) and not isinstance(value, str):
             raise TypeError
     except (TypeError, ValueError):

@@ -24,21 +24,34 @@ Methods:
 * ``linear_pessimistic`` / ``linear_greedy`` — the context-free ``θᵀφ`` model (one reward for
   everybody), pessimistic or greedy.
 
-Options: ``ridge`` (the estimators' ``l2 = ridge / N``, i.e. a fixed Gaussian prior on the
-summed log-likelihood), ``beta`` (the confidence radius is ``β = beta · sqrt((k + log(1/δ))/N)``,
+Options: ``ridge_grid`` (each model family — linear, full-rank, low-rank — picks its ridge from
+this grid by held-out log-likelihood on a 20% split of the offline data only, then refits on
+all of it with ``l2 = ridge / N``; the chosen value is reported as ``ridge``), ``beta`` (the confidence radius is ``β = beta · sqrt((k + log(1/δ))/N)``,
 the theory's rate with its constant exposed, so that models of different dimension ``k`` are
-treated alike), ``delta`` and ``fw_tol`` (the Frank–Wolfe duality-gap tolerance).
+treated alike), ``delta``, ``fw_tol`` and ``fw_max_iter`` (the Frank–Wolfe duality-gap tolerance and
+iteration cap; the gap reached is reported either way).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.envs import LowRankContextual
 from pluralign.experiments.base import Experiment, UnitContext
 from pluralign.policies import Greedy, Pessimistic, Policy
-from pluralign.rewards import Bilinear, Linear, LinearInParameters, LowRank, RewardModel, RTVReduced
+from pluralign.rewards import (
+    Bilinear,
+    BradleyTerryModel,
+    Linear,
+    LinearInParameters,
+    LowRank,
+    RewardModel,
+    RTVReduced,
+)
 
 __all__ = ["LOCO"]
 
@@ -56,10 +69,11 @@ ENV_DEFAULTS: dict[str, Any] = {
 }
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    "ridge": 1.0,
+    "ridge_grid": [0.01, 0.1, 1.0, 10.0],
     "beta": 1.0,
     "delta": 0.05,
-    "fw_tol": 1e-6,
+    "fw_tol": 1e-4,
+    "fw_max_iter": 300,
 }
 
 
@@ -89,6 +103,7 @@ def _evaluate(ctx: UnitContext, model: RewardModel, policy: Policy) -> dict[str,
     metrics = {
         "suboptimality": env.suboptimality(policy, targets),
         "heldout_loglik": model.log_likelihood(heldout),
+        "ridge": getattr(model, "ridge_", float("nan")),
     }
     theta = getattr(model, "theta_", None)
     if theta is not None and getattr(theta, "shape", None) == env.theta_star.shape:
@@ -96,31 +111,55 @@ def _evaluate(ctx: UnitContext, model: RewardModel, policy: Policy) -> dict[str,
     return metrics
 
 
-def _l2(ctx: UnitContext) -> float:
-    return ctx.options["ridge"] / ctx.unit.n
+def _ridge(ctx: UnitContext, family: str, make: Callable[[float], BradleyTerryModel]) -> float:
+    """The family's ridge: best held-out log-likelihood on a split of the offline data only."""
+    grid = ctx.options["ridge_grid"]
+    if len(grid) == 1:
+        return float(grid[0])
+
+    def select() -> float:
+        offline, _, _ = _draws(ctx)
+        train, val = offline.split(0.2, seed=ctx.seed(4))
+        scores = [make(ridge / train.n).fit(train).log_likelihood(val) for ridge in grid]
+        return float(grid[int(np.argmax(scores))])
+
+    return ctx.cached(f"{family}_ridge", select)
+
+
+def _fit(ctx: UnitContext, family: str, make: Callable[[float], BradleyTerryModel]):
+    offline, _, _ = _draws(ctx)
+
+    def build():
+        model = make(_ridge(ctx, family, make) / offline.n).fit(offline)
+        model.ridge_ = _ridge(ctx, family, make)
+        return model
+
+    return ctx.cached(family, build)
 
 
 def _fullrank(ctx: UnitContext) -> Bilinear:
-    offline, _, _ = _draws(ctx)
-    return ctx.cached("bilinear", lambda: Bilinear(l2=_l2(ctx)).fit(offline))
+    return _fit(ctx, "bilinear", lambda l2: Bilinear(l2=l2))
 
 
 def _linear(ctx: UnitContext) -> Linear:
-    offline, _, _ = _draws(ctx)
-    return ctx.cached("linear", lambda: Linear(l2=_l2(ctx)).fit(offline))
+    return _fit(ctx, "linear", lambda l2: Linear(l2=l2))
 
 
 def _lowrank(ctx: UnitContext) -> LowRank:
-    offline, _, _ = _draws(ctx)
-    rank = ctx.env_params["rank"]
-    return ctx.cached("lowrank", lambda: LowRank(rank, l2=_l2(ctx), seed=ctx.unit.repeat).fit(
-        offline))
+    rank, seed = ctx.env_params["rank"], ctx.unit.repeat
+    return _fit(ctx, "lowrank", lambda l2: LowRank(rank, l2=l2, seed=seed))
 
 
 def _reduced(ctx: UnitContext) -> RTVReduced:
     offline, _, _ = _draws(ctx)
     base = _lowrank(ctx)
-    return ctx.cached("rtv", lambda: RTVReduced(base, l2=_l2(ctx)).fit(offline))
+
+    def build() -> RTVReduced:
+        model = RTVReduced(base, l2=base.l2).fit(offline)
+        model.ridge_ = base.ridge_
+        return model
+
+    return ctx.cached("rtv", build)
 
 
 def _confidence(ctx: UnitContext, name: str, model: LinearInParameters) -> ConfidenceSet:
@@ -142,7 +181,7 @@ def _pessimistic(ctx: UnitContext, name: str, model: LinearInParameters, *,
                  pointwise: bool = False, report_model: RewardModel | None = None
                  ) -> dict[str, float]:
     policy = Pessimistic(model, _confidence(ctx, name, model), pointwise=pointwise,
-                         tol=ctx.options["fw_tol"])
+                         tol=ctx.options["fw_tol"], max_iter=ctx.options["fw_max_iter"])
     metrics = _evaluate(ctx, report_model or model, policy)
     metrics["duality_gap"] = policy.duality_gap_
     return metrics

@@ -20,6 +20,7 @@ def plot_metric(
     methods: list[str],
     xlabel: str = "N (offline comparisons)",
     logy: bool = True,
+    logx: bool = True,
 ) -> Path:
     """``metric`` against ``n`` per method (mean ± standard error), one panel per setting."""
     import matplotlib
@@ -41,7 +42,8 @@ def plot_metric(
             ns, means, ses = zip(*pts, strict=True)
             ses = [0.0 if se != se else se for se in ses]  # NaN (one repeat) -> no bar
             ax.errorbar(ns, means, yerr=ses, marker="o", ms=4, capsize=2, label=method)
-        ax.set_xscale("log")
+        if logx:
+            ax.set_xscale("log")
         ticks = sorted({r["n"] for r in summary if r["setting"] == setting})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -52,7 +52,15 @@ def units_of(config: dict[str, Any]) -> list[Unit]:
 
 
 def _row_key(row: dict[str, Any], settings: list[str]) -> tuple:
-    return (settings.index(row["setting"]), row["n"], row["repeat"])
+    """The key of the unit a row belongs to (``unit_n`` for rows of a curve, see ``base``)."""
+    return (settings.index(row["setting"]), row.get("unit_n", row["n"]), row["repeat"])
+
+
+def _complete(group: list[dict[str, Any]], methods: set[str]) -> bool:
+    """Whether a unit's rows are all there: every method, and every row of a curve unit."""
+    if {r["method"] for r in group} != methods:
+        return False
+    return all(r.get("unit_rows", len(group)) == len(group) for r in group)
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -155,7 +163,7 @@ def run_experiment(
     by_unit: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         by_unit.setdefault(_row_key(row, settings), []).append(row)
-    complete = {k for k, group in by_unit.items() if {r["method"] for r in group} == methods}
+    complete = {k for k, group in by_unit.items() if _complete(group, methods)}
     kept = [r for r in rows if _row_key(r, settings) in complete]
     # Drop partial units and any torn line before appending.
     atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -174,12 +182,13 @@ def run_experiment(
                 on_unit(unit)
 
     method_order = {m: i for i, m in enumerate(resolved["methods"])}
-    kept.sort(key=lambda r: (*_row_key(r, settings), method_order[r["method"]]))
+    kept.sort(key=lambda r: (*_row_key(r, settings), method_order[r["method"]], r["n"]))
     atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in kept))
     summary = summarize(kept, experiment.metrics)
     write_summary_csv(summary, out / "summary.csv")
     plot_metric(summary, experiment.plot_metric, out / f"{experiment.plot_metric}.png",
-                settings=settings, methods=resolved["methods"])
+                settings=settings, methods=resolved["methods"], xlabel=experiment.x_label,
+                logx=experiment.logx)
     return resolved
 
 

@@ -167,11 +167,13 @@ class Pessimistic(Policy):
         rows = np.arange(targets.m)
         probs = one_hot_argmax(model.reward_at(cs.center, targets.x, targets.phi))
         w = self._w(probs, targets, w_ref)
+        m_inv_w = cs.solve(w)  # kept up to date: one solve with M per iteration
         value = float(cs.worst_case(w))
         dual_bound = np.inf  # min over visited θ_t ∈ C of h(θ_t) = max_π θ_tᵀw(π) ≥ f(π*)
         it = 0
         for it in range(1, self.max_iter + 1):  # noqa: B007
-            theta_t = cs.worst_theta(w)
+            size = np.sqrt(max(float(w @ m_inv_w), 0.0))
+            theta_t = cs.center - cs.beta * m_inv_w / size if size > 0 else cs.center
             scores = model.reward_at(theta_t, targets.x, targets.phi)
             best = np.argmax(scores, axis=1)
             dual_bound = min(dual_bound, float(np.mean(scores[rows, best]) - theta_t @ w_ref))
@@ -179,13 +181,14 @@ class Pessimistic(Policy):
                 break
             w_vertex = model.mean_features(targets.x, targets.phi[rows, best]) - w_ref
             d = w_vertex - w
-            m_inv_w, m_inv_d = cs.solve(w), cs.solve(d)
+            m_inv_d = cs.solve(w_vertex) - m_inv_w
             gamma = _line_search(float(cs.center @ d), float(w @ m_inv_w), float(w @ m_inv_d),
                                  float(d @ m_inv_d), cs.beta)
             if gamma > 0.0:
                 probs *= 1.0 - gamma
                 probs[rows, best] += gamma
                 w = w + gamma * d
+                m_inv_w = m_inv_w + gamma * m_inv_d
                 value = max(value, float(cs.worst_case(w)))
         self.duality_gap_ = dual_bound - value
         self.n_iter_ = it

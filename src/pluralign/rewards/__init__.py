@@ -3,6 +3,14 @@
 from pluralign.rewards.base import BradleyTerryModel, RewardModel
 from pluralign.rewards.linear import Bilinear, Linear, LinearInParameters
 from pluralign.rewards.lowrank import LowRank
+from pluralign.rewards.multi_user import (
+    MultiUserModel,
+    PerUser,
+    Pooled,
+    SharedBasis,
+    UserReward,
+    subspace_distance,
+)
 from pluralign.rewards.reduced import RTVReduced
 
 __all__ = [
@@ -11,6 +19,12 @@ __all__ = [
     "Linear",
     "LinearInParameters",
     "LowRank",
+    "MultiUserModel",
+    "PerUser",
+    "Pooled",
     "RTVReduced",
     "RewardModel",
+    "SharedBasis",
+    "UserReward",
+    "subspace_distance",
 ]

@@ -20,17 +20,31 @@ of ``Θ = U₀ C V₀ᵀ`` by Bradley–Terry MLE (a convex ``r²``-parameter pr
 ``L = U√D, R = V√D`` from the SVD of ``U₀ C V₀ᵀ``. When ``d_x·d_phi`` exceeds
 ``dense_svd_limit``, ``S`` is not formed: a randomized SVD (Halko, Martinsson & Tropp 2011)
 uses the products ``S v = Xᵀ((y − ½) ⊙ ΔΦ v)/N`` and ``Sᵀ u``.
+
+**Full-rank offset rows** (``free_rows = f > 0``): the first ``f`` coordinates of ``x`` get
+unconstrained rows of ``Θ``, the others a rank-``r`` block,
+
+    Θ = [Θ_f ; L Rᵀ],   r(x, φ) = x_{1:f}ᵀ Θ_f φ + x_{f+1:}ᵀ L Rᵀ φ,
+
+with the same ridge on all of ``Θ``: ``(λ/2)(‖Θ_f‖²_F + ‖LRᵀ‖²_F)``. With augmented one-hot
+contexts ``x = [1, e_u]`` and ``f = 1`` this is P-ShareLoRA's linear personalized reward
+``θ_u = θ0 + B w_u`` (Liu et al. 2025, arXiv 2503.19201): ``Θ_f = θ0ᵀ``, ``L = W``, ``R = B``;
+:class:`~pluralign.rewards.SharedBasis` is exactly this model. The spectral start first fits
+``Θ_f`` alone (a convex fit), takes the top-``r`` SVD of the moment matrix of the residual,
+``S = (1/N) X_{f+1:}ᵀ diag(y − σ(m_f)) ΔΦ`` (``m_f`` the margins of the offset; at ``f = 0`` this
+is the ``S`` above, since ``σ(0) = ½``), then fits ``Θ_f`` and the ``r×r`` core jointly.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
 from pluralign.rewards.base import BradleyTerryModel
-from pluralign.rewards.linear import Bilinear, _check_phi, _check_x, contract
+from pluralign.rewards.linear import Bilinear, Linear, _check_phi, _check_x, contract
 
 __all__ = ["LowRank", "moment_matrix_svd"]
 
@@ -43,14 +57,20 @@ def moment_matrix_svd(
     oversample: int = 10,
     power_iters: int = 4,
     seed: int | np.random.Generator = 0,
+    offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``rank`` SVD ``(U, s, V)`` of ``S = (1/N) Xᵀ diag(y − ½) ΔΦ``.
 
     Dense when ``d_x·d_phi ≤ dense_limit``; otherwise a randomized range finder with
-    ``power_iters`` power iterations that only multiplies by ``S`` and ``Sᵀ``.
+    ``power_iters`` power iterations that only multiplies by ``S`` and ``Sᵀ``. With ``offset``
+    (margins ``m_i`` of a fitted part of the model), ``y − ½`` becomes the residual ``y − σ(m)``,
+    i.e. ``S`` is minus the gradient of the mean log-loss at that point.
     """
     x, dphi = data.x, data.delta_phi
-    w = (data.y - 0.5) / data.n
+    if offset is None:
+        w = (data.y - 0.5) / data.n
+    else:
+        w = (data.y - expit(np.asarray(offset, dtype=np.float64))) / data.n
     if data.d_x * data.d_phi <= dense_limit:
         u, s, vt = np.linalg.svd(x.T @ (w[:, None] * dphi), full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank].T
@@ -92,12 +112,20 @@ class LowRank(BradleyTerryModel):
         Seed of the random initialization and of the randomized SVD.
     dense_svd_limit:
         Largest ``d_x·d_phi`` for which the moment matrix is formed; above it, randomized SVD.
+    free_rows:
+        Number ``f`` of leading context coordinates whose rows of ``Θ`` are unconstrained
+        (full rank, same ridge); the rank constraint applies to the other ``d_x − f`` rows. ``0``
+        (the default) is the plain LoCo-RLHF model. See the module docstring.
     tol, max_iter, dtype, device:
         As for every :class:`~pluralign.rewards.BradleyTerryModel`.
 
     Learned attributes: ``L_`` (d_x, r), ``R_`` (d_phi, r), ``theta_ = L_ R_ᵀ``, its SVD
     ``U_`` (d_x, r), ``s_`` (r,), ``V_`` (d_phi, r), and ``solver_info_``. Works unchanged with
     one-hot user contexts (``x`` = indicator of the user), the "grouping structure" of LoCo-RLHF.
+    With ``free_rows = f > 0``: ``theta_free_`` (f, d_phi), ``L_`` is ``(d_x − f, r)``, ``theta_``
+    stacks ``[theta_free_; L_ R_ᵀ]``, and ``U_, s_, V_`` are the SVD of the low-rank block
+    embedded in rows ``f..d_x`` (the first ``f`` rows of ``U_`` are zero). ``RTVReduced`` reduces
+    the plain model only (``free_rows = 0``).
     """
 
     def __init__(
@@ -109,6 +137,7 @@ class LowRank(BradleyTerryModel):
         init: str = "spectral",
         seed: int = 0,
         dense_svd_limit: int = 4_000_000,
+        free_rows: int = 0,
         tol: float = 1e-6,
         max_iter: int = 1000,
         dtype: str = "float64",
@@ -120,16 +149,23 @@ class LowRank(BradleyTerryModel):
         self.init = init
         self.seed = seed
         self.dense_svd_limit = dense_svd_limit
+        self.free_rows = free_rows
 
     # ------------------------------------------------------------------ fitting
     def _validate(self, data: PreferenceData) -> None:
         if data.x is None:
             raise DataValidationError("LowRank needs user contexts; the data has x=None",
                                       field="x")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= min(data.d_x, data.d_phi):
+        f = self.free_rows
+        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < data.d_x:
             raise DataValidationError(
-                f"must be an integer in [1, min(d_x, d_phi)] = [1, {min(data.d_x, data.d_phi)}],"
-                f" got {self.rank!r}",
+                f"must be an integer in [0, d_x) = [0, {data.d_x}), got {f!r}", field="free_rows"
+            )
+        top = min(data.d_x - f, data.d_phi)
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= top:
+            what = "min(d_x, d_phi)" if f == 0 else "min(d_x − free_rows, d_phi)"
+            raise DataValidationError(
+                f"must be an integer in [1, {what}] = [1, {top}], got {self.rank!r}",
                 field="rank",
             )
         if self.init not in ("spectral", "random"):
@@ -137,6 +173,8 @@ class LowRank(BradleyTerryModel):
                                       field="init")
 
     def _initial_params(self, data: PreferenceData) -> np.ndarray:
+        if self.free_rows:
+            return self._initial_params_offset(data)
         r = self.rank
         if self.init == "random":
             rng = np.random.default_rng(self.seed)
@@ -154,26 +192,70 @@ class LowRank(BradleyTerryModel):
         left, right = (u0 @ uc) * root, (v0 @ vct.T) * root
         return np.concatenate([left.ravel(), right.ravel()])
 
-    def _split(self, params: torch.Tensor, d_x: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.rank
-        return params[: d_x * r].reshape(d_x, r), params[d_x * r :].reshape(-1, r)
+    def _initial_params_offset(self, data: PreferenceData) -> np.ndarray:
+        """Spectral (or random) start with ``f`` free rows; see the module docstring."""
+        r, f = self.rank, self.free_rows
+        d_rest = data.d_x - f
+        if self.init == "random":
+            rng = np.random.default_rng(self.seed)
+            left = 1e-2 * rng.standard_normal((d_rest, r))
+            right = 1e-2 * rng.standard_normal((data.d_phi, r))
+            return np.concatenate([np.zeros(f * data.d_phi), left.ravel(), right.ravel()])
+        x_free, x_rest = data.x[:, :f], data.x[:, f:]
+        dphi = data.delta_phi
+        free_data = PreferenceData(x=x_free, phi0=np.zeros_like(dphi), phi1=dphi, y=data.y)
+        free = Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter).fit(free_data).theta_
+        offset = np.einsum("nd,nd->n", x_free @ free, dphi)
+        rest_data = PreferenceData(x=x_rest, phi0=free_data.phi0, phi1=dphi, y=data.y)
+        u0, _, v0 = moment_matrix_svd(rest_data, r, dense_limit=self.dense_svd_limit,
+                                      seed=self.seed, offset=offset)
+        # Joint convex fit of Θ_f and the r×r core C of U₀ C V₀ᵀ on their (small) features.
+        z_free = (x_free[:, :, None] * dphi[:, None, :]).reshape(data.n, -1)
+        z_core = ((x_rest @ u0)[:, :, None] * (dphi @ v0)[:, None, :]).reshape(data.n, -1)
+        z = np.concatenate([z_free, z_core], axis=1)
+        joint = Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter).fit(
+            PreferenceData(x=None, phi0=np.zeros_like(z), phi1=z, y=data.y)).theta_
+        free, core = joint[: f * data.d_phi], joint[f * data.d_phi :].reshape(r, r)
+        uc, sc, vct = np.linalg.svd(core)
+        root = np.sqrt(sc)
+        left, right = (u0 @ uc) * root, (v0 @ vct.T) * root
+        return np.concatenate([free, left.ravel(), right.ravel()])
+
+    def _parts(self, params: torch.Tensor, batch: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Θ_f, L, R)`` from the flat parameters ``[vec Θ_f, vec L, vec R]`` (``Θ_f`` is empty
+        when ``free_rows = 0``)."""
+        r, f = self.rank, self.free_rows
+        d_rest, d_phi = batch["x"].shape[1] - f, batch["dphi"].shape[1]
+        free = params[: f * d_phi].reshape(f, d_phi)
+        rest = params[f * d_phi :]
+        return free, rest[: d_rest * r].reshape(d_rest, r), rest[d_rest * r :].reshape(-1, r)
 
     def _margins(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        left, right = self._split(params, batch["x"].shape[1])
-        return ((batch["x"] @ left) * (batch["dphi"] @ right)).sum(dim=1)
+        f, x, dphi = self.free_rows, batch["x"], batch["dphi"]
+        free, left, right = self._parts(params, batch)
+        if not f:
+            return ((x @ left) * (dphi @ right)).sum(dim=1)
+        return ((x[:, f:] @ left) * (dphi @ right)).sum(dim=1) + ((x[:, :f] @ free) * dphi).sum(
+            dim=1)
 
     def _penalty(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(λ/2)‖LRᵀ‖²_F + (μ/4)‖LᵀL − RᵀR‖²_F``."""
-        left, right = self._split(params, batch["x"].shape[1])
+        """``(λ/2)‖LRᵀ‖²_F + (μ/4)‖LᵀL − RᵀR‖²_F`` (plus ``(λ/2)‖Θ_f‖²_F`` with free rows)."""
+        free, left, right = self._parts(params, batch)
         gram_left, gram_right = left.T @ left, right.T @ right
         gap = gram_left - gram_right
         ridge = 0.5 * self.l2 * torch.sum(gram_left * gram_right)
+        if self.free_rows:
+            ridge = ridge + 0.5 * self.l2 * torch.sum(free * free)
         return ridge + 0.25 * self.balance * torch.sum(gap * gap)
 
     def _store(self, params: np.ndarray, data: PreferenceData) -> None:
-        d_x, r = data.d_x, self.rank
-        self.L_ = params[: d_x * r].reshape(d_x, r).copy()
-        self.R_ = params[d_x * r :].reshape(data.d_phi, r).copy()
+        r, f = self.rank, self.free_rows
+        d_rest = data.d_x - f
+        self.theta_free_ = params[: f * data.d_phi].reshape(f, data.d_phi).copy()
+        params = params[f * data.d_phi :]
+        self.L_ = params[: d_rest * r].reshape(d_rest, r).copy()
+        self.R_ = params[d_rest * r :].reshape(data.d_phi, r).copy()
         self.d_x_, self.d_phi_ = data.d_x, data.d_phi
         # SVD of L Rᵀ through thin QRs: L = Q_L T_L, R = Q_R T_R, L Rᵀ = Q_L (T_L T_Rᵀ) Q_Rᵀ.
         q_left, t_left = np.linalg.qr(self.L_)
@@ -181,6 +263,9 @@ class LowRank(BradleyTerryModel):
         uc, s, vct = np.linalg.svd(t_left @ t_right.T)
         self.U_, self.s_, self.V_ = q_left @ uc, s, q_right @ vct.T
         self.theta_ = self.L_ @ self.R_.T
+        if f:
+            self.U_ = np.concatenate([np.zeros((f, r)), self.U_])
+            self.theta_ = np.concatenate([self.theta_free_, self.theta_])
 
     # --------------------------------------------------------------- prediction
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
@@ -188,4 +273,7 @@ class LowRank(BradleyTerryModel):
         phi = _check_phi("LowRank", phi, self.d_phi_)
         x = _check_x("LowRank", x, phi, self.d_x_)
         # xᵀ L Rᵀ φ = ⟨Lᵀx, Rᵀφ⟩ without forming Θ.
+        f = self.free_rows
+        if f:
+            return contract(x[:, :f] @ self.theta_free_ + (x[:, f:] @ self.L_) @ self.R_.T, phi)
         return contract((x @ self.L_) @ self.R_.T, phi)

@@ -1,0 +1,335 @@
+"""The ``gshf`` experiment: KL-regularized preference learning (seed 002) on ``KLBandit``.
+
+Xiong et al. 2024 (GSHF, arXiv 2312.11456) in the bandit layer: offline (MLE-Gibbs versus the
+two pessimistic options), online iterative learning with three exploration strategies, and
+hybrid learning, all on one axis: **rounds** ``t = 0..T`` of ``m`` comparisons each
+(``n_samples: [T]``, one value; option ``batch_size`` is ``m``). Every method returns a curve,
+one row per round, with ``n`` = the round (see :mod:`pluralign.experiments.base`).
+
+Per unit (setting, repeat): one truth, one offline sample of ``max(T·m, hybrid_offline)``
+comparisons from the setting's source contexts and behaviour policy, and one evaluation sample of
+``n_eval`` deployment contexts. All online methods share the loop seed (common random numbers).
+
+Methods (``gap`` is always that of the policy the method would deploy after round ``t``):
+
+* ``offline_mle`` — Gibbs policy of the Bradley–Terry MLE on the first ``t·m`` offline
+  comparisons (also the *offline-only* baseline at equal budget);
+* ``offline_option1`` — GSHF option I: policy-level max–min with KL
+  (:class:`~pluralign.policies.PessimisticGibbs`), solved to a certified gap;
+* ``offline_option2`` — GSHF option II: Gibbs policy of the pointwise lower confidence bound;
+* ``online_enhancer`` / ``online_symmetric`` / ``online_uniform`` — online iterative GSHF
+  (:class:`~pluralign.online.OnlineGSHF`) with the given exploration, ``t`` rounds;
+* ``hybrid_enhancer`` — the enhancer loop started from the first ``hybrid_offline`` offline
+  comparisons (round 0 is the offline MLE-Gibbs policy on them).
+
+Metrics: ``gap`` (``J_η(π*) − J_η(π̂)``, exact on the evaluation contexts), ``kl``
+(``E KL(π̂‖π0)``), ``reward`` (``E Σ π̂ r*``), ``comparisons`` (all comparisons used, offline
+included), ``reached_target`` (1 if ``gap ≤ target_gap``), ``duality_gap`` (option I's certified
+gap), ``uncertainty`` and ``identical_pairs`` (online rounds: the exploration policy's
+uncertainty ``β_t‖E[φ(π¹) − φ(π²)]‖_{M_t⁻¹}`` and the share of pairs with ``a¹ = a²``).
+
+Options: ``batch_size`` (``m``), ``ridge`` (``l2 = ridge/N``), ``beta`` (``β = beta·sqrt((d +
+log(1/δ))/N)``, for pessimism and for the online confidence sets), ``delta``,
+``hybrid_offline`` (``N₀``), ``n_directions`` (enhancer search directions), ``opt_tol`` (option
+I's certified-gap tolerance), ``target_gap``, ``distinct_pairs`` (online pairs of two different
+responses; see :class:`~pluralign.online.OnlineGSHF`).
+
+``python -m pluralign.experiments.gshf OUT`` prints the C8/C9/C10 comparisons of ``docs/gshf.md``
+from a finished run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pluralign.confidence import ConfidenceSet, beta_rate
+from pluralign.data import PreferenceData
+from pluralign.envs import KLBandit
+from pluralign.errors import ConfigError
+from pluralign.experiments.base import Experiment, UnitContext
+from pluralign.online import Enhancer, OnlineGSHF
+from pluralign.policies import PessimisticGibbs, gibbs_probs
+from pluralign.rewards import Linear
+
+__all__ = ["GSHF", "report"]
+
+ENV_DEFAULTS: dict[str, Any] = {
+    "d": 16,
+    "n_actions": 16,
+    "eta": 0.2,
+    "reward_scale": 1.0,
+    "ref_scale": 1.0,
+    "ref_alignment": 0.0,
+    "coverage": 1.0,
+    "uncovered_dim": 8,
+    "uncovered_reward": None,
+    "behavior": "reference",
+    "n_eval": 2000,
+}
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    "batch_size": 200,
+    "ridge": 1.0,
+    "beta": 1.0,
+    "delta": 0.05,
+    "hybrid_offline": 1000,
+    "n_directions": 4,
+    "opt_tol": 1e-8,
+    "target_gap": 0.05,
+    "distinct_pairs": False,
+}
+
+
+# ---------------------------------------------------------------------- shared objects
+def _rounds(ctx: UnitContext) -> int:
+    n_samples = ctx.config["n_samples"]
+    if len(n_samples) != 1:
+        raise ConfigError(
+            f"gshf takes one value in n_samples (the number of rounds T; every round is "
+            f"reported), got {n_samples}"
+        )
+    return int(n_samples[0])
+
+
+def _env(ctx: UnitContext) -> KLBandit:
+    def build() -> KLBandit:
+        params = {k: v for k, v in ctx.env_params.items() if k != "n_eval"}
+        return KLBandit(**params, seed=ctx.seed(0))
+
+    return ctx.cached("env", build)
+
+
+def _offline(ctx: UnitContext) -> PreferenceData:
+    size = max(_rounds(ctx) * ctx.options["batch_size"], ctx.options["hybrid_offline"], 1)
+    return ctx.cached("offline", lambda: _env(ctx).sample_offline(size, ctx.seed(1)))
+
+
+def _eval(ctx: UnitContext) -> dict[str, Any]:
+    def build() -> dict[str, Any]:
+        env = _env(ctx)
+        states = env.sample_states(ctx.env_params["n_eval"], ctx.seed(3))
+        return {"states": states, "ref": env.reference_probs(states),
+                "opt": env.optimal_probs(states), "reward": env.true_reward(states)}
+
+    return ctx.cached("eval", build)
+
+
+def _metrics(ctx: UnitContext, probs: np.ndarray) -> dict[str, float]:
+    env, ev = _env(ctx), _eval(ctx)
+    gap = env.gap(probs, ev["states"])
+    return {"gap": gap, "kl": env.kl(probs, ev["states"]),
+            "reward": float(np.mean(np.sum(probs * ev["reward"], axis=1))),
+            "reached_target": float(gap <= ctx.options["target_gap"])}
+
+
+def _offline_fits(ctx: UnitContext) -> list[tuple[Linear, ConfidenceSet] | None]:
+    """MLE and confidence set on the first ``t·m`` offline comparisons, for ``t = 0..T``."""
+    opts = ctx.options
+
+    def build() -> list[tuple[Linear, ConfidenceSet] | None]:
+        data, m = _offline(ctx), opts["batch_size"]
+        fits: list[tuple[Linear, ConfidenceSet] | None] = [None]
+        for t in range(1, _rounds(ctx) + 1):
+            part = data.subset(slice(0, t * m))
+            model = Linear(l2=opts["ridge"] / part.n).fit(part)
+            beta = opts["beta"] * beta_rate(model.n_params, part.n, opts["delta"])
+            fits.append((model, ConfidenceSet.fit(model, part, beta=beta, delta=opts["delta"])))
+        return fits
+
+    return ctx.cached("offline_fits", build)
+
+
+# ---------------------------------------------------------------------- methods
+def _offline_curve(ctx: UnitContext, option: str | None) -> list[dict[str, float]]:
+    env, ev, m = _env(ctx), _eval(ctx), ctx.options["batch_size"]
+    points = []
+    for t, fit in enumerate(_offline_fits(ctx)):
+        extra: dict[str, float] = {}
+        if fit is None:  # no data: every method deploys π0
+            probs = ev["ref"]
+            if option == "option1":
+                extra["duality_gap"] = 0.0
+        elif option is None:
+            probs = gibbs_probs(fit[0].reward(None, ev["states"].phi), ev["ref"], env.eta)
+        else:
+            policy = PessimisticGibbs(fit[0], fit[1], env.eta, reference=ev["ref"],
+                                      pointwise=option == "option2",
+                                      tol=ctx.options["opt_tol"])
+            probs = policy.probs(ev["states"])
+            if option == "option1":
+                extra["duality_gap"] = policy.duality_gap_
+        points.append({"n": t, **_metrics(ctx, probs), "comparisons": t * m, **extra})
+    return points
+
+
+def offline_mle(ctx: UnitContext) -> list[dict[str, float]]:
+    """Gibbs policy of the offline MLE (the offline-only baseline)."""
+    return _offline_curve(ctx, None)
+
+
+def offline_option1(ctx: UnitContext) -> list[dict[str, float]]:
+    """GSHF option I: policy-level max–min pessimism with KL."""
+    return _offline_curve(ctx, "option1")
+
+
+def offline_option2(ctx: UnitContext) -> list[dict[str, float]]:
+    """GSHF option II: Gibbs policy of the pointwise lower confidence bound."""
+    return _offline_curve(ctx, "option2")
+
+
+def _online_curve(ctx: UnitContext, exploration: str, *, hybrid: bool = False
+                  ) -> list[dict[str, float]]:
+    opts = ctx.options
+    if exploration == "enhancer":
+        explorer: str | Enhancer = Enhancer(opts["n_directions"])
+    else:
+        explorer = exploration
+    loop = OnlineGSHF(explorer, batch_size=opts["batch_size"], n_rounds=_rounds(ctx),
+                      ridge=opts["ridge"], beta=opts["beta"], delta=opts["delta"],
+                      distinct_pairs=opts["distinct_pairs"], seed=ctx.seed(2))
+    offline = _offline(ctx).subset(slice(0, opts["hybrid_offline"])) if hybrid else None
+    env, ev = _env(ctx), _eval(ctx)
+    loop.fit(env, offline=offline, eval_states=ev["states"])
+    points, seconds = [], 0.0
+    for record in loop.history_:
+        seconds += record["seconds"]
+        point = {"n": record["round"], "gap": record["gap"], "kl": record["kl"],
+                 "reward": record["reward"], "comparisons": record["total_comparisons"],
+                 "reached_target": float(record["gap"] <= opts["target_gap"]),
+                 "fit_seconds": seconds}
+        if record["round"] > 0:
+            point["uncertainty"] = record.get("uncertainty", 0.0)
+            point["identical_pairs"] = record["identical_pairs"]
+        points.append(point)
+    return points
+
+
+def online_enhancer(ctx: UnitContext) -> list[dict[str, float]]:
+    """Online iterative GSHF with the enhancer."""
+    return _online_curve(ctx, "enhancer")
+
+
+def online_symmetric(ctx: UnitContext) -> list[dict[str, float]]:
+    """Online iterative learning, both responses from the main agent."""
+    return _online_curve(ctx, "symmetric")
+
+
+def online_uniform(ctx: UnitContext) -> list[dict[str, float]]:
+    """Online iterative learning, second response uniform over the candidates."""
+    return _online_curve(ctx, "uniform")
+
+
+def hybrid_enhancer(ctx: UnitContext) -> list[dict[str, float]]:
+    """The enhancer loop started from ``hybrid_offline`` offline comparisons."""
+    return _online_curve(ctx, "enhancer", hybrid=True)
+
+
+def describe_setting(env: dict[str, Any]) -> str:
+    """``d, K, η, coverage``, then every other parameter that differs from its default."""
+    name = f"d={env['d']} K={env['n_actions']} eta={env['eta']} coverage={env['coverage']}"
+    main = ("d", "n_actions", "eta", "coverage")
+    rest = [f"{k}={v}" for k, v in env.items() if k not in main and v != ENV_DEFAULTS[k]]
+    return " ".join([name, *rest])
+
+
+GSHF = Experiment(
+    name="gshf",
+    env_defaults=ENV_DEFAULTS,
+    option_defaults=OPTION_DEFAULTS,
+    methods={
+        "offline_mle": offline_mle,
+        "offline_option1": offline_option1,
+        "offline_option2": offline_option2,
+        "online_enhancer": online_enhancer,
+        "online_symmetric": online_symmetric,
+        "online_uniform": online_uniform,
+        "hybrid_enhancer": hybrid_enhancer,
+    },
+    default_n_samples=(10,),
+    metrics=("gap", "kl", "reward", "comparisons", "reached_target", "duality_gap",
+             "uncertainty", "identical_pairs"),
+    plot_metric="gap",
+    describe_setting=describe_setting,
+    x_label="round t (m comparisons per round)",
+    logx=False,
+)
+
+
+# ---------------------------------------------------------------------- report
+def _curves(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
+    """``{(setting, method): {repeat: {round: gap}}}``."""
+    out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
+    for row in rows:
+        out.setdefault((row["setting"], row["method"]), {}).setdefault(row["repeat"], {})[
+            row["n"]] = row["gap"]
+    return out
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, float)
+    se = float(arr.std(ddof=1) / np.sqrt(arr.size)) if arr.size > 1 else float("nan")
+    return float(arr.mean()), se
+
+
+def rounds_to_target(curve: dict[int, float], target: float) -> int | None:
+    """The first round whose gap is ``≤ target`` (``None`` if never)."""
+    for t in sorted(curve):
+        if curve[t] <= target:
+            return t
+    return None
+
+
+def report(out: str | Path) -> str:
+    """The C8/C9/C10 comparisons of a finished ``gshf`` run, as text (means ± standard errors
+    over repeats; paired differences use the same repeat's truth and data)."""
+    from pluralign.experiments.runner import read_results
+
+    out = Path(out)
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    rows = read_results(out / "results.jsonl")
+    curves = _curves(rows)
+    T = config["n_samples"][0]
+    target = config["options"]["target_gap"]
+    lines = [f"gshf report for {out} (T={T} rounds, m={config['options']['batch_size']}, "
+             f"repeats={config['repeats']})"]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        lines.append(f"\n[{setting}]")
+        have = {m for (s, m) in curves if s == setting}
+        for t in sorted({1, T // 4, T // 2, T} - {0}):
+            cells = []
+            for method in [m for m in config["methods"] if m in have]:
+                mean, se = _mean_se([c[t] for c in curves[(setting, method)].values()])
+                cells.append(f"{method}={mean:.4f}±{se:.4f}")
+            lines.append(f"  round {t:>3}: " + "  ".join(cells))
+        pairs = [("offline_option1", "offline_mle"), ("offline_option2", "offline_mle"),
+                 ("online_enhancer", "online_symmetric"), ("online_enhancer", "online_uniform"),
+                 ("online_enhancer", "offline_mle")]
+        for a, b in pairs:
+            if a in have and b in have:
+                ca, cb = curves[(setting, a)], curves[(setting, b)]
+                diff = [ca[r][T] - cb[r][T] for r in ca if r in cb]
+                mean, se = _mean_se(diff)
+                wins = sum(d < 0 for d in diff)
+                lines.append(f"  gap({a}) − gap({b}) at round {T}: {mean:+.4f} ± {se:.4f} "
+                             f"({a} lower in {wins}/{len(diff)} repeats)")
+        for method in ("hybrid_enhancer", "online_enhancer"):
+            if method in have:
+                hits = [rounds_to_target(c, target) for c in curves[(setting, method)].values()]
+                reached = [h for h in hits if h is not None]
+                mean = f"{np.mean(reached):.2f}" if reached else "—"
+                lines.append(f"  {method}: reaches gap ≤ {target} in {len(reached)}/{len(hits)} "
+                             f"repeats, mean first round {mean} (rounds {sorted(reached)})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if len(sys.argv) != 2:
+        print("usage: python -m pluralign.experiments.gshf RUN_FOLDER", file=sys.stderr)
+        raise SystemExit(2)
+    print(report(sys.argv[1]))
