@@ -26,7 +26,8 @@ Methods:
 
 Options: ``ridge_grid`` (each model family — linear, full-rank, low-rank — picks its ridge from
 this grid by held-out log-likelihood on a 20% split of the offline data only, then refits on
-all of it with ``l2 = ridge / N``; the chosen value is reported as ``ridge``), ``beta`` (the confidence radius is ``β = beta · sqrt((k + log(1/δ))/N)``,
+all of it with ``l2 = ridge / N``; the chosen value is reported as ``ridge``), ``beta`` (the
+confidence radius is ``β = beta · sqrt((k + log(1/δ))/N)``,
 the theory's rate with its constant exposed, so that models of different dimension ``k`` are
 treated alike), ``delta``, ``fw_tol`` and ``fw_max_iter`` (the Frank–Wolfe duality-gap tolerance and
 iteration cap; the gap reached is reported either way).

@@ -12,6 +12,7 @@ the margins against the standard errors in ``summary.csv``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ def check_loco_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> lis
         parts, ok = [], True
         for n in sorted(common):
             values = [err[s][n] for s in order]
-            ok &= all(a < b for a, b in zip(values, values[1:], strict=False))
+            ok &= all(a < b for a, b in itertools.pairwise(values))
             parts.append(f"N={n}: " + " < ".join(f"{v:.3g} [(d_x+d_phi)r={envs[s]}]"
                                                  for v, s in zip(values, order, strict=True)))
         record("C4 low-rank error grows with (d_x+d_phi)·r", ok, "; ".join(parts))

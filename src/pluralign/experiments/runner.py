@@ -42,11 +42,11 @@ def _experiment(config: dict[str, Any]) -> Experiment:
 
 
 def units_of(config: dict[str, Any]) -> list[Unit]:
-    """Every unit of the sweep, in canonical order."""
+    """Every unit of the sweep, repeat-major: a partial run covers every setting and N."""
     return [
         Unit(setting=s, n=n, repeat=r)
-        for s in range(len(config["env"]))
         for r in range(config["repeats"])
+        for s in range(len(config["env"]))
         for n in config["n_samples"]
     ]
 

@@ -153,20 +153,29 @@ class Enhancer(Exploration):
         flat_phi = phi.reshape(-1, phi.shape[2])  # (m·K, d)
         # (J, m, K), contiguous along K so that every softmax reduces over the last axis.
         scores = np.ascontiguousarray((flat_phi @ dirs).T.reshape(n_dirs, m, -1)) / eta
-        log_main = np.log(np.maximum(state.main_probs, 1e-300))[None, :, :]
+        with np.errstate(divide="ignore"):  # log 0 = −inf: such actions keep probability 0
+            log_main = np.log(state.main_probs)[None, :, :]
         main_mean = np.einsum("ja,jad->d", state.main_probs, phi) / m
 
         def evaluate(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            """Uncertainty, η·KL and probabilities of ``π′_{c_j, v_j}`` for every direction j."""
-            tilt = scores * c[:, None, None]  # c vᵀφ/η
-            logits = log_main + tilt
-            top = logits.max(axis=2, keepdims=True)
-            probs = np.exp(logits - top)
+            """Uncertainty, η·KL and probabilities of ``π′_{c_j, v_j}`` for every direction j.
+
+            Everything is taken relative to each row's most likely action ``b`` and formed
+            from score differences, ``rel_a = log π¹_a − log π¹_b + c (s_a − s_b)``, so it stays
+            exact however large ``c`` is (the search may go far: a deterministic limit can be
+            feasible). Then ``log(π′_a/π¹_a) = c (s_a − s_b) − log π¹_b − log Σ exp(rel)``.
+            """
+            cc = c[:, None, None]
+            top = np.argmax(log_main + scores * cc, axis=2)[:, :, None]
+            s_top = np.take_along_axis(scores, top, axis=2)
+            main_top = np.take_along_axis(np.broadcast_to(log_main, scores.shape), top, axis=2)
+            shift = cc * (scores - s_top)
+            probs = np.exp(log_main - main_top + shift)
             total = probs.sum(axis=2, keepdims=True)
             probs /= total
-            log_z = top[:, :, 0] + np.log(total[:, :, 0])  # log Σ_a π¹ exp(c vᵀφ/η)
-            # KL(π′‖π¹) = Σ_a π′ (c vᵀφ/η) − log Z
-            kl = np.mean(np.einsum("jmk,jmk->jm", probs, tilt) - log_z, axis=1)
+            log_ratio = shift - main_top - np.log(total)
+            kl = np.mean(np.einsum("jmk,jmk->jm", probs, np.where(probs > 0, log_ratio, 0.0)),
+                         axis=1)
             means = probs.reshape(n_dirs, -1) @ flat_phi / m  # (J, d)
             unc = cs.beta * cs.norm(main_mean[None, :] - means)
             return unc, eta * np.maximum(kl, 0.0), probs

@@ -231,7 +231,7 @@ class _Aggregate(Policy):
             values_cuts = [self._value(piece, w) for piece in pieces]
             values = np.array([v for v, _ in values_cuts])
             true = objective_of(values)
-            feasible = all(values[u] >= level - 1e-9 for u, level in fixed.items())
+            feasible = all(values[u] >= level - self.tol for u, level in fixed.items())
             if feasible and true > best_value:
                 best_value, best_probs = true, probs
             if bound - best_value <= self.tol:
@@ -360,7 +360,7 @@ class Leximin(_Aggregate):
             levels.append(level)
             # Users whose cuts carry dual weight are at this level in every optimal policy.
             weight = np.zeros(n_users)
-            for (u, _), d in zip(cuts, duals, strict=True):
+            for (u, _), d in zip(cuts, duals, strict=False):  # duals of the last LP's cuts
                 if u not in fixed:
                     weight[u] += abs(d)
             newly = [u for u in free if weight[u] > 1e-9]
