@@ -284,3 +284,42 @@ def test_reference_validation():
 def test_targets_validation():
     with pytest.raises(DataValidationError, match="phi"):
         TargetStates(None, np.zeros((3, 4)))
+
+
+# ----------------------------------------------------------------- claims and tables
+def _rows(values: dict[tuple[str, int], list[float]], setting: str = "s") -> list[dict]:
+    return [
+        {"setting": setting, "method": method, "n": n, "repeat": r, "suboptimality": v,
+         "estimation_error": v}
+        for (method, n), vs in values.items()
+        for r, v in enumerate(vs)
+    ]
+
+
+def test_claims_detect_holding_and_failing_comparisons():
+    from pluralign.experiments.loco_claims import check_loco_claims
+
+    config = {"experiment": "loco", "env": [{"d_x": 2, "d_phi": 2, "rank": 1, "n_actions": 3,
+                                              "behavior": "uniform", "skew": 2.0, "shift": 0.0}]}
+    setting = "d_x=2 d_phi=2 r=1 K=3 uniform shift=0.0"
+    rows = _rows({("prs", 100): [1.0, 1.2], ("prs", 1000): [0.3, 0.33],
+                  ("fullrank_pessimistic", 100): [2.0, 2.0],
+                  ("fullrank_pessimistic", 1000): [0.2, 0.2],
+                  ("lowrank_greedy", 100): [1.5, 1.5], ("lowrank_greedy", 1000): [0.5, 0.5]},
+                 setting)
+    claims = {c["claim"][:2]: c for c in check_loco_claims(rows, config)}
+    assert claims["C1"]["held"] is False  # 0.315 > 0.2 at N=1000
+    assert claims["C2"]["held"] is True
+    slope = np.polyfit(np.log([100, 1000]), np.log([1.1, 0.315]), 1)[0]
+    assert f"slope {slope:.3f}" in claims["C3"]["detail"]
+    assert claims["C3"]["held"] is bool(-0.8 <= slope <= -0.3)
+    assert claims["C4"]["held"] is None  # one setting only
+
+
+def test_markdown_table_cells_are_summary_means():
+    from pluralign.experiments.summary import markdown_table, summarize
+
+    rows = _rows({("a", 10): [1.0, 3.0], ("b", 10): [2.0, 2.0]})
+    table = markdown_table(summarize(rows, ["suboptimality"]), "suboptimality", ["a", "b"])
+    line = table.strip().splitlines()[-1]
+    assert line == "| s | 10 | 2 ± 1 | 2 ± 0 |"

@@ -117,12 +117,17 @@ def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, A
 
     experiment = EXPERIMENTS[resolved["experiment"]]
     console.print(f"[bold]{title}[/bold]")
-    for table in summary_tables(summary, list(experiment.metrics)):
+    for table in summary_tables(summary, list(experiment.table_metrics or experiment.metrics)):
         console.print(table)
     if resolved["experiment"] == "loco":
         from pluralign.experiments.loco_claims import check_loco_claims
 
         for claim in check_loco_claims(read_results(out / "results.jsonl"), resolved):
+            mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
+                    None: "[yellow]not measured[/yellow]"}[claim["held"]]
+            console.print(f"{claim['claim']}: {mark}\n    {claim['detail']}")
+    if experiment.claims is not None:
+        for claim in experiment.claims(read_results(out / "results.jsonl"), resolved):
             mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
                     None: "[yellow]not measured[/yellow]"}[claim["held"]]
             console.print(f"{claim['claim']}: {mark}\n    {claim['detail']}")
@@ -133,6 +138,9 @@ def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, A
 @app.command()
 def report(
     out: Annotated[Path, typer.Argument(help="An output folder written by `pluralign run`.")],
+    markdown: Annotated[
+        str | None, typer.Option(help="Print a Markdown table of this metric instead.")
+    ] = None,
 ) -> None:
     """Print the summary (and, for LoCo runs, claims C1–C4) of an existing run folder."""
     import yaml
@@ -147,6 +155,15 @@ def report(
     resolved = yaml.safe_load(config_path.read_text())
     experiment = EXPERIMENTS[resolved["experiment"]]
     summary = summarize(read_results(out / "results.jsonl"), experiment.metrics)
+    if markdown is not None:
+        from pluralign.experiments.summary import markdown_table
+
+        if markdown not in (*experiment.metrics, "fit_seconds"):
+            console.print(f"[red]error:[/red] unknown metric {markdown!r}; valid: "
+                          f"{', '.join((*experiment.metrics, 'fit_seconds'))}")
+            raise typer.Exit(code=2)
+        print(markdown_table(summary, markdown, resolved["methods"]), end="")
+        return
     _print_report(out, resolved, summary, f"{experiment.name} ({out})")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pluralign._atomic import atomic_write_text
 
-__all__ = ["summarize", "write_summary_csv"]
+__all__ = ["markdown_table", "summarize", "write_summary_csv"]
 
 
 def summarize(rows: Iterable[dict[str, Any]], metrics: Iterable[str]) -> list[dict[str, Any]]:
@@ -56,3 +56,23 @@ def write_summary_csv(summary: list[dict[str, Any]], path: str | Path) -> Path:
     writer.writeheader()
     writer.writerows(summary)
     return atomic_write_text(path, buffer.getvalue())
+
+
+def markdown_table(summary: list[dict[str, Any]], metric: str, methods: list[str]) -> str:
+    """A Markdown pivot of ``metric``: one row per (setting, n), one column per method,
+    cells ``mean ± se``."""
+    cells = {(r["setting"], r["n"], r["method"]): r for r in summary}
+    keys = sorted({(r["setting"], r["n"]) for r in summary}, key=lambda k: (k[0], k[1]))
+    lines = ["| setting | N | " + " | ".join(methods) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+    for setting, n in keys:
+        row = []
+        for method in methods:
+            rec = cells.get((setting, n, method))
+            if rec is None or f"{metric}_mean" not in rec:
+                row.append("—")
+                continue
+            mean, se = rec[f"{metric}_mean"], rec.get(f"{metric}_se", float("nan"))
+            row.append(f"{mean:.3g}" if math.isnan(se) else f"{mean:.3g} ± {se:.2g}")
+        lines.append(f"| {setting} | {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
