@@ -323,3 +323,13 @@ def test_markdown_table_cells_are_summary_means():
     table = markdown_table(summarize(rows, ["suboptimality"]), "suboptimality", ["a", "b"])
     line = table.strip().splitlines()[-1]
     assert line == "| s | 10 | 2 ± 1 | 2 ± 0 |"
+
+
+def test_rtv_refuses_a_base_with_free_rows():
+    env = _env()
+    data = env.sample_offline(300, 0)
+    x = np.concatenate([np.ones((data.n, 1)), data.x], axis=1)
+    augmented = PreferenceData(x, data.phi0, data.phi1, data.y)
+    base = LowRank(2, free_rows=1).fit(augmented)
+    with pytest.raises(DataValidationError, match="free_rows"):
+        RTVReduced(base).fit(augmented)

@@ -57,6 +57,12 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
     def _validate(self, data: PreferenceData) -> None:
         if not getattr(self.base, "is_fitted_", False):
             raise NotFittedError("RTVReduced needs a fitted LowRank base model")
+        if getattr(self.base, "free_rows", 0):
+            raise DataValidationError(
+                "RTV needs a purely low-rank base; this LowRank has free_rows > 0 (its Θ̂ is "
+                "not rank r), e.g. a SharedBasis model",
+                field="base",
+            )
         if data.x is None or data.d_x != self.base.d_x_ or data.d_phi != self.base.d_phi_:
             raise DataValidationError(
                 f"data must have d_x={self.base.d_x_}, d_phi={self.base.d_phi_} like the base",
