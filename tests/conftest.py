@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
-import numpy as np
-import pytest
-import torch
+# One BLAS thread: the suite's matrices are tiny, and on a busy 2-core machine OpenBLAS's
+# thread pool made a 5×5 triangular solve ~100× slower. Must be set before numpy loads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from pluralign.data import PreferenceData
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pluralign.data import PreferenceData  # noqa: E402
 
 # The problems in this suite are tiny; intra-op threads only add synchronisation cost (on a
 # busy 2-core machine a 12-parameter fit went from 0.02 s to 2 s with two threads).

@@ -167,5 +167,382 @@ def report(
     _print_report(out, resolved, summary, f"{experiment.name} ({out})")
 
 
+# ----------------------------------------------------------------------------- personalization
+data_app = typer.Typer(no_args_is_help=True, help="Preference data files: check them.")
+app.add_typer(data_app, name="data")
+
+MODELS = ("shared_basis", "per_user", "pooled")
+FORMAT_HELP = "auto (from the file), numeric, trl, summarize or prism"
+
+
+def _fail(message: str) -> typer.Exit:
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return typer.Exit(code=2)
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="A preference file (JSONL, Parquet or .npz).")],
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
+    survey: Annotated[
+        Path | None, typer.Option("--survey", help="PRISM survey file (for PRISM pairs).")
+    ] = None,
+) -> None:
+    """Check every row of FILE; print each bad row as FILE:LINE: field: message (exit 1)."""
+    from pluralign.data.loaders import detect_format, validate_file
+
+    try:
+        fmt = detect_format(file) if format == "auto" else format
+        n, errors = validate_file(file, format=fmt, survey=survey)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    for err in errors:
+        typer.echo(str(err))
+    if errors:
+        typer.echo(f"{file}: {len(errors)} bad row(s) ({fmt} format)")
+        raise typer.Exit(code=1)
+    typer.echo(f"{file}: OK, {n} comparisons ({fmt} format)")
+
+
+def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model: str | None,
+                        mode: str, cache_dir: Path | None, seed: int):
+    """``(PreferenceData, feature metadata)`` from numeric or text preference files."""
+    from pluralign.data import load_preferences
+    from pluralign.data.loaders import (
+        detect_format,
+        read_prism,
+        read_summarize_from_feedback,
+        read_trl,
+    )
+
+    fmt = detect_format(data) if fmt == "auto" else fmt
+    if fmt == "numeric":
+        return load_preferences(data), {"kind": "numeric", "format": fmt}
+    if fmt == "trl":
+        prefs = read_trl(data)
+    elif fmt == "summarize":
+        prefs = read_summarize_from_feedback(data)
+    elif fmt == "prism":
+        if survey is None:
+            raise PluralignError("PRISM pairs need --survey FILE (the user survey)")
+        prefs = read_prism(survey, data)
+    else:
+        raise PluralignError(f"unknown format {fmt!r}; valid: {FORMAT_HELP}")
+    from pluralign.features import TextEncoder
+
+    encoder = TextEncoder(encoder_model, mode=mode,
+                          cache_dir=cache_dir if cache_dir is not None else None)
+    pdata = prefs.to_preference_data(encoder, seed=seed)
+    meta = {"kind": "text", "format": fmt, "encoder": encoder.config(),
+            "template": prefs.template or encoder.template, "context_names": prefs.context_names}
+    return pdata, meta
+
+
+def _split_per_user(data, test_size: float, seed: int):
+    """Per user, a seeded ``test_size`` share of the comparisons (users with one comparison,
+    and at least one comparison of every user, stay in training)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    _, index, counts = np.unique(data.users, return_inverse=True, return_counts=True)
+    order = np.lexsort((rng.random(data.n), index))  # random order within each user
+    rank = np.empty(data.n, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank[order] = np.arange(data.n) - np.repeat(starts, counts)
+    n_test = np.where(counts >= 2, np.clip(np.round(test_size * counts), 1, counts - 1), 0)
+    test = rank < n_test[index]
+    return data.subset(~test), (data.subset(test) if test.any() else None)
+
+
+def _designs(model, train) -> dict:
+    """Per-user design matrices ``M_u`` of the user views (for ``rank --pessimism``)."""
+    import numpy as np
+
+    from pluralign.confidence import ConfidenceSet
+    from pluralign.rewards import Pooled
+
+    users = model.users_.tolist()
+    groups = users[:1] if isinstance(model, Pooled) else users
+    p = model.user_basis().shape[1]
+    if len(groups) * p * p > 20_000_000:
+        return {}
+    mats, lams, ns = [], [], []
+    for user in groups:
+        view = model.user_model(user)
+        rows = model.confidence_rows(user, train)
+        cs = ConfidenceSet.fit(view, rows, beta=0.0)
+        mats.append(cs.M)
+        lams.append(cs.lam)
+        ns.append(cs.n)
+    index = np.zeros(len(users), dtype=np.int64) if len(groups) == 1 and len(users) > 1 \
+        else np.arange(len(users))
+    return {"design": np.array(mats), "design_index": index, "design_lam": np.array(lams),
+            "design_n": np.array(ns)}
+
+
+def _accuracy_plot(report: list[dict[str, Any]], path: Path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pluralign._atomic import atomic_open
+
+    key = "test_accuracy" if any(r["test_accuracy"] is not None for r in report) \
+        else "train_accuracy"
+    rows = sorted(report, key=lambda r: -1.0 if r[key] is None else r[key])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(rows) + 2.0), 3.8))
+    if len(rows) <= 80:
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["train_accuracy"] for r in rows], 0.4, label="train")
+        if key == "test_accuracy":
+            ax.bar([x + 0.2 for x in xs], [r["test_accuracy"] or 0.0 for r in rows], 0.4,
+                   label="held-out")
+        ax.set_xticks(list(xs), [str(r["user"])[:12] for r in rows], rotation=90, fontsize=7)
+        ax.set_xlabel("user")
+    else:
+        ax.hist([r[key] for r in rows if r[key] is not None], bins=20)
+        ax.set_xlabel(key.replace("_", " "))
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_title(title, fontsize=9)
+    if len(rows) <= 80:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help="Preference data: numeric (.npz/.jsonl) or text "
+                                              "(TRL-style, summarize_from_feedback, PRISM).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and report.")],
+    model: Annotated[str, typer.Option("--model", help="shared_basis, per_user or pooled.")] = (
+        "shared_basis"),
+    k: Annotated[int, typer.Option("--k", min=1, help="Rank of the shared basis.")] = 4,
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
+    survey: Annotated[Path | None, typer.Option("--survey", help="PRISM survey file.")] = None,
+    encoder: Annotated[str | None, typer.Option(
+        "--encoder", help="sentence-transformers model (default: MiniLM-L6, offline).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="φ(s,a): joint or response.")] = "joint",
+    ridge: Annotated[float, typer.Option(
+        "--ridge", min=0.0, help="l2 = ridge / N (a prior on the summed loss).")] = 1.0,
+    test_size: Annotated[float, typer.Option("--test-size", min=0.0, max=0.9,
+                                             help="Held-out share per user.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and pair order.")] = 0,
+    unknown_user: Annotated[str, typer.Option(
+        "--unknown-user", help="error, or shared (unknown users get θ0).")] = "error",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir",
+                                                   help="Embedding cache folder.")] = None,
+) -> None:
+    """Fit a personalized reward model; save it (npz + JSON, no pickle) with a per-user
+    accuracy report (report.json, per_user_accuracy.csv, accuracy.png)."""
+    import csv
+    import io
+    import json
+
+    from pluralign._atomic import atomic_write_text
+    from pluralign.rewards import PerUser, Pooled, SharedBasis
+    from pluralign.rewards.multi_user import save_model
+
+    if model not in MODELS:
+        raise _fail(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+    try:
+        pdata, features = _load_training_data(data, format, survey, encoder, mode, cache_dir,
+                                              seed)
+        if pdata.users is None:
+            raise PluralignError(f"{data}: personalized models need user ids (user / user_id)")
+        train, test = (_split_per_user(pdata, test_size, seed) if test_size > 0
+                       else (pdata, None))
+        l2 = ridge / train.n
+        estimator = {"shared_basis": lambda: SharedBasis(k, l2, unknown_user=unknown_user,
+                                                         seed=seed),
+                     "per_user": lambda: PerUser(l2, unknown_user=unknown_user),
+                     "pooled": lambda: Pooled(l2)}[model]().fit(train)
+        train_acc = estimator.per_user_accuracy(train)
+        test_acc = estimator.per_user_accuracy(test) if test is not None else {}
+        report = [{"user": u, "n_train": train_acc[u][1], "train_accuracy": train_acc[u][0],
+                   "n_test": test_acc.get(u, (None, 0))[1],
+                   "test_accuracy": test_acc.get(u, (None, 0))[0]} for u in train_acc]
+        summary = {"model": model, "k": k if model == "shared_basis" else None,
+                   "n_train": train.n, "n_test": 0 if test is None else test.n,
+                   "users": len(report), "d_phi": pdata.d_phi,
+                   "train_accuracy": estimator.accuracy(train),
+                   "test_accuracy": None if test is None else estimator.accuracy(test),
+                   "train_loglik": estimator.log_likelihood(train),
+                   "test_loglik": None if test is None else estimator.log_likelihood(test),
+                   "converged": bool(estimator.converged_)}
+        save_model(estimator, out, designs=_designs(estimator, train),
+                   metadata={"features": features, "ridge": ridge, "seed": seed,
+                             "test_size": test_size, "data": str(data)})
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    atomic_write_text(out / "report.json", json.dumps({"summary": summary, "users": report},
+                                                      indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(report[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(report)
+    atomic_write_text(out / "per_user_accuracy.csv", buffer.getvalue())
+    _accuracy_plot(report, out / "accuracy.png",
+                   f"{model} on {data.name}: per-user pairwise accuracy")
+    table = Table(title=f"{model} on {data} ({summary['users']} users, d_phi={pdata.d_phi})",
+                  title_justify="left")
+    for column in ("user", "n train", "train acc", "n test", "test acc"):
+        table.add_column(column, justify="left" if column == "user" else "right")
+    for r in report[:50]:
+        table.add_row(str(r["user"]), str(r["n_train"]), f"{r['train_accuracy']:.3f}",
+                      str(r["n_test"]), "—" if r["test_accuracy"] is None
+                      else f"{r['test_accuracy']:.3f}")
+    console.print(table)
+    test_text = "—" if summary["test_accuracy"] is None else f"{summary['test_accuracy']:.3f}"
+    console.print(f"train accuracy {summary['train_accuracy']:.3f}, held-out {test_text}; "
+                  f"model and report in {out}")
+
+
+def _user_id(user: str, users: list[Any]) -> Any:
+    """The CLI's ``--user`` as the model's id type (ints stay ints)."""
+    if users and all(isinstance(u, int) for u in users):
+        try:
+            return int(user)
+        except ValueError:
+            return user
+    return user
+
+
+def _read_candidates(path: Path, text: bool, d_phi: int) -> list[tuple[int, dict[str, Any]]]:
+    import json
+    import math
+
+    from pluralign.errors import DataValidationError
+
+    if not path.is_file():
+        raise DataValidationError("file not found", path=str(path))
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = {"path": str(path), "line": line}
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataValidationError(f"invalid JSON ({exc.msg})", **where) from None
+            if not isinstance(row, dict):
+                raise DataValidationError("each line must be a JSON object", **where)
+            if text:
+                if not isinstance(row.get("prompt"), str):
+                    raise DataValidationError("missing or not a string", field="prompt", **where)
+                responses = row.get("responses")
+                if (not isinstance(responses, list) or not responses
+                        or not all(isinstance(r, str) and r.strip() for r in responses)):
+                    raise DataValidationError("must be a non-empty list of non-empty strings",
+                                              field="responses", **where)
+            else:
+                phi = row.get("phi")
+                ok = (isinstance(phi, list) and phi and all(
+                    isinstance(v, list) and len(v) == d_phi and all(
+                        isinstance(c, int | float) and not isinstance(c, bool)
+                        and math.isfinite(c) for c in v) for v in phi))
+                if not ok:
+                    raise DataValidationError(
+                        f"must be a non-empty list of length-{d_phi} lists of finite numbers",
+                        field="phi", **where)
+            rows.append((line, row))
+    if not rows:
+        raise DataValidationError("no candidates", path=str(path))
+    return rows
+
+
+@app.command()
+def rank(
+    model_dir: Annotated[Path, typer.Argument(help="A folder written by `pluralign fit`.")],
+    candidates: Annotated[Path, typer.Argument(
+        help='JSONL: {"prompt": ..., "responses": [...]} per line (text models) or '
+             '{"phi": [[...], ...]} (numeric models).')],
+    user: Annotated[str, typer.Option("--user", help="The user to rank for.")],
+    pessimism: Annotated[float, typer.Option(
+        "--pessimism", min=0.0, help="β of the lower confidence bound (0: plain reward).")] = 0.0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir",
+                                                   help="Embedding cache folder.")] = None,
+) -> None:
+    """Personalized best-of-n: per prompt, the candidate with the highest reward for USER, or,
+    with --pessimism β, the highest lower confidence bound
+    θ̂_uᵀφ − β‖φ − φ̄‖_{M_u⁻¹} (φ̄ = mean candidate; the pointwise pessimistic policy)."""
+    import json
+
+    import numpy as np
+
+    from pluralign._atomic import atomic_write_text
+    from pluralign.confidence import ConfidenceSet
+    from pluralign.data import TargetStates
+    from pluralign.policies import Pessimistic
+    from pluralign.rewards.multi_user import load_model
+
+    try:
+        model, meta, designs = load_model(model_dir)
+        uid = _user_id(user, meta["users"])
+        features = meta.get("features", {"kind": "numeric"})
+        text = features.get("kind") == "text"
+        rows = _read_candidates(candidates, text, model.d_phi_)
+        encoder = None
+        if text:
+            from pluralign.features import TextEncoder
+
+            enc = features["encoder"]
+            encoder = TextEncoder(enc["model"], mode=enc["mode"], template=enc["template"],
+                                  normalize=enc["normalize"], cache_dir=cache_dir)
+        theta = model.user_theta(uid)[0]
+        policy = None
+        if pessimism > 0:
+            if not designs:
+                raise PluralignError(f"{model_dir} has no design matrices; refit, or rank "
+                                     "without --pessimism")
+            view = model.user_model(uid)
+            row = int(designs["design_index"][model.user_index(uid, allow_unknown=False)[0]])
+            cs = ConfidenceSet(view.params_, designs["design"][row], pessimism,
+                               lam=float(designs["design_lam"][row]),
+                               n=int(designs["design_n"][row]), kind="design",
+                               bound_feature=float("nan"), bound_theta=float("nan"))
+            policy = Pessimistic(view, cs, pointwise=True)
+        lines = []
+        for line, row in rows:
+            if text:
+                phi = encoder.features([row["prompt"]] * len(row["responses"]),
+                                       row["responses"], template=meta["features"]["template"])
+            else:
+                phi = np.asarray(row["phi"], dtype=np.float64)
+            reward = phi @ theta
+            record: dict[str, Any] = {"line": line, "user": uid}
+            if policy is not None:
+                best = int(np.argmax(policy.probs(TargetStates(None, phi[None]))[0]))
+                z = policy.model.features(None, phi - phi.mean(axis=0))
+                record["lcb"] = (reward - pessimism * policy.confidence.norm(z)).tolist()
+            else:
+                best = int(np.argmax(reward))
+            record["best"] = best
+            if text:
+                record["response"] = row["responses"][best]
+            record["reward"] = reward.tolist()
+            lines.append(json.dumps(record))
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    output = "\n".join(lines) + "\n"
+    if out is not None:
+        atomic_write_text(out, output)
+        console.print(f"ranked {len(lines)} prompt(s) for user {uid!r}; wrote {out}")
+    else:
+        typer.echo(output, nl=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

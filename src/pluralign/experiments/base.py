@@ -74,7 +74,11 @@ class Experiment:
     ``methods`` maps each method name to a function ``(ctx) -> dict`` of metrics (or a list of
     them, one per x value; see the module docstring); it may read shared objects through
     ``ctx.cached``. ``run_unit`` wraps it, timing each method. ``x_label`` and ``logx`` describe
-    the plot's x axis (the rows' ``n``).
+    the plot's x axis (the rows' ``n``). Optional hooks: ``extra_plots(summary, resolved_config,
+    out_dir) -> [paths]`` writes experiment-specific plots after a run; ``claims(rows,
+    resolved_config) -> [{"claim", "held", "detail"}]`` checks the experiment's claims (printed
+    by ``pluralign run`` / ``report``); ``table_metrics``, the metrics of the printed table
+    (default: all).
     """
 
     name: str
@@ -87,6 +91,9 @@ class Experiment:
     describe_setting: Callable[[dict[str, Any]], str]
     x_label: str = "N (offline comparisons)"
     logx: bool = True
+    extra_plots: Callable[..., list[Any]] | None = None
+    claims: Callable[..., list[dict[str, Any]]] | None = None
+    table_metrics: tuple[str, ...] | None = None
 
     def run_unit(self, config: dict[str, Any], unit: Unit) -> list[dict[str, Any]]:
         env_params = config["env"][unit.setting]

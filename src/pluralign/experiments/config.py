@@ -10,6 +10,13 @@ A config is a YAML mapping::
     methods: [prs, ...]       # subset of the experiment's methods
     options: {l2: 1e-4}       # method hyper-parameters (experiment-specific, validated)
     quick: {repeats: 2}       # overrides applied by ``--quick``
+    sweep: {diversity: [0, 1]}  # optional: grid(s) of env parameters, see below
+
+``sweep`` (optional) expands ``env``: a mapping ``{param: [values]}`` replaces each env setting
+by the Cartesian product of those values over it; a list of such mappings concatenates their
+expansions (e.g. one grid over ``diversity`` and one over ``n_users``, both around the same base
+setting). Settings that resolve to the same parameters are kept once. The resolved config lists
+the expanded ``env`` settings and no ``sweep``, so resolving it again gives the same config.
 
 Unknown keys, env parameters, options and methods raise :class:`~pluralign.errors.ConfigError`
 listing the valid ones.
@@ -18,6 +25,7 @@ listing the valid ones.
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,7 @@ from pluralign.errors import ConfigError
 __all__ = ["TOP_LEVEL_KEYS", "load_config", "resolve_config"]
 
 TOP_LEVEL_KEYS = ("experiment", "seed", "repeats", "env", "n_samples", "methods", "options",
-                  "quick")
+                  "quick", "sweep")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -83,6 +91,25 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _expand_sweep(envs: list[dict[str, Any]], sweep: Any, valid: Any) -> list[dict[str, Any]]:
+    """The env settings of a ``sweep``: per grid, the Cartesian product over each base env."""
+    grids = [sweep] if isinstance(sweep, dict) else sweep
+    if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) for g in grids):
+        raise ConfigError("'sweep' must be a mapping {param: [values]} or a list of them")
+    out = []
+    for env in envs:
+        for grid in grids:
+            for key, values in grid.items():
+                if key not in valid:
+                    raise _unknown("sweep parameter", key, valid)
+                if not isinstance(values, list) or not values:
+                    raise ConfigError(f"sweep.{key} must be a non-empty list of values")
+            keys = list(grid)
+            for combo in itertools.product(*(grid[k] for k in keys)):
+                out.append({**env, **dict(zip(keys, combo, strict=True))})
+    return out
+
+
 def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, Any]:
     """Validate ``config`` and fill in defaults; return the fully resolved config.
 
@@ -105,7 +132,8 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     if quick:
         for key in overrides:
             if key not in TOP_LEVEL_KEYS or key in ("quick", "experiment"):
-                raise _unknown("quick override", key, TOP_LEVEL_KEYS[1:-1])
+                raise _unknown("quick override", key,
+                               [k for k in TOP_LEVEL_KEYS if k not in ("quick", "experiment")])
         config.update(copy.deepcopy(overrides))
 
     seed = config.get("seed", 0)
@@ -117,6 +145,8 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     envs = [envs] if isinstance(envs, dict) else envs
     if not isinstance(envs, list) or not envs or not all(isinstance(e, dict) for e in envs):
         raise ConfigError("'env' must be a mapping, or a non-empty list of mappings")
+    if config.get("sweep") is not None:
+        envs = _expand_sweep(envs, config["sweep"], experiment.env_defaults)
     resolved_envs = []
     for env in envs:
         for key in env:
@@ -125,6 +155,8 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
         resolved_envs.append(
             {k: _coerce(f"env.{k}", env.get(k, d), d) for k, d in experiment.env_defaults.items()}
         )
+    if config.get("sweep") is not None:  # grids of a sweep may share settings: keep each once
+        resolved_envs = [e for i, e in enumerate(resolved_envs) if e not in resolved_envs[:i]]
     names = [experiment.describe_setting(env) for env in resolved_envs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two env settings are the same (or differ only in parameters the "

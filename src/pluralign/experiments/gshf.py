@@ -34,13 +34,12 @@ log(1/δ))/N)``, for pessimism and for the online confidence sets), ``delta``,
 I's certified-gap tolerance), ``target_gap``, ``distinct_pairs`` (online pairs of two different
 responses; see :class:`~pluralign.online.OnlineGSHF`).
 
-``python -m pluralign.experiments.gshf OUT`` prints the C8/C9/C10 comparisons of ``docs/gshf.md``
-from a finished run.
+``python -c "from pluralign.experiments.gshf import report; print(report('runs/gshf'))"`` prints
+the C8/C9/C10 comparisons of ``docs/gshf.md`` from a finished run.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from pluralign.online import Enhancer, OnlineGSHF
 from pluralign.policies import PessimisticGibbs, gibbs_probs
 from pluralign.rewards import Linear
 
-__all__ = ["GSHF", "report"]
+__all__ = ["GSHF", "check_gshf_claims", "report", "rounds_to_target"]
 
 ENV_DEFAULTS: dict[str, Any] = {
     "d": 16,
@@ -256,6 +255,8 @@ GSHF = Experiment(
     describe_setting=describe_setting,
     x_label="round t (m comparisons per round)",
     logx=False,
+    claims=lambda rows, config: check_gshf_claims(rows, config),
+    table_metrics=("gap", "kl", "duality_gap", "uncertainty", "identical_pairs"),
 )
 
 
@@ -281,6 +282,84 @@ def rounds_to_target(curve: dict[int, float], target: float) -> int | None:
         if curve[t] <= target:
             return t
     return None
+
+
+def _paired(curves: dict, setting: str, a: str, b: str, t: int) -> tuple[float, float, int, int]:
+    """Mean ± se of ``gap(a) − gap(b)`` at round ``t`` over repeats; how often ``a`` is lower."""
+    ca, cb = curves[(setting, a)], curves[(setting, b)]
+    diff = [ca[r][t] - cb[r][t] for r in ca if r in cb]
+    mean, se = _mean_se(diff)
+    return mean, se, sum(d < 0 for d in diff), len(diff)
+
+
+def _first_rounds(curves: dict, setting: str, method: str, target: float, T: int
+                  ) -> dict[int, int]:
+    out = {}
+    for r, curve in curves[(setting, method)].items():
+        first = rounds_to_target(curve, target)
+        out[r] = T + 1 if first is None else first  # never reached: T + 1
+    return out
+
+
+def check_gshf_claims(rows: list[dict[str, Any]], config: dict[str, Any]
+                      ) -> list[dict[str, Any]]:
+    """C8–C10 of ``docs/gshf.md`` per setting: ``claim``, ``held`` (True/False, ``None`` when the
+    methods needed were not run) and ``detail``. A comparison holds when the paired mean
+    difference over repeats is below zero by more than two standard errors.
+
+    * C8 (settings with ``coverage < 1``): option I or option II has a lower final gap than
+      MLE-Gibbs;
+    * C9: the online enhancer has a lower final gap than both symmetric and uniform;
+    * C10: the hybrid reaches ``target_gap`` in fewer online rounds than the online enhancer.
+    """
+    curves = _curves(rows)
+    T, target = config["n_samples"][0], config["options"]["target_gap"]
+    out: list[dict[str, Any]] = []
+
+    def record(name: str, held: bool | None, detail: str) -> None:
+        out.append({"claim": name, "held": held, "detail": detail})
+
+    for index, env in enumerate(config["env"]):
+        setting = describe_setting(env)
+        have = {m for (s, m) in curves if s == setting}
+        where = f"(setting {index}: {setting})"  # no square brackets: rich reads them as markup
+        if env["coverage"] < 1.0:
+            if not {"offline_mle", "offline_option1", "offline_option2"} <= have:
+                record(f"C8 {where}", None, "needs offline_mle, offline_option1, offline_option2")
+            else:
+                parts, held = [], False
+                for option in ("offline_option1", "offline_option2"):
+                    mean, se, wins, n = _paired(curves, setting, option, "offline_mle", T)
+                    held |= mean + 2 * se < 0
+                    parts.append(f"gap({option}) − gap(offline_mle) = {mean:+.4f} ± {se:.4f} "
+                                 f"(lower in {wins}/{n})")
+                record(f"C8 pessimistic Gibbs beats MLE-Gibbs, round {T} {where}", held,
+                       "; ".join(parts))
+        if not {"online_enhancer", "online_symmetric", "online_uniform"} <= have:
+            record(f"C9 {where}", None,
+                   "needs online_enhancer, online_symmetric, online_uniform")
+        else:
+            parts, held = [], True
+            for other in ("online_symmetric", "online_uniform"):
+                mean, se, wins, n = _paired(curves, setting, "online_enhancer", other, T)
+                held &= mean + 2 * se < 0
+                parts.append(f"gap(enhancer) − gap({other}) = {mean:+.4f} ± {se:.4f} "
+                             f"(lower in {wins}/{n})")
+            record(f"C9 enhancer beats symmetric and uniform, round {T} {where}", held,
+                   "; ".join(parts))
+        if not {"hybrid_enhancer", "online_enhancer"} <= have:
+            record(f"C10 {where}", None, "needs hybrid_enhancer and online_enhancer")
+        else:
+            hybrid = _first_rounds(curves, setting, "hybrid_enhancer", target, T)
+            online = _first_rounds(curves, setting, "online_enhancer", target, T)
+            diff = [hybrid[r] - online[r] for r in hybrid if r in online]
+            mean, se = _mean_se(diff)
+            record(f"C10 hybrid reaches gap ≤ {target} in fewer rounds {where}",
+                   bool(mean + 2 * se < 0),
+                   f"first round: hybrid {np.mean(list(hybrid.values())):.2f}, online "
+                   f"{np.mean(list(online.values())):.2f}; paired difference {mean:+.2f} ± "
+                   f"{se:.2f} (hybrid fewer in {sum(d < 0 for d in diff)}/{len(diff)})")
+    return out
 
 
 def report(out: str | Path) -> str:
@@ -312,24 +391,22 @@ def report(out: str | Path) -> str:
                  ("online_enhancer", "offline_mle")]
         for a, b in pairs:
             if a in have and b in have:
-                ca, cb = curves[(setting, a)], curves[(setting, b)]
-                diff = [ca[r][T] - cb[r][T] for r in ca if r in cb]
-                mean, se = _mean_se(diff)
-                wins = sum(d < 0 for d in diff)
+                mean, se, wins, n = _paired(curves, setting, a, b, T)
                 lines.append(f"  gap({a}) − gap({b}) at round {T}: {mean:+.4f} ± {se:.4f} "
-                             f"({a} lower in {wins}/{len(diff)} repeats)")
+                             f"({a} lower in {wins}/{n} repeats)")
+        hits: dict[str, dict[int, int]] = {}
         for method in ("hybrid_enhancer", "online_enhancer"):
             if method in have:
-                hits = [rounds_to_target(c, target) for c in curves[(setting, method)].values()]
-                reached = [h for h in hits if h is not None]
-                mean = f"{np.mean(reached):.2f}" if reached else "—"
-                lines.append(f"  {method}: reaches gap ≤ {target} in {len(reached)}/{len(hits)} "
-                             f"repeats, mean first round {mean} (rounds {sorted(reached)})")
+                hits[method] = _first_rounds(curves, setting, method, target, T)
+                reached = [h for h in hits[method].values() if h <= T]
+                mean, se = _mean_se(list(hits[method].values()))
+                lines.append(f"  {method}: first round with gap ≤ {target}: mean {mean:.2f} ± "
+                             f"{se:.2f} (reached in {len(reached)}/{len(hits[method])} repeats)")
+        if len(hits) == 2:
+            hybrid, online = hits["hybrid_enhancer"], hits["online_enhancer"]
+            diff = [hybrid[r] - online[r] for r in hybrid if r in online]
+            mean, se = _mean_se(diff)
+            lines.append(f"  rounds(hybrid) − rounds(online), paired: {mean:+.2f} ± {se:.2f} "
+                         f"(hybrid fewer in {sum(d < 0 for d in diff)}/{len(diff)}, "
+                         f"equal in {sum(d == 0 for d in diff)})")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    if len(sys.argv) != 2:
-        print("usage: python -m pluralign.experiments.gshf RUN_FOLDER", file=sys.stderr)
-        raise SystemExit(2)
-    print(report(sys.argv[1]))

