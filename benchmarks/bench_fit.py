@@ -72,7 +72,7 @@ _P1_CHILD = textwrap.dedent(
     data, theta = contextual_data(100_000, 384, 384, rank=4, seed=2)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    model = LowRank(4, l2=1e-5, dtype="float32", tol=1e-9).fit(data)
+    model = LowRank(4, l2=1e-8, dtype="float32", tol=1e-9).fit(data)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     err = float(np.linalg.norm(model.theta_ - theta) / np.linalg.norm(theta))
