@@ -279,3 +279,22 @@ def test_pessimistic_leximin_beats_perturbations(env, train):
     for _ in range(20):
         other = 0.8 * probs + 0.2 * rng.dirichlet(np.ones(8), size=20)
         assert stack.values(policy._wbar(other))[0].min() <= policy.objective_ + 1e-7
+
+
+def test_frozen_basis_reward_and_likelihood_match_its_objective():
+    from pluralign.rewards.multi_user import _FrozenBasis
+
+    rng = np.random.default_rng(5)
+    d_phi, k, n_users, n = 6, 2, 3, 400
+    theta0, basis = rng.standard_normal(d_phi), np.linalg.qr(rng.standard_normal((d_phi, k)))[0]
+    users = rng.integers(0, n_users, size=n)
+    x = np.eye(n_users)[users]
+    phi0, phi1 = rng.standard_normal((n, d_phi)), rng.standard_normal((n, d_phi))
+    y = rng.integers(0, 2, size=n)
+    data = PreferenceData(x, phi0, phi1, y)
+    model = _FrozenBasis(theta0, basis, n_users, l2=1e-2, tol=1e-10).fit(data)
+    thetas = theta0 + model.weights_ @ basis.T
+    np.testing.assert_allclose(model.reward(x, phi1), np.sum(thetas[users] * phi1, axis=1))
+    penalty = 0.5 * 1e-2 * np.sum(model.weights_**2)
+    assert -model.log_likelihood(data) + penalty == pytest.approx(
+        model.solver_info_.objective, rel=1e-9)

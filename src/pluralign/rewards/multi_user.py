@@ -628,8 +628,11 @@ class _FrozenBasis(BradleyTerryModel):
     def _store(self, params: np.ndarray, data: PreferenceData) -> None:
         self.weights_ = params.reshape(self.n_users, -1).copy()
 
-    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError("_FrozenBasis is internal to SharedBasis.adapt_user")
+    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """``(θ0 + B w_u)ᵀφ`` for one-hot user contexts ``x`` over the new users."""
+        self._check_fitted()
+        thetas = self.theta0 + np.asarray(x, float) @ self.weights_ @ self.basis.T
+        return contract(thetas, np.asarray(phi, float))
 
 
 # ---------------------------------------------------------------------------- saving
