@@ -22,6 +22,17 @@ from pluralign.data import PreferenceData  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_blas_thread():
+    """One BLAS thread for the whole suite, also if numpy was loaded before this file set the
+    environment: on a contended machine OpenBLAS's thread pool makes tiny calls (a 5×5
+    triangular solve in ``ConfidenceSet.norm``) ~100× slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 def sigmoid(t: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(t, dtype=np.float64)))
 

@@ -13,19 +13,6 @@ from pluralign.errors import ConfigError
 from pluralign.experiments import EXPERIMENTS, read_results, resolve_config, run_experiment
 from pluralign.experiments.gshf import check_gshf_claims, report, rounds_to_target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """One BLAS thread: on a contended machine OpenBLAS's thread pool makes tiny calls (a 5×5
-    triangular solve in ``ConfidenceSet.norm``) ~100× slower; see docs/gshf.md §6."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn (dev extra)
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
 ROUNDS = 2
 METHODS = ["offline_mle", "offline_option1", "offline_option2", "online_enhancer",
            "online_symmetric", "online_uniform", "hybrid_enhancer"]

@@ -13,19 +13,6 @@ from pluralign.policies import gibbs_probs, kl_divergence
 from pluralign.rewards import Linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """One BLAS thread: on a contended machine OpenBLAS's thread pool makes tiny calls (a 5×5
-    triangular solve in ``ConfidenceSet.norm``) ~100× slower; see docs/gshf.md §6."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn (dev extra)
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 def round_state(n_data: int, eta: float, seed: int = 0) -> tuple[KLBandit, RoundState]:
     """A round of the loop: the main agent fitted on ``n_data`` comparisons (0: no data)."""
     env = KLBandit(d=5, n_actions=6, eta=eta, seed=seed)

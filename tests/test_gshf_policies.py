@@ -21,19 +21,6 @@ from pluralign.policies import Gibbs, PessimisticGibbs, gibbs_probs, kl_divergen
 from pluralign.rewards import Linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """One BLAS thread: on a contended machine OpenBLAS's thread pool makes tiny calls (a 5×5
-    triangular solve in ``ConfidenceSet.norm``) ~100× slower; see docs/gshf.md §6."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn (dev extra)
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 def simplex_grid(k: int, steps: int) -> np.ndarray:
     """Every point of the simplex in R^k with coordinates in multiples of 1/steps."""
     pts = [c for c in itertools.product(range(steps + 1), repeat=k - 1) if sum(c) <= steps]

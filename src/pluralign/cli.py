@@ -419,44 +419,34 @@ def _user_id(user: str, users: list[Any]) -> Any:
 
 
 def _read_candidates(path: Path, text: bool, d_phi: int) -> list[tuple[int, dict[str, Any]]]:
-    import json
     import math
 
+    from pluralign.data.io import iter_jsonl_objects
     from pluralign.errors import DataValidationError
 
     if not path.is_file():
         raise DataValidationError("file not found", path=str(path))
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = {"path": str(path), "line": line}
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataValidationError(f"invalid JSON ({exc.msg})", **where) from None
-            if not isinstance(row, dict):
-                raise DataValidationError("each line must be a JSON object", **where)
-            if text:
-                if not isinstance(row.get("prompt"), str):
-                    raise DataValidationError("missing or not a string", field="prompt", **where)
-                responses = row.get("responses")
-                if (not isinstance(responses, list) or not responses
-                        or not all(isinstance(r, str) and r.strip() for r in responses)):
-                    raise DataValidationError("must be a non-empty list of non-empty strings",
-                                              field="responses", **where)
-            else:
-                phi = row.get("phi")
-                ok = (isinstance(phi, list) and phi and all(
-                    isinstance(v, list) and len(v) == d_phi and all(
-                        isinstance(c, int | float) and not isinstance(c, bool)
-                        and math.isfinite(c) for c in v) for v in phi))
-                if not ok:
-                    raise DataValidationError(
-                        f"must be a non-empty list of length-{d_phi} lists of finite numbers",
-                        field="phi", **where)
-            rows.append((line, row))
+    for row, where in iter_jsonl_objects(path):
+        if text:
+            if not isinstance(row.get("prompt"), str):
+                raise DataValidationError("missing or not a string", field="prompt", **where)
+            responses = row.get("responses")
+            if (not isinstance(responses, list) or not responses
+                    or not all(isinstance(r, str) and r.strip() for r in responses)):
+                raise DataValidationError("must be a non-empty list of non-empty strings",
+                                          field="responses", **where)
+        else:
+            phi = row.get("phi")
+            ok = (isinstance(phi, list) and phi and all(
+                isinstance(v, list) and len(v) == d_phi and all(
+                    isinstance(c, int | float) and not isinstance(c, bool)
+                    and math.isfinite(c) for c in v) for v in phi))
+            if not ok:
+                raise DataValidationError(
+                    f"must be a non-empty list of length-{d_phi} lists of finite numbers",
+                    field="phi", **where)
+        rows.append((where["line"], row))
     if not rows:
         raise DataValidationError("no candidates", path=str(path))
     return rows

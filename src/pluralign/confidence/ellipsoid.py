@@ -150,6 +150,15 @@ class ConfidenceSet:
         return cls(center, M, beta_value, lam=lam, n=n, kind=kind, bound_feature=max_norm,
                    bound_theta=bound)
 
+    def check_model(self, model: object) -> None:
+        """Refuse a model that is not linear in its parameters or has another dimension."""
+        if not isinstance(model, LinearInParameters):
+            raise PluralignError(f"{type(model).__name__} is not linear in its parameters")
+        if model.n_params != self.k:
+            raise PluralignError(
+                f"confidence set has k={self.k} but the model has {model.n_params} params"
+            )
+
     # ------------------------------------------------------------------ geometry
     def solve(self, w: np.ndarray) -> np.ndarray:
         """``M⁻¹ w`` (``w`` of shape (k,) or (k, p))."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from pluralign._atomic import atomic_open
 from pluralign.data.preference import PreferenceData
 from pluralign.errors import DataValidationError
 
-__all__ = ["load_preferences", "save_preferences"]
+__all__ = ["iter_jsonl_objects", "load_preferences", "save_preferences"]
 
 _FIELDS = ("x", "phi0", "phi1", "y", "users")
 
@@ -88,10 +90,10 @@ def _vector(value: object, field: str, dim: int | None, where: dict) -> list[flo
     return out
 
 
-def _load_jsonl(path: Path) -> PreferenceData:
-    cols: dict[str, list] = {"x": [], "phi0": [], "phi1": [], "y": [], "users": []}
-    dims: dict[str, int | None] = {"x": None, "phi0": None, "phi1": None}
-    has: dict[str, bool | None] = {"x": None, "user": None}
+def iter_jsonl_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(row, where)`` for each non-blank line of a JSONL file; ``where`` is
+    ``{"path", "line"}`` for error messages. Bad JSON or a non-object line raises
+    :class:`DataValidationError` naming the file and line."""
     with path.open("r", encoding="utf-8") as handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -103,44 +105,52 @@ def _load_jsonl(path: Path) -> PreferenceData:
                 raise DataValidationError(f"invalid JSON ({exc.msg})", **where) from None
             if not isinstance(row, dict):
                 raise DataValidationError("each line must be a JSON object", **where)
-            unknown = set(row) - {"x", "phi0", "phi1", "y", "user"}
-            if unknown:
+            yield row, where
+
+
+def _load_jsonl(path: Path) -> PreferenceData:
+    cols: dict[str, list] = {"x": [], "phi0": [], "phi1": [], "y": [], "users": []}
+    dims: dict[str, int | None] = {"x": None, "phi0": None, "phi1": None}
+    has: dict[str, bool | None] = {"x": None, "user": None}
+    for row, where in iter_jsonl_objects(path):
+        unknown = set(row) - {"x", "phi0", "phi1", "y", "user"}
+        if unknown:
+            raise DataValidationError(
+                "unknown field; expected x, phi0, phi1, y, user",
+                field=sorted(unknown)[0],
+                **where,
+            )
+        for key in ("x", "user"):
+            present = key in row
+            if has[key] is None:
+                has[key] = present
+            elif has[key] != present:
                 raise DataValidationError(
-                    "unknown field; expected x, phi0, phi1, y, user",
-                    field=sorted(unknown)[0],
-                    **where,
+                    "present on some lines but not others", field=key, **where
                 )
-            for key in ("x", "user"):
-                present = key in row
-                if has[key] is None:
-                    has[key] = present
-                elif has[key] != present:
-                    raise DataValidationError(
-                        "present on some lines but not others", field=key, **where
-                    )
-            for key in ("phi0", "phi1"):
-                if key not in row:
-                    raise DataValidationError("missing", field=key, **where)
-            if "y" not in row:
-                raise DataValidationError("missing", field="y", **where)
-            if row["y"] not in (0, 1) or isinstance(row["y"], bool):
-                raise DataValidationError(f"must be 0 or 1, got {row['y']!r}", field="y", **where)
-            for key in ("x", "phi0", "phi1") if has["x"] else ("phi0", "phi1"):
-                vec = _vector(row[key], key, dims[key], where)
-                dims[key] = len(vec)
-                cols[key].append(vec)
-            if dims["phi0"] != dims["phi1"]:
+        for key in ("phi0", "phi1"):
+            if key not in row:
+                raise DataValidationError("missing", field=key, **where)
+        if "y" not in row:
+            raise DataValidationError("missing", field="y", **where)
+        if row["y"] not in (0, 1) or isinstance(row["y"], bool):
+            raise DataValidationError(f"must be 0 or 1, got {row['y']!r}", field="y", **where)
+        for key in ("x", "phi0", "phi1") if has["x"] else ("phi0", "phi1"):
+            vec = _vector(row[key], key, dims[key], where)
+            dims[key] = len(vec)
+            cols[key].append(vec)
+        if dims["phi0"] != dims["phi1"]:
+            raise DataValidationError(
+                f"has length {dims['phi1']} but phi0 has {dims['phi0']}", field="phi1", **where
+            )
+        cols["y"].append(row["y"])
+        if has["user"]:
+            user = row["user"]
+            if not isinstance(user, str | int) or isinstance(user, bool):
                 raise DataValidationError(
-                    f"has length {dims['phi1']} but phi0 has {dims['phi0']}", field="phi1", **where
+                    f"must be a string or integer, got {user!r}", field="user", **where
                 )
-            cols["y"].append(row["y"])
-            if has["user"]:
-                user = row["user"]
-                if not isinstance(user, str | int) or isinstance(user, bool):
-                    raise DataValidationError(
-                        f"must be a string or integer, got {user!r}", field="user", **where
-                    )
-                cols["users"].append(user)
+            cols["users"].append(user)
     if not cols["y"]:
         raise DataValidationError("file holds no comparisons", path=str(path))
     return PreferenceData(

@@ -179,12 +179,7 @@ class PessimisticGibbs(Policy):
         tol: float = 1e-8,
         max_iter: int = 200,
     ) -> None:
-        if not isinstance(model, LinearInParameters):
-            raise PluralignError(f"{type(model).__name__} is not linear in its parameters")
-        if model.n_params != confidence.k:
-            raise PluralignError(
-                f"confidence set has k={confidence.k} but the model has {model.n_params} params"
-            )
+        confidence.check_model(model)
         self.model = model
         self.confidence = confidence
         self.eta = _check_eta(eta)
