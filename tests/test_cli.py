@@ -112,3 +112,11 @@ def test_yaml_exponent_without_dot_is_a_number_or_a_clear_error(tmp_path, runner
     resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert resolved["options"]["fw_tol"] == pytest.approx(1e-4)
     json.dumps(resolved)
+
+
+def test_report_refuses_a_folder_without_a_valid_config(tmp_path, runner):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "config.yaml" in flat(result.output)
+    (tmp_path / "config.yaml").write_text("experiment: nope\n")
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "config.yaml" in flat(result.output)

@@ -152,8 +152,12 @@ def report(
     if not config_path.exists():
         console.print(f"[red]error:[/red] {out} has no config.yaml; is it a run folder?")
         raise typer.Exit(code=2)
-    resolved = yaml.safe_load(config_path.read_text())
-    experiment = EXPERIMENTS[resolved["experiment"]]
+    try:
+        resolved = yaml.safe_load(config_path.read_text())
+        experiment = EXPERIMENTS[resolved["experiment"]]
+    except (yaml.YAMLError, TypeError, KeyError) as exc:
+        console.print(f"[red]error:[/red] {config_path}: not a resolved pluralign config ({exc})")
+        raise typer.Exit(code=2) from None
     summary = summarize(read_results(out / "results.jsonl"), experiment.metrics)
     if markdown is not None:
         from pluralign.experiments.summary import markdown_table
