@@ -214,26 +214,12 @@ def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model
                         mode: str, cache_dir: Path | None, seed: int):
     """``(PreferenceData, feature metadata)`` from numeric or text preference files."""
     from pluralign.data import load_preferences
-    from pluralign.data.loaders import (
-        detect_format,
-        read_prism,
-        read_summarize_from_feedback,
-        read_trl,
-    )
+    from pluralign.data.loaders import detect_format, read_text_preferences
 
     fmt = detect_format(data) if fmt == "auto" else fmt
     if fmt == "numeric":
         return load_preferences(data), {"kind": "numeric", "format": fmt}
-    if fmt == "trl":
-        prefs = read_trl(data)
-    elif fmt == "summarize":
-        prefs = read_summarize_from_feedback(data)
-    elif fmt == "prism":
-        if survey is None:
-            raise PluralignError("PRISM pairs need --survey FILE (the user survey)")
-        prefs = read_prism(survey, data)
-    else:
-        raise PluralignError(f"unknown format {fmt!r}; valid: {FORMAT_HELP}")
+    prefs = read_text_preferences(data, format=fmt, survey=survey)
     from pluralign.features import TextEncoder
 
     encoder = TextEncoder(encoder_model, mode=mode,
@@ -247,16 +233,9 @@ def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model
 def _split_per_user(data, test_size: float, seed: int):
     """Per user, a seeded ``test_size`` share of the comparisons (users with one comparison,
     and at least one comparison of every user, stay in training)."""
-    import numpy as np
+    from pluralign.data.split import per_user_test_mask
 
-    rng = np.random.default_rng(seed)
-    _, index, counts = np.unique(data.users, return_inverse=True, return_counts=True)
-    order = np.lexsort((rng.random(data.n), index))  # random order within each user
-    rank = np.empty(data.n, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank[order] = np.arange(data.n) - np.repeat(starts, counts)
-    n_test = np.where(counts >= 2, np.clip(np.round(test_size * counts), 1, counts - 1), 0)
-    test = rank < n_test[index]
+    test = per_user_test_mask(data.users, test_size, seed)
     return data.subset(~test), (data.subset(test) if test.any() else None)
 
 
@@ -284,44 +263,6 @@ def _designs(model, train) -> dict:
         else np.arange(len(users))
     return {"design": np.array(mats), "design_index": index, "design_lam": np.array(lams),
             "design_n": np.array(ns)}
-
-
-def _accuracy_plot(report: list[dict[str, Any]], path: Path, title: str) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pluralign._atomic import atomic_open
-
-    key = "test_accuracy" if any(r["test_accuracy"] is not None for r in report) \
-        else "train_accuracy"
-    rows = sorted(report, key=lambda r: -1.0 if r[key] is None else r[key])
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(rows) + 2.0), 3.8))
-    if len(rows) <= 80:
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["train_accuracy"] for r in rows], 0.4, label="train")
-        if key == "test_accuracy":
-            ax.bar([x + 0.2 for x in xs], [r["test_accuracy"] or 0.0 for r in rows], 0.4,
-                   label="held-out")
-        ax.set_xticks(list(xs), [str(r["user"])[:12] for r in rows], rotation=90, fontsize=7)
-        ax.set_xlabel("user")
-    else:
-        ax.hist([r[key] for r in rows if r[key] is not None], bins=20)
-        ax.set_xlabel(key.replace("_", " "))
-    ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_ylabel("pairwise accuracy")
-    ax.set_title(title, fontsize=9)
-    if len(rows) <= 80:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
 
 
 @app.command()
@@ -354,6 +295,7 @@ def fit(
     import json
 
     from pluralign._atomic import atomic_write_text
+    from pluralign.experiments.plots import per_user_accuracy_plot
     from pluralign.rewards import PerUser, Pooled, SharedBasis
     from pluralign.rewards.multi_user import save_model
 
@@ -396,7 +338,7 @@ def fit(
     writer.writeheader()
     writer.writerows(report)
     atomic_write_text(out / "per_user_accuracy.csv", buffer.getvalue())
-    _accuracy_plot(report, out / "accuracy.png",
+    per_user_accuracy_plot(report, out / "accuracy.png",
                    f"{model} on {data.name}: per-user pairwise accuracy")
     table = Table(title=f"{model} on {data} ({summary['users']} users, d_phi={pdata.d_phi})",
                   title_justify="left")
@@ -536,6 +478,56 @@ def rank(
         console.print(f"ranked {len(lines)} prompt(s) for user {uid!r}; wrote {out}")
     else:
         typer.echo(output, nl=False)
+
+
+@app.command("train-rm")
+def train_rm(
+    config: Annotated[Path, typer.Argument(help="A train-rm config (YAML); see docs/llm.md.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
+                                             "the config's out).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
+                                         "output folder.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a personalized (multi-user LoRA) reward model on a transformer; write per-user
+    accuracy (JSON + plot), per-user PEFT adapters and checkpoints. Runs under
+    `accelerate launch` on several processes or GPUs."""
+    from pluralign.experiments.config import load_config
+
+    try:
+        from pluralign.llm.job import train_reward_model
+    except ImportError as err:
+        raise _fail(f"train-rm needs the llm extra (pip install 'pluralign[llm]'): {err}"
+                    ) from None
+    try:
+        report = train_reward_model(load_config(config), out=out, resume=resume,
+                                    progress=progress)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # initialized by the job
+        return
+    s = report["summary"]
+    table = Table(title=f"per-user accuracy ({s['model']}, share={s['share']}, r={s['r']})")
+    for column in ("user", "n_train", "train acc.", "n_test", "held-out acc."):
+        table.add_column(column, justify="left" if column == "user" else "right")
+    for row in report["users"][:40]:
+        table.add_row(str(row["user"]), str(row["n_train"]), _pct(row["train_accuracy"]),
+                      str(row["n_test"]), _pct(row["test_accuracy"]))
+    if len(report["users"]) > 40:
+        table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "")
+    table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
+                  _pct(s["test_accuracy"]))
+    console.print(table)
+    where = out or Path(load_config(config).get("out", "runs/reward_model"))
+    console.print(f"{s['steps']} steps on {s['processes']} process(es)"
+                  + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
+                  + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,7 @@ __all__ = [
     "detect_format",
     "read_prism",
     "read_summarize_from_feedback",
+    "read_text_preferences",
     "read_trl",
     "validate_file",
 ]
@@ -90,6 +91,17 @@ class TextPreferences:
     def __repr__(self) -> str:
         return (f"TextPreferences(n={self.n}, users={len(np.unique(self.users))}, "
                 f"d_x={0 if self.contexts is None else self.contexts.shape[1]})")
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> TextPreferences:
+        """The rows ``index`` (integer positions or a boolean mask), in that order."""
+        rows = np.arange(self.n)[np.asarray(index)] if len(index) else np.zeros(0, int)
+        pick = [int(i) for i in rows]
+        return TextPreferences(
+            prompts=[self.prompts[i] for i in pick], chosen=[self.chosen[i] for i in pick],
+            rejected=[self.rejected[i] for i in pick], users=self.users[rows],
+            contexts=None if self.contexts is None else self.contexts[rows],
+            context_names=list(self.context_names),
+            where=[self.where[i] for i in pick] if self.where else [], template=self.template)
 
     def to_preference_data(self, encoder: Any, *, orient: str = "random",
                            seed: int = 0) -> PreferenceData:
@@ -576,6 +588,24 @@ def detect_format(path: str | Path) -> str:
         return "trl"
     raise DataValidationError("cannot tell the format (no JSON object on any line); pass "
                               "--format", path=str(path))
+
+
+def read_text_preferences(path: str | Path, *, format: str = "auto",
+                          survey: str | Path | None = None) -> TextPreferences:
+    """Read a text preference file in ``format`` (``"auto"`` detects it; ``"trl"``,
+    ``"summarize"`` or ``"prism"``, which needs the ``survey`` file)."""
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "trl":
+        return read_trl(path)
+    if fmt == "summarize":
+        return read_summarize_from_feedback(path)
+    if fmt == "prism":
+        if survey is None:
+            raise DataValidationError("PRISM pairs need the survey file (--survey / survey:)",
+                                      path=str(path))
+        return read_prism(survey, path)
+    raise DataValidationError(f"not a text preference format: {fmt!r} (valid: trl, summarize, "
+                              "prism)", path=str(path))
 
 
 def validate_file(path: str | Path, *, format: str = "auto", survey: str | Path | None = None

@@ -8,7 +8,7 @@ from typing import Any
 
 from pluralign._atomic import atomic_open
 
-__all__ = ["plot_metric"]
+__all__ = ["per_user_accuracy_plot", "plot_metric"]
 
 
 def plot_metric(
@@ -61,3 +61,39 @@ def plot_metric(
     with atomic_open(path, "wb") as handle:
         handle.write(buffer.getvalue())
     return Path(path)
+
+
+def per_user_accuracy_plot(report: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Bars of each user's train and held-out pairwise accuracy (a histogram above 80 users);
+    ``report`` rows have ``user``, ``train_accuracy`` and ``test_accuracy`` (or ``None``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "test_accuracy" if any(r["test_accuracy"] is not None for r in report) \
+        else "train_accuracy"
+    rows = sorted(report, key=lambda r: -1.0 if r[key] is None else r[key])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(rows) + 2.0), 3.8))
+    if len(rows) <= 80:
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["train_accuracy"] for r in rows], 0.4, label="train")
+        if key == "test_accuracy":
+            ax.bar([x + 0.2 for x in xs], [r["test_accuracy"] or 0.0 for r in rows], 0.4,
+                   label="held-out")
+        ax.set_xticks(list(xs), [str(r["user"])[:12] for r in rows], rotation=90, fontsize=7)
+        ax.set_xlabel("user")
+    else:
+        ax.hist([r[key] for r in rows if r[key] is not None], bins=20)
+        ax.set_xlabel(key.replace("_", " "))
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_title(title, fontsize=9)
+    if len(rows) <= 80:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
