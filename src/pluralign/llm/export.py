@@ -140,7 +140,8 @@ class ExportedReward:
         for start in range(0, len(prompts), batch_size):
             sl = slice(start, start + batch_size)
             batch = self.tokenizer(list(prompts[sl]), list(responses[sl]), truncation=True,
-                                   max_length=max_length, padding=True, return_tensors="pt")
+                                   max_length=max_length, padding=True, return_tensors="pt",
+                                   padding_side="right")
             mask = batch["attention_mask"]
             kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask}
             base = self.model.get_base_model()

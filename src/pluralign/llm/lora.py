@@ -186,6 +186,10 @@ class MultiUserLoRA(nn.Module):
             p.requires_grad_(False)
         matched = [(name, module) for name, module in model.named_modules()
                    if name and _matches(name, targets)]
+        other = [(n, type(m).__name__) for n, m in matched if not isinstance(m, nn.Linear)]
+        if other:
+            raise ConfigError(f"target_modules {targets} match modules that are not nn.Linear: "
+                              f"{other[:5]}; name the linear layers inside them")
         linear = [(n, m) for n, m in matched if isinstance(m, nn.Linear)]
         if not linear:
             available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
@@ -193,10 +197,6 @@ class MultiUserLoRA(nn.Module):
             raise ConfigError(f"target_modules {targets} match no nn.Linear module of "
                               f"{type(model).__name__}; its linear modules are named "
                               f"{available}")
-        other = [(n, type(m).__name__) for n, m in matched if not isinstance(m, nn.Linear)]
-        if other:
-            raise ConfigError(f"target_modules {targets} match modules that are not nn.Linear: "
-                              f"{other[:5]}; name the linear layers inside them")
         self.module_names: list[str] = []
         for name, module in linear:
             parent_name, _, child = name.rpartition(".")

@@ -247,8 +247,10 @@ class PersonalizedRewardModel(nn.Module):
                               max_length=self.max_length)
 
     def collate(self, encoded: Sequence[dict[str, list]]) -> dict[str, torch.Tensor]:
-        """Pad a list of single encodings into a batch."""
-        return self.tokenizer.pad(list(encoded), return_tensors="pt")
+        """Pad a list of single encodings into a batch, on the right whatever the tokenizer's
+        ``padding_side``: real tokens keep their positions, so a row's reward does not depend
+        on the rows it is batched with."""
+        return self.tokenizer.pad(list(encoded), return_tensors="pt", padding_side="right")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 user_index: torch.Tensor | None = None,

@@ -349,6 +349,9 @@ def adapt_user(model: PersonalizedRewardModel, user: Any, train: TextPreferences
     the new user's. Adam without weight decay leaves every other user's factors bit-for-bit
     unchanged. Returns the trainer (``evaluation_`` holds the fit on ``train``).
     """
+    if model.share == "pooled":
+        raise PluralignError("share='pooled' has no per-user factors: a new user gets the "
+                             "pooled reward as it is")
     users = {str(u.item() if isinstance(u, np.generic) else u) for u in train.users}
     key = str(user)
     if users != {key}:
