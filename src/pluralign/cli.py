@@ -488,6 +488,9 @@ def train_rm(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
                                          "output folder.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config value, e.g. --set lora.share=A --set train.epochs=5 "
+                      "(repeatable; values are read as YAML).")] = None,
 ) -> None:
     """Train a personalized (multi-user LoRA) reward model on a transformer; write per-user
     accuracy (JSON + plot), per-user PEFT adapters and checkpoints. Runs under
@@ -499,9 +502,11 @@ def train_rm(
     except ImportError as err:
         raise _fail(f"train-rm needs the llm extra (pip install 'pluralign[llm]'): {err}"
                     ) from None
+    from pluralign.llm.job import apply_overrides
+
     try:
-        report = train_reward_model(load_config(config), out=out, resume=resume,
-                                    progress=progress)
+        raw = apply_overrides(load_config(config), set_ or [])
+        report = train_reward_model(raw, out=out, resume=resume, progress=progress)
     except PluralignError as err:
         raise _fail(str(err)) from None
     from accelerate import PartialState
@@ -520,7 +525,7 @@ def train_rm(
     table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
                   _pct(s["test_accuracy"]))
     console.print(table)
-    where = out or Path(load_config(config).get("out", "runs/reward_model"))
+    where = out or Path(raw.get("out", "runs/reward_model"))
     console.print(f"{s['steps']} steps on {s['processes']} process(es)"
                   + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
                   + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/")

@@ -42,7 +42,7 @@ import yaml
 from pluralign._atomic import atomic_write_text
 from pluralign.errors import ConfigError
 
-__all__ = ["DEFAULTS", "resolve_rm_config", "train_reward_model"]
+__all__ = ["DEFAULTS", "apply_overrides", "resolve_rm_config", "train_reward_model"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {"name_or_path": None, "gguf_file": None, "tokenizer": None, "pad_token": None,
@@ -87,6 +87,31 @@ def _value(section: str, key: str, value: Any, default: Any) -> Any:
             return str(value)
         return _coerce(name, value, kind(0))
     return _coerce(name, value, default)
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``config`` with ``"section.key=value"`` (or ``"out=value"``) overrides; values are YAML
+    (``train.lr=1e-3``, ``lora.target_modules=[query, value]``)."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set needs KEY=VALUE (e.g. lora.share=A), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not YAML ({exc})") from None
+        section, dot, name = key.partition(".")
+        if not dot:
+            config[section] = value
+            continue
+        if isinstance(config.get(section), str) and section == "model":
+            config[section] = {"name_or_path": config[section]}
+        target = config.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: {section!r} is not a mapping")
+        target[name] = value
+    return config
 
 
 def resolve_rm_config(config: dict[str, Any]) -> dict[str, Any]:
