@@ -175,3 +175,25 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_bert, tiny_llama,
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "run" / "adapters").exists()   # nothing trained on wrong rows
+
+
+def test_set_overrides_and_config_validation():
+    from pluralign.errors import ConfigError
+    from pluralign.llm.job import apply_overrides, resolve_rm_config
+
+    raw = {"model": "some/model", "data": {"train": "x.jsonl"}}
+    resolved = resolve_rm_config(apply_overrides(raw, [
+        "lora.share=A", "train.lr=1e-3", "lora.target_modules=[query, value]", "out=runs/x",
+        "model.max_length=64"]))
+    assert resolved["lora"]["share"] == "A" and resolved["train"]["lr"] == 1e-3
+    assert resolved["lora"]["target_modules"] == ["query", "value"]
+    assert resolved["model"] == {**resolved["model"], "name_or_path": "some/model",
+                                 "max_length": 64}
+    assert resolved["out"] == "runs/x" and raw == {"model": "some/model",
+                                                   "data": {"train": "x.jsonl"}}
+    for bad, message in [(["lora.share"], "KEY=VALUE"), (["train.epochs=two"], "train.epochs"),
+                         (["train.checkpoint_every=0"], "checkpoint_every")]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_rm_config(apply_overrides(raw, bad))
+    with pytest.raises(ConfigError, match="unknown key"):
+        resolve_rm_config({**raw, "epochs": 3})
