@@ -65,14 +65,14 @@ def encode_pairs(model, prefs: TextPreferences) -> EncodedPairs:
         raise PluralignError("no preference rows to train or evaluate on")
     users = [str(u.item() if isinstance(u, np.generic) else u) for u in prefs.users]
     index = np.empty(len(users), dtype=np.int64)
-    known = set(model.user_ids)
+    position = {u: i for i, u in enumerate(model.user_ids)}
     for i, u in enumerate(users):
-        if u not in known:
+        if u not in position:
             raise DataValidationError(
                 f"unknown user {u!r}: the reward model has adapters for {model.n_users} users; "
                 "a user needs training rows (or adapt_user) before it can be scored",
                 field="user_id", **_where(prefs, i))
-        index[i] = model.user_index([u])[0]
+        index[i] = position[u]
     chosen = model.tokenize(prefs.prompts, prefs.chosen)
     rejected = model.tokenize(prefs.prompts, prefs.rejected)
     keys = list(chosen.keys())
