@@ -426,14 +426,13 @@ def check_multi_user_claims(rows: list[dict[str, Any]], config: dict[str, Any]
 def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: Path
                     ) -> list[Path]:
     """``accuracy_vs_diversity.png``, ``subspace_vs_users.png``, ``new_user_adaptation.png``."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pluralign._atomic import atomic_open
+    from pluralign.experiments.plots import save_figure
 
     envs, div_sweep, user_sweep = _groups(config)
     ns = sorted(config["n_samples"])
@@ -441,13 +440,7 @@ def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: 
     written = []
 
     def save(fig: Any, name: str) -> None:
-        buffer = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        with atomic_open(out / name, "wb") as handle:
-            handle.write(buffer.getvalue())
-        written.append(out / name)
+        written.append(save_figure(fig, out / name))
 
     def series(metric: str, settings: list[str], key: str, method: str, n: int):
         means = {(r["setting"], r["method"], r["n"]): (r.get(f"{metric}_mean"),

@@ -8,7 +8,21 @@ from typing import Any
 
 from pluralign._atomic import atomic_open
 
-__all__ = ["per_user_accuracy_plot", "plot_metric"]
+__all__ = ["per_user_accuracy_plot", "plot_metric", "save_figure"]
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it as a PNG atomically (a reader never sees half a file) and
+    close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return Path(path)
 
 
 def plot_metric(
@@ -54,13 +68,7 @@ def plot_metric(
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    with atomic_open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def per_user_accuracy_plot(report: list[dict[str, Any]], path: str | Path, title: str) -> None:
@@ -91,9 +99,4 @@ def per_user_accuracy_plot(report: list[dict[str, Any]], path: str | Path, title
     ax.set_title(title, fontsize=9)
     if len(rows) <= 80:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_figure(fig, path)
