@@ -215,6 +215,9 @@ def test_new_user_adaptation_trains_only_its_factor(tiny_bert, personas, share):
 
 def test_adaptation_errors(tiny_bert, personas):
     pooled = _model(tiny_bert, share="pooled")
+    # pooled ignores users: a new user gets the pooled reward as it is
+    assert np.array_equal(pooled.score(["p", "q"], ["a", "b"], ["zoe", "zoe"]),
+                          pooled.score(["p", "q"], ["a", "b"], ["ana", "ben"]))
     fay = personas.subset(np.flatnonzero(personas.users == "fay"))
     with pytest.raises(PluralignError, match="pooled"):
         adapt_user(pooled, "zoe", fay)

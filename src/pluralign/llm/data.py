@@ -67,12 +67,12 @@ def encode_pairs(model, prefs: TextPreferences) -> EncodedPairs:
     index = np.empty(len(users), dtype=np.int64)
     position = {u: i for i, u in enumerate(model.user_ids)}
     for i, u in enumerate(users):
-        if u not in position:
+        if u not in position and model.share != "pooled":
             raise DataValidationError(
                 f"unknown user {u!r}: the reward model has adapters for {model.n_users} users; "
                 "a user needs training rows (or adapt_user) before it can be scored",
                 field="user_id", **_where(prefs, i))
-        index[i] = position[u]
+        index[i] = position.get(u, 0)
     chosen = model.tokenize(prefs.prompts, prefs.chosen)
     rejected = model.tokenize(prefs.prompts, prefs.rejected)
     keys = list(chosen.keys())

@@ -186,7 +186,11 @@ class PersonalizedRewardModel(nn.Module):
         return self.lora.share
 
     def user_index(self, users: Sequence[Any]) -> torch.Tensor:
-        """Indices of ``users``; an unknown user raises (naming it)."""
+        """Indices of ``users``; an unknown user raises (naming it). A ``share="pooled"``
+        model ignores users, so it scores any user id with its one reward."""
+        if self.share == "pooled":
+            return torch.tensor([self._index.get(_user_key(u), 0) for u in users],
+                                dtype=torch.long)
         out = []
         for u in users:
             key = _user_key(u)
