@@ -216,7 +216,10 @@ class MultiUserLoRA(nn.Module):
         """Forward passes inside this block use user ``user_index[i]`` for example ``i``."""
         if user_index is not None:
             user_index = torch.as_tensor(user_index, dtype=torch.long)
-            if user_index.numel() and (int(user_index.min()) < 0
+            # checked on CPU only: on an accelerator the check would synchronize every forward
+            # (indices built by PersonalizedRewardModel are valid by construction)
+            if user_index.device.type == "cpu" and user_index.numel() and (
+                    int(user_index.min()) < 0
                                        or int(user_index.max()) >= self.n_users):
                 raise PluralignError(f"user index out of range [0, {self.n_users})")
         previous = self._router.index
