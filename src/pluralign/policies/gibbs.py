@@ -50,7 +50,6 @@ actions, or a callable ``targets -> (m, K)`` probabilities (e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from scipy.linalg import solve_triangular
@@ -60,7 +59,7 @@ from pluralign.confidence import ConfidenceSet
 from pluralign.data import TargetStates
 from pluralign.errors import PluralignError
 from pluralign.policies.base import Policy
-from pluralign.policies.pessimistic import reference_probs
+from pluralign.policies.pessimistic import Reference, reference_probs
 from pluralign.rewards import RewardModel
 from pluralign.rewards.linear import LinearInParameters
 
@@ -69,11 +68,9 @@ __all__ = [
     "PessimisticGibbs",
     "gibbs_probs",
     "kl_divergence",
-    "resolve_reference",
     "soft_value",
 ]
 
-Reference = str | np.ndarray | Callable[[TargetStates], np.ndarray]
 _CHUNK_ENTRIES = 1 << 22
 
 
@@ -86,13 +83,6 @@ def _check_eta(eta: float) -> float:
 def _log(probs: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log(probs)
-
-
-def resolve_reference(reference: Reference, targets: TargetStates) -> np.ndarray:
-    """``π0`` on ``targets`` as a validated ``(m, K)`` probability matrix."""
-    if callable(reference):
-        reference = np.asarray(reference(targets), dtype=np.float64)
-    return reference_probs(reference, targets)
 
 
 def gibbs_probs(rewards: np.ndarray, ref_probs: np.ndarray, eta: float) -> np.ndarray:
@@ -126,7 +116,7 @@ class Gibbs(Policy):
     eta:
         The KL coefficient ``η > 0``.
     reference:
-        ``π0`` (see :func:`resolve_reference`).
+        ``π0`` (see :func:`~pluralign.policies.reference_probs`).
 
     It maximises ``E_x[Σ_a π r̂ − η KL(π‖π0)]`` exactly (GSHF, Xiong et al. 2024, eq. (2)).
     """
@@ -138,7 +128,7 @@ class Gibbs(Policy):
         self.reference = reference
 
     def probs(self, targets: TargetStates) -> np.ndarray:
-        ref = resolve_reference(self.reference, targets)
+        ref = reference_probs(self.reference, targets)
         return gibbs_probs(self.model.reward(targets.x, targets.phi), ref, self.eta)
 
 
@@ -190,7 +180,7 @@ class PessimisticGibbs(Policy):
 
     # ------------------------------------------------------------------ values
     def _setup(self, targets: TargetStates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ref = resolve_reference(self.reference, targets)
+        ref = reference_probs(self.reference, targets)
         nu = np.einsum("ja,jad->jd", ref, targets.phi)
         return ref, nu, self.model.mean_features(targets.x, nu)
 

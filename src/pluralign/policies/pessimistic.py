@@ -30,6 +30,8 @@ formed for the max–min policy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from pluralign.confidence import ConfidenceSet
@@ -38,17 +40,23 @@ from pluralign.errors import PluralignError
 from pluralign.policies.base import Policy, one_hot_argmax
 from pluralign.rewards.linear import LinearInParameters
 
-__all__ = ["Pessimistic", "reference_probs"]
+__all__ = ["Pessimistic", "Reference", "reference_probs"]
 
 _CHUNK_ENTRIES = 1 << 22
 
 
-def reference_probs(reference: str | np.ndarray, targets: TargetStates) -> np.ndarray:
-    """``π_ref`` as an ``(m, K)`` matrix.
+Reference = str | np.ndarray | Callable[[TargetStates], np.ndarray]
+
+
+def reference_probs(reference: Reference, targets: TargetStates) -> np.ndarray:
+    """``π_ref`` as a validated ``(m, K)`` matrix.
 
     ``"uniform"`` (the default: the mean candidate, i.e. a uniformly random reference action),
-    an ``(m,)`` array of reference actions, or an ``(m, K)`` reference policy.
+    an ``(m,)`` array of reference actions, an ``(m, K)`` reference policy, or a callable
+    ``targets -> (m, K)`` policy (e.g. an environment's ``reference_probs``).
     """
+    if callable(reference):
+        reference = np.asarray(reference(targets), dtype=np.float64)
     m, n_actions = targets.m, targets.n_actions
     if isinstance(reference, str):
         if reference != "uniform":
