@@ -20,7 +20,6 @@ temporary folder first and moved into place, so an interrupted export leaves no 
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shutil
@@ -33,7 +32,14 @@ import torch
 
 from pluralign._atomic import atomic_write_text
 from pluralign.errors import PluralignError
-from pluralign.llm.reward_model import PersonalizedRewardModel, check_pad_token, pool_hidden
+from pluralign.llm.reward_model import (
+    PersonalizedRewardModel,
+    backbone_inputs,
+    check_pad_token,
+    pad_right,
+    pool_hidden,
+    tokenize_pairs,
+)
 
 __all__ = ["ExportedReward", "export_adapters"]
 
@@ -139,15 +145,10 @@ class ExportedReward:
         pooling, max_length = self.config["pooling"], self.config["max_length"]
         for start in range(0, len(prompts), batch_size):
             sl = slice(start, start + batch_size)
-            batch = self.tokenizer(list(prompts[sl]), list(responses[sl]), truncation=True,
-                                   max_length=max_length, padding=True, return_tensors="pt",
-                                   padding_side="right")
+            batch = pad_right(self.tokenizer, tokenize_pairs(self.tokenizer, prompts[sl],
+                                                             responses[sl], max_length))
             mask = batch["attention_mask"]
-            kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask}
-            base = self.model.get_base_model()
-            if "token_type_ids" in batch and "token_type_ids" in inspect.signature(
-                    base.forward).parameters:
-                kwargs["token_type_ids"] = batch["token_type_ids"]
+            kwargs = backbone_inputs(self.model.get_base_model(), batch)
             hidden = self.model(**kwargs).last_hidden_state
             out.append(pool_hidden(hidden, mask, pooling) @ self.head.to(hidden.dtype).T)
         return torch.cat(out).squeeze(-1).double().numpy() if out else np.zeros(0)

@@ -30,8 +30,8 @@ from torch import nn
 from pluralign.errors import ConfigError, PluralignError
 from pluralign.llm.lora import MultiUserLoRA, MultiUserLoRALinear
 
-__all__ = ["POOLINGS", "PersonalizedRewardModel", "default_target_modules", "load_tokenizer",
-           "pool_hidden"]
+__all__ = ["POOLINGS", "PersonalizedRewardModel", "backbone_inputs", "default_target_modules",
+           "load_tokenizer", "pad_right", "pool_hidden", "tokenize_pairs"]
 
 POOLINGS = ("auto", "mean", "cls", "last")
 
@@ -147,8 +147,6 @@ class PersonalizedRewardModel(nn.Module):
         finally:
             torch.random.set_rng_state(generator_state)
         self._index = {u: i for i, u in enumerate(self.user_ids)}
-        self._takes_token_types = "token_type_ids" in inspect.signature(
-            backbone.forward).parameters
         self.train(False)
 
     # ------------------------------------------------------------------ construction
@@ -246,24 +244,21 @@ class PersonalizedRewardModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list]:
-        """Unpadded token ids of each ``(prompt, response)`` pair."""
-        return self.tokenizer(list(prompts), list(responses), truncation=True,
-                              max_length=self.max_length)
+        """Unpadded token ids of each ``(prompt, response)`` pair (:func:`tokenize_pairs`)."""
+        return tokenize_pairs(self.tokenizer, prompts, responses, self.max_length)
 
     def collate(self, encoded: Sequence[dict[str, list]]) -> dict[str, torch.Tensor]:
-        """Pad a list of single encodings into a batch, on the right whatever the tokenizer's
-        ``padding_side``: real tokens keep their positions, so a row's reward does not depend
-        on the rows it is batched with."""
-        return self.tokenizer.pad(list(encoded), return_tensors="pt", padding_side="right")
+        """Pad single encodings into a batch (:func:`pad_right`)."""
+        return pad_right(self.tokenizer, list(encoded))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 user_index: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards ``(batch,)`` of tokenized ``(prompt, response)`` rows for users
         ``user_index`` (``(batch,)``; ignored when ``share="pooled"``)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and self._takes_token_types:
-            kwargs["token_type_ids"] = token_type_ids
+        kwargs = backbone_inputs(self.backbone, {"input_ids": input_ids,
+                                                 "attention_mask": attention_mask,
+                                                 "token_type_ids": token_type_ids})
         with self.lora.route(user_index):
             hidden = self.backbone(**kwargs).last_hidden_state
         pooled = pool_hidden(hidden, attention_mask, self.pooling)
@@ -283,9 +278,7 @@ class PersonalizedRewardModel(nn.Module):
         try:
             for start in range(0, len(prompts), batch_size):
                 sl = slice(start, start + batch_size)
-                enc = self.tokenize(prompts[sl], responses[sl])
-                batch = self.collate([{k: v[i] for k, v in enc.items()}
-                                      for i in range(len(enc["input_ids"]))])
+                batch = pad_right(self.tokenizer, self.tokenize(prompts[sl], responses[sl]))
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out.append(self(user_index=index[sl].to(device), **batch).double().cpu())
         finally:
@@ -294,6 +287,30 @@ class PersonalizedRewardModel(nn.Module):
 
     def adapted_layers(self) -> Iterator[tuple[str, MultiUserLoRALinear]]:
         return self.lora.layers()
+
+
+def tokenize_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+                   max_length: int) -> Any:
+    """Unpadded token ids of each ``prompt`` + ``response`` (a text pair, longest-first
+    truncation to ``max_length``)."""
+    return tokenizer(list(prompts), list(responses), truncation=True, max_length=max_length)
+
+
+def pad_right(tokenizer: Any, encoded: Any) -> dict[str, torch.Tensor]:
+    """Pad encodings into a batch, on the right whatever the tokenizer's ``padding_side``: real
+    tokens keep their positions, so a row's reward does not depend on the rows it is batched
+    with."""
+    return tokenizer.pad(encoded, return_tensors="pt", padding_side="right")
+
+
+def backbone_inputs(backbone: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """``input_ids`` and ``attention_mask``, plus ``token_type_ids`` when the batch has them
+    and the backbone's ``forward`` takes them (BERT does, Llama does not)."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if batch.get("token_type_ids") is not None and "token_type_ids" in inspect.signature(
+            backbone.forward).parameters:
+        kwargs["token_type_ids"] = batch["token_type_ids"]
+    return kwargs
 
 
 def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
