@@ -138,6 +138,7 @@ ROW = {"prompt": "p", "chosen": "a", "rejected": "b", "user_id": "ana"}
     ("no_pad", "no pad token"),
     ("no_model", "model.name_or_path is required"),
     ("bad_target", "match no nn.Linear"),
+    ("missing_model", "model folder not found"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_bert, tiny_llama, case,
                                                 message):
@@ -164,6 +165,8 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_bert, tiny_llama,
         tokenizer.save_pretrained(model)
     elif case == "no_model":
         model = ""
+    elif case == "missing_model":
+        model = str(tmp_path / "no-such-model")
     elif case == "bad_target":
         kwargs["lora"] = {"target_modules": ["q_proj"]}
     config = _config(tmp_path, model, **kwargs)

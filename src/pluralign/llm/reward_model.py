@@ -159,6 +159,10 @@ class PersonalizedRewardModel(nn.Module):
         here) and wrap them; ``gguf_file`` loads a GGUF checkpoint (e.g. SmolLM2)."""
         from transformers import AutoModel
 
+        text = str(name_or_path)
+        if (Path(text).is_absolute() or text.startswith((".", "~"))) and not Path(
+                text).expanduser().is_dir():
+            raise ConfigError(f"model folder not found: {text}")
         load = {"gguf_file": gguf_file} if gguf_file else {}
         if torch_dtype is not None:
             load["dtype"] = torch_dtype
