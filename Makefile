@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # development machines take the local CPU wheel instead of a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+## Fuzz every loader, config resolver and saved-model reader (FUZZ_CASES in total); prints,
+## per target, the cases, clean errors and escapes, and fails if anything escaped.
+FUZZ_CASES ?= 12000
+fuzz: setup
+	cd tests && ../$(BIN)/python -m fuzzing --cases $(FUZZ_CASES)
 
 clean:
 	rm -rf $(VENV) runs

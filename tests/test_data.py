@@ -377,7 +377,7 @@ def test_jsonl_by_hand_values_and_empty_file(tmp_path):
         [
             json.dumps({**GOOD, "user": "a"}),
             "",
-            json.dumps({**GOOD, "y": 0, "phi0": [1, 2, 3], "user": 7}),
+            json.dumps({**GOOD, "y": 0, "phi0": [1, 2, 3], "user": "7"}),
         ],
     )
     data = load_preferences(path)

@@ -17,6 +17,7 @@ from pluralign.llm import (
     adapt_user,
     encode_pairs,
     export_adapters,
+    folder_names,
     per_user_metrics,
     split_per_user,
 )
@@ -238,9 +239,11 @@ def test_exported_adapters_reload_in_peft_with_the_same_rewards(request, tmp_pat
     model = _model(path, users=users, share=share)
     _randomize(model, seed=1)
     written = export_adapters(model, tmp_path / "adapters")
-    assert sorted(p.name for p in written.values()) == ["ana", "user_7__"]
+    hashed = folder_names(["user/7 ü"])["user/7 ü"]
+    assert hashed.startswith("user_7-") and len(hashed) == len("user_7-") + 12
+    assert sorted(p.name for p in written.values()) == ["ana", hashed]
     assert json.loads((tmp_path / "adapters" / "users.json").read_text()) == {
-        "ana": "ana", "user/7 ü": "user_7__"}
+        "ana": "ana", "user/7 ü": hashed}
     config = json.loads((written["ana"] / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
     assert sorted(config["target_modules"]) == sorted(n for n, _ in model.adapted_layers())

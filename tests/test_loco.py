@@ -18,6 +18,12 @@ from pluralign.policies import Greedy, Pessimistic, reference_probs
 from pluralign.rewards import Bilinear, Linear, LowRank, RTVReduced
 from pluralign.rewards.lowrank import moment_matrix_svd
 
+# Tests that ask for a gradient tolerance below the float64 floor of their problem (~1e-9) fit
+# until the objective stops decreasing, the most accurate estimate float64 gives; the
+# precision-floor ConvergenceWarning that says so is expected there. Only that variant is ignored.
+AT_FLOOR = pytest.mark.filterwarnings(
+    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning")
+
 
 def _env(**kw) -> LowRankContextual:
     params = {"d_x": 8, "d_phi": 6, "rank": 2, "n_actions": 5, "seed": 3, **kw}
@@ -35,6 +41,7 @@ def test_lowrank_error_falls_with_n():
     assert errors[2] < 0.15
 
 
+@AT_FLOOR
 def test_lowrank_at_full_rank_matches_bilinear_optimum():
     env = _env(d_x=5, d_phi=4, rank=2)
     data = env.sample_offline(1500, 1)
@@ -143,6 +150,7 @@ def test_rtv_structured_primitives_equal_materialized_features():
                                atol=1e-12)
 
 
+@AT_FLOOR
 def test_rtv_refit_equals_materialized_logistic_regression():
     sklearn = pytest.importorskip("sklearn.linear_model")
     env = _env()

@@ -14,6 +14,12 @@ from pluralign.policies import Leximin, PerUserPolicies, Pessimistic, Utilitaria
 from pluralign.rewards import Bilinear, LowRank, PerUser, Pooled, SharedBasis, subspace_distance
 from pluralign.rewards.multi_user import augmented_one_hot
 
+# Tests that ask for a gradient tolerance below the float64 floor of their problem (~1e-9) fit
+# until the objective stops decreasing, the most accurate estimate float64 gives; the
+# precision-floor ConvergenceWarning that says so is expected there. Only that variant is ignored.
+AT_FLOOR = pytest.mark.filterwarnings(
+    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning")
+
 
 @pytest.fixture(scope="module")
 def env() -> MultiUser:
@@ -26,6 +32,7 @@ def train(env: MultiUser) -> PreferenceData:
 
 
 # --------------------------------------------------------------------------- estimators
+@AT_FLOOR
 def test_shared_basis_at_full_rank_is_per_user_plus_shared_offset():
     """k = d_phi: θ_u = θ0 + B w_u is unconstrained, so SharedBasis reaches the optimum of the
     convex 'per-user plus shared offset' model (Bilinear on [1, e_u], same ridge on Θ), and with
@@ -49,6 +56,7 @@ def test_shared_basis_at_full_rank_is_per_user_plus_shared_offset():
                                                          abs=1e-6)
 
 
+@AT_FLOOR
 def test_lowrank_onehot_and_shared_basis_reach_the_same_likelihood(train):
     """The LoCo path (hand-built [1, e_u], LowRank(free_rows=1), random start) and SharedBasis
     (spectral start) reach the same optimum of the same non-convex problem."""
@@ -64,6 +72,7 @@ def test_lowrank_onehot_and_shared_basis_reach_the_same_likelihood(train):
     assert np.linalg.matrix_rank(loco.theta_[1:], tol=1e-8) == 2
 
 
+@AT_FLOOR
 def test_shared_basis_structure_and_per_user_ridge(train):
     model = SharedBasis(2, 1e-3).fit(train)
     np.testing.assert_allclose(model.basis_.T @ model.basis_, np.eye(2), atol=1e-10)
@@ -281,6 +290,7 @@ def test_pessimistic_leximin_beats_perturbations(env, train):
         assert stack.values(policy._wbar(other))[0].min() <= policy.objective_ + 1e-7
 
 
+@AT_FLOOR
 def test_frozen_basis_reward_and_likelihood_match_its_objective():
     from pluralign.rewards.multi_user import _FrozenBasis
 

@@ -13,7 +13,7 @@ from pluralign.cli import app
 from pluralign.envs import MultiUser
 from pluralign.experiments import read_results, resolve_config, run_experiment
 from pluralign.experiments.multi_user import check_multi_user_claims
-from pluralign.rewards.multi_user import load_model
+from pluralign.rewards.persistence import load_model
 
 
 @pytest.fixture(scope="module")

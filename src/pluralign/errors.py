@@ -22,6 +22,8 @@ class DataValidationError(PluralignError):
         The first bad row (0-based index into the arrays), or ``None``.
     path, line:
         The file and the 1-based line, when the data came from a file.
+    bare:
+        The message without the location prefix (to re-raise with more context).
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class DataValidationError(PluralignError):
         path: str | None = None,
         line: int | None = None,
     ) -> None:
+        self.bare = message
         self.field = field
         self.row = row
         self.path = path
@@ -58,3 +61,28 @@ class NotFittedError(PluralignError, AttributeError):
 
 class ResourceError(PluralignError):
     """A computation refused because it would not fit in memory (e.g. full-rank pessimism)."""
+
+
+# ----------------------------------------------------------------------------- warnings
+class PluralignWarning(UserWarning):
+    """Base class of pluralign's warnings: a result was produced, but read it with care."""
+
+
+class ConvergenceWarning(PluralignWarning):
+    """An iterative fit or solve stopped before its tolerance was met (an iteration cap, a
+    line-search failure, or a duality gap above ``tol``); like scikit-learn's
+    ``ConvergenceWarning``. The returned estimate is the last iterate."""
+
+
+class SeparableDataWarning(PluralignWarning):
+    """The maximum-likelihood estimate does not exist: without a ridge (``l2 = 0``) the
+    comparisons are (quasi-)separable, so the likelihood keeps increasing as ``‖θ‖ → ∞`` and the
+    estimate is wherever the solver stopped. Add a ridge (``l2 > 0``)."""
+
+
+class DisconnectedComparisonsWarning(PluralignWarning):
+    """The comparisons do not identify every direction the reward can vary in (with one-hot
+    items: the comparison graph is disconnected, so the rewards of different components are
+    not comparable). Without a ridge the estimate in those directions is the solver's start,
+    zero: the minimum-norm estimate, the limit of the ridge estimate as ``l2 → 0``. Add
+    comparisons that link the components, or a ridge."""

@@ -18,6 +18,11 @@ For a model ``r = θᵀz(x, φ)`` with comparison differences ``Δz_i = z(x_i, �
 features is never held at once. When ``k×k`` would not fit in ``max_bytes`` (e.g. full-rank
 ``k = d_x·d_phi`` at high dimension), construction refuses with a
 :class:`~pluralign.errors.ResourceError` instead of running out of memory.
+
+Parameters are validated with a :class:`~pluralign.errors.DataValidationError` whose ``field``
+names the parameter: ``beta`` a finite number ``≥ 0`` (or ``"theory"``), ``delta`` in ``(0, 1)``,
+``lam`` finite and ``> 0`` when given to :meth:`ConfidenceSet.fit` (``M = Σ̂ + λI`` must be
+positive definite, and ``Σ̂`` is singular whenever ``N < k``), ``bound_theta`` finite ``≥ 0``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from pluralign.data import PreferenceData
-from pluralign.errors import PluralignError, ResourceError
+from pluralign.errors import DataValidationError, PluralignError, ResourceError
+from pluralign.rewards._checks import check_int, check_number
 from pluralign.rewards.linear import LinearInParameters
 
 __all__ = ["ConfidenceSet", "beta_rate", "theory_beta"]
@@ -39,6 +45,8 @@ _CHUNK_ENTRIES = 1 << 22  # rows per chunk × k: ~32 MB of float64 features at a
 
 def beta_rate(k: int, n: int, delta: float = 0.05) -> float:
     """``sqrt((k + log(1/δ)) / N)``: the rate of ``β`` in the theory, without constants."""
+    delta = check_number(delta, "delta", owner="beta_rate", strict=True, below=1.0)
+    n = check_number(n, "n", owner="beta_rate", strict=True)
     return math.sqrt((k + math.log(1.0 / delta)) / n)
 
 
@@ -46,6 +54,11 @@ def theory_beta(
     k: int, n: int, *, delta: float, lam: float, bound_theta: float, bound_feature: float
 ) -> float:
     """``sqrt((k + log(1/δ)) / (γ² N) + λB²)``, ``γ = 1/(2 + e^{−LB} + e^{LB})``."""
+    delta = check_number(delta, "delta", owner="theory_beta", strict=True, below=1.0)
+    n = check_number(n, "n", owner="theory_beta", strict=True)
+    lam = check_number(lam, "lam", owner="theory_beta")
+    bound_theta = check_number(bound_theta, "bound_theta", owner="theory_beta")
+    bound_feature = check_number(bound_feature, "bound_feature", owner="theory_beta")
     half = abs(bound_feature * bound_theta) / 2.0
     # 1/γ = 2 + e^{−LB} + e^{LB} = 4 cosh²(LB/2); in logs, so it stays finite for large LB.
     log_cosh = half + math.log1p(math.exp(-2.0 * half)) - math.log(2.0)
@@ -75,10 +88,15 @@ class ConfidenceSet:
                  kind: str, bound_feature: float, bound_theta: float) -> None:
         self.center = np.asarray(center, float)
         self.M = M
-        self.beta = float(beta)
-        self.lam, self.n, self.kind = lam, n, kind
+        self.beta = check_number(beta, "beta", owner="ConfidenceSet")
+        self.lam, self.n, self.kind = check_number(lam, "lam", owner="ConfidenceSet"), n, kind
         self.bound_feature, self.bound_theta = bound_feature, bound_theta
-        self._chol = cho_factor(M, lower=True)
+        try:
+            self._chol = cho_factor(M, lower=True)
+        except np.linalg.LinAlgError:
+            raise DataValidationError(
+                "ConfidenceSet.M must be symmetric positive definite (M = Σ̂ + λI with λ > 0)",
+                field="M") from None
         self._lower = np.tril(self._chol[0])
 
     @property
@@ -102,6 +120,8 @@ class ConfidenceSet:
 
         ``lam`` defaults to the model's ridge ``l2`` (or ``1/N`` when that is 0), so that ``M``
         is the Hessian of the model's own penalized objective under the design/Fisher choice.
+        Invalid ``beta``, ``delta``, ``lam``, ``bound_theta`` or ``max_bytes`` raise a
+        ``DataValidationError`` naming the parameter (see the module docstring).
         """
         if not isinstance(model, LinearInParameters):
             raise PluralignError(
@@ -110,6 +130,21 @@ class ConfidenceSet:
             )
         if kind not in ("design", "fisher"):
             raise PluralignError(f"kind must be 'design' or 'fisher', got {kind!r}")
+        owner = "ConfidenceSet.fit"
+        if isinstance(beta, str):
+            if beta != "theory":
+                raise DataValidationError(
+                    f"{owner}: beta must be a finite number ≥ 0 or 'theory', got {beta!r}",
+                    field="beta")
+        else:
+            check_number(beta, "beta", owner=owner)
+        check_number(delta, "delta", owner=owner, strict=True, below=1.0)
+        if lam is not None:
+            check_number(lam, "lam", owner=owner, strict=True)
+        if bound_theta is not None:
+            check_number(bound_theta, "bound_theta", owner=owner)
+        if max_bytes is not None:
+            check_int(max_bytes, "max_bytes", owner=owner)
         k = model.n_params
         needed = 3 * 8 * k * k  # M, its Cholesky factor, one temporary
         limit = max_bytes if max_bytes is not None else max_matrix_bytes()
@@ -143,10 +178,8 @@ class ConfidenceSet:
         if beta == "theory":
             beta_value = theory_beta(k, n, delta=delta, lam=lam, bound_theta=bound,
                                      bound_feature=max_norm)
-        elif isinstance(beta, int | float) and not isinstance(beta, bool) and beta >= 0:
-            beta_value = float(beta)
         else:
-            raise PluralignError(f"beta must be a non-negative number or 'theory', got {beta!r}")
+            beta_value = check_number(beta, "beta", owner=owner)
         return cls(center, M, beta_value, lam=lam, n=n, kind=kind, bound_feature=max_norm,
                    bound_theta=bound)
 

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from pluralign._atomic import atomic_open
+from pluralign._parse import iter_json_lines, read_npz
 from pluralign.data.preference import PreferenceData
 from pluralign.errors import DataValidationError
 
-__all__ = ["iter_jsonl_objects", "load_preferences", "save_preferences"]
+__all__ = ["check_user_id", "iter_jsonl_objects", "load_preferences", "save_preferences"]
 
 _FIELDS = ("x", "phi0", "phi1", "y", "users")
 
@@ -59,16 +60,20 @@ def load_preferences(path: str | Path) -> PreferenceData:
     if not path.exists():
         raise DataValidationError("file not found", path=str(path))
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("phi0", "phi1", "y") if k not in f.files]
-            if missing:
-                raise DataValidationError("missing array", field=missing[0], path=str(path))
-            arrays = {k: (f[k] if k in f.files else None) for k in _FIELDS}
+        found = read_npz(path)
+        unknown = sorted(set(found) - set(_FIELDS))
+        if unknown:
+            raise DataValidationError(f"unknown array; expected {', '.join(_FIELDS)}",
+                                      field=unknown[0], path=str(path))
+        missing = [k for k in ("phi0", "phi1", "y") if k not in found]
+        if missing:
+            raise DataValidationError("missing array", field=missing[0], path=str(path))
+        arrays = {k: found.get(k) for k in _FIELDS}
         try:
             return PreferenceData(**arrays)
         except DataValidationError as err:
             raise DataValidationError(
-                str(err), field=err.field, row=err.row, path=str(path)
+                err.bare, field=err.field, row=err.row, path=str(path)
             ) from None
     if path.suffix == ".jsonl":
         return _load_jsonl(path)
@@ -92,26 +97,43 @@ def _vector(value: object, field: str, dim: int | None, where: dict) -> list[flo
 
 def iter_jsonl_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """``(row, where)`` for each non-blank line of a JSONL file; ``where`` is
-    ``{"path", "line"}`` for error messages. Bad JSON or a non-object line raises
-    :class:`DataValidationError` naming the file and line."""
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = {"path": str(path), "line": lineno}
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataValidationError(f"invalid JSON ({exc.msg})", **where) from None
-            if not isinstance(row, dict):
-                raise DataValidationError("each line must be a JSON object", **where)
-            yield row, where
+    ``{"path", "line"}`` for error messages. A line that is not UTF-8, not JSON (by the strict
+    rules of :mod:`pluralign._parse`) or not an object raises :class:`DataValidationError`
+    naming the file and line."""
+    for lineno, row in iter_json_lines(path):
+        where = {"path": str(path), "line": lineno}
+        if not isinstance(row, dict):
+            raise DataValidationError("each line must be a JSON object", **where)
+        yield row, where
+
+
+def lineno_of(where: dict[str, Any]) -> int:
+    return int(where.get("line") or 0)
+
+
+def check_user_id(user: Any, field: str, where: dict[str, Any],
+                  first: tuple[Any, int] | None) -> None:
+    """A user id is a non-empty string or an integer (not a boolean), and every row of a file
+    uses the same kind: ``7`` and ``"7"`` would silently become one user (NumPy turns both into
+    the string ``"7"``), so mixing them is refused, naming the line of the first id."""
+    if isinstance(user, bool) or not isinstance(user, str | int):
+        raise DataValidationError(f"must be a non-empty string or an integer, got {user!r}",
+                                  field=field, **where)
+    if isinstance(user, str) and not user.strip():
+        raise DataValidationError(f"must be a non-empty string or an integer, got {user!r}",
+                                  field=field, **where)
+    if first is not None and type(first[0]) is not type(user):
+        raise DataValidationError(
+            f"is {user!r} ({type(user).__name__}) but line {first[1]} has {first[0]!r} "
+            f"({type(first[0]).__name__}); user ids must all be strings or all integers",
+            field=field, **where)
 
 
 def _load_jsonl(path: Path) -> PreferenceData:
     cols: dict[str, list] = {"x": [], "phi0": [], "phi1": [], "y": [], "users": []}
     dims: dict[str, int | None] = {"x": None, "phi0": None, "phi1": None}
     has: dict[str, bool | None] = {"x": None, "user": None}
+    first_user: tuple[Any, int] | None = None
     for row, where in iter_jsonl_objects(path):
         unknown = set(row) - {"x", "phi0", "phi1", "y", "user"}
         if unknown:
@@ -146,10 +168,8 @@ def _load_jsonl(path: Path) -> PreferenceData:
         cols["y"].append(row["y"])
         if has["user"]:
             user = row["user"]
-            if not isinstance(user, str | int) or isinstance(user, bool):
-                raise DataValidationError(
-                    f"must be a string or integer, got {user!r}", field="user", **where
-                )
+            check_user_id(user, "user", where, first_user)
+            first_user = first_user or (user, lineno_of(where))
             cols["users"].append(user)
     if not cols["y"]:
         raise DataValidationError("file holds no comparisons", path=str(path))

@@ -34,7 +34,6 @@ chosen survey ``attributes`` become the user context.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from pluralign._parse import iter_json_lines
 from pluralign.data.preference import PreferenceData
 from pluralign.errors import DataValidationError
 
@@ -158,32 +158,51 @@ def _rows(source: Any, errors: _Errors) -> Iterator[tuple[str, int, Any]]:
         path = Path(source)
         if not path.exists():
             raise DataValidationError("file not found", path=str(path))
+        if not path.is_file():
+            raise DataValidationError("is not a regular file (a folder?)", path=str(path))
         if path.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:  # pragma: no cover - pyarrow is in the dev/text extras
-                raise DataValidationError("reading Parquet needs pyarrow (pip install "
-                                          "'pluralign[text]')", path=str(path)) from None
-            for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-                yield str(path), i, row
+            yield from _parquet_rows(path)
             return
         if path.suffix not in (".jsonl", ".json", ".ndjson"):
             raise DataValidationError(f"unknown suffix {path.suffix!r}; use .jsonl, .json "
                                       "(one object per line) or .parquet", path=str(path))
-        with path.open("r", encoding="utf-8") as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    errors.add(f"invalid JSON ({exc.msg})", path=str(path), line=lineno)
-                    continue
-                yield str(path), lineno, row
+        sink = errors.found if errors.mode == "collect" else None
+        for lineno, row in iter_json_lines(path, errors=sink):
+            yield str(path), lineno, row
         return
     label = f"<{type(source).__name__}>"
     for i, row in enumerate(source, start=1):
         yield label, i, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is in the dev/text extras
+        raise DataValidationError("reading Parquet needs pyarrow (pip install "
+                                  "'pluralign[text]')", path=str(path)) from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError, TypeError, OverflowError) as exc:
+        raise DataValidationError(f"not a readable Parquet file ({type(exc).__name__}: "
+                                  f"{str(exc)[:160]})", path=str(path)) from None
+    for i, row in enumerate(rows, start=1):
+        yield str(path), i, row
+
+
+def _number(value: Any, name: str) -> float:
+    """A finite real number (not a boolean) as a float; huge integers that overflow a float
+    are refused, not turned into ``inf`` or an ``OverflowError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _RowError(name, f"must hold finite numbers, got {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise _RowError(name, "holds a number too large for a 64-bit float") from None
+    if not math.isfinite(out):
+        raise _RowError(name, f"must hold finite numbers, got {value!r}")
+    return out
 
 
 def _text(value: Any, name: str) -> str:
@@ -198,6 +217,8 @@ def _text(value: Any, name: str) -> str:
             if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
                     or not isinstance(message.get("content"), str)):
                 raise _RowError(name, f"message {i} must be {{'role': str, 'content': str}}")
+            if not message["role"].strip() or not message["content"].strip():
+                raise _RowError(name, f"message {i} has an empty role or content")
             lines.append(f"{message['role']}: {message['content']}")
         return "\n".join(lines)
     raise _RowError(name, f"must be a non-empty string or a list of messages, got "
@@ -217,19 +238,15 @@ def _user(value: Any, name: str = "user_id") -> str | int:
 def _context(value: Any, name: str = "user_context") -> tuple[str, Any]:
     """``("vector", [floats])`` or ``("attributes", {name: value})``."""
     if isinstance(value, list):
-        out = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise _RowError(name, f"must hold finite numbers, got {v!r}")
-            out.append(float(v))
+        out = [_number(v, name) for v in value]
         if not out:
             raise _RowError(name, "is an empty list")
         return "vector", out
     if isinstance(value, Mapping):
         flat = _flatten(value)
         for key, v in flat.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise _RowError(f"{name}.{key}", f"must be finite, got {v!r}")
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                _number(v, f"{name}.{key}")
             if not (v is None or isinstance(v, str | int | float | bool)):
                 raise _RowError(f"{name}.{key}", f"must be a number, string, boolean or null, "
                                                  f"got {type(v).__name__}")
@@ -238,14 +255,26 @@ def _context(value: Any, name: str = "user_context") -> tuple[str, Any]:
                           f"{type(value).__name__}")
 
 
-def _flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
+def _flatten(mapping: Mapping, prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    """Nested attributes as dotted names (``{"a": {"b": 1}}`` → ``{"a.b": 1}``). Two entries
+    that flatten to the same name (``{"a.b": 1, "a": {"b": 2}}``) are refused, not merged."""
+    from pluralign._parse import MAX_DEPTH
+
+    if depth > MAX_DEPTH:
+        raise _RowError(prefix.rstrip(".") or None, f"nested more than {MAX_DEPTH} levels deep")
     out: dict[str, Any] = {}
     for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise _RowError(prefix.rstrip(".") or None,
+                            f"attribute names must be strings, got {key!r}")
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
+        items = _flatten(value, name + ".", depth + 1).items() if isinstance(value, Mapping) \
+            else [(name, value)]
+        for flat_name, flat_value in items:
+            if flat_name in out:
+                raise _RowError(flat_name, "two attributes flatten to this name (a dotted key "
+                                           "and a nested mapping); rename one")
+            out[flat_name] = flat_value
     return out
 
 
@@ -290,6 +319,12 @@ class _Contexts:
         if mixed:
             raise DataValidationError(f"attribute {mixed[0]!r} mixes numbers and other values",
                                       field=f"user_context.{mixed[0]}")
+        pairs = {(k, str(v)) for row in self.rows for k, v in row.items() if k not in numeric}
+        if len({f"{k}={v}" for k, v in pairs}) != len(pairs) or set(categorical) & set(numeric):
+            clash = sorted(f"{k}={v}" for k, v in pairs)
+            dup = next(n for n in clash if clash.count(n) > 1 or n in numeric)
+            raise DataValidationError(f"two attributes give the same one-hot column {dup!r}; "
+                                      "rename one", field="user_context")
         names = numeric + categorical
         col = {n: i for i, n in enumerate(names)}
         arr = np.zeros((len(self.rows), len(names)))
@@ -313,8 +348,13 @@ def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: _Error
     users = columns["users"]
     kinds = {type(u) for u in users}
     if len(kinds) > 1:
-        raise DataValidationError("user ids mix integers and strings; use one type",
-                                  field="user_id", path=source)
+        first = users[0]
+        i = next(i for i, u in enumerate(users) if type(u) is not type(first))
+        path, line = columns["where"][i]
+        raise DataValidationError(
+            f"is {users[i]!r} but the first row's is {first!r}: user ids mix integers and "
+            "strings (7 and '7' would merge); use one type", field="user_id", path=path,
+            line=line)
     return TextPreferences(prompts=columns["prompts"], chosen=columns["chosen"],
                            rejected=columns["rejected"], users=np.array(users), contexts=x,
                            context_names=names, where=columns["where"], template=template,
@@ -409,7 +449,7 @@ def _summarize_row(row: Any, include_articles: bool) -> tuple[str, str, str, str
             raise _RowError(f"summaries[{i}].text", "must be a non-empty string")
         texts.append(summary["text"].strip())
     choice = row["choice"]
-    if isinstance(choice, bool) or choice not in (0, 1):
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
         raise _RowError("choice", f"must be 0 or 1, got {choice!r}")
     worker = _user(row["worker"], "worker")
     post = info.get("post")
@@ -504,6 +544,10 @@ def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: _Errors
             turn = row["turn"]
             if isinstance(turn, bool) or not isinstance(turn, int):
                 raise _RowError("turn", f"must be an integer, got {turn!r}")
+            conversation = row["conversation_id"]
+            if isinstance(conversation, bool) or not isinstance(conversation, str | int):
+                raise _RowError("conversation_id", f"must be a string or an integer, got "
+                                                   f"{conversation!r}")
             parsed = {"user": user, "prompt": _text(row["user_prompt"], "user_prompt"),
                       "response": _text(row["model_response"], "model_response"),
                       "chosen": row["if_chosen"]}
@@ -610,7 +654,11 @@ def read_text_preferences(path: str | Path, *, format: str = "auto",
 
 def validate_file(path: str | Path, *, format: str = "auto", survey: str | Path | None = None
                   ) -> tuple[int, list[DataValidationError]]:
-    """Check every row of ``path``: ``(number of comparisons read, [every error])``."""
+    """Check every row of ``path``: ``(number of comparisons read, [every error])``.
+
+    Bad rows are returned; a file that cannot be read at all (missing, a folder, not a valid
+    ``.npz``/Parquet file, an unknown format) raises :class:`DataValidationError` — what
+    ``pluralign data validate`` reports with exit code 1 and 2 respectively."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt not in FORMATS:
         raise DataValidationError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}",
@@ -621,6 +669,8 @@ def validate_file(path: str | Path, *, format: str = "auto", survey: str | Path 
         try:
             return load_preferences(path).n, []
         except DataValidationError as err:  # the numeric reader stops at the first error
+            if err.line is None and err.field is None and err.row is None:
+                raise  # the file itself is unreadable (missing, a folder, not an .npz)
             return 0, [err]
     reader: Callable[..., Any]
     if fmt == "trl":

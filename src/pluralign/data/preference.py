@@ -19,14 +19,21 @@ __all__ = ["PreferenceData"]
 
 
 def _as_float_matrix(name: str, value: object, n_rows: int | None = None) -> np.ndarray:
+    """``value`` as a finite ``(n, d)`` float64 matrix with ``d ≥ 1``; anything that is not real
+    numbers (strings, complex, datetimes, objects) is refused rather than cast."""
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        raw = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise DataValidationError(f"cannot be read as numbers ({exc})", field=name) from None
+    if raw.dtype.kind not in "biuf":
+        raise DataValidationError(f"must hold real numbers, got dtype {raw.dtype}", field=name)
+    arr = raw.astype(np.float64)
     if arr.ndim != 2:
         raise DataValidationError(
             f"must be a 2-D array (n, d), got shape {arr.shape}", field=name
         )
+    if arr.shape[1] == 0:
+        raise DataValidationError("has no columns (d = 0)", field=name)
     if n_rows is not None and arr.shape[0] != n_rows:
         raise DataValidationError(
             f"has {arr.shape[0]} rows but 'y' has {n_rows} (lengths must match)", field=name
@@ -35,6 +42,48 @@ def _as_float_matrix(name: str, value: object, n_rows: int | None = None) -> np.
     if bad.any():
         raise DataValidationError("contains NaN or inf", field=name, row=int(np.argmax(bad)))
     return arr
+
+
+def _as_user_ids(value: object, n: int) -> np.ndarray:
+    """User ids as one ``int64`` or one string array. Python/NumPy integers and strings are
+    accepted, but not both in one data set: NumPy would turn ``7`` and ``"7"`` into the same
+    string ``"7"`` and merge two users silently."""
+    if isinstance(value, np.ndarray) and value.dtype.kind != "O":
+        users = value
+    else:
+        users = np.empty(len(value), dtype=object) if isinstance(value, list | tuple) \
+            else np.asarray(value, dtype=object)
+        if isinstance(value, list | tuple):
+            users[:] = list(value)
+    if users.shape != (n,):
+        raise DataValidationError(
+            f"must have shape ({n},) like 'y', got {users.shape}", field="users"
+        )
+    if users.dtype.kind == "O":
+        items = users.tolist()
+        ints = [isinstance(u, int | np.integer) and not isinstance(u, bool | np.bool_)
+                for u in items]
+        strs = [isinstance(u, str) for u in items]
+        bad = [i for i, (a, b) in enumerate(zip(ints, strs, strict=True)) if not (a or b)]
+        if bad:
+            raise DataValidationError(f"user ids must be integers or strings, got "
+                                      f"{items[bad[0]]!r}", field="users", row=bad[0])
+        if any(ints) and any(strs):
+            row = strs.index(True) if ints[0] else ints.index(True)
+            raise DataValidationError(
+                "user ids mix integers and strings (7 and '7' would merge); use one type",
+                field="users", row=row)
+        users = np.array(items, dtype=np.int64) if all(ints) else np.array(items, dtype=str)
+    if users.dtype.kind not in "iuU":
+        raise DataValidationError(
+            f"user ids must be integers or strings, got dtype {users.dtype}", field="users"
+        )
+    if users.dtype.kind == "U":
+        empty = np.char.str_len(np.char.strip(users)) == 0
+        if empty.any():
+            raise DataValidationError("user ids must be non-empty", field="users",
+                                      row=int(np.argmax(empty)))
+    return users
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,30 +135,13 @@ class PreferenceData:
         object.__setattr__(self, "phi1", phi1)
         if self.x is not None:
             object.__setattr__(self, "x", _as_float_matrix("x", self.x, n))
+        with np.errstate(over="ignore", invalid="ignore"):
+            overflow = ~np.isfinite(phi1 - phi0).all(axis=1)
+        if overflow.any():
+            raise DataValidationError("phi1 - phi0 overflows (features too large)",
+                                      field="phi1", row=int(np.argmax(overflow)))
         if self.users is not None:
-            users = np.asarray(self.users)
-            if users.shape != (n,):
-                raise DataValidationError(
-                    f"must have shape ({n},) like 'y', got {users.shape}", field="users"
-                )
-            if users.dtype.kind == "O":
-                kinds = {type(u) for u in users.tolist()}
-                if not kinds <= {str, int}:
-                    raise DataValidationError(
-                        f"user ids must be integers or strings, got {sorted(map(str, kinds))}",
-                        field="users",
-                    )
-                if len(kinds) > 1:
-                    raise DataValidationError(
-                        "user ids mix integers and strings; use one type", field="users"
-                    )
-                users = users.astype(str) if kinds == {str} else users.astype(np.int64)
-            if users.dtype.kind not in "iuU":
-                raise DataValidationError(
-                    f"user ids must be integers or strings, got dtype {users.dtype}",
-                    field="users",
-                )
-            object.__setattr__(self, "users", users)
+            object.__setattr__(self, "users", _as_user_ids(self.users, n))
 
     # ------------------------------------------------------------------ shape
     def __len__(self) -> int:

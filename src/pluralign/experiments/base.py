@@ -9,16 +9,160 @@ A method may instead return a *curve*: a list of metric dicts, each with its own
 x value, e.g. the round of an online loop). Each point becomes a row whose ``n`` is that x value,
 with ``unit_n`` (the unit's ``n``, which keys resuming) and ``unit_rows`` (the unit's row count,
 so that a unit cut short mid-write is recomputed). A point may carry its own ``fit_seconds``.
+
+Every env parameter and option is declared with a default *and* a constraint (:class:`Range`
+or :class:`Choice`, in ``env_spec`` / ``option_spec``); :func:`pluralign.experiments.config.
+resolve_config` converts each value to its default's type and then checks its constraint, so a
+config is refused when it is resolved, with the key named, never midway through a run.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Experiment", "Unit", "UnitContext"]
+from pluralign.errors import ConfigError
+
+__all__ = ["MAX_DIM", "MAX_ITER", "MAX_REPEATS", "MAX_SAMPLES", "MAX_SCALE", "MAX_SEED",
+           "MAX_SETTINGS",
+           "Choice", "Constraint", "Experiment", "Range", "Unit", "UnitContext", "show"]
+
+# Upper bounds of the sane sizes a config may ask for (documented in docs/experiments.md).
+MAX_REPEATS = 10_000
+MAX_SAMPLES = 10**8  # sample sizes, rounds, held-out and target sizes
+MAX_DIM = 10_000  # feature dimensions, ranks, candidates per state, users
+MAX_ITER = 10**7  # iteration caps
+MAX_SETTINGS = 100_000  # env settings after a sweep's expansion
+MAX_SEED = 2**63 - 1  # the largest integer pluralign's YAML reader takes
+MAX_SCALE = 1e6  # magnitudes of simulator parameters (shifts, scales, temperatures)
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """A short ``repr`` for error messages (a 5,000-digit int has no ``repr``: Python refuses
+    to print an int past 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    if isinstance(value, list | tuple | dict):
+        text = f"<a {type(value).__name__} of {len(value)} item(s)>"
+        try:
+            full = repr(value)
+        except (ValueError, RecursionError):
+            return text
+        return full if len(full) <= limit else text
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bound(value: float) -> str:
+    if value == MAX_SAMPLES:
+        return "10^8"
+    if value == MAX_ITER:
+        return "10^7"
+    if value == MAX_SEED:
+        return "2^63 − 1"
+    if abs(value) == MAX_SCALE:
+        return ("-" if value < 0 else "") + "10^6"
+    return f"{value:,}".replace(",", "_") if isinstance(value, int) else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A finite number in ``[lo, hi]`` (``lo_open`` / ``hi_open``: that end excluded; ``None``:
+    unbounded). The number type is the default's: an ``int`` default takes whole numbers only.
+
+    ``at_most`` names keys of the same mapping (the same env setting, or the options) the value
+    may not exceed, e.g. a rank and the dimensions. For a list-valued key the constraint applies
+    to every item, ``length = (min, max)`` bounds the list's length and ``nondecreasing`` asks
+    for sorted items. ``nullable``: ``null`` is allowed (a number is then read as a float).
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    at_most: tuple[str, ...] = ()
+    length: tuple[int, int] | None = None
+    nondecreasing: bool = False
+    nullable: bool = False
+
+    def describe(self) -> str:
+        """The allowed values, e.g. ``(0, 1)``, ``[1, 10^8], ≤ d_x, d_phi``."""
+        if self.lo is None and self.hi is None:
+            text = "finite"
+        elif self.hi is None:
+            text = f"{'>' if self.lo_open else '≥'} {_bound(self.lo)}"
+        elif self.lo is None:
+            text = f"{'<' if self.hi_open else '≤'} {_bound(self.hi)}"
+        else:
+            text = (f"in {'(' if self.lo_open else '['}{_bound(self.lo)}, {_bound(self.hi)}"
+                    f"{')' if self.hi_open else ']'}")
+        if self.at_most:
+            text += ", ≤ " + ", ".join(f"`{k}`" for k in self.at_most)
+        if self.length is not None:
+            lo, hi = self.length
+            size = f"{lo}" if lo == hi else f"{lo}–{hi}"
+            text = f"list of {size} values, each {text}"
+            if self.nondecreasing:
+                text += ", non-decreasing"
+        if self.nullable:
+            text += ", or null"
+        return text
+
+    def check(self, key: str, value: Any, mapping: Mapping[str, Any]) -> None:
+        """Refuse ``value`` (already converted to the default's type) with the key named."""
+        if value is None and self.nullable:
+            return
+        if self.length is not None:
+            if not isinstance(value, list) or not self.length[0] <= len(value) <= self.length[1]:
+                raise ConfigError(f"{key!r} must be a {self.describe().replace('`', '')}, got "
+                                  f"{show(value)}")
+            for i, item in enumerate(value):
+                self._check_number(f"{key}[{i}]", item, mapping)
+            if self.nondecreasing and any(a > b for a, b in itertools.pairwise(value)):
+                raise ConfigError(f"{key!r} must be non-decreasing, got {show(value)}")
+            return
+        self._check_number(key, value, mapping)
+
+    def _check_number(self, key: str, value: Any, mapping: Mapping[str, Any]) -> None:
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and math.isfinite(value))
+        if ok and self.lo is not None:
+            ok = value > self.lo if self.lo_open else value >= self.lo
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        if not ok:
+            bounds = Range(self.lo, self.hi, self.lo_open, self.hi_open).describe()
+            bounds = "a finite number" if bounds == "finite" else bounds
+            raise ConfigError(f"{key!r} must be {bounds}, got {show(value)}")
+        prefix = key.rpartition(".")[0]
+        for other in self.at_most:
+            limit = mapping.get(other)
+            if isinstance(limit, int | float) and not isinstance(limit, bool) and value > limit:
+                name = f"{prefix}.{other}" if prefix else other
+                raise ConfigError(f"{key!r} must be ≤ {name!r} = {limit}, got {show(value)}")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``choices``."""
+
+    choices: tuple[Any, ...]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`"
+                                     for c in self.choices)
+
+    def check(self, key: str, value: Any, mapping: Mapping[str, Any]) -> None:
+        if not any(type(value) is type(c) and value == c for c in self.choices):
+            raise ConfigError(f"{key!r} must be {self.describe().replace('`', '')}, got "
+                              f"{show(value)}")
+
+
+Constraint = Range | Choice
 
 
 @dataclass(frozen=True)
@@ -79,6 +223,11 @@ class Experiment:
     resolved_config) -> [{"claim", "held", "detail"}]`` checks the experiment's claims (printed
     by ``pluralign run`` / ``report``); ``table_metrics``, the metrics of the printed table
     (default: all).
+
+    ``env_spec`` / ``option_spec`` give every env parameter / option a :class:`Range` or
+    :class:`Choice`, checked when a config is resolved; ``check_config(resolved)`` (optional)
+    checks what relates sections (e.g. an option bounded by an env parameter) and raises
+    :class:`~pluralign.errors.ConfigError`.
     """
 
     name: str
@@ -94,6 +243,9 @@ class Experiment:
     extra_plots: Callable[..., list[Any]] | None = None
     claims: Callable[..., list[dict[str, Any]]] | None = None
     table_metrics: tuple[str, ...] | None = None
+    env_spec: Mapping[str, Constraint] = field(default_factory=dict)
+    option_spec: Mapping[str, Constraint] = field(default_factory=dict)
+    check_config: Callable[[dict[str, Any]], None] | None = None
 
     def run_unit(self, config: dict[str, Any], unit: Unit) -> list[dict[str, Any]]:
         env_params = config["env"][unit.setting]

@@ -19,76 +19,161 @@ setting). Settings that resolve to the same parameters are kept once. The resolv
 the expanded ``env`` settings and no ``sweep``, so resolving it again gives the same config.
 
 Unknown keys, env parameters, options and methods raise :class:`~pluralign.errors.ConfigError`
-listing the valid ones.
+listing the valid ones. Every value is converted to its default's type and checked against the
+experiment's declared constraint (``env_spec`` / ``option_spec``, see
+:class:`~pluralign.experiments.base.Range`), so a bad value is refused here, with its key
+named, and never reaches a simulator or a solver.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pluralign.errors import ConfigError
+from pluralign.experiments.base import (
+    MAX_REPEATS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SETTINGS,
+    Constraint,
+    show,
+)
 
-__all__ = ["TOP_LEVEL_KEYS", "load_config", "resolve_config"]
+__all__ = ["TOP_LEVEL_KEYS", "load_config", "resolve_config", "spec_table"]
 
 TOP_LEVEL_KEYS = ("experiment", "seed", "repeats", "env", "n_samples", "methods", "options",
                   "quick", "sweep")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file (not yet validated)."""
+    """Read a YAML config file (not yet validated) with :mod:`pluralign._parse`'s strict
+    reader: UTF-8 only, no duplicate keys, bounded nesting and integers, safe tags only."""
+    from pluralign._parse import read_yaml_file
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    config = read_yaml_file(path, error=ConfigError)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
     return config
 
 
 def _unknown(kind: str, given: object, valid: object) -> ConfigError:
-    return ConfigError(f"unknown {kind} {given!r}; valid: {', '.join(map(str, valid))}")
+    return ConfigError(f"unknown {kind} {show(given)}; valid: {', '.join(map(str, valid))}")
 
 
-def _positive_int(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key!r} must be a positive integer, got {value!r}")
+def _positive_int(key: str, value: object, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ConfigError(f"{key!r} must be a positive integer ≤ {limit:_}, got {show(value)}")
     return value
+
+
+def _number(value: Any) -> int | float | None:
+    """``value`` as a finite int or float (a string is parsed), or ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:  # not an integer, or past Python's 4,300-digit limit
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None  # "1e999999" reads as inf
+    return None
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Give ``value`` the type of ``default`` (YAML reads ``1e-4`` as a string), or refuse."""
-    try:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
+    """Give ``value`` the type of ``default`` (YAML reads ``1e-4`` as a string), or refuse.
+
+    Numbers must be finite (the string ``1e999999`` reads as inf and is refused); an int default
+    takes whole numbers only (``2``, ``2.0``, ``"2"``, ``"1e3"``); a bool default takes a bool
+    only; a list default takes a non-empty list of values like its first item. A mapping, list
+    or ``null`` where a scalar is expected is refused. A ``None`` default takes anything.
+    """
+
+    def refuse() -> ConfigError:
+        kind = ("true or false" if isinstance(default, bool)
+                else "a whole number" if isinstance(default, int)
+                else "a finite number" if isinstance(default, float)
+                else "a non-empty list" if isinstance(default, list) else "a string")
+        return ConfigError(f"{key!r} must be {kind} like the default {show(default)}, got "
+                           f"{show(value)}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse()
+        return value
+    if isinstance(default, int | float):
+        number = _number(value)
+        if number is None:
+            raise refuse()
         if isinstance(default, int):
-            if isinstance(value, bool) or int(value) != float(value):
-                raise TypeError
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if isinstance(default, list):
-            if not isinstance(value, list | tuple) or not value:
-                raise TypeError
-            return [_coerce(key, v, default[0]) for v in value]
-        if isinstance(default, str) and not isinstance(value, str):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{key!r} must be like the default {default!r}, got {value!r}"
-        ) from None
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise refuse()
+                number = int(number)
+            return number
+        try:
+            return float(number)
+        except OverflowError:  # an int past the float range
+            raise refuse() from None
+    if isinstance(default, list):
+        if not isinstance(value, list | tuple) or not value:
+            raise refuse()
+        return [_coerce(key, v, default[0]) for v in value]
+    if isinstance(default, str) and not isinstance(value, str):
+        raise refuse()
     return value
+
+
+def _resolve_mapping(section: str, given: Mapping[Any, Any], defaults: Mapping[str, Any],
+                     spec: Mapping[str, Constraint]) -> dict[str, Any]:
+    """``given`` with defaults filled in, each value converted and checked against ``spec``."""
+    out = {}
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        constraint = spec.get(key)
+        nullable = getattr(constraint, "nullable", False)
+        if value is None and (nullable or (default is None and constraint is None)):
+            out[key] = None
+        else:
+            out[key] = _coerce(f"{section}.{key}", value, 0.0 if default is None else default)
+    for key, constraint in spec.items():
+        if key in out:
+            constraint.check(f"{section}.{key}", out[key], out)
+    return out
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def spec_table(experiment: Any) -> str:
+    """The Markdown table of an experiment's keys, defaults and allowed values (generated from
+    its ``env_spec`` / ``option_spec``; docs/experiments.md holds a copy, checked by a test)."""
+    lines = [f"| `{experiment.name}` key | default | allowed |", "| --- | --- | --- |"]
+    for section, defaults, spec in (("env", experiment.env_defaults, experiment.env_spec),
+                                    ("options", experiment.option_defaults,
+                                     experiment.option_spec)):
+        for key, default in defaults.items():
+            text = json.dumps(default)
+            allowed = spec[key].describe() if key in spec else "anything"
+            lines.append(f"| `{section}.{key}` | `{text}` | {allowed} |")
+    return "\n".join(lines) + "\n"
 
 
 def _expand_sweep(envs: list[dict[str, Any]], sweep: Any, valid: Any) -> list[dict[str, Any]]:
@@ -96,6 +181,12 @@ def _expand_sweep(envs: list[dict[str, Any]], sweep: Any, valid: Any) -> list[di
     grids = [sweep] if isinstance(sweep, dict) else sweep
     if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) for g in grids):
         raise ConfigError("'sweep' must be a mapping {param: [values]} or a list of them")
+    size = 0
+    for grid in grids:
+        size += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+    if len(envs) * size > MAX_SETTINGS:
+        raise ConfigError(f"the sweep expands to {len(envs) * size:_} env settings; at most "
+                          f"{MAX_SETTINGS:_} are allowed")
     out = []
     for env in envs:
         for grid in grids:
@@ -118,56 +209,70 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     """
     from pluralign.experiments import EXPERIMENTS
 
-    config = copy.deepcopy(config)
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {show(config)}")
+    try:
+        config = copy.deepcopy(config)
+    except RecursionError:
+        raise ConfigError("the config is nested too deeply") from None
     for key in config:
         if key not in TOP_LEVEL_KEYS:
             raise _unknown("config key", key, TOP_LEVEL_KEYS)
     name = config.get("experiment", "loco")
-    if name not in EXPERIMENTS:
+    if not isinstance(name, str) or name not in EXPERIMENTS:
         raise _unknown("experiment", name, sorted(EXPERIMENTS))
     experiment = EXPERIMENTS[name]
     overrides = config.pop("quick", None) or {}
     if not isinstance(overrides, dict):
         raise ConfigError("'quick' must be a mapping of overrides")
+    for key in overrides:  # checked with or without --quick: a typo fails early
+        if key not in TOP_LEVEL_KEYS or key in ("quick", "experiment"):
+            raise _unknown("quick override", key,
+                           [k for k in TOP_LEVEL_KEYS if k not in ("quick", "experiment")])
     if quick:
-        for key in overrides:
-            if key not in TOP_LEVEL_KEYS or key in ("quick", "experiment"):
-                raise _unknown("quick override", key,
-                               [k for k in TOP_LEVEL_KEYS if k not in ("quick", "experiment")])
-        config.update(copy.deepcopy(overrides))
+        config.update(overrides)
 
     seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"'seed' must be a non-negative integer, got {seed!r}")
-    repeats = _positive_int("repeats", config.get("repeats", 1))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"'seed' must be an integer in [0, 2^63 − 1], got {show(seed)}")
+    repeats = _positive_int("repeats", config.get("repeats", 1), MAX_REPEATS)
 
     envs = config.get("env", {})
     envs = [envs] if isinstance(envs, dict) else envs
     if not isinstance(envs, list) or not envs or not all(isinstance(e, dict) for e in envs):
         raise ConfigError("'env' must be a mapping, or a non-empty list of mappings")
+    if len(envs) > MAX_SETTINGS:
+        raise ConfigError(f"'env' lists {len(envs):_} settings; at most {MAX_SETTINGS:_} are "
+                          "allowed")
     if config.get("sweep") is not None:
         envs = _expand_sweep(envs, config["sweep"], experiment.env_defaults)
     resolved_envs = []
+    seen: set[str] = set()
     for env in envs:
         for key in env:
             if key not in experiment.env_defaults:
                 raise _unknown("env parameter", key, experiment.env_defaults)
-        resolved_envs.append(
-            {k: _coerce(f"env.{k}", env.get(k, d), d) for k, d in experiment.env_defaults.items()}
-        )
-    if config.get("sweep") is not None:  # grids of a sweep may share settings: keep each once
-        resolved_envs = [e for i, e in enumerate(resolved_envs) if e not in resolved_envs[:i]]
-    names = [experiment.describe_setting(env) for env in resolved_envs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two env settings are the same (or differ only in parameters the "
-                          f"setting name omits): {names}")
+        resolved = _resolve_mapping("env", env, experiment.env_defaults, experiment.env_spec)
+        if config.get("sweep") is not None:  # grids of a sweep may share settings: keep each once
+            canonical = _canonical(resolved)
+            if canonical in seen:
+                continue
+            seen.add(canonical)
+        resolved_envs.append(resolved)
+    first: dict[str, int] = {}
+    for index, env in enumerate(resolved_envs):
+        setting = experiment.describe_setting(env)
+        if setting in first:
+            raise ConfigError(f"env settings {first[setting]} and {index} are the same (or "
+                              f"differ only in parameters the setting name omits): {setting!r}")
+        first[setting] = index
 
     n_samples = config.get("n_samples", list(experiment.default_n_samples))
     if isinstance(n_samples, int):
         n_samples = [n_samples]
     if not isinstance(n_samples, list) or not n_samples:
         raise ConfigError("'n_samples' must be a non-empty list of positive integers")
-    n_samples = sorted({_positive_int("n_samples", n) for n in n_samples})
+    n_samples = sorted({_positive_int("n_samples", n, MAX_SAMPLES) for n in n_samples})
 
     methods = config.get("methods", list(experiment.methods))
     if isinstance(methods, str):
@@ -175,7 +280,7 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     if not isinstance(methods, list) or not methods:
         raise ConfigError("'methods' must be a non-empty list")
     for method in methods:
-        if method not in experiment.methods:
+        if not isinstance(method, str) or method not in experiment.methods:
             raise _unknown("method", method, experiment.methods)
 
     options = config.get("options", {}) or {}
@@ -184,10 +289,10 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     for key in options:
         if key not in experiment.option_defaults:
             raise _unknown("option", key, experiment.option_defaults)
-    options = {k: _coerce(f"options.{k}", options.get(k, d), d)
-               for k, d in experiment.option_defaults.items()}
+    options = _resolve_mapping("options", options, experiment.option_defaults,
+                               experiment.option_spec)
 
-    return {
+    resolved_config = {
         "experiment": name,
         "seed": seed,
         "repeats": repeats,
@@ -196,3 +301,6 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
         "methods": list(dict.fromkeys(methods)),
         "options": options,
     }
+    if experiment.check_config is not None:
+        experiment.check_config(resolved_config)
+    return resolved_config

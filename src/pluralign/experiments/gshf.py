@@ -48,8 +48,18 @@ import numpy as np
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.data import PreferenceData
 from pluralign.envs import KLBandit
+from pluralign.envs.kl_bandit import BEHAVIORS
 from pluralign.errors import ConfigError
-from pluralign.experiments.base import Experiment, UnitContext
+from pluralign.experiments.base import (
+    MAX_DIM,
+    MAX_SAMPLES,
+    MAX_SCALE,
+    Choice,
+    Constraint,
+    Experiment,
+    Range,
+    UnitContext,
+)
 from pluralign.online import Enhancer, OnlineGSHF
 from pluralign.policies import PessimisticGibbs, gibbs_probs
 from pluralign.rewards import Linear
@@ -81,6 +91,55 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "target_gap": 0.05,
     "distinct_pairs": False,
 }
+
+# What each value may be (checked by resolve_config; tabulated in docs/experiments.md).
+ENV_SPEC: dict[str, Constraint] = {
+    "d": Range(2, MAX_DIM),
+    "n_actions": Range(2, MAX_DIM),
+    "eta": Range(0, MAX_SCALE, lo_open=True),
+    "reward_scale": Range(0, MAX_SCALE),
+    "ref_scale": Range(0, MAX_SCALE),
+    "ref_alignment": Range(-1, 1),
+    "coverage": Range(0, 1, lo_open=True),
+    "uncovered_dim": Range(0, MAX_DIM, at_most=("d",)),
+    "uncovered_reward": Range(0, 1, nullable=True),
+    "behavior": Choice(BEHAVIORS),
+    "n_eval": Range(1, MAX_SAMPLES),
+}
+
+OPTION_SPEC: dict[str, Constraint] = {
+    "batch_size": Range(1, MAX_SAMPLES),
+    "ridge": Range(0, None, lo_open=True),
+    "beta": Range(0, None),
+    "delta": Range(0, 1, lo_open=True, hi_open=True),
+    "hybrid_offline": Range(1, MAX_SAMPLES),
+    "n_directions": Range(1, 1000),
+    "opt_tol": Range(0, None, lo_open=True),
+    "target_gap": Range(0, None),
+    "distinct_pairs": Choice((False, True)),
+}
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """One rounds value ``T`` with ``T·m`` offline comparisons of sane size, and an
+    ``uncovered_reward`` share that the subspace dimensions allow."""
+    n_samples, m = config["n_samples"], config["options"]["batch_size"]
+    if len(n_samples) != 1:
+        raise ConfigError(
+            f"gshf takes one value in n_samples (the number of rounds T; every round is "
+            f"reported), got {n_samples}"
+        )
+    if n_samples[0] * m > MAX_SAMPLES:
+        raise ConfigError(f"gshf draws T·batch_size = {n_samples[0]}·{m} offline comparisons; "
+                          f"at most {MAX_SAMPLES:.0e} are allowed")
+    for index, env in enumerate(config["env"]):
+        share, dim = env["uncovered_reward"], env["uncovered_dim"]
+        if share is not None and ((share > 0 and dim == 0) or (share < 1 and dim == env["d"])):
+            raise ConfigError(
+                f"'env.uncovered_reward' (setting {index}) = {share} needs uncovered_dim > 0 "
+                f"for a share > 0 and uncovered_dim < d for a share < 1 (uncovered_dim={dim}, "
+                f"d={env['d']})"
+            )
 
 
 # ---------------------------------------------------------------------- shared objects
@@ -257,6 +316,9 @@ GSHF = Experiment(
     logx=False,
     claims=lambda rows, config: check_gshf_claims(rows, config),
     table_metrics=("gap", "kl", "duality_gap", "uncertainty", "identical_pairs"),
+    env_spec=ENV_SPEC,
+    option_spec=OPTION_SPEC,
+    check_config=_check_config,
 )
 
 
@@ -265,13 +327,19 @@ def _curves(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[
     """``{(setting, method): {repeat: {round: gap}}}``."""
     out: dict[tuple[str, str], dict[int, dict[int, float]]] = {}
     for row in rows:
+        gap = row.get("gap")
+        if isinstance(gap, bool) or not isinstance(gap, int | float):
+            continue  # a row without a gap (an edited file) gives no point of the curve
         out.setdefault((row["setting"], row["method"]), {}).setdefault(row["repeat"], {})[
-            row["n"]] = row["gap"]
+            row["n"]] = gap
     return out
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (NaN, NaN for no values: nothing to compare)."""
     arr = np.asarray(values, float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
     se = float(arr.std(ddof=1) / np.sqrt(arr.size)) if arr.size > 1 else float("nan")
     return float(arr.mean()), se
 
@@ -287,7 +355,7 @@ def rounds_to_target(curve: dict[int, float], target: float) -> int | None:
 def _paired(curves: dict, setting: str, a: str, b: str, t: int) -> tuple[float, float, int, int]:
     """Mean ± se of ``gap(a) − gap(b)`` at round ``t`` over repeats; how often ``a`` is lower."""
     ca, cb = curves[(setting, a)], curves[(setting, b)]
-    diff = [ca[r][t] - cb[r][t] for r in ca if r in cb]
+    diff = [ca[r][t] - cb[r][t] for r in ca if r in cb and t in ca[r] and t in cb[r]]
     mean, se = _mean_se(diff)
     return mean, se, sum(d < 0 for d in diff), len(diff)
 
@@ -365,13 +433,15 @@ def check_gshf_claims(rows: list[dict[str, Any]], config: dict[str, Any]
 def report(out: str | Path) -> str:
     """The C8/C9/C10 comparisons of a finished ``gshf`` run, as text (means ± standard errors
     over repeats; paired differences use the same repeat's truth and data)."""
-    from pluralign.experiments.runner import read_results
+    from pluralign.errors import ConfigError
+    from pluralign.experiments.config import resolve_config
+    from pluralign.experiments.runner import read_config_file, run_rows
 
     out = Path(out)
-    import yaml
-
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    rows = read_results(out / "results.jsonl")
+    config = resolve_config(read_config_file(out / "config.yaml"))
+    if config["experiment"] != "gshf":
+        raise ConfigError(f"{out} holds a {config['experiment']!r} run, not a gshf run")
+    rows = run_rows(out / "results.jsonl", config)
     curves = _curves(rows)
     T = config["n_samples"][0]
     target = config["options"]["target_gap"]
@@ -383,7 +453,8 @@ def report(out: str | Path) -> str:
         for t in sorted({1, T // 4, T // 2, T} - {0}):
             cells = []
             for method in [m for m in config["methods"] if m in have]:
-                mean, se = _mean_se([c[t] for c in curves[(setting, method)].values()])
+                mean, se = _mean_se([c[t] for c in curves[(setting, method)].values()
+                                     if t in c])
                 cells.append(f"{method}={mean:.4f}±{se:.4f}")
             lines.append(f"  round {t:>3}: " + "  ".join(cells))
         pairs = [("offline_option1", "offline_mle"), ("offline_option2", "offline_mle"),

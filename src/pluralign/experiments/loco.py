@@ -42,7 +42,18 @@ import numpy as np
 
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.envs import LowRankContextual
-from pluralign.experiments.base import Experiment, UnitContext
+from pluralign.envs.lowrank_contextual import BEHAVIORS
+from pluralign.experiments.base import (
+    MAX_DIM,
+    MAX_ITER,
+    MAX_SAMPLES,
+    MAX_SCALE,
+    Choice,
+    Constraint,
+    Experiment,
+    Range,
+    UnitContext,
+)
 from pluralign.policies import Greedy, Pessimistic, Policy
 from pluralign.rewards import (
     Bilinear,
@@ -75,6 +86,28 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "delta": 0.05,
     "fw_tol": 1e-4,
     "fw_max_iter": 300,
+}
+
+# What each value may be (checked by resolve_config; tabulated in docs/experiments.md).
+ENV_SPEC: dict[str, Constraint] = {
+    "d_x": Range(1, MAX_DIM),
+    "d_phi": Range(1, MAX_DIM),
+    "rank": Range(1, MAX_DIM, at_most=("d_x", "d_phi")),
+    "n_actions": Range(2, MAX_DIM),
+    "shift": Range(-MAX_SCALE, MAX_SCALE),
+    "behavior": Choice(BEHAVIORS),
+    "skew": Range(-MAX_SCALE, MAX_SCALE),
+    "singular_values": Range(0, MAX_SCALE, lo_open=True, length=(2, 2), nondecreasing=True),
+    "n_targets": Range(1, MAX_SAMPLES),
+    "n_heldout": Range(1, MAX_SAMPLES),
+}
+
+OPTION_SPEC: dict[str, Constraint] = {
+    "ridge_grid": Range(0, None, lo_open=True, length=(1, 100)),
+    "beta": Range(0, None),
+    "delta": Range(0, 1, lo_open=True, hi_open=True),
+    "fw_tol": Range(0, None, lo_open=True),
+    "fw_max_iter": Range(1, MAX_ITER),
 }
 
 
@@ -248,4 +281,6 @@ LOCO = Experiment(
     metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap"),
     plot_metric="suboptimality",
     describe_setting=describe_setting,
+    env_spec=ENV_SPEC,
+    option_spec=OPTION_SPEC,
 )

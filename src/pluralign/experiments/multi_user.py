@@ -49,7 +49,17 @@ import numpy as np
 
 from pluralign.data import PreferenceData
 from pluralign.envs import MultiUser
-from pluralign.experiments.base import Experiment, UnitContext
+from pluralign.errors import ConfigError
+from pluralign.experiments.base import (
+    MAX_DIM,
+    MAX_SAMPLES,
+    MAX_SCALE,
+    Choice,
+    Constraint,
+    Experiment,
+    Range,
+    UnitContext,
+)
 from pluralign.policies import Greedy, Leximin, PerUserPolicies, Utilitarian
 from pluralign.policies.aggregate import rate_beta
 from pluralign.rewards import LowRank, PerUser, Pooled, SharedBasis, subspace_distance
@@ -80,6 +90,45 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "policies": True,
     "policy_tol": 1e-4,
 }
+
+# What each value may be (checked by resolve_config; tabulated in docs/experiments.md).
+ENV_SPEC: dict[str, Constraint] = {
+    "n_users": Range(1, MAX_DIM),
+    "d_phi": Range(1, MAX_DIM),
+    "k": Range(1, MAX_DIM, at_most=("d_phi",)),
+    "diversity": Range(0, MAX_SCALE),
+    "n_actions": Range(2, MAX_DIM),
+    "imbalance": Range(0, 100),
+    "shared_scale": Range(0, MAX_SCALE),
+    "n_targets": Range(1, MAX_SAMPLES),
+    "n_heldout": Range(1, MAX_SAMPLES),
+    "n_new_users": Range(1, MAX_DIM),
+}
+
+OPTION_SPEC: dict[str, Constraint] = {
+    "ridge": Range(0, None, lo_open=True),
+    "rank": Range(0, MAX_DIM),  # 0: the true k; otherwise ≤ every setting's d_phi
+    "beta": Range(0, None),
+    "delta": Range(0, 1, lo_open=True, hi_open=True),
+    "policies": Choice((False, True)),
+    "policy_tol": Range(0, None, lo_open=True),
+}
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """A fitted rank (option ``rank``) of at most every setting's ``d_phi``, and at most 10^8
+    comparisons drawn per unit."""
+    rank, n_max = config["options"]["rank"], max(config["n_samples"])
+    for index, env in enumerate(config["env"]):
+        if rank > env["d_phi"]:
+            raise ConfigError(f"'options.rank' must be ≤ 'env.d_phi' = {env['d_phi']} of every "
+                              f"setting (0: the true k), got {rank}")
+        drawn = (env["n_users"] * (n_max + env["n_heldout"])
+                 + env["n_new_users"] * (max(ADAPT_SIZES) + env["n_heldout"]))
+        if drawn > MAX_SAMPLES:
+            raise ConfigError(f"setting {index} draws {drawn:_} comparisons per unit (n_users · "
+                              f"(n + n_heldout) + n_new_users · ({max(ADAPT_SIZES)} + n_heldout)"
+                              f"); at most {MAX_SAMPLES:_} are allowed")
 
 
 # ---------------------------------------------------------------------------- draws
@@ -553,4 +602,7 @@ MULTI_USER = Experiment(
     claims=check_multi_user_claims,
     table_metrics=("accuracy", "worst_user_accuracy", "param_error", "subspace_distance",
                    "value_gap", "value_gap_pessimistic", "newuser_accuracy_20"),
+    env_spec=ENV_SPEC,
+    option_spec=OPTION_SPEC,
+    check_config=_check_config,
 )

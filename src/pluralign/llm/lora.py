@@ -163,14 +163,13 @@ class MultiUserLoRA(nn.Module):
                  r: int = 8, alpha: float = 16.0, share: str = "B",
                  dropout: float = 0.0) -> None:
         super().__init__()
-        if share not in SHARE_MODES:
-            raise ConfigError(f"share must be one of {SHARE_MODES}, got {share!r}")
-        if int(r) < 1:
-            raise ConfigError(f"LoRA rank r must be at least 1, got {r}")
-        if int(n_users) < 1:
-            raise ConfigError(f"n_users must be at least 1, got {n_users}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        from pluralign.llm._checks import check_choice, check_float, check_int
+
+        check_choice("share", share, SHARE_MODES)
+        r = check_int("LoRA rank r", r)
+        n_users = check_int("n_users", n_users)
+        alpha = check_float("alpha", alpha, low=0.0, low_open=True)
+        dropout = check_float("dropout", dropout, low=0.0, high=1.0)
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         if not targets:
             raise ConfigError("target_modules is empty")
@@ -197,6 +196,11 @@ class MultiUserLoRA(nn.Module):
             raise ConfigError(f"target_modules {targets} match no nn.Linear module of "
                               f"{type(model).__name__}; its linear modules are named "
                               f"{available}")
+        smallest = min(min(m.in_features, m.out_features) for _, m in linear)
+        if self.r > smallest:
+            # rank(B A) <= min(r, in, out): a larger r only adds parameters (and memory)
+            raise ConfigError(f"LoRA rank r={self.r} is larger than min(in, out) = {smallest} "
+                              f"of the adapted layers; B·A cannot have a rank above that")
         self.module_names: list[str] = []
         for name, module in linear:
             parent_name, _, child = name.rpartition(".")

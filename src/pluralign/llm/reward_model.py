@@ -63,8 +63,10 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None,
     """
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    # never run a folder's own Python (auto_map), and never ask on a terminal whether to
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False,
+                                              **kwargs)
     return check_pad_token(tokenizer, pad_token, str(name_or_path))
 
 
@@ -130,7 +132,7 @@ class PersonalizedRewardModel(nn.Module):
         self.model_type = getattr(config, "model_type", None)
         self.pooling = _auto_pooling(config) if pooling == "auto" else pooling
         self.tokenizer = check_pad_token(tokenizer, None)
-        self.max_length = int(max_length)
+        self.max_length = _check_max_length(max_length, self.tokenizer)
         self.disable_dropout = disable_dropout
         self.name_or_path = name_or_path or getattr(config, "_name_or_path", None)
         self.load_kwargs = dict(load_kwargs or {})
@@ -156,21 +158,31 @@ class PersonalizedRewardModel(nn.Module):
                         tokenizer: str | None = None, torch_dtype: torch.dtype | None = None,
                         **kwargs: Any) -> PersonalizedRewardModel:
         """Load ``AutoModel`` + ``AutoTokenizer`` from a hub name or local folder (offline
-        here) and wrap them; ``gguf_file`` loads a GGUF checkpoint (e.g. SmolLM2)."""
+        here) and wrap them; ``gguf_file`` loads a GGUF checkpoint (e.g. SmolLM2): a plain file
+        name inside that folder, as exported adapters record it.
+
+        Remote code is never enabled (``trust_remote_code`` stays ``False``): a model folder
+        whose ``config.json`` names Python files in ``auto_map`` loads with transformers' own
+        class for its ``model_type``, or is refused."""
+        from safetensors import SafetensorError
         from transformers import AutoModel
 
-        text = str(name_or_path)
+        from pluralign.llm._checks import check_plain_file_name, check_string
+
+        text = check_string("name_or_path", str(name_or_path))
+        gguf_file = check_plain_file_name("gguf_file", gguf_file)
         if (Path(text).is_absolute() or text.startswith((".", "~"))) and not Path(
                 text).expanduser().is_dir():
             raise ConfigError(f"model folder not found: {text}")
-        load = {"gguf_file": gguf_file} if gguf_file else {}
+        load: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         if torch_dtype is not None:
             load["dtype"] = torch_dtype
         try:
-            backbone = AutoModel.from_pretrained(str(name_or_path), **load)
+            backbone = AutoModel.from_pretrained(str(name_or_path), trust_remote_code=False,
+                                                 **load)
             tok = load_tokenizer(tokenizer or str(name_or_path), pad_token=pad_token,
                                  gguf_file=None if tokenizer else gguf_file)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             if isinstance(exc, PluralignError):
                 raise
             raise ConfigError(f"cannot load model {name_or_path!s}: {exc}") from exc
@@ -329,6 +341,24 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (mask.long() * positions).argmax(1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _check_max_length(max_length: Any, tokenizer: Any) -> int:
+    """``max_length`` as a positive integer that leaves room for a token of the prompt and of
+    the response beside the pair's special tokens: with less, Hugging Face tokenizers log an
+    error and return the pair *untruncated*, so the token budget would silently not hold."""
+    from pluralign.llm._checks import check_int
+
+    value = check_int("max_length", max_length)
+    try:
+        special = int(tokenizer.num_special_tokens_to_add(pair=True))
+    except (AttributeError, TypeError, ValueError):
+        special = 0
+    if value < special + 2:
+        raise ConfigError(f"max_length={value} leaves no room for text: a prompt/response pair "
+                          f"takes {special} special tokens, so max_length must be at least "
+                          f"{special + 2}")
+    return value
 
 
 def _user_key(user: Any) -> str:

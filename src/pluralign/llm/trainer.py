@@ -23,11 +23,15 @@ hyper-parameters or data is refused.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import re
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +39,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pluralign._atomic import atomic_write_text
+from pluralign._atomic import atomic_write_text, fsync_dir
+from pluralign._parse import parse_json, read_text
 from pluralign.data.loaders import TextPreferences
-from pluralign.errors import ConfigError, PluralignError
+from pluralign.errors import ConfigError, DataValidationError, PluralignError, PluralignWarning
+from pluralign.llm._checks import (
+    INT_MAX,
+    check_choice,
+    check_float,
+    check_int,
+    check_string,
+    show,
+)
+from pluralign.llm._files import read_tensors, read_torch, write_bytes, write_tensors
 from pluralign.llm.data import EncodedPairs, encode_pairs
 from pluralign.llm.reward_model import PersonalizedRewardModel
 
 __all__ = ["RewardTrainer", "adapt_user", "per_user_metrics", "use_cpu"]
 
 SCHEDULES = ("constant", "linear")
+# The largest lr and weight_decay accepted. AdamW's step size lr / (1 - β₁ᵗ) (at most 10·lr)
+# and its decay factor 1 - lr·weight_decay must be representable as float32 (about 3.4e38),
+# or torch raises an overflow error inside optimizer.step; far below that, any lr above 1
+# already makes the first steps diverge, which the trainer reports (non-finite loss).
+MAX_LR = 1e6
 
 
 def use_cpu(cpu: bool = False) -> bool:
@@ -144,18 +163,29 @@ class RewardTrainer:
 
     # ------------------------------------------------------------------ checks
     def _check(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        """Refuse bad settings before any work (scikit-learn style: ``__init__`` only stores
+        them). The same ranges as ``train-rm``'s config
+        (:func:`~pluralign.llm.job.resolve_rm_config`): a non-finite or non-positive ``lr``
+        would train to NaN, and a negative ``warmup_steps`` makes the warm-up factor
+        ``(step + 1) / warmup_steps`` negative, i.e. gradient *ascent*; ``bool`` is refused
+        where a number is expected."""
+        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
+            check_int(name, getattr(self, name))
+        check_int("max_steps", self.max_steps, optional=True)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_int("seed", self.seed, minimum=0)
+        check_float("lr", self.lr, low=0.0, low_open=True, high=MAX_LR, high_open=False)
+        check_float("weight_decay", self.weight_decay, low=0.0, high=MAX_LR, high_open=False)
+        check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, optional=True)
+        check_choice("schedule", self.schedule, SCHEDULES)
         every = self.checkpoint_every
-        if every != "epoch" and not (isinstance(every, int) and every >= 1):
+        if not (every == "epoch" and isinstance(every, str)) and (
+                isinstance(every, bool) or not isinstance(every, int | np.integer)
+                or not 1 <= every <= INT_MAX):
             raise ConfigError(f"checkpoint_every must be 'epoch' or a positive integer, "
-                              f"got {every!r}")
+                              f"got {show(every)}")
+        if self.output_dir is not None:
+            check_string("output_dir", self.output_dir)
 
     def _fingerprint(self, data: EncodedPairs, model: PersonalizedRewardModel,
                      trainable: str) -> dict[str, Any]:
@@ -188,6 +218,7 @@ class RewardTrainer:
         Every user of the model needs at least one training row (an adapter with no data would
         stay at its initialization): the users come from the data, not the other way round.
         """
+        self._check()
         data = encode_pairs(model, train)
         missing = sorted(set(model.user_ids) - set(data.users))
         if missing:
@@ -210,27 +241,33 @@ class RewardTrainer:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
 
-        per_epoch = [self._micro_batches(len(data), e, world) for e in range(self.epochs)]
-        steps_per_epoch = [math.ceil(len(b) / self.grad_accum) for b in per_epoch]
-        total_steps = sum(steps_per_epoch)
+        # every epoch has the same number of micro-batches (only their rows differ), so the
+        # schedule is known without drawing all epochs' orders up front
+        n_batches = len(self._micro_batches(len(data), 0, world))
+        steps_per_epoch = math.ceil(n_batches / self.grad_accum)
+        total_steps = self.epochs * steps_per_epoch
         fingerprint = self._fingerprint(data, model, trainable if user is None
                                         else f"{trainable}:{model.user_ids[user]}")
         ckpt_dir = Path(self.output_dir) / "checkpoints" if self.output_dir else None
 
-        state = {"epoch": 0, "group": 0, "global_step": 0, "history": []}
+        state: dict[str, Any] = {"epoch": 0, "group": 0, "global_step": 0, "history": []}
         self.resumed_from_ = None
         if ckpt_dir is not None and self.resume:
-            latest = _latest_checkpoint(ckpt_dir)
-            if latest is not None:
-                state = _load_checkpoint(latest, model, optimizer, fingerprint)
-                self.resumed_from_ = str(latest)
+            loaded, path, damaged = _resume(ckpt_dir, model, optimizer, fingerprint,
+                                            (self.epochs, steps_per_epoch), self.schedule)
+            accelerator.wait_for_everyone()          # every process has read the files
+            if accelerator.is_main_process:
+                _set_aside(damaged)
+            if loaded is not None:
+                state = loaded
+                self.resumed_from_ = str(path)
         history: list[dict[str, Any]] = state["history"]
         step = state["global_step"]
         stop = self.max_steps if self.max_steps is not None else total_steps
         progress = _Progress(self.progress and accelerator.is_main_process, total_steps, step)
         try:
             for epoch in range(state["epoch"], self.epochs):
-                batches = per_epoch[epoch]
+                batches = self._micro_batches(len(data), epoch, world)
                 groups = [batches[i:i + self.grad_accum]
                           for i in range(0, len(batches), self.grad_accum)]
                 start = state["group"] if epoch == state["epoch"] else 0
@@ -257,15 +294,33 @@ class RewardTrainer:
                             with accelerator.no_sync(wrapped):
                                 accelerator.backward(loss)
                         loss_sum += float(F.softplus(-margin).sum().detach())
+                    total = accelerator.gather(torch.tensor([loss_sum], device=device)).sum()
+                    loss_value = float(total) / n_rows
+                    # before the update: a non-finite loss or gradient is not applied (the
+                    # gradients are all-reduced, so every process decides the same)
+                    bad = (f"the loss is {loss_value}" if not math.isfinite(loss_value) else
+                           f"a gradient is not finite (loss {loss_value:.4g})"
+                           if not _all_finite(p.grad for _, p in params) else None)
+                    if bad is not None:
+                        raise PluralignError(
+                            f"training diverged at epoch {epoch + 1}, step {step + 1}: {bad}; "
+                            "stopped before that step was applied, nothing was exported, and "
+                            "the checkpoints hold only finite states. Lower train.lr (or "
+                            "weight_decay) or set train.max_grad_norm")
                     if self.max_grad_norm is not None:
                         accelerator.clip_grad_norm_([p for _, p in params], self.max_grad_norm)
                     for group_ in optimizer.param_groups:
                         group_["lr"] = self._lr_at(step, total_steps)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if not _all_finite(p for _, p in params):
+                        raise PluralignError(
+                            f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
+                            "update made a trainable tensor non-finite; nothing was exported "
+                            "or checkpointed from it. Lower train.lr (or weight_decay) or set "
+                            "train.max_grad_norm")
                     step += 1
-                    total = accelerator.gather(torch.tensor([loss_sum], device=device)).sum()
-                    losses.append(float(total) / n_rows)
+                    losses.append(loss_value)
                     progress.advance(epoch, losses[-1])
                     last_group = g == len(groups) - 1
                     if last_group:
@@ -278,7 +333,8 @@ class RewardTrainer:
                         snapshot = {"epoch": epoch + 1 if last_group else epoch,
                                     "group": 0 if last_group else g + 1, "global_step": step,
                                     "history": history, "epoch_losses": losses,
-                                    "fingerprint": fingerprint}
+                                    "fingerprint": fingerprint, "epochs": self.epochs,
+                                    "total_steps": total_steps}
                         _save_checkpoint(ckpt_dir, step, model, optimizer, snapshot,
                                          accelerator, self.keep_checkpoints)
                 if step >= stop:
@@ -390,49 +446,238 @@ def _select_trainable(model: PersonalizedRewardModel, trainable: str, user: int 
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+_STEP_NAME = re.compile(r"step-(\d{1,18})")
+
+
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step-N`` folder, by step (leftover ``.step-N.tmp`` and
+    ``step-N.corrupt`` folders are not checkpoints)."""
     if not ckpt_dir.is_dir():
-        return None
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        match = _STEP_NAME.fullmatch(p.name)
+        if match and p.is_dir():
+            found.append((int(match.group(1)), p))
+    return sorted(found)
 
 
 def _save_checkpoint(ckpt_dir: Path, step: int, model: PersonalizedRewardModel, optimizer,
                      state: dict[str, Any], accelerator, keep: int) -> None:
-    from safetensors.torch import save_file
-
+    """Write ``ckpt_dir/step-N`` durably: each file into ``.step-N.tmp`` (written and fsynced
+    by :func:`pluralign._atomic.atomic_open`), the temporary folder fsynced, renamed into place,
+    and ``ckpt_dir`` fsynced, so after a crash ``step-N`` is either absent or complete. Then
+    only the ``keep`` latest checkpoints are kept; checkpoints of later steps than ``N`` are
+    leftovers of an earlier run this one did not resume (``resume=False``) and are removed,
+    so that the next resume continues this run."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = ckpt_dir / f"step-{step:07d}"
         tmp = ckpt_dir / f".step-{step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.trainable_state().items()},
-                  tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_tensors(tmp / "trainable.safetensors", model.trainable_state())
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        write_bytes(tmp / "optimizer.pt", buffer.getvalue())
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+        fsync_dir(ckpt_dir)
+        done = _checkpoints(ckpt_dir)
+        stale = [p for s, p in done if s > step]
+        current = [p for s, p in done if s <= step]
+        for old in stale + current[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(path: Path, model: PersonalizedRewardModel, optimizer,
-                     fingerprint: dict[str, Any]) -> dict[str, Any]:
-    from safetensors.torch import load_file
+class _Mismatch(PluralignError):
+    """An intact checkpoint of another run (settings, data, users or epochs): refused, not
+    skipped."""
 
-    state = json.loads((path / "state.json").read_text())
+
+def _count(state: dict[str, Any], key: str, path: Path, minimum: int = 0) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT_MAX:
+        raise DataValidationError(f"must be an integer >= {minimum}, got {show(value)}",
+                                  field=key, path=str(path))
+    return value
+
+
+def _read_state(path: Path, fingerprint: dict[str, Any], layout: tuple[int, int],
+                schedule: str) -> dict[str, Any]:
+    """The validated ``state.json`` of checkpoint ``path``.
+
+    ``layout`` is ``(epochs, steps per epoch)`` of this run. The position (``epoch``,
+    ``group``, ``global_step``) must be a point of that layout
+    (``global_step = epoch · steps_per_epoch + group``) and the history must hold one record per
+    finished epoch and the losses of the current epoch's steps; a state that is not is
+    damaged. A state of other settings (the fingerprint), or of a run that the new ``epochs``
+    cannot continue, raises :class:`_Mismatch`.
+    """
+    file = path / "state.json"
+    state = parse_json(read_text(file), path=str(file), finite=False)
+    if not isinstance(state, dict):
+        raise DataValidationError("must be a JSON object", path=str(file))
     saved = state.get("fingerprint")
-    if saved != json.loads(json.dumps(fingerprint)):
-        diff = sorted(k for k in set(fingerprint) | set(saved or {})
-                      if (saved or {}).get(k) != json.loads(json.dumps(fingerprint)).get(k))
-        raise PluralignError(f"cannot resume from {path}: it was trained with different "
-                             f"{', '.join(diff)}; use another output folder or resume=False "
-                             "(--no-resume)")
-    model.load_trainable_state(load_file(path / "trainable.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return state
+    expected = json.loads(json.dumps(fingerprint))
+    if not isinstance(saved, dict):
+        raise DataValidationError(f"must be an object, got {show(saved)}", field="fingerprint",
+                                  path=str(file))
+    if saved != expected:
+        diff = sorted(str(k) for k in set(expected) | set(saved)
+                      if saved.get(k) != expected.get(k))
+        raise _Mismatch(f"cannot resume from {path}: it was trained with different "
+                        f"{', '.join(diff)}; use another output folder or resume=False "
+                        "(--no-resume)")
+    epoch, group = _count(state, "epoch", file), _count(state, "group", file)
+    step = _count(state, "global_step", file)
+    saved_epochs = state.get("epochs")
+    epochs, per_epoch = layout
+    if epoch > epochs or (epoch == epochs and group):
+        raise _Mismatch(f"cannot resume from {path}: it is at epoch {epoch + 1} (step {step}), "
+                        f"past the end of a run of epochs={epochs}; set train.epochs to "
+                        f"at least {epoch + (1 if group else 0)}, or resume=False "
+                        "(--no-resume)")
+    total = epochs * per_epoch
+    saved_total = state.get("total_steps")
+    if schedule == "linear" and saved_total is not None and saved_total != total:
+        raise _Mismatch(f"cannot resume from {path}: the linear schedule spans the whole run "
+                        f"and this checkpoint's run had {show(saved_total)} steps "
+                        f"(epochs={show(saved_epochs)}), this one {total} "
+                        f"(epochs={epochs}); keep train.epochs, or resume=False "
+                        "(--no-resume)")
+    if (epoch < epochs and group >= per_epoch) or step != epoch * per_epoch + group:
+        raise DataValidationError(f"position epoch={epoch}, group={group}, global_step={step} "
+                                  "is not a step of this run", field="global_step",
+                                  path=str(file))
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch or not all(
+            isinstance(h, dict) for h in history):
+        raise DataValidationError(f"must be a list of {epoch} epoch record(s)",
+                                  field="history", path=str(file))
+    losses = state.get("epoch_losses", [])
+    if not isinstance(losses, list) or len(losses) != group or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in losses):
+        raise DataValidationError(f"must be a list of {group} finite loss(es)",
+                                  field="epoch_losses", path=str(file))
+    return {"epoch": epoch, "group": group, "global_step": step, "history": history,
+            "epoch_losses": losses}
+
+
+def _read_trainable(path: Path, model: PersonalizedRewardModel) -> dict[str, torch.Tensor]:
+    file = path / "trainable.safetensors"
+    tensors = read_tensors(file)
+    shapes = {n: tuple(p.shape) for n, p in model.trainable_named_parameters()}
+    if set(tensors) != set(shapes):
+        odd = sorted(set(tensors) ^ set(shapes))
+        raise DataValidationError(f"tensors do not match the model's (e.g. {odd[:2]})",
+                                  field=odd[0], path=str(file))
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise DataValidationError(f"has shape {tuple(tensors[name].shape)}, the model "
+                                      f"{shape}", field=name, path=str(file))
+    return tensors
+
+
+_ADAM_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+def _read_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
+    """The optimizer state of checkpoint ``path``, checked against ``optimizer`` (same
+    parameter groups and numbering; for each parameter, finite moment tensors of its shape and
+    a non-negative second moment) and returned with the current optimizer's hyper-parameters
+    (only the moments and step counts come from the file: the hyper-parameters are the run's,
+    which the fingerprint already matched)."""
+    file = path / "optimizer.pt"
+    saved = read_torch(file)
+    current = optimizer.state_dict()
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(
+            current["param_groups"]):
+        raise DataValidationError("is not the state of this run's optimizer", path=str(file))
+    params: dict[int, torch.Tensor] = {}
+    for mine, theirs, live in zip(current["param_groups"], groups, optimizer.param_groups,
+                                  strict=True):
+        ids = theirs.get("params") if isinstance(theirs, dict) else None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids) or (
+                ids != mine["params"]):
+            raise DataValidationError("parameter groups differ from this run's optimizer",
+                                      field="param_groups", path=str(file))
+        params.update(zip(mine["params"], live["params"], strict=True))
+    for key, entry in state.items():
+        if key not in params or not isinstance(entry, dict) or not set(entry) <= _ADAM_STATE:
+            raise DataValidationError(f"unexpected state entry {show(key)}", field="state",
+                                      path=str(file))
+        for name, value in entry.items():
+            ok = isinstance(value, torch.Tensor) and value.is_floating_point() and bool(
+                torch.isfinite(value).all())
+            if ok and name == "step":
+                ok = value.numel() == 1 and float(value) >= 0
+            elif ok:
+                ok = tuple(value.shape) == tuple(params[key].shape) and (
+                    name == "exp_avg" or bool((value >= 0).all()))
+            if not ok:
+                raise DataValidationError(f"parameter {key}: bad {name!r}", field="state",
+                                          path=str(file))
+    return {"state": state, "param_groups": [{**mine} for mine in current["param_groups"]]}
+
+
+def _resume(ckpt_dir: Path, model: PersonalizedRewardModel, optimizer: Any,
+            fingerprint: dict[str, Any], layout: tuple[int, int], schedule: str
+            ) -> tuple[dict[str, Any] | None, Path | None, list[Path]]:
+    """Load the latest intact checkpoint of ``ckpt_dir`` into ``model`` and ``optimizer``;
+    ``(state, folder, damaged folders)``, or ``(None, None, damaged)`` to start fresh.
+
+    Checkpoints are tried from the latest down. A damaged one (a missing, truncated or garbage
+    file, an optimizer state that does not fit, a ``state.json`` that is not a position of
+    this run: :func:`_read_state`) is skipped with a :class:`PluralignWarning`; every file of
+    a checkpoint is read and checked before anything is loaded, so a damaged one changes
+    nothing. If none is intact, training starts from scratch (with a warning). An intact
+    checkpoint of another run raises (:class:`_Mismatch`): that is a wrong folder, not damage.
+    """
+    damaged: list[Path] = []
+    for _, path in reversed(_checkpoints(ckpt_dir)):
+        try:
+            state = _read_state(path, fingerprint, layout, schedule)
+            tensors = _read_trainable(path, model)
+            optim = _read_optimizer(path, optimizer)
+        except _Mismatch:
+            raise
+        except PluralignError as err:
+            warnings.warn(f"checkpoint {path} is damaged and is skipped: {err}",
+                          PluralignWarning, stacklevel=3)
+            damaged.append(path)
+            continue
+        model.load_trainable_state(tensors)
+        optimizer.load_state_dict(optim)
+        return state, path, damaged
+    if damaged:
+        warnings.warn(f"no intact checkpoint in {ckpt_dir}: training starts from scratch",
+                      PluralignWarning, stacklevel=3)
+    return None, None, damaged
+
+
+def _set_aside(damaged: Sequence[Path]) -> None:
+    """Rename damaged checkpoints to ``step-N.corrupt`` (kept for inspection, no longer
+    resumed from or counted by ``keep_checkpoints``)."""
+    for path in damaged:
+        target = path.with_name(path.name + ".corrupt")
+        shutil.rmtree(target, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.replace(path, target)
+    if damaged:
+        fsync_dir(damaged[0].parent)
+
+
+def _all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether every given tensor is finite (one device synchronisation in all)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class _Progress:

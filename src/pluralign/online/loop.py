@@ -41,6 +41,7 @@ from pluralign.errors import PluralignError
 from pluralign.online.exploration import Exploration, RoundState, make_exploration
 from pluralign.policies.gibbs import Gibbs, gibbs_probs, kl_divergence
 from pluralign.rewards import Linear
+from pluralign.rewards._checks import check_number
 
 __all__ = ["OnlineGSHF", "PreferenceEnv", "sample_actions"]
 
@@ -172,10 +173,11 @@ class OnlineGSHF:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PluralignError(f"{name} must be a positive integer, got {value!r}")
-        if not self.ridge > 0:
-            raise PluralignError(f"ridge must be positive, got {self.ridge!r}")
-        if not self.beta >= 0:
-            raise PluralignError(f"beta must be non-negative, got {self.beta!r}")
+        # DataValidationError (a PluralignError) naming the field; non-finite values refused too
+        check_number(self.ridge, "ridge", owner="OnlineGSHF", strict=True)
+        check_number(self.beta, "beta", owner="OnlineGSHF")
+        check_number(self.delta, "delta", owner="OnlineGSHF", strict=True, below=1.0)
+        check_number(self.tol, "tol", owner="OnlineGSHF", strict=True)
         return make_exploration(self.exploration)
 
     # ------------------------------------------------------------------ loop

@@ -61,9 +61,10 @@ from scipy.sparse import csr_matrix, hstack
 
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.data import PreferenceData, TargetStates
-from pluralign.errors import PluralignError
+from pluralign.errors import ConvergenceWarning, PluralignError
 from pluralign.policies.base import Policy, one_hot_argmax
 from pluralign.policies.pessimistic import Pessimistic, reference_probs
+from pluralign.rewards._checks import check_int, check_number, gap_message, warn
 
 __all__ = ["Leximin", "PerUserPolicies", "Utilitarian", "user_confidence"]
 
@@ -180,6 +181,16 @@ class _Aggregate(Policy):
         self.model, self.data, self.users = model, data, users
         self.beta, self.kind, self.delta = beta, kind, delta
         self.reference, self.tol, self.max_iter = reference, tol, max_iter
+
+    def _check_params(self) -> None:
+        check_number(self.tol, "tol", owner=type(self).__name__, strict=True)
+        check_int(self.max_iter, "max_iter", owner=type(self).__name__)
+
+    def _warn_gap(self, what: str, reason: str = "iteration cap") -> None:
+        """``ConvergenceWarning`` when the certified gap ended above ``tol``."""
+        if not self.converged_:
+            warn(gap_message(f"{type(self).__name__} ({what})", self.duality_gap_, self.tol,
+                             self.n_iter_, reason), ConvergenceWarning)
 
     # ---- per-user pieces ----------------------------------------------------------------------
     def _users(self) -> list[Any]:
@@ -356,6 +367,7 @@ class Utilitarian(_Aggregate):
         self.weights = weights
 
     def probs(self, targets: TargetStates) -> np.ndarray:
+        self._check_params()
         stack = self._stack()
         n_users = len(stack)
         weights = (np.full(n_users, 1.0 / n_users) if self.weights is None
@@ -378,6 +390,7 @@ class Utilitarian(_Aggregate):
             probs = one_hot_argmax(targets.phi @ (weights @ stack.thetas))
             self.duality_gap_, self.n_iter_ = 0.0, 0
         self.converged_ = self.duality_gap_ <= self.tol
+        self._warn_gap("double oracle")
         self.user_values_ = stack.values(self._wbar(probs))[0]
         self.objective_ = float(weights @ self.user_values_)
         return probs
@@ -413,6 +426,7 @@ class Leximin(_Aggregate):
         self.levels = levels
 
     def probs(self, targets: TargetStates) -> np.ndarray:
+        self._check_params()
         stack = self._stack()
         n_users = len(stack)
         self._setup(targets)
@@ -444,6 +458,7 @@ class Leximin(_Aggregate):
         self.duality_gap_ = float(first_gap)
         self.converged_ = self.duality_gap_ <= self.tol
         self.n_iter_ = total_it
+        self._warn_gap("cutting planes, worst user's level", reason="")
         self.levels_ = levels
         self.user_values_ = stack.values(self._wbar(probs))[0]
         self.objective_ = float(self.user_values_.min())
@@ -460,6 +475,7 @@ class Leximin(_Aggregate):
         probs, self.duality_gap_, self.n_iter_ = self._double_oracle(list(stack.thetas), oracle,
                                                                      targets)
         self.converged_ = self.duality_gap_ <= self.tol
+        self._warn_gap("double oracle")
         self.user_values_ = stack.values(self._wbar(probs))[0]
         self.objective_ = float(self.user_values_.min())
         self.levels_ = [self.objective_]

@@ -57,10 +57,11 @@ from scipy.special import logsumexp
 
 from pluralign.confidence import ConfidenceSet
 from pluralign.data import TargetStates
-from pluralign.errors import PluralignError
+from pluralign.errors import ConvergenceWarning, PluralignError
 from pluralign.policies.base import Policy
 from pluralign.policies.pessimistic import Reference, reference_probs
 from pluralign.rewards import RewardModel
+from pluralign.rewards._checks import check_int, check_number, gap_message, warn
 from pluralign.rewards.linear import LinearInParameters
 
 __all__ = [
@@ -149,9 +150,11 @@ class PessimisticGibbs(Policy):
         ``True``: option II (Gibbs policy of the pointwise lower confidence bound).
         ``False``: option I (policy-level max–min, solved to a certified gap).
     tol:
-        Option I stops when its certified gap is ``≤ tol`` (reward units).
+        Option I stops when its certified gap is ``≤ tol`` (reward units; finite, ``> 0``).
     max_iter:
-        Option I's cap on Newton steps (``converged_`` is False if reached first).
+        Option I's cap on Newton steps (an integer ``≥ 1``; ``converged_`` is False if reached
+        first). When option I ends above ``tol`` (the cap, or no descent step left at rounding
+        level) a ``ConvergenceWarning`` states the gap reached and ``tol``.
 
     After ``probs(targets)``: ``duality_gap_`` (certified bound on ``f(π*) − f(π̂)``, 0 for option
     II), ``n_iter_`` (Newton steps taken), ``converged_``, ``pessimistic_value_`` (``f(π̂)``)
@@ -199,6 +202,8 @@ class PessimisticGibbs(Policy):
         return worst - self.eta * float(np.mean(kl_divergence(probs, ref)))
 
     def probs(self, targets: TargetStates) -> np.ndarray:
+        check_number(self.tol, "tol", owner=type(self).__name__, strict=True)
+        check_int(self.max_iter, "max_iter", owner=type(self).__name__)
         if self.pointwise:
             return self._pointwise(targets)
         return self._max_min(targets)
@@ -255,13 +260,14 @@ class PessimisticGibbs(Policy):
         best_dual = dual
         best_primal = self._objective(probs, targets, ref, w_ref)
         best_probs, best_theta = probs, theta
-        steps = 0
+        steps, reason = 0, "iteration cap"
         while steps < self.max_iter:
             if best_dual - best_primal <= self.tol:
                 break
             step = _ball_newton_step(u, grad, hess) - u
             slope = float(grad @ step)
             if slope >= 0.0:  # stationary for the model: a KKT point (up to rounding)
+                reason = "no descent step left: stationary up to rounding"
                 break
             t = 1.0
             while True:
@@ -282,6 +288,9 @@ class PessimisticGibbs(Policy):
         self.converged_ = self.duality_gap_ <= self.tol
         self.pessimistic_value_ = best_primal
         self.theta_ = best_theta
+        if not self.converged_:
+            warn(gap_message("PessimisticGibbs (option I)", self.duality_gap_, self.tol, steps,
+                             reason), ConvergenceWarning)
         return best_probs
 
     def _whitened_hessian(self, probs: np.ndarray, targets: TargetStates, chol: np.ndarray

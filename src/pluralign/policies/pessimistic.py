@@ -36,8 +36,9 @@ import numpy as np
 
 from pluralign.confidence import ConfidenceSet
 from pluralign.data import TargetStates
-from pluralign.errors import PluralignError
+from pluralign.errors import ConvergenceWarning, PluralignError
 from pluralign.policies.base import Policy, one_hot_argmax
+from pluralign.rewards._checks import check_int, check_number, gap_message, warn
 from pluralign.rewards.linear import LinearInParameters
 
 __all__ = ["Pessimistic", "Reference", "reference_probs"]
@@ -113,9 +114,10 @@ class Pessimistic(Policy):
     pointwise:
         Per-state lower-confidence-bound argmax instead of the policy-level max–min.
     tol:
-        Frank–Wolfe stops when its duality gap is ``≤ tol`` (in reward units).
+        Frank–Wolfe stops when its duality gap is ``≤ tol`` (in reward units; finite, ``> 0``).
     max_iter:
-        Frank–Wolfe iteration cap (``converged_`` is False if reached first).
+        Frank–Wolfe iteration cap (an integer ``≥ 1``; ``converged_`` is False if reached
+        first, and a ``ConvergenceWarning`` states the gap reached and ``tol``).
 
     After ``probs(targets)``: ``duality_gap_``, ``n_iter_``, ``converged_``, and
     ``pessimistic_value_`` (``f(π̂)``, the certified lower bound of the improvement over
@@ -152,9 +154,15 @@ class Pessimistic(Policy):
         return float(self.confidence.worst_case(self._w(probs, targets, w_ref)))
 
     def probs(self, targets: TargetStates) -> np.ndarray:
+        check_number(self.tol, "tol", owner=type(self).__name__, strict=True)
+        check_int(self.max_iter, "max_iter", owner=type(self).__name__)
         if self.pointwise:
             return self._pointwise(targets)
         return self._frank_wolfe(targets)
+
+    def _owner(self) -> str:
+        user = getattr(self.model, "user", None)
+        return type(self).__name__ + ("" if user is None else f"(user={user!r})")
 
     # ------------------------------------------------------------------ solvers
     def _frank_wolfe(self, targets: TargetStates) -> np.ndarray:
@@ -197,6 +205,9 @@ class Pessimistic(Policy):
         self.n_iter_ = it
         self.converged_ = self.duality_gap_ <= self.tol
         self.pessimistic_value_ = value
+        if not self.converged_:
+            warn(gap_message(f"{self._owner()} (Frank–Wolfe)", self.duality_gap_, self.tol, it,
+                             "iteration cap"), ConvergenceWarning)
         return probs
 
     def _pointwise(self, targets: TargetStates) -> np.ndarray:

@@ -32,13 +32,21 @@ def _run(fun, x0: np.ndarray, tol: float, max_iter: int, history: int):
 
 @dataclass(frozen=True)
 class SolverInfo:
-    """What the solver reports: iterations, final max-abs gradient, objective, convergence."""
+    """What the solver reports: iterations, final max-abs gradient, objective, convergence.
+
+    ``converged`` is the gradient criterion (largest gradient entry ``≤ tol``). ``stop`` says
+    why the run ended: ``"gradient"`` (converged), ``"precision"`` (the relative decrease of the
+    objective fell below ``64·eps``: the objective no longer decreases at the arithmetic's
+    precision, although the gradient is above ``tol``), ``"max_iter"`` (the iteration or
+    evaluation cap), ``"line_search"`` (the line search failed) or ``"other"``.
+    """
 
     n_iter: int
     grad_max: float
     objective: float
     converged: bool
     message: str
+    stop: str = "gradient"
 
 
 def minimize_lbfgs(
@@ -74,11 +82,23 @@ def minimize_lbfgs(
         torch.set_num_threads(threads)
 
     grad_max = float(np.max(np.abs(result.jac))) if result.jac.size else 0.0
+    converged = bool(grad_max <= tol)
+    if converged:
+        stop = "gradient"
+    elif result.status == 1 or int(result.nit) >= max_iter:
+        stop = "max_iter"
+    elif result.status == 0:
+        stop = "precision"
+    elif result.status == 2 and "ABNORMAL" in str(result.message).upper():
+        stop = "line_search"
+    else:
+        stop = "other"
     info = SolverInfo(
         n_iter=int(result.nit),
         grad_max=grad_max,
         objective=float(result.fun),
-        converged=bool(grad_max <= tol),
+        converged=converged,
         message=str(result.message),
+        stop=stop,
     )
     return result.x, info

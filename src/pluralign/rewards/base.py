@@ -19,7 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from pluralign.data import PreferenceData
-from pluralign.errors import DataValidationError, NotFittedError
+from pluralign.errors import (
+    ConvergenceWarning,
+    DataValidationError,
+    DisconnectedComparisonsWarning,
+    NotFittedError,
+    SeparableDataWarning,
+)
+from pluralign.rewards._checks import (
+    check_int,
+    check_number,
+    convergence_message,
+    find_separation,
+    rank,
+    separable_message,
+    unidentified_message,
+    warn,
+)
 from pluralign.rewards._solver import SolverInfo, minimize_lbfgs
 
 __all__ = ["BradleyTerryModel", "RewardModel", "log_sigmoid"]
@@ -78,7 +94,29 @@ class BradleyTerryModel(RewardModel):
     dtype, device:
         Torch dtype (``"float64"`` by default) and device (``"cpu"``, ``"cuda"``, ...) for the
         objective's evaluation.
+
+    Validation and warnings
+    -----------------------
+    ``fit`` refuses (``DataValidationError`` with ``field`` the parameter's name) an ``l2`` that
+    is not a finite number ``≥ 0``, a ``tol`` that is not finite and ``> 0`` and a ``max_iter``
+    that is not an integer ``≥ 1``. After the fit (see :mod:`pluralign.rewards._checks`):
+
+    * ``ConvergenceWarning`` when the gradient criterion was not met (``converged_`` False);
+    * with ``l2 = 0`` only, ``SeparableDataWarning`` when the MLE does not exist (the data are
+      (quasi-)separable: a linear program finds a recession direction of the likelihood, or the
+      fitted margins classify every comparison correctly), and, for models linear in their
+      parameters, ``DisconnectedComparisonsWarning`` when some direction that changes reward
+      differences between training responses is not informed by any comparison.
+
+    ``separable_`` (``True``/``False``, ``None`` when not checked or undecided) and
+    ``unidentified_`` (the number of such directions, ``None`` when not checked) record the
+    outcome.
     """
+
+    _quiet = False  # internal fits (spectral starts, wrapped estimators) warn through their owner
+    _start_note = ("0, since L-BFGS starts at 0 and its iterates stay in the span of the "
+                   "gradients: the minimum-norm estimate, the limit of the ridge estimate as "
+                   "l2 → 0")
 
     def __init__(
         self,
@@ -114,6 +152,65 @@ class BradleyTerryModel(RewardModel):
 
     def _validate(self, data: PreferenceData) -> None:
         """Model-specific checks on the training data (e.g. that contexts exist)."""
+
+    def _check_params(self) -> None:
+        """Refuse invalid common hyper-parameters (scikit-learn style: checked at ``fit``)."""
+        owner = type(self).__name__
+        check_number(self.l2, "l2", owner=owner)
+        check_number(self.tol, "tol", owner=owner, strict=True)
+        check_int(self.max_iter, "max_iter", owner=owner)
+        _ = self._torch_dtype
+
+    def _separation_problems(self, data: PreferenceData) -> list[Any] | None:
+        """Signed designs ``s_i Δz_i`` of convex sub-models through the estimate, for the
+        separability LP (``None``: too large or not available; only the margin check runs)."""
+        return None
+
+    def _identification_problem(self, data: PreferenceData
+                                ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(Δz rows, rows spanning S)`` for the identifiability check, or ``None``."""
+        return None
+
+    def _estimate_norm(self) -> float | None:
+        theta = getattr(self, "theta_", None)
+        return None if theta is None else float(np.linalg.norm(theta))
+
+    def _signed_margins(self, data: PreferenceData) -> np.ndarray | None:
+        """``s_i (r̂(x_i, φ1_i) − r̂(x_i, φ0_i))``; ``None`` when the model is not a cone (scaling
+        the estimate would leave the model), so the margin certificate does not apply."""
+        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
+        return (2.0 * data.y - 1.0) * margin
+
+    def _diagnose(self, data: PreferenceData, *, owner: str | None = None,
+                  users: np.ndarray | None = None, identification: bool = True) -> None:
+        """Issue the warnings of the class docstring for the fit just made on ``data``.
+
+        ``owner`` names the estimator in the messages (a wrapper such as ``PerUser``), ``users``
+        (one id per row of ``data``) lets the messages name the users of separated rows.
+        """
+        owner = owner or type(self).__name__
+        if not self.solver_info_.converged:
+            warn(convergence_message(owner, self.solver_info_, self.tol, self.dtype),
+                 ConvergenceWarning)
+        self.separable_, self.unidentified_ = None, None
+        if self.l2 != 0:
+            return
+        ties = ~np.any(data.delta_phi != 0, axis=1)
+        found, mask = find_separation(self._separation_problems(data),
+                                      self._signed_margins(data), ties)
+        self.separable_ = found
+        if found:
+            who = None if users is None else np.unique(users[mask]).tolist()
+            warn(separable_message(owner, int(mask.sum()), data.n, self._estimate_norm(), who,
+                                   getattr(self, "_separation_how", "")),
+                 SeparableDataWarning)
+        problem = self._identification_problem(data) if identification else None
+        if problem is not None:
+            dz, span = problem
+            self.unidentified_ = max(rank(span) - rank(dz), 0)
+            if self.unidentified_:
+                warn(unidentified_message(owner, self.unidentified_, self._start_note),
+                     DisconnectedComparisonsWarning)
 
     # ---- shared machinery -----------------------------------------------------------------
     @property
@@ -164,6 +261,7 @@ class BradleyTerryModel(RewardModel):
             raise DataValidationError(
                 f"fit expects PreferenceData, got {type(data).__name__}", field="data"
             )
+        self._check_params()
         self._validate(data)
         params, info = self._solve(data, self._initial_params(data))
         self._store(params, data)
@@ -171,6 +269,9 @@ class BradleyTerryModel(RewardModel):
         self.n_iter_ = info.n_iter
         self.converged_ = info.converged
         self.is_fitted_ = True
+        self.separable_, self.unidentified_ = None, None
+        if not self._quiet:
+            self._diagnose(data)
         return self
 
     def get_params(self) -> dict[str, Any]:

@@ -22,6 +22,16 @@ import torch
 
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
+from pluralign.rewards._checks import (
+    ID_BUDGET,
+    LP_BUDGET,
+    kron_nnz,
+    response_basis,
+    row_basis,
+    row_kron,
+    signed,
+    svd_cost,
+)
 from pluralign.rewards.base import BradleyTerryModel
 
 __all__ = ["Bilinear", "Linear", "LinearInParameters", "contract"]
@@ -41,6 +51,7 @@ class LinearInParameters(ABC):
     """
 
     params_: np.ndarray
+    _uses_context = True  # whether z depends on x (the identifiability check pairs x with φ)
 
     @abstractmethod
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
@@ -62,6 +73,33 @@ class LinearInParameters(ABC):
     def n_params(self) -> int:
         """Dimension ``k`` of ``z``."""
         return int(self.params_.size)
+
+    # ---- fit diagnostics (see pluralign.rewards._checks) ----------------------------------
+    def _separation_problems(self, data: PreferenceData) -> list[np.ndarray] | None:
+        """The model's own signed design ``s_i Δz_i`` (``None`` above ``LP_BUDGET`` entries)."""
+        if data.n * self.n_params > LP_BUDGET:
+            return None
+        return [signed(self.features(data.x, data.delta_phi), 2.0 * data.y - 1.0)]
+
+    def _identification_problem(self, data: PreferenceData
+                                ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(Δz, rows spanning S)``: ``S = span{z(x, φ) − z(x, φ′)}`` over the training
+        contexts' span and the training responses' differences. ``z`` is bilinear in
+        ``(x, φ)``, so ``S`` is spanned by ``z(b, c)`` over bases ``b`` of ``span{x_i}`` and ``c``
+        of ``span{φ − φ′}``. ``None`` when an SVD would exceed ``ID_BUDGET``."""
+        k = self.n_params
+        if svd_cost((data.n, k)) > ID_BUDGET:
+            return None
+        responses = response_basis(data.phi0, data.phi1)
+        if self._uses_context and data.x is not None:
+            contexts = row_basis(data.x)
+            p, q = contexts.shape[0], responses.shape[0]
+            if svd_cost((p * q, k)) > ID_BUDGET:
+                return None
+            span = self.features(np.repeat(contexts, q, axis=0), np.tile(responses, (p, 1)))
+        else:
+            span = self.features(None, responses)
+        return self.features(data.x, data.delta_phi), span
 
 
 def contract(g: np.ndarray, phi: np.ndarray) -> np.ndarray:
@@ -100,6 +138,8 @@ class Linear(LinearInParameters, BradleyTerryModel):
     ``pooled`` baseline.
     """
 
+    _uses_context = False
+
     def _initial_params(self, data: PreferenceData) -> np.ndarray:
         return np.zeros(data.d_phi)
 
@@ -136,6 +176,12 @@ class Bilinear(LinearInParameters, BradleyTerryModel):
 
     def _initial_params(self, data: PreferenceData) -> np.ndarray:
         return np.zeros(data.d_x * data.d_phi)
+
+    def _separation_problems(self, data: PreferenceData) -> list[np.ndarray] | None:
+        """``s_i vec(x_i Δφ_iᵀ)``, sparse for mostly-zero contexts (one-hot users)."""
+        if kron_nnz(data.x, data.d_phi) > LP_BUDGET:
+            return None
+        return [signed(row_kron(data.x, data.delta_phi), 2.0 * data.y - 1.0)]
 
     def _margins(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x, dphi = batch["x"], batch["dphi"]

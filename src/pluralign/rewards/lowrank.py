@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import sparse
 from scipy.special import expit
 
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
+from pluralign.rewards._checks import LP_BUDGET, check_int, check_number, kron_nnz, row_kron, signed
 from pluralign.rewards.base import BradleyTerryModel
 from pluralign.rewards.linear import Bilinear, Linear, _check_phi, _check_x, contract
 
@@ -126,7 +128,21 @@ class LowRank(BradleyTerryModel):
     stacks ``[theta_free_; L_ R_ᵀ]``, and ``U_, s_, V_`` are the SVD of the low-rank block
     embedded in rows ``f..d_x`` (the first ``f`` rows of ``U_`` are zero). ``RTVReduced`` reduces
     the plain model only (``free_rows = 0``).
+
+    **Separability** (``l2 = 0``; see :class:`~pluralign.rewards.BradleyTerryModel`): the model
+    is not convex, so the exact linear-program test is applied to its two convex conditional
+    problems through the estimate: with ``R = R̂`` fixed the problem in ``(Θ_f, L)`` is a
+    Bradley–Terry MLE with features ``[x_{1:f} ⊗ Δφ, x_{f+1:} ⊗ R̂ᵀΔφ]``, and with ``L = L̂`` fixed
+    the one in ``(Θ_f, R)`` has ``[x_{1:f} ⊗ Δφ, L̂ᵀx_{f+1:} ⊗ Δφ]``. If either has a recession
+    direction, the fit cannot be at a finite stationary point (at one, the zero gradient is a
+    positive combination of the ``a_i``, which rules a recession direction out) and its scale is
+    wherever L-BFGS stopped; if ``Θ̂`` classifies every comparison correctly the MLE provably
+    does not exist (``t·Θ̂`` stays rank ``r`` and drives the loss to 0). The identifiability
+    check (``DisconnectedComparisonsWarning``) is for models linear in their parameters and
+    does not run here.
     """
+
+    _separation_how = " with one Burer–Monteiro factor fixed at its estimate"
 
     def __init__(
         self,
@@ -152,6 +168,11 @@ class LowRank(BradleyTerryModel):
         self.free_rows = free_rows
 
     # ------------------------------------------------------------------ fitting
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_number(self.balance, "balance", owner=type(self).__name__)
+        check_int(self.dense_svd_limit, "dense_svd_limit", owner=type(self).__name__)
+
     def _validate(self, data: PreferenceData) -> None:
         if data.x is None:
             raise DataValidationError("LowRank needs user contexts; the data has x=None",
@@ -162,7 +183,8 @@ class LowRank(BradleyTerryModel):
                 f"must be an integer in [0, d_x) = [0, {data.d_x}), got {f!r}", field="free_rows"
             )
         top = min(data.d_x - f, data.d_phi)
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= top:
+        if (isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                or not 1 <= self.rank <= top):
             what = "min(d_x, d_phi)" if f == 0 else "min(d_x − free_rows, d_phi)"
             raise DataValidationError(
                 f"must be an integer in [1, {what}] = [1, {top}], got {self.rank!r}",
@@ -186,7 +208,8 @@ class LowRank(BradleyTerryModel):
         core_data = PreferenceData(
             x=data.x @ u0, phi0=np.zeros((data.n, r)), phi1=data.delta_phi @ v0, y=data.y
         )
-        core = Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter).fit(core_data).theta_
+        core = _quiet(Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)
+                      ).fit(core_data).theta_
         uc, sc, vct = np.linalg.svd(core)
         root = np.sqrt(sc)
         left, right = (u0 @ uc) * root, (v0 @ vct.T) * root
@@ -204,7 +227,8 @@ class LowRank(BradleyTerryModel):
         x_free, x_rest = data.x[:, :f], data.x[:, f:]
         dphi = data.delta_phi
         free_data = PreferenceData(x=x_free, phi0=np.zeros_like(dphi), phi1=dphi, y=data.y)
-        free = Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter).fit(free_data).theta_
+        free = _quiet(Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)
+                      ).fit(free_data).theta_
         offset = np.einsum("nd,nd->n", x_free @ free, dphi)
         rest_data = PreferenceData(x=x_rest, phi0=free_data.phi0, phi1=dphi, y=data.y)
         u0, _, v0 = moment_matrix_svd(rest_data, r, dense_limit=self.dense_svd_limit,
@@ -213,7 +237,7 @@ class LowRank(BradleyTerryModel):
         z_free = (x_free[:, :, None] * dphi[:, None, :]).reshape(data.n, -1)
         z_core = ((x_rest @ u0)[:, :, None] * (dphi @ v0)[:, None, :]).reshape(data.n, -1)
         z = np.concatenate([z_free, z_core], axis=1)
-        joint = Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter).fit(
+        joint = _quiet(Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)).fit(
             PreferenceData(x=None, phi0=np.zeros_like(z), phi1=z, y=data.y)).theta_
         free, core = joint[: f * data.d_phi], joint[f * data.d_phi :].reshape(r, r)
         uc, sc, vct = np.linalg.svd(core)
@@ -267,6 +291,25 @@ class LowRank(BradleyTerryModel):
             self.U_ = np.concatenate([np.zeros((f, r)), self.U_])
             self.theta_ = np.concatenate([self.theta_free_, self.theta_])
 
+    def _separation_problems(self, data: PreferenceData) -> list[object] | None:
+        """The two conditional problems of the class docstring (``None`` above ``LP_BUDGET``)."""
+        f, r, dphi = self.free_rows, self.rank, data.delta_phi
+        x_free, x_rest = data.x[:, :f], data.x[:, f:]
+        shared = kron_nnz(x_free, data.d_phi)
+        if shared + max(kron_nnz(x_rest, r), data.n * r * data.d_phi) > LP_BUDGET:
+            return None
+        sign = 2.0 * data.y - 1.0
+        free = row_kron(x_free, dphi)
+        problems = []
+        for part in (row_kron(x_rest, dphi @ self.R_), row_kron(x_rest @ self.L_, dphi)):
+            if f and sparse.issparse(part):
+                part = sparse.hstack([sparse.csr_matrix(free), part]).tocsr()
+            elif f:
+                part = np.hstack([np.asarray(free.todense()) if sparse.issparse(free) else free,
+                                  part])
+            problems.append(signed(part, sign))
+        return problems
+
     # --------------------------------------------------------------- prediction
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         self._check_fitted()
@@ -277,3 +320,9 @@ class LowRank(BradleyTerryModel):
         if f:
             return contract(x[:, :f] @ self.theta_free_ + (x[:, f:] @ self.L_) @ self.R_.T, phi)
         return contract((x @ self.L_) @ self.R_.T, phi)
+
+
+def _quiet(model: BradleyTerryModel) -> BradleyTerryModel:
+    """Mark an internal fit (a spectral start) as one that issues no warnings of its own."""
+    model._quiet = True
+    return model

@@ -43,19 +43,49 @@ pessimistic policies. ``A = I`` for ``PerUser`` and ``Pooled``; for ``SharedBasi
 orthonormal basis of ``span{θ̂0, B̂}`` (dimension ``k+1``), so a user's confidence set lives in
 the reduced space that the shared structure leaves uncertain — P-ShareLoRA's per-user pessimism,
 the analogue of LoCo-RLHF's pessimism in a reduced subspace.
+
+**Warnings** (see :class:`~pluralign.rewards.BradleyTerryModel`): each model warns under its own
+name, never through its inner estimator. ``ConvergenceWarning`` when the inner solver stopped
+unconverged. With ``l2 = 0`` (or ``adapt_l2 = 0`` in ``adapt_user``), ``SeparableDataWarning``
+names the users whose MLE does not exist: ``PerUser`` and ``adapt_user`` separate per user, so the
+exact test runs on each user's own comparisons (a user with separable data warns even if nobody
+else's are); ``Pooled`` tests the pooled data; ``SharedBasis`` applies ``LowRank``'s test (the
+conditional problems with ``B̂`` or ``Ŵ`` fixed; the first is per user). ``PerUser`` and
+``Pooled`` also issue ``DisconnectedComparisonsWarning`` for directions in which a user's
+comparisons leave their reward differences between the training responses uninformed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from pluralign.data import PreferenceData
-from pluralign.errors import DataValidationError, NotFittedError
+from pluralign.errors import (
+    ConvergenceWarning,
+    DataValidationError,
+    DisconnectedComparisonsWarning,
+    NotFittedError,
+    SeparableDataWarning,
+)
+from pluralign.rewards._checks import (
+    LP_BUDGET,
+    check_int,
+    check_number,
+    convergence_message,
+    find_separation,
+    kron_nnz,
+    rank,
+    response_basis,
+    row_kron,
+    separable_message,
+    signed,
+    unidentified_message,
+    warn,
+)
 from pluralign.rewards.base import BradleyTerryModel, RewardModel, log_sigmoid
 from pluralign.rewards.linear import Bilinear, Linear, LinearInParameters, _check_phi, contract
 from pluralign.rewards.lowrank import LowRank
@@ -67,9 +97,7 @@ __all__ = [
     "SharedBasis",
     "UserReward",
     "augmented_one_hot",
-    "load_model",
     "one_hot",
-    "save_model",
     "subspace_distance",
 ]
 
@@ -147,12 +175,21 @@ class UserReward(LinearInParameters, RewardModel):
             self.is_fitted_ = True
 
     def fit(self, data: PreferenceData) -> UserReward:
-        """Ridge Bradley–Terry MLE of ``v`` on ``data`` (features ``Aᵀφ``); returns ``self``."""
+        """Ridge Bradley–Terry MLE of ``v`` on ``data`` (features ``Aᵀφ``); returns ``self``.
+
+        Warns like :class:`~pluralign.rewards.Linear` on the features ``Aᵀφ``."""
+        check_number(self.l2, "l2", owner="UserReward")
         z0, z1 = data.phi0 @ self.basis, data.phi1 @ self.basis
-        inner = Linear(l2=self.l2).fit(PreferenceData(None, z0, z1, data.y))
+        inner = Linear(l2=self.l2)
+        inner._quiet = True
+        reduced = PreferenceData(None, z0, z1, data.y)
+        inner.fit(reduced)
         self.params_ = inner.theta_.copy()
         self.solver_info_ = inner.solver_info_
+        self.converged_ = inner.converged_
         self.is_fitted_ = True
+        inner._diagnose(reduced, owner=f"UserReward(user={self.user!r})")
+        self.separable_, self.unidentified_ = inner.separable_, inner.unidentified_
         return self
 
     @property
@@ -316,6 +353,74 @@ class MultiUserModel(RewardModel):
         self.converged_ = getattr(inner, "converged_", True)
         self.is_fitted_ = True
 
+    # ---- validation and warnings -----------------------------------------------------------
+    def _check_params(self) -> None:
+        """Refuse invalid hyper-parameters (checked at ``fit``, scikit-learn style)."""
+        owner = type(self).__name__
+        check_number(self.l2, "l2", owner=owner)
+        check_number(self.tol, "tol", owner=owner, strict=True)
+        check_int(self.max_iter, "max_iter", owner=owner)
+        if getattr(self, "adapt_l2", None) is not None:
+            check_number(self.adapt_l2, "adapt_l2", owner=owner)
+
+    def _per_user_warnings(self, owner: str, inner: BradleyTerryModel, l2: float,
+                           dz: np.ndarray, data: PreferenceData, index: np.ndarray,
+                           users: np.ndarray, params: np.ndarray, *,
+                           margins: np.ndarray | None, span: np.ndarray | None,
+                           record: bool = True) -> None:
+        """Warnings of a fit that separates per user (``PerUser``, ``adapt_user``).
+
+        ``dz`` are the features of each row in its user's own problem (``Δφ``, or ``BᵀΔφ`` with a
+        frozen basis), ``params`` the users' fitted parameters (one row per user),
+        ``margins`` the signed fitted margins (``None``: skip the margin
+        certificate, unsound with a frozen offset ``θ0``), ``span`` rows spanning the relevant
+        span ``S`` of a user's parameters (``None``: no identifiability check). With ``record``
+        (``fit``, not ``adapt_user``) sets ``separable_`` and ``unidentified_`` (totals over users).
+        """
+        if not inner.solver_info_.converged:
+            warn(convergence_message(owner, inner.solver_info_, self.tol, inner.dtype),
+                 ConvergenceWarning)
+        if record:
+            self.separable_, self.unidentified_ = None, None
+        if l2 != 0:
+            return
+        sign = 2.0 * data.y - 1.0
+        ties = ~np.any(dz != 0, axis=1)
+        span_rank = None if span is None else rank(span)
+        separable, decided, separated = [], True, 0
+        missing: dict[Any, int] = {}
+        order = np.argsort(index, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(index, minlength=len(users)))])
+        for u, user in enumerate(users.tolist()):
+            rows = order[bounds[u]:bounds[u + 1]]
+            found, mask = find_separation(
+                [signed(dz[rows], sign[rows])], None if margins is None else margins[rows],
+                ties[rows])
+            if found:
+                separable.append(u)
+                separated += int(mask.sum())
+            decided = decided and found is not None
+            if span_rank is not None:
+                gap = max(span_rank - rank(dz[rows]), 0)
+                if gap:
+                    missing[_key(user)] = gap
+        total = int(sum(missing.values()))
+        if record:
+            self.separable_ = True if separable else (False if decided else None)
+            self.unidentified_ = None if span_rank is None else total
+        if separable:
+            norm = float(np.linalg.norm(params[separable], axis=1).max())
+            names = [_key(users[u]) for u in separable]
+            warn(separable_message(owner, separated, data.n, norm, names, " user by user"),
+                 SeparableDataWarning)
+        if missing:
+            warn(unidentified_message(owner, total, inner._start_note, list(missing)),
+                 DisconnectedComparisonsWarning)
+
+    def _copy_diagnostics(self, inner: BradleyTerryModel) -> None:
+        self.separable_ = getattr(inner, "separable_", None)
+        self.unidentified_ = getattr(inner, "unidentified_", None)
+
     # ---- adaptation -------------------------------------------------------------------
     def _new_user_rows(self, data: PreferenceData, user: Any
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -352,7 +457,7 @@ class MultiUserModel(RewardModel):
 
     # ---- serialization ----------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The learned arrays (what :func:`pluralign.rewards.multi_user.load_model` needs)."""
+        """The learned arrays (what :func:`pluralign.rewards.persistence.load_model` needs)."""
         self._check_fitted()
         out = {"theta0": self.theta0_, "thetas": self.thetas_, "user_counts": self.user_counts_}
         if hasattr(self, "basis_"):
@@ -415,7 +520,8 @@ class PerUser(MultiUserModel):
     tol, max_iter, dtype, device:
         As for every :class:`~pluralign.rewards.BradleyTerryModel`.
 
-    Learned: ``thetas_`` (U, d_phi), ``theta0_`` (their mean), ``users_``, ``user_counts_``.
+    Learned: ``thetas_`` (U, d_phi), ``theta0_`` (their mean), ``users_``, ``user_counts_``,
+    ``separable_``, ``unidentified_`` (see the module docstring's warnings).
     """
 
     def __init__(self, l2: float = 1e-3, *, unknown_user: str = "error",
@@ -427,23 +533,43 @@ class PerUser(MultiUserModel):
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
 
     def fit(self, data: PreferenceData) -> PerUser:
-        """Per-user ridge MLEs, fitted jointly (one vectorized solve); returns ``self``."""
+        """Per-user ridge MLEs, fitted jointly (one vectorized solve); returns ``self``.
+
+        With ``l2 = 0`` each user's own comparisons are tested for separability and for
+        directions of ``span{φ − φ′}`` (over all training responses) they leave uninformed."""
+        self._check_params()
         _check_unknown(self.unknown_user)
         users, index = self._index(data)
         x = one_hot(index, len(users))
         inner = Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter, dtype=self.dtype,
-                         device=self.device).fit(PreferenceData(x, data.phi0, data.phi1, data.y))
+                         device=self.device)
+        inner._quiet = True
+        inner.fit(PreferenceData(x, data.phi0, data.phi1, data.y))
         self.thetas_ = inner.theta_.copy()
         self.theta0_ = self.thetas_.mean(axis=0)
         self._finish(users, np.bincount(index, minlength=len(users)), data, inner)
+        dphi = data.delta_phi
+        margins = (2.0 * data.y - 1.0) * contract(self.thetas_[index], dphi)
+        self._per_user_warnings("PerUser", inner, self.l2, dphi, data, index, users,
+                                self.thetas_, margins=margins,
+                                span=response_basis(data.phi0, data.phi1))
         return self
 
     def adapt_user(self, data: PreferenceData, user: Any = None) -> PerUser:
-        """Fit new users' ``θ`` from their comparisons alone (ridge ``adapt_l2``)."""
+        """Fit new users' ``θ`` from their comparisons alone (ridge ``adapt_l2``); warns as
+        :meth:`fit` does (with ``adapt_l2 = 0``, per new user)."""
+        self._check_params()
         new, index, counts = self._new_user_rows(data, user)
-        inner = Bilinear(l2=self._adapt_l2(data.n), tol=self.tol, max_iter=self.max_iter).fit(
-            PreferenceData(one_hot(index, len(new)), data.phi0, data.phi1, data.y))
+        l2 = self._adapt_l2(data.n)
+        inner = Bilinear(l2=l2, tol=self.tol, max_iter=self.max_iter)
+        inner._quiet = True
+        inner.fit(PreferenceData(one_hot(index, len(new)), data.phi0, data.phi1, data.y))
         self._append_users(new, counts, inner.theta_)
+        dphi = data.delta_phi
+        margins = (2.0 * data.y - 1.0) * contract(inner.theta_[index], dphi)
+        self._per_user_warnings("PerUser.adapt_user", inner, l2, dphi, data, index, new,
+                                inner.theta_, margins=margins,
+                                span=response_basis(data.phi0, data.phi1), record=False)
         return self
 
 
@@ -461,14 +587,19 @@ class Pooled(MultiUserModel):
         self.unknown_user = "shared"
 
     def fit(self, data: PreferenceData) -> Pooled:
-        """The pooled ridge MLE; returns ``self``."""
+        """The pooled ridge MLE; returns ``self`` (warns as :class:`Linear` does)."""
+        self._check_params()
         users, index = (self._index(data) if data.users is not None
                         else (np.array([], dtype=np.int64), np.zeros(data.n, dtype=np.int64)))
         inner = Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter, dtype=self.dtype,
-                       device=self.device).fit(data)
+                       device=self.device)
+        inner._quiet = True
+        inner.fit(data)
         self.theta0_ = inner.theta_.copy()
         self.thetas_ = np.tile(self.theta0_, (len(users), 1))
         self._finish(users, np.bincount(index, minlength=len(users)), data, inner)
+        inner._diagnose(data, owner="Pooled")
+        self._copy_diagnostics(inner)
         return self
 
     def margins(self, data: PreferenceData) -> np.ndarray:
@@ -543,7 +674,9 @@ class SharedBasis(MultiUserModel):
                        max_iter=self.max_iter, dtype=self.dtype, device=self.device)
 
     def fit(self, data: PreferenceData) -> SharedBasis:
-        """Fit ``θ0, B, W`` jointly; returns ``self``."""
+        """Fit ``θ0, B, W`` jointly; returns ``self`` (warns as :class:`LowRank` does, naming
+        the users of separated comparisons)."""
+        self._check_params()
         _check_unknown(self.unknown_user)
         users, index = self._index(data)
         top = min(len(users), data.d_phi)
@@ -553,9 +686,14 @@ class SharedBasis(MultiUserModel):
                 field="k",
             )
         x = augmented_one_hot(index, len(users))
-        inner = self.lowrank().fit(PreferenceData(x, data.phi0, data.phi1, data.y))
+        inner = self.lowrank()
+        inner._quiet = True
+        aug = PreferenceData(x, data.phi0, data.phi1, data.y)
+        inner.fit(aug)
         self._store_lowrank(inner)
         self._finish(users, np.bincount(index, minlength=len(users)), data, inner)
+        inner._diagnose(aug, owner="SharedBasis", users=data.users)
+        self._copy_diagnostics(inner)
         return self
 
     def _store_lowrank(self, inner: LowRank) -> None:
@@ -591,12 +729,22 @@ class SharedBasis(MultiUserModel):
         ``data.users`` names the new users (or ``user=`` names one user for all rows). Users
         already known are refused.
         """
+        self._check_params()
         new, index, counts = self._new_user_rows(data, user)
-        frozen = _FrozenBasis(self.theta0_, self.basis_, len(new), l2=self._adapt_l2(data.n),
-                              tol=self.tol, max_iter=self.max_iter)
+        l2 = self._adapt_l2(data.n)
+        frozen = _FrozenBasis(self.theta0_, self.basis_, len(new), l2=l2, tol=self.tol,
+                              max_iter=self.max_iter)
+        frozen._quiet = True
         frozen.fit(PreferenceData(one_hot(index, len(new)), data.phi0, data.phi1, data.y))
         self.weights_ = np.concatenate([self.weights_, frozen.weights_])
         self._append_users(new, counts, self.theta0_ + frozen.weights_ @ self.basis_.T)
+        # Each new user's problem is convex in w with the offset θ0ᵀΔφ fixed: the LP on BᵀΔφ
+        # decides separability (the margin certificate does not apply with an offset).
+        dz = data.delta_phi @ self.basis_
+        self._per_user_warnings("SharedBasis.adapt_user", frozen, l2, dz, data, index, new,
+                                frozen.weights_, margins=None,
+                                span=response_basis(data.phi0, data.phi1) @ self.basis_,
+                                record=False)
         return self
 
 
@@ -628,71 +776,23 @@ class _FrozenBasis(BradleyTerryModel):
     def _store(self, params: np.ndarray, data: PreferenceData) -> None:
         self.weights_ = params.reshape(self.n_users, -1).copy()
 
+    _start_note = "0, the start of w (L-BFGS iterates stay in the span of the gradients)"
+
+    def _signed_margins(self, data: PreferenceData) -> None:
+        """Not a cone (the offset ``θ0ᵀΔφ`` is fixed): only the LP decides separability."""
+        return None
+
+    def _separation_problems(self, data: PreferenceData) -> list[Any] | None:
+        """``s_i e_{u_i} ⊗ BᵀΔφ_i``: recession directions of ``w`` (offsets do not matter)."""
+        if kron_nnz(data.x, self.basis.shape[1]) > LP_BUDGET:
+            return None
+        return [signed(row_kron(data.x, data.delta_phi @ self.basis), 2.0 * data.y - 1.0)]
+
+    def _estimate_norm(self) -> float:
+        return float(np.linalg.norm(self.weights_))
+
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         """``(θ0 + B w_u)ᵀφ`` for one-hot user contexts ``x`` over the new users."""
         self._check_fitted()
         thetas = self.theta0 + np.asarray(x, float) @ self.weights_ @ self.basis.T
         return contract(thetas, np.asarray(phi, float))
-
-
-# ---------------------------------------------------------------------------- saving
-MODEL_CLASSES: dict[str, type[MultiUserModel]] = {
-    "SharedBasis": SharedBasis, "PerUser": PerUser, "Pooled": Pooled,
-}
-FORMAT = "pluralign-multi-user"
-FORMAT_VERSION = 1
-
-
-def save_model(model: MultiUserModel, folder: str | Path, *,
-               metadata: dict[str, Any] | None = None,
-               designs: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a fitted model to ``folder`` without pickle: ``model.npz`` (arrays; loaded with
-    ``allow_pickle=False``) and ``model.json`` (class, hyper-parameters, user ids, metadata such
-    as how the features were made). ``designs`` (optional arrays ``design`` (G, p, p),
-    ``design_index`` (U,), ``design_lam`` (G,), ``design_n`` (G,)) let ``pluralign rank`` apply
-    pessimism. Both files are written atomically."""
-    import json
-
-    from pluralign._atomic import atomic_open, atomic_write_text
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = type(model).__name__
-    if name not in MODEL_CLASSES:
-        raise DataValidationError(f"cannot save a {name}", field="model")
-    arrays = dict(model.to_arrays())
-    arrays.update(designs or {})
-    with atomic_open(folder / "model.npz", "wb") as handle:
-        np.savez(handle, **arrays)
-    users = [_key(u) for u in model.users_.tolist()]
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": name,
-            "params": model.get_params(), "users": users, "n_train": int(model.n_train_),
-            "d_phi": int(model.d_phi_), "has_design": bool(designs), **(metadata or {})}
-    atomic_write_text(folder / "model.json", json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def load_model(folder: str | Path) -> tuple[MultiUserModel, dict[str, Any], dict[str, np.ndarray]]:
-    """Read what :func:`save_model` wrote: ``(model, metadata, design arrays)``."""
-    import json
-
-    folder = Path(folder)
-    meta_path, array_path = folder / "model.json", folder / "model.npz"
-    for path in (meta_path, array_path):
-        if not path.is_file():
-            raise DataValidationError("not found; is this a folder written by `pluralign fit`?",
-                                      path=str(path))
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataValidationError(f"invalid JSON ({exc.msg})", path=str(meta_path),
-                                  line=exc.lineno) from None
-    if meta.get("format") != FORMAT or meta.get("class") not in MODEL_CLASSES:
-        raise DataValidationError(f"not a {FORMAT} model (format/class)", path=str(meta_path),
-                                  field="format")
-    with np.load(array_path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    designs = {k: v for k, v in arrays.items() if k.startswith("design")}
-    cls = MODEL_CLASSES[meta["class"]]
-    model = cls.from_arrays(arrays, meta["users"], n_train=meta["n_train"], **meta["params"])
-    return model, meta, designs

@@ -39,7 +39,14 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
 
     Learned attributes: ``rtv_`` (the :class:`RTVMap`), ``params_`` (``θ̂_z``, length ``k``),
     ``theta_`` (``Θ`` rebuilt from ``θ̂_z``, truncated block zero).
+
+    Warnings as for every :class:`~pluralign.rewards.BradleyTerryModel`; the refit is linear in
+    ``θ_z``, so with ``l2 = 0`` the separability LP and the identifiability check run on the
+    reduced features ``Δz`` (materialized; skipped above their budgets).
     """
+
+    _start_note = ("the warm start's (the rotated LowRank estimate), since L-BFGS iterates only "
+                   "move within the span of the gradients")
 
     def __init__(
         self,
