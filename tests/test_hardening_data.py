@@ -387,3 +387,17 @@ def test_a_damaged_embedding_cache_is_a_clean_error(tmp_path):
     encoder = TextEncoder(cache_dir=tmp_path)
     with pytest.raises(PluralignError, match="embedding cache cannot be used"):
         encoder.encode(["hello"])
+
+
+def test_a_numeric_attribute_missing_on_some_rows_is_refused_not_zero_filled():
+    rows = [{**TRL, "user_id": "u1", "user_context": {"age": 30, "region": "n"}},
+            {**TRL, "user_id": "u2", "user_context": {"region": "s"}}]
+    err = refused(read_trl, rows)
+    assert (err.field, err.line) == ("user_context.age", 2) and "line 1" in str(err)
+    err = refused(read_trl, [{**TRL, "user_context": {"age": {}, "region": "n"}}])
+    assert err.field == "age" and "empty mapping" in str(err)
+    # a categorical attribute may be absent: its one-hot columns are all zero
+    rows[1]["user_context"] = {"age": 41}
+    prefs = read_trl(rows)
+    np.testing.assert_array_equal(prefs.contexts, [[30, 1], [41, 0]])
+    assert prefs.context_names == ["age", "region=n"]

@@ -9,17 +9,14 @@ once with its traceback. Exits 1 if anything escaped.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from collections import Counter
-from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from fuzzing import TARGETS, classify
+from fuzzing import TARGETS
+from fuzzing.core import run_case
 
 
 def fuzz_target(name: str, cases: int, rng_seed: int) -> tuple[Counter, dict[str, str]]:
@@ -32,13 +29,7 @@ def fuzz_target(name: str, cases: int, rng_seed: int) -> tuple[Counter, dict[str
               suppress_health_check=list(HealthCheck))
     @given(target.strategy)
     def check(value):
-        tmp = Path(tempfile.mkdtemp(prefix="pluralign-fuzz-"))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                outcome, detail = classify(target, value, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        outcome, detail = run_case(target, value)
         counts[outcome] += 1
         if detail is not None:
             signature = detail.strip().splitlines()[-1][:200]

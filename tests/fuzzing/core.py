@@ -17,8 +17,11 @@ Target modules register themselves with :func:`register`; ``fuzzing/__init__.py`
 from __future__ import annotations
 
 import json
+import shutil
 import string
+import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ __all__ = [
     "mutated_yaml",
     "nasty_values",
     "register",
+    "run_case",
 ]
 
 
@@ -70,6 +74,17 @@ def classify(target: Target, value: Any, tmp: Path) -> tuple[str, str | None]:
     except Exception:  # anything else is what we are looking for
         return "escape", traceback.format_exc()
     return "accepted", None
+
+
+def run_case(target: Target, value: Any) -> tuple[str, str | None]:
+    """:func:`classify` in a fresh temporary folder (removed afterwards), warnings silenced."""
+    tmp = Path(tempfile.mkdtemp(prefix="pluralign-fuzz-"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return classify(target, value, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- nasty values

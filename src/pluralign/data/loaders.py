@@ -14,7 +14,8 @@ in-memory rows (for example a Hugging Face ``datasets.Dataset``, which is an ite
 ``prompt``, ``chosen`` and ``rejected`` are strings, or TRL's conversational form (lists of
 ``{"role", "content"}`` messages, rendered as ``"role: content"`` lines). ``user_id`` is a
 non-empty string or an integer. ``user_context`` is a list of numbers (same length on every row)
-or a mapping of attributes: numbers are kept, strings/booleans/null become one-hot indicators
+or a mapping of attributes: numbers are kept (a numeric attribute must be given on every row:
+a missing one is refused, not filled with 0), strings/booleans/null become one-hot indicators
 ``name=value``; it must be the same on every row of a user.
 
 **summarize_from_feedback** (``openai/summarize_from_feedback``, ``comparisons`` configuration):
@@ -268,6 +269,8 @@ def _flatten(mapping: Mapping, prefix: str = "", depth: int = 0) -> dict[str, An
             raise _RowError(prefix.rstrip(".") or None,
                             f"attribute names must be strings, got {key!r}")
         name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not value:
+            raise _RowError(name, "is an empty mapping (give the attribute a value, or null)")
         items = _flatten(value, name + ".", depth + 1).items() if isinstance(value, Mapping) \
             else [(name, value)]
         for flat_name, flat_value in items:
@@ -286,6 +289,7 @@ class _Contexts:
         self.kind: str | None = None
         self.by_user: dict[Any, tuple[Any, str, int]] = {}
         self.rows: list[Any] = []
+        self.where: list[tuple[str, int]] = []
 
     def add(self, user: Any, value: Any, path: str, line: int) -> None:
         kind, parsed = _context(value)
@@ -302,6 +306,7 @@ class _Contexts:
                                             f"{first_line} of {first_path}")
         self.by_user.setdefault(user, (parsed, path, line))
         self.rows.append(parsed)
+        self.where.append((path, line))
 
     def matrix(self) -> tuple[np.ndarray | None, list[str]]:
         if self.kind is None:
@@ -319,6 +324,15 @@ class _Contexts:
         if mixed:
             raise DataValidationError(f"attribute {mixed[0]!r} mixes numbers and other values",
                                       field=f"user_context.{mixed[0]}")
+        for i, row in enumerate(self.rows):  # a missing number would silently become 0
+            absent = [k for k in numeric if k not in row]
+            if absent:
+                first = next(j for j, r in enumerate(self.rows) if absent[0] in r)
+                raise DataValidationError(
+                    f"numeric attribute {absent[0]!r} (given on line {self.where[first][1]} of "
+                    f"{self.where[first][0]}) is missing here; give it on every row",
+                    field=f"user_context.{absent[0]}", path=self.where[i][0],
+                    line=self.where[i][1])
         pairs = {(k, str(v)) for row in self.rows for k, v in row.items() if k not in numeric}
         if len({f"{k}={v}" for k, v in pairs}) != len(pairs) or set(categorical) & set(numeric):
             clash = sorted(f"{k}={v}" for k, v in pairs)
