@@ -14,7 +14,8 @@ from pluralign.rewards import LowRank, RTVReduced
 
 
 def bench_prs_solve() -> dict:
-    """P4: PRS on m=10k target states, K=16, d_x=d_phi=384, r=4: ≤ 10 s (the solve only)."""
+    """P4: PRS on m=10k target states, K=16, d_x=d_phi=384, r=4: ≤ 10 s to a certified duality
+    gap of 1e-6 (the solve only; the gap-1e-4 solve is timed too)."""
     d, r, m, k_actions = 384, 4, 10_000, 16
     data, _ = contextual_data(20_000, d, d, rank=r, seed=3)
     start = time.perf_counter()
@@ -40,11 +41,14 @@ def bench_prs_solve() -> dict:
         "setting": f"m={m} K={k_actions} d_x=d_phi={d} r={r} k={reduced.n_params} N={data.n}",
         "prs_solve_seconds_gap_1e-4": round(solve_seconds, 2),
         "prs_solve_seconds_gap_1e-6": round(tight_seconds, 2),
+        "frank_wolfe_iterations_gap_1e-4": policy.n_iter_,
         "frank_wolfe_iterations_gap_1e-6": tight.n_iter_,
-        "frank_wolfe_iterations": policy.n_iter_,
-        "duality_gap": float(policy.duality_gap_),
-        "converged": bool(policy.converged_),
+        "active_vertices_gap_1e-6": tight.n_active_,
+        "duality_gap_1e-4_run": float(policy.duality_gap_),
+        "duality_gap_1e-6_run": float(tight.duality_gap_),
+        "converged": bool(policy.converged_ and tight.converged_),
+        "pessimistic_value_gap_1e-6": float(tight.pessimistic_value_),
         "lowrank_plus_rtv_fit_seconds": round(fit_seconds, 2),
         "confidence_set_seconds": round(confidence_seconds, 2),
-        "budget_solve<=10s (gap 1e-4)": solve_seconds <= 10,
+        "budget_solve<=10s (gap 1e-6)": tight_seconds <= 10,
     }

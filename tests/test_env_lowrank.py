@@ -266,3 +266,140 @@ def test_unknown_behavior_lists_valid_ones():
     with pytest.raises(ConfigError) as info:
         LowRankContextual(behavior="greedy")
     assert "uniform" in str(info.value) and "skewed" in str(info.value)
+
+
+# ----------------------------------------------------------------- coverage regimes
+def _digest(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("behavior", "offline_digest", "labels"),
+    [
+        ("uniform", "3b15269310b223c1", [1, 0, 0, 0, 0, 1, 0, 0, 0, 0]),
+        ("skewed", "a17349c426c0f7bf", [0, 0, 1, 1, 0, 1, 1, 1, 0, 0]),
+    ],
+)
+def test_full_coverage_draws_are_those_of_the_code_before_the_coverage_option(
+    behavior, offline_digest, labels
+):
+    """Reference values computed with the simulator as it was before ``coverage`` existed
+    (same seeds, same parameters): the default regime's draws must not move."""
+    env = LowRankContextual(d_x=4, d_phi=5, rank=2, n_actions=6, shift=1.0, behavior=behavior,
+                            seed=[7, 1])
+    data = env.sample_offline(30, seed=[7, 2])
+    targets = env.sample_targets(5, seed=[7, 3])
+    assert _digest(env.theta_star, env.shift_direction) == "0b9a66149a841179"
+    assert _digest(data.x, data.phi0, data.phi1, data.y) == offline_digest
+    assert _digest(targets.x, targets.phi) == "0d1491dceaaceef0"
+    np.testing.assert_allclose(
+        data.phi0[0], [-0.08192931, -0.03648354, 0.05656256, -0.78687792, 0.60793121], atol=1e-8)
+    np.testing.assert_array_equal(data.y[:10], labels)
+    np.testing.assert_allclose(
+        targets.phi[0, 0], [0.60884439, 0.04641862, 0.30747464, 0.3803899, -0.62282959],
+        atol=1e-8)
+    np.testing.assert_allclose(env.theta_star[0, :3], [1.14443036, -0.98831477, -0.98484986],
+                               atol=1e-8)
+    assert env.support_basis is None and env.coverage == "full"
+
+
+SUB = {"d_x": 4, "d_phi": 7, "rank": 2, "n_actions": 5, "shift": 1.0, "seed": 13,
+       "coverage": "subspace", "support_extra": 2, "n_uncovered": 3, "uncovered_scale": 0.6}
+
+
+def test_subspace_support_contains_the_reward_directions_and_keeps_the_truth():
+    env = LowRankContextual(**SUB)
+    full = LowRankContextual(**{k: v for k, v in SUB.items() if k in
+                                ("d_x", "d_phi", "rank", "n_actions", "shift", "seed")})
+    np.testing.assert_array_equal(env.theta_star, full.theta_star)
+    np.testing.assert_array_equal(env.shift_direction, full.shift_direction)
+    b, c, e = env.support_basis, env.complement_basis, env.novel_direction
+    assert b.shape == (7, 4) and c.shape == (7, 3)
+    np.testing.assert_allclose(np.concatenate([b, c], axis=1).T @ np.concatenate([b, c], axis=1),
+                               np.eye(7), atol=1e-12)
+    np.testing.assert_array_equal(b[:, :2], env.V_star)
+    # S ⊇ span(V*): Θ* annihilates S⊥, so an S⊥ component is worth nothing
+    np.testing.assert_allclose(env.theta_star @ c, 0.0, atol=1e-12)
+    assert np.linalg.norm(e) == pytest.approx(1.0) and np.linalg.norm(b.T @ e) < 1e-12
+
+
+def test_subspace_offline_data_lie_in_the_support_without_leak():
+    env = LowRankContextual(**SUB, offline_leak=0.0)
+    data = env.sample_offline(400, seed=1)
+    proj = env.complement_basis @ env.complement_basis.T  # projection onto S⊥
+    for phi in (data.phi0, data.phi1):
+        assert np.abs(phi @ proj).max() < 1e-12
+        np.testing.assert_allclose(np.linalg.norm(phi, axis=1), 1.0, rtol=1e-12)
+    targets = env.sample_targets(50, seed=2)
+    assert np.abs(targets.phi[:, :5] @ proj).max() < 1e-12
+
+
+def test_subspace_leak_and_out_of_support_candidates_have_their_stated_components():
+    env = LowRankContextual(**SUB, offline_leak=0.1)
+    data = env.sample_offline(300, seed=3)
+    c = env.complement_basis
+    np.testing.assert_allclose(np.linalg.norm(data.phi0 @ c, axis=1), 0.1, rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(data.phi0, axis=1), 1.0, rtol=1e-12)
+    targets = env.sample_targets(40, seed=4)
+    assert targets.phi.shape == (40, 5 + 3, 7)
+    np.testing.assert_allclose(np.linalg.norm(targets.phi, axis=2), 1.0, rtol=1e-12)
+    perp = np.linalg.norm(targets.phi @ c, axis=2)
+    np.testing.assert_allclose(perp[:, :5], 0.1, rtol=1e-12)
+    # exactly n_uncovered out-of-support candidates per state, each with S⊥ part c·e
+    assert np.all(np.sum(perp > 0.1 + 1e-9, axis=1) == 3)
+    out = targets.phi[:, 5:]
+    np.testing.assert_allclose(out @ c @ c.T, np.broadcast_to(0.6 * env.novel_direction,
+                                                              out.shape), atol=1e-12)
+    # their true reward is the model's, and equals that of their support part (Θ*C = 0)
+    support = out @ env.support_basis @ env.support_basis.T
+    x = targets.x
+    np.testing.assert_allclose(env.true_reward(x, out), env.true_reward(x, support), atol=1e-12)
+    loops = [[x[j] @ env.theta_star @ out[j, a] for a in range(3)] for j in range(40)]
+    np.testing.assert_allclose(env.true_reward(x, out), loops, rtol=1e-12, atol=1e-12)
+
+
+def test_subspace_reference_is_uniform_over_the_ordinary_candidates():
+    env = LowRankContextual(**SUB)
+    targets = env.sample_targets(6, seed=0)
+    ref = env.reference_probs(targets)
+    np.testing.assert_allclose(ref[:, :5], 0.2)
+    np.testing.assert_array_equal(ref[:, 5:], 0.0)
+    full = LowRankContextual(d_x=3, d_phi=3, rank=1, n_actions=4, seed=0)
+    np.testing.assert_allclose(full.reference_probs(full.sample_targets(3, seed=0)), 0.25)
+
+
+def test_subspace_samples_are_reproducible_and_labels_use_the_same_model():
+    env = LowRankContextual(**SUB)
+    a, b = env.sample_offline(100, seed=5), env.sample_offline(100, seed=5)
+    for name in ("x", "phi0", "phi1", "y"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert np.all(np.any(a.phi0 != a.phi1, axis=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"coverage": "partial"},
+        {**SUB, "support_extra": 5},  # rank + extra = 7 = d_phi: S⊥ empty
+        {**SUB, "n_uncovered": -1},
+        {**SUB, "uncovered_scale": 0.0},
+        {**SUB, "uncovered_scale": 1.5},
+        {**SUB, "offline_leak": 1.0},
+    ],
+)
+def test_invalid_coverage_parameters_raise_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        LowRankContextual(**kwargs)
+
+
+def test_subspace_reward_scale_matches_its_closed_form():
+    env = LowRankContextual(**{**SUB, "n_actions": 4}, offline_leak=0.3)
+    data = env.sample_offline(40000, seed=6)
+    r = env.true_reward(data.x, data.phi0)  # uniform behaviour: phi0 independent of x
+    expected = (1 - 0.3**2) * np.mean(env.s_star**2) * 7 / 4  # d_phi / dim S = 7 / 4
+    assert np.mean(r**2) == pytest.approx(expected, rel=0.05)

@@ -15,7 +15,8 @@ from pluralign.experiments.gshf import check_gshf_claims, report, rounds_to_targ
 
 ROUNDS = 2
 METHODS = ["offline_mle", "offline_option1", "offline_option2", "online_enhancer",
-           "online_symmetric", "online_uniform", "hybrid_enhancer"]
+           "online_symmetric", "online_uniform", "online_uncertainty", "online_best_worst",
+           "hybrid_enhancer"]
 TINY: dict = {
     "experiment": "gshf",
     "seed": 3,
@@ -61,6 +62,11 @@ def test_every_method_reports_every_round(reference):
         assert row["comparisons"] == offline + 30 * row["n"]
         assert ("duality_gap" in row) == (row["method"] == "offline_option1")
         assert ("uncertainty" in row) == (online and row["n"] > 0)
+        if online and row["n"] > 0:  # distinct pairs by default: no pair compares a response
+            assert row["identical_pairs"] == 0.0 and row["pair_uncertainty"] > 0.0
+            policy_level = not row["method"].endswith(("uncertainty", "best_worst"))
+            assert ("identical_pairs_expected" in row) == policy_level
+            assert ("certified_gap" in row) == row["method"].endswith("enhancer")
         if row["method"] == "offline_option1":
             assert row["duality_gap"] <= 1e-8
     # round 0 without data: every method but the hybrid deploys π0, so all gaps agree
@@ -115,6 +121,14 @@ def test_claims_are_checked_per_setting(reference):
     assert all(c["held"] for c in c9)
     partial = [r for r in rows if r["method"] != "online_uniform"]
     assert any(c["held"] is None for c in check_gshf_claims(partial, config))
+
+
+def test_pair_options_are_validated():
+    resolve_config({**TINY, "options": {"enhancer_search": "directions", "n_candidates": 4,
+                                        "distinct_pairs": False}})
+    for bad in ({"enhancer_search": "grid"}, {"n_candidates": 1}, {"distinct_pairs": "yes"}):
+        with pytest.raises(ConfigError):
+            resolve_config({**TINY, "options": bad})
 
 
 def test_gshf_takes_one_rounds_value(tmp_path):

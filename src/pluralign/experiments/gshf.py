@@ -1,7 +1,7 @@
 """The ``gshf`` experiment: KL-regularized preference learning (seed 002) on ``KLBandit``.
 
 Xiong et al. 2024 (GSHF, arXiv 2312.11456) in the bandit layer: offline (MLE-Gibbs versus the
-two pessimistic options), online iterative learning with three exploration strategies, and
+two pessimistic options), online iterative learning with five pair designs, and
 hybrid learning, all on one axis: **rounds** ``t = 0..T`` of ``m`` comparisons each
 (``n_samples: [T]``, one value; option ``batch_size`` is ``m``). Every method returns a curve,
 one row per round, with ``n`` = the round (see :mod:`pluralign.experiments.base`).
@@ -17,22 +17,33 @@ Methods (``gap`` is always that of the policy the method would deploy after roun
 * ``offline_option1`` — GSHF option I: policy-level max–min with KL
   (:class:`~pluralign.policies.PessimisticGibbs`), solved to a certified gap;
 * ``offline_option2`` — GSHF option II: Gibbs policy of the pointwise lower confidence bound;
-* ``online_enhancer`` / ``online_symmetric`` / ``online_uniform`` — online iterative GSHF
-  (:class:`~pluralign.online.OnlineGSHF`) with the given exploration, ``t`` rounds;
+* ``online_enhancer`` / ``online_symmetric`` / ``online_uniform`` / ``online_uncertainty`` /
+  ``online_best_worst`` — online iterative GSHF (:class:`~pluralign.online.OnlineGSHF`), ``t``
+  rounds, with the pair design of that name (:mod:`pluralign.online.exploration`): the
+  policy-level enhancer, both responses from the main agent, ``a²`` uniform, per-pair
+  uncertainty over ``n_candidates`` draws of the main agent, best-of-n vs worst-of-n;
 * ``hybrid_enhancer`` — the enhancer loop started from the first ``hybrid_offline`` offline
   comparisons (round 0 is the offline MLE-Gibbs policy on them).
 
 Metrics: ``gap`` (``J_η(π*) − J_η(π̂)``, exact on the evaluation contexts), ``kl``
 (``E KL(π̂‖π0)``), ``reward`` (``E Σ π̂ r*``), ``comparisons`` (all comparisons used, offline
 included), ``reached_target`` (1 if ``gap ≤ target_gap``), ``duality_gap`` (option I's certified
-gap), ``uncertainty`` and ``identical_pairs`` (online rounds: the exploration policy's
-uncertainty ``β_t‖E[φ(π¹) − φ(π²)]‖_{M_t⁻¹}`` and the share of pairs with ``a¹ = a²``).
+gap), and for online rounds ``uncertainty`` (the design's own: the exploration policy's
+``β_t‖E[φ(π¹) − φ(π²)]‖_{M_t⁻¹}`` for policy-level designs, the mean pair width
+``β_t‖Δφ‖_{M_t⁻¹}`` for per-pair ones), ``pair_uncertainty`` (the mean pair width, every design),
+``identical_pairs`` (the share of the round's pairs with ``a¹ = a²``),
+``identical_pairs_expected`` (policy-level designs: ``E_x Σ_a π¹π²`` with independent draws, 0
+with distinct pairs) and ``certified_gap`` (enhancer: certified bound on its shortfall from the
+constrained optimum over all policies).
 
 Options: ``batch_size`` (``m``), ``ridge`` (``l2 = ridge/N``), ``beta`` (``β = beta·sqrt((d +
 log(1/δ))/N)``, for pessimism and for the online confidence sets), ``delta``,
-``hybrid_offline`` (``N₀``), ``n_directions`` (enhancer search directions), ``opt_tol`` (option
-I's certified-gap tolerance), ``target_gap``, ``distinct_pairs`` (online pairs of two different
-responses; see :class:`~pluralign.online.OnlineGSHF`).
+``hybrid_offline`` (``N₀``), ``n_directions`` (enhancer eigen-directions), ``enhancer_search``
+(``exact``: eigen-directions refined by SLSQP over all Gibbs tilts, with a certified bound;
+``directions``: the eigen-direction scan alone), ``n_candidates`` (draws of the per-pair designs),
+``opt_tol`` (option I's certified-gap tolerance), ``target_gap``, ``distinct_pairs`` (default
+``true``: the two responses of every online pair differ; ``false``: independent draws; see
+:class:`~pluralign.online.OnlineGSHF`).
 
 ``python -c "from pluralign.experiments.gshf import report; print(report('runs/gshf'))"`` prints
 the C8/C9/C10 comparisons of ``docs/gshf.md`` from a finished run.
@@ -60,7 +71,14 @@ from pluralign.experiments.base import (
     Range,
     UnitContext,
 )
-from pluralign.online import Enhancer, OnlineGSHF
+from pluralign.online import (
+    BestWorst,
+    Enhancer,
+    Exploration,
+    OnlineGSHF,
+    PairUncertainty,
+    make_exploration,
+)
 from pluralign.policies import PessimisticGibbs, gibbs_probs
 from pluralign.rewards import Linear
 
@@ -87,9 +105,11 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "delta": 0.05,
     "hybrid_offline": 1000,
     "n_directions": 4,
+    "enhancer_search": "exact",
+    "n_candidates": 8,
     "opt_tol": 1e-8,
     "target_gap": 0.05,
-    "distinct_pairs": False,
+    "distinct_pairs": True,
 }
 
 # What each value may be (checked by resolve_config; tabulated in docs/experiments.md).
@@ -114,6 +134,8 @@ OPTION_SPEC: dict[str, Constraint] = {
     "delta": Range(0, 1, lo_open=True, hi_open=True),
     "hybrid_offline": Range(1, MAX_SAMPLES),
     "n_directions": Range(1, 1000),
+    "enhancer_search": Choice(("exact", "directions")),
+    "n_candidates": Range(2, 1000),
     "opt_tol": Range(0, None, lo_open=True),
     "target_gap": Range(0, None),
     "distinct_pairs": Choice((False, True)),
@@ -242,10 +264,15 @@ def offline_option2(ctx: UnitContext) -> list[dict[str, float]]:
 def _online_curve(ctx: UnitContext, exploration: str, *, hybrid: bool = False
                   ) -> list[dict[str, float]]:
     opts = ctx.options
+    explorer: Exploration
     if exploration == "enhancer":
-        explorer: str | Enhancer = Enhancer(opts["n_directions"])
+        explorer = Enhancer(opts["n_directions"], exact=opts["enhancer_search"] == "exact")
+    elif exploration == "uncertainty":
+        explorer = PairUncertainty(opts["n_candidates"])
+    elif exploration == "best_worst":
+        explorer = BestWorst(opts["n_candidates"])
     else:
-        explorer = exploration
+        explorer = make_exploration(exploration)
     loop = OnlineGSHF(explorer, batch_size=opts["batch_size"], n_rounds=_rounds(ctx),
                       ridge=opts["ridge"], beta=opts["beta"], delta=opts["delta"],
                       distinct_pairs=opts["distinct_pairs"], seed=ctx.seed(2))
@@ -261,7 +288,12 @@ def _online_curve(ctx: UnitContext, exploration: str, *, hybrid: bool = False
                  "fit_seconds": seconds}
         if record["round"] > 0:
             point["uncertainty"] = record.get("uncertainty", 0.0)
+            point["pair_uncertainty"] = record["pair_uncertainty"]
             point["identical_pairs"] = record["identical_pairs"]
+            for key, name in (("identical_pairs_expected", "identical_pairs_expected"),
+                              ("explore_certified_gap", "certified_gap")):
+                if key in record:
+                    point[name] = record[key]
         points.append(point)
     return points
 
@@ -279,6 +311,16 @@ def online_symmetric(ctx: UnitContext) -> list[dict[str, float]]:
 def online_uniform(ctx: UnitContext) -> list[dict[str, float]]:
     """Online iterative learning, second response uniform over the candidates."""
     return _online_curve(ctx, "uniform")
+
+
+def online_uncertainty(ctx: UnitContext) -> list[dict[str, float]]:
+    """Online iterative learning, per-pair uncertainty: ``a²`` the widest of ``n`` draws."""
+    return _online_curve(ctx, "uncertainty")
+
+
+def online_best_worst(ctx: UnitContext) -> list[dict[str, float]]:
+    """Online iterative learning, best-of-n vs worst-of-n of the main agent."""
+    return _online_curve(ctx, "best_worst")
 
 
 def hybrid_enhancer(ctx: UnitContext) -> list[dict[str, float]]:
@@ -305,11 +347,14 @@ GSHF = Experiment(
         "online_enhancer": online_enhancer,
         "online_symmetric": online_symmetric,
         "online_uniform": online_uniform,
+        "online_uncertainty": online_uncertainty,
+        "online_best_worst": online_best_worst,
         "hybrid_enhancer": hybrid_enhancer,
     },
     default_n_samples=(10,),
     metrics=("gap", "kl", "reward", "comparisons", "reached_target", "duality_gap",
-             "uncertainty", "identical_pairs"),
+             "uncertainty", "pair_uncertainty", "identical_pairs", "identical_pairs_expected",
+             "certified_gap"),
     plot_metric="gap",
     describe_setting=describe_setting,
     x_label="round t (m comparisons per round)",

@@ -10,7 +10,24 @@ Metrics (per row):
 * ``estimation_error`` — ``‖Θ̂ − Θ*‖_F / ‖Θ*‖_F`` (contextual models only);
 * ``heldout_loglik`` — mean Bradley–Terry log-likelihood on the held-out sample;
 * ``fit_seconds`` — wall time of the method, including shared fits it used;
-* ``duality_gap`` — the pessimistic solver's certified gap (pessimistic methods only).
+* ``duality_gap`` — the pessimistic solver's certified gap (pessimistic methods only);
+* ``coverage_opt_prs`` / ``coverage_greedy_prs`` (rows of ``prs`` and ``prs_pointwise``) and
+  ``coverage_opt_full`` / ``coverage_greedy_full`` (rows of ``fullrank_pessimistic``) — how
+  well the offline data cover a policy, in the confidence set's own geometry:
+  ``‖w(π)‖_{M⁻¹}`` with ``w(π) = (1/m) Σ_j (z(j, π(j)) − z_ref(j))``, ``z_ref(j)`` the
+  pessimistic policies' reference (the mean candidate feature; under ``coverage: subspace`` the
+  mean of the ordinary candidates, the simulator's ``reference_probs``), ``M`` the confidence set's
+  matrix, for ``π = π*`` (the true per-state argmax) and for greedy's choice. ``_prs`` measures
+  in the RTV-reduced space (``z`` of the refit ``RTVReduced``, its ``M``) with greedy the
+  ``lowrank_greedy`` policy; ``_full`` in the ``d_x·d_phi`` Kronecker space with greedy the
+  ``fullrank_greedy`` policy. ``opt ≲ greedy`` (similar): the full-coverage regime, pessimism can
+  only shrink towards the reference; ``opt ≪ greedy``: single-policy coverage, greedy's choice
+  is poorly covered while π*'s is well covered. The worst-case value of π is
+  ``θ̂ᵀw(π) − β·coverage``, so ``β·(coverage_greedy − coverage_opt)`` is the pessimistic
+  handicap of greedy's choice against π*'s;
+* ``uncovered_share`` — ``coverage: subspace`` only: the policy's mean probability on the
+  out-of-support candidates (``π*`` picks one where a shrunk candidate is still the best: about
+  6% of the states in ``configs/loco_coverage.yaml``'s first setting).
 
 Methods:
 
@@ -23,6 +40,11 @@ Methods:
 * ``fullrank_greedy`` — argmax of the full-rank estimate;
 * ``linear_pessimistic`` / ``linear_greedy`` — the context-free ``θᵀφ`` model (one reward for
   everybody), pessimistic or greedy.
+
+Env parameters as in :class:`~pluralign.envs.LowRankContextual`, plus ``n_targets`` and
+``n_heldout``; ``coverage: subspace`` and its ``support_extra``, ``n_uncovered``,
+``uncovered_scale``, ``offline_leak`` give the single-policy-coverage regime (ignored, and
+without effect on any draw, under ``coverage: full``, the default).
 
 Options: ``ridge_grid`` (each model family — linear, full-rank, low-rank — picks its ridge from
 this grid by held-out log-likelihood on a 20% split of the offline data only, then refits on
@@ -42,7 +64,8 @@ import numpy as np
 
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.envs import LowRankContextual
-from pluralign.envs.lowrank_contextual import BEHAVIORS
+from pluralign.envs.lowrank_contextual import BEHAVIORS, COVERAGES
+from pluralign.errors import ConfigError
 from pluralign.experiments.base import (
     MAX_DIM,
     MAX_ITER,
@@ -55,6 +78,7 @@ from pluralign.experiments.base import (
     UnitContext,
 )
 from pluralign.policies import Greedy, Pessimistic, Policy
+from pluralign.policies.pessimistic import reference_probs
 from pluralign.rewards import (
     Bilinear,
     BradleyTerryModel,
@@ -76,6 +100,11 @@ ENV_DEFAULTS: dict[str, Any] = {
     "behavior": "uniform",
     "skew": 2.0,
     "singular_values": [1.0, 2.0],
+    "coverage": "full",
+    "support_extra": 2,
+    "n_uncovered": 2,
+    "uncovered_scale": 0.7,
+    "offline_leak": 0.1,
     "n_targets": 1000,
     "n_heldout": 2000,
 }
@@ -98,6 +127,11 @@ ENV_SPEC: dict[str, Constraint] = {
     "behavior": Choice(BEHAVIORS),
     "skew": Range(-MAX_SCALE, MAX_SCALE),
     "singular_values": Range(0, MAX_SCALE, lo_open=True, length=(2, 2), nondecreasing=True),
+    "coverage": Choice(COVERAGES),
+    "support_extra": Range(0, MAX_DIM),
+    "n_uncovered": Range(0, MAX_DIM),
+    "uncovered_scale": Range(0, 1, lo_open=True),
+    "offline_leak": Range(0, 1, hi_open=True),
     "n_targets": Range(1, MAX_SAMPLES),
     "n_heldout": Range(1, MAX_SAMPLES),
 }
@@ -109,6 +143,15 @@ OPTION_SPEC: dict[str, Constraint] = {
     "fw_tol": Range(0, None, lo_open=True),
     "fw_max_iter": Range(1, MAX_ITER),
 }
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """``coverage: subspace`` needs a non-empty ``S⊥``: ``rank + support_extra < d_phi``."""
+    for index, env in enumerate(config["env"]):
+        if env["coverage"] == "subspace" and env["rank"] + env["support_extra"] >= env["d_phi"]:
+            raise ConfigError(
+                f"setting {index}: coverage 'subspace' needs 'rank' + 'support_extra' < 'd_phi' "
+                f"(S⊥ not empty), got {env['rank']} + {env['support_extra']} ≥ {env['d_phi']}")
 
 
 def _env(ctx: UnitContext) -> LowRankContextual:
@@ -134,14 +177,17 @@ def _draws(ctx: UnitContext):
 def _evaluate(ctx: UnitContext, model: RewardModel, policy: Policy) -> dict[str, float]:
     env = _env(ctx)
     _, heldout, targets = _draws(ctx)
+    probs = policy.probs(targets)
     metrics = {
-        "suboptimality": env.suboptimality(policy, targets),
+        "suboptimality": env.suboptimality(probs, targets),
         "heldout_loglik": model.log_likelihood(heldout),
         "ridge": getattr(model, "ridge_", float("nan")),
     }
     theta = getattr(model, "theta_", None)
     if theta is not None and getattr(theta, "shape", None) == env.theta_star.shape:
         metrics["estimation_error"] = env.estimation_error(theta)
+    if env.coverage == "subspace":
+        metrics["uncovered_share"] = float(np.mean(np.sum(probs[:, env.n_actions:], axis=1)))
     return metrics
 
 
@@ -207,6 +253,45 @@ def _confidence(ctx: UnitContext, name: str, model: LinearInParameters) -> Confi
     return ctx.cached(f"{name}_confidence", build)
 
 
+def coverage(model: LinearInParameters, confidence: ConfidenceSet, targets, probs: np.ndarray,
+             reference: Any = "uniform") -> float:
+    """``‖w(π)‖_{M⁻¹}``, ``w(π) = (1/m) Σ_j (Σ_a π(a|j) z(j,a) − Σ_a π_ref(a|j) z(j,a))``.
+
+    ``z`` is linear in ``φ`` for fixed ``x``, so ``(1/m) Σ_j z(x_j, φ̄_j)`` with ``φ̄_j`` the
+    policy's mean candidate is the mean feature (``model.mean_features``).
+    """
+    ref = reference_probs(reference, targets)
+    w = (model.mean_features(targets.x, np.einsum("ja,jad->jd", probs, targets.phi))
+         - model.mean_features(targets.x, np.einsum("ja,jad->jd", ref, targets.phi)))
+    return float(confidence.norm(w))
+
+
+def _coverage(ctx: UnitContext, name: str, model: LinearInParameters,
+              greedy_model: RewardModel) -> dict[str, float]:
+    """``coverage_opt_<name>`` and ``coverage_greedy_<name>`` (see the module docstring)."""
+    env = _env(ctx)
+    _, _, targets = _draws(ctx)
+    cs = _confidence(ctx, "rtv" if name == "prs" else "bilinear", model)
+    optimal = one_hot(np.argmax(env.true_reward(targets.x, targets.phi), axis=1),
+                      targets.n_actions)
+    greedy = Greedy(greedy_model).probs(targets)
+    ref = _reference(ctx)
+    return {f"coverage_opt_{name}": coverage(model, cs, targets, optimal, ref),
+            f"coverage_greedy_{name}": coverage(model, cs, targets, greedy, ref)}
+
+
+def _reference(ctx: UnitContext) -> Any:
+    """The pessimistic reference: uniform (``"full"``), the ordinary candidates (``"subspace"``)."""
+    env = _env(ctx)
+    return "uniform" if env.coverage == "full" else env.reference_probs
+
+
+def one_hot(actions: np.ndarray, n_actions: int) -> np.ndarray:
+    out = np.zeros((len(actions), n_actions))
+    out[np.arange(len(actions)), actions] = 1.0
+    return out
+
+
 def _greedy(ctx: UnitContext, model: RewardModel) -> dict[str, float]:
     return _evaluate(ctx, model, Greedy(model))
 
@@ -215,20 +300,27 @@ def _pessimistic(ctx: UnitContext, name: str, model: LinearInParameters, *,
                  pointwise: bool = False, report_model: RewardModel | None = None
                  ) -> dict[str, float]:
     policy = Pessimistic(model, _confidence(ctx, name, model), pointwise=pointwise,
+                         reference=_reference(ctx),
                          tol=ctx.options["fw_tol"], max_iter=ctx.options["fw_max_iter"])
     metrics = _evaluate(ctx, report_model or model, policy)
     metrics["duality_gap"] = policy.duality_gap_
     return metrics
 
 
+def _with_coverage(ctx: UnitContext, metrics: dict[str, float], name: str) -> dict[str, float]:
+    if name == "prs":
+        return {**metrics, **_coverage(ctx, "prs", _reduced(ctx), _lowrank(ctx))}
+    return {**metrics, **_coverage(ctx, "full", _fullrank(ctx), _fullrank(ctx))}
+
+
 def prs(ctx: UnitContext) -> dict[str, float]:
     """LoCo-RLHF's PRS: max–min pessimism in the RTV-reduced space."""
-    return _pessimistic(ctx, "rtv", _reduced(ctx))
+    return _with_coverage(ctx, _pessimistic(ctx, "rtv", _reduced(ctx)), "prs")
 
 
 def prs_pointwise(ctx: UnitContext) -> dict[str, float]:
     """Per-state lower confidence bound in the RTV-reduced space."""
-    return _pessimistic(ctx, "rtv", _reduced(ctx), pointwise=True)
+    return _with_coverage(ctx, _pessimistic(ctx, "rtv", _reduced(ctx), pointwise=True), "prs")
 
 
 def lowrank_greedy(ctx: UnitContext) -> dict[str, float]:
@@ -238,7 +330,7 @@ def lowrank_greedy(ctx: UnitContext) -> dict[str, float]:
 
 def fullrank_pessimistic(ctx: UnitContext) -> dict[str, float]:
     """Max–min pessimism with the full-rank ``d_x·d_phi`` confidence set."""
-    return _pessimistic(ctx, "bilinear", _fullrank(ctx))
+    return _with_coverage(ctx, _pessimistic(ctx, "bilinear", _fullrank(ctx)), "full")
 
 
 def fullrank_greedy(ctx: UnitContext) -> dict[str, float]:
@@ -258,10 +350,14 @@ def linear_greedy(ctx: UnitContext) -> dict[str, float]:
 
 def describe_setting(env: dict[str, Any]) -> str:
     behavior = env["behavior"] + (f"({env['skew']})" if env["behavior"] == "skewed" else "")
-    return (
+    text = (
         f"d_x={env['d_x']} d_phi={env['d_phi']} r={env['rank']} K={env['n_actions']} "
         f"{behavior} shift={env['shift']}"
     )
+    if env.get("coverage", "full") == "subspace":
+        text += (f" subspace(dimS={env['rank'] + env['support_extra']} "
+                 f"+{env['n_uncovered']}x{env['uncovered_scale']} leak={env['offline_leak']})")
+    return text
 
 
 LOCO = Experiment(
@@ -278,9 +374,15 @@ LOCO = Experiment(
         "linear_greedy": linear_greedy,
     },
     default_n_samples=(500, 1000, 2000, 5000),
-    metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap"),
+    metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap",
+             "coverage_opt_prs", "coverage_greedy_prs", "coverage_opt_full",
+             "coverage_greedy_full", "uncovered_share"),
+    # the terminal table keeps the headline metrics; coverage is in summary.csv and
+    # `pluralign report --markdown coverage_opt_prs` (a wider table would be cut at 80 columns)
+    table_metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap"),
     plot_metric="suboptimality",
     describe_setting=describe_setting,
     env_spec=ENV_SPEC,
     option_spec=OPTION_SPEC,
+    check_config=_check_config,
 )

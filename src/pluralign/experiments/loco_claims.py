@@ -3,7 +3,13 @@
 * C1 — PRS sub-optimality is below full-rank pessimistic at every N, in every setting.
 * C2 — with skewed behaviour and context shift, PRS is below low-rank greedy at small N
   (the two smallest N of the sweep).
-* C3 — the log-log slope of PRS sub-optimality against N lies in [−0.8, −0.3].
+* C3 — PRS sub-optimality stays under the theory's ``O(N^{-1/2})`` upper bound: with the
+  constant fitted at the smallest N of the sweep, ``c = subopt(N_min)·sqrt(N_min)``, it holds
+  iff ``subopt(N) ≤ c/sqrt(N)`` at every larger N, in every setting. The theory bounds the
+  sub-optimality from above, so a slope steeper than −1/2 does not contradict it (a flatter one
+  eventually does). The detail reports the fitted log-log slope (ordinary least squares on
+  ``log N``, ``log subopt``) and the margin: the largest ratio ``subopt(N)/(c/sqrt(N))`` over
+  the larger N (held iff ≤ 1).
 * C4 — at fixed N, the low-rank estimation error grows with (d_x + d_phi)·r across settings.
 
 Each check compares means over repeats and reports the numbers it used, so a reader can judge
@@ -69,9 +75,14 @@ def check_loco_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> lis
                 parts.append(f"{setting}: not measurable")
                 continue
             slope = float(np.polyfit(np.log(ns), np.log(vals), 1)[0])
-            ok &= -0.8 <= slope <= -0.3
-            parts.append(f"{setting}: slope {slope:.3f}")
-        record("C3 PRS log-log slope in [-0.8, -0.3]", ok, "; ".join(parts))
+            c = vals[0] * np.sqrt(ns[0])
+            ratios = vals[1:] / (c / np.sqrt(ns[1:]))
+            worst = int(np.argmax(ratios))
+            ok &= bool(np.all(ratios <= 1.0))
+            parts.append(f"{setting}: slope {slope:.3f}, c = {c:.4g} (N={int(ns[0])}), "
+                         f"max subopt/(c/√N) = {ratios[worst]:.3f} at N={int(ns[1:][worst])}")
+        record("C3 PRS sub-optimality under c/√N (c fitted at the smallest N)", ok,
+               "; ".join(parts))
 
     envs = {_describe(config, e): (e["d_x"] + e["d_phi"]) * e["rank"] for e in config["env"]}
     if err and len(envs) > 1:

@@ -2,24 +2,33 @@
 
 from pluralign.online.exploration import (
     EXPLORATIONS,
+    BestWorst,
     Enhancer,
     Exploration,
+    Pairs,
+    PairUncertainty,
     RoundState,
     Symmetric,
     Uniform,
+    exclude_actions,
     make_exploration,
+    sample_actions,
 )
-from pluralign.online.loop import OnlineGSHF, PreferenceEnv, sample_actions
+from pluralign.online.loop import OnlineGSHF, PreferenceEnv
 
 __all__ = [
     "EXPLORATIONS",
+    "BestWorst",
     "Enhancer",
     "Exploration",
     "OnlineGSHF",
+    "PairUncertainty",
+    "Pairs",
     "PreferenceEnv",
     "RoundState",
     "Symmetric",
     "Uniform",
+    "exclude_actions",
     "make_exploration",
     "sample_actions",
 ]

@@ -9,13 +9,18 @@ the **hybrid** setting), for ``t = 1..T``:
    ``β = beta·sqrt((d + log(1/δ))/N)``); with no data, ``θ̂ = 0``, ``M = ridge·I`` and
    ``β = beta·sqrt(d + log(1/δ))`` (the same formula at ``N = 1``);
 2. draw ``m`` contexts; the main agent is ``π¹_t(a|x) ∝ π0(a|x) exp(θ̂ᵀφ(x,a)/η)``;
-3. the exploration strategy picks ``π²_t`` (:mod:`pluralign.online.exploration`);
-4. draw ``a¹ ~ π¹_t``, ``a² ~ π²_t`` independently per context, query the oracle for
-   ``y = 1{a² ≻ a¹}``, and add the ``m`` comparisons to ``D_t``. With a concentrated main agent
-   ``a¹ = a²`` is frequent over a finite candidate set, and such a pair carries no information
-   (``Δφ = 0``) but still costs a query; ``distinct_pairs=True`` instead draws ``a²`` from
-   ``π²_t(·|x)`` conditioned on ``a² ≠ a¹`` (uniform over the other candidates if ``π²_t`` puts
-   all its mass on ``a¹``), as practical pipelines compare two different responses.
+3. the pair design (:mod:`pluralign.online.exploration`) draws a pair ``(a¹, a²)`` per context:
+   for a policy-level design ``a¹ ~ π¹_t`` and ``a² ~ π²_t``; per-pair designs choose among
+   ``n`` draws of ``π¹_t``;
+4. query the oracle for ``y = 1{a² ≻ a¹}`` and add the ``m`` comparisons to ``D_t``.
+
+With a concentrated main agent ``a¹ = a²`` is frequent over a finite candidate set, and such a
+pair carries no information (``Δφ = 0``) but still costs a query; two LLM responses are almost
+never identical. So by default (``distinct_pairs=True``) ``a²`` is drawn from ``π²_t(·|x)``
+conditioned on ``a² ≠ a¹`` — renormalized without ``a¹``, uniform over the other candidates if
+``π²_t`` puts all its mass on ``a¹`` — and every design compares two different responses;
+``distinct_pairs=False`` is the independent draw of GSHF's Algorithm 2, whose expected share of
+identical pairs is ``E_x Σ_a π¹_t(a|x) π²_t(a|x)`` (recorded as ``identical_pairs_expected``).
 
 After each round the main agent is refitted on ``D_t`` and, if evaluation states are given, its
 exact gap ``J_η(π*) − J_η(gibbs(θ̂))`` is recorded (evaluation time is not counted in the round's
@@ -38,7 +43,13 @@ import numpy as np
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.data import PreferenceData, TargetStates
 from pluralign.errors import PluralignError
-from pluralign.online.exploration import Exploration, RoundState, make_exploration
+from pluralign.online.exploration import (
+    Exploration,
+    RoundState,
+    exclude_actions,
+    make_exploration,
+    sample_actions,
+)
 from pluralign.policies.gibbs import Gibbs, gibbs_probs, kl_divergence
 from pluralign.rewards import Linear
 from pluralign.rewards._checks import check_number
@@ -63,26 +74,7 @@ class PreferenceEnv(Protocol):
     def true_reward(self, states: TargetStates) -> np.ndarray: ...
 
 
-def sample_actions(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One action per row of an ``(m, K)`` probability matrix (inverse CDF, vectorized)."""
-    cdf = np.cumsum(probs, axis=1)
-    u = rng.random(probs.shape[0]) * cdf[:, -1]
-    return np.minimum((cdf < u[:, None]).sum(axis=1), probs.shape[1] - 1)
-
-
-def _excluding(probs: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """``probs`` conditioned on not choosing ``actions`` (uniform over the rest if no mass is
-    left)."""
-    rows = np.arange(probs.shape[0])
-    out = probs.copy()
-    out[rows, actions] = 0.0
-    total = out.sum(axis=1, keepdims=True)
-    empty = total[:, 0] <= 1e-12
-    if empty.any():
-        out[empty] = 1.0
-        out[rows[empty], actions[empty]] = 0.0
-        total = out.sum(axis=1, keepdims=True)
-    return out / total
+_excluding = exclude_actions  # the former private name
 
 
 def _seed_list(seed: int | list[int]) -> list[int]:
@@ -95,7 +87,8 @@ class OnlineGSHF:
     Parameters
     ----------
     exploration:
-        ``"enhancer"``, ``"symmetric"``, ``"uniform"`` or an
+        The pair design: ``"enhancer"``, ``"symmetric"``, ``"uniform"``, ``"uncertainty"``,
+        ``"best_worst"`` (:data:`~pluralign.online.exploration.EXPLORATIONS`) or an
         :class:`~pluralign.online.exploration.Exploration` instance.
     batch_size:
         Comparisons per round ``m``.
@@ -110,7 +103,8 @@ class OnlineGSHF:
     tol:
         Gradient tolerance of the MLE.
     distinct_pairs:
-        Draw the second response conditioned on differing from the first (see above).
+        ``True`` (default): the two responses of every pair differ (see above); ``False``: the
+        independent draw.
     seed:
         Seed (int or list of ints) of every random draw of the loop.
 
@@ -118,8 +112,12 @@ class OnlineGSHF:
     or ``None`` without data), ``theta_``, ``confidence_``, ``policy_`` (:class:`Gibbs`),
     ``data_`` (all comparisons, offline first), ``history_`` (one dict per round ``0..T`` with
     ``round``, ``comparisons`` (online so far), ``total_comparisons``, ``seconds`` (the round's
-    compute time), ``uncertainty``/``explore_kl`` (the exploration's diagnostics), and, with
-    evaluation states, ``gap``, ``kl`` and ``reward`` of the main agent).
+    compute time), ``identical_pairs`` (share of the round's pairs with ``a¹ = a²``),
+    ``pair_uncertainty`` (mean ``β_t‖φ(a¹) − φ(a²)‖_{M_t⁻¹}`` of the round's pairs), the design's
+    diagnostics (``uncertainty``; for policy-level designs ``explore_kl`` and
+    ``identical_pairs_expected``; for the enhancer ``explore_bound`` and
+    ``explore_certified_gap``), and, with evaluation states, ``gap``, ``kl`` and ``reward`` of
+    the main agent).
     """
 
     def __init__(
@@ -132,7 +130,7 @@ class OnlineGSHF:
         beta: float = 1.0,
         delta: float = 0.05,
         tol: float = 1e-6,
-        distinct_pairs: bool = False,
+        distinct_pairs: bool = True,
         seed: int | list[int] = 0,
     ) -> None:
         self.exploration = exploration
@@ -178,6 +176,9 @@ class OnlineGSHF:
         check_number(self.beta, "beta", owner="OnlineGSHF")
         check_number(self.delta, "delta", owner="OnlineGSHF", strict=True, below=1.0)
         check_number(self.tol, "tol", owner="OnlineGSHF", strict=True)
+        if not isinstance(self.distinct_pairs, bool):
+            raise PluralignError(f"distinct_pairs must be True or False, got "
+                                 f"{self.distinct_pairs!r}")
         return make_exploration(self.exploration)
 
     # ------------------------------------------------------------------ loop
@@ -219,22 +220,22 @@ class OnlineGSHF:
             states = env.sample_states(m, rng)
             ref = env.reference_probs(states)
             main = gibbs_probs(states.phi @ theta, ref, env.eta)
-            second, info = exploration.second_policy(
+            pairs = exploration.draw_pairs(
                 RoundState(states=states, main_probs=main, theta=theta, confidence=cs,
-                           eta=env.eta)
+                           eta=env.eta),
+                rng, distinct=self.distinct_pairs,
             )
-            a1 = sample_actions(main, rng)
-            if self.distinct_pairs:
-                second = _excluding(second, a1)
-            a2 = sample_actions(second, rng)
+            a1, a2 = pairs.a1, pairs.a2
             rows = np.arange(m)
             phi1, phi2 = states.phi[rows, a1], states.phi[rows, a2]
+            width = float(np.mean(cs.beta * cs.norm(phi1 - phi2)))
             batch = PreferenceData(x=None, phi0=phi1, phi1=phi2, y=env.compare(phi1, phi2, rng))
             data = batch if data is None else PreferenceData.concatenate([data, batch])
             model, theta, cs = self._refit(data, env.d)
             record = {"round": t, "comparisons": t * m, "total_comparisons": n_offline + t * m,
                       "seconds": time.perf_counter() - start,
-                      "identical_pairs": float(np.mean(a1 == a2)), **info}
+                      "identical_pairs": float(np.mean(a1 == a2)), "pair_uncertainty": width,
+                      **pairs.info}
             if eval_cache is not None:
                 record.update(self._evaluate(env, theta, eval_cache))
             history.append(record)
