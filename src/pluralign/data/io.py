@@ -107,10 +107,6 @@ def iter_jsonl_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, A
         yield row, where
 
 
-def lineno_of(where: dict[str, Any]) -> int:
-    return int(where.get("line") or 0)
-
-
 def check_user_id(user: Any, field: str, where: dict[str, Any],
                   first: tuple[Any, int] | None) -> None:
     """A user id is a non-empty string or an integer (not a boolean), and every row of a file
@@ -169,7 +165,7 @@ def _load_jsonl(path: Path) -> PreferenceData:
         if has["user"]:
             user = row["user"]
             check_user_id(user, "user", where, first_user)
-            first_user = first_user or (user, lineno_of(where))
+            first_user = first_user or (user, where["line"])
             cols["users"].append(user)
     if not cols["y"]:
         raise DataValidationError("file holds no comparisons", path=str(path))
