@@ -67,6 +67,7 @@ from pluralign.llm import (
     adapt_user,
     split_per_user,
 )
+from pluralign.llm.config import to_plain
 from pluralign.llm.job import apply_overrides, resolve_rm_config, train_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def base_config(epochs: int | None) -> dict[str, Any]:
     if not data.is_absolute() and not data.exists():
         config = apply_overrides(config, [f"data.train={ROOT / data}"])
     if epochs is not None:
-        config = apply_overrides(config, [f"train.epochs={epochs}"])
+        config = apply_overrides(config, [f"train.num_train_epochs={epochs}"])
     return config
 
 
@@ -151,7 +152,7 @@ def part1_run(config: dict[str, Any], share: str, seed: int, out: Path,
     """One train_reward_model run (cached in ``out/result.json``)."""
     config = apply_overrides(config, [f"lora.share={share}", f"train.seed={seed}",
                                       f"data.split_seed={seed}", f"out={out}"])
-    resolved = resolve_rm_config(config)
+    resolved = to_plain(resolve_rm_config(config))
     cached = read_json(out / "result.json")
     if cached is not None and cached["config"] == resolved:
         log(f"part 1 share={share} seed={seed}: cached ({cached['wall_s']:.0f} s when run)")
@@ -200,20 +201,20 @@ def part2_run(config: dict[str, Any], held: str, share: str, ks: list[int], out:
               wait: bool) -> dict[str, Any]:
     """Train on the other users, then adapt ``held`` from k of its pairs (cached)."""
     seed = PART2_SEED
-    resolved = resolve_rm_config(apply_overrides(
+    sections = resolve_rm_config(apply_overrides(
         config, [f"lora.share={share}", f"train.seed={seed}", f"data.split_seed={seed}",
                  f"out={out}"]))
-    m, lora, d, t = (resolved[k] for k in ("model", "lora", "data", "train"))
-    settings = {"config": resolved, "held_out": held, "ks": ks, "adapt": ADAPT,
+    m, lora, d, t = (sections[k] for k in ("model", "lora", "data", "train"))
+    settings = {"config": to_plain(sections), "held_out": held, "ks": ks, "adapt": ADAPT,
                 "n_eval": N_EVAL_NEW_USER, "seed": seed}
     cached = read_json(out / "result.json")
     if cached is not None and cached["settings"] == settings:
         log(f"part 2 held-out={held} share={share}: cached")
         return cached
 
-    prefs = read_text_preferences(d["train"], format=d["format"])
+    prefs = read_text_preferences(d.train, format=d.format)
     users = list(dict.fromkeys(str(u) for u in prefs.users.tolist()))
-    train, test = split_per_user(prefs, d["test_size"], d["split_seed"])
+    train, test = split_per_user(prefs, d.test_size, d.split_seed)
     others = [u for u in users if u != held]
     train5 = train.subset(train.users.astype(str) != held)
     test5 = test.subset(test.users.astype(str) != held)
@@ -229,23 +230,17 @@ def part2_run(config: dict[str, Any], held: str, share: str, ks: list[int], out:
     log(f"part 2 held-out={held} share={share}: training on {others} ...")
     start = time.perf_counter()
     model = PersonalizedRewardModel.from_pretrained(
-        model_path(m["name_or_path"]), others, gguf_file=m["gguf_file"],
-        pad_token=m["pad_token"], tokenizer=m["tokenizer"],
-        target_modules=lora["target_modules"], r=lora["r"], alpha=lora["alpha"], share=share,
-        dropout=lora["dropout"], pooling=m["pooling"], max_length=m["max_length"],
-        seed=t["seed"])
-    trainer = RewardTrainer(
-        epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"], grad_accum=t["grad_accum"],
-        weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_steps=t["warmup_steps"],
-        max_grad_norm=t["max_grad_norm"], seed=t["seed"], output_dir=out,
-        checkpoint_every=t["checkpoint_every"], keep_checkpoints=t["keep_checkpoints"],
-        max_steps=t["max_steps"], progress=False,
-    ).fit(model, train5, test5)
+        model_path(m.name_or_path), others, gguf_file=m.gguf_file, pad_token=m.pad_token,
+        tokenizer=m.tokenizer, target_modules=lora.target_modules, r=lora.r,
+        alpha=lora.lora_alpha, share=share, dropout=lora.lora_dropout, pooling=m.pooling,
+        max_length=m.max_length, seed=t.seed)
+    trainer = RewardTrainer(**t.trainer_kwargs(), output_dir=out, progress=False).fit(
+        model, train5, test5)
     train_wall = time.perf_counter() - start
     log(f"part 2 held-out={held} share={share}: 5-user held-out acc "
         f"{trainer.evaluation_['accuracy']:.3f} ({train_wall:.0f} s)")
 
-    evaluator = RewardTrainer(batch_size=t["batch_size"], progress=False)
+    evaluator = RewardTrainer(batch_size=t.train_batch_size, progress=False)
     adaptation = []
     if share == "pooled":
         # pooled ignores the user, but the model only scores users it knows: score the new
@@ -424,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the results JSON and plots go (default docs/llm; the "
                              "--out folder with --quick)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="override train.epochs for every run (default: the config's)")
+                        help="override train.num_train_epochs for every run (default: the "
+                             "config's)")
     parser.add_argument("--skip-part2", action="store_true", help="only the share modes")
     parser.add_argument("--wait-for-benchmarks", action="store_true",
                         help=f"before each training run, wait while '{BENCH_PATTERN}' runs")
@@ -453,12 +449,12 @@ def main(argv: list[str] | None = None) -> int:
                                        out / "part2" / f"{held}-{share}",
                                        args.wait_for_benchmarks))
 
-    resolved = resolve_rm_config(config)
+    resolved = to_plain(resolve_rm_config(config))
     resolved.pop("out")
     settings = {
         "config": "pluralign/configs/rm_personas.yaml (packaged)",
         "resolved": resolved, "quick": args.quick,
-        "overrides": {"train.epochs": epochs} if epochs is not None else {},
+        "overrides": {"train.num_train_epochs": epochs} if epochs is not None else {},
         "part1": {"shares": list(PART1_SHARES), "seeds": plan["seeds"],
                   "per_seed": "train.seed = data.split_seed = seed"},
         "part2": {"shares": list(PART2_SHARES), "held_out_users": plan["held_out"],
@@ -483,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                    "this_invocation_waiting_for_benchmarks": WAITED[0]},
     }
     write_json(docs / "personas_results.json", results)
-    epochs_text = f"{resolved['train']['epochs']} epoch(s)"
+    epochs_text = f"{resolved['train']['num_train_epochs']} epoch(s)"
     plot_accuracy(agg, users, docs / "personas_accuracy.png",
                   f"MiniLM-L6 + multi-user LoRA (r={resolved['lora']['r']}, {epochs_text}) on "
                   f"personas: held-out accuracy, mean and min–max over seeds {plan['seeds']}")

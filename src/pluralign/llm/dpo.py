@@ -1,0 +1,302 @@
+"""DPO against a fixed reference on a personalized policy (GSHF's practical offline form).
+
+For a comparison ``(x, y_w ≻ y_l)`` of user ``u`` and the log-ratios
+``h_w = log π_u(y_w|x) − log π0(y_w|x)``, ``h_l`` likewise (π0: the adapters off,
+:meth:`~pluralign.llm.PersonalizedPolicy.reference`), the per-pair losses are
+
+* ``"sigmoid"`` (DPO, Rafailov et al. 2023): ``−log σ(β (h_w − h_l))`` — the Bradley–Terry
+  likelihood of the reward ``r = β log π/π0`` that makes π the Gibbs policy
+  ``π ∝ π0 exp(r/β)`` of the KL-regularized objective (GSHF, seed 002, with ``η = β``);
+* ``"ipo"`` (Azar et al. 2023): ``(h_w/n_w − h_l/n_l − 1/(2β))²`` with the log-ratios averaged
+  over the ``n`` response tokens (TRL's convention, confirmed with the IPO authors);
+* ``"pessimistic"`` (GSHF's offline pessimism, seed 002): ``−log σ(β (h_w − h_l) + Γ_w − Γ_l)``.
+  If π is the Gibbs policy of the pessimistic reward ``r − Γ``, the reward it implies is
+  ``β log π/π0 + Γ``, whose Bradley–Terry likelihood is this loss: fitting it makes
+  ``β log π/π0`` estimate ``r − Γ``, so responses whose reward is uncertain (large
+  ``Γ(x, y) = c·‖φ(x, y) − ν(x)‖_{M⁻¹}``, :mod:`pluralign.llm.uncertainty`) are discounted. The
+  margins ``Γ_w − Γ_l`` are computed once, from a reward model, before training.
+
+The loss of a batch is the mean over its pairs; :class:`DPOTrainer` runs it through the shared
+loop of :class:`~pluralign.llm.trainer.LoRATrainer` (accelerate, accumulation, checkpoints,
+exact resume, progress). The reference log-probabilities are recomputed in each step with the
+adapters off and no gradient (what TRL does without ``precompute_ref_log_probs``); no second
+model is held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pluralign.data.loaders import TextPreferences
+from pluralign.errors import ConfigError, DataValidationError, PluralignError
+from pluralign.llm.data import _where
+from pluralign.llm.policy import PersonalizedPolicy, _warn_truncated
+from pluralign.llm.trainer import LoRATrainer
+
+__all__ = ["LOSS_TYPES", "DPOTrainer", "EncodedDPOPairs", "dpo_loss", "encode_dpo_pairs"]
+
+LOSS_TYPES = ("sigmoid", "ipo", "pessimistic")
+
+
+def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *,
+             beta: float, loss_type: str = "sigmoid",
+             chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None,
+             margins: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-pair loss (module docstring) from the log-ratios ``h_w``, ``h_l`` (``(pairs,)``).
+
+    ``ipo`` needs the token counts, ``pessimistic`` the margins ``Γ_w − Γ_l``."""
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise PluralignError("the ipo loss needs the response token counts")
+        average = (chosen_logratios / chosen_tokens.clamp_min(1)
+                   - rejected_logratios / rejected_tokens.clamp_min(1))
+        return (average - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "pessimistic":
+        if margins is None:
+            raise PluralignError("the pessimistic loss needs the margins Γ_w − Γ_l")
+        return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)
+                             + margins.to(chosen_logratios.dtype))
+    raise ConfigError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedDPOPairs:
+    """Token ids of each row's prompt with its chosen and its rejected response, the row's
+    user, and (for ``loss_type="pessimistic"``) its margin ``Γ_w − Γ_l``."""
+
+    prompts: list[str]
+    chosen: list[dict[str, list[int]]]
+    rejected: list[dict[str, list[int]]]
+    user_index: np.ndarray
+    users: list[str]
+    margins: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def fingerprint(self) -> str:
+        """A hash of tokens, users and margins (a resumed run checks it is the same data)."""
+        h = hashlib.sha256()
+        for c, r, u in zip(self.chosen, self.rejected, self.users, strict=True):
+            h.update(repr((c["prompt_ids"], c["response_ids"], r["response_ids"], u)).encode())
+        if self.margins is not None:
+            h.update(np.ascontiguousarray(self.margins, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
+    def batch(self, rows: Sequence[int], policy: PersonalizedPolicy,
+              padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """The chosen sequences of ``rows`` then their rejected ones, padded, with
+        ``user_index`` (twice) and ``margins`` (once per row, zeros without margins)."""
+        rows = list(rows)
+        batch = policy.collate([self.chosen[i] for i in rows] + [self.rejected[i] for i in rows],
+                               padding_side=padding_side)
+        index = torch.as_tensor(self.user_index[rows], dtype=torch.long)
+        batch["user_index"] = torch.cat([index, index])
+        margins = np.zeros(len(rows)) if self.margins is None else self.margins[rows]
+        batch["margins"] = torch.as_tensor(margins, dtype=torch.float64)
+        return batch
+
+
+def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
+                     margins: np.ndarray | None = None) -> EncodedDPOPairs:
+    """Tokenize ``prefs`` for ``policy``; a row of a user the policy does not know raises,
+    naming the row's file, line and user (nothing trains on another user's adapter)."""
+    if prefs.n == 0:
+        raise PluralignError("no preference rows to train or evaluate on")
+    users = [str(u.item() if isinstance(u, np.generic) else u) for u in prefs.users]
+    position = {u: i for i, u in enumerate(policy.user_ids)}
+    index = np.empty(len(users), dtype=np.int64)
+    for i, u in enumerate(users):
+        if u not in position and policy.share != "pooled":
+            raise DataValidationError(
+                f"unknown user {u!r}: the policy has adapters for {policy.n_users} users",
+                field="user_id", **_where(prefs, i))
+        index[i] = position.get(u, 0)
+    if margins is not None:
+        margins = np.asarray(margins, dtype=np.float64)
+        if margins.shape != (prefs.n,) or not np.isfinite(margins).all():
+            raise PluralignError(f"margins must be {prefs.n} finite numbers, one per row; got "
+                                 f"shape {margins.shape}")
+    chosen = policy.encode(prefs.prompts, prefs.chosen)
+    cut = policy.truncated_
+    rejected = policy.encode(prefs.prompts, prefs.rejected)
+    policy.truncated_ += cut
+    _warn_truncated(policy, "preference responses")
+    return EncodedDPOPairs(prompts=list(prefs.prompts), chosen=chosen, rejected=rejected,
+                           user_index=index, users=users, margins=margins)
+
+
+class DPOTrainer(LoRATrainer):
+    """DPO (or IPO, or GSHF's pessimistic DPO) of a :class:`~pluralign.llm.PersonalizedPolicy`
+    against its adapters-off reference (module docstring).
+
+    Parameters
+    ----------
+    beta:
+        The KL strength β (GSHF's η): ``β log π/π0`` is the implicit reward.
+    loss_type:
+        ``"sigmoid"``, ``"ipo"`` or ``"pessimistic"`` (``fit`` then needs ``margins``).
+    kl_samples, kl_max_prompts, kl_max_new_tokens:
+        Evaluation estimates ``KL(π_u‖π0)`` per user as the mean of ``log π_u(y) − log π0(y)``
+        over ``kl_samples`` responses sampled from ``π_u`` (temperature 1, no top-k/top-p) for
+        each of at most ``kl_max_prompts`` prompts of the user; ``kl_samples=0`` skips it.
+    **kwargs:
+        The loop's settings (:class:`~pluralign.llm.trainer.LoRATrainer`: ``epochs``, ``lr``,
+        ``batch_size``, ``grad_accum``, checkpoints, ...).
+
+    After :meth:`fit`: as :class:`LoRATrainer`, with ``evaluation_`` from :meth:`evaluate`.
+    """
+
+    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", kl_samples: int = 4,
+                 kl_max_prompts: int = 8, kl_max_new_tokens: int = 64, **kwargs: Any) -> None:
+        kwargs.setdefault("epochs", 1)
+        kwargs.setdefault("lr", 5e-4)
+        super().__init__(**kwargs)
+        self.beta = beta
+        self.loss_type = loss_type
+        self.kl_samples = kl_samples
+        self.kl_max_prompts = kl_max_prompts
+        self.kl_max_new_tokens = kl_max_new_tokens
+
+    def _check(self) -> None:
+        from pluralign.llm._checks import check_choice, check_float, check_int
+
+        super()._check()
+        check_float("beta", self.beta, low=0.0, low_open=True)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_int("kl_samples", self.kl_samples, minimum=0)
+        check_int("kl_max_prompts", self.kl_max_prompts)
+        check_int("kl_max_new_tokens", self.kl_max_new_tokens)
+
+    def _loss_settings(self) -> dict[str, Any]:
+        return {"beta": self.beta, "loss_type": self.loss_type}
+
+    def fit(self, policy: PersonalizedPolicy, train: TextPreferences,
+            eval: TextPreferences | None = None, *, margins: np.ndarray | None = None,
+            eval_margins: np.ndarray | None = None) -> DPOTrainer:
+        """Train ``policy``'s adapters in place on ``train``; evaluate per user on ``eval``.
+
+        ``margins`` (``Γ_w − Γ_l`` per training row) are required by ``loss_type=
+        "pessimistic"`` and refused otherwise (they would be silently ignored)."""
+        self._check()
+        if (self.loss_type == "pessimistic") != (margins is not None):
+            raise ConfigError("loss_type='pessimistic' needs margins (Γ_w − Γ_l per row, "
+                              "pluralign.llm.uncertainty.pessimism_margins)" if margins is None
+                              else f"margins given but loss_type={self.loss_type!r} does not "
+                              "use them; set loss_type='pessimistic'")
+        data = encode_dpo_pairs(policy, train, margins)
+        missing = sorted(set(policy.user_ids) - set(data.users))
+        if missing and policy.share != "pooled":
+            raise PluralignError(f"{len(missing)} user(s) of the policy have no training rows: "
+                                 f"{missing[:10]}")
+        eval_data = (encode_dpo_pairs(policy, eval, eval_margins if self.loss_type ==
+                                      "pessimistic" else None)
+                     if eval is not None and eval.n else None)
+        if eval_data is not None and self.loss_type == "pessimistic" and eval_margins is None:
+            eval_data = EncodedDPOPairs(**{**eval_data.__dict__,
+                                           "margins": np.zeros(len(eval_data))})
+        return self._train(policy, data, eval_data, trainable="all")
+
+    def _row_losses(self, wrapped: Any, policy: PersonalizedPolicy, data: EncodedDPOPairs,
+                    rows: list[int], device: torch.device) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in data.batch(rows, policy).items()}
+        margins = batch.pop("margins")
+        logps, tokens = wrapped(**batch)
+        reference, _ = policy.sequence_logprobs(**{k: v for k, v in batch.items()
+                                                   if k != "user_index"}, reference=True)
+        k = len(rows)
+        ratios = logps - reference.to(logps.dtype)
+        return dpo_loss(ratios[:k], ratios[k:], beta=self.beta, loss_type=self.loss_type,
+                        chosen_tokens=tokens[:k], rejected_tokens=tokens[k:],
+                        margins=margins if self.loss_type == "pessimistic" else None)
+
+    @torch.no_grad()
+    def evaluate(self, policy: PersonalizedPolicy, data: EncodedDPOPairs | TextPreferences,
+                 accelerator: Any = None) -> dict[str, Any]:
+        """Per user and overall: implicit-reward accuracy (``β h_w > β h_l``; a tie counts
+        one half), mean loss, mean implicit-reward margin ``β (h_w − h_l)``, and
+        ``KL(π_u‖π0)`` estimated on samples (class docstring). Every process computes the
+        same numbers (the sampling is seeded), so no gather is needed."""
+        if isinstance(data, TextPreferences):
+            margins = np.zeros(data.n) if self.loss_type == "pessimistic" else None
+            data = encode_dpo_pairs(policy, data, margins)
+        was_training = policy.training
+        policy.train(False)
+        device = policy.device
+        chosen, rejected, losses = [], [], []
+        try:
+            for start in range(0, len(data), self.batch_size):
+                rows = list(range(start, min(len(data), start + self.batch_size)))
+                batch = {k: v.to(device) for k, v in data.batch(rows, policy).items()}
+                margins = batch.pop("margins")
+                logps, tokens = policy(**batch)
+                plain = {k: v for k, v in batch.items() if k != "user_index"}
+                reference, _ = policy.sequence_logprobs(**plain, reference=True)
+                ratios = (logps - reference).double()
+                k = len(rows)
+                losses.append(dpo_loss(ratios[:k], ratios[k:], beta=self.beta,
+                                       loss_type=self.loss_type, chosen_tokens=tokens[:k],
+                                       rejected_tokens=tokens[k:], margins=margins.double()
+                                       if self.loss_type == "pessimistic" else None).cpu())
+                chosen.append(ratios[:k].cpu())
+                rejected.append(ratios[k:].cpu())
+            kl = self._kl_per_user(policy, data)
+        finally:
+            policy.train(was_training)
+        return dpo_metrics(self.beta * torch.cat(chosen).numpy(),
+                           self.beta * torch.cat(rejected).numpy(),
+                           torch.cat(losses).numpy(), data.users, kl)
+
+    def _kl_per_user(self, policy: PersonalizedPolicy, data: EncodedDPOPairs
+                     ) -> dict[str, float]:
+        if not self.kl_samples:
+            return {}
+        prompts: dict[str, list[str]] = {}
+        for p, u in zip(data.prompts, data.users, strict=True):
+            mine = prompts.setdefault(u, [])
+            if p not in mine and len(mine) < self.kl_max_prompts:
+                mine.append(p)
+        flat_prompts = [p for u in prompts for p in prompts[u]]
+        flat_users = [u for u in prompts for _ in prompts[u]]
+        samples = policy.generate(flat_prompts, flat_users, n=self.kl_samples,
+                                  max_new_tokens=self.kl_max_new_tokens, seed=self.seed,
+                                  batch_size=self.batch_size)
+        p, ids, users = samples.flat()
+        gap = (policy.logprobs(p, ids, users, batch_size=self.batch_size)
+               - policy.logprobs(p, ids, users, reference=True, batch_size=self.batch_size))
+        users_arr = np.asarray(users)
+        return {u: float(gap[users_arr == u].mean()) for u in prompts}
+
+
+def dpo_metrics(chosen_rewards: np.ndarray, rejected_rewards: np.ndarray, losses: np.ndarray,
+                users: Sequence[str], kl: dict[str, float] | None = None) -> dict[str, Any]:
+    """Implicit-reward accuracy, loss, margin and KL per user and overall, from the implicit
+    rewards ``β h`` of the chosen and rejected responses."""
+    margin = np.asarray(chosen_rewards) - np.asarray(rejected_rewards)
+    correct = (margin > 0) + 0.5 * (margin == 0)
+    users_arr = np.asarray(users)
+    kl = kl or {}
+    per_user = {}
+    for u in dict.fromkeys(users_arr.tolist()):
+        m = users_arr == u
+        per_user[str(u)] = {"accuracy": float(correct[m].mean()),
+                            "loss": float(losses[m].mean()), "margin": float(margin[m].mean()),
+                            "chosen_reward": float(chosen_rewards[m].mean()),
+                            "rejected_reward": float(rejected_rewards[m].mean()),
+                            "kl": kl.get(str(u)), "n": int(m.sum())}
+    kls = [v for v in kl.values() if v is not None]
+    return {"accuracy": float(correct.mean()), "loss": float(losses.mean()),
+            "margin": float(margin.mean()),
+            "mean_user_accuracy": float(np.mean([v["accuracy"] for v in per_user.values()])),
+            "kl": float(np.mean(kls)) if kls else None, "n": len(margin),
+            "per_user": per_user}
