@@ -159,3 +159,24 @@ def test_bad_settings_and_rows_are_refused():
             users=np.concatenate([prefs.users, stranger.users]),
             where=prefs.where + stranger.where))
     assert "f.jsonl" in str(err.value) and "9" in str(err.value)
+
+
+def test_conversational_data_needs_a_chat_template(tmp_path):
+    from pluralign.data.loaders import read_trl
+
+    path = tmp_path / "conv.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "chosen": "aeiou", '
+                    '"rejected": "xyz", "user_id": "vowels"}\n'
+                    '{"prompt": "plain", "chosen": "1234", "rejected": "xyz", '
+                    '"user_id": "digits"}\n')
+    prefs = read_trl(str(path))
+    assert prefs.conversational and prefs.prompts[0] == "user: hi"
+    with pytest.raises(ConfigError, match="no chat template"):
+        trainer().fit(make_policy(), prefs)
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}:{% endif %}")
+    policy = PersonalizedPolicy(tiny_llama(), tok, ["vowels", "digits"],
+                                target_modules="all-linear", r=4)
+    trainer(epochs=1).fit(policy, prefs)          # with a template it trains
+    assert prefs.subset([1]).conversational      # the flag follows the rows' source

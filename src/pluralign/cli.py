@@ -541,7 +541,8 @@ def train_rm(
                                          "output folder.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config value, e.g. --set lora.share=A --set train.epochs=5 "
+        "--set", help="Override a config value, e.g. --set lora.share=A "
+                      "--set train.num_train_epochs=5 "
                       "(repeatable; values are read as YAML).")] = None,
 ) -> None:
     """Train a personalized (multi-user LoRA) reward model on a transformer; write per-user
@@ -585,6 +586,214 @@ def train_rm(
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+@app.command("train-policy")
+def train_policy_command(
+    config: Annotated[Path, typer.Argument(help="A train-policy config (YAML); see "
+                                                "docs/llm.md.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
+                                             "the config's out).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
+                                         "output folder.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config value, e.g. --set dpo.beta=0.2 "
+                      "--set train.num_train_epochs=5 "
+                      "(repeatable; values are read as YAML).")] = None,
+) -> None:
+    """Train a personalized policy (a causal LM with multi-user LoRA) by DPO against its
+    adapters-off reference; write per-user implicit-reward accuracy, margin and KL (JSON +
+    plot), per-user PEFT adapters and checkpoints. Runs under `accelerate launch` too."""
+    from pluralign.experiments.config import load_config
+
+    try:
+        from pluralign.llm.policy_job import train_policy
+    except ImportError as err:
+        raise _fail(f"train-policy needs the llm extra (pip install 'pluralign[llm]'): {err}"
+                    ) from None
+    from pluralign.llm.job import apply_overrides
+
+    try:
+        raw = apply_overrides(load_config(config), set_ or [])
+        report = train_policy(raw, out=out, resume=resume, progress=progress)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # initialized by the job
+        return
+    s = report["summary"]
+    table = Table(title=f"per-user DPO ({s['model']}, share={s['share']}, r={s['r']}, "
+                        f"beta={s['beta']:g}, {s['loss_type']})")
+    for column in ("user", "n_train", "train acc.", "n_test", "held-out acc.",
+                   "held-out margin", "KL"):
+        table.add_column(column, justify="left" if column == "user" else "right")
+    for row in report["users"][:40]:
+        kl = row["test_kl"] if row["n_test"] else row["train_kl"]
+        table.add_row(str(row["user"]), str(row["n_train"]), _pct(row["train_accuracy"]),
+                      str(row["n_test"]), _pct(row["test_accuracy"]), _num(row["test_margin"]),
+                      _num(kl))
+    if len(report["users"]) > 40:
+        table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "", "", "")
+    table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
+                  _pct(s["test_accuracy"]), _num(s["test_margin"]), _num(s["kl"]))
+    console.print(table)
+    where = out or Path(raw.get("out", "runs/policy"))
+    console.print(f"{s['steps']} steps on {s['processes']} process(es)"
+                  + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
+                  + f"; wrote {where}/per_user.json, per_user.png, adapters/")
+
+
+def _read_prompt_rows(path: Path, users: list[str]) -> list[tuple[str, str]]:
+    """``(prompt, user)`` pairs of a JSONL file of ``{"prompt", "user_id"}`` rows (a row
+    without ``user_id`` is taken for each ``--user``)."""
+    from pluralign.data.io import iter_jsonl_objects
+    from pluralign.errors import DataValidationError
+
+    if not path.is_file():
+        raise DataValidationError("file not found", path=str(path))
+    pairs = []
+    for row, where in iter_jsonl_objects(path):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise DataValidationError("missing or not a non-empty string", field="prompt",
+                                      **where)
+        user = row.get("user_id")
+        if user is None:
+            if not users:
+                raise DataValidationError("missing (or give --user)", field="user_id", **where)
+            pairs += [(prompt, u) for u in users]
+        elif isinstance(user, bool) or not isinstance(user, str | int) or user == "":
+            raise DataValidationError(f"must be a non-empty string or an integer, got "
+                                      f"{user!r}", field="user_id", **where)
+        else:
+            pairs.append((prompt, str(user)))
+    if not pairs:
+        raise DataValidationError("no prompts", path=str(path))
+    return pairs
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="A train-policy output folder (its config.yaml "
+                                             "and checkpoints).")],
+    prompt: Annotated[list[str] | None, typer.Option(
+        "--prompt", help="A prompt (repeatable); each is answered for each --user.")] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help='JSONL of {"prompt": ..., "user_id": ...} rows.')] = None,
+    user: Annotated[list[str] | None, typer.Option(
+        "--user", help="The user to answer for (repeatable).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Responses per prompt and user.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Off unless given.")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    best_of: Annotated[int | None, typer.Option(
+        "--best-of", min=1, help="Sample N candidates per response and keep the one the "
+                                 "--reward-model scores highest.")] = None,
+    reward_model: Annotated[Path | None, typer.Option(
+        "--reward-model", help="A train-rm output folder (for --best-of).")] = None,
+    pessimism: Annotated[float | None, typer.Option(
+        "--pessimism", min=0.0, help="β: pick by reward − β‖φ − ν‖ (the reward model's "
+                                     "last-layer uncertainty; needs --reward-model).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.")] = None,
+) -> None:
+    """Sample responses of a trained personalized policy for each user (optionally
+    best-of-n under a personalized reward model, with pessimism); print a table and write
+    JSONL with --out."""
+    import json
+
+    from rich.text import Text
+
+    from pluralign._atomic import atomic_write_text
+
+    if pessimism is not None and reward_model is None:
+        raise _fail("--pessimism needs --reward-model (a train-rm output folder) and "
+                    "--best-of N")
+    if (best_of is None) != (reward_model is None):
+        raise _fail("--best-of N and --reward-model RM_FOLDER go together: best-of-n keeps "
+                    "the candidate the reward model scores highest")
+    if best_of is not None and top_k is not None:
+        raise _fail("--top-k is not available with --best-of (candidates are sampled with "
+                    "--temperature and --top-p)")
+    if (prompt is None) == (prompts is None):
+        raise _fail("give --prompt TEXT (repeatable, with --user) or --prompts FILE.jsonl")
+    if out is not None and out.is_dir():
+        raise _fail(f"--out {out} is a folder; give a file name")
+    users = list(dict.fromkeys(user or []))
+    try:
+        from pluralign.llm.policy_job import load_policy, load_reward_model, reward_model_rows
+    except ImportError as err:
+        raise _fail(f"generate needs the llm extra (pip install 'pluralign[llm]'): {err}"
+                    ) from None
+    try:
+        if prompts is not None:
+            pairs = _read_prompt_rows(prompts, users)
+        else:
+            if not users:
+                raise PluralignError("--prompt needs --user (repeatable)")
+            pairs = [(p, u) for p in prompt for u in users]
+        texts, who = [p for p, _ in pairs], [u for _, u in pairs]
+        policy = load_policy(run, users=who)
+        records: list[dict[str, Any]] = []
+        if best_of is not None:
+            from pluralign.llm.sampling import best_of_n
+
+            rm = load_reward_model(reward_model, users=who)
+            beta = pessimism or 0.0
+            uncertainty = None
+            if beta > 0:
+                from pluralign.llm.uncertainty import LastLayerUncertainty
+
+                uncertainty = LastLayerUncertainty(beta=1.0).fit(
+                    rm, reward_model_rows(reward_model))
+            rows = [(i, j) for i in range(len(pairs)) for j in range(n)]
+            picked = best_of_n(policy, rm, [texts[i] for i, _ in rows],
+                               [who[i] for i, _ in rows], n=best_of, pessimism=beta,
+                               uncertainty=uncertainty, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed)
+            for k, (i, j) in enumerate(rows):
+                c = int(picked.chosen[k])
+                norm = 0.0 if picked.norms is None else float(picked.norms[k, c])
+                records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
+                                "response": picked.responses[k],
+                                "reward": float(picked.rewards[k, c]),
+                                "penalty": beta * norm, "best_of": best_of})
+        else:
+            samples = policy.generate(texts, who, n=n, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, top_k=top_k,
+                                      seed=seed)
+            for i, group in enumerate(samples.texts):
+                for j, text in enumerate(group):
+                    records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
+                                    "response": text})
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    from rich.markup import escape
+
+    table = Table(title=escape(f"responses of {run} ({Path(policy.checkpoint_).name})"),
+                  title_justify="left")
+    columns = ["user", "prompt", "response"] + (["reward", "penalty"] if best_of else [])
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("reward", "penalty")
+                         else "left")
+    for r in records[:200]:
+        cells = [Text(str(r["user_id"])), Text(r["prompt"]), Text(r["response"])]
+        if best_of:
+            cells += [f"{r['reward']:.4g}", f"{r['penalty']:.4g}"]
+        table.add_row(*cells)
+    if len(records) > 200:
+        table.add_row(f"... {len(records) - 200} more", "", "", *([""] * (2 if best_of else 0)))
+    console.print(table)
+    if out is not None:
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+        console.print(f"wrote {len(records)} response(s) to {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

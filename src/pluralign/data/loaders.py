@@ -69,7 +69,8 @@ class TextPreferences:
     """Text comparisons with users: ``chosen[i] ≻ rejected[i]`` for ``prompts[i]``, by user
     ``users[i]``. ``contexts`` (``(n, d_x)`` or ``None``) are user contexts with column names
     ``context_names``; ``where[i]`` is the ``(file, line)`` of row ``i``; ``template`` (if set)
-    is how the source joins prompt and response (see :class:`~pluralign.features.TextEncoder`).
+    is how the source joins prompt and response (see :class:`~pluralign.features.TextEncoder`);
+    ``conversational`` is whether some rows were TRL message lists (rendered as text).
     """
 
     prompts: list[str]
@@ -81,6 +82,7 @@ class TextPreferences:
     where: list[tuple[str, int]] = field(default_factory=list)
     template: str | None = None
     skipped: int = 0
+    conversational: bool = False
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -102,7 +104,8 @@ class TextPreferences:
             rejected=[self.rejected[i] for i in pick], users=self.users[rows],
             contexts=None if self.contexts is None else self.contexts[rows],
             context_names=list(self.context_names),
-            where=[self.where[i] for i in pick] if self.where else [], template=self.template)
+            where=[self.where[i] for i in pick] if self.where else [], template=self.template,
+            conversational=self.conversational)
 
     def to_preference_data(self, encoder: Any, *, orient: str = "random",
                            seed: int = 0) -> PreferenceData:
@@ -372,7 +375,7 @@ def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: _Error
     return TextPreferences(prompts=columns["prompts"], chosen=columns["chosen"],
                            rejected=columns["rejected"], users=np.array(users), contexts=x,
                            context_names=names, where=columns["where"], template=template,
-                           skipped=skipped)
+                           skipped=skipped, conversational=bool(columns.get("conversational")))
 
 
 def _columns() -> dict[str, list]:
@@ -430,6 +433,8 @@ def read_trl(source: Any, *, errors: str = "raise") -> Any:
             errs.add(bad.message, path=path, line=line, field=bad.field)
             continue
         seen_context = seen_context or has
+        if any(isinstance(row[k], list) for k in ("prompt", "chosen", "rejected")):
+            cols["conversational"] = True       # rendered as "role: content" lines
         _append(cols, prompt, chosen, rejected, user, path, line)
     return _result(_finish(cols, contexts, errs, source=str(source)), errs)
 

@@ -113,6 +113,11 @@ def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
     naming the row's file, line and user (nothing trains on another user's adapter)."""
     if prefs.n == 0:
         raise PluralignError("no preference rows to train or evaluate on")
+    if getattr(prefs, "conversational", False) and not policy.uses_chat_template:
+        raise ConfigError("the preference data is conversational (TRL message lists) but the "
+                          "policy's tokenizer has no chat template (or chat_template='none'): "
+                          "the conversation would be scored as plain 'role: content' text; "
+                          "give a tokenizer with a chat template, or plain-text prompts")
     users = [str(u.item() if isinstance(u, np.generic) else u) for u in prefs.users]
     position = {u: i for i, u in enumerate(policy.user_ids)}
     index = np.empty(len(users), dtype=np.int64)

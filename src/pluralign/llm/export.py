@@ -1,4 +1,5 @@
-"""Each user's adapter as a standard PEFT LoRA adapter directory, plus the reward head.
+"""Each user's adapter as a standard PEFT LoRA adapter directory, plus the reward head (or the
+policy's settings).
 
 User ``u``'s update ``(α/r) B_u A_u`` of every adapted module is exactly a PEFT LoRA adapter
 with ``lora_A.weight = A_u``, ``lora_B.weight = B_u``, ``r`` and ``lora_alpha = α`` (PEFT scales by
@@ -8,15 +9,21 @@ with ``lora_A.weight = A_u``, ``lora_B.weight = B_u``, ``r`` and ``lora_alpha = 
   the full module names, so PEFT adapts exactly the same layers);
 * ``adapter_model.safetensors`` — the factors under PEFT's key names
   (``base_model.model.<module>.lora_A.weight``);
-* ``reward_head.safetensors`` and ``reward_head.json`` — the scalar head, the pooling rule, the
-  token budget and the user id.
+* for a reward model, ``reward_head.safetensors`` and ``reward_head.json`` — the scalar head,
+  the pooling rule, the token budget and the user id;
+* for a :class:`~pluralign.llm.policy.PersonalizedPolicy` (no head), ``policy.json`` — the user
+  id, the token budgets (``max_length``, ``max_prompt_length``), the chat template rule, the
+  share mode, the base model, its load arguments and the pad token.
 
 ``peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), folder)`` then reproduces
 user ``u``'s backbone; :class:`ExportedReward` adds the head and scores text (a test checks the
-rewards equal the multi-user model's). Folder names are the user ids where those are safe file
-names, else a sanitized prefix plus a hash of the id (:func:`folder_names`); ``users.json`` maps
-ids to folders. Every file is written into a temporary folder first, fsynced and moved into
-place, so an interrupted export leaves no half adapter.
+rewards equal the multi-user model's). A policy's module names are paths inside the
+``...ForCausalLM``, so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+folder)`` is user ``u``'s policy (a test checks its log-probabilities). Folder names are the
+user ids where those are safe file names, else a sanitized prefix plus a hash of the id
+(:func:`folder_names`); ``users.json`` maps ids to folders. Every file is written into a
+temporary folder first, fsynced and moved into place, so an interrupted export leaves no half
+adapter.
 
 Reading a folder back (:class:`ExportedReward`) validates every file before any model is
 loaded: ``reward_head.json`` (:func:`read_head_config`; the ``from_pretrained`` arguments it may
@@ -50,6 +57,7 @@ from pluralign.llm._checks import (
     show,
 )
 from pluralign.llm._files import fsync_file, read_tensors, write_tensors
+from pluralign.llm.policy import PersonalizedPolicy
 from pluralign.llm.reward_model import (
     PersonalizedRewardModel,
     _check_max_length,
@@ -60,11 +68,12 @@ from pluralign.llm.reward_model import (
     tokenize_pairs,
 )
 
-__all__ = ["ExportedReward", "export_adapters", "folder_names", "read_adapter_config",
-           "read_head_config"]
+__all__ = ["POLICY_CONFIG", "ExportedReward", "export_adapters", "folder_names",
+           "read_adapter_config", "read_head_config"]
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
+POLICY_CONFIG = "policy.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -131,9 +140,14 @@ def folder_names(users: Sequence[str]) -> dict[str, str]:
     return names
 
 
-def export_adapters(model: PersonalizedRewardModel, out: str | Path,
+def export_adapters(model: PersonalizedRewardModel | PersonalizedPolicy, out: str | Path,
                     users: Sequence[Any] | None = None) -> dict[str, Path]:
     """Write the adapters of ``users`` (default: all) under ``out``; ``{user: folder}``.
+
+    ``model`` is a :class:`~pluralign.llm.PersonalizedRewardModel` (each folder gets the head
+    files ``reward_head.safetensors`` and ``reward_head.json``) or a
+    :class:`~pluralign.llm.policy.PersonalizedPolicy` (no head: ``policy.json`` instead); the
+    PEFT files are the same for both (module docstring).
 
     Folder names come from :func:`folder_names` of all the model's users (so exporting a
     subset gives the same names). Each folder is written into ``out/.<name>.tmp``, every file
@@ -151,13 +165,14 @@ def export_adapters(model: PersonalizedRewardModel, out: str | Path,
                           f"adapter may only record {', '.join(ALLOWED_LOAD_KWARGS)}")
     load_kwargs = {k: check_plain_file_name(f"load_kwargs.{k}", v)
                    for k, v in model.load_kwargs.items() if v is not None}
-    layers = list(model.adapted_layers())
+    layers = list(model.lora.layers())
     first = layers[0][1]
     config = LoraConfig(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout.p
                         if isinstance(first.dropout, torch.nn.Dropout) else 0.0,
                         target_modules=[name for name, _ in layers], bias="none",
                         base_model_name_or_path=model.name_or_path, inference_mode=True)
-    head = {"weight": model.head.weight}
+    head = getattr(model, "head", None)
+    head = None if head is None else {"weight": head.weight}
     written: dict[str, Path] = {}
     for user, i in zip(chosen, index, strict=True):
         final = out / names[user]
@@ -172,12 +187,21 @@ def export_adapters(model: PersonalizedRewardModel, out: str | Path,
             tensors[f"base_model.model.{name}.lora_A.weight"] = a
             tensors[f"base_model.model.{name}.lora_B.weight"] = b
         write_tensors(tmp / ADAPTER_WEIGHTS, tensors)
-        write_tensors(tmp / HEAD_WEIGHTS, head)
-        atomic_write_text(tmp / HEAD_CONFIG, json.dumps({
-            "user_id": user, "pooling": model.pooling, "max_length": model.max_length,
-            "share": model.share, "base_model_name_or_path": model.name_or_path,
-            "load_kwargs": load_kwargs, "pad_token": model.tokenizer.pad_token,
-        }, indent=1))
+        if head is not None:
+            write_tensors(tmp / HEAD_WEIGHTS, head)
+            atomic_write_text(tmp / HEAD_CONFIG, json.dumps({
+                "user_id": user, "pooling": model.pooling, "max_length": model.max_length,
+                "share": model.share, "base_model_name_or_path": model.name_or_path,
+                "load_kwargs": load_kwargs, "pad_token": model.tokenizer.pad_token,
+            }, indent=1))
+        else:
+            atomic_write_text(tmp / POLICY_CONFIG, json.dumps({
+                "user_id": user, "max_length": model.max_length,
+                "max_prompt_length": model.max_prompt_length,
+                "chat_template": model.chat_template, "share": model.share,
+                "base_model_name_or_path": model.name_or_path, "load_kwargs": load_kwargs,
+                "pad_token": model.tokenizer.pad_token,
+            }, indent=1))
         fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -197,7 +221,7 @@ def _read_users_json(path: Path) -> dict[str, str]:
     """The ``{user id: folder}`` mapping of an earlier export into the same folder, to extend.
     A file that is not such a mapping (damaged, or not pluralign's) is replaced, with a
     :class:`PluralignWarning`: the folders themselves are intact, and each holds its user id in
-    ``reward_head.json``."""
+    ``reward_head.json`` (a policy's in ``policy.json``)."""
     if not path.is_file():
         return {}
     try:

@@ -264,7 +264,9 @@ class PersonalizedPolicy(nn.Module):
             yield
 
     # ------------------------------------------------------------------ tokens
-    def _uses_chat_template(self) -> bool:
+    @property
+    def uses_chat_template(self) -> bool:
+        """Whether prompts go through the tokenizer's chat template (module docstring)."""
         return self.chat_template == "auto" and bool(getattr(self.tokenizer, "chat_template",
                                                              None))
 
@@ -273,7 +275,7 @@ class PersonalizedPolicy(nn.Module):
         its last ``max_prompt_length`` tokens."""
         if not isinstance(prompt, str) or not prompt:
             raise PluralignError(f"a prompt must be a non-empty string, got {prompt!r}")
-        if self._uses_chat_template():
+        if self.uses_chat_template:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
