@@ -26,6 +26,7 @@ the accepted samples (maximum likelihood, :class:`SFTTrainer`) to give ``π_s``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,13 +230,16 @@ def multistep_rejection_sampling(policy: PersonalizedPolicy,
                                  max_new_tokens: int = 32, eval_samples: int = 4,
                                  trainer: SFTTrainer | None = None, seed: int = 0,
                                  batch_size: int = 8,
-                                 progress: Callable[[str], None] | None = None
-                                 ) -> list[RejectionStage]:
+                                 progress: Callable[[str], None] | None = None,
+                                 on_stage: Callable[[int, PersonalizedPolicy], None] | None
+                                 = None) -> list[RejectionStage]:
     """Run the schedule ``etas`` (decreasing, > 0) on ``policy`` in place (module docstring).
 
     ``reward(prompt, response, user)`` scores a response (a reward model's ``score`` or a
     gold reward). Every user's adapter is fine-tuned on its own accepted samples, in mixed
-    batches. Returns one :class:`RejectionStage` per stage."""
+    batches. After each stage the policy is evaluated on ``eval_samples`` fresh samples per
+    prompt (``0``: not evaluated, ``reward`` and ``kl`` are NaN) and ``on_stage(s, policy)``
+    is called (e.g. to measure a gold reward). Returns one :class:`RejectionStage` per stage."""
     from pluralign.llm._checks import check_float
 
     etas = [check_float("eta", e, low=0.0, low_open=True) for e in etas]
@@ -263,7 +267,10 @@ def multistep_rejection_sampling(policy: PersonalizedPolicy,
         trainer.fit(policy, keep_p, keep_ids, keep_u)
         value, kl = evaluate_policy(policy, reward, prompts, users, n=eval_samples,
                                     max_new_tokens=max_new_tokens, seed=seed + 104729 + s,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size) if eval_samples else (math.nan,
+                                                                                 math.nan)
+        if on_stage is not None:
+            on_stage(s, policy)
         stages.append(RejectionStage(eta=eta, acceptance=len(keep_p) / max(total, 1),
                                      accepted=len(keep_p), reward=value, kl=kl))
         if progress is not None:
