@@ -649,6 +649,48 @@ def train_policy_command(
                   + f"; wrote {where}/per_user.json, per_user.png, adapters/")
 
 
+@app.command("iterate")
+def iterate_command(
+    config: Annotated[Path, typer.Argument(help="An iterate config (YAML); see "
+                                                "docs/iterate.md.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
+                                             "the config's out).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue after the last finished round in the "
+                                         "output folder.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a line per round and the DPO "
+                                           "progress bar).")] = True,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config value, e.g. --set iterate.pairs=enhancer "
+                      "--set iterate.seed=1 (repeatable; values are read as YAML).")] = None,
+) -> None:
+    """Online iterative DPO of a personalized policy: each round samples from the current
+    policy, annotates (reward model or a simulated gold Bradley-Terry oracle), chooses one
+    pair per (prompt, user) and runs DPO against the fixed adapters-off reference; writes
+    history.json, rounds.md, rounds.png, round-XX.jsonl and a resumable state."""
+    from pluralign.experiments.config import load_config
+
+    try:
+        from pluralign.llm.iterate import rounds_table, run_iterate
+    except ImportError as err:
+        raise _fail(f"iterate needs the llm extra (pip install 'pluralign[llm]'): {err}"
+                    ) from None
+    from pluralign.llm.job import apply_overrides
+
+    try:
+        raw = apply_overrides(load_config(config), set_ or [])
+        report = run_iterate(raw, out=out, resume=resume, progress=progress,
+                             log=lambda msg: console.print(msg, soft_wrap=True,
+                                                           markup=False, highlight=False))
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+    console.print(rounds_table(report["history"]), markup=False, highlight=False,
+                  soft_wrap=True)
+    console.print(f"wrote {report['out']}/history.json, rounds.md, rounds.png, "
+                  "round-XX.jsonl, state/"
+                  + (f" (resumed after round {report['resumed_from']})"
+                     if report["resumed_from"] is not None else ""))
+
+
 def _read_prompt_rows(path: Path, users: list[str]) -> list[tuple[str, str]]:
     """``(prompt, user)`` pairs of a JSONL file of ``{"prompt", "user_id"}`` rows (a row
     without ``user_id`` is taken for each ``--user``)."""

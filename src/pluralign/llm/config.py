@@ -46,7 +46,7 @@ from pluralign.llm._checks import (
     show,
 )
 
-__all__ = ["RENAMED", "DPOConfig", "DataConfig", "LoraConfig", "ModelConfig",
+__all__ = ["RENAMED", "DPOConfig", "DataConfig", "IterateConfig", "LoraConfig", "ModelConfig",
            "PolicyModelConfig", "RewardModelConfig", "Section", "Setting", "TrainingConfig",
            "describe", "resolve_sections", "setting", "settings_table", "to_plain"]
 
@@ -352,6 +352,83 @@ class DPOConfig(Section):
             p = f"{section}." if section else ""
             raise ConfigError(f"{p}reward_model is required when {p}loss_type is pessimistic "
                               "(a train-rm output folder: its model gives the margin Γ)")
+
+
+# the pair rules and gold oracles of ``pluralign iterate`` (pluralign.llm.pairs checks them
+# against its own PAIR_RULES and GOLDS; tests/test_llm_iterate.py too)
+ITERATE_PAIR_RULES = ("max_min", "max_random", "random", "enhancer")
+ITERATE_GOLDS = ("toy", "anchors")
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name} must be true or false, got {show(value)}")
+
+
+def _annotator(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        kind, sep, gold = value.partition(":")
+        if value == "reward_model" or (kind == "gold" and sep and gold in ITERATE_GOLDS):
+            return value
+    options = ", ".join([*(f"gold:{g}" for g in ITERATE_GOLDS), "reward_model"])
+    raise ConfigError(f"{name} must be one of {options}, got {show(value)}")
+
+
+@dataclass(frozen=True)
+class IterateConfig(Section):
+    """Online iterative DPO (``pluralign iterate``): rounds of sampling from the current
+    policy, annotating, choosing pairs and DPO against the fixed reference π0."""
+
+    SECTION: ClassVar[str] = "iterate"
+
+    rounds: int = setting(3, "the number of rounds T (a positive integer)", _integer())
+    n: int = setting(4, "responses drawn per (prompt, user) each round (an integer >= 2)",
+                     _integer(minimum=2))
+    pairs: str = setting("max_min", "max_min | max_random | random | enhancer: which two of "
+                                    "the n responses form the pair", _choice(*ITERATE_PAIR_RULES))
+    restart: bool = setting(False, "false: continue from π_{t-1} on the new round's pairs; "
+                                   "true: re-initialize the adapters and retrain on all pairs "
+                                   "so far", _flag)
+    prompts: str | None = setting(
+        None, "a JSONL file of {prompt, user_id} rows: the prompts of every round (or a "
+              "built-in set: builtin:toy, builtin:smollm2)",
+        _string(optional=True), required="a JSONL file of {prompt, user_id} rows")
+    annotator: str = setting(
+        "gold:toy", "gold:toy | gold:anchors (Bradley-Terry labels from a gold reward, "
+                    "simulation) | reward_model (the higher r̂ of iterate.reward_model wins)",
+        _annotator)
+    reward_model: str | None = setting(
+        None, "a train-rm output folder: its r̂ is the selection score and its pooled feature "
+              "φ the enhancer's; null: the gold reward and the gold's features",
+        _string(optional=True))
+    bt_scale: float = setting(20.0, "the Bradley-Terry scale s of the gold oracle, P(a ≻ b) "
+                                    "= σ(s·(g_a − g_b)) (finite, > 0)",
+                              _real(low=0.0, low_open=True))
+    offline: str | None = setting(
+        None, "a TRL JSONL preference file with user_id: round 1's DPO data and Σ start from "
+              "its pairs too (hybrid); null: none", _string(optional=True))
+    eval_prompts: str | None = setting(
+        None, "a JSONL file of {prompt, user_id} rows for the per-round evaluation (or "
+              "builtin:toy-eval, builtin:smollm2-eval); null: iterate.prompts",
+        _string(optional=True))
+    eval_samples: int = setting(4, "fresh samples per (evaluation prompt, user) for the "
+                                   "per-round gold/proxy reward, KL and win rate", _integer())
+    max_new_tokens: int = setting(16, "the token budget of a sampled response", _integer())
+    temperature: float = setting(1.0, "the sampling temperature (finite, > 0)",
+                                 _real(low=0.0, low_open=True))
+    lam: float = setting(1.0, "λ of Σ = λI + Σ Δφ Δφᵀ (the enhancer's metric and the recorded "
+                              "uncertainty; finite, > 0)", _real(low=0.0, low_open=True))
+    seed: int = setting(0, "the seed of sampling, pair choice, labels and DPO row order of "
+                           "every round (an integer >= 0; train.seed seeds the LoRA init)",
+                        _integer(minimum=0))
+
+    @classmethod
+    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
+        p = f"{section}." if section else ""
+        if values["annotator"] == "reward_model" and values["reward_model"] is None:
+            raise ConfigError(f"{p}reward_model is required when {p}annotator is reward_model "
+                              "(a train-rm output folder)")
 
 
 # ------------------------------------------------------------------ top-level settings
