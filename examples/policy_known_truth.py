@@ -43,23 +43,11 @@ import torch
 
 from pluralign._atomic import atomic_write_text
 from pluralign.data.loaders import TextPreferences
+from pluralign.llm.pairs import ANCHORS, EVERYDAY_PROMPTS, TOY_PROMPTS
 
-# 80 short prompts of the char tokenizer's letters (seeded): 16 held out, 64 for training
-TOY_PROMPTS = ["".join(np.random.default_rng(i).choice(list("abcdefghijklmnop "), size=2 + i % 6))
-               .strip() or "a" for i in range(80)]
-REAL_PROMPTS = [
-    "Write one sentence about your weekend.", "Describe your favourite place.",
-    "Tell me about something you enjoy.", "What did you do today?",
-    "Give me a short piece of advice.", "Describe a perfect afternoon.",
-    "What is worth learning?", "Tell me a short story.", "What makes a good day?",
-    "Describe something you saw recently.", "What should I do this evening?",
-    "Write a sentence about a friend.", "What is your favourite hobby?",
-    "Describe a memorable meal.", "What would you like to try next?",
-    "Write a line for a postcard.", "What do you think about in the morning?",
-    "Describe a good habit.", "What makes you curious?", "Tell me about a trip.",
-]
-ANCHORS = {"cook": "I love cooking: recipes, fresh bread, pasta and spices in the kitchen.",
-           "runner": "I love sport: running, football matches, training and fitness."}
+# the prompt texts and anchors of the packaged iterate configs (pluralign.llm.pairs): 80 short
+# prompts of the char tokenizer's letters (16 held out) and 20 everyday prompts (6 held out)
+REAL_PROMPTS = EVERYDAY_PROMPTS
 TASKS = {
     "toy": dict(users=["vowels", "digits"], prompts=TOY_PROMPTS, n_eval=16, max_new=16,
                 pairs=2, bt_scale=20.0, rm_epochs=10, rm_lr=3e-3, dpo_epochs=4, dpo_lr=5e-3,

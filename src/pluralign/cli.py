@@ -210,6 +210,28 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _llm_job(command: str, module: str, function: str, config: Path,
+             overrides: list[str] | None, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+    """Run an LLM job (``module.function(raw_config, **kwargs)``) from a YAML config with
+    ``--set`` overrides; ``(raw config, report)``. A missing llm extra or a pluralign error
+    exits cleanly (code 2)."""
+    import importlib
+
+    from pluralign.experiments.config import load_config
+
+    try:
+        job = getattr(importlib.import_module(module), function)
+        from pluralign.llm.job import apply_overrides
+    except ImportError as err:
+        raise _fail(f"{command} needs the llm extra (pip install 'pluralign[llm]'): {err}"
+                    ) from None
+    try:
+        raw = apply_overrides(load_config(config), overrides or [])
+        return raw, job(raw, **kwargs)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
+
+
 @data_app.command("validate")
 def data_validate(
     file: Annotated[Path, typer.Argument(help="A preference file (JSONL, Parquet or .npz).")],
@@ -548,20 +570,8 @@ def train_rm(
     """Train a personalized (multi-user LoRA) reward model on a transformer; write per-user
     accuracy (JSON + plot), per-user PEFT adapters and checkpoints. Runs under
     `accelerate launch` on several processes or GPUs."""
-    from pluralign.experiments.config import load_config
-
-    try:
-        from pluralign.llm.job import train_reward_model
-    except ImportError as err:
-        raise _fail(f"train-rm needs the llm extra (pip install 'pluralign[llm]'): {err}"
-                    ) from None
-    from pluralign.llm.job import apply_overrides
-
-    try:
-        raw = apply_overrides(load_config(config), set_ or [])
-        report = train_reward_model(raw, out=out, resume=resume, progress=progress)
-    except PluralignError as err:
-        raise _fail(str(err)) from None
+    raw, report = _llm_job("train-rm", "pluralign.llm.job", "train_reward_model", config,
+                           set_, out=out, resume=resume, progress=progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # initialized by the job
@@ -609,20 +619,8 @@ def train_policy_command(
     """Train a personalized policy (a causal LM with multi-user LoRA) by DPO against its
     adapters-off reference; write per-user implicit-reward accuracy, margin and KL (JSON +
     plot), per-user PEFT adapters and checkpoints. Runs under `accelerate launch` too."""
-    from pluralign.experiments.config import load_config
-
-    try:
-        from pluralign.llm.policy_job import train_policy
-    except ImportError as err:
-        raise _fail(f"train-policy needs the llm extra (pip install 'pluralign[llm]'): {err}"
-                    ) from None
-    from pluralign.llm.job import apply_overrides
-
-    try:
-        raw = apply_overrides(load_config(config), set_ or [])
-        report = train_policy(raw, out=out, resume=resume, progress=progress)
-    except PluralignError as err:
-        raise _fail(str(err)) from None
+    raw, report = _llm_job("train-policy", "pluralign.llm.policy_job", "train_policy",
+                           config, set_, out=out, resume=resume, progress=progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # initialized by the job
@@ -667,22 +665,12 @@ def iterate_command(
     policy, annotates (reward model or a simulated gold Bradley-Terry oracle), chooses one
     pair per (prompt, user) and runs DPO against the fixed adapters-off reference; writes
     history.json, rounds.md, rounds.png, round-XX.jsonl and a resumable state."""
-    from pluralign.experiments.config import load_config
+    _, report = _llm_job("iterate", "pluralign.llm.iterate", "run_iterate", config, set_,
+                         out=out, resume=resume, progress=progress,
+                         log=lambda msg: console.print(msg, soft_wrap=True, markup=False,
+                                                       highlight=False))
+    from pluralign.llm.iterate import rounds_table
 
-    try:
-        from pluralign.llm.iterate import rounds_table, run_iterate
-    except ImportError as err:
-        raise _fail(f"iterate needs the llm extra (pip install 'pluralign[llm]'): {err}"
-                    ) from None
-    from pluralign.llm.job import apply_overrides
-
-    try:
-        raw = apply_overrides(load_config(config), set_ or [])
-        report = run_iterate(raw, out=out, resume=resume, progress=progress,
-                             log=lambda msg: console.print(msg, soft_wrap=True,
-                                                           markup=False, highlight=False))
-    except PluralignError as err:
-        raise _fail(str(err)) from None
     console.print(rounds_table(report["history"]), markup=False, highlight=False,
                   soft_wrap=True)
     console.print(f"wrote {report['out']}/history.json, rounds.md, rounds.png, "

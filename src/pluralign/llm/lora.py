@@ -31,7 +31,7 @@ from torch import nn
 
 from pluralign.errors import ConfigError, PluralignError
 
-__all__ = ["SHARE_MODES", "MultiUserLoRA", "MultiUserLoRALinear"]
+__all__ = ["SHARE_MODES", "MultiUserLoRA", "MultiUserLoRALinear", "TrainableState"]
 
 SHARE_MODES = ("B", "A", "independent", "pooled")
 
@@ -270,3 +270,30 @@ class MultiUserLoRA(nn.Module):
         for _, layer in self.layers():
             yield layer.lora_A, layer.per_user_A
             yield layer.lora_B, layer.per_user_B
+
+
+class TrainableState:
+    """Checkpointing of a model's trainable tensors (LoRA factors, and a reward head), shared
+    by :class:`~pluralign.llm.PersonalizedRewardModel` and
+    :class:`~pluralign.llm.PersonalizedPolicy`; the class defines
+    ``trainable_named_parameters()``."""
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        raise NotImplementedError
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the trainable tensors (what checkpoints hold)."""
+        return {n: p.detach().cpu().clone() for n, p in self.trainable_named_parameters()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (names and shapes as :meth:`trainable_state`'s) into the model."""
+        params = dict(self.trainable_named_parameters())
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise PluralignError(f"checkpoint lacks {missing[:3]}")
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise PluralignError(f"checkpoint tensor {name} has shape "
+                                     f"{tuple(state[name].shape)}, the model {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(state[name].to(p.device, p.dtype))

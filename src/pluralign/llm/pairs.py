@@ -49,10 +49,10 @@ ANCHORS = {"cook": "I love cooking: recipes, fresh bread, pasta and spices in th
 
 # built-in prompt sets of the packaged configs (``iterate.prompts: builtin:NAME``): rows
 # ``(prompt, user)``, every prompt asked for every gold user of the task
-_TOY_TEXTS = ["".join(np.random.default_rng(i).choice(list("abcdefghijklmnop "),
+TOY_PROMPTS = ["".join(np.random.default_rng(i).choice(list("abcdefghijklmnop "),
                                                       size=2 + i % 6)).strip() or "a"
-              for i in range(80)]        # examples/policy_known_truth.py's TOY_PROMPTS
-_REAL_TEXTS = [
+              for i in range(80)]        # also examples/policy_known_truth.py's prompts
+EVERYDAY_PROMPTS = [
     "Write one sentence about your weekend.", "Describe your favourite place.",
     "Tell me about something you enjoy.", "What did you do today?",
     "Give me a short piece of advice.", "Describe a perfect afternoon.",
@@ -70,10 +70,10 @@ def _rows(texts: list[str], users: list[str]) -> list[tuple[str, str]]:
 
 
 PROMPT_SETS: dict[str, list[tuple[str, str]]] = {
-    "toy": _rows(_TOY_TEXTS[16:28], ["vowels", "digits"]),
-    "toy-eval": _rows(_TOY_TEXTS[:8], ["vowels", "digits"]),
-    "smollm2": _rows(_REAL_TEXTS[6:], list(ANCHORS)),
-    "smollm2-eval": _rows(_REAL_TEXTS[:6], list(ANCHORS)),
+    "toy": _rows(TOY_PROMPTS[16:28], ["vowels", "digits"]),
+    "toy-eval": _rows(TOY_PROMPTS[:8], ["vowels", "digits"]),
+    "smollm2": _rows(EVERYDAY_PROMPTS[6:], list(ANCHORS)),
+    "smollm2-eval": _rows(EVERYDAY_PROMPTS[:6], list(ANCHORS)),
 }
 
 

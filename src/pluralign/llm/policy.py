@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pluralign.errors import ConfigError, PluralignError, PluralignWarning
-from pluralign.llm.lora import MultiUserLoRA
+from pluralign.llm.lora import MultiUserLoRA, TrainableState
 from pluralign.llm.reward_model import (
     _unique_users,
     _user_key,
@@ -89,7 +89,7 @@ class Generations:
         return prompts, ids, users
 
 
-class PersonalizedPolicy(nn.Module):
+class PersonalizedPolicy(TrainableState, nn.Module):
     """Causal LM + multi-user LoRA; the reference is the adapters switched off (module
     docstring).
 
@@ -232,21 +232,6 @@ class PersonalizedPolicy(nn.Module):
         """The LoRA factors, named ``lora.<module>.lora_A`` / ``lora.<module>.lora_B``."""
         for name, p in self.lora.lora_parameters():
             yield f"lora.{name}", p
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.trainable_named_parameters()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.trainable_named_parameters())
-        missing = sorted(set(params) - set(state))
-        if missing:
-            raise PluralignError(f"checkpoint lacks {missing[:3]}")
-        for name, p in params.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise PluralignError(f"checkpoint tensor {name} has shape "
-                                     f"{tuple(state[name].shape)}, the model {tuple(p.shape)}")
-            with torch.no_grad():
-                p.copy_(state[name].to(p.device, p.dtype))
 
     def train(self, mode: bool = True) -> PersonalizedPolicy:
         """Training mode switches on the LoRA dropout only; the base model's own dropout stays

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pluralign.errors import ConfigError, PluralignError
-from pluralign.llm.lora import MultiUserLoRA, MultiUserLoRALinear
+from pluralign.llm.lora import MultiUserLoRA, MultiUserLoRALinear, TrainableState
 
 __all__ = ["POOLINGS", "PersonalizedRewardModel", "backbone_inputs", "default_target_modules",
            "load_tokenizer", "pad_right", "pool_hidden", "tokenize_pairs"]
@@ -85,7 +85,7 @@ def check_pad_token(tokenizer: Any, pad_token: str | None, name: str = "the toke
     return tokenizer
 
 
-class PersonalizedRewardModel(nn.Module):
+class PersonalizedRewardModel(TrainableState, nn.Module):
     """Backbone + multi-user LoRA + scalar head (module docstring).
 
     Parameters
@@ -217,22 +217,6 @@ class PersonalizedRewardModel(nn.Module):
         for name, p in self.lora.lora_parameters():
             yield f"lora.{name}", p
         yield "head.weight", self.head.weight
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Detached CPU copies of the trainable tensors (what checkpoints hold)."""
-        return {n: p.detach().cpu().clone() for n, p in self.trainable_named_parameters()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.trainable_named_parameters())
-        missing = sorted(set(params) - set(state))
-        if missing:
-            raise PluralignError(f"checkpoint lacks {missing[:3]}")
-        for name, p in params.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise PluralignError(f"checkpoint tensor {name} has shape "
-                                     f"{tuple(state[name].shape)}, the model {tuple(p.shape)}")
-            with torch.no_grad():
-                p.copy_(state[name].to(p.device, p.dtype))
 
     def train(self, mode: bool = True) -> PersonalizedRewardModel:
         super().train(mode)
