@@ -59,7 +59,7 @@ from pluralign.llm.config import (
 )
 
 __all__ = ["RM_SECTIONS", "RM_TOP_LEVEL", "apply_overrides", "resolve_rm_config",
-           "train_reward_model"]
+           "train_reward_model", "write_run"]
 
 # the sections of a train-rm config and its top-level settings
 RM_SECTIONS = {"model": RewardModelConfig, "lora": LoraConfig, "data": DataConfig,
@@ -128,10 +128,9 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     from accelerate import PartialState
 
     from pluralign.data.loaders import read_text_preferences
-    from pluralign.experiments.plots import per_user_accuracy_plot
     from pluralign.features.text import _resolve
     from pluralign.llm.data import split_per_user
-    from pluralign.llm.export import export_adapters, folder_names
+    from pluralign.llm.export import folder_names
     from pluralign.llm.reward_model import PersonalizedRewardModel
     from pluralign.llm.trainer import RewardTrainer, use_cpu
 
@@ -190,12 +189,22 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
         "processes": state.num_processes,
     }
     report = {"summary": summary, "users": rows}
+    write_run(state, out, report, "per_user_accuracy.json", trainer.history_, model,
+              "accuracy.png", f"{Path(m.name_or_path).name}, share={lora.share}, "
+                              f"r={lora.r}: per-user accuracy")
+    return report
+
+
+def write_run(state: Any, out: Path, report: dict[str, Any], report_name: str,
+              history: list[dict[str, Any]], model: Any, plot_name: str, title: str) -> None:
+    """The outputs of a trained run, on the main process only and atomically: the per-user
+    report (JSON), ``history.json``, the per-user accuracy plot and the PEFT adapters."""
+    from pluralign.experiments.plots import per_user_accuracy_plot
+    from pluralign.llm.export import export_adapters
+
     if state.is_main_process:
-        atomic_write_text(out / "per_user_accuracy.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(out / "history.json", json.dumps(trainer.history_, indent=2) + "\n")
-        per_user_accuracy_plot(rows, out / "accuracy.png",
-                               f"{Path(m.name_or_path).name}, share={lora.share}, "
-                               f"r={lora.r}: per-user accuracy")
+        atomic_write_text(out / report_name, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+        per_user_accuracy_plot(report["users"], out / plot_name, title)
         export_adapters(model, out / "adapters")
     state.wait_for_everyone()
-    return report

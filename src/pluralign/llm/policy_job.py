@@ -53,7 +53,6 @@ readers; a damaged checkpoint is skipped with a warning.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -302,11 +301,10 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
     from accelerate import PartialState
 
     from pluralign.data.loaders import read_text_preferences
-    from pluralign.experiments.plots import per_user_accuracy_plot
     from pluralign.llm.data import split_per_user
     from pluralign.llm.dpo import DPOTrainer
-    from pluralign.llm.export import export_adapters, folder_names
-    from pluralign.llm.job import _quiet_transformers
+    from pluralign.llm.export import folder_names
+    from pluralign.llm.job import _quiet_transformers, write_run
     from pluralign.llm.trainer import use_cpu
 
     resolved = resolve_policy_config(config)
@@ -372,12 +370,7 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
         "processes": state.num_processes,
     }
     report = {"summary": summary, "users": rows}
-    if state.is_main_process:
-        atomic_write_text(out / "per_user.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(out / "history.json", json.dumps(trainer.history_, indent=2) + "\n")
-        per_user_accuracy_plot(rows, out / "per_user.png",
-                               f"{Path(m.name_or_path).name}, share={lora.share}, "
-                               f"beta={dpo.beta:g}, {dpo.loss_type}: implicit-reward accuracy")
-        export_adapters(policy, out / "adapters")
-    state.wait_for_everyone()
+    write_run(state, out, report, "per_user.json", trainer.history_, policy, "per_user.png",
+              f"{Path(m.name_or_path).name}, share={lora.share}, beta={dpo.beta:g}, "
+              f"{dpo.loss_type}: implicit-reward accuracy")
     return report
