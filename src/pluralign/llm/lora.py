@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -276,10 +277,9 @@ class TrainableState:
     """Checkpointing of a model's trainable tensors (LoRA factors, and a reward head), shared
     by :class:`~pluralign.llm.PersonalizedRewardModel` and
     :class:`~pluralign.llm.PersonalizedPolicy`; the class defines
-    ``trainable_named_parameters()``."""
+    ``trainable_named_parameters()`` (an iterator of ``(name, parameter)``)."""
 
-    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        raise NotImplementedError
+    trainable_named_parameters: Any
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the trainable tensors (what checkpoints hold)."""

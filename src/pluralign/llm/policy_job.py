@@ -300,11 +300,8 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
     """Run a train-policy config (module docstring); returns the per-user report."""
     from accelerate import PartialState
 
-    from pluralign.data.loaders import read_text_preferences
-    from pluralign.llm.data import split_per_user
     from pluralign.llm.dpo import DPOTrainer
-    from pluralign.llm.export import folder_names
-    from pluralign.llm.job import _quiet_transformers, write_run
+    from pluralign.llm.job import _quiet_transformers, read_splits, write_run
     from pluralign.llm.trainer import use_cpu
 
     resolved = resolve_policy_config(config)
@@ -322,14 +319,7 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
         warnings.warn(f"dpo.reward_model is used only with dpo.loss_type: pessimistic; "
                       f"loss_type {dpo.loss_type!r} ignores it", PluralignWarning, stacklevel=2)
 
-    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey)
-    if d.eval:
-        train, test = prefs, read_text_preferences(d.eval, format=d.format, survey=d.survey)
-    else:
-        train, test = split_per_user(prefs, d.test_size, d.split_seed)
-    users = list(dict.fromkeys(str(u) for u in train.users.tolist()))
-    # the adapter folder of every user is decided (and a collision refused) before training
-    folder_names(users)
+    train, test, users = read_splits(d)
     policy = build_policy(resolved, users)
     margins = eval_margins = None
     if dpo.loss_type == "pessimistic":
