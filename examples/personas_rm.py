@@ -110,12 +110,9 @@ def wait_for_benchmarks(enabled: bool) -> None:
 
 
 def base_config(epochs: int | None) -> dict[str, Any]:
-    """The packaged rm_personas.yaml; its data path made absolute (repository root)."""
+    """The packaged rm_personas.yaml (``load_config`` resolves its ``package:`` data path)."""
     path = Path(str(resources.files("pluralign") / "configs" / "rm_personas.yaml"))
     config = load_config(path)
-    data = Path(config["data"]["train"])
-    if not data.is_absolute() and not data.exists():
-        config = apply_overrides(config, [f"data.train={ROOT / data}"])
     if epochs is not None:
         config = apply_overrides(config, [f"train.num_train_epochs={epochs}"])
     return config

@@ -221,20 +221,20 @@ def test_trainer_kwargs_are_reward_trainer_parameters():
     parameters = inspect.signature(RewardTrainer.__init__).parameters
     assert set(kwargs) == {"epochs", "lr", "batch_size", "grad_accum", "weight_decay",
                            "schedule", "warmup_steps", "max_grad_norm", "seed",
-                           "checkpoint_every", "keep_checkpoints", "max_steps"}
+                           "checkpoint_every", "keep_checkpoints", "max_steps", "logging_steps"}
     assert set(kwargs) <= set(parameters), sorted(set(kwargs) - set(parameters))
     assert set(TrainingConfig.TRAINER_NAMES) == {f.name for f in
                                                  dataclasses.fields(TrainingConfig)}
     train = _resolve("train", num_train_epochs=2, learning_rate=5e-3, train_batch_size=4,
                      gradient_accumulation_steps=2, lr_scheduler_type="linear",
                      save_steps=3, save_total_limit=1, max_steps=7, max_grad_norm=1.0,
-                     warmup_steps=1, weight_decay=0.1, seed=9)
+                     warmup_steps=1, weight_decay=0.1, seed=9, logging_steps=2)
     assert train.trainer_kwargs() == {
         "epochs": 2, "lr": 5e-3, "batch_size": 4, "grad_accum": 2, "weight_decay": 0.1,
         "schedule": "linear", "warmup_steps": 1, "max_grad_norm": 1.0, "seed": 9,
-        "checkpoint_every": 3, "keep_checkpoints": 1, "max_steps": 7}
+        "checkpoint_every": 3, "keep_checkpoints": 1, "max_steps": 7, "logging_steps": 2}
     trainer = RewardTrainer(**train.trainer_kwargs(), progress=False)
-    assert trainer.checkpoint_every == 3 and trainer.lr == 5e-3
+    assert trainer.checkpoint_every == 3 and trainer.lr == 5e-3 and trainer.logging_steps == 2
 
 
 def test_help_texts_list_the_choices_the_checks_accept():

@@ -65,6 +65,37 @@ def test_training_raises_the_implicit_reward_margin_and_evaluation_matches_logpr
         assert after["per_user"][user]["margin"] == pytest.approx(margin[m].mean(), rel=1e-4)
 
 
+def test_precomputed_reference_logprobs_train_the_same_adapters():
+    """precompute_ref_log_probs reads log π0 from the pairs instead of the per-step reference
+    pass: the same numbers (π0 is fixed), so the same training, to float rounding."""
+    from pluralign.llm.dpo import encode_dpo_pairs, reference_logprobs
+
+    prefs = toy_prefs()
+    stepwise, once = make_policy(), make_policy()
+    trainer(epochs=3).fit(stepwise, prefs)
+    fitted = trainer(epochs=3, precompute_ref_log_probs=True).fit(once, prefs)
+    for (name, a), (_, b) in zip(stepwise.trainable_named_parameters(),
+                                 once.trainable_named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert fitted.evaluation_["loss"] == pytest.approx(
+        trainer().evaluate(stepwise, prefs)["loss"], rel=1e-4)
+    # the attached numbers are log π0 of each side, from independent calls
+    data = encode_dpo_pairs(once, prefs)
+    ref = reference_logprobs(once, data, batch_size=5)
+    users = list(prefs.users)
+    np.testing.assert_allclose(ref[:, 0], once.logprobs(prefs.prompts, prefs.chosen, users,
+                                                        reference=True), atol=1e-5)
+    np.testing.assert_allclose(ref[:, 1], once.logprobs(prefs.prompts, prefs.rejected, users,
+                                                        reference=True), atol=1e-5)
+    # wrong reference numbers change the loss: they are really read
+    # (a rejected side's log π0 raised by 50 raises β(h_w − h_l) by β·50 = 5)
+    shifted = trainer().evaluate(once, data.with_reference(ref + np.array([0.0, 50.0])))
+    plain = trainer().evaluate(once, data.with_reference(ref))
+    assert shifted["margin"] == pytest.approx(plain["margin"] + 5.0, rel=1e-6)
+    with pytest.raises(Exception, match="2 finite numbers"):
+        data.with_reference(ref[:3])
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_pessimistic_margin_shrinks_or_grows_the_learned_log_ratio(sign):
     """With Γ_w − Γ_l = m > 0 the loss −log σ(βΔh + m) is satisfied with a smaller Δh than
@@ -180,3 +211,15 @@ def test_conversational_data_needs_a_chat_template(tmp_path):
                                 target_modules="all-linear", r=4)
     trainer(epochs=1).fit(policy, prefs)          # with a template it trains
     assert prefs.subset([1]).conversational      # the flag follows the rows' source
+
+
+def test_dpo_logs_its_training_implicit_reward_accuracy():
+    """The log entries carry DPO's training accuracy: at step 1 π = π0 (B = 0), so every pair
+    is a tie and counts one half; on the separable toy pairs it then rises."""
+    prefs = toy_prefs()
+    fitted = trainer(epochs=4, logging_steps=1).fit(make_policy(), prefs)
+    train = [e for e in fitted.log_history_ if "loss" in e and "eval_loss" not in e]
+    assert [e["step"] for e in train] == list(range(1, fitted.global_step_ + 1))
+    assert train[0]["accuracy"] == 0.5
+    assert train[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-6)
+    assert train[-1]["accuracy"] == 1.0

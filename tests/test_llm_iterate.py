@@ -206,6 +206,60 @@ def test_reference_stays_pi0_and_restart_resets_to_the_initialization(tmp_path):
     assert not np.allclose(policy.logprobs(*args), fresh.logprobs(*args))
 
 
+def test_reference_logprobs_come_from_the_sampling_pass_or_one_pass_never_from_dpo(
+        tmp_path, monkeypatch):
+    """log π0 of every pair is computed once for the run: from π0's sampling pass where the
+    pair's DPO encoding is the sampled sequence, else by one reference pass; the DPO steps
+    (every epoch, every restart) read them and never run the reference pass. sampler:
+    reference draws every round from π0."""
+    import inspect
+
+    from pluralign.llm.iterate import STREAMS, resolve_iterate_config, round_seed
+    from pluralign.llm.policy import PersonalizedPolicy
+    from pluralign.llm.policy_job import build_policy
+
+    in_dpo = []
+    original = PersonalizedPolicy.sequence_logprobs
+
+    def counted(self, *args, reference=False, **kwargs):
+        if reference and inspect.stack()[1].function in ("_row_losses", "evaluate"):
+            in_dpo.append(1)
+        return original(self, *args, reference=reference, **kwargs)
+
+    monkeypatch.setattr(PersonalizedPolicy, "sequence_logprobs", counted)
+    settings = {"sampler": "reference", "restart": True, "n": 4, "max_new_tokens": 24}
+    report = _run(tmp_path, "ref", iterate=settings)
+    assert in_dpo == []
+    out = tmp_path / "ref"
+    reused = [r["reference_logps"] for r in report["history"][1:]]
+    assert all(r["from_sampling"] > 0 and r["computed"] > 0 for r in reused)
+    fresh = build_policy(resolve_iterate_config(_config(tmp_path, **settings)), USERS)
+    for t in (1, 2):
+        pairs = read_trl(out / f"round-{t:02d}.jsonl")
+        refs = np.load(out / "state" / f"reference-{t:02d}.npy")
+        assert refs.shape == (pairs.n, 2)
+        assert reused[t - 1]["from_sampling"] + reused[t - 1]["computed"] == 2 * pairs.n
+        users = [str(u) for u in pairs.users]
+        for side, texts in enumerate((pairs.chosen, pairs.rejected)):
+            np.testing.assert_allclose(
+                refs[:, side], fresh.logprobs(pairs.prompts, texts, users, reference=True),
+                atol=1e-4, rtol=0)
+        # every round's candidates are π0's samples of that round's seed
+        prompts = [p for p in PROMPTS for _ in USERS]
+        rows_users = [u for _ in PROMPTS for u in USERS]
+        pi0 = fresh.generate(prompts, rows_users, n=4, max_new_tokens=24, reference=True,
+                             seed=round_seed(0, t, STREAMS["generate"]), batch_size=8)
+        candidates = {(p, u): set(g) for p, u, g in zip(prompts, rows_users, pi0.texts,
+                                                          strict=True)}
+        for p, c, r, u in zip(pairs.prompts, pairs.chosen, pairs.rejected, users, strict=True):
+            assert {c, r} <= candidates[(p, u)]
+    # the exact per-token KL: 0 at π0, positive after training
+    for v in report["history"][0]["users"].values():
+        assert v["kl_token"] == 0.0
+    for v in report["history"][-1]["users"].values():
+        assert v["kl_token"] > 0
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
@@ -318,3 +372,14 @@ def test_cli_runs_the_packaged_toy_config(tmp_path):
     bad = CliRunner().invoke(app, ["iterate", "configs/iterate_toy.yaml", "--out", str(out),
                                    "--no-progress", "--set", "iterate.rounds=1"])
     assert bad.exit_code != 0 and "changed:" in bad.output
+
+
+def test_docs_hold_the_generated_iterate_settings_table():
+    """docs/iterate.md's table is settings_table's output (regenerate it after a change)."""
+    from pathlib import Path
+
+    from pluralign.llm.config import IterateConfig, settings_table
+    from pluralign.llm.iterate import ITERATE_TOP_LEVEL
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "iterate.md").read_text()
+    assert settings_table({"iterate": IterateConfig}, ITERATE_TOP_LEVEL) in docs

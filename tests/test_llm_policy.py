@@ -177,6 +177,76 @@ def test_generated_token_ids_score_as_given():
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_sampling_pass_logprobs_equal_the_full_logits_oracle():
+    """Generations.logprobs (read off the sampling pass, KV cache, left padding, mixed users,
+    temperature ≠ 1, some rows stopped at EOS) equal a teacher-forced oracle of the same
+    policy, for π_u and π0; with EOS made likely, some rows stop early and the padding after
+    their EOS is not counted."""
+    policy = make_policy()
+    eos = policy.tokenizer.eos_token_id
+    with torch.no_grad():
+        policy._output.bias = None
+        policy._output.weight[eos] *= 0.0
+        policy._output.weight[eos] += policy._output.weight.mean(0) * 40
+    prompts, users = ["hello", "a", "what?"], ["u0", "u2", "u1"]
+    for reference in (False, True):
+        out = policy.generate(prompts, users, n=3, max_new_tokens=6, seed=1, batch_size=4,
+                              temperature=1.7, reference=reference)
+        lengths = set()
+        for i, (p, u) in enumerate(zip(prompts, users, strict=True)):
+            for ids, got in zip(out.token_ids[i], out.logprobs[i], strict=True):
+                want, n = oracle_logprob(policy, p, ids, None if reference else
+                                         USERS.index(u))
+                lengths.add(n)
+                assert got == pytest.approx(want, abs=1e-4)
+        assert len(lengths) > 1                     # rows of several lengths in one batch
+
+
+def test_kl_to_reference_matches_the_full_logits_oracle_and_the_chain_rule():
+    policy = make_policy()
+    prompts, users = ["hello", "a", "what?", "ok"], ["u0", "u1", "u2", "u1"]
+    out = policy.generate(prompts, users, n=2, max_new_tokens=5, seed=2)
+    p, ids, u = out.flat()
+    ratio, kl = policy.kl_to_reference(p, ids, u, batch_size=3)
+    for k in range(len(p)):
+        enc = policy.encode([p[k]], [ids[k]])[0]
+        full = torch.tensor([enc["prompt_ids"] + enc["response_ids"]])
+        with torch.no_grad(), policy.lora.route(torch.tensor([USERS.index(u[k])])):
+            lp = policy.model(input_ids=full).logits.double().log_softmax(-1)[0]
+        with torch.no_grad(), policy.reference():
+            lq = policy.model(input_ids=full).logits.double().log_softmax(-1)[0]
+        start = len(enc["prompt_ids"])
+        positions = range(start - 1, full.shape[1] - 1)
+        want_kl = sum(float((lp[t].exp() * (lp[t] - lq[t])).sum()) for t in positions)
+        want_ratio = sum(float(lp[t, full[0, t + 1]] - lq[t, full[0, t + 1]])
+                         for t in positions)
+        assert kl[k] == pytest.approx(want_kl, abs=1e-5)
+        assert ratio[k] == pytest.approx(want_ratio, abs=1e-5)
+    assert (kl > 0).all()
+    # the sampled log-ratio is the log-prob gap of the two policies
+    gap = policy.logprobs(p, ids, u) - policy.logprobs(p, ids, u, reference=True)
+    np.testing.assert_allclose(ratio, gap, atol=1e-5)
+
+
+def test_kl_estimators_agree_with_the_exact_sequence_kl_by_enumeration():
+    """Chain rule: for one-token responses the mean of either estimator over many samples of
+    π_u tends to KL(π_u ‖ π0) summed over the whole vocabulary; the per-token estimator is
+    exact for every sample (the KL of the only position), the log-ratio only on average."""
+    policy = make_policy()
+    with torch.no_grad(), policy.lora.route(torch.tensor([1])):
+        ids = torch.tensor([policy.prompt_ids("hey")])
+        lp = policy.model(input_ids=ids).logits.double().log_softmax(-1)[0, -1]
+    with torch.no_grad(), policy.reference():
+        lq = policy.model(input_ids=ids).logits.double().log_softmax(-1)[0, -1]
+    exact = float((lp.exp() * (lp - lq)).sum())
+    out = policy.generate(["hey"], ["u1"], n=4000, max_new_tokens=1, seed=0, batch_size=500)
+    p, tokens, u = out.flat()
+    ratio, kl = policy.kl_to_reference(p, tokens, u, batch_size=500)
+    np.testing.assert_allclose(kl, exact, rtol=1e-5)
+    se = ratio.std() / np.sqrt(ratio.size)
+    assert abs(ratio.mean() - exact) < 4 * se
+
+
 def test_chat_template_is_applied_when_the_tokenizer_has_one():
     tok = char_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"

@@ -73,7 +73,9 @@ def test_toy_config_is_packaged_and_its_data_is_two_users():
     resolved = resolve_policy_config(load_config(CONFIG))
     assert resolved["model"].name_or_path == "toy-llama" and resolved["dpo"].beta == 0.1
     assert resolved["lora"].target_modules == ["all-linear"] and resolved["lora"].r == 8
-    assert resolved["data"].train == "tests/fixtures/policy_toy.jsonl"
+    # the packaged config reads the packaged copy of the fixture, from any working directory
+    assert Path(resolved["data"].train).read_bytes() == DATA.read_bytes()
+    assert Path(resolved["data"].train).is_absolute()
     prefs = read_trl(DATA)
     assert prefs.n == 48 and sorted(set(prefs.users.tolist())) == sorted(USERS)
     for u, c, r in zip(prefs.users, prefs.chosen, prefs.rejected, strict=True):

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from importlib import resources
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 from pluralign import __version__
+from pluralign._packaged import (
+    packaged_config_names,
+    packaged_configs_dir,
+    resolve_package_paths,
+)
 from pluralign.errors import PluralignError
 
 app = typer.Typer(
@@ -19,12 +27,133 @@ app = typer.Typer(
     no_args_is_help=True,
     help="pluralign: personalized, robust policies from heterogeneous human feedback.",
 )
-console = Console()
+
+# Output. Tables, paths and messages go through ``console`` (stdout), errors through
+# ``err_console`` (stderr); with --json, stdout carries only the JSON document (the job runs
+# with stdout redirected to stderr, so its progress bars and log lines land there). On a
+# terminal the console is rich's usual one (as wide as the terminal). When stdout is not a
+# TTY (piped into a file or another program) rich would assume 80 columns, cut table cells to
+# "0.…" and break long paths over lines; there the console has no width limit instead:
+# tables take the width of their widest cells and every line is printed whole.
+PIPED_WIDTH = 1_000_000
+
+
+def _isatty(file: IO[str]) -> bool:
+    isatty = getattr(file, "isatty", None)
+    try:
+        return bool(isatty is not None and isatty())
+    except (ValueError, OSError):  # a closed or detached stream
+        return False
+
+
+class OutputConsole(Console):
+    """A rich console whose width is the terminal's on a TTY and unlimited otherwise
+    (decided at each print, so a redirected ``sys.stdout`` is seen)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if _isatty(self.file):
+            return size
+        return ConsoleDimensions(PIPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = OutputConsole()
+err_console = OutputConsole(stderr=True)
+
+
+def print_table(table: Table) -> None:
+    """Print a table on stdout. Piped, its title (which rich would wrap to the table's width)
+    is printed whole on a line of its own above it."""
+    if table.title is not None and not _isatty(console.file):
+        console.print(table.title, soft_wrap=True, highlight=False)
+        table.title = None
+    console.print(table)
+
+
+JsonFlag = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON document of the results to stdout instead of tables "
+                   "(full precision; NaN as null); progress and log lines go to stderr.")]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """With ``--json``: whatever the job prints (progress bars, log lines) goes to stderr,
+    so that stdout carries the JSON document alone."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as strict JSON: numpy scalars as Python numbers, non-finite floats as
+    ``None``, paths as strings."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    """One JSON document on stdout (not through rich: no wrapping, no markup)."""
+    sys.stdout.write(json.dumps(_plain(document), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 def default_config_path() -> Path:
     """The built-in quick LoCo-RLHF config that ``pluralign run`` uses without a CONFIG."""
-    return Path(str(resources.files("pluralign") / "configs" / "quick.yaml"))
+    return packaged_configs_dir() / "quick.yaml"
+
+
+def resolve_config_path(config: Path, announce: bool = True) -> Path:
+    """The config file a command's CONFIG argument means: the path itself when it exists,
+    else the packaged config it names (``loco``, ``loco.yaml`` or ``configs/loco.yaml``;
+    with ``announce``, said on stderr). A ConfigError names the packaged configs otherwise."""
+    from pluralign.errors import ConfigError
+
+    if config.exists() or config.is_symlink():
+        return config
+    names = packaged_config_names()
+    parts = config.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs"):
+        stem = parts[-1].removesuffix(".yaml")
+        if stem in names:
+            path = packaged_configs_dir() / f"{stem}.yaml"
+            if announce:
+                err_console.print(f"using packaged config {stem} ({path})", markup=False,
+                                  highlight=False, soft_wrap=True)
+            return path
+    raise ConfigError(f"{config}: config file not found, and not the name of a packaged config; "
+                      f"packaged configs: {', '.join(names)} (e.g. `pluralign run loco`)")
+
+
+def load_command_config(config: Path, overrides: list[str] | None = None,
+                        announce: bool = True) -> tuple[Path, dict[str, Any]]:
+    """``(file, raw config)`` of a command's CONFIG argument: the file
+    (:func:`resolve_config_path`) read, ``--set`` overrides applied, ``package:`` paths
+    resolved (:func:`resolve_package_paths`)."""
+    from pluralign.experiments.config import load_config
+
+    path = resolve_config_path(config, announce=announce)
+    raw = load_config(path)
+    if overrides:
+        from pluralign.llm.job import apply_overrides
+
+        raw = apply_overrides(raw, overrides)
+    return path, resolve_package_paths(raw)
 
 
 def _version(value: bool) -> None:
@@ -80,7 +209,9 @@ def summary_tables(summary: list[dict[str, Any]], metrics: list[str]) -> list[Ta
 def run(
     config: Annotated[
         Path | None,
-        typer.Argument(help="Experiment config (YAML). Default: the built-in quick LoCo run."),
+        typer.Argument(help="Experiment config: a YAML file, or a packaged config's name "
+                            "(loco, loco_coverage, multi_user, gshf, quick). Default: the "
+                            "built-in quick LoCo run."),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/<config>).")
@@ -96,32 +227,37 @@ def run(
         bool, typer.Option("--force", help="Resume a results.jsonl that has no config.yaml "
                            "beside it, as results of this config.")
     ] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Run (or resume) an experiment sweep; print its summary and write results and plots."""
-    from pluralign.experiments import EXPERIMENTS, load_config, run_experiment
+    from pluralign.experiments import EXPERIMENTS, run_experiment
     from pluralign.experiments.runner import run_rows
     from pluralign.experiments.summary import summarize
 
-    path = config or default_config_path()
-    out = out or Path("runs") / (path.stem + ("-quick" if quick else ""))
     try:
-        raw = load_config(path)
-        resolved = run_experiment(raw, out, quick=quick, jobs=jobs, progress=progress,
-                                  force=force)
+        path, raw = load_command_config(config or default_config_path(),
+                                        announce=config is not None)
+        out = out or Path("runs") / (path.stem + ("-quick" if quick else ""))
+        with _stdout_to_stderr(as_json):
+            resolved = run_experiment(raw, out, quick=quick, jobs=jobs, progress=progress,
+                                      force=force)
         rows = run_rows(out / "results.jsonl", resolved)
     except PluralignError as err:
         raise _fail(str(err)) from None
     experiment = EXPERIMENTS[resolved["experiment"]]
     summary = summarize(rows, experiment.metrics)
     try:
-        _print_report(out, resolved, summary, f"{experiment.name} ({path})", rows=rows)
+        _print_report(out, resolved, summary, f"{experiment.name} ({path})", rows=rows,
+                      as_json=as_json)
     except PluralignError as err:
         raise _fail(str(err)) from None
 
 
 def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, Any]],
-                  title: str, rows: list[dict[str, Any]] | None = None) -> None:
-    """Tables and claims of a run; ``rows`` are its results (default: read from ``out``)."""
+                  title: str, rows: list[dict[str, Any]] | None = None,
+                  as_json: bool = False) -> None:
+    """Tables and claims of a run (or, ``as_json``, one JSON document of them); ``rows`` are
+    its results (default: read from ``out``)."""
     from rich.markup import escape
 
     from pluralign.experiments import EXPERIMENTS
@@ -138,15 +274,25 @@ def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, A
         claims += check_loco_claims(finished, resolved)
     if experiment.claims is not None:
         claims += experiment.claims(finished, resolved)
+    files = {"results": out / "results.jsonl", "summary": out / "summary.csv",
+             "plot": out / (experiment.plot_metric + ".png")}
+    if as_json:
+        metrics = [*experiment.metrics, "fit_seconds"]
+        _print_json({"experiment": resolved["experiment"], "title": title, "out": out,
+                     "files": files, "metrics": metrics,
+                     "table_metrics": [*(experiment.table_metrics or experiment.metrics),
+                                       "fit_seconds"],
+                     "summary": summary, "claims": claims})
+        return
     console.print(f"[bold]{escape(title)}[/bold]")
     for table in summary_tables(summary, list(experiment.table_metrics or experiment.metrics)):
-        console.print(table)
+        print_table(table)
     for claim in claims:
         mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
                 None: "[yellow]not measured[/yellow]"}[claim["held"]]
         console.print(f"{escape(claim['claim'])}: {mark}\n    {escape(claim['detail'])}")
-    console.print(escape(f"results: {out / 'results.jsonl'}   summary: {out / 'summary.csv'}   "
-                         f"plot: {out / (experiment.plot_metric + '.png')}"))
+    console.print(escape(f"results: {files['results']}   summary: {files['summary']}   "
+                         f"plot: {files['plot']}"))
 
 
 @app.command()
@@ -155,6 +301,7 @@ def report(
     markdown: Annotated[
         str | None, typer.Option(help="Print a Markdown table of this metric instead.")
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Print the summary (and, for LoCo runs, claims C1–C4) of an existing run folder."""
     from pluralign.experiments import EXPERIMENTS, resolve_config
@@ -162,6 +309,8 @@ def report(
     from pluralign.experiments.runner import read_config_file, run_rows
     from pluralign.experiments.summary import summarize
 
+    if markdown is not None and as_json:
+        raise _fail("--markdown and --json are alternatives; give one")
     config_path = out / "config.yaml"
     if not (config_path.exists() or config_path.is_symlink()):
         raise _fail(f"{out} has no config.yaml; is it a run folder?")
@@ -190,7 +339,8 @@ def report(
         print(markdown_table(summary, markdown, resolved["methods"]), end="")
         return
     try:
-        _print_report(out, resolved, summary, f"{experiment.name} ({out})", rows=rows)
+        _print_report(out, resolved, summary, f"{experiment.name} ({out})", rows=rows,
+                      as_json=as_json)
     except PluralignError as err:
         raise _fail(str(err)) from None
 
@@ -201,12 +351,36 @@ app.add_typer(data_app, name="data")
 
 MODELS = ("shared_basis", "per_user", "pooled")
 FORMAT_HELP = "auto (from the file), numeric, trl, summarize or prism"
+DATA_FILE_HELP = ("JSONL, a JSON array, CSV (each also .gz), Parquet or .npz; numeric, "
+                  "TRL-style, summarize_from_feedback or PRISM rows")
+# column mapping: the data's name for a field (docs/multi_user.md "Data")
+UserColumn = Annotated[str | None, typer.Option(
+    "--user-column", help="The column holding the user id (default: user_id; user for numeric "
+                          "rows, worker for summarize_from_feedback).")]
+PromptColumn = Annotated[str | None, typer.Option(
+    "--prompt-column", help="The column holding the prompt (default: prompt; a row without "
+                            "one takes TRL's implicit prompt from chosen/rejected).")]
+ChosenColumn = Annotated[str | None, typer.Option(
+    "--chosen-column", help="The column holding the preferred response (default: chosen).")]
+RejectedColumn = Annotated[str | None, typer.Option(
+    "--rejected-column", help="The column holding the other response (default: rejected).")]
+ContextColumn = Annotated[str | None, typer.Option(
+    "--context-column", help="The column holding the user context (default: user_context; "
+                             "x for numeric rows).")]
+
+
+def _column_options(user: str | None, prompt: str | None, chosen: str | None,
+                    rejected: str | None, context: str | None) -> dict[str, str]:
+    """The column flags that were given, as the readers' keywords (``user_column=...``)."""
+    given = {"user_column": user, "prompt_column": prompt, "chosen_column": chosen,
+             "rejected_column": rejected, "context_column": context}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _fail(message: str) -> typer.Exit:
     from rich.markup import escape
 
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code=2)
 
 
@@ -217,16 +391,18 @@ def _llm_job(command: str, module: str, function: str, config: Path,
     exits cleanly (code 2)."""
     import importlib
 
-    from pluralign.experiments.config import load_config
-
+    try:
+        path = resolve_config_path(config)
+    except PluralignError as err:
+        raise _fail(str(err)) from None
     try:
         job = getattr(importlib.import_module(module), function)
-        from pluralign.llm.job import apply_overrides
+        from pluralign.llm.job import apply_overrides  # noqa: F401  (for --set)
     except ImportError as err:
         raise _fail(f"{command} needs the llm extra (pip install 'pluralign[llm]'): {err}"
                     ) from None
     try:
-        raw = apply_overrides(load_config(config), overrides or [])
+        _, raw = load_command_config(path, overrides or [], announce=False)
         return raw, job(raw, **kwargs)
     except PluralignError as err:
         raise _fail(str(err)) from None
@@ -234,38 +410,101 @@ def _llm_job(command: str, module: str, function: str, config: Path,
 
 @data_app.command("validate")
 def data_validate(
-    file: Annotated[Path, typer.Argument(help="A preference file (JSONL, Parquet or .npz).")],
+    file: Annotated[Path, typer.Argument(help=f"A preference file ({DATA_FILE_HELP}).")],
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     survey: Annotated[
         Path | None, typer.Option("--survey", help="PRISM survey file (for PRISM pairs).")
     ] = None,
+    user_column: UserColumn = None,
+    prompt_column: PromptColumn = None,
+    chosen_column: ChosenColumn = None,
+    rejected_column: RejectedColumn = None,
+    context_column: ContextColumn = None,
 ) -> None:
-    """Check every row of FILE; print each bad row as FILE:LINE: field: message (exit 1)."""
+    """Check every row of FILE; print each bad row as FILE, line N, field 'F': message
+    (exit 1). A problem shared by more than 5 rows prints its first 3 and a count."""
     from pluralign.data.loaders import detect_format, validate_file
+    from pluralign.data.sources import summarize_errors
 
+    columns = _column_options(user_column, prompt_column, chosen_column, rejected_column,
+                              context_column)
     try:
         fmt = detect_format(file) if format == "auto" else format
-        n, errors = validate_file(file, format=fmt, survey=survey)
+        n, errors = validate_file(file, format=fmt, survey=survey, **columns)
     except PluralignError as err:
         raise _fail(str(err)) from None
-    for err in errors:
-        typer.echo(str(err))
+    for line in summarize_errors(errors):
+        typer.echo(line)
     if errors:
         typer.echo(f"{file}: {len(errors)} bad row(s) ({fmt} format)")
         raise typer.Exit(code=1)
     typer.echo(f"{file}: OK, {n} comparisons ({fmt} format)")
 
 
+# `pluralign example-data DIR`: written name -> packaged file (under pluralign/configs/data/)
+EXAMPLE_FILES = {
+    "prefs.jsonl": "personas.jsonl",
+    "candidates.jsonl": "candidates.jsonl",
+    "prompts.jsonl": "toy_prompts.jsonl",
+}
+
+
+@app.command("example-data")
+def example_data(
+    folder: Annotated[Path, typer.Argument(help="Where to write the files (created if "
+                                                "missing; . for the working directory).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files that exist with "
+                                        "other contents.")] = False,
+) -> None:
+    """Write example files for fit, rank and generate to FOLDER.
+
+    prefs.jsonl: 240 TRL-style comparisons by six users, with user_id and user_context (the
+    persona set of docs/multi_user.md); candidates.jsonl: candidate responses for
+    `pluralign rank`; prompts.jsonl: prompts of the toy policy's users vowels and digits, for
+    `pluralign generate --prompts`."""
+    from pluralign._atomic import atomic_write_text
+
+    if folder.exists() and not folder.is_dir():
+        raise _fail(f"{folder} exists and is not a folder")
+    sources = {name: packaged_configs_dir() / "data" / source
+               for name, source in EXAMPLE_FILES.items()}
+    texts = {name: path.read_text(encoding="utf-8") for name, path in sources.items()}
+    clash = [name for name, text in texts.items() if (folder / name).exists() and (
+        not (folder / name).is_file()
+        or (folder / name).read_text(encoding="utf-8", errors="replace") != text)]
+    if clash and not force:
+        raise _fail(f"{', '.join(str(folder / n) for n in clash)}: already there, with other "
+                    "contents; give --force to overwrite them, or another folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            atomic_write_text(folder / name, text)
+    except OSError as err:
+        raise _fail(f"cannot write to {folder}: {err}") from None
+    lines = {name: text.count("\n") for name, text in texts.items()}
+    users = len({json.loads(line)["user_id"] for line in texts["prefs.jsonl"].splitlines()})
+    console.print(f"wrote {folder / 'prefs.jsonl'} ({lines['prefs.jsonl']} comparisons, "
+                  f"{users} users), "
+                  f"{folder / 'candidates.jsonl'} ({lines['candidates.jsonl']} candidate sets), "
+                  f"{folder / 'prompts.jsonl'} ({lines['prompts.jsonl']} prompts); try\n"
+                  f"  pluralign fit {folder / 'prefs.jsonl'} --out model/\n"
+                  f"  pluralign rank model/ --user ana {folder / 'candidates.jsonl'}",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
 def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model: str | None,
-                        mode: str, cache_dir: Path | None, seed: int):
-    """``(PreferenceData, feature metadata)`` from numeric or text preference files."""
+                        mode: str, cache_dir: Path | None, seed: int,
+                        columns: dict[str, str] | None = None):
+    """``(PreferenceData, feature metadata)`` from numeric or text preference files
+    (``columns``: the readers' ``*_column`` keywords)."""
     from pluralign.data import load_preferences
     from pluralign.data.loaders import detect_format, read_text_preferences
 
+    columns = columns or {}
     fmt = detect_format(data) if fmt == "auto" else fmt
     if fmt == "numeric":
-        return load_preferences(data), {"kind": "numeric", "format": fmt}
-    prefs = read_text_preferences(data, format=fmt, survey=survey)
+        return load_preferences(data, **columns), {"kind": "numeric", "format": fmt}
+    prefs = read_text_preferences(data, format=fmt, survey=survey, **columns)
     from pluralign.features import TextEncoder
 
     encoder = TextEncoder(encoder_model, mode=mode,
@@ -313,8 +552,7 @@ def _designs(model, train) -> dict:
 
 @app.command()
 def fit(
-    data: Annotated[Path, typer.Argument(help="Preference data: numeric (.npz/.jsonl) or text "
-                                              "(TRL-style, summarize_from_feedback, PRISM).")],
+    data: Annotated[Path, typer.Argument(help=f"Preference data: {DATA_FILE_HELP}.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and report.")],
     model: Annotated[str, typer.Option("--model", help="shared_basis, per_user or pooled.")] = (
         "shared_basis"),
@@ -333,12 +571,17 @@ def fit(
         "--unknown-user", help="error, or shared (unknown users get θ0).")] = "error",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir",
                                                    help="Embedding cache folder.")] = None,
+    user_column: UserColumn = None,
+    prompt_column: PromptColumn = None,
+    chosen_column: ChosenColumn = None,
+    rejected_column: RejectedColumn = None,
+    context_column: ContextColumn = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Fit a personalized reward model; save it (npz + JSON, no pickle) with a per-user
     accuracy report (report.json, per_user_accuracy.csv, accuracy.png)."""
     import csv
     import io
-    import json
 
     from pluralign._atomic import atomic_write_text
     from pluralign.experiments.plots import per_user_accuracy_plot
@@ -350,8 +593,11 @@ def fit(
     if out.exists() and not out.is_dir():
         raise _fail(f"--out {out} exists and is not a folder")
     try:
-        pdata, features = _load_training_data(data, format, survey, encoder, mode, cache_dir,
-                                              seed)
+        with _stdout_to_stderr(as_json):
+            pdata, features = _load_training_data(
+                data, format, survey, encoder, mode, cache_dir, seed,
+                _column_options(user_column, prompt_column, chosen_column, rejected_column,
+                                context_column))
         if pdata.users is None:
             raise PluralignError(f"{data}: personalized models need user ids (user / user_id)")
         train, test = (_split_per_user(pdata, test_size, seed) if test_size > 0
@@ -388,6 +634,11 @@ def fit(
     atomic_write_text(out / "per_user_accuracy.csv", buffer.getvalue())
     per_user_accuracy_plot(report, out / "accuracy.png",
                    f"{model} on {data.name}: per-user pairwise accuracy")
+    if as_json:
+        _print_json({"out": out, "files": {
+            "report": out / "report.json", "per_user_accuracy": out / "per_user_accuracy.csv",
+            "plot": out / "accuracy.png"}, "summary": summary, "users": report})
+        return
     table = Table(title=f"{model} on {data} ({summary['users']} users, d_phi={pdata.d_phi})",
                   title_justify="left")
     for column in ("user", "n train", "train acc", "n test", "test acc"):
@@ -396,7 +647,7 @@ def fit(
         table.add_row(str(r["user"]), str(r["n_train"]), f"{r['train_accuracy']:.3f}",
                       str(r["n_test"]), "—" if r["test_accuracy"] is None
                       else f"{r['test_accuracy']:.3f}")
-    console.print(table)
+    print_table(table)
     test_text = "—" if summary["test_accuracy"] is None else f"{summary['test_accuracy']:.3f}"
     console.print(f"train accuracy {summary['train_accuracy']:.3f}, held-out {test_text}; "
                   f"model and report in {out}")
@@ -416,20 +667,25 @@ def _read_candidates(path: Path, text: bool, d_phi: int) -> list[tuple[int, dict
     import math
 
     from pluralign.data.io import iter_jsonl_objects
+    from pluralign.data.loaders import render_text
     from pluralign.errors import DataValidationError
 
     if not path.is_file():
         raise DataValidationError("file not found", path=str(path))
     rows = []
     for row, where in iter_jsonl_objects(path):
-        if text:
-            if not isinstance(row.get("prompt"), str):
-                raise DataValidationError("missing or not a string", field="prompt", **where)
+        if text:  # strings, or TRL message lists rendered as the training rows were
+            if "prompt" not in row:
+                raise DataValidationError("missing", field="prompt", **where)
+            prompt = row["prompt"] if isinstance(row["prompt"], str) else render_text(
+                row["prompt"], "prompt", **where)
             responses = row.get("responses")
-            if (not isinstance(responses, list) or not responses
-                    or not all(isinstance(r, str) and r.strip() for r in responses)):
-                raise DataValidationError("must be a non-empty list of non-empty strings",
-                                          field="responses", **where)
+            if not isinstance(responses, list) or not responses:
+                raise DataValidationError("must be a non-empty list of non-empty strings or "
+                                          "message lists", field="responses", **where)
+            texts = [render_text(r, f"responses[{i}]", **where)
+                     for i, r in enumerate(responses)]
+            row = {**row, "text_prompt": prompt, "text_responses": texts}
         else:
             phi = row.get("phi")
             ok = (isinstance(phi, list) and phi and all(
@@ -451,8 +707,8 @@ def _encode_candidates(encoder: Any, row: dict[str, Any], template: str, model_d
     """``φ(prompt, response)`` of a candidate row with the encoder a model folder names; a model
     that cannot be loaded (a missing folder, an unreachable hub name) is a clear error."""
     try:
-        phi = encoder.features([row["prompt"]] * len(row["responses"]), row["responses"],
-                               template=template)
+        phi = encoder.features([row["text_prompt"]] * len(row["text_responses"]),
+                               row["text_responses"], template=template)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         if isinstance(exc, PluralignError):
             raise
@@ -469,8 +725,8 @@ def _encode_candidates(encoder: Any, row: dict[str, Any], template: str, model_d
 def rank(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by `pluralign fit`.")],
     candidates: Annotated[Path, typer.Argument(
-        help='JSONL: {"prompt": ..., "responses": [...]} per line (text models) or '
-             '{"phi": [[...], ...]} (numeric models).')],
+        help='JSONL: {"prompt": ..., "responses": [...]} per line (text models; strings or '
+             'TRL message lists) or {"phi": [[...], ...]} (numeric models).')],
     user: Annotated[str, typer.Option("--user", help="The user to rank for.")],
     pessimism: Annotated[float, typer.Option(
         "--pessimism", min=0.0, help="β of the lower confidence bound (0: plain reward).")] = 0.0,
@@ -481,8 +737,6 @@ def rank(
     """Personalized best-of-n: per prompt, the candidate with the highest reward for USER, or,
     with --pessimism β, the highest lower confidence bound
     θ̂_uᵀφ − β‖φ − φ̄‖_{M_u⁻¹} (φ̄ = mean candidate; the pointwise pessimistic policy)."""
-    import json
-
     import numpy as np
 
     from pluralign._atomic import atomic_write_text
@@ -556,7 +810,8 @@ def rank(
 
 @app.command("train-rm")
 def train_rm(
-    config: Annotated[Path, typer.Argument(help="A train-rm config (YAML); see docs/llm.md.")],
+    config: Annotated[Path, typer.Argument(help="A train-rm config: a YAML file, or a packaged "
+                                                "config's name (rm_personas); see docs/llm.md.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
                                              "the config's out).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
@@ -566,15 +821,35 @@ def train_rm(
         "--set", help="Override a config value, e.g. --set lora.share=A "
                       "--set train.num_train_epochs=5 "
                       "(repeatable; values are read as YAML).")] = None,
+    merge: Annotated[bool, typer.Option(
+        "--merge", help="Also write merged per-user models to OUT/merged/<user>/, loadable "
+                        "with AutoModelForSequenceClassification.from_pretrained alone "
+                        "(needs pooling cls on BERT-like models, last on decoders).")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Train a personalized (multi-user LoRA) reward model on a transformer; write per-user
     accuracy (JSON + plot), per-user PEFT adapters and checkpoints. Runs under
     `accelerate launch` on several processes or GPUs."""
-    raw, report = _llm_job("train-rm", "pluralign.llm.job", "train_reward_model", config,
-                           set_, out=out, resume=resume, progress=progress)
+    with _stdout_to_stderr(as_json):
+        raw, report = _llm_job("train-rm", "pluralign.llm.job", "train_reward_model", config,
+                               set_, out=out, resume=resume, progress=progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # initialized by the job
+        return
+    where = out or Path(raw.get("out", "runs/reward_model"))
+    if merge:
+        from pluralign.llm.export import merge_adapters
+
+        try:
+            merge_adapters(where / "adapters", where / "merged")
+        except PluralignError as err:
+            raise _fail(str(err)) from None
+    if as_json:
+        _print_json({"out": where, "files": {
+            "report": where / "per_user_accuracy.json", "plot": where / "accuracy.png",
+            "adapters": where / "adapters", **({"merged": where / "merged"} if merge else {})},
+            **report})
         return
     s = report["summary"]
     table = Table(title=f"per-user accuracy ({s['model']}, share={s['share']}, r={s['r']})")
@@ -587,11 +862,11 @@ def train_rm(
         table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "")
     table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
                   _pct(s["test_accuracy"]))
-    console.print(table)
-    where = out or Path(raw.get("out", "runs/reward_model"))
+    print_table(table)
     console.print(f"{s['steps']} steps on {s['processes']} process(es)"
                   + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
-                  + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/")
+                  + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/"
+                  + (", merged/" if merge else ""))
 
 
 def _pct(value: float | None) -> str:
@@ -604,8 +879,9 @@ def _num(value: float | None) -> str:
 
 @app.command("train-policy")
 def train_policy_command(
-    config: Annotated[Path, typer.Argument(help="A train-policy config (YAML); see "
-                                                "docs/llm.md.")],
+    config: Annotated[Path, typer.Argument(help="A train-policy config: a YAML file, or a "
+                                                "packaged config's name (policy_toy, "
+                                                "policy_personas); see docs/llm.md.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
                                              "the config's out).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
@@ -615,15 +891,23 @@ def train_policy_command(
         "--set", help="Override a config value, e.g. --set dpo.beta=0.2 "
                       "--set train.num_train_epochs=5 "
                       "(repeatable; values are read as YAML).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Train a personalized policy (a causal LM with multi-user LoRA) by DPO against its
     adapters-off reference; write per-user implicit-reward accuracy, margin and KL (JSON +
     plot), per-user PEFT adapters and checkpoints. Runs under `accelerate launch` too."""
-    raw, report = _llm_job("train-policy", "pluralign.llm.policy_job", "train_policy",
-                           config, set_, out=out, resume=resume, progress=progress)
+    with _stdout_to_stderr(as_json):
+        raw, report = _llm_job("train-policy", "pluralign.llm.policy_job", "train_policy",
+                               config, set_, out=out, resume=resume, progress=progress)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # initialized by the job
+        return
+    where = out or Path(raw.get("out", "runs/policy"))
+    if as_json:
+        _print_json({"out": where, "files": {
+            "report": where / "per_user.json", "plot": where / "per_user.png",
+            "adapters": where / "adapters"}, **report})
         return
     s = report["summary"]
     table = Table(title=f"per-user DPO ({s['model']}, share={s['share']}, r={s['r']}, "
@@ -640,8 +924,7 @@ def train_policy_command(
         table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "", "", "")
     table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
                   _pct(s["test_accuracy"]), _num(s["test_margin"]), _num(s["kl"]))
-    console.print(table)
-    where = out or Path(raw.get("out", "runs/policy"))
+    print_table(table)
     console.print(f"{s['steps']} steps on {s['processes']} process(es)"
                   + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
                   + f"; wrote {where}/per_user.json, per_user.png, adapters/")
@@ -649,8 +932,9 @@ def train_policy_command(
 
 @app.command("iterate")
 def iterate_command(
-    config: Annotated[Path, typer.Argument(help="An iterate config (YAML); see "
-                                                "docs/iterate.md.")],
+    config: Annotated[Path, typer.Argument(help="An iterate config: a YAML file, or a "
+                                                "packaged config's name (iterate_toy, "
+                                                "iterate_smollm2); see docs/iterate.md.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
                                              "the config's out).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue after the last finished round in the "
@@ -660,16 +944,27 @@ def iterate_command(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config value, e.g. --set iterate.pairs=enhancer "
                       "--set iterate.seed=1 (repeatable; values are read as YAML).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Online iterative DPO of a personalized policy: each round samples from the current
     policy, annotates (reward model or a simulated gold Bradley-Terry oracle), chooses one
     pair per (prompt, user) and runs DPO against the fixed adapters-off reference; writes
     history.json, rounds.md, rounds.png, round-XX.jsonl and a resumable state."""
-    _, report = _llm_job("iterate", "pluralign.llm.iterate", "run_iterate", config, set_,
-                         out=out, resume=resume, progress=progress,
-                         log=lambda msg: console.print(msg, soft_wrap=True, markup=False,
-                                                       highlight=False))
+    log_console = err_console if as_json else console
+    with _stdout_to_stderr(as_json):
+        _, report = _llm_job("iterate", "pluralign.llm.iterate", "run_iterate", config, set_,
+                             out=out, resume=resume, progress=progress,
+                             log=lambda msg: log_console.print(msg, soft_wrap=True,
+                                                               markup=False, highlight=False))
     from pluralign.llm.iterate import rounds_table
+
+    if as_json:
+        where = Path(report["out"])
+        _print_json({"out": where, "files": {
+            "history": where / "history.json", "rounds": where / "rounds.md",
+            "plot": where / "rounds.png"}, "resumed_from": report["resumed_from"],
+            "history": report["history"], "timings": report["timings"]})
+        return
 
     console.print(rounds_table(report["history"]), markup=False, highlight=False,
                   soft_wrap=True)
@@ -733,12 +1028,11 @@ def generate(
         "--pessimism", min=0.0, help="β: pick by reward − β‖φ − ν‖ (the reward model's "
                                      "last-layer uncertainty; needs --reward-model).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Sample responses of a trained personalized policy for each user (optionally
     best-of-n under a personalized reward model, with pessimism); print a table and write
     JSONL with --out."""
-    import json
-
     from rich.text import Text
 
     from pluralign._atomic import atomic_write_text
@@ -763,48 +1057,55 @@ def generate(
         raise _fail(f"generate needs the llm extra (pip install 'pluralign[llm]'): {err}"
                     ) from None
     try:
-        if prompts is not None:
-            pairs = _read_prompt_rows(prompts, users)
-        else:
-            if not users:
-                raise PluralignError("--prompt needs --user (repeatable)")
-            pairs = [(p, u) for p in prompt for u in users]
-        texts, who = [p for p, _ in pairs], [u for _, u in pairs]
-        policy = load_policy(run, users=who)
-        records: list[dict[str, Any]] = []
-        if best_of is not None:
-            from pluralign.llm.sampling import best_of_n
+        with _stdout_to_stderr(as_json):
+            if prompts is not None:
+                pairs = _read_prompt_rows(prompts, users)
+            else:
+                if not users:
+                    raise PluralignError("--prompt needs --user (repeatable)")
+                pairs = [(p, u) for p in prompt for u in users]
+            texts, who = [p for p, _ in pairs], [u for _, u in pairs]
+            policy = load_policy(run, users=who)
+            records: list[dict[str, Any]] = []
+            if best_of is not None:
+                from pluralign.llm.sampling import best_of_n
 
-            rm = load_reward_model(reward_model, users=who)
-            beta = pessimism or 0.0
-            uncertainty = None
-            if beta > 0:
-                from pluralign.llm.uncertainty import LastLayerUncertainty
+                rm = load_reward_model(reward_model, users=who)
+                beta = pessimism or 0.0
+                uncertainty = None
+                if beta > 0:
+                    from pluralign.llm.uncertainty import LastLayerUncertainty
 
-                uncertainty = LastLayerUncertainty(beta=1.0).fit(
-                    rm, reward_model_rows(reward_model))
-            rows = [(i, j) for i in range(len(pairs)) for j in range(n)]
-            picked = best_of_n(policy, rm, [texts[i] for i, _ in rows],
-                               [who[i] for i, _ in rows], n=best_of, pessimism=beta,
-                               uncertainty=uncertainty, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed)
-            for k, (i, j) in enumerate(rows):
-                c = int(picked.chosen[k])
-                norm = 0.0 if picked.norms is None else float(picked.norms[k, c])
-                records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
-                                "response": picked.responses[k],
-                                "reward": float(picked.rewards[k, c]),
-                                "penalty": beta * norm, "best_of": best_of})
-        else:
-            samples = policy.generate(texts, who, n=n, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_p=top_p, top_k=top_k,
-                                      seed=seed)
-            for i, group in enumerate(samples.texts):
-                for j, text in enumerate(group):
+                    uncertainty = LastLayerUncertainty(beta=1.0).fit(
+                        rm, reward_model_rows(reward_model))
+                rows = [(i, j) for i in range(len(pairs)) for j in range(n)]
+                picked = best_of_n(policy, rm, [texts[i] for i, _ in rows],
+                                   [who[i] for i, _ in rows], n=best_of, pessimism=beta,
+                                   uncertainty=uncertainty, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed)
+                for k, (i, j) in enumerate(rows):
+                    c = int(picked.chosen[k])
+                    norm = 0.0 if picked.norms is None else float(picked.norms[k, c])
                     records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
-                                    "response": text})
+                                    "response": picked.responses[k],
+                                    "reward": float(picked.rewards[k, c]),
+                                    "penalty": beta * norm, "best_of": best_of})
+            else:
+                samples = policy.generate(texts, who, n=n, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, top_k=top_k,
+                                          seed=seed)
+                for i, group in enumerate(samples.texts):
+                    for j, text in enumerate(group):
+                        records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
+                                        "response": text})
     except PluralignError as err:
         raise _fail(str(err)) from None
+    if as_json:
+        if out is not None:
+            atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+        _print_json({"run": run, "checkpoint": Path(policy.checkpoint_).name, "out": out,
+                     "responses": records})
+        return
     from rich.markup import escape
 
     table = Table(title=escape(f"responses of {run} ({Path(policy.checkpoint_).name})"),
@@ -820,7 +1121,7 @@ def generate(
         table.add_row(*cells)
     if len(records) > 200:
         table.add_row(f"... {len(records) - 200} more", "", "", *([""] * (2 if best_of else 0)))
-    console.print(table)
+    print_table(table)
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
         console.print(f"wrote {len(records)} response(s) to {out}")

@@ -1,18 +1,24 @@
-"""Reading and writing :class:`~pluralign.data.PreferenceData` (``.npz`` and numeric JSONL).
+"""Reading and writing :class:`~pluralign.data.PreferenceData` (``.npz`` and numeric rows).
 
-JSONL schema, one comparison per line::
+Row schema, one comparison per row::
 
     {"x": [..d_x..], "phi0": [..d_phi..], "phi1": [..d_phi..], "y": 0 or 1, "user": "u7"}
 
-``x`` and ``user`` are optional but must be present on every line or on none. A bad line
-raises :class:`~pluralign.errors.DataValidationError` naming the file, the line and the field.
+``x`` and ``user`` are optional but must be present on every row or on none. The rows come
+from any source of :mod:`pluralign.data.sources`: JSONL (``save_preferences`` writes it), a JSON
+array, CSV (``x``, ``phi0`` and ``phi1`` as JSON text cells), Parquet, each text format also
+``.gz``-compressed, a ``datasets.Dataset`` (``split=`` for a ``DatasetDict``), a DataFrame or a
+list of mappings. ``user_column`` and ``context_column`` name the columns holding ``user`` and
+``x`` under other names. Every row is checked; bad rows raise one
+:class:`~pluralign.errors.DataValidationError` naming the file, the line and the field
+(summarized when many rows share the problem), or with ``errors="collect"`` are all returned.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ import numpy as np
 from pluralign._atomic import atomic_open
 from pluralign._parse import iter_json_lines, read_npz
 from pluralign.data.preference import PreferenceData
+from pluralign.data.sources import Columns, Problems, iter_rows
 from pluralign.errors import DataValidationError
 
 __all__ = ["check_user_id", "iter_jsonl_objects", "load_preferences", "save_preferences"]
@@ -54,30 +61,38 @@ def save_preferences(data: PreferenceData, path: str | Path) -> Path:
     return path
 
 
-def load_preferences(path: str | Path) -> PreferenceData:
-    """Read ``.npz`` or ``.jsonl`` preference data, validating every row."""
+def load_preferences(path: Any, *, errors: str = "raise", split: str | None = None,
+                     user_column: str | None = None, context_column: str | None = None,
+                     **columns: str | None) -> Any:
+    """Read numeric preference data, validating every row: an ``.npz`` file, or rows from a
+    file or in-memory source (module docstring). With ``errors="collect"`` returns ``(data or
+    None, [every bad row])``."""
+    if not isinstance(path, str | Path) or Path(path).suffix.lower() != ".npz":
+        return _load_rows(path, errors=errors, split=split, user_column=user_column,
+                          context_column=context_column, **columns)
+    Problems(errors)  # the mode is checked for .npz files too
     path = Path(path)
     if not path.exists():
         raise DataValidationError("file not found", path=str(path))
-    if path.suffix == ".npz":
-        found = read_npz(path)
-        unknown = sorted(set(found) - set(_FIELDS))
-        if unknown:
-            raise DataValidationError(f"unknown array; expected {', '.join(_FIELDS)}",
-                                      field=unknown[0], path=str(path))
-        missing = [k for k in ("phi0", "phi1", "y") if k not in found]
-        if missing:
-            raise DataValidationError("missing array", field=missing[0], path=str(path))
-        arrays = {k: found.get(k) for k in _FIELDS}
-        try:
-            return PreferenceData(**arrays)
-        except DataValidationError as err:
-            raise DataValidationError(
-                err.bare, field=err.field, row=err.row, path=str(path)
-            ) from None
-    if path.suffix == ".jsonl":
-        return _load_jsonl(path)
-    raise DataValidationError(f"unknown suffix {path.suffix!r}; use .npz or .jsonl", path=str(path))
+    if user_column is not None or context_column is not None or columns or split is not None:
+        raise DataValidationError("an .npz file has fixed arrays (x, phi0, phi1, y, users): "
+                                  "column names and split= do not apply", path=str(path))
+    found = read_npz(path)
+    unknown = sorted(set(found) - set(_FIELDS))
+    if unknown:
+        raise DataValidationError(f"unknown array; expected {', '.join(_FIELDS)}",
+                                  field=unknown[0], path=str(path))
+    missing = [k for k in ("phi0", "phi1", "y") if k not in found]
+    if missing:
+        raise DataValidationError("missing array", field=missing[0], path=str(path))
+    arrays = {k: found.get(k) for k in _FIELDS}
+    try:
+        data = PreferenceData(**arrays)
+    except DataValidationError as err:
+        raise DataValidationError(
+            err.bare, field=err.field, row=err.row, path=str(path)
+        ) from None
+    return data if errors == "raise" else (data, [])
 
 
 def _vector(value: object, field: str, dim: int | None, where: dict) -> list[float]:
@@ -125,54 +140,85 @@ def check_user_id(user: Any, field: str, where: dict[str, Any],
             field=field, **where)
 
 
-def _load_jsonl(path: Path) -> PreferenceData:
-    cols: dict[str, list] = {"x": [], "phi0": [], "phi1": [], "y": [], "users": []}
+def _load_rows(source: Any, *, errors: str, split: str | None, **columns: str | None) -> Any:
+    problems = Problems(errors)
+    cols = Columns.of("numeric", **columns)
+    x_key, user_key = cols["context"], cols["user"]
+    expected = (x_key, "phi0", "phi1", "y", user_key)
+    data: dict[str, list] = {"x": [], "phi0": [], "phi1": [], "y": [], "users": []}
     dims: dict[str, int | None] = {"x": None, "phi0": None, "phi1": None}
     has: dict[str, bool | None] = {"x": None, "user": None}
     first_user: tuple[Any, int] | None = None
-    for row, where in iter_jsonl_objects(path):
-        unknown = set(row) - {"x", "phi0", "phi1", "y", "user"}
-        if unknown:
-            raise DataValidationError(
-                "unknown field; expected x, phi0, phi1, y, user",
-                field=sorted(unknown)[0],
-                **where,
-            )
-        for key in ("x", "user"):
-            present = key in row
-            if has[key] is None:
-                has[key] = present
-            elif has[key] != present:
-                raise DataValidationError(
-                    "present on some lines but not others", field=key, **where
-                )
-        for key in ("phi0", "phi1"):
-            if key not in row:
-                raise DataValidationError("missing", field=key, **where)
-        if "y" not in row:
-            raise DataValidationError("missing", field="y", **where)
-        if row["y"] not in (0, 1) or isinstance(row["y"], bool):
-            raise DataValidationError(f"must be 0 or 1, got {row['y']!r}", field="y", **where)
-        for key in ("x", "phi0", "phi1") if has["x"] else ("phi0", "phi1"):
-            vec = _vector(row[key], key, dims[key], where)
-            dims[key] = len(vec)
-            cols[key].append(vec)
-        if dims["phi0"] != dims["phi1"]:
-            raise DataValidationError(
-                f"has length {dims['phi1']} but phi0 has {dims['phi0']}", field="phi1", **where
-            )
-        cols["y"].append(row["y"])
-        if has["user"]:
-            user = row["user"]
-            check_user_id(user, "user", where, first_user)
-            first_user = first_user or (user, where["line"])
-            cols["users"].append(user)
-    if not cols["y"]:
-        raise DataValidationError("file holds no comparisons", path=str(path))
-    return PreferenceData(
-        x=np.array(cols["x"]) if has["x"] else None,
-        phi0=np.array(cols["phi0"]),
-        phi1=np.array(cols["phi1"]),
-        y=np.array(cols["y"]),
-        users=np.array(cols["users"]) if has["user"] else None,
+    label = str(source) if isinstance(source, str | Path) else f"<{type(source).__name__}>"
+    for path, line, row in iter_rows(source, problems, split=split,
+                                     typed=(x_key, "phi0", "phi1", "y")):
+        where = {"path": path, "line": line}
+        try:
+            if not isinstance(row, dict | Mapping):
+                raise DataValidationError("each line must be a JSON object", **where)
+            parsed = _numeric_row(row, where, cols, expected, dims, has, first_user)
+        except DataValidationError as err:
+            missing = err.bare.startswith("missing") and isinstance(row, Mapping)
+            problems.append(err, columns=row if missing else None)
+            continue
+        if has["user"] and first_user is None:
+            first_user = (parsed["users"], line)
+        for key, value in parsed.items():
+            data[key].append(value)
+    if problems.found:
+        problems.check()
+        return None, problems.ordered()
+    if not data["y"]:
+        raise DataValidationError("file holds no comparisons" if isinstance(source, str | Path)
+                                  else "no comparisons", path=label)
+    out = PreferenceData(
+        x=np.array(data["x"]) if has["x"] else None,
+        phi0=np.array(data["phi0"]),
+        phi1=np.array(data["phi1"]),
+        y=np.array(data["y"]),
+        users=np.array(data["users"]) if has["user"] else None,
     )
+    return out if errors == "raise" else (out, [])
+
+
+def _numeric_row(row: Mapping[str, Any], where: dict[str, Any], cols: Columns,
+                 expected: tuple[str, ...], dims: dict[str, int | None],
+                 has: dict[str, bool | None], first_user: tuple[Any, int] | None
+                 ) -> dict[str, Any]:
+    """One numeric row, checked; ``dims`` (vector lengths) and ``has`` (whether ``x`` and
+    ``user`` are given) follow the first row that sets them."""
+    x_key, user_key = cols["context"], cols["user"]
+    unknown = set(row) - set(expected)
+    if unknown:
+        raise DataValidationError(f"unknown field; expected {', '.join(expected)}",
+                                  field=str(sorted(map(str, unknown))[0]), **where)
+    for key, column in (("x", x_key), ("user", user_key)):
+        present = row.get(column) is not None  # a columnar source fills an absent one with null
+        if has[key] is None:
+            has[key] = present
+        elif has[key] != present:
+            raise DataValidationError("present on some lines but not others", field=column,
+                                      **where)
+    for key in ("phi0", "phi1", "y"):
+        if key not in row:
+            raise DataValidationError("missing", field=key, **where)
+    if row["y"] not in (0, 1) or isinstance(row["y"], bool):
+        raise DataValidationError(f"must be 0 or 1, got {row['y']!r}", field="y", **where)
+    out: dict[str, Any] = {}
+    lengths = dict(dims)
+    for key in ("x", "phi0", "phi1") if has["x"] else ("phi0", "phi1"):
+        column = x_key if key == "x" else key
+        vec = _vector(row[column], column, lengths[key], where)
+        lengths[key] = len(vec)
+        out[key] = vec
+    if lengths["phi0"] != lengths["phi1"]:
+        raise DataValidationError(
+            f"has length {lengths['phi1']} but phi0 has {lengths['phi0']}", field="phi1",
+            **where)
+    dims.update(lengths)
+    out["y"] = row["y"]
+    if has["user"]:
+        user = row[user_key]
+        check_user_id(user, user_key, where, first_user)
+        out["users"] = user
+    return out

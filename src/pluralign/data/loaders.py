@@ -1,22 +1,41 @@
 """Text preference data with users: TRL-style files, ``summarize_from_feedback`` and PRISM.
 
-Every reader validates every row; a bad row raises :class:`~pluralign.errors.DataValidationError`
+Every reader validates every row; bad rows raise :class:`~pluralign.errors.DataValidationError`
 naming the file, the line (the 1-based row number for Parquet and in-memory rows) and the
-field — or, with ``errors="collect"``, all bad rows are returned together (what
-``pluralign data validate`` prints). Nothing here downloads: the readers take local files or
-in-memory rows (for example a Hugging Face ``datasets.Dataset``, which is an iterable of dicts).
+field — one error for the whole read, summarized when many rows share a problem
+(:meth:`pluralign.data.sources.Problems.summary`: ``missing; the same problem on 200 rows, the
+first at line 3, …; columns found: …``) — or, with ``errors="collect"``, all bad rows are
+returned together (what ``pluralign data validate`` prints). Nothing here downloads: the
+readers take local files (JSONL, a JSON array, CSV, Parquet, each text format also
+``.gz``-compressed), or in-memory data: a ``datasets.Dataset``, a ``DatasetDict`` with
+``split=``, a pandas ``DataFrame`` or any iterable of mappings (:mod:`pluralign.data.sources`).
 
-**TRL-style rows** (TRL's preference format plus a user), JSONL / JSON-lines, Parquet or rows::
+**Column mapping.** ``user_column``, ``prompt_column``, ``chosen_column``, ``rejected_column``
+and ``context_column`` name the columns that hold a format's fields when the data calls them
+something else (``user_column="annotator_id"``); errors then name the data's column. A mapped
+column that is missing is refused, naming the mapping (and the default column when the row
+has it: a column left under its default name is not read).
+
+**TRL-style rows** (TRL's preference format plus a user), from any source::
 
     {"prompt": "...", "chosen": "...", "rejected": "...", "user_id": "u7",
      "user_context": [0.1, 2.0] | {"age": "25-34", "score": 3.5}}     # user_context optional
 
 ``prompt``, ``chosen`` and ``rejected`` are strings, or TRL's conversational form (lists of
-``{"role", "content"}`` messages, rendered as ``"role: content"`` lines). ``user_id`` is a
-non-empty string or an integer. ``user_context`` is a list of numbers (same length on every row)
-or a mapping of attributes: numbers are kept (a numeric attribute must be given on every row:
-a missing one is refused, not filled with 0), strings/booleans/null become one-hot indicators
-``name=value``; it must be the same on every row of a user.
+``{"role", "content"}`` messages, rendered as ``"role: content"`` lines; the messages are kept in
+:attr:`TextPreferences.messages` for a tokenizer's chat template). A row without a prompt
+(no prompt column, or null) has TRL's *implicit prompt*: the beginning ``chosen`` and
+``rejected`` share, as ``trl.extract_prompt`` takes it — the leading messages both
+conversations share, or for strings their longest common prefix, less a space that ends it
+(the space stays with the responses); the responses are the rest. A row whose chosen and
+rejected share no beginning is refused. When every row is an implicit-prompt string row the
+texts are joined back without a separator (``template = "{prompt}{response}"``, so the encoder
+sees the original text). ``user_id`` is a non-empty string or an integer. ``user_context`` is a
+list of numbers (same length on every row) or a mapping of attributes: numbers are kept (a
+numeric attribute must be given on every row: a missing one is refused, not filled with 0),
+strings/booleans/null become one-hot indicators ``name=value``; it must be the same on every
+row of a user: the context most of the user's rows have is the user's, and each row that
+differs is refused, naming both values.
 
 **summarize_from_feedback** (``openai/summarize_from_feedback``, ``comparisons`` configuration):
 ``info`` {``post``, ``title``, ``subreddit``, ``article``…}, ``summaries`` (two ``{"text": ...}``),
@@ -36,6 +55,7 @@ chosen survey ``attributes`` become the user context.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +63,8 @@ from typing import Any
 
 import numpy as np
 
-from pluralign._parse import iter_json_lines
 from pluralign.data.preference import PreferenceData
+from pluralign.data.sources import Columns, Problems, dumps_short, iter_rows
 from pluralign.errors import DataValidationError
 
 __all__ = [
@@ -55,12 +75,14 @@ __all__ = [
     "read_summarize_from_feedback",
     "read_text_preferences",
     "read_trl",
+    "render_text",
     "validate_file",
 ]
 
 PRISM_ATTRIBUTES = ("age", "gender", "education", "employment_status", "marital_status",
                     "english_proficiency")
 SUMMARIZE_TEMPLATE = "{prompt} {response}"
+IMPLICIT_TEMPLATE = "{prompt}{response}"
 
 
 # ---------------------------------------------------------------------------- the container
@@ -70,7 +92,11 @@ class TextPreferences:
     ``users[i]``. ``contexts`` (``(n, d_x)`` or ``None``) are user contexts with column names
     ``context_names``; ``where[i]`` is the ``(file, line)`` of row ``i``; ``template`` (if set)
     is how the source joins prompt and response (see :class:`~pluralign.features.TextEncoder`);
-    ``conversational`` is whether some rows were TRL message lists (rendered as text).
+    ``conversational`` is whether some rows were TRL message lists (rendered as text);
+    ``messages[i]`` is, for such a row, ``(prompt, chosen, rejected)`` as message lists (a
+    string prompt as one user message, a string response as one assistant message) for a
+    tokenizer's chat template, ``None`` for a plain-text row (``messages`` is ``None`` when no
+    row is conversational).
     """
 
     prompts: list[str]
@@ -83,6 +109,7 @@ class TextPreferences:
     template: str | None = None
     skipped: int = 0
     conversational: bool = False
+    messages: list[tuple[list, list, list] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -105,7 +132,8 @@ class TextPreferences:
             contexts=None if self.contexts is None else self.contexts[rows],
             context_names=list(self.context_names),
             where=[self.where[i] for i in pick] if self.where else [], template=self.template,
-            conversational=self.conversational)
+            conversational=self.conversational,
+            messages=None if self.messages is None else [self.messages[i] for i in pick])
 
     def to_preference_data(self, encoder: Any, *, orient: str = "random",
                            seed: int = 0) -> PreferenceData:
@@ -131,68 +159,27 @@ class TextPreferences:
 
 
 # ---------------------------------------------------------------------------- errors
-class _Errors:
-    """Raise at the first bad row (``errors="raise"``) or collect them all."""
-
-    def __init__(self, mode: str) -> None:
-        if mode not in ("raise", "collect"):
-            raise DataValidationError(f"must be 'raise' or 'collect', got {mode!r}",
-                                      field="errors")
-        self.mode = mode
-        self.found: list[DataValidationError] = []
-
-    def add(self, message: str, *, path: str, line: int, field: str | None = None) -> None:
-        err = DataValidationError(message, path=path, line=line, field=field)
-        if self.mode == "raise":
-            raise err
-        self.found.append(err)
+_Errors = Problems  # every row is checked; raise mode raises one (summarized) error at the end
 
 
 class _RowError(Exception):
-    def __init__(self, field: str | None, message: str) -> None:
+    def __init__(self, field: str | None, message: str,
+                 columns: Iterable[Any] | None = None) -> None:
         super().__init__(message)
         self.field, self.message = field, message
+        self.columns = None if columns is None else list(columns)
+
+
+def _bad(errs: Problems, bad: _RowError, path: str, line: int) -> None:
+    errs.add(bad.message, path=path, line=line, field=bad.field, columns=bad.columns)
 
 
 # ---------------------------------------------------------------------------- row sources
-def _rows(source: Any, errors: _Errors) -> Iterator[tuple[str, int, Any]]:
-    """``(path, line, row)`` from a JSONL / JSON-lines / Parquet file or an iterable of rows.
-    Lines that are not JSON objects are reported and skipped."""
-    if isinstance(source, str | Path):
-        path = Path(source)
-        if not path.exists():
-            raise DataValidationError("file not found", path=str(path))
-        if not path.is_file():
-            raise DataValidationError("is not a regular file (a folder?)", path=str(path))
-        if path.suffix == ".parquet":
-            yield from _parquet_rows(path)
-            return
-        if path.suffix not in (".jsonl", ".json", ".ndjson"):
-            raise DataValidationError(f"unknown suffix {path.suffix!r}; use .jsonl, .json "
-                                      "(one object per line) or .parquet", path=str(path))
-        sink = errors.found if errors.mode == "collect" else None
-        for lineno, row in iter_json_lines(path, errors=sink):
-            yield str(path), lineno, row
-        return
-    label = f"<{type(source).__name__}>"
-    for i, row in enumerate(source, start=1):
-        yield label, i, row
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - pyarrow is in the dev/text extras
-        raise DataValidationError("reading Parquet needs pyarrow (pip install "
-                                  "'pluralign[text]')", path=str(path)) from None
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError, ValueError, TypeError, OverflowError) as exc:
-        raise DataValidationError(f"not a readable Parquet file ({type(exc).__name__}: "
-                                  f"{str(exc)[:160]})", path=str(path)) from None
-    for i, row in enumerate(rows, start=1):
-        yield str(path), i, row
+def _rows(source: Any, errors: Problems, *, split: str | None = None,
+          typed: Iterable[str] = ()) -> Iterator[tuple[str, int, Any]]:
+    """``(path, line, row)`` of any source (:func:`pluralign.data.sources.iter_rows`); rows
+    that cannot be parsed are reported and skipped."""
+    return iter_rows(source, errors, split=split, typed=typed)
 
 
 def _number(value: Any, name: str) -> float:
@@ -209,28 +196,54 @@ def _number(value: Any, name: str) -> float:
     return out
 
 
-def _text(value: Any, name: str) -> str:
-    """A string, or TRL's conversational form rendered as ``role: content`` lines."""
+def _messages(value: Any, name: str) -> list[dict[str, Any]] | None:
+    """TRL's conversational form: a non-empty list of ``{"role": str, "content": str}``
+    messages (other keys are kept, null ones dropped: columnar sources fill absent keys with
+    null); ``None`` for a string. Anything else is refused."""
+    if value is None:
+        raise _RowError(name, "missing (null)")
     if isinstance(value, str):
         if not value.strip():
             raise _RowError(name, "is empty")
-        return value
+        return None
     if isinstance(value, list) and value:
-        lines = []
+        out = []
         for i, message in enumerate(value):
             if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
                     or not isinstance(message.get("content"), str)):
                 raise _RowError(name, f"message {i} must be {{'role': str, 'content': str}}")
             if not message["role"].strip() or not message["content"].strip():
                 raise _RowError(name, f"message {i} has an empty role or content")
-            lines.append(f"{message['role']}: {message['content']}")
-        return "\n".join(lines)
+            out.append({str(k): v for k, v in message.items() if v is not None})
+        return out
     raise _RowError(name, f"must be a non-empty string or a list of messages, got "
                           f"{type(value).__name__}")
 
 
+def _render(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _text(value: Any, name: str) -> str:
+    """A string, or TRL's conversational form rendered as ``role: content`` lines."""
+    messages = _messages(value, name)
+    return value if messages is None else _render(messages)
+
+
+def render_text(value: Any, field: str = "text", **where: Any) -> str:
+    """``value`` (a string or TRL message list) as the text pluralign's encoders see: the
+    string itself, or ``role: content`` lines; a bad value raises
+    :class:`DataValidationError` naming ``field`` (and ``where``: ``path``, ``line``)."""
+    try:
+        return _text(value, field)
+    except _RowError as bad:
+        raise DataValidationError(bad.message, field=bad.field, **where) from None
+
+
 def _user(value: Any, name: str = "user_id") -> str | int:
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        raise _RowError(name, "missing (null)")
+    if isinstance(value, bool):
         raise _RowError(name, f"must be a non-empty string or an integer, got {value!r}")
     if isinstance(value, int):
         return value
@@ -259,6 +272,23 @@ def _context(value: Any, name: str = "user_context") -> tuple[str, Any]:
                           f"{type(value).__name__}")
 
 
+def _hashable(parsed: Any) -> Any:
+    """A parsed context (a list of floats or a flat mapping of scalars) as a hashable key;
+    equal numbers are equal (``2`` and ``2.0``: both encode as 2.0), booleans and strings are
+    not numbers."""
+
+    def scalar(v: Any) -> tuple[str, Any]:
+        if isinstance(v, bool):
+            return "bool", v
+        if isinstance(v, int | float):
+            return "number", float(v)
+        return type(v).__name__, v
+
+    if isinstance(parsed, Mapping):
+        return tuple(sorted((k, *scalar(v)) for k, v in parsed.items()))
+    return tuple(parsed)
+
+
 def _flatten(mapping: Mapping, prefix: str = "", depth: int = 0) -> dict[str, Any]:
     """Nested attributes as dotted names (``{"a": {"b": 1}}`` → ``{"a.b": 1}``). Two entries
     that flatten to the same name (``{"a.b": 1, "a": {"b": 2}}``) are refused, not merged."""
@@ -285,31 +315,57 @@ def _flatten(mapping: Mapping, prefix: str = "", depth: int = 0) -> dict[str, An
 
 
 class _Contexts:
-    """Per-user contexts: consistent per user, one kind and one length for all rows; attribute
-    mappings encoded as numbers (numeric attributes) and one-hot columns (the others)."""
+    """Per-user contexts: one kind and one length for all rows, the same for every row of a
+    user (checked at the end by :meth:`check`, against the context most of the user's rows
+    have); attribute mappings encoded as numbers (numeric attributes) and one-hot columns (the
+    others)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "user_context") -> None:
+        self.name = name
         self.kind: str | None = None
-        self.by_user: dict[Any, tuple[Any, str, int]] = {}
+        self.by_user: dict[Any, list[tuple[Any, str, int]]] = {}
         self.rows: list[Any] = []
         self.where: list[tuple[str, int]] = []
 
     def add(self, user: Any, value: Any, path: str, line: int) -> None:
-        kind, parsed = _context(value)
+        kind, parsed = _context(value, self.name)
         if self.kind is None:
             self.kind = kind
         elif kind != self.kind:
-            raise _RowError("user_context", f"is a {kind} but earlier rows have a {self.kind}")
+            raise _RowError(self.name, f"is a {kind} but earlier rows have a {self.kind}")
         if kind == "vector" and self.rows and len(parsed) != len(self.rows[0]):
-            raise _RowError("user_context", f"has length {len(parsed)}, earlier rows have "
-                                            f"{len(self.rows[0])}")
-        if user in self.by_user and self.by_user[user][0] != parsed:
-            _, first_path, first_line = self.by_user[user]
-            raise _RowError("user_context", f"differs from user {user!r}'s context on line "
-                                            f"{first_line} of {first_path}")
-        self.by_user.setdefault(user, (parsed, path, line))
+            raise _RowError(self.name, f"has length {len(parsed)}, earlier rows have "
+                                       f"{len(self.rows[0])}")
+        self.by_user.setdefault(user, []).append((parsed, path, line))
         self.rows.append(parsed)
         self.where.append((path, line))
+
+    def check(self, errors: Problems) -> None:
+        """Each user's context is the one most of its rows have (a tie: the first row's);
+        every row with another context is reported, naming both."""
+        for user, entries in self.by_user.items():
+            keys = [_hashable(parsed) for parsed, _, _ in entries]
+            counts = Counter(keys)
+            if len(counts) == 1:
+                continue
+            first_at: dict[Any, int] = {}
+            for i, key in enumerate(keys):
+                first_at.setdefault(key, i)
+            top = max(counts.values())
+            leaders = [k for k in counts if counts[k] == top]
+            majority = min(leaders, key=first_at.__getitem__)  # ties: the earliest
+            value, first_path, first_line = entries[first_at[majority]]
+            if len(leaders) == 1:
+                theirs = (f"{top} of the user's {len(entries)} rows (the first on line "
+                          f"{first_line} of {first_path}) have {dumps_short(value)}")
+            else:
+                theirs = (f"no context is on most of the user's {len(entries)} rows, so the "
+                          f"first row's is taken: {dumps_short(value)}, on line {first_line} "
+                          f"of {first_path}")
+            for key, (parsed, path, line) in zip(keys, entries, strict=True):
+                if key != majority:
+                    errors.add(f"differs from user {user!r}'s context: {theirs}; this row has "
+                               f"{dumps_short(parsed)}", path=path, line=line, field=self.name)
 
     def matrix(self) -> tuple[np.ndarray | None, list[str]]:
         if self.kind is None:
@@ -326,7 +382,7 @@ class _Contexts:
                                            for row in self.rows)]
         if mixed:
             raise DataValidationError(f"attribute {mixed[0]!r} mixes numbers and other values",
-                                      field=f"user_context.{mixed[0]}")
+                                      field=f"{self.name}.{mixed[0]}")
         for i, row in enumerate(self.rows):  # a missing number would silently become 0
             absent = [k for k in numeric if k not in row]
             if absent:
@@ -334,14 +390,14 @@ class _Contexts:
                 raise DataValidationError(
                     f"numeric attribute {absent[0]!r} (given on line {self.where[first][1]} of "
                     f"{self.where[first][0]}) is missing here; give it on every row",
-                    field=f"user_context.{absent[0]}", path=self.where[i][0],
+                    field=f"{self.name}.{absent[0]}", path=self.where[i][0],
                     line=self.where[i][1])
         pairs = {(k, str(v)) for row in self.rows for k, v in row.items() if k not in numeric}
         if len({f"{k}={v}" for k, v in pairs}) != len(pairs) or set(categorical) & set(numeric):
             clash = sorted(f"{k}={v}" for k, v in pairs)
             dup = next(n for n in clash if clash.count(n) > 1 or n in numeric)
             raise DataValidationError(f"two attributes give the same one-hot column {dup!r}; "
-                                      "rename one", field="user_context")
+                                      "rename one", field=self.name)
         names = numeric + categorical
         col = {n: i for i, n in enumerate(names)}
         arr = np.zeros((len(self.rows), len(names)))
@@ -354,10 +410,15 @@ class _Contexts:
         return arr, names
 
 
-def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: _Errors,
-            template: str | None = None, skipped: int = 0, source: str = "data"
-            ) -> TextPreferences | None:
+def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: Problems,
+            template: str | None = None, skipped: int = 0, source: str = "data",
+            user_field: str = "user_id") -> TextPreferences | None:
+    """The read rows as :class:`TextPreferences`, or ``None`` after bad rows (raise mode:
+    the summarized error is raised here)."""
+    if contexts is not None:
+        contexts.check(errors)
     if errors.found:
+        errors.check()
         return None
     if not columns["prompts"]:
         raise DataValidationError("no comparisons", path=source)
@@ -370,76 +431,152 @@ def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: _Error
         path, line = columns["where"][i]
         raise DataValidationError(
             f"is {users[i]!r} but the first row's is {first!r}: user ids mix integers and "
-            "strings (7 and '7' would merge); use one type", field="user_id", path=path,
+            "strings (7 and '7' would merge); use one type", field=user_field, path=path,
             line=line)
+    messages = columns.get("messages")
+    if template is None and columns.get("implicit") == len(columns["prompts"]):
+        template = IMPLICIT_TEMPLATE  # implicit string prompts: the original text, rejoined
     return TextPreferences(prompts=columns["prompts"], chosen=columns["chosen"],
                            rejected=columns["rejected"], users=np.array(users), contexts=x,
                            context_names=names, where=columns["where"], template=template,
-                           skipped=skipped, conversational=bool(columns.get("conversational")))
+                           skipped=skipped, conversational=bool(columns.get("conversational")),
+                           messages=messages if messages and any(
+                               m is not None for m in messages) else None)
 
 
-def _columns() -> dict[str, list]:
-    return {"prompts": [], "chosen": [], "rejected": [], "users": [], "where": []}
+def _columns() -> dict[str, Any]:
+    return {"prompts": [], "chosen": [], "rejected": [], "users": [], "where": [],
+            "messages": [], "implicit": 0}
 
 
-def _result(prefs: TextPreferences | None, errors: _Errors
+def _result(prefs: TextPreferences | None, errors: Problems
             ) -> TextPreferences | tuple[TextPreferences | None, list[DataValidationError]]:
     if errors.mode == "collect":
-        return prefs, errors.found
+        return prefs, errors.ordered()
+    errors.check()
     assert prefs is not None
     return prefs
 
 
+def _source_name(source: Any) -> str:
+    return str(source) if isinstance(source, str | Path) else f"<{type(source).__name__}>"
+
+
 # ---------------------------------------------------------------------------- TRL-style
 TRL_FIELDS = ("prompt", "chosen", "rejected", "user_id")
+COLUMN_ARGUMENTS = ("prompt_column", "chosen_column", "rejected_column", "user_column",
+                    "context_column")
+NO_SHARED_START = ("missing, and chosen and rejected share no beginning to take an implicit "
+                   "prompt from (TRL's implicit prompt: the leading messages both "
+                   "conversations share, or the common prefix of two strings)")
 
 
-def _trl_row(row: Any, contexts: _Contexts, path: str, line: int
-             ) -> tuple[str, str, str, str | int]:
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of a row without a prompt, as TRL's
+    ``trl.data_utils.extract_prompt`` splits it: the longest common beginning of ``chosen`` and
+    ``rejected`` (messages of two conversations, characters of two strings; for strings a space
+    that ends it stays with the responses), and the rest of each. Only the split is done here;
+    the caller checks the parts. When one response is a beginning of the other, TRL leaves the
+    last shared element with the responses; so does this."""
+    n = min(len(chosen), len(rejected))
+    if n == 0:
+        return chosen[:0], chosen, rejected
+    split = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if split is None:
+        split = n - 1
+    elif split > 0 and chosen[split - 1] == " ":
+        split -= 1
+    return chosen[:split], chosen[split:], rejected[split:]
+
+
+def _implicit(chosen: Any, rejected: Any, cols: Columns, row: Mapping) -> tuple[Any, Any, Any]:
+    """TRL's implicit prompt of a row without one (:func:`extract_prompt`), refused when the
+    two responses share no beginning."""
+    for value, key in ((chosen, "chosen"), (rejected, "rejected")):
+        _messages(value, cols[key])  # a bad response is named first
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _RowError(cols["prompt"], "missing, and an implicit prompt needs chosen and "
+                                        "rejected both strings or both message lists",
+                        columns=row)
+    if chosen[0] != rejected[0]:
+        raise _RowError(cols["prompt"], NO_SHARED_START, columns=row)
+    prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise _RowError(cols["prompt"], NO_SHARED_START, columns=row)
+    return prompt, chosen, rejected
+
+
+def _trl_row(row: Any, cols: Columns) -> tuple[str, str, str, Any, tuple | None, bool]:
+    """``(prompt, chosen, rejected, user, messages or None, implicit string prompt?)``."""
     if not isinstance(row, Mapping):
         raise _RowError(None, "each row must be a JSON object")
-    for key in TRL_FIELDS:
-        if key not in row:
-            raise _RowError(key, "missing")
-    prompt = _text(row["prompt"], "prompt")
-    chosen = _text(row["chosen"], "chosen")
-    rejected = _text(row["rejected"], "rejected")
-    user = _user(row["user_id"])
-    if chosen == rejected:
-        raise _RowError("rejected", "is identical to 'chosen'")
-    if row.get("user_context") is not None:
-        contexts.add(user, row["user_context"], path, line)
-    return prompt, chosen, rejected, user
+    for key in ("chosen", "rejected", "user"):
+        if cols[key] not in row:
+            raise _RowError(cols[key], cols.missing(key, row), columns=row)
+    prompt, chosen, rejected = row.get(cols["prompt"]), row[cols["chosen"]], \
+        row[cols["rejected"]]
+    implicit = prompt is None
+    if implicit and cols.mapped().get("prompt_column") and cols["prompt"] not in row:
+        raise _RowError(cols["prompt"], cols.missing("prompt", row), columns=row)
+    if implicit:
+        prompt, chosen, rejected = _implicit(chosen, rejected, cols, row)
+    parts = [_messages(v, cols[k]) for v, k in ((prompt, "prompt"), (chosen, "chosen"),
+                                                 (rejected, "rejected"))]
+    texts = [v if m is None else _render(m) for v, m in zip((prompt, chosen, rejected), parts,
+                                                            strict=True)]
+    user = _user(row[cols["user"]], cols["user"])
+    if texts[1] == texts[2]:
+        raise _RowError(cols["rejected"], f"is identical to {cols['chosen']!r}")
+    messages = None
+    if any(m is not None for m in parts):
+        roles = ("user", "assistant", "assistant")
+        messages = tuple(m if m is not None else [{"role": r, "content": t}]
+                         for m, r, t in zip(parts, roles, texts, strict=True))
+    return texts[0], texts[1], texts[2], user, messages, implicit and messages is None
 
 
-def read_trl(source: Any, *, errors: str = "raise") -> Any:
-    """Read TRL-style rows (see the module docstring) from a file or an iterable of mappings.
+def read_trl(source: Any, *, errors: str = "raise", split: str | None = None,
+             prompt_column: str | None = None, chosen_column: str | None = None,
+             rejected_column: str | None = None, user_column: str | None = None,
+             context_column: str | None = None) -> Any:
+    """Read TRL-style rows (see the module docstring) from a file, a ``datasets`` object, a
+    DataFrame or an iterable of mappings (``split`` picks a ``DatasetDict``'s split; the
+    ``*_column`` keywords name columns that hold the fields under other names).
 
     Returns a :class:`TextPreferences`; with ``errors="collect"`` returns ``(prefs or None,
     [errors])`` with every bad row reported.
     """
     errs = _Errors(errors)
-    cols, contexts = _columns(), _Contexts()
+    cols = Columns.of("trl", prompt_column=prompt_column, chosen_column=chosen_column,
+                      rejected_column=rejected_column, user_column=user_column,
+                      context_column=context_column)
+    context = cols["context"]
+    out, contexts = _columns(), _Contexts(context)
     seen_context = False
-    for path, line, row in _rows(source, errs):
+    for path, line, row in _rows(source, errs, split=split, typed=(context,)):
         try:
-            has = isinstance(row, Mapping) and row.get("user_context") is not None
+            has = isinstance(row, Mapping) and row.get(context) is not None
             if seen_context and not has and isinstance(row, Mapping):
-                raise _RowError("user_context", "missing here but present on earlier rows")
-            if has and not seen_context and cols["prompts"]:
-                raise _RowError("user_context", "present here but missing on earlier rows")
-            prompt, chosen, rejected, user = _trl_row(row, contexts, path, line)
+                raise _RowError(context, "missing here but present on earlier rows")
+            if has and not seen_context and out["prompts"]:
+                raise _RowError(context, "present here but missing on earlier rows")
+            prompt, chosen, rejected, user, messages, implicit = _trl_row(row, cols)
+            if has:
+                contexts.add(user, row[context], path, line)
         except _RowError as bad:
-            errs.add(bad.message, path=path, line=line, field=bad.field)
+            _bad(errs, bad, path, line)
             continue
         seen_context = seen_context or has
-        if any(isinstance(row[k], list) for k in ("prompt", "chosen", "rejected")):
-            cols["conversational"] = True       # rendered as "role: content" lines
-        _append(cols, prompt, chosen, rejected, user, path, line)
-    return _result(_finish(cols, contexts, errs, source=str(source)), errs)
+        if messages is not None:
+            out["conversational"] = True       # rendered as "role: content" lines
+        out["messages"].append(messages)
+        out["implicit"] += implicit
+        _append(out, prompt, chosen, rejected, user, path, line)
+    return _result(_finish(out, contexts, errs, source=_source_name(source),
+                           user_field=cols["user"]), errs)
 
 
-def _append(cols: dict[str, list], prompt: str, chosen: str, rejected: str, user: Any,
+def _append(cols: dict[str, Any], prompt: str, chosen: str, rejected: str, user: Any,
             path: str, line: int) -> None:
     cols["prompts"].append(prompt)
     cols["chosen"].append(chosen)
@@ -449,12 +586,15 @@ def _append(cols: dict[str, list], prompt: str, chosen: str, rejected: str, user
 
 
 # ---------------------------------------------------------------------------- summarize
-def _summarize_row(row: Any, include_articles: bool) -> tuple[str, str, str, str] | None:
+def _summarize_row(row: Any, include_articles: bool, cols: Columns
+                   ) -> tuple[str, str, str, str] | None:
     if not isinstance(row, Mapping):
         raise _RowError(None, "each row must be a JSON object")
-    for key in ("info", "summaries", "choice", "worker"):
+    for key in ("info", "summaries", "choice"):
         if key not in row:
-            raise _RowError(key, "missing")
+            raise _RowError(key, "missing", columns=row)
+    if cols["user"] not in row:
+        raise _RowError(cols["user"], cols.missing("user", row), columns=row)
     info = row["info"]
     if not isinstance(info, Mapping):
         raise _RowError("info", "must be an object with post, title and subreddit")
@@ -470,7 +610,7 @@ def _summarize_row(row: Any, include_articles: bool) -> tuple[str, str, str, str
     choice = row["choice"]
     if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
         raise _RowError("choice", f"must be 0 or 1, got {choice!r}")
-    worker = _user(row["worker"], "worker")
+    worker = _user(row[cols["user"]], cols["user"])
     post = info.get("post")
     if post is None:
         article = info.get("article")
@@ -492,72 +632,87 @@ def _summarize_row(row: Any, include_articles: bool) -> tuple[str, str, str, str
 
 def read_summarize_from_feedback(source: Any, *, include_articles: bool = False,
                                  splits: Sequence[str] | None = None,
-                                 errors: str = "raise") -> Any:
-    """Read ``openai/summarize_from_feedback`` comparison rows (user = ``worker``).
+                                 errors: str = "raise", split: str | None = None,
+                                 user_column: str | None = None, **columns: str | None) -> Any:
+    """Read ``openai/summarize_from_feedback`` comparison rows (user = ``worker``, or
+    ``user_column``).
 
-    ``source`` is a local JSONL/Parquet file or an iterable of rows (e.g. the ``datasets``
-    split). ``splits`` keeps only rows whose ``split`` field is listed. See the module docstring
-    for the text format; ``TextPreferences.template`` is ``"{prompt} {response}"``.
+    ``source`` is a local file (JSONL, JSON array, Parquet, …), a ``datasets`` object (``split``
+    picks a ``DatasetDict``'s split) or an iterable of rows. ``splits`` keeps only rows whose
+    ``split`` field is listed. See the module docstring for the text format;
+    ``TextPreferences.template`` is ``"{prompt} {response}"``. The other ``*_column`` keywords
+    are refused: the format's other columns are fixed.
     """
     errs = _Errors(errors)
+    names = Columns.of("summarize", user_column=user_column, **columns)
     cols, skipped = _columns(), 0
-    for path, line, row in _rows(source, errs):
+    for path, line, row in _rows(source, errs, split=split,
+                                 typed=("info", "summaries", "choice")):
         try:
             if splits is not None and isinstance(row, Mapping) and row.get("split") not in splits:
                 skipped += 1
                 continue
-            parsed = _summarize_row(row, include_articles)
+            parsed = _summarize_row(row, include_articles, names)
         except _RowError as bad:
-            errs.add(bad.message, path=path, line=line, field=bad.field)
+            _bad(errs, bad, path, line)
             continue
         if parsed is None:
             skipped += 1
             continue
         _append(cols, *parsed, path, line)
     prefs = _finish(cols, None, errs, template=SUMMARIZE_TEMPLATE, skipped=skipped,
-                    source=str(source))
+                    source=_source_name(source), user_field=names["user"])
     return _result(prefs, errs)
 
 
 # ---------------------------------------------------------------------------- PRISM
-def _read_survey(source: Any, attributes: Sequence[str], errs: _Errors
+PRISM_TYPED = ("turn", "if_chosen", "score")
+
+
+def _read_survey(source: Any, attributes: Sequence[str], errs: Problems, cols: Columns
                  ) -> dict[Any, dict[str, Any]]:
     out: dict[Any, dict[str, Any]] = {}
+    uid = cols["user"]
     for path, line, row in _rows(source, errs):
         try:
             if not isinstance(row, Mapping):
                 raise _RowError(None, "each row must be a JSON object")
-            if "user_id" not in row:
-                raise _RowError("user_id", "missing")
-            user = _user(row["user_id"])
+            if uid not in row:
+                raise _RowError(uid, cols.missing("user", row), columns=row)
+            user = _user(row[uid], uid)
             flat = _flatten(row)
             for key in attributes:
                 if key not in flat:
-                    raise _RowError(key, "missing survey attribute")
+                    raise _RowError(key, "missing survey attribute", columns=flat)
             values = {k: ("(missing)" if flat[k] is None else flat[k]) for k in attributes}
             _context(values, "survey")
             if user in out:
-                raise _RowError("user_id", f"user {user!r} appears twice in the survey")
+                raise _RowError(uid, f"user {user!r} appears twice in the survey")
         except _RowError as bad:
-            errs.add(bad.message, path=path, line=line, field=bad.field)
+            _bad(errs, bad, path, line)
             continue
         out[user] = values
     return out
 
 
-def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: _Errors
+def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: Problems,
+                     cols: Columns | None = None
                      ) -> Iterator[tuple[str, int, str, str, str, Any]]:
     """PRISM utterances → (path, line, prompt, chosen, rejected, user) per (conversation, turn)."""
+    cols = cols or Columns.of("prism")
+    uid = cols["user"]
     groups: dict[tuple, list[tuple[str, int, dict]]] = {}
     for path, line, row in rows:
         try:
             if not isinstance(row, Mapping):
                 raise _RowError(None, "each row must be a JSON object")
-            for key in ("user_id", "conversation_id", "turn", "user_prompt", "model_response",
+            if uid not in row:
+                raise _RowError(uid, cols.missing("user", row), columns=row)
+            for key in ("conversation_id", "turn", "user_prompt", "model_response",
                         "if_chosen"):
                 if key not in row:
-                    raise _RowError(key, "missing")
-            user = _user(row["user_id"])
+                    raise _RowError(key, "missing", columns=row)
+            user = _user(row[uid], uid)
             if not isinstance(row["if_chosen"], bool):
                 raise _RowError("if_chosen", f"must be true or false, got {row['if_chosen']!r}")
             turn = row["turn"]
@@ -571,7 +726,7 @@ def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: _Errors
                       "response": _text(row["model_response"], "model_response"),
                       "chosen": row["if_chosen"]}
         except _RowError as bad:
-            errs.add(bad.message, path=path, line=line, field=bad.field)
+            _bad(errs, bad, path, line)
             continue
         groups.setdefault((row["conversation_id"], turn), []).append((path, line, parsed))
     for (conversation, turn), members in groups.items():
@@ -593,36 +748,40 @@ def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: _Errors
 
 
 def read_prism(survey: Any, pairs: Any, *, attributes: Sequence[str] = PRISM_ATTRIBUTES,
-               errors: str = "raise") -> Any:
+               errors: str = "raise", user_column: str | None = None,
+               prompt_column: str | None = None, chosen_column: str | None = None,
+               rejected_column: str | None = None, **columns: str | None) -> Any:
     """Read PRISM-style data: a survey (user attributes) and pairs (TRL-style rows or PRISM
-    utterances); the survey ``attributes`` become the user contexts (one-hot categories)."""
+    utterances); the survey ``attributes`` become the user contexts (one-hot categories).
+    ``user_column`` names the user column of both; the prompt/chosen/rejected columns apply to
+    TRL-style pairs (``context_column`` is refused: the contexts come from the survey)."""
     errs = _Errors(errors)
-    users = _read_survey(survey, attributes, errs)
-    rows = list(_rows(pairs, errs))
+    cols = Columns.of("prism", user_column=user_column, prompt_column=prompt_column,
+                      chosen_column=chosen_column, rejected_column=rejected_column, **columns)
+    users = _read_survey(survey, attributes, errs, cols)
+    rows = list(_rows(pairs, errs, typed=PRISM_TYPED))
     utterances = bool(rows) and isinstance(rows[0][2], Mapping) and "model_response" in rows[0][2]
     items: Iterable[tuple[str, int, str, str, str, Any]] = (
-        _utterance_pairs(rows, errs) if utterances else _trl_items(rows, errs))
-    cols, contexts = _columns(), _Contexts()
+        _utterance_pairs(rows, errs, cols) if utterances else _trl_items(rows, errs, cols))
+    out, contexts = _columns(), _Contexts()
     for path, line, prompt, chosen, rejected, user in items:
         if user not in users:
             errs.add(f"user {user!r} is not in the survey", path=path, line=line,
-                     field="user_id")
+                     field=cols["user"])
             continue
         contexts.add(user, users[user], path, line)
-        _append(cols, prompt, chosen, rejected, user, path, line)
-    return _result(_finish(cols, contexts, errs, source=str(pairs)), errs)
+        _append(out, prompt, chosen, rejected, user, path, line)
+    return _result(_finish(out, contexts, errs, source=_source_name(pairs),
+                           user_field=cols["user"]), errs)
 
 
-def _trl_items(rows: list[tuple[str, int, Any]], errs: _Errors
+def _trl_items(rows: list[tuple[str, int, Any]], errs: Problems, cols: Columns
                ) -> Iterator[tuple[str, int, str, str, str, Any]]:
-    ignore = _Contexts()
     for path, line, row in rows:
         try:
-            row = {k: v for k, v in row.items() if k != "user_context"} \
-                if isinstance(row, Mapping) else row
-            prompt, chosen, rejected, user = _trl_row(row, ignore, path, line)
+            prompt, chosen, rejected, user, _, _ = _trl_row(row, cols)
         except _RowError as bad:
-            errs.add(bad.message, path=path, line=line, field=bad.field)
+            _bad(errs, bad, path, line)
             continue
         yield path, line, prompt, chosen, rejected, user
 
@@ -631,54 +790,81 @@ def _trl_items(rows: list[tuple[str, int, Any]], errs: _Errors
 FORMATS = ("numeric", "trl", "summarize", "prism")
 
 
-def detect_format(path: str | Path) -> str:
+def _replayable(source: Any) -> Any:
+    """A one-shot iterator (a generator) as a list, so that the format can be detected from
+    its first row and the rows still read."""
+    if not isinstance(source, str | Path | Mapping) and hasattr(source, "__next__"):
+        return list(source)
+    return source
+
+
+def detect_format(source: Any, *, split: str | None = None) -> str:
     """``numeric`` (``.npz`` or rows with ``phi0``), ``trl``, ``summarize`` or ``prism`` (PRISM
-    utterances), from the suffix and the keys of the first row."""
-    path = Path(path)
-    if path.suffix == ".npz":
+    utterances), from the suffix and the keys of the first row (of a file or of in-memory
+    rows: a ``datasets`` object, a DataFrame, a list of mappings)."""
+    if isinstance(source, str | Path) and Path(source).suffix.lower() == ".npz":
         return "numeric"
     errs = _Errors("collect")
-    for _, _, row in _rows(path, errs):
+    for _, _, row in _rows(source, errs, split=split):
         if not isinstance(row, Mapping):
             break
         keys = set(row)
         if "phi0" in keys:
             return "numeric"
-        if {"summaries", "worker"} <= keys:
+        if {"summaries", "info"} <= keys:
             return "summarize"
         if "model_response" in keys:
             return "prism"
         return "trl"
-    raise DataValidationError("cannot tell the format (no JSON object on any line); pass "
-                              "--format", path=str(path))
+    raise DataValidationError("cannot tell the format (no JSON object in the first row); pass "
+                              "--format", path=_source_name(source))
 
 
-def read_text_preferences(path: str | Path, *, format: str = "auto",
-                          survey: str | Path | None = None) -> TextPreferences:
-    """Read a text preference file in ``format`` (``"auto"`` detects it; ``"trl"``,
-    ``"summarize"`` or ``"prism"``, which needs the ``survey`` file)."""
-    fmt = detect_format(path) if format == "auto" else format
+def _column_kwargs(columns: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(columns) - set(COLUMN_ARGUMENTS))
+    if unknown:
+        raise DataValidationError(f"unknown keyword {unknown[0]!r}; valid: "
+                                  f"{', '.join(COLUMN_ARGUMENTS)}", field=unknown[0])
+    return {k: v for k, v in columns.items() if v is not None}
+
+
+def read_text_preferences(source: Any, *, format: str = "auto",
+                          survey: str | Path | None = None, split: str | None = None,
+                          **columns: str | None) -> TextPreferences:
+    """Read text preferences in ``format`` (``"auto"`` detects it; ``"trl"``, ``"summarize"``
+    or ``"prism"``, which needs the ``survey``) from a file or in-memory rows; ``split`` and the
+    ``*_column`` keywords (``user_column="annotator_id"``) as for :func:`read_trl`."""
+    given = _column_kwargs(columns)
+    source = _replayable(source)
+    fmt = detect_format(source, split=split) if format == "auto" else format
     if fmt == "trl":
-        return read_trl(path)
+        return read_trl(source, split=split, **given)
     if fmt == "summarize":
-        return read_summarize_from_feedback(path)
+        return read_summarize_from_feedback(source, split=split, **given)
     if fmt == "prism":
         if survey is None:
             raise DataValidationError("PRISM pairs need the survey file (--survey / survey:)",
-                                      path=str(path))
-        return read_prism(survey, path)
+                                      path=_source_name(source))
+        if split is not None:
+            raise DataValidationError("split= is not supported for PRISM data: pass the "
+                                      "split's rows", field="split")
+        return read_prism(survey, source, **given)
     raise DataValidationError(f"not a text preference format: {fmt!r} (valid: trl, summarize, "
-                              "prism)", path=str(path))
+                              "prism)", path=_source_name(source))
 
 
-def validate_file(path: str | Path, *, format: str = "auto", survey: str | Path | None = None
+def validate_file(path: Any, *, format: str = "auto", survey: str | Path | None = None,
+                  split: str | None = None, **columns: str | None
                   ) -> tuple[int, list[DataValidationError]]:
-    """Check every row of ``path``: ``(number of comparisons read, [every error])``.
+    """Check every row of ``path`` (a file, or in-memory rows): ``(number of comparisons read,
+    [every error])``.
 
     Bad rows are returned; a file that cannot be read at all (missing, a folder, not a valid
     ``.npz``/Parquet file, an unknown format) raises :class:`DataValidationError` — what
     ``pluralign data validate`` reports with exit code 1 and 2 respectively."""
-    fmt = detect_format(path) if format == "auto" else format
+    given = _column_kwargs(columns)
+    path = _replayable(path)
+    fmt = detect_format(path, split=split) if format == "auto" else format
     if fmt not in FORMATS:
         raise DataValidationError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}",
                                   field="format")
@@ -686,23 +872,26 @@ def validate_file(path: str | Path, *, format: str = "auto", survey: str | Path 
         from pluralign.data.io import load_preferences
 
         try:
-            return load_preferences(path).n, []
-        except DataValidationError as err:  # the numeric reader stops at the first error
+            data, found = load_preferences(path, errors="collect", split=split, **given)
+        except DataValidationError as err:
             if err.line is None and err.field is None and err.row is None:
                 raise  # the file itself is unreadable (missing, a folder, not an .npz)
             return 0, [err]
+        return (0 if data is None else data.n), found
     reader: Callable[..., Any]
     if fmt == "trl":
         reader = read_trl
     elif fmt == "summarize":
         reader = read_summarize_from_feedback
     elif survey is not None:
-        return _count(read_prism(survey, path, errors="collect"))
+        return _count(read_prism(survey, path, errors="collect", **given))
     else:  # PRISM utterances alone: check the rows and the pairing, without user contexts
         errs = _Errors("collect")
-        n = sum(1 for _ in _utterance_pairs(list(_rows(path, errs)), errs))
-        return n, errs.found
-    return _count(reader(path, errors="collect"))
+        cols = Columns.of("prism", **given)
+        n = sum(1 for _ in _utterance_pairs(list(_rows(path, errs, split=split,
+                                                       typed=PRISM_TYPED)), errs, cols))
+        return n, errs.ordered()
+    return _count(reader(path, errors="collect", split=split, **given))
 
 
 def _count(result: tuple[TextPreferences | None, list[DataValidationError]]

@@ -103,7 +103,15 @@ class PreferenceData:
 
     Every field is validated on construction; a :class:`~pluralign.errors.DataValidationError`
     names the field and the first bad row.
+
+    For scikit-learn (``GridSearchCV``, ``cross_validate``, splitters) a ``PreferenceData`` is
+    the ``X`` of ``n`` samples, one per comparison: ``len(data)`` and ``data.shape == (n,)``
+    count them and ``data[index]`` is :meth:`subset` (an array of row indices, a boolean mask or
+    a slice; also ``data[index, ...]``, the form scikit-learn's ``_safe_indexing`` uses). It is
+    not iterable and a single integer is refused (a comparison is ``data[[i]]``).
     """
+
+    __iter__ = None  # indexing by rows does not make it a sequence of comparisons
 
     x: np.ndarray | None
     phi0: np.ndarray
@@ -153,6 +161,11 @@ class PreferenceData:
         return len(self)
 
     @property
+    def shape(self) -> tuple[int]:
+        """``(n,)``: the number of comparisons, the samples of scikit-learn's splitters."""
+        return (len(self),)
+
+    @property
     def d_x(self) -> int:
         """Context dimension (0 for context-free data)."""
         return 0 if self.x is None else int(self.x.shape[1])
@@ -187,6 +200,28 @@ class PreferenceData:
             y=self.y[index],
             users=None if self.users is None else self.users[index],
         )
+
+    def __getitem__(self, index: Sequence[int] | np.ndarray | slice | tuple) -> PreferenceData:
+        """``subset(index)``; ``data[index, ...]`` is the same (scikit-learn indexes so)."""
+        if isinstance(index, tuple):
+            if (len(index) == 2 and index[1] is Ellipsis) or len(index) == 1:
+                index = index[0]
+            else:
+                raise TypeError("PreferenceData is indexed by rows only: data[index] or "
+                                f"data[index, ...], got a tuple of {len(index)}")
+        if np.ndim(index) == 0 and not isinstance(index, slice):
+            raise TypeError(
+                "PreferenceData is indexed by an array of row indices, a boolean mask or a "
+                f"slice, got {index!r}; comparison i alone is data[[i]]")
+        return self.subset(index)
+
+    def __array__(self, dtype: object = None, copy: bool | None = None) -> np.ndarray:
+        """To NumPy a ``PreferenceData`` stays one object, as it was before it had
+        ``__getitem__``: ``np.asarray(data)`` is a 0-d object array holding it."""
+        out = np.empty(1, dtype=object)
+        out[0] = self  # stored as the element, not unpacked
+        out = out.reshape(())
+        return out if dtype is None else out.astype(dtype)
 
     def split(
         self, test_size: float = 0.2, seed: int | np.random.Generator = 0

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pluralign._packaged import resolve_package_paths
 from pluralign.errors import ConfigError
 from pluralign.experiments.base import (
     MAX_REPEATS,
@@ -53,7 +54,9 @@ TOP_LEVEL_KEYS = ("experiment", "seed", "repeats", "env", "n_samples", "methods"
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file (not yet validated) with :mod:`pluralign._parse`'s strict
-    reader: UTF-8 only, no duplicate keys, bounded nesting and integers, safe tags only."""
+    reader: UTF-8 only, no duplicate keys, bounded nesting and integers, safe tags only;
+    ``package:PATH`` strings become the paths of the shipped files
+    (:func:`pluralign._packaged.resolve_package_paths`)."""
     from pluralign._parse import read_yaml_file
 
     path = Path(path)
@@ -62,7 +65,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     config = read_yaml_file(path, error=ConfigError)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
-    return config
+    return resolve_package_paths(config)
 
 
 def _unknown(kind: str, given: object, valid: object) -> ConfigError:

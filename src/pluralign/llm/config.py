@@ -261,8 +261,9 @@ class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
     train: str | None = setting(
-        None, "the training preference file (TRL-style rows with user_id; also "
-              "summarize_from_feedback, PRISM)", _string(optional=True),
+        None, "the training preference file (JSONL, a JSON array, CSV or Parquet, the text "
+              "formats also .gz; TRL-style rows with user_id, also summarize_from_feedback, "
+              "PRISM)", _string(optional=True),
         required="a preference file with user_id")
     eval: str | None = setting(None, "a held-out preference file; null: a per-user split of "
                                      "train", _string(optional=True))
@@ -273,6 +274,38 @@ class DataConfig(Section):
                                     "null, in [0, 1)", _real(low=0.0, high=1.0))
     split_seed: int = setting(0, "the seed of that split (an integer >= 0)",
                               _integer(minimum=0))
+    user_column: str | None = setting(
+        None, "the column holding the user id; null: user_id (worker for summarize)",
+        _string(optional=True))
+    prompt_column: str | None = setting(
+        None, "the column holding the prompt; null: prompt (a row without one takes TRL's "
+              "implicit prompt, the start chosen and rejected share)", _string(optional=True))
+    chosen_column: str | None = setting(None, "the column holding the preferred response; "
+                                              "null: chosen", _string(optional=True))
+    rejected_column: str | None = setting(None, "the column holding the other response; "
+                                                "null: rejected", _string(optional=True))
+    context_column: str | None = setting(None, "the column holding the user context; null: "
+                                               "user_context", _string(optional=True))
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("user_column", "prompt_column", "chosen_column",
+                                          "rejected_column", "context_column")
+
+    def columns(self) -> dict[str, str]:
+        """The column names that are set, as the keywords of the readers
+        (:func:`pluralign.data.loaders.read_text_preferences`)."""
+        return {k: getattr(self, k) for k in self.COLUMNS if getattr(self, k) is not None}
+
+    @classmethod
+    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
+        seen: dict[str, str] = {}
+        p = f"{section}." if section else ""
+        for key in cls.COLUMNS:
+            column = values[key]
+            if column is not None and column in seen:
+                raise ConfigError(f"{p}{seen[column]} and {p}{key} both name column "
+                                  f"{show(column)}: two fields cannot be read from one column")
+            if column is not None:
+                seen[column] = key
 
 
 @dataclass(frozen=True)
@@ -287,7 +320,8 @@ class TrainingConfig(Section):
         "gradient_accumulation_steps": "grad_accum", "weight_decay": "weight_decay",
         "lr_scheduler_type": "schedule", "warmup_steps": "warmup_steps",
         "max_grad_norm": "max_grad_norm", "seed": "seed", "save_steps": "checkpoint_every",
-        "save_total_limit": "keep_checkpoints", "max_steps": "max_steps"}
+        "save_total_limit": "keep_checkpoints", "max_steps": "max_steps",
+        "logging_steps": "logging_steps"}
 
     num_train_epochs: int = setting(3, "passes over the training rows (a positive integer)",
                                     _integer(), renamed_from=("epochs",))
@@ -320,11 +354,21 @@ class TrainingConfig(Section):
     max_steps: int | None = setting(None, "stop after this many optimizer steps (a positive "
                                           "integer); null: train all epochs",
                                     _integer(optional=True))
+    logging_steps: int = setting(10, "optimizer steps between log entries (log.jsonl, "
+                                     "trainer_state.json, a line on stderr); the first and "
+                                     "last steps are always logged (a positive integer)",
+                                 _integer())
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~pluralign.llm.trainer.RewardTrainer` these
         settings give (``learning_rate`` → ``lr``, …)."""
         return {trainer: getattr(self, name) for name, trainer in self.TRAINER_NAMES.items()}
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name} must be true or false, got {show(value)}")
 
 
 @dataclass(frozen=True)
@@ -345,6 +389,10 @@ class DPOConfig(Section):
               "pessimistic)", _string(optional=True))
     kl_samples: int = setting(4, "samples per prompt for the per-user KL(π‖π0) estimate at "
                                  "evaluation (an integer >= 0)", _integer(minimum=0))
+    precompute_ref_log_probs: bool = setting(
+        False, "true: one reference pass computes every pair's log π0 before training, read by "
+               "every step of every epoch (TRL's option); false: recomputed in each step. "
+               "iterate always keeps them", _flag)
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
@@ -358,12 +406,6 @@ class DPOConfig(Section):
 # against its own PAIR_RULES and GOLDS; tests/test_llm_iterate.py too)
 ITERATE_PAIR_RULES = ("max_min", "max_random", "random", "enhancer")
 ITERATE_GOLDS = ("toy", "anchors")
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{name} must be true or false, got {show(value)}")
 
 
 def _annotator(name: str, value: Any) -> str:
@@ -387,6 +429,10 @@ class IterateConfig(Section):
                      _integer(minimum=2))
     pairs: str = setting("max_min", "max_min | max_random | random | enhancer: which two of "
                                     "the n responses form the pair", _choice(*ITERATE_PAIR_RULES))
+    sampler: str = setting("policy", "policy: round t samples from π_{t-1} (online); "
+                                     "reference: every round samples from π0 (offline data "
+                                     "collection at the same number of labels)",
+                           _choice("policy", "reference"))
     restart: bool = setting(False, "false: continue from π_{t-1} on the new round's pairs; "
                                    "true: re-initialize the adapters and retrain on all pairs "
                                    "so far", _flag)
@@ -465,11 +511,16 @@ def resolve_sections(config: Any, sections: Mapping[str, type[Section]], *,
     config that is not a mapping, unknown keys (a renamed one with its new name), bad values
     (named ``section.key``) and an explicit ``null`` for a setting whose default is not null.
     A section written as ``null`` means all its defaults; ``model: PATH`` means
-    ``model: {name_or_path: PATH}`` (the section class's ``SHORTHAND``).
+    ``model: {name_or_path: PATH}`` (the section class's ``SHORTHAND``). A ``package:PATH``
+    string is the path of a file shipped with pluralign
+    (:func:`pluralign._packaged.resolve_package_paths`).
     """
+    from pluralign._packaged import resolve_package_paths
+
     top = {key: _top(value) for key, value in (top_level or {}).items()}
     if not isinstance(config, Mapping):
         raise ConfigError(f"a job config must be a mapping, got {show(config)}")
+    config = resolve_package_paths(dict(config))
     valid = [*sections, *top]
     unknown = sorted(set(config) - set(valid), key=str)
     if unknown:

@@ -19,16 +19,19 @@ For a comparison ``(x, y_w ≻ y_l)`` of user ``u`` and the log-ratios
 The loss of a batch is the mean over its pairs; :class:`DPOTrainer` runs it through the shared
 loop of :class:`~pluralign.llm.trainer.LoRATrainer` (accelerate, accumulation, checkpoints,
 exact resume, progress). The reference log-probabilities are recomputed in each step with the
-adapters off and no gradient (what TRL does without ``precompute_ref_log_probs``); no second
+adapters off and no gradient (what TRL does without ``precompute_ref_log_probs``), or read from
+the pairs when they carry them (``precompute_ref_log_probs=True``: one reference pass before
+training; :mod:`pluralign.llm.iterate` keeps them from the sampling pass of π0); no second
 model is held.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,11 +39,13 @@ import torch.nn.functional as F
 
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import ConfigError, DataValidationError, PluralignError
+from pluralign.llm.config import TrainingConfig
 from pluralign.llm.data import _where
 from pluralign.llm.policy import PersonalizedPolicy, _warn_truncated
 from pluralign.llm.trainer import LoRATrainer
 
-__all__ = ["LOSS_TYPES", "DPOTrainer", "EncodedDPOPairs", "dpo_loss", "encode_dpo_pairs"]
+__all__ = ["LOSS_TYPES", "DPOTrainer", "EncodedDPOPairs", "dpo_loss", "encode_dpo_pairs",
+           "reference_logprobs"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "pessimistic")
 
@@ -72,7 +77,10 @@ def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *
 @dataclass(frozen=True, eq=False)
 class EncodedDPOPairs:
     """Token ids of each row's prompt with its chosen and its rejected response, the row's
-    user, and (for ``loss_type="pessimistic"``) its margin ``Γ_w − Γ_l``."""
+    user, (for ``loss_type="pessimistic"``) its margin ``Γ_w − Γ_l``, and optionally the
+    reference log-probabilities ``log π0(y_w|x), log π0(y_l|x)`` (``(rows, 2)``,
+    :func:`reference_logprobs`): given, training and evaluation read them instead of running
+    the reference pass (π0 is fixed, so they are the same numbers)."""
 
     prompts: list[str]
     chosen: list[dict[str, list[int]]]
@@ -80,6 +88,7 @@ class EncodedDPOPairs:
     user_index: np.ndarray
     users: list[str]
     margins: np.ndarray | None = None
+    reference_logps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -89,9 +98,18 @@ class EncodedDPOPairs:
         h = hashlib.sha256()
         for c, r, u in zip(self.chosen, self.rejected, self.users, strict=True):
             h.update(repr((c["prompt_ids"], c["response_ids"], r["response_ids"], u)).encode())
-        if self.margins is not None:
-            h.update(np.ascontiguousarray(self.margins, dtype=np.float64).tobytes())
+        for extra in (self.margins, self.reference_logps):
+            if extra is not None:
+                h.update(np.ascontiguousarray(extra, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
+
+    def with_reference(self, reference_logps: np.ndarray) -> EncodedDPOPairs:
+        """These pairs with their reference log-probabilities (``(rows, 2)``, finite)."""
+        reference_logps = np.asarray(reference_logps, dtype=np.float64)
+        if reference_logps.shape != (len(self), 2) or not np.isfinite(reference_logps).all():
+            raise PluralignError(f"reference_logps must be {len(self)} × 2 finite numbers "
+                                 f"(chosen, rejected); got shape {reference_logps.shape}")
+        return dataclasses.replace(self, reference_logps=reference_logps)
 
     def batch(self, rows: Sequence[int], policy: PersonalizedPolicy,
               padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -104,7 +122,35 @@ class EncodedDPOPairs:
         batch["user_index"] = torch.cat([index, index])
         margins = np.zeros(len(rows)) if self.margins is None else self.margins[rows]
         batch["margins"] = torch.as_tensor(margins, dtype=torch.float64)
+        if self.reference_logps is not None:
+            ref = self.reference_logps[rows]
+            batch["reference_logps"] = torch.as_tensor(np.concatenate([ref[:, 0], ref[:, 1]]),
+                                                       dtype=torch.float64)
         return batch
+
+
+@torch.no_grad()
+def reference_logprobs(policy: PersonalizedPolicy, data: EncodedDPOPairs, *,
+                       batch_size: int = 8) -> np.ndarray:
+    """``log π0`` of every pair's chosen and rejected response (``(rows, 2)``, float64): one
+    reference pass (what TRL's ``precompute_ref_log_probs`` does), to attach with
+    :meth:`EncodedDPOPairs.with_reference`."""
+    was_training = policy.training
+    policy.train(False)
+    out = np.empty((len(data), 2))
+    try:
+        for start in range(0, len(data), batch_size):
+            rows = list(range(start, min(len(data), start + batch_size)))
+            batch = policy.collate([data.chosen[i] for i in rows]
+                                   + [data.rejected[i] for i in rows])
+            logps, _ = policy.sequence_logprobs(
+                **{k: v.to(policy.device) for k, v in batch.items()}, reference=True)
+            logps = logps.double().cpu().numpy()
+            out[start:start + len(rows), 0] = logps[:len(rows)]
+            out[start:start + len(rows), 1] = logps[len(rows):]
+    finally:
+        policy.train(was_training)
+    return out
 
 
 def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
@@ -145,12 +191,32 @@ class DPOTrainer(LoRATrainer):
     """DPO (or IPO, or GSHF's pessimistic DPO) of a :class:`~pluralign.llm.PersonalizedPolicy`
     against its adapters-off reference (module docstring).
 
+    TRL's ``DPOConfig`` is transformers' ``TrainingArguments`` plus the DPO settings; here
+    the training settings are ``args`` (a :class:`~pluralign.llm.config.TrainingConfig` or a
+    mapping of its keys, as for :class:`~pluralign.llm.trainer.RewardTrainer`) and the DPO
+    settings are keywords of TRL's names (``beta``, ``loss_type``,
+    ``precompute_ref_log_probs``), which are also the keys of ``train-policy``'s ``dpo``
+    section (:class:`~pluralign.llm.config.DPOConfig`; its ``reward_model`` and ``pessimism``
+    make the margins that :meth:`fit` takes)::
+
+        DPOTrainer(args=TrainingConfig(num_train_epochs=2, learning_rate=5e-3), beta=0.1)
+
+    Without ``args`` the loop's defaults are one epoch at ``lr=5e-4``; with ``args`` they are
+    the section's (``train-policy``'s: 3 epochs at 1e-3).
+
     Parameters
     ----------
+    args:
+        The training settings (:class:`~pluralign.llm.trainer.LoRATrainer`).
     beta:
         The KL strength β (GSHF's η): ``β log π/π0`` is the implicit reward.
     loss_type:
         ``"sigmoid"``, ``"ipo"`` or ``"pessimistic"`` (``fit`` then needs ``margins``).
+    precompute_ref_log_probs:
+        Compute every pair's ``log π0`` once before training (one reference pass over the
+        data, TRL's option of the same name) instead of in every step of every epoch: the
+        same numbers, since π0 is fixed; pairs whose :class:`EncodedDPOPairs` already carry
+        ``reference_logps`` never run the reference pass.
     kl_samples, kl_max_prompts, kl_max_new_tokens:
         Evaluation estimates ``KL(π_u‖π0)`` per user as the mean of ``log π_u(y) − log π0(y)``
         over ``kl_samples`` responses sampled from ``π_u`` (temperature 1, no top-k/top-p) for
@@ -162,16 +228,19 @@ class DPOTrainer(LoRATrainer):
     After :meth:`fit`: as :class:`LoRATrainer`, with ``evaluation_`` from :meth:`evaluate`.
     """
 
-    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", kl_samples: int = 4,
-                 kl_max_prompts: int = 8, kl_max_new_tokens: int = 64, **kwargs: Any) -> None:
-        kwargs.setdefault("epochs", 1)
-        kwargs.setdefault("lr", 5e-4)
-        super().__init__(**kwargs)
+    _DEFAULTS: ClassVar[dict[str, Any]] = {"epochs": 1, "lr": 5e-4}
+
+    def __init__(self, *, args: TrainingConfig | Mapping[str, Any] | None = None,
+                 beta: float = 0.1, loss_type: str = "sigmoid", kl_samples: int = 4,
+                 kl_max_prompts: int = 8, kl_max_new_tokens: int = 64,
+                 precompute_ref_log_probs: bool = False, **kwargs: Any) -> None:
+        super().__init__(args=args, **kwargs)
         self.beta = beta
         self.loss_type = loss_type
         self.kl_samples = kl_samples
         self.kl_max_prompts = kl_max_prompts
         self.kl_max_new_tokens = kl_max_new_tokens
+        self.precompute_ref_log_probs = precompute_ref_log_probs
 
     def _check(self) -> None:
         from pluralign.llm._checks import check_choice, check_float, check_int
@@ -182,6 +251,9 @@ class DPOTrainer(LoRATrainer):
         check_int("kl_samples", self.kl_samples, minimum=0)
         check_int("kl_max_prompts", self.kl_max_prompts)
         check_int("kl_max_new_tokens", self.kl_max_new_tokens)
+        if not isinstance(self.precompute_ref_log_probs, bool):
+            raise ConfigError("precompute_ref_log_probs must be true or false, got "
+                              f"{self.precompute_ref_log_probs!r}")
 
     def _loss_settings(self) -> dict[str, Any]:
         return {"beta": self.beta, "loss_type": self.loss_type}
@@ -210,20 +282,38 @@ class DPOTrainer(LoRATrainer):
         if eval_data is not None and self.loss_type == "pessimistic" and eval_margins is None:
             eval_data = EncodedDPOPairs(**{**eval_data.__dict__,
                                            "margins": np.zeros(len(eval_data))})
+        if self.precompute_ref_log_probs:
+            data = data.with_reference(reference_logprobs(policy, data,
+                                                          batch_size=self.batch_size))
+            if eval_data is not None:
+                eval_data = eval_data.with_reference(reference_logprobs(
+                    policy, eval_data, batch_size=self.batch_size))
         return self._train(policy, data, eval_data, trainable="all")
 
     def _row_losses(self, wrapped: Any, policy: PersonalizedPolicy, data: EncodedDPOPairs,
                     rows: list[int], device: torch.device) -> torch.Tensor:
+        return self._row_outputs(wrapped, policy, data, rows, device)[0]
+
+    def _row_outputs(self, wrapped: Any, policy: PersonalizedPolicy, data: EncodedDPOPairs,
+                     rows: list[int], device: torch.device
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each pair's loss and its implicit-reward accuracy (``h_w > h_l``; a tie counts
+        one half), logged as ``accuracy``."""
         batch = {k: v.to(device) for k, v in data.batch(rows, policy).items()}
         margins = batch.pop("margins")
+        reference = batch.pop("reference_logps", None)
         logps, tokens = wrapped(**batch)
-        reference, _ = policy.sequence_logprobs(**{k: v for k, v in batch.items()
-                                                   if k != "user_index"}, reference=True)
+        if reference is None:
+            reference, _ = policy.sequence_logprobs(**{k: v for k, v in batch.items()
+                                                       if k != "user_index"}, reference=True)
         k = len(rows)
         ratios = logps - reference.to(logps.dtype)
-        return dpo_loss(ratios[:k], ratios[k:], beta=self.beta, loss_type=self.loss_type,
-                        chosen_tokens=tokens[:k], rejected_tokens=tokens[k:],
-                        margins=margins if self.loss_type == "pessimistic" else None)
+        losses = dpo_loss(ratios[:k], ratios[k:], beta=self.beta, loss_type=self.loss_type,
+                          chosen_tokens=tokens[:k], rejected_tokens=tokens[k:],
+                          margins=margins if self.loss_type == "pessimistic" else None)
+        margin = (ratios[:k] - ratios[k:]).detach()
+        accuracy = (margin > 0).to(torch.float64) + 0.5 * (margin == 0).to(torch.float64)
+        return losses, {"accuracy": accuracy}
 
     @torch.no_grad()
     def evaluate(self, policy: PersonalizedPolicy, data: EncodedDPOPairs | TextPreferences,
@@ -244,10 +334,12 @@ class DPOTrainer(LoRATrainer):
                 rows = list(range(start, min(len(data), start + self.batch_size)))
                 batch = {k: v.to(device) for k, v in data.batch(rows, policy).items()}
                 margins = batch.pop("margins")
+                reference = batch.pop("reference_logps", None)
                 logps, tokens = policy(**batch)
-                plain = {k: v for k, v in batch.items() if k != "user_index"}
-                reference, _ = policy.sequence_logprobs(**plain, reference=True)
-                ratios = (logps - reference).double()
+                if reference is None:
+                    plain = {k: v for k, v in batch.items() if k != "user_index"}
+                    reference, _ = policy.sequence_logprobs(**plain, reference=True)
+                ratios = logps.double() - reference.double()
                 k = len(rows)
                 losses.append(dpo_loss(ratios[:k], ratios[k:], beta=self.beta,
                                        loss_type=self.loss_type, chosen_tokens=tokens[:k],

@@ -5,7 +5,9 @@ Round ``t = 1..T`` (``iterate.rounds``):
 1. **Sample.** ``n`` responses per row ``(prompt, user)`` of ``iterate.prompts`` from the
    current policy ``π_{t−1}`` (the main agent; ``π_0`` is the adapters-off reference), users
    mixed in each ``generate`` batch. Blank and repeated responses are dropped: a row's
-   candidates are its distinct non-blank texts.
+   candidates are its distinct non-blank texts. ``iterate.sampler: reference`` samples every
+   round from π0 instead: the same labels and DPO steps on offline data (with ``restart:
+   true`` the last round is offline DPO on all ``T`` rounds' π0 pairs).
 2. **Score and annotate.** The *selection score* of a candidate is the reward model's r̂
    (``iterate.reward_model``, a train-rm folder) when one is given, else the gold reward of the
    simulation (``iterate.annotator: gold:toy | gold:anchors``, :mod:`pluralign.llm.pairs`). The
@@ -21,7 +23,14 @@ Round ``t = 1..T`` (``iterate.rounds``):
    iterate.lam``; φ is the reward model's pooled feature, or the gold's features without one).
    The pairs are written as ``round-XX.jsonl`` (TRL rows ``prompt``, ``chosen``, ``rejected``,
    ``user_id``, plus ``margin`` and ``uncertainty``).
-4. **DPO** against the **fixed** reference π0 (the adapters off, never the previous round's
+4. **Reference log-probabilities.** ``log π0`` of both sides of every pair is computed once
+   for the whole run and saved (``state/reference-XX.npy``): every DPO epoch and every restart
+   reads it instead of running the reference pass again (π0 is fixed, so these are the same
+   numbers). When π0 itself sampled the round (round 1, or ``sampler: reference``), a side
+   whose DPO encoding is exactly the sampled token sequence (it stopped at EOS, its text
+   re-tokenizes to the same ids, nothing was truncated) takes it from the sampling pass; the
+   others get one reference pass. The round's record counts both (``reference_logps``).
+5. **DPO** against the **fixed** reference π0 (the adapters off, never the previous round's
    policy), with the ``dpo`` and ``train`` sections (a fresh AdamW each round, row order seeded
    from ``(iterate.seed, t)``). ``restart: false`` (default): continue from ``π_{t−1}`` on the
    round's new pairs only; ``restart: true``: reset the adapters to their π0 initialization and
@@ -34,16 +43,20 @@ its pairs join round 1's DPO data (and every restart's), and their ``Δφ`` seed
 
 **Records** (``history.json``; round 0 is π0 itself): per round and per user, on
 ``iterate.eval_samples`` fresh samples per row of ``iterate.eval_prompts``: the gold reward
-(gold annotators) and the proxy reward r̂ (with a reward model); ``KL(π_t‖π0)`` as the mean of
-``log π_t(y) − log π0(y)`` on those samples; the win rate against π0 under the gold reward
-(sample ``j`` of π_t against sample ``j`` of π0 for the same row, the π0 samples being the same
-every round; a tie counts ½); the pair statistics (count, ties, degenerate rows, mean margin,
-mean uncertainty) and the DPO step's training accuracy and loss.
+(gold annotators) and the proxy reward r̂ (with a reward model); ``KL(π_t‖π0)`` estimated
+two ways on those samples (:meth:`~pluralign.llm.PersonalizedPolicy.kl_to_reference`):
+``kl``, the mean sampled log-ratio ``log π_t(y) − log π0(y)``, and ``kl_token``, the mean of
+the exact next-token KLs ``Σ_k KL(π_t(·|x, y_<k) ‖ π0(·|x, y_<k))`` along each sample (the
+same expectation by the chain rule, never negative, lower variance); the win rate against π0
+under the gold reward (sample ``j`` of π_t against sample ``j`` of π0 for the same row, the π0
+samples being the same every round; a tie counts ½); the pair statistics (count, ties,
+degenerate rows, mean margin, mean uncertainty) and the DPO step's training accuracy and loss.
 
 **Resume.** After each finished round the state is written (``state/``: the adapters of every
-round, Σ, the history; the pairs are the ``round-XX.jsonl`` files; ``config.yaml`` is the
-resolved config), ``state/state.json`` last and atomically. A rerun with the same ``out``
-resumes after the last finished round and gives the same adapters and history as an
+round, Σ, the pairs' reference log-probs, the history; the pairs are the ``round-XX.jsonl``
+files; ``config.yaml`` is the resolved config), ``state/state.json`` last and atomically. A
+rerun with the same ``out`` resumes after the last finished round and gives the same adapters
+and history as an
 uninterrupted run: every random draw is seeded from ``(iterate.seed, round, stream)``. A rerun
 whose config differs (other than ``iterate.rounds``, which may grow, and ``out``), or whose
 prompt / offline files changed, is refused naming the changed keys; ``--no-resume`` starts
@@ -265,6 +278,7 @@ class _Loop:
         self.history: list[dict[str, Any]] = []
         self.timings: list[dict[str, float]] = []
         self.data: list[Any] = []          # pairs per round, round 0 = offline (or empty)
+        self.refs: list[np.ndarray] = []   # their log π0 (pairs × 2), per round
         self.sigma: FeatureCovariance | None = None
         self.initial = policy.trainable_state()
         self._reference_samples: Any = None
@@ -306,22 +320,23 @@ class _Loop:
         start = time.perf_counter()
         prompts = [p for p, _ in self.rows]
         users = [u for _, u in self.rows]
+        # round 1's policy is π0 (the adapters start at B = 0); sampler: reference keeps π0
+        from_reference = t == 1 or it.sampler == "reference"
         samples = self.policy.generate(
             prompts, users, n=it.n, max_new_tokens=it.max_new_tokens,
             temperature=it.temperature, seed=round_seed(it.seed, t, STREAMS["generate"]),
-            batch_size=self.batch)
+            batch_size=self.batch, reference=from_reference)
         timing["generate"] = time.perf_counter() - start
         start = time.perf_counter()
-        flat_p, flat_t, flat_u, owner = [], [], [], []
-        candidates = []
+        flat_p, flat_t, flat_u, owner, flat_ids, flat_lp = [], [], [], [], [], []
         for i, (p, u, texts) in enumerate(zip(prompts, users, samples.texts, strict=True)):
-            keep = distinct_candidates(texts)
-            candidates.append([texts[j] for j in keep])
-            for j in keep:
+            for j in distinct_candidates(texts):
                 flat_p.append(p)
                 flat_t.append(texts[j])
                 flat_u.append(u)
                 owner.append(i)
+                flat_ids.append(samples.token_ids[i][j])
+                flat_lp.append(samples.logprobs[i][j])
         owner_arr = np.asarray(owner, dtype=np.int64)
         scores = self.selection_scores(flat_p, flat_t, flat_u) if flat_t else np.zeros(0)
         phi = self.features(flat_p, flat_t, flat_u) if flat_t else np.zeros((0, 1))
@@ -336,7 +351,7 @@ class _Loop:
         stats = {u: {"rows": 0, "pairs": 0, "ties": 0, "degenerate": 0, "margin": [],
                      "uncertainty": [], "gold_margin": []} for u in self.users}
         kept: dict[str, list] = {"p": [], "c": [], "r": [], "u": [], "m": [], "unc": [],
-                                 "d": []}
+                                 "d": [], "ids": [], "lp": []}
         for i, (p, u) in enumerate(self.rows):
             s = stats[u]
             s["rows"] += 1
@@ -365,7 +380,9 @@ class _Loop:
             if gold is not None:
                 s["gold_margin"].append(float(gold[ic] - gold[ir]))
             for key, value in (("p", p), ("c", flat_t[ic]), ("r", flat_t[ir]), ("u", u),
-                               ("m", margin), ("unc", unc), ("d", delta)):
+                               ("m", margin), ("unc", unc), ("d", delta),
+                               ("ids", (flat_ids[ic], flat_ids[ir])),
+                               ("lp", (flat_lp[ic], flat_lp[ir]))):
                 kept[key].append(value)
         if kept["d"]:
             sigma.add(np.array(kept["d"]))
@@ -379,9 +396,44 @@ class _Loop:
                        "mean_uncertainty": _mean(s["uncertainty"]),
                        "mean_gold_margin": _mean(s["gold_margin"])}
                    for u, s in stats.items()}
-        return pairs, summary
+        sampled = {"ids": kept["ids"], "logps": kept["lp"]} if from_reference else None
+        return pairs, summary, sampled
 
-    def train(self, t: int, pairs: Any, timing: dict[str, float],
+    def reference_logps(self, pairs: Any, sampled: dict[str, list] | None,
+                        timing: dict[str, float]) -> tuple[np.ndarray, dict[str, int]]:
+        """``log π0`` of each pair's chosen and rejected response (``(pairs, 2)``), computed
+        once per pair for the whole run (π0 is fixed: every epoch and every restart reads
+        them). When π0 sampled the pair (``sampled``), a side whose DPO encoding is exactly
+        the sampled token sequence (it ended with EOS, its text re-tokenizes to the same ids,
+        nothing was truncated) takes its log-probability from the sampling pass; the other
+        sides get one reference pass."""
+        from pluralign.llm.dpo import encode_dpo_pairs
+
+        start = time.perf_counter()
+        out = np.full((pairs.n, 2), np.nan)
+        if not pairs.n:
+            timing["reference"] = 0.0
+            return out, {"from_sampling": 0, "computed": 0}
+        encoded = encode_dpo_pairs(self.policy, pairs)
+        todo: list[tuple[int, int]] = []
+        for i in range(pairs.n):
+            for side, enc in enumerate((encoded.chosen[i], encoded.rejected[i])):
+                if sampled is not None and enc["response_ids"] == list(sampled["ids"][i][side]):
+                    out[i, side] = sampled["logps"][i][side]
+                else:
+                    todo.append((i, side))
+        if todo:
+            sides = [(encoded.chosen, encoded.rejected)[side][i] for i, side in todo]
+            logps = self.policy.logprobs([pairs.prompts[i] for i, _ in todo],
+                                         [e["response_ids"] for e in sides],
+                                         [encoded.users[i] for i, _ in todo],
+                                         reference=True, batch_size=self.batch)
+            for (i, side), value in zip(todo, logps, strict=True):
+                out[i, side] = value
+        timing["reference"] = time.perf_counter() - start
+        return out, {"from_sampling": 2 * pairs.n - len(todo), "computed": len(todo)}
+
+    def train(self, t: int, pairs: Any, refs: np.ndarray, timing: dict[str, float],
               before_dpo: Callable[[int, Any, Any], None] | None) -> dict[str, Any]:
         """Step 4 of round ``t``."""
         from pluralign.llm.dpo import DPOTrainer, encode_dpo_pairs
@@ -396,9 +448,11 @@ class _Loop:
             return {"skipped": "all pairs were ties", "n": 0}
         if it.restart:
             self.policy.load_trainable_state(self.initial)
-            data = _concat([*self.data, pairs])
+            data, ref = _concat([*self.data, pairs]), np.concatenate([*self.refs, refs])
+        elif t == 1:
+            data, ref = _concat([self.data[0], pairs]), np.concatenate([self.refs[0], refs])
         else:
-            data = _concat([self.data[0], pairs]) if t == 1 else pairs
+            data, ref = pairs, refs
         if before_dpo is not None:
             before_dpo(t, self.policy, data)
         dpo: DPOConfig = self.r["dpo"]
@@ -411,8 +465,8 @@ class _Loop:
                              **kwargs)
         trainer._check()
         # through the loop directly: a user without pairs this round is allowed (fit refuses)
-        trainer._train(self.policy, encode_dpo_pairs(self.policy, data), None,
-                       trainable="all")
+        trainer._train(self.policy, encode_dpo_pairs(self.policy, data).with_reference(ref),
+                       None, trainable="all")
         timing["dpo"] = time.perf_counter() - start
         ev = trainer.train_evaluation_
         return {"n": data.n, "steps": trainer.global_step_, "accuracy": ev["accuracy"],
@@ -439,8 +493,7 @@ class _Loop:
         ref_texts = [x for group in ref.texts for x in group]
         timing["eval_generate"] = time.perf_counter() - start
         start = time.perf_counter()
-        gap = (self.policy.logprobs(p, ids, u, batch_size=self.batch)
-               - self.policy.logprobs(p, ids, u, reference=True, batch_size=self.batch))
+        gap, token_kl = self.policy.kl_to_reference(p, ids, u, batch_size=self.batch)
         timing["eval_logprobs"] = time.perf_counter() - start
         start = time.perf_counter()
         gold = gold_ref = proxy = None
@@ -459,7 +512,7 @@ class _Loop:
                 continue
             out[user] = {"gold": None if gold is None else float(gold[m].mean()),
                          "proxy": None if proxy is None else float(proxy[m].mean()),
-                         "kl": float(gap[m].mean()),
+                         "kl": float(gap[m].mean()), "kl_token": float(token_kl[m].mean()),
                          "win_rate": None if gold is None else win_rate(gold[m], gold_ref[m])}
         return out
 
@@ -470,6 +523,7 @@ class _Loop:
         folder = self.out / "state"
         folder.mkdir(parents=True, exist_ok=True)
         write_tensors(folder / f"adapters-{t:02d}.safetensors", self.policy.trainable_state())
+        _save_npy(folder / f"reference-{t:02d}.npy", self.refs[t])
         sigma_file = None
         if self.sigma is not None:
             sigma_file = f"sigma-{t:02d}.npy"
@@ -495,6 +549,8 @@ class _Loop:
         self.timings = list(state.get("timings", []))
         self.data = [self.data[0]] + [_read_pairs(self.out / f"round-{k:02d}.jsonl")
                                       for k in range(1, t + 1)]
+        self.refs = [np.load(folder / f"reference-{k:02d}.npy", allow_pickle=False)
+                     .reshape(-1, 2) for k in range(t + 1)]
         return t
 
 
@@ -592,6 +648,8 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
     else:
         loop.seed_sigma()
         timing: dict[str, float] = {}
+        refs, _ = loop.reference_logps(loop.data[0], None, timing)
+        loop.refs = [refs]
         record = {"round": 0, "users": loop.evaluate(0, timing), "pairs": None, "dpo": None}
         loop.history = [record]
         loop.timings = [timing]
@@ -600,14 +658,16 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
         if stop_after is not None and finished >= stop_after:
             break
         timing = {}
-        pairs, stats = loop.collect(t, timing)
-        dpo = loop.train(t, pairs, timing, before_dpo)
+        pairs, stats, sampled = loop.collect(t, timing)
+        refs, reuse = loop.reference_logps(pairs, sampled, timing)
+        dpo = loop.train(t, pairs, refs, timing, before_dpo)
         loop.data.append(pairs)
+        loop.refs.append(refs)
         evaluation = loop.evaluate(t, timing)
         record = {"round": t, "users": {u: {**evaluation.get(u, {}), **stats[u]}
                                         for u in users},
                   "pairs": pairs.n, "ties": sum(s["ties"] for s in stats.values()),
-                  "dpo": dpo}
+                  "reference_logps": reuse, "dpo": dpo}
         loop.history.append(record)
         loop.timings.append({k: round(v, 4) for k, v in timing.items()})
         loop.save(t, fingerprint)
@@ -630,14 +690,14 @@ def _fmt(value: Any) -> str:
 def rounds_table(history: list[dict[str, Any]]) -> str:
     """The per-round, per-user Markdown table of ``rounds.md``."""
     lines = ["| round | user | pairs | ties | mean margin | mean uncertainty | gold | proxy | "
-             "KL(π‖π0) | win vs π0 |", "|" + " --- |" * 10]
+             "KL(π‖π0) sampled | KL(π‖π0) per-token | win vs π0 |", "|" + " --- |" * 11]
     for record in history:
         for user, v in record["users"].items():
             lines.append(f"| {record['round']} | {user} | {v.get('pairs', '-')} | "
                          f"{v.get('ties', '-')} | {_fmt(v.get('mean_margin'))} | "
                          f"{_fmt(v.get('mean_uncertainty'))} | {_fmt(v.get('gold'))} | "
                          f"{_fmt(v.get('proxy'))} | {_fmt(v.get('kl'))} | "
-                         f"{_fmt(v.get('win_rate'))} |")
+                         f"{_fmt(v.get('kl_token'))} | {_fmt(v.get('win_rate'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -656,28 +716,38 @@ def _write_outputs(loop: _Loop, resolved: dict[str, Any]) -> None:
 
 
 def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pluralign.experiments.plots import save_figure
+    """Gold (or proxy) reward and KL(π_t‖π0) against the round, one style per user (the KL
+    per token dashed beside the sampled one), one legend below both panels."""
+    from pluralign.experiments.plots import (
+        _new_figure,
+        figure_legend,
+        method_style,
+        save_figure,
+    )
 
     users = list(dict.fromkeys(u for r in history for u in r["users"]))
     has_gold = any(v.get("gold") is not None for r in history for v in r["users"].values())
     key = "gold" if has_gold else "proxy"
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
-    for user in users:
+    fig = _new_figure((9.0, 4.0))
+    axes = fig.subplots(1, 2)
+    for i, user in enumerate(users):
+        style = method_style(i)
         pts = [(r["round"], r["users"][user]) for r in history if user in r["users"]]
         rounds = [t for t, _ in pts]
         axes[0].plot(rounds, [v.get(key) if v.get(key) is not None else np.nan
-                              for _, v in pts], marker="o", label=user)
-        axes[1].plot(rounds, [v.get("kl") for _, v in pts], marker="o", label=user)
+                              for _, v in pts], label=user, **style)
+        axes[1].plot(rounds, [v.get("kl") for _, v in pts], label="_sampled", **style)
+        if all(v.get("kl_token") is not None for _, v in pts):
+            axes[1].plot(rounds, [v["kl_token"] for _, v in pts],
+                         label=f"{user}: KL per token",
+                         **{**style, "linestyle": ":", "marker": "x"})
     axes[0].set_ylabel(f"{key} reward of π_t samples")
     axes[1].set_ylabel("KL(π_t ‖ π0)")
+    axes[1].set_title("sampled (user's line) and per token (dotted, ×)", fontsize=8)
     for ax in axes:
         ax.set_xlabel("round t")
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    figure_legend(fig, order=users)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)

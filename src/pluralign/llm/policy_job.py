@@ -268,7 +268,7 @@ def reward_model_rows(folder: str | Path) -> Any:
     from pluralign.llm.job import resolve_rm_config
 
     d: DataConfig = _run_config(folder, resolve_rm_config, "train-rm")["data"]
-    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey)
+    prefs = read_text_preferences(d.train, format=d.format, survey=d.survey, **d.columns())
     return prefs if d.eval else split_per_user(prefs, d.test_size, d.split_seed)[0]
 
 
@@ -329,6 +329,7 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
         atomic_write_text(out / "config.yaml",
                           yaml.safe_dump(to_plain(resolved), sort_keys=False))
     trainer = DPOTrainer(beta=dpo.beta, loss_type=dpo.loss_type, kl_samples=dpo.kl_samples,
+                         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
                          **t.trainer_kwargs(), output_dir=out, resume=resume,
                          progress=progress).fit(policy, train, test, margins=margins,
                                                 eval_margins=eval_margins)

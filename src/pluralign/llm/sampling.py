@@ -176,7 +176,9 @@ class _Samples:
 class SFTTrainer(LoRATrainer):
     """Maximum likelihood of given responses, ``−(1/n_y) log π_u(y|x)`` per row (mean over
     the response tokens), on the shared loop of :class:`~pluralign.llm.trainer.LoRATrainer`;
-    the fine-tuning step of multi-step rejection sampling."""
+    the fine-tuning step of multi-step rejection sampling. Built as the other trainers are:
+    ``SFTTrainer(args=TrainingConfig(...))`` (TRL's names) or the loop's keywords; the data go
+    to :meth:`fit` as prompts, responses and users (TRL's ``SFTTrainer``: a dataset)."""
 
     def fit(self, policy: PersonalizedPolicy, prompts: Sequence[str],
             responses: Sequence[Sequence[int] | str], users: Sequence[str]) -> SFTTrainer:

@@ -19,21 +19,34 @@ the full batch, up to floating-point summation order (a test checks this).
 the optimizer state and where training stands; a resumed run continues from the last complete
 checkpoint and produces the same model as an uninterrupted run. A checkpoint of different
 hyper-parameters or data is refused.
+
+**Logs.** Every ``logging_steps`` optimizer steps (and at the first and the last step) the loop
+records an entry of ``log_history`` (transformers' ``Trainer`` layout: ``step``, ``epoch``,
+``loss`` — the mean step loss since the previous entry —, ``learning_rate`` and the subclass's
+training metrics, :meth:`LoRATrainer._row_outputs`), and after each epoch an entry of the
+evaluation metrics (``eval_loss``, ``eval_accuracy``, …). With ``progress`` each entry is also a
+plain line on stderr (above the progress bar on a terminal). With an ``output_dir`` the history
+is written, atomically at every entry, to ``trainer_state.json`` and ``log.jsonl``; the
+checkpoints hold it too, so a resumed run continues the same history (an entry written after
+the checkpoint it resumes from is dropped and recorded again, not duplicated).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
 import re
 import shutil
+import sys
+import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -52,10 +65,12 @@ from pluralign.llm._checks import (
     show,
 )
 from pluralign.llm._files import read_tensors, read_torch, write_bytes, write_tensors
+from pluralign.llm.config import Section, TrainingConfig, resolve_sections
 from pluralign.llm.data import EncodedPairs, encode_pairs
 from pluralign.llm.reward_model import PersonalizedRewardModel
 
-__all__ = ["LoRATrainer", "RewardTrainer", "adapt_user", "per_user_metrics", "use_cpu"]
+__all__ = ["ELSEWHERE", "LoRATrainer", "RewardTrainer", "adapt_user", "per_user_metrics",
+           "training_arguments_table", "use_cpu"]
 
 SCHEDULES = ("constant", "linear")
 # The largest lr and weight_decay accepted. AdamW's step size lr / (1 - β₁ᵗ) (at most 10·lr)
@@ -70,6 +85,193 @@ def use_cpu(cpu: bool = False) -> bool:
     this makes ``accelerate launch --multi_gpu --num_processes N`` start N CPU processes (gloo
     backend) instead of N copies that each think they are alone."""
     return bool(cpu) or not torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------- args and keywords
+class _Default:
+    """A keyword's default in the trainers' signatures: ``__init__`` tells a keyword left out
+    from one given with the default value (``args`` conflicts). It prints as its value, so
+    ``help()`` and ``inspect.signature`` show the plain default."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+# The defaults of the keywords that ``args`` also sets are TrainingConfig's (one source, so
+# ``RewardTrainer()`` and ``RewardTrainer(args=TrainingConfig())`` are the same trainer)
+_D = {TrainingConfig.TRAINER_NAMES[f.name]: _Default(f.default)
+      for f in dataclasses.fields(TrainingConfig)}
+
+
+class _Elsewhere(NamedTuple):
+    config: str        # where a train-rm / train-policy config has it
+    python: str        # where the Python API has it
+    note: str = ""
+
+
+# Names of transformers' TrainingArguments (and TRL's configs) that are no TrainingConfig key,
+# and where pluralign has them: an ``args`` mapping that holds one is refused with this hint,
+# and docs/names.md lists them (training_arguments_table)
+ELSEWHERE: dict[str, _Elsewhere] = {
+    "per_device_train_batch_size": _Elsewhere(
+        "train.train_batch_size", "batch_size=",
+        "pluralign's batch is the global one, split across the processes"),
+    "output_dir": _Elsewhere("out", "output_dir=", "checkpoints and logs go there"),
+    "resume_from_checkpoint": _Elsewhere(
+        "--no-resume", "resume=", "a run resumes from the last checkpoint in its output "
+                                  "folder unless resume=False"),
+    "save_strategy": _Elsewhere("train.save_steps", "checkpoint_every=",
+                                "save_steps: epoch is save_strategy='epoch'"),
+    "eval_strategy": _Elsewhere("—", "eval_every_epoch=",
+                                "the default, True, evaluates after every epoch"),
+    "bf16": _Elsewhere("—", "mixed_precision='bf16'", "or accelerate launch's option"),
+    "fp16": _Elsewhere("—", "mixed_precision='fp16'", "or accelerate launch's option"),
+    "use_cpu": _Elsewhere("—", "cpu=True", "also the default without CUDA"),
+    "disable_tqdm": _Elsewhere("--no-progress", "progress=False", ""),
+    "max_length": _Elsewhere("model.max_length", "from_pretrained(max_length=)",
+                             "the model's token budget, not the trainer's (TRL's configs: "
+                             "1024)"),
+}
+# TRL's DPO settings that are DPOTrainer keywords of the same name (train-policy: dpo.NAME)
+_DPO_KEYWORDS = ("beta", "loss_type", "precompute_ref_log_probs", "kl_samples")
+
+# For docs/names.md (training_arguments_table): transformers' name where it is not the field's,
+# transformers' TrainingArguments defaults and TRL's learning rates (tests/
+# test_llm_trainer_args.py checks them against the installed libraries), and what differs
+_HF_NAME = {"train_batch_size": "per_device_train_batch_size"}
+_HF_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 3.0, "learning_rate": 5e-5, "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1, "weight_decay": 0.0, "lr_scheduler_type": "linear",
+    "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42, "save_steps": 500,
+    "save_total_limit": None, "max_steps": -1, "logging_steps": 500, "output_dir": None,
+    "resume_from_checkpoint": None, "save_strategy": "steps", "eval_strategy": "no",
+    "bf16": False, "fp16": False, "use_cpu": False, "disable_tqdm": None}
+_TRL_LEARNING_RATES = {"RewardConfig": 1e-4, "DPOConfig": 1e-6, "SFTConfig": 2e-5}
+_DIFFERS = {
+    "num_train_epochs": "a whole number",
+    "learning_rate": "TRL's configs: " + ", ".join(
+        f"{k} {v:g}" for k, v in _TRL_LEARNING_RATES.items()) + " (LoRA takes larger rates)",
+    "train_batch_size": "the global batch, split across the processes of an accelerate run "
+                        "(transformers: per device), so 1 or N processes train the same model",
+    "lr_scheduler_type": "constant or linear only",
+    "max_grad_norm": "null (the default): no clipping",
+    "seed": "also the row order of each epoch and the dropout of each micro-batch",
+    "save_steps": "or epoch (transformers: save_strategy='epoch')",
+    "save_total_limit": "transformers keeps all by default",
+    "max_steps": "null: all epochs (transformers: -1); the schedule still spans all epochs, "
+                 "so a stopped run resumes to the same model",
+    "logging_steps": "TRL's configs: 10; the first and the last step are always logged",
+}
+
+
+def _shown_default(value: Any, yaml: bool) -> str:
+    if value is None:
+        return "null" if yaml else "None"
+    if isinstance(value, bool):
+        return str(value).lower() if yaml else str(value)
+    return value if isinstance(value, str) else repr(value)
+
+
+def training_arguments_table() -> str:
+    """The Markdown table of docs/names.md: each name of transformers' ``TrainingArguments``
+    (which TRL's configs extend) with pluralign's config key and trainer keyword, generated
+    from :class:`~pluralign.llm.config.TrainingConfig` (``TRAINER_NAMES``) and
+    :data:`ELSEWHERE` (a test checks the docs hold it)."""
+    from pluralign.llm.dpo import DPOTrainer
+
+    lines = ["| transformers / TRL | transformers default | pluralign config / CLI | default "
+             "| trainer keyword | what differs |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def row(hf: str, config: str, default: str, keyword: str, note: str) -> None:
+        hf_default = f"`{_shown_default(_HF_DEFAULTS[hf], False)}`" if hf in _HF_DEFAULTS \
+            else "—"
+        lines.append(f"| `{hf}` | {hf_default} | {config} | {default} | {keyword} | "
+                     f"{note.replace('|', chr(92) + '|')} |")
+
+    for f in dataclasses.fields(TrainingConfig):
+        keyword = TrainingConfig.TRAINER_NAMES[f.name]
+        shown = f"`{keyword}=`"
+        if keyword in DPOTrainer._DEFAULTS:
+            shown += f" (DPOTrainer without args: {DPOTrainer._DEFAULTS[keyword]!r})"
+        row(_HF_NAME.get(f.name, f.name), f"`train.{f.name}`",
+            f"`{_shown_default(f.default, True)}`", shown, _DIFFERS.get(f.name, ""))
+    named = set(_HF_NAME.values())
+    for hf, where in ELSEWHERE.items():
+        if hf not in named:
+            config = "—" if where.config == "—" else f"`{where.config}`"
+            row(hf, config, "", f"`{where.python}`", where.note)
+    return "\n".join(lines) + "\n"
+
+
+def _training_args(owner: str, args: Any) -> tuple[TrainingConfig, set[str]]:
+    """``args`` as a checked :class:`TrainingConfig` and the settings it names (a mapping: its
+    keys; a TrainingConfig: all of them)."""
+    fields = list(TrainingConfig.TRAINER_NAMES)
+    if isinstance(args, TrainingConfig):
+        return args, set(fields)
+    if isinstance(args, Mapping):
+        for key in args:
+            if isinstance(key, str) and key in ELSEWHERE:
+                where = ELSEWHERE[key]
+                config = f" ({where.config})" if where.config != "—" else ""
+                note = f"; {where.note}" if where.note else ""
+                raise ConfigError(f"unknown key {key!r} in 'train': pluralign has it as "
+                                  f"{where.python}{config}{note}")
+            if isinstance(key, str) and key in _DPO_KEYWORDS:
+                raise ConfigError(f"unknown key {key!r} in 'train': a DPO setting, given as "
+                                  f"DPOTrainer({key}=...) (train-policy: dpo.{key}); args "
+                                  "holds the training settings")
+        return resolve_sections({"train": dict(args)}, {"train": TrainingConfig})["train"], set(
+            args)
+    kind = type(args).__name__
+    hint = (f"a {kind} is the {args.SECTION!r} section, not the training settings"
+            if isinstance(args, Section) else
+            "transformers' and TRL's argument classes are not read: their names map to "
+            "pluralign's in docs/names.md" if kind.endswith(("Arguments", "Config")) else "")
+    raise ConfigError(f"{owner}: args must be a pluralign.llm.config.TrainingConfig or a "
+                      f"mapping of its settings ({', '.join(fields)}), got {kind}"
+                      + (f"; {hint}" if hint else ""))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _loop_settings(cls: type[LoRATrainer], args: Any, keywords: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """The trainer's settings from ``args`` and its keywords (:class:`LoRATrainer`, ``args``):
+    a setting that ``args`` names comes from ``args``, and a keyword given for it too must
+    agree; the others are the keywords given, else their defaults (with ``args``: the
+    TrainingConfig's, without: the trainer's)."""
+    given = {k: v for k, v in keywords.items() if not isinstance(v, _Default)}
+    out = {k: cls._DEFAULTS.get(k, v.value) if isinstance(v, _Default) else v
+           for k, v in keywords.items()}
+    if args is None:
+        return out
+    section, named = _training_args(cls.__name__, args)
+    for field, keyword in TrainingConfig.TRAINER_NAMES.items():
+        value = getattr(section, field)
+        if keyword in given and field not in named:
+            continue
+        if keyword in given and not _same(given[keyword], value):
+            fix = (f"leave {field} out of args, or drop {keyword}=" if isinstance(args, Mapping)
+                   else "a TrainingConfig holds every setting (its default unless set), so "
+                        f"change it there (dataclasses.replace(args, {field}="
+                        f"{show(given[keyword])})) or drop {keyword}=")
+            raise ConfigError(f"{cls.__name__} got both args.{field}={show(value)} and "
+                              f"{keyword}={show(given[keyword])}: give each setting once; {fix}")
+        out[keyword] = value
+    return out
 
 
 def _seed(*parts: int) -> int:
@@ -100,10 +302,22 @@ class LoRATrainer:
     :class:`~pluralign.llm.DPOTrainer`: LoRA factors (and a reward head) trained with AdamW
     under accelerate, with the batching, accumulation, checkpoints and resume of the module
     docstring. A subclass defines ``_row_losses`` (the loss of each row of a micro-batch),
-    ``evaluate`` and ``fit``.
+    ``evaluate`` and ``fit``; it may override ``_row_outputs`` to log training metrics (such as
+    ``accuracy``) computed in the same forward pass.
 
     Parameters
     ----------
+    args:
+        The training settings in transformers' ``TrainingArguments`` names, as TRL's trainers
+        take them: a :class:`~pluralign.llm.config.TrainingConfig` (the ``train`` section of
+        ``train-rm`` and ``train-policy``) or a mapping of its keys, checked by that section
+        (the errors of a YAML config: ``train.learning_rate must be ...``). Each of its
+        settings replaces a keyword below (``num_train_epochs`` → ``epochs``,
+        ``learning_rate`` → ``lr``, …: ``TrainingConfig.TRAINER_NAMES``, docs/names.md); a
+        mapping's missing keys take the keyword if given, else the section's default, so
+        ``args={}`` is ``args=TrainingConfig()``. A keyword given as well must agree with
+        ``args`` (a :class:`ConfigError` names both); the keywords ``args`` has no setting for
+        (``output_dir``, ``resume``, ``progress``, ...) are given as keywords.
     epochs, lr, batch_size:
         Passes over the data, AdamW learning rate, rows (pairs) per global batch.
     grad_accum:
@@ -128,42 +342,65 @@ class LoRATrainer:
         Stop after this many optimizer steps in total (``None``: run all epochs); the learning
         rate schedule still spans all epochs, so a stopped run resumes to the same model.
     eval_every_epoch:
-        Evaluate on the evaluation rows after every epoch (else only at the end).
+        Evaluate on the evaluation rows after every epoch (the default; else only at the end):
+        the metrics go into ``history_`` and, as ``eval_*`` entries, into ``log_history_``.
     progress:
-        Show a progress bar (on the main process).
+        Show a progress bar on stderr when it is a terminal, and print the log lines (module
+        docstring) on stderr either way (on the main process).
+    logging_steps:
+        Optimizer steps between log entries (transformers' ``logging_steps``); the first and
+        the last step are always logged.
     cpu, mixed_precision:
         Passed to ``accelerate.Accelerator`` (``accelerate launch`` options take precedence).
 
-    After :meth:`fit`: ``history_`` (per-epoch loss and evaluation), ``evaluation_`` (the final
-    :func:`per_user_metrics` of the evaluation rows, or of the training rows without them),
-    ``train_evaluation_``, ``global_step_``, ``resumed_from_``.
+    After :meth:`fit`: ``history_`` (per-epoch loss and evaluation), ``log_history_`` (the
+    entries of the module docstring, also in ``output_dir/trainer_state.json`` and
+    ``output_dir/log.jsonl``), ``evaluation_`` (the final :func:`per_user_metrics` of the
+    evaluation rows, or of the training rows without them), ``train_evaluation_``,
+    ``global_step_``, ``resumed_from_``.
     """
 
-    def __init__(self, *, epochs: int = 3, lr: float = 1e-3, batch_size: int = 16,
-                 grad_accum: int = 1, weight_decay: float = 0.0, schedule: str = "constant",
-                 warmup_steps: int = 0, max_grad_norm: float | None = None, seed: int = 0,
-                 output_dir: str | Path | None = None, checkpoint_every: int | str = "epoch",
-                 keep_checkpoints: int = 2, resume: bool = True, max_steps: int | None = None,
-                 eval_every_epoch: bool = True, progress: bool = True, cpu: bool = False,
-                 mixed_precision: str = "no") -> None:
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.grad_accum = grad_accum
-        self.weight_decay = weight_decay
-        self.schedule = schedule
-        self.warmup_steps = warmup_steps
-        self.max_grad_norm = max_grad_norm
-        self.seed = seed
+    # defaults of the keywords above that a subclass changes (DPOTrainer: one epoch at 5e-4);
+    # with ``args`` the section's defaults apply instead
+    _DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, *, args: TrainingConfig | Mapping[str, Any] | None = None,
+                 epochs: int = _D["epochs"], lr: float = _D["lr"],
+                 batch_size: int = _D["batch_size"], grad_accum: int = _D["grad_accum"],
+                 weight_decay: float = _D["weight_decay"], schedule: str = _D["schedule"],
+                 warmup_steps: int = _D["warmup_steps"],
+                 max_grad_norm: float | None = _D["max_grad_norm"], seed: int = _D["seed"],
+                 output_dir: str | Path | None = None,
+                 checkpoint_every: int | str = _D["checkpoint_every"],
+                 keep_checkpoints: int = _D["keep_checkpoints"], resume: bool = True,
+                 max_steps: int | None = _D["max_steps"], eval_every_epoch: bool = True,
+                 progress: bool = True, cpu: bool = False, mixed_precision: str = "no",
+                 logging_steps: int = _D["logging_steps"]) -> None:
+        settings = _loop_settings(type(self), args, {
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
+            "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
+            "max_grad_norm": max_grad_norm, "seed": seed, "checkpoint_every": checkpoint_every,
+            "keep_checkpoints": keep_checkpoints, "max_steps": max_steps,
+            "logging_steps": logging_steps})
+        self.epochs = settings["epochs"]
+        self.lr = settings["lr"]
+        self.batch_size = settings["batch_size"]
+        self.grad_accum = settings["grad_accum"]
+        self.weight_decay = settings["weight_decay"]
+        self.schedule = settings["schedule"]
+        self.warmup_steps = settings["warmup_steps"]
+        self.max_grad_norm = settings["max_grad_norm"]
+        self.seed = settings["seed"]
         self.output_dir = output_dir
-        self.checkpoint_every = checkpoint_every
-        self.keep_checkpoints = keep_checkpoints
+        self.checkpoint_every = settings["checkpoint_every"]
+        self.keep_checkpoints = settings["keep_checkpoints"]
         self.resume = resume
-        self.max_steps = max_steps
+        self.max_steps = settings["max_steps"]
         self.eval_every_epoch = eval_every_epoch
         self.progress = progress
         self.cpu = cpu
         self.mixed_precision = mixed_precision
+        self.logging_steps = settings["logging_steps"]
 
     # ------------------------------------------------------------------ checks
     def _check(self) -> None:
@@ -173,7 +410,7 @@ class LoRATrainer:
         would train to NaN, and a negative ``warmup_steps`` makes the warm-up factor
         ``(step + 1) / warmup_steps`` negative, i.e. gradient *ascent*; ``bool`` is refused
         where a number is expected."""
-        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "logging_steps"):
             check_int(name, getattr(self, name))
         check_int("max_steps", self.max_steps, optional=True)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
@@ -257,7 +494,16 @@ class LoRATrainer:
         history: list[dict[str, Any]] = state["history"]
         step = state["global_step"]
         stop = self.max_steps if self.max_steps is not None else total_steps
-        progress = _Progress(self.progress and accelerator.is_main_process, total_steps, step)
+        main = accelerator.is_main_process
+        progress = _Progress(self.progress and main, min(stop, total_steps), step)
+        log = _TrainLog(self.logging_steps, steps_per_epoch, min(stop, total_steps), step,
+                        state.get("log_history", []), state.get("log_pending"), progress,
+                        Path(self.output_dir) if self.output_dir and main else None,
+                        {"num_train_epochs": self.epochs, "save_steps": self.checkpoint_every,
+                         "train_batch_size": self.batch_size})
+        if self.resumed_from_ is not None:
+            progress.line(f"train resumed at step {step}/{log.last} from {self.resumed_from_}")
+        log.write(step)                   # drops what a killed run logged after its checkpoint
         try:
             for epoch in range(state["epoch"], self.epochs):
                 batches = self._micro_batches(len(data), epoch, world)
@@ -272,10 +518,12 @@ class LoRATrainer:
                     n_rows = sum(len(b) for b in group)
                     wrapped.train()
                     loss_sum = 0.0
+                    metric_sums: dict[str, float] = {}
                     for m, rows in enumerate(group):
                         torch.manual_seed(_seed(self.seed, epoch, g, m, rank))
                         local = rows[rank::world]
-                        row_losses = self._row_losses(wrapped, model, data, local, device)
+                        row_losses, row_metrics = self._row_outputs(wrapped, model, data, local,
+                                                                    device)
                         loss = row_losses.sum() * (world / n_rows)
                         sync = m == len(group) - 1
                         if sync:
@@ -284,8 +532,14 @@ class LoRATrainer:
                             with accelerator.no_sync(wrapped):
                                 accelerator.backward(loss)
                         loss_sum += float(row_losses.detach().sum())
-                    total = accelerator.gather(torch.tensor([loss_sum], device=device)).sum()
-                    loss_value = float(total) / n_rows
+                        for name, values in row_metrics.items():
+                            metric_sums[name] = (metric_sums.get(name, 0.0)
+                                                 + float(values.detach().sum()))
+                    names = sorted(metric_sums)
+                    sums = accelerator.gather(torch.tensor(
+                        [loss_sum] + [metric_sums[k] for k in names], device=device))
+                    sums = sums.reshape(world, -1).sum(0).tolist()
+                    loss_value = sums[0] / n_rows
                     # before the update: a non-finite loss or gradient is not applied (the
                     # gradients are all-reduced, so every process decides the same)
                     bad = (f"the loss is {loss_value}" if not math.isfinite(loss_value) else
@@ -299,8 +553,9 @@ class LoRATrainer:
                             "train.learning_rate (or weight_decay) or set train.max_grad_norm")
                     if self.max_grad_norm is not None:
                         accelerator.clip_grad_norm_([p for _, p in params], self.max_grad_norm)
+                    lr = self._lr_at(step, total_steps)
                     for group_ in optimizer.param_groups:
-                        group_["lr"] = self._lr_at(step, total_steps)
+                        group_["lr"] = lr
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if not _all_finite(p for _, p in params):
@@ -312,17 +567,28 @@ class LoRATrainer:
                     step += 1
                     losses.append(loss_value)
                     progress.advance(epoch, losses[-1])
+                    log.add_step(loss_value, n_rows, dict(zip(names, sums[1:], strict=True)))
+                    logged = log.due(step)
+                    if logged:
+                        log.log_train(step, lr)
                     last_group = g == len(groups) - 1
                     if last_group:
-                        history.append(self._epoch_record(epoch, step, losses, model, eval_data,
-                                                          accelerator))
+                        metrics = (self.evaluate(model, eval_data, accelerator)
+                                   if eval_data is not None and self.eval_every_epoch else None)
+                        history.append(self._epoch_record(epoch, step, losses, metrics))
                         losses = []
+                        if metrics is not None:
+                            log.log_eval(step, metrics)
+                            logged = True
+                    if logged:
+                        log.write(step)
                     every = self.checkpoint_every
                     if ckpt_dir is not None and ((every == "epoch" and last_group) or step >= stop
                                                  or (every != "epoch" and step % every == 0)):
                         snapshot = {"epoch": epoch + 1 if last_group else epoch,
                                     "group": 0 if last_group else g + 1, "global_step": step,
                                     "history": history, "epoch_losses": losses,
+                                    "log_history": log.history, "log_pending": log.pending,
                                     "fingerprint": fingerprint, "epochs": self.epochs,
                                     "total_steps": total_steps}
                         _save_checkpoint(ckpt_dir, step, model, optimizer, snapshot,
@@ -333,8 +599,10 @@ class LoRATrainer:
             progress.close()
             for hook in hooks:
                 hook.remove()
+        log.write(step)
         model.train(False)
         self.history_ = history
+        self.log_history_ = log.history
         self.global_step_ = step
         self.train_evaluation_ = self.evaluate(model, data, accelerator)
         self.evaluation_ = (self.evaluate(model, eval_data, accelerator) if eval_data is not None
@@ -342,13 +610,19 @@ class LoRATrainer:
         accelerator.wait_for_everyone()
         return self
 
+    def _row_outputs(self, wrapped: Any, model: Any, data: Any, rows: list[int],
+                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of each row of a micro-batch (``_row_losses``) and training metrics by
+        name, one value per row (e.g. ``{"accuracy": ...}``): the loop averages each metric over
+        the rows since the previous log entry and records it under its name. The default has
+        no metrics; a subclass that gets them from the same forward pass overrides this."""
+        return self._row_losses(wrapped, model, data, rows, device), {}
+
     def _epoch_record(self, epoch: int, step: int, losses: list[float],
-                      model: PersonalizedRewardModel, eval_data: EncodedPairs | None,
-                      accelerator) -> dict[str, Any]:
+                      metrics: dict[str, Any] | None) -> dict[str, Any]:
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
                                   "train_loss": float(np.mean(losses)) if losses else None}
-        if eval_data is not None and self.eval_every_epoch:
-            metrics = self.evaluate(model, eval_data, accelerator)
+        if metrics is not None:
             record.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"],
                           eval_mean_user_accuracy=metrics["mean_user_accuracy"])
         return record
@@ -357,7 +631,14 @@ class LoRATrainer:
 class RewardTrainer(LoRATrainer):
     """Trains a :class:`~pluralign.llm.PersonalizedRewardModel` on preference rows by
     Bradley–Terry maximum likelihood (module docstring); the settings and the fitted
-    attributes are :class:`LoRATrainer`'s."""
+    attributes are :class:`LoRATrainer`'s. TRL's names (docs/names.md)::
+
+        RewardTrainer(args=TrainingConfig(num_train_epochs=2, learning_rate=2e-3),
+                      output_dir="runs/rm").fit(model, train_dataset, eval_dataset)
+
+    is ``RewardTrainer(epochs=2, lr=2e-3, output_dir="runs/rm")``; the model and the data go
+    to :meth:`fit` (TRL: to the constructor, then ``train()``), the tokenizer
+    (``processing_class``) is the model's."""
 
     def fit(self, model: PersonalizedRewardModel, train: TextPreferences,
             eval: TextPreferences | None = None) -> RewardTrainer:
@@ -378,10 +659,19 @@ class RewardTrainer(LoRATrainer):
     def _row_losses(self, wrapped: Any, model: PersonalizedRewardModel, data: EncodedPairs,
                     rows: list[int], device: torch.device) -> torch.Tensor:
         """``−log σ(r_u(x, y_c) − r_u(x, y_r))`` of each row."""
+        return self._row_outputs(wrapped, model, data, rows, device)[0]
+
+    def _row_outputs(self, wrapped: Any, model: PersonalizedRewardModel, data: EncodedPairs,
+                     rows: list[int], device: torch.device
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The BT loss of each row and its training ``accuracy`` (``r_c > r_r``; a tie counts
+        one half, as in :func:`per_user_metrics`), from one forward pass."""
         batch = {k: v.to(device) for k, v in data.batch(rows, model).items()}
         rewards = wrapped(**batch)
         k = len(rows)
-        return F.softplus(-(rewards[:k] - rewards[k:]))
+        margins = rewards[:k] - rewards[k:]
+        correct = (margins > 0).to(margins.dtype) + 0.5 * (margins == 0).to(margins.dtype)
+        return F.softplus(-margins), {"accuracy": correct}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -584,8 +874,44 @@ def _read_state(path: Path, fingerprint: dict[str, Any], layout: tuple[int, int]
             for v in losses):
         raise DataValidationError(f"must be a list of {group} finite loss(es)",
                                   field="epoch_losses", path=str(file))
+    log_history, pending = _read_log(state, step, file)
     return {"epoch": epoch, "group": group, "global_step": step, "history": history,
-            "epoch_losses": losses}
+            "epoch_losses": losses, "log_history": log_history, "log_pending": pending}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_log(state: dict[str, Any], step: int, file: Path
+              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ``log_history`` of a checkpoint's state (entries at steps ``1..step``, in order)
+    and the sums of the steps since its last training entry (``log_pending``). A checkpoint
+    written before the trainer kept logs has neither: its run continues with an empty log."""
+    entries = state.get("log_history", [])
+    previous = 0
+    if not isinstance(entries, list):
+        raise DataValidationError(f"must be a list, got {show(entries)}", field="log_history",
+                                  path=str(file))
+    for entry in entries:
+        at = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(at, bool) or not isinstance(at, int) or not previous <= at <= step:
+            raise DataValidationError(f"entries must be objects with steps in order up to "
+                                      f"{step}, got {show(entry)}", field="log_history",
+                                      path=str(file))
+        previous = at
+    pending = state.get("log_pending")
+    if pending is None:
+        return entries, _TrainLog.empty()
+    metrics = pending.get("metrics") if isinstance(pending, dict) else None
+    if not (isinstance(pending, dict) and set(pending) == {"steps", "loss", "rows", "metrics"}
+            and all(type(pending[k]) is int and 0 <= pending[k] <= INT_MAX
+                    for k in ("steps", "rows"))
+            and _number(pending["loss"]) and isinstance(metrics, dict)
+            and all(isinstance(k, str) and _number(v) for k, v in metrics.items())):
+        raise DataValidationError(f"must be the sums of the steps since the last log entry, "
+                                  f"got {show(pending)}", field="log_pending", path=str(file))
+    return entries, pending
 
 
 def _read_trainable(path: Path, model: PersonalizedRewardModel) -> dict[str, torch.Tensor]:
@@ -701,29 +1027,155 @@ def _all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
 
 
 class _Progress:
-    """A rich progress bar over optimizer steps (a no-op when disabled)."""
+    """Progress on stderr (a no-op when disabled): a rich bar over optimizer steps when stderr
+    is a terminal (or a notebook), and the trainer's log lines, printed above the bar or, with
+    no bar (stderr redirected to a file or a pipe), as plain lines."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled = enabled
         self.bar = None
         if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.console import Console
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-            self.task = self.bar.add_task("training", total=total, completed=done)
-            self.bar.start()
+            console = Console(stderr=True)
+            if console.is_terminal or console.is_jupyter:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                    MofNCompleteColumn(), TimeRemainingColumn(),
+                                    console=console, transient=True)
+                self.task = self.bar.add_task("training", total=total, completed=done)
+                self.bar.start()
 
     def advance(self, epoch: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, advance=1,
                             description=f"epoch {epoch + 1} loss {loss:.3f}")
 
+    def line(self, text: str) -> None:
+        """One log line on stderr."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _plain_number(value: Any) -> Any:
+    """A metric as JSON: finite numbers as they are, anything else (NaN, inf) as ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return None
+    value = value.item() if isinstance(value, np.generic) else value
+    return value if math.isfinite(value) else None
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _TrainLog:
+    """The log entries of a run (module docstring): kept in memory (and in checkpoints),
+    printed through a :class:`_Progress` and written to ``out/trainer_state.json`` and
+    ``out/log.jsonl`` (``out=None``: not written; only the main process writes).
+
+    ``pending`` holds the sums of the steps since the last training entry (steps, step losses,
+    rows, and per metric the sum over rows), so that a resumed run logs the same averages."""
+
+    def __init__(self, every: int, steps_per_epoch: int, last: int, step: int,
+                 history: list[dict[str, Any]], pending: dict[str, Any] | None,
+                 progress: _Progress, out: Path | None, settings: dict[str, Any]) -> None:
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+        self.last = last
+        self.start = step
+        self.started = time.monotonic()
+        self.history = list(history)
+        self.pending = _copy_pending(pending) if pending else self.empty()
+        self.progress = progress
+        self.out = out
+        self.settings = settings
+
+    @staticmethod
+    def empty() -> dict[str, Any]:
+        return {"steps": 0, "loss": 0.0, "rows": 0, "metrics": {}}
+
+    def add_step(self, loss: float, rows: int, metric_sums: dict[str, float]) -> None:
+        p = self.pending
+        p["steps"] += 1
+        p["loss"] += loss
+        p["rows"] += rows
+        for name, value in metric_sums.items():
+            p["metrics"][name] = p["metrics"].get(name, 0.0) + value
+
+    def due(self, step: int) -> bool:
+        return step == 1 or step % self.every == 0 or step >= self.last
+
+    def _epoch(self, step: int) -> float:
+        return round(step / self.steps_per_epoch, 4)
+
+    def _timing(self, step: int) -> str:
+        elapsed = time.monotonic() - self.started
+        done = step - self.start
+        eta = _duration(elapsed / done * max(self.last - step, 0)) if done > 0 else "-"
+        return f"elapsed {_duration(elapsed)} eta {eta}"
+
+    def log_train(self, step: int, lr: float) -> None:
+        p = self.pending
+        entry: dict[str, Any] = {"step": step, "epoch": self._epoch(step),
+                                 "loss": _plain_number(p["loss"] / max(p["steps"], 1))}
+        for name, total in sorted(p["metrics"].items()):
+            entry[name] = _plain_number(total / max(p["rows"], 1))
+        entry["learning_rate"] = _plain_number(lr)
+        self.history.append(entry)
+        self.pending = self.empty()
+        values = " ".join(f"{k} {_shown(v)}" for k, v in entry.items()
+                          if k not in ("step", "epoch", "learning_rate"))
+        self.progress.line(f"train step {step}/{self.last} epoch {entry['epoch']:.2f} {values} "
+                           f"lr {lr:.3e} {self._timing(step)}")
+
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {"step": step, "epoch": self._epoch(step)}
+        for name, value in metrics.items():             # the scalars: not n, not per_user
+            number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+            if name not in ("n", "per_user") and (value is None or number):
+                entry[f"eval_{name}"] = _plain_number(value)
+        self.history.append(entry)
+        values = " ".join(f"{k} {_shown(v)}" for k, v in entry.items()
+                          if k not in ("step", "epoch"))
+        self.progress.line(f"eval step {step}/{self.last} epoch {entry['epoch']:.2f} {values} "
+                           f"{self._timing(step)}")
+
+    def write(self, step: int) -> None:
+        """``trainer_state.json`` (transformers' ``TrainerState`` fields) and ``log.jsonl``
+        (one entry a line), each written atomically."""
+        if self.out is None:
+            return
+        document = {"global_step": step, "epoch": self._epoch(step), "max_steps": self.last,
+                    "logging_steps": self.every, **self.settings, "best_metric": None,
+                    "best_model_checkpoint": None, "is_world_process_zero": True,
+                    "log_history": self.history}
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "log.jsonl",
+                          "".join(json.dumps(e, allow_nan=False) + "\n" for e in self.history))
+        atomic_write_text(self.out / "trainer_state.json",
+                          json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def _copy_pending(pending: dict[str, Any]) -> dict[str, Any]:
+    return {**pending, "metrics": dict(pending["metrics"])}

@@ -11,6 +11,7 @@ with ``−log σ(t) = softplus(−t)`` evaluated stably. Subclasses say how the 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -48,11 +49,28 @@ def log_sigmoid(t: np.ndarray) -> np.ndarray:
 
 
 class RewardModel(ABC):
-    """A reward ``r(x, φ)``; fitted from comparisons by Bradley–Terry maximum likelihood."""
+    """A reward ``r(x, φ)``; fitted from comparisons by Bradley–Terry maximum likelihood.
+
+    scikit-learn's estimator protocol, implemented here without importing scikit-learn (it is
+    not a dependency): the hyper-parameters are the arguments of ``__init__``, stored verbatim
+    as attributes of the same name; :meth:`get_params`, :meth:`set_params` and :meth:`score`
+    (higher is better) are what :func:`sklearn.base.clone` and ``GridSearchCV`` use, with
+    ``PreferenceData`` as ``X`` (the labels are ``data.y``; ``y`` is accepted only as ``None``
+    or ``data.y`` itself).
+    """
+
+    # ``__init__`` arguments that are fitted inputs, not hyper-parameters: a fitted model passed
+    # in (``RTVReduced.base``). ``get_params(deep=True)`` does not descend into them and
+    # ``set_params`` does not reach inside them (as for scikit-learn's ``FrozenEstimator``);
+    # the class's ``__sklearn_clone__`` keeps the same object, so a clone can still be fitted.
+    _fitted_inputs: tuple[str, ...] = ()
+    # ``__init__`` arguments that set fitted state (``UserReward(basis, params)``); not
+    # hyper-parameters, so ``clone`` leaves them out and gives an unfitted model.
+    _state_arguments: tuple[str, ...] = ()
 
     @abstractmethod
-    def fit(self, data: PreferenceData) -> RewardModel:
-        """Fit to ``data`` and return ``self``."""
+    def fit(self, data: PreferenceData, y: None = None) -> RewardModel:
+        """Fit to ``data`` and return ``self`` (``y``: see :meth:`_check_y`)."""
 
     @abstractmethod
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
@@ -74,9 +92,94 @@ class RewardModel(ABC):
         sign = 2.0 * data.y - 1.0
         return float(np.mean(log_sigmoid(sign * margin)))
 
+    def score(self, data: PreferenceData, y: None = None) -> float:
+        """:meth:`log_likelihood` of ``data``: the mean Bradley–Terry log-likelihood per
+        comparison, higher is better (what ``GridSearchCV`` maximises without ``scoring``)."""
+        self._check_y(data, y)
+        return self.log_likelihood(data)
+
     def _check_fitted(self) -> None:
         if not getattr(self, "is_fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(data) first")
+
+    def _check_y(self, data: PreferenceData, y: Any) -> None:
+        """Refuse a ``y`` other than ``None`` or the data's own labels.
+
+        ``fit(X, y)`` / ``score(X, y)`` is scikit-learn's signature; here the labels are part of
+        ``data`` (``data.y``). ``GridSearchCV(...).fit(data)`` passes no ``y``; a pipeline or a
+        stratified splitter may pass ``y``, which must then be ``data.y`` (rows in order).
+        """
+        if y is None:
+            return
+        labels = getattr(data, "y", None)
+        if labels is None or np.shape(y) != labels.shape or not np.array_equal(y, labels):
+            raise DataValidationError(
+                f"{type(self).__name__} reads its labels from data.y; y must be None or equal "
+                "to data.y", field="y")
+
+    # ---- scikit-learn estimator protocol -----------------------------------------------------
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """The hyper-parameters: the named arguments of ``__init__``, in signature order."""
+        if cls.__init__ is object.__init__:
+            return []
+        return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                and p.name not in cls._state_arguments]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Hyper-parameters, as given to ``__init__`` (scikit-learn convention).
+
+        With ``deep``, the parameters of estimator-valued hyper-parameters are included as
+        ``name__param`` (none of pluralign's estimators has one: ``RTVReduced.base`` is a fitted
+        input, see ``_fitted_inputs``)."""
+        out: dict[str, Any] = {}
+        for name in self._get_param_names():
+            value = getattr(self, name)
+            out[name] = value
+            if (deep and name not in self._fitted_inputs and hasattr(value, "get_params")
+                    and not isinstance(value, type)):
+                out.update((f"{name}__{k}", v) for k, v in value.get_params(deep=True).items())
+        return out
+
+    def set_params(self, **params: Any) -> RewardModel:
+        """Set hyper-parameters (``name=value``, or ``name__param=value`` for an
+        estimator-valued one) and return ``self``, scikit-learn style: values are stored as
+        given and checked by ``fit``. An unknown name raises a ``DataValidationError`` (a
+        ``ValueError``) naming the valid parameters; then nothing is set."""
+        names = self._get_param_names()
+        direct: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in params.items():
+            name, delim, sub = key.partition("__")
+            owner = type(self).__name__
+            if name not in names:
+                raise DataValidationError(
+                    f"invalid parameter {key!r} for {owner}; valid parameters are: "
+                    f"{', '.join(names) or '(none)'}", field=key)
+            if not delim:
+                direct[name] = value
+                continue
+            inner = getattr(self, name)
+            if name in self._fitted_inputs or not hasattr(inner, "set_params"):
+                why = ("is a fitted input" if name in self._fitted_inputs
+                       else "is not an estimator")
+                raise DataValidationError(
+                    f"invalid parameter {key!r} for {owner}: {name!r} {why}; set {name} "
+                    "itself instead", field=key)
+            nested.setdefault(name, {})[sub] = value
+        for name, sub_params in nested.items():
+            getattr(self, name).set_params(**sub_params)
+        for name, value in direct.items():
+            setattr(self, name, value)
+        return self
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's estimator tags (those of ``BaseEstimator``): ``GridSearchCV`` and
+        ``cross_validate`` read them. Only scikit-learn calls this, so it imports it here."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False))
 
 
 class BradleyTerryModel(RewardModel):
@@ -255,12 +358,14 @@ class BradleyTerryModel(RewardModel):
             work=data.n * x0.size,
         )
 
-    def fit(self, data: PreferenceData) -> BradleyTerryModel:
-        """Penalized Bradley–Terry MLE on ``data``; returns ``self``."""
+    def fit(self, data: PreferenceData, y: None = None) -> BradleyTerryModel:
+        """Penalized Bradley–Terry MLE on ``data``; returns ``self`` (``y``: ``None`` or
+        ``data.y``, for scikit-learn's ``fit(X, y)``)."""
         if not isinstance(data, PreferenceData):
             raise DataValidationError(
                 f"fit expects PreferenceData, got {type(data).__name__}", field="data"
             )
+        self._check_y(data, y)
         self._check_params()
         self._validate(data)
         params, info = self._solve(data, self._initial_params(data))
@@ -274,17 +379,6 @@ class BradleyTerryModel(RewardModel):
             self._diagnose(data)
         return self
 
-    def get_params(self) -> dict[str, Any]:
-        """Hyper-parameters, as given to ``__init__`` (scikit-learn convention)."""
-        import inspect
-
-        names = [
-            p.name
-            for p in inspect.signature(type(self).__init__).parameters.values()
-            if p.name != "self" and p.kind is not p.VAR_KEYWORD
-        ]
-        return {name: getattr(self, name) for name in names}
-
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items())
         return f"{type(self).__name__}({args})"

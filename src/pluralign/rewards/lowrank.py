@@ -224,8 +224,9 @@ class LowRank(BradleyTerryModel):
                 f"solver='numpy' evaluates in float64 on the CPU; got dtype={self.dtype!r}, "
                 f"device={self.device!r} (use solver='torch' or 'auto')", field="solver")
 
-    def fit(self, data: PreferenceData) -> LowRank:
-        """Penalized Bradley–Terry MLE on ``data`` (see the class docstring); returns ``self``.
+    def fit(self, data: PreferenceData, y: None = None) -> LowRank:
+        """Penalized Bradley–Terry MLE on ``data`` (see the class docstring); returns ``self``
+        (``y``: ``None`` or ``data.y``, for scikit-learn's ``fit(X, y)``).
 
         With ``solver="numpy"`` and a pass over the data below ``SMALL_BLAS`` flops, BLAS runs
         on one thread for the fit (:func:`~pluralign.rewards._solver.blas_threads`)."""
@@ -236,7 +237,7 @@ class LowRank(BradleyTerryModel):
         self._fit_dphi = None
         try:
             with blas_threads(work) if work else nullcontext():
-                return super().fit(data)
+                return super().fit(data, y)
         finally:
             del self._fit_dphi
 

@@ -160,7 +160,12 @@ class UserReward(LinearInParameters, RewardModel):
         The user id (informational).
 
     Context ``x`` is ignored: the user is fixed.
+
+    Hyper-parameters (``get_params``, ``clone``): ``basis``, ``l2``, ``user``; ``params`` is
+    fitted state, so ``clone`` gives an unfitted view.
     """
+
+    _state_arguments = ("params",)
 
     def __init__(self, basis: np.ndarray, params: np.ndarray | None = None, *, l2: float = 1e-3,
                  user: Any = None) -> None:
@@ -174,10 +179,12 @@ class UserReward(LinearInParameters, RewardModel):
             self.params_ = np.asarray(params, dtype=np.float64).copy()
             self.is_fitted_ = True
 
-    def fit(self, data: PreferenceData) -> UserReward:
+    def fit(self, data: PreferenceData, y: None = None) -> UserReward:
         """Ridge Bradley–Terry MLE of ``v`` on ``data`` (features ``Aᵀφ``); returns ``self``.
 
-        Warns like :class:`~pluralign.rewards.Linear` on the features ``Aᵀφ``."""
+        Warns like :class:`~pluralign.rewards.Linear` on the features ``Aᵀφ``. ``y``: ``None``
+        or ``data.y`` (scikit-learn's ``fit(X, y)``)."""
+        self._check_y(data, y)
         check_number(self.l2, "l2", owner="UserReward")
         z0, z1 = data.phi0 @ self.basis, data.phi1 @ self.basis
         inner = Linear(l2=self.l2)
@@ -224,7 +231,6 @@ class MultiUserModel(RewardModel):
     l2: float
     unknown_user: str
 
-    get_params = BradleyTerryModel.get_params
     __repr__ = BradleyTerryModel.__repr__
 
     # ---- users ------------------------------------------------------------------------
@@ -532,11 +538,13 @@ class PerUser(MultiUserModel):
         self.adapt_l2 = adapt_l2
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
 
-    def fit(self, data: PreferenceData) -> PerUser:
+    def fit(self, data: PreferenceData, y: None = None) -> PerUser:
         """Per-user ridge MLEs, fitted jointly (one vectorized solve); returns ``self``.
 
         With ``l2 = 0`` each user's own comparisons are tested for separability and for
-        directions of ``span{φ − φ′}`` (over all training responses) they leave uninformed."""
+        directions of ``span{φ − φ′}`` (over all training responses) they leave uninformed.
+        ``y``: ``None`` or ``data.y`` (scikit-learn's ``fit(X, y)``)."""
+        self._check_y(data, y)
         self._check_params()
         _check_unknown(self.unknown_user)
         users, index = self._index(data)
@@ -586,8 +594,10 @@ class Pooled(MultiUserModel):
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
         self.unknown_user = "shared"
 
-    def fit(self, data: PreferenceData) -> Pooled:
-        """The pooled ridge MLE; returns ``self`` (warns as :class:`Linear` does)."""
+    def fit(self, data: PreferenceData, y: None = None) -> Pooled:
+        """The pooled ridge MLE; returns ``self`` (warns as :class:`Linear` does; ``y``: ``None``
+        or ``data.y``)."""
+        self._check_y(data, y)
         self._check_params()
         users, index = (self._index(data) if data.users is not None
                         else (np.array([], dtype=np.int64), np.zeros(data.n, dtype=np.int64)))
@@ -673,9 +683,10 @@ class SharedBasis(MultiUserModel):
                        dense_svd_limit=self.dense_svd_limit, free_rows=1, tol=self.tol,
                        max_iter=self.max_iter, dtype=self.dtype, device=self.device)
 
-    def fit(self, data: PreferenceData) -> SharedBasis:
+    def fit(self, data: PreferenceData, y: None = None) -> SharedBasis:
         """Fit ``θ0, B, W`` jointly; returns ``self`` (warns as :class:`LowRank` does, naming
-        the users of separated comparisons)."""
+        the users of separated comparisons; ``y``: ``None`` or ``data.y``)."""
+        self._check_y(data, y)
         self._check_params()
         _check_unknown(self.unknown_user)
         users, index = self._index(data)

@@ -43,7 +43,14 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
     Warnings as for every :class:`~pluralign.rewards.BradleyTerryModel`; the refit is linear in
     ``θ_z``, so with ``l2 = 0`` the separability LP and the identifiability check run on the
     reduced features ``Δz`` (materialized; skipped above their budgets).
+
+    scikit-learn: ``base`` is a fitted input, not a hyper-parameter to tune through this model.
+    ``get_params(deep=True)`` does not list ``base__*``, ``set_params(base__l2=...)`` is refused,
+    and ``clone`` keeps the same fitted ``base`` (it is only read, never refitted), so a clone
+    (e.g. in ``GridSearchCV`` over ``l2``) fits in the reduced space of the one base.
     """
+
+    _fitted_inputs = ("base",)
 
     _start_note = ("the warm start's (the rotated LowRank estimate), since L-BFGS iterates only "
                    "move within the span of the gradients")
@@ -60,6 +67,11 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
     ) -> None:
         super().__init__(l2, tol=tol, max_iter=max_iter, dtype=dtype, device=device)
         self.base = base
+
+    def __sklearn_clone__(self) -> RTVReduced:
+        """``sklearn.base.clone``: an unfitted ``RTVReduced`` with the same hyper-parameters and
+        the same fitted ``base`` object (the other hyper-parameters are immutable values)."""
+        return type(self)(**self.get_params(deep=False))
 
     def _validate(self, data: PreferenceData) -> None:
         if not getattr(self.base, "is_fitted_", False):
