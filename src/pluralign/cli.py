@@ -721,6 +721,65 @@ def _encode_candidates(encoder: Any, row: dict[str, Any], template: str, model_d
     return phi
 
 
+def _known_users_text(users: list[Any]) -> str:
+    known = ", ".join(map(repr, users[:10]))
+    return known + ("" if len(users) <= 10 else f", … ({len(users)} users)")
+
+
+def _read_adapt_pairs(path: Path, uid: Any, features: dict[str, Any], encoder: Any, d_phi: int):
+    """``rank --adapt``: the preference pairs of ``path`` (numeric, or text encoded with the
+    model's encoder and template) as ``PreferenceData``; every row must be of user ``uid``
+    (numeric rows without user ids are taken as theirs), else an error naming the row."""
+    from pluralign.data import load_preferences
+    from pluralign.data.loaders import detect_format, read_text_preferences
+    from pluralign.errors import DataValidationError
+
+    if not path.is_file():
+        raise DataValidationError("--adapt: file not found", path=str(path))
+    fmt = detect_format(path)
+    text = features.get("kind") == "text"
+    if (fmt != "numeric") != text:
+        raise DataValidationError(
+            f"--adapt: {fmt} pairs, but the model was fitted on "
+            + ("text; give text pairs (trl, summarize or prism) of the user" if text
+               else "numeric features; give numeric pairs (phi0, phi1, y) of the user"),
+            path=str(path))
+    if text:
+        prefs = read_text_preferences(path, format=fmt)
+        users = prefs.users.tolist()
+        lines = [line for _, line in prefs.where] if len(prefs.where) == len(users) else None
+    else:
+        data = load_preferences(path)
+        users = None if data.users is None else data.users.tolist()
+        lines = None
+        if users is not None and path.suffix.lower() != ".npz":
+            from pluralign.data.sources import Problems, iter_rows
+
+            lines = [line for _, line, _ in iter_rows(
+                path, Problems("raise"), typed=("x", "phi0", "phi1", "y"))]
+            lines = lines if len(lines) == len(users) else None
+    if users is not None:
+        other = [i for i, u in enumerate(users) if str(u) != str(uid)]
+        if other:
+            i = other[0]
+            raise DataValidationError(
+                f"--adapt: a pair of user {users[i]!r}, not of --user {uid!r}"
+                + (f" (and {len(other) - 1} more such row(s))" if len(other) > 1 else "")
+                + "; --adapt takes the pairs of the user being ranked only",
+                path=str(path), field="user_id" if text else "user", **(
+                    {"line": lines[i]} if lines is not None else {"row": i}))
+    if text:
+        import dataclasses
+
+        # joined as the model's training rows were
+        prefs = dataclasses.replace(prefs, template=features["template"])
+        data = prefs.to_preference_data(encoder, orient="chosen_second")
+    if data.d_phi != d_phi:
+        raise DataValidationError(f"--adapt: pairs with {data.d_phi} features, but the model "
+                                  f"was fitted on d_phi = {d_phi}", path=str(path))
+    return data
+
+
 @app.command()
 def rank(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by `pluralign fit`.")],
@@ -733,10 +792,20 @@ def rank(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir",
                                                    help="Embedding cache folder.")] = None,
+    adapt: Annotated[Path | None, typer.Option(
+        "--adapt", metavar="PAIRS.jsonl",
+        help="A new user: fit them first (the model's adapt_user) from a few preference pairs "
+             "of theirs in this file (a format `fit` reads; every row must be --user's).")] = None,
 ) -> None:
     """Personalized best-of-n: per prompt, the candidate with the highest reward for USER, or,
     with --pessimism β, the highest lower confidence bound
-    θ̂_uᵀφ − β‖φ − φ̄‖_{M_u⁻¹} (φ̄ = mean candidate; the pointwise pessimistic policy)."""
+    θ̂_uᵀφ − β‖φ − φ̄‖_{M_u⁻¹} (φ̄ = mean candidate; the pointwise pessimistic policy).
+
+    A user the model does not know is an error, unless --adapt PAIRS.jsonl fits them from a
+    few of their pairs, or the model was fitted with --unknown-user shared: then they are
+    ranked with the shared reward θ0, each record says "unknown_user": true and a warning
+    naming them goes to stderr. Every record carries "unknown_user" (false for known and
+    adapted users)."""
     import numpy as np
 
     from pluralign._atomic import atomic_write_text
@@ -760,6 +829,31 @@ def rank(
             enc = features["encoder"]
             encoder = TextEncoder(enc["model"], mode=enc["mode"], template=enc["template"],
                                   normalize=enc["normalize"], cache_dir=cache_dir)
+        known = bool(model.user_index(uid, allow_unknown=True)[0] >= 0)
+        if adapt is not None:
+            if not hasattr(model, "adapt_user"):
+                raise PluralignError(f"{model_dir}: a {type(model).__name__} model has one "
+                                     "reward for every user; --adapt does not apply")
+            if known:
+                raise PluralignError(f"user {uid!r} is already known to {model_dir}; --adapt "
+                                     "fits new users only (rank without it)")
+            if pessimism > 0:
+                raise PluralignError("--pessimism needs the design matrix of a fitted user; "
+                                     "an adapted user has none (rank without --pessimism, or "
+                                     "refit with the user's pairs)")
+            pairs = _read_adapt_pairs(adapt, uid, features, encoder, model.d_phi_)
+            model.adapt_user(pairs, user=uid)
+            known = True
+        elif not known and model.unknown_user != "shared":
+            raise PluralignError(
+                f"unknown user {uid!r}; known users: {_known_users_text(meta['users'])}. "
+                f"Give --adapt PAIRS.jsonl (a few preference pairs of {uid!r}) to fit them "
+                "first, or refit with `pluralign fit --unknown-user shared` to rank unknown "
+                "users with the shared reward θ0")
+        elif not known and pessimism > 0:
+            raise PluralignError(f"--pessimism needs the design matrix of a fitted user; "
+                                 f"{uid!r} is unknown (rank without --pessimism, or give "
+                                 "--adapt PAIRS.jsonl)")
         theta = model.user_theta(uid)[0]
         policy = None
         if pessimism > 0:
@@ -786,7 +880,7 @@ def rank(
             else:
                 phi = np.asarray(row["phi"], dtype=np.float64)
             reward = phi @ theta
-            record: dict[str, Any] = {"line": line, "user": uid}
+            record: dict[str, Any] = {"line": line, "user": uid, "unknown_user": not known}
             if policy is not None:
                 best = int(np.argmax(policy.probs(TargetStates(None, phi[None]))[0]))
                 z = policy.model.features(None, phi - phi.mean(axis=0))
@@ -806,6 +900,15 @@ def rank(
         console.print(f"ranked {len(lines)} prompt(s) for user {uid!r}; wrote {out}")
     else:
         typer.echo(output, nl=False)
+    if not known:  # after the records, so stdout stays JSON lines; a typo must not pass silently
+        from rich.markup import escape
+
+        err_console.print(
+            f"[yellow]warning:[/yellow] user {escape(repr(uid))} is not in "
+            f"{escape(str(model_dir))} (known users: "
+            f"{escape(_known_users_text(meta['users']))}); ranked with the shared reward θ0 "
+            "(the model's --unknown-user shared). Give --adapt PAIRS.jsonl to fit "
+            "this user", highlight=False)
 
 
 @app.command("train-rm")

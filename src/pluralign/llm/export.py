@@ -360,13 +360,19 @@ def export_adapters(model: PersonalizedRewardModel | PersonalizedPolicy, out: st
                 "base_model_name_or_path": base_name, "load_kwargs": load_kwargs,
                 "pad_token": model.tokenizer.pad_token,
             }, indent=1))
-        fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_dir(out)
+        _move_into_place(tmp, final)
         written[user] = final
     _write_users_json(out, written)
     return written
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the finished folder ``tmp`` (its files already fsynced): fsync
+    ``tmp``, remove any old ``final``, rename, fsync the parent."""
+    fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_dir(final.parent)
 
 
 def _warn_pad_token_id(model: PersonalizedRewardModel, seq_cls: SeqClsHead) -> None:
@@ -858,10 +864,7 @@ def merge_adapters(adapters: str | Path, out: str | Path, *, users: Sequence[Any
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
                 fsync_file(path)
-        fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_dir(out)
+        _move_into_place(tmp, final)
         written[user] = final
     _write_users_json(out, written)
     return written
