@@ -139,7 +139,10 @@ def figure_legend(fig: Any, *, loc: str = "outside lower center", ncols: int | N
     entries = {label: found[label] for label in order if label in found}
     entries.update(found)
     if ncols is None:
-        ncols = min(len(entries), 4) if "lower" in loc or "upper center" in loc else 1
+        # below or above the axes: as many columns as fit the figure's width (~2 inches an
+        # entry at fontsize 8, long method names included), so no entry is cut off
+        across = max(1, int(fig.get_figwidth() // 2.0))
+        ncols = min(len(entries), across) if "lower" in loc or "upper center" in loc else 1
     return fig.legend(list(entries.values()), list(entries), loc=loc, ncols=ncols,
                       fontsize=fontsize, title=title, title_fontsize=fontsize,
                       frameon=False)
