@@ -295,15 +295,87 @@ def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, A
                          f"plot: {files['plot']}"))
 
 
+# The output folders `report` reads, each known by files its command writes (checked in this
+# order; a run folder, whose config.yaml the LLM commands write too, last):
+FOLDER_KINDS = (
+    ("fit", ("report.json", "model.json")),
+    ("train-rm", ("per_user_accuracy.json",)),
+    ("train-policy", ("per_user.json",)),
+    ("iterate", ("history.json", "rounds.md")),
+    ("run", ("config.yaml",)),
+)
+
+
+def folder_kind(out: Path) -> str | None:
+    """Which command wrote the folder ``out`` (a key of :data:`FOLDER_KINDS`), or ``None``.
+    Any config.yaml entry makes a run folder (so that a bad one gets the run's own error)."""
+    for kind, files in FOLDER_KINDS:
+        if kind == "run":
+            path = out / "config.yaml"
+            return kind if path.exists() or path.is_symlink() else None
+        if all((out / name).is_file() for name in files):
+            return kind
+    return None
+
+
+def _read_json_file(path: Path) -> Any:
+    from pluralign._parse import parse_json, read_text
+
+    try:
+        return parse_json(read_text(path), path=str(path), finite=False)
+    except PluralignError:
+        raise
+    except (OSError, ValueError) as err:
+        raise PluralignError(f"{path}: {err}") from None
+
+
+def _report_document(path: Path, keys: tuple[str, ...], kind: str) -> dict[str, Any]:
+    document = _read_json_file(path)
+    if not isinstance(document, dict) or any(k not in document for k in keys):
+        raise PluralignError(f"{path}: not a {kind} report (a JSON object with the keys "
+                             f"{', '.join(keys)})")
+    return document
+
+
+def _report_other(out: Path, kind: str, as_json: bool) -> None:
+    """``report`` of a fit, train-rm, train-policy or iterate folder: what that command
+    printed at its end."""
+    if kind == "fit":
+        document = _report_document(out / "report.json", ("summary", "users"), kind)
+        meta = _read_json_file(out / "model.json")
+        data = meta.get("data") if isinstance(meta, dict) else None
+        print_fit(out, document, str(data) if data is not None else str(out), as_json)
+    elif kind == "train-rm":
+        document = _report_document(out / "per_user_accuracy.json", ("summary", "users"), kind)
+        print_train_rm(out, document, (out / "merged").is_dir(), as_json)
+    elif kind == "train-policy":
+        document = _report_document(out / "per_user.json", ("summary", "users"), kind)
+        print_train_policy(out, document, as_json)
+    else:
+        history = _read_json_file(out / "history.json")
+        if not isinstance(history, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("users"), dict) for r in history):
+            raise PluralignError(f"{out / 'history.json'}: not an iterate history (a JSON list "
+                                 "of rounds, each with its users)")
+        timings_path = out / "timings.json"
+        timings = _read_json_file(timings_path) if timings_path.is_file() else []
+        print_iterate(out, history, timings, None, as_json)
+
+
 @app.command()
 def report(
-    out: Annotated[Path, typer.Argument(help="An output folder written by `pluralign run`.")],
+    out: Annotated[Path, typer.Argument(
+        help="An output folder of `pluralign run`, `fit`, `train-rm`, `train-policy` or "
+             "`iterate`.")],
     markdown: Annotated[
-        str | None, typer.Option(help="Print a Markdown table of this metric instead.")
+        str | None, typer.Option(help="Print a Markdown table of this metric instead "
+                                      "(run folders).")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Print the summary (and, for LoCo runs, claims C1–C4) of an existing run folder."""
+    """Print the summary of an existing output folder as the command that wrote it printed
+    it: a run's tables (and, for LoCo runs, claims C1–C4), a fit's per-user accuracy, a
+    train-rm or train-policy job's per-user table, an iterate run's rounds."""
     from pluralign.experiments import EXPERIMENTS, resolve_config
     from pluralign.experiments.config import TOP_LEVEL_KEYS
     from pluralign.experiments.runner import read_config_file, run_rows
@@ -311,9 +383,22 @@ def report(
 
     if markdown is not None and as_json:
         raise _fail("--markdown and --json are alternatives; give one")
+    if not out.is_dir():
+        raise _fail(f"{out} is not a folder")
+    kind = folder_kind(out)
+    if kind is None:
+        looked_for = "; ".join(f"{' + '.join(files)} ({name})" for name, files in FOLDER_KINDS)
+        raise _fail(f"{out} is not a pluralign output folder: it has none of the sets of files "
+                    f"report looks for: {looked_for}")
+    if kind != "run":
+        if markdown is not None:
+            raise _fail(f"--markdown is for run folders; {out} is a {kind} folder")
+        try:
+            _report_other(out, kind, as_json)
+        except PluralignError as err:
+            raise _fail(str(err)) from None
+        return
     config_path = out / "config.yaml"
-    if not (config_path.exists() or config_path.is_symlink()):
-        raise _fail(f"{out} has no config.yaml; is it a run folder?")
     try:
         raw = read_config_file(config_path)
         written = [k for k in TOP_LEVEL_KEYS if k not in ("quick", "sweep")]
@@ -634,12 +719,23 @@ def fit(
     atomic_write_text(out / "per_user_accuracy.csv", buffer.getvalue())
     per_user_accuracy_plot(report, out / "accuracy.png",
                    f"{model} on {data.name}: per-user pairwise accuracy")
+    print_fit(out, {"summary": summary, "users": report}, str(data), as_json)
+
+
+def print_fit(out: Path, document: dict[str, Any], data: str, as_json: bool = False) -> None:
+    """The end of ``pluralign fit`` (and ``report`` of a fit folder): the per-user accuracy
+    table and totals of ``document`` (report.json's ``summary`` and ``users``), or, with
+    ``as_json``, one JSON document of them; ``data`` names the fitted file in the title."""
+    from rich.markup import escape
+
+    summary, report = document["summary"], document["users"]
     if as_json:
         _print_json({"out": out, "files": {
             "report": out / "report.json", "per_user_accuracy": out / "per_user_accuracy.csv",
             "plot": out / "accuracy.png"}, "summary": summary, "users": report})
         return
-    table = Table(title=f"{model} on {data} ({summary['users']} users, d_phi={pdata.d_phi})",
+    table = Table(title=escape(f"{summary['model']} on {data} ({summary['users']} users, "
+                               f"d_phi={summary['d_phi']})"),
                   title_justify="left")
     for column in ("user", "n train", "train acc", "n test", "test acc"):
         table.add_column(column, justify="left" if column == "user" else "right")
@@ -649,8 +745,8 @@ def fit(
                       else f"{r['test_accuracy']:.3f}")
     print_table(table)
     test_text = "—" if summary["test_accuracy"] is None else f"{summary['test_accuracy']:.3f}"
-    console.print(f"train accuracy {summary['train_accuracy']:.3f}, held-out {test_text}; "
-                  f"model and report in {out}")
+    console.print(escape(f"train accuracy {summary['train_accuracy']:.3f}, held-out "
+                         f"{test_text}; model and report in {out}"))
 
 
 def _user_id(user: str, users: list[Any]) -> Any:
@@ -948,28 +1044,40 @@ def train_rm(
             merge_adapters(where / "adapters", where / "merged")
         except PluralignError as err:
             raise _fail(str(err)) from None
+    print_train_rm(where, report, merge, as_json)
+
+
+def print_train_rm(where: Path, report: dict[str, Any], merged: bool = False,
+                   as_json: bool = False) -> None:
+    """The end of ``pluralign train-rm`` (and ``report`` of its folder): the per-user
+    accuracy table of ``report`` (per_user_accuracy.json), or one JSON document of it;
+    ``merged``: the folder has merged/ models."""
+    from rich.markup import escape
+
     if as_json:
         _print_json({"out": where, "files": {
             "report": where / "per_user_accuracy.json", "plot": where / "accuracy.png",
-            "adapters": where / "adapters", **({"merged": where / "merged"} if merge else {})},
+            "adapters": where / "adapters", **({"merged": where / "merged"} if merged else {})},
             **report})
         return
     s = report["summary"]
-    table = Table(title=f"per-user accuracy ({s['model']}, share={s['share']}, r={s['r']})")
+    table = Table(title=escape(f"per-user accuracy ({s['model']}, share={s['share']}, "
+                               f"r={s['r']})"))
     for column in ("user", "n_train", "train acc.", "n_test", "held-out acc."):
         table.add_column(column, justify="left" if column == "user" else "right")
     for row in report["users"][:40]:
-        table.add_row(str(row["user"]), str(row["n_train"]), _pct(row["train_accuracy"]),
-                      str(row["n_test"]), _pct(row["test_accuracy"]))
+        table.add_row(escape(str(row["user"])), str(row["n_train"]),
+                      _pct(row["train_accuracy"]), str(row["n_test"]),
+                      _pct(row["test_accuracy"]))
     if len(report["users"]) > 40:
         table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "")
     table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
                   _pct(s["test_accuracy"]))
     print_table(table)
-    console.print(f"{s['steps']} steps on {s['processes']} process(es)"
-                  + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
-                  + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/"
-                  + (", merged/" if merge else ""))
+    console.print(escape(f"{s['steps']} steps on {s['processes']} process(es)"
+                         + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
+                         + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/"
+                         + (", merged/" if merged else "")))
 
 
 def _pct(value: float | None) -> str:
@@ -1007,30 +1115,38 @@ def train_policy_command(
     if not PartialState().is_main_process:  # initialized by the job
         return
     where = out or Path(raw.get("out", "runs/policy"))
+    print_train_policy(where, report, as_json)
+
+
+def print_train_policy(where: Path, report: dict[str, Any], as_json: bool = False) -> None:
+    """The end of ``pluralign train-policy`` (and ``report`` of its folder): the per-user
+    DPO table of ``report`` (per_user.json), or one JSON document of it."""
+    from rich.markup import escape
+
     if as_json:
         _print_json({"out": where, "files": {
             "report": where / "per_user.json", "plot": where / "per_user.png",
             "adapters": where / "adapters"}, **report})
         return
     s = report["summary"]
-    table = Table(title=f"per-user DPO ({s['model']}, share={s['share']}, r={s['r']}, "
-                        f"beta={s['beta']:g}, {s['loss_type']})")
+    table = Table(title=escape(f"per-user DPO ({s['model']}, share={s['share']}, r={s['r']}, "
+                               f"beta={s['beta']:g}, {s['loss_type']})"))
     for column in ("user", "n_train", "train acc.", "n_test", "held-out acc.",
                    "held-out margin", "KL"):
         table.add_column(column, justify="left" if column == "user" else "right")
     for row in report["users"][:40]:
         kl = row["test_kl"] if row["n_test"] else row["train_kl"]
-        table.add_row(str(row["user"]), str(row["n_train"]), _pct(row["train_accuracy"]),
-                      str(row["n_test"]), _pct(row["test_accuracy"]), _num(row["test_margin"]),
-                      _num(kl))
+        table.add_row(escape(str(row["user"])), str(row["n_train"]),
+                      _pct(row["train_accuracy"]), str(row["n_test"]),
+                      _pct(row["test_accuracy"]), _num(row["test_margin"]), _num(kl))
     if len(report["users"]) > 40:
         table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "", "", "")
     table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
                   _pct(s["test_accuracy"]), _num(s["test_margin"]), _num(s["kl"]))
     print_table(table)
-    console.print(f"{s['steps']} steps on {s['processes']} process(es)"
-                  + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
-                  + f"; wrote {where}/per_user.json, per_user.png, adapters/")
+    console.print(escape(f"{s['steps']} steps on {s['processes']} process(es)"
+                         + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
+                         + f"; wrote {where}/per_user.json, per_user.png, adapters/"))
 
 
 @app.command("iterate")
@@ -1059,22 +1175,27 @@ def iterate_command(
                              out=out, resume=resume, progress=progress,
                              log=lambda msg: log_console.print(msg, soft_wrap=True,
                                                                markup=False, highlight=False))
+    print_iterate(Path(report["out"]), report["history"], report["timings"],
+                  report["resumed_from"], as_json)
+
+
+def print_iterate(where: Path, history: list[dict[str, Any]], timings: list[dict[str, Any]],
+                  resumed_from: int | None = None, as_json: bool = False) -> None:
+    """The end of ``pluralign iterate`` (and ``report`` of its folder): the per-round,
+    per-user table of ``history`` (history.json), or one JSON document of it."""
     from pluralign.llm.iterate import rounds_table
 
     if as_json:
-        where = Path(report["out"])
         _print_json({"out": where, "files": {
             "history": where / "history.json", "rounds": where / "rounds.md",
-            "plot": where / "rounds.png"}, "resumed_from": report["resumed_from"],
-            "history": report["history"], "timings": report["timings"]})
+            "plot": where / "rounds.png"}, "resumed_from": resumed_from,
+            "history": history, "timings": timings})
         return
-
-    console.print(rounds_table(report["history"]), markup=False, highlight=False,
-                  soft_wrap=True)
-    console.print(f"wrote {report['out']}/history.json, rounds.md, rounds.png, "
-                  "round-XX.jsonl, state/"
-                  + (f" (resumed after round {report['resumed_from']})"
-                     if report["resumed_from"] is not None else ""))
+    console.print(rounds_table(history), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {where}/history.json, rounds.md, rounds.png, round-XX.jsonl, state/"
+                  + (f" (resumed after round {resumed_from})"
+                     if resumed_from is not None else ""),
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _read_prompt_rows(path: Path, users: list[str]) -> list[tuple[str, str]]:
