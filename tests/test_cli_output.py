@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from cli_output import invoke, narrow_fallback, table_rows  # noqa: F401
 
 from pluralign import cli
-from pluralign.cli import app
 from pluralign.experiments import EXPERIMENTS, read_results
 
 # a folder whose paths are far longer than 80 columns
@@ -33,19 +32,7 @@ LONG = ("a_rather_long_folder_name_for_piped_output/"
         "and_another_long_level_so_paths_exceed_eighty_columns")
 
 
-@pytest.fixture(autouse=True)
-def narrow_fallback(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "80")
-
-
-def invoke(*args: Any):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def table_rows(text: str) -> list[list[str]]:
-    """The body rows of the rich tables in ``text``, each as its stripped cells."""
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
-            if line.startswith("│")]
+pytestmark = pytest.mark.usefixtures("narrow_fallback")
 
 
 def fmt(mean: float | None, se: float | None) -> str:

@@ -15,25 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from cli_output import invoke, narrow_fallback, table_rows  # noqa: F401
 
 from pluralign import cli
-from pluralign.cli import app
 
-
-@pytest.fixture(autouse=True)
-def narrow_fallback(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "80")
-
-
-def invoke(*args: Any):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def table_rows(text: str) -> list[list[str]]:
-    """The body rows of the rich tables in ``text``, each as its stripped cells."""
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
-            if line.startswith("│")]
+pytestmark = pytest.mark.usefixtures("narrow_fallback")
 
 
 def assert_same_ending(command_stdout: str, report_stdout: str) -> None:
