@@ -299,6 +299,26 @@ def test_a_changed_config_on_resume_is_refused_naming_the_keys(tmp_path):
     assert report["resumed_from"] is None
 
 
+def test_a_setting_added_later_keeps_a_saved_run_resumable_at_its_default(tmp_path):
+    """A run saved before a setting existed (its config lacks the key) resumes while the
+    setting keeps its default, and is refused, naming it, when it is set otherwise."""
+    _run(tmp_path, "run", stop_after=1)
+    state_file = tmp_path / "run" / "state" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["config"]["iterate"]["sampler"]      # as an older pluralign saved
+    del state["fingerprint"]["config"]["train"]["logging_steps"]
+    state_file.write_text(json.dumps(state))
+    report = run_iterate(_config(tmp_path), out=tmp_path / "run", progress=False,
+                         stop_after=1)
+    assert report["resumed_from"] == 1
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["config"]["iterate"]["sampler"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"changed: iterate\.sampler\. Use"):
+        run_iterate(_config(tmp_path, sampler="reference"), out=tmp_path / "run",
+                    progress=False)
+
+
 def test_a_round_of_ties_warns_records_and_skips_dpo(tmp_path):
     def flat(texts, users):
         return np.full(len(texts), 0.5)

@@ -205,10 +205,30 @@ def _flat(plain: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _setting_defaults() -> dict[str, Any]:
+    """``{"section.key": default}`` of every setting of an iterate config."""
+    import dataclasses
+
+    def default(f: dataclasses.Field) -> Any:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        return "<required>"
+
+    return {f"{name}.{f.name}": default(f)
+            for name, cls in ITERATE_SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
 def _changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Keys whose value differs between a saved and the current resolved config. A setting
+    the saved config lacks (added in a later pluralign) counts as unchanged while it keeps its
+    default, which is the behaviour the saved run had."""
     a, b = _flat(saved), _flat(now)
+    defaults = _setting_defaults()
     return sorted(k for k in set(a) | set(b)
-                  if k not in _RESUMABLE_CHANGES and a.get(k, "<unset>") != b.get(k, "<unset>"))
+                  if k not in _RESUMABLE_CHANGES
+                  and a.get(k, defaults.get(k, "<unset>")) != b.get(k, "<unset>"))
 
 
 # ---------------------------------------------------------------------- files
