@@ -182,6 +182,100 @@ def test_loop_records_pairs_sigma_and_reads_back(tmp_path):
     assert json.loads((out / "history.json").read_text()) == history
 
 
+OFFLINE = (("ab", "aei", "bcd", "vowels"), ("go", "123", "abc", "digits"))
+
+
+def test_offline_columns_are_mapped_like_the_data_section(tmp_path):
+    """iterate.offline_*_column read a file whose columns have other names (what data.*_column
+    do for train-rm/train-policy); round-00.jsonl and round 1's DPO data are its rows under
+    TRL's names; a wrong mapping is refused naming the file, line and column."""
+    offline = tmp_path / "renamed.jsonl"
+    offline.write_text("".join(json.dumps({"question": p, "good": c, "bad": r, "annotator": u})
+                               + "\n" for p, c, r, u in OFFLINE))
+    mapping = {"offline_user_column": "annotator", "offline_prompt_column": "question",
+               "offline_chosen_column": "good", "offline_rejected_column": "bad"}
+    used = {}
+    _run(tmp_path, "mapped", iterate={"offline": str(offline), "rounds": 1, **mapping},
+         before_dpo=lambda t, policy, data: used.setdefault(t, data))
+    rows = [json.loads(line)
+            for line in (tmp_path / "mapped" / "round-00.jsonl").read_text().splitlines()]
+    assert rows == [{"prompt": p, "chosen": c, "rejected": r, "user_id": u}
+                    for p, c, r, u in OFFLINE]
+    data = used[1]                        # round 1 trains on the offline pairs, then its own
+    assert list(zip(data.prompts[:2], data.chosen[:2], data.rejected[:2],
+                    [str(u) for u in data.users[:2]], strict=True)) == list(OFFLINE)
+    # a mapped column the rows lack: the file, line, column and the mapping are named
+    with pytest.raises(DataValidationError) as err:
+        _run(tmp_path, "bad", iterate={"offline": str(offline),
+                                       **{**mapping, "offline_user_column": "worker"}})
+    message = str(err.value)
+    assert "renamed.jsonl, line 1, field 'worker'" in message
+    assert "iterate.offline_user_column='worker'" in message
+    # the file's own names without a mapping: the missing TRL column is named
+    with pytest.raises(DataValidationError, match=r"line 1, field 'chosen': missing"):
+        _run(tmp_path, "bad", iterate={"offline": str(offline)})
+    with pytest.raises(ConfigError, match=r"iterate.offline_user_column is set but "
+                                          r"iterate.offline is null"):
+        _run(tmp_path, "bad", iterate={"offline_user_column": "annotator"})
+    with pytest.raises(ConfigError, match=r"iterate.offline_chosen_column and "
+                                          r"iterate.offline_rejected_column both name column"):
+        _run(tmp_path, "bad", iterate={"offline": str(offline), "offline_chosen_column": "x",
+                                       "offline_rejected_column": "x"})
+    it = config_module.IterateConfig(prompts="p.jsonl", offline="o.jsonl",
+                                     offline_user_column="annotator")
+    assert it.offline_columns() == {"user_column": "annotator"}
+
+
+CONVERSATIONAL = [
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"}],
+     "chosen": [{"role": "assistant", "content": "aei"}],
+     "rejected": [{"role": "assistant", "content": "bcd"}], "user_id": "vowels"},
+    {"prompt": "go", "chosen": "123", "rejected": "abc", "user_id": "digits"},
+]
+
+
+def test_conversational_offline_pairs_keep_their_messages(tmp_path):
+    """A conversational offline row stays messages in round-00.jsonl, in the DPO data of a
+    round (joined with plain pairs) and in its reference log-probabilities, which are those of
+    its DPO encoding (the chat template's tokens), not of its "role: content" text."""
+    from pluralign.llm.dpo import encode_dpo_pairs, reference_logprobs
+    from pluralign.llm.iterate import _concat, _Loop, _pairs_rows, resolve_iterate_config
+    from pluralign.llm.policy import PersonalizedPolicy
+    from pluralign.llm.toy import char_tokenizer, tiny_llama
+
+    offline = read_trl(CONVERSATIONAL)
+    path = tmp_path / "round-00.jsonl"
+    path.write_text(_pairs_rows(offline))
+    back = read_trl(path)
+    assert back.messages == offline.messages and back.prompts == offline.prompts
+    plain = read_trl([CONVERSATIONAL[1]])
+    joined = _concat([offline, plain])
+    assert joined.conversational
+    assert joined.messages == [*offline.messages, None]
+    assert joined.prompts == offline.prompts + plain.prompts
+
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    policy = PersonalizedPolicy(tiny_llama(), tok, USERS, target_modules="all-linear", r=2,
+                                max_length=96)
+    loop = _Loop(resolve_iterate_config(_config(tmp_path)), tmp_path, policy=policy,
+                 users=USERS, rows=[], eval_rows=[], gold=None, reward_model=None,
+                 offline=offline, progress=False)
+    refs, counts = loop.reference_logps(joined, None, {})
+    assert counts == {"from_sampling": 0, "computed": 6}
+    expected = reference_logprobs(policy, encode_dpo_pairs(policy, joined))
+    np.testing.assert_allclose(refs, expected, rtol=1e-6)
+    flat = policy.logprobs(joined.prompts, joined.chosen, [str(u) for u in joined.users],
+                           reference=True)
+    assert abs(flat[0] - refs[0, 0]) > 1e-3        # the text would be another sequence
+    # toy-llama's tokenizer has no chat template: a conversational offline file is refused
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL))
+    with pytest.raises(ConfigError, match="no chat template"):
+        _run(tmp_path, "conv", iterate={"offline": str(conv)})
+
+
 def test_reference_stays_pi0_and_restart_resets_to_the_initialization(tmp_path):
     before = []
     report = _run(tmp_path, "restart", iterate={"restart": True, "pairs": "max_random"},

@@ -454,6 +454,18 @@ class IterateConfig(Section):
     offline: str | None = setting(
         None, "a TRL JSONL preference file with user_id: round 1's DPO data and Σ start from "
               "its pairs too (hybrid); null: none", _string(optional=True))
+    offline_user_column: str | None = setting(
+        None, "the column of iterate.offline holding the user id (data.user_column of "
+              "train-rm/train-policy); null: user_id", _string(optional=True))
+    offline_prompt_column: str | None = setting(
+        None, "the column of iterate.offline holding the prompt; null: prompt (a row without "
+              "one takes TRL's implicit prompt)", _string(optional=True))
+    offline_chosen_column: str | None = setting(
+        None, "the column of iterate.offline holding the preferred response; null: chosen",
+        _string(optional=True))
+    offline_rejected_column: str | None = setting(
+        None, "the column of iterate.offline holding the other response; null: rejected",
+        _string(optional=True))
     eval_prompts: str | None = setting(
         None, "a JSONL file of {prompt, user_id} rows for the per-round evaluation (or "
               "builtin:toy-eval, builtin:smollm2-eval); null: iterate.prompts",
@@ -469,12 +481,35 @@ class IterateConfig(Section):
                            "every round (an integer >= 0; train.seed seeds the LoRA init)",
                         _integer(minimum=0))
 
+    # field -> the keyword of pluralign.data.loaders.read_trl it sets
+    OFFLINE_COLUMNS: ClassVar[dict[str, str]] = {
+        "offline_user_column": "user_column", "offline_prompt_column": "prompt_column",
+        "offline_chosen_column": "chosen_column", "offline_rejected_column": "rejected_column"}
+
+    def offline_columns(self) -> dict[str, str]:
+        """The ``offline_*_column`` settings that are set, as the keywords of
+        :func:`pluralign.data.loaders.read_trl` (``offline_user_column`` → ``user_column``)."""
+        return {kw: getattr(self, k) for k, kw in self.OFFLINE_COLUMNS.items()
+                if getattr(self, k) is not None}
+
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
         p = f"{section}." if section else ""
         if values["annotator"] == "reward_model" and values["reward_model"] is None:
             raise ConfigError(f"{p}reward_model is required when {p}annotator is reward_model "
                               "(a train-rm output folder)")
+        seen: dict[str, str] = {}
+        for key in cls.OFFLINE_COLUMNS:
+            column = values[key]
+            if column is None:
+                continue
+            if values["offline"] is None:
+                raise ConfigError(f"{p}{key} is set but {p}offline is null: it names a column "
+                                  "of the offline preference file")
+            if column in seen:
+                raise ConfigError(f"{p}{seen[column]} and {p}{key} both name column "
+                                  f"{show(column)}: two fields cannot be read from one column")
+            seen[column] = key
 
 
 # ------------------------------------------------------------------ top-level settings

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import ConfigError, DataValidationError, PluralignError
 from pluralign.llm.config import TrainingConfig
-from pluralign.llm.data import _where
-from pluralign.llm.policy import PersonalizedPolicy, _warn_truncated
+from pluralign.llm.data import _where, row_prompts
+from pluralign.llm.policy import NO_TEMPLATE, PersonalizedPolicy, _warn_truncated
 from pluralign.llm.trainer import LoRATrainer
 
 __all__ = ["LOSS_TYPES", "DPOTrainer", "EncodedDPOPairs", "dpo_loss", "encode_dpo_pairs",
@@ -82,7 +82,7 @@ class EncodedDPOPairs:
     :func:`reference_logprobs`): given, training and evaluation read them instead of running
     the reference pass (π0 is fixed, so they are the same numbers)."""
 
-    prompts: list[str]
+    prompts: list[str | list[dict]]
     chosen: list[dict[str, list[int]]]
     rejected: list[dict[str, list[int]]]
     user_index: np.ndarray
@@ -156,14 +156,18 @@ def reference_logprobs(policy: PersonalizedPolicy, data: EncodedDPOPairs, *,
 def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
                      margins: np.ndarray | None = None) -> EncodedDPOPairs:
     """Tokenize ``prefs`` for ``policy``; a row of a user the policy does not know raises,
-    naming the row's file, line and user (nothing trains on another user's adapter)."""
+    naming the row's file, line and user (nothing trains on another user's adapter).
+
+    A plain-text row is a prompt and two responses (:meth:`PersonalizedPolicy.encode`); a
+    conversational row (TRL message lists, :attr:`TextPreferences.messages`) is tokenized from
+    its messages as TRL's ``DPOTrainer`` tokenizes conversational data
+    (:meth:`PersonalizedPolicy.encode_conversation`), and its entry of ``prompts`` is its prompt
+    messages (what the KL estimate samples from). Conversational rows need a policy whose
+    tokenizer has a chat template."""
     if prefs.n == 0:
         raise PluralignError("no preference rows to train or evaluate on")
     if getattr(prefs, "conversational", False) and not policy.uses_chat_template:
-        raise ConfigError("the preference data is conversational (TRL message lists) but the "
-                          "policy's tokenizer has no chat template (or chat_template='none'): "
-                          "the conversation would be scored as plain 'role: content' text; "
-                          "give a tokenizer with a chat template, or plain-text prompts")
+        raise ConfigError(NO_TEMPLATE)
     users = [str(u.item() if isinstance(u, np.generic) else u) for u in prefs.users]
     position = {u: i for i, u in enumerate(policy.user_ids)}
     index = np.empty(len(users), dtype=np.int64)
@@ -178,12 +182,30 @@ def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
         if margins.shape != (prefs.n,) or not np.isfinite(margins).all():
             raise PluralignError(f"margins must be {prefs.n} finite numbers, one per row; got "
                                  f"shape {margins.shape}")
-    chosen = policy.encode(prefs.prompts, prefs.chosen)
-    cut = policy.truncated_
-    rejected = policy.encode(prefs.prompts, prefs.rejected)
-    policy.truncated_ += cut
+    messages = getattr(prefs, "messages", None) or [None] * prefs.n
+    plain = [i for i, parts in enumerate(messages) if parts is None]
+    chosen: list[Any] = [None] * prefs.n
+    rejected: list[Any] = [None] * prefs.n
+    cut = 0
+    if plain:
+        for side, texts in ((chosen, prefs.chosen), (rejected, prefs.rejected)):
+            rows = policy.encode([prefs.prompts[i] for i in plain], [texts[i] for i in plain],
+                                 rows=plain)
+            cut += policy.truncated_
+            for i, row in zip(plain, rows, strict=True):
+                side[i] = row
+    for i, parts in enumerate(messages):
+        if parts is None:
+            continue
+        prompt, good, bad = parts
+        try:
+            chosen[i], rejected[i] = policy.encode_conversation(prompt, [good, bad])
+        except PluralignError as err:
+            raise DataValidationError(str(err), **_where(prefs, i)) from None
+        cut += policy.truncated_
+    policy.truncated_ = cut
     _warn_truncated(policy, "preference responses")
-    return EncodedDPOPairs(prompts=list(prefs.prompts), chosen=chosen, rejected=rejected,
+    return EncodedDPOPairs(prompts=row_prompts(prefs), chosen=chosen, rejected=rejected,
                            user_index=index, users=users, margins=margins)
 
 

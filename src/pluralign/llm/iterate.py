@@ -39,7 +39,13 @@ Round ``t = 1..T`` (``iterate.rounds``):
    without pairs in a round keeps its own factors that round (shared factors still move).
 
 **Hybrid.** ``iterate.offline`` (TRL JSONL with ``user_id``) is saved as ``round-00.jsonl``:
-its pairs join round 1's DPO data (and every restart's), and their ``Δφ`` seed Σ.
+its pairs join round 1's DPO data (and every restart's), and their ``Δφ`` seed Σ. Its columns
+may have other names: ``iterate.offline_user_column``, ``offline_prompt_column``,
+``offline_chosen_column`` and ``offline_rejected_column`` map them, as ``data.user_column``
+and friends do for train-rm and train-policy (``round-00.jsonl`` has TRL's names). Its
+conversational rows (TRL message lists) stay messages: DPO tokenizes them with the policy's
+chat template (:func:`~pluralign.llm.dpo.encode_dpo_pairs`), Σ takes the reward model's
+features of them as it was trained on them, and ``round-00.jsonl`` keeps them as messages.
 
 **Records** (``history.json``; round 0 is π0 itself): per round and per user, on
 ``iterate.eval_samples`` fresh samples per row of ``iterate.eval_prompts``: the gold reward
@@ -235,9 +241,11 @@ def _changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _pairs_rows(prefs: Any, margins: list | None = None, uncertainty: list | None = None
                 ) -> str:
     lines = []
+    messages = getattr(prefs, "messages", None) or [None] * prefs.n
     for i in range(prefs.n):
-        row: dict[str, Any] = {"prompt": prefs.prompts[i], "chosen": prefs.chosen[i],
-                               "rejected": prefs.rejected[i], "user_id": str(prefs.users[i])}
+        parts = messages[i] or (prefs.prompts[i], prefs.chosen[i], prefs.rejected[i])
+        row: dict[str, Any] = {"prompt": parts[0], "chosen": parts[1], "rejected": parts[2],
+                               "user_id": str(prefs.users[i])}
         if margins is not None:
             row["margin"] = margins[i]
             row["uncertainty"] = uncertainty[i] if uncertainty is not None else None
@@ -253,14 +261,35 @@ def _read_pairs(path: Path) -> Any:
     return read_trl(path)
 
 
+def _read_offline(it: IterateConfig) -> Any:
+    """The rows of ``iterate.offline``, its columns mapped by the ``iterate.offline_*_column``
+    settings; an error (a mapped column missing, ...) names the file, line and column, and the
+    mapping."""
+    from pluralign.data.loaders import read_trl
+
+    columns = it.offline_columns()
+    try:
+        return read_trl(it.offline, **columns)
+    except DataValidationError as err:
+        if not columns:
+            raise
+        mapping = ", ".join(f"iterate.offline_{kw}={col!r}" for kw, col in columns.items())
+        raise DataValidationError(f"{err.bare} [iterate.offline read with {mapping}]",
+                                  field=err.field, row=err.row, path=err.path,
+                                  line=err.line) from None
+
+
 def _concat(parts: list[Any]) -> Any:
     from pluralign.data.loaders import TextPreferences
 
     parts = [p for p in parts if p is not None and p.n]
+    messages = [m for p in parts for m in (p.messages or [None] * p.n)]
     return TextPreferences(prompts=[x for p in parts for x in p.prompts],
                            chosen=[x for p in parts for x in p.chosen],
                            rejected=[x for p in parts for x in p.rejected],
-                           users=np.array([str(u) for p in parts for u in p.users], dtype=str))
+                           users=np.array([str(u) for p in parts for u in p.users], dtype=str),
+                           conversational=any(p.conversational for p in parts),
+                           messages=messages if any(m is not None for m in messages) else None)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -311,10 +340,11 @@ class _Loop:
                                  batch_size=self.batch)
         return self.gold.score(prompts, texts, users)
 
-    def features(self, prompts: list[str], texts: list[str], users: list[str]) -> np.ndarray:
+    def features(self, prompts: list[str], texts: list[str], users: list[str],
+                 conversations: list | None = None) -> np.ndarray:
         if self.rm is not None:
             return self.rm.features(prompts, [t if t.strip() else " " for t in texts], users,
-                                    batch_size=self.batch)
+                                    batch_size=self.batch, conversations=conversations)
         return self.gold.features(prompts, texts, users)
 
     def _sigma_for(self, dim: int) -> FeatureCovariance:
@@ -326,9 +356,13 @@ class _Loop:
         """Σ from the offline pairs' Δφ (hybrid start)."""
         if self.offline is None or not self.offline.n:
             return
+        from pluralign.llm.data import conversations
+
         users = [str(u) for u in self.offline.users]
-        phi_c = self.features(list(self.offline.prompts), list(self.offline.chosen), users)
-        phi_r = self.features(list(self.offline.prompts), list(self.offline.rejected), users)
+        phi_c, phi_r = (self.features(list(self.offline.prompts),
+                                      list(getattr(self.offline, side)), users,
+                                      conversations(self.offline, side))
+                        for side in ("chosen", "rejected"))
         self._sigma_for(phi_c.shape[1]).add(phi_c - phi_r)
 
     # -------------------------------------------------------------- one round
@@ -443,11 +477,10 @@ class _Loop:
                 else:
                     todo.append((i, side))
         if todo:
+            # the encoded sides themselves: a conversational offline row's prompt is its
+            # messages' tokens (pairs.prompts holds their "role: content" text)
             sides = [(encoded.chosen, encoded.rejected)[side][i] for i, side in todo]
-            logps = self.policy.logprobs([pairs.prompts[i] for i, _ in todo],
-                                         [e["response_ids"] for e in sides],
-                                         [encoded.users[i] for i, _ in todo],
-                                         reference=True, batch_size=self.batch)
+            logps = self.policy.encoded_logprobs(sides, reference=True, batch_size=self.batch)
             for (i, side), value in zip(todo, logps, strict=True):
                 out[i, side] = value
         timing["reference"] = time.perf_counter() - start
@@ -601,7 +634,6 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
     before round ``t``'s DPO step (after a restart's reset; ``data``: the TextPreferences it
     trains on). ``gold`` and ``reward_model`` replace the
     config's oracle / reward model with objects (tests, notebooks)."""
-    from pluralign.data.loaders import read_trl
     from pluralign.llm.job import _quiet_transformers
     from pluralign.llm.policy_job import build_policy, load_reward_model
 
@@ -619,7 +651,7 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
     extra = sorted({u for _, u in eval_rows} - set(users))
     if extra:
         raise ConfigError(f"iterate.eval_prompts has users without training prompts: {extra}")
-    offline = read_trl(it.offline) if it.offline else None
+    offline = _read_offline(it) if it.offline else None
     if offline is not None:
         extra = sorted({str(u) for u in offline.users} - set(users))
         if extra:

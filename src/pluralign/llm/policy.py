@@ -14,10 +14,20 @@ as token ids, e.g. sampled by :meth:`generate`, is used as it is). Only response
 scored: ``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over the response positions, the prompt and
 the padding masked out.
 
+**Conversational rows** (TRL message lists, :meth:`PersonalizedPolicy.encode_conversation`)
+are tokenized as TRL's ``DPOTrainer`` tokenizes conversational data: the prompt ids are
+``apply_chat_template(prompt, add_generation_prompt=True)``, each response's ids are those of
+``apply_chat_template(prompt + response)`` after the prompt (after the longest beginning the
+prompt ids share with every response's conversation, TRL's ``common_prefix_length``: a
+template may render a prompt alone differently), with no EOS appended (the template ends the
+turn). A prompt may also be given to :meth:`~PersonalizedPolicy.prompt_ids`,
+:meth:`~PersonalizedPolicy.generate` and :meth:`~PersonalizedPolicy.logprobs` as its messages.
+
 **Truncation** (documented, not refused): the prompt keeps its last ``max_prompt_length``
 tokens (default ``max_length // 2``; the end of a prompt is what the response answers), and the
-response keeps its first ``max_length − len(prompt)`` tokens. :attr:`truncated_` counts the rows
-of the last :meth:`encode` that were cut.
+response keeps its first ``max_length − len(prompt)`` tokens (conversational rows too, where
+TRL's collator would cut the end of the sequence instead). :attr:`truncated_` counts the rows
+of the last :meth:`encode` (or :meth:`encode_conversation`) that were cut.
 
 **Memory.** The log-probabilities never materialize the ``(batch, tokens, vocabulary)``
 log-softmax: the decoder body runs once, the response positions are picked out of its hidden
@@ -45,6 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pluralign.errors import ConfigError, PluralignError, PluralignWarning
+from pluralign.llm.data import chat_ids
 from pluralign.llm.lora import MultiUserLoRA, TrainableState
 from pluralign.llm.reward_model import (
     _unique_users,
@@ -56,6 +67,14 @@ from pluralign.llm.reward_model import (
 __all__ = ["CHAT_TEMPLATES", "Generations", "PersonalizedPolicy", "all_linear_modules"]
 
 CHAT_TEMPLATES = ("auto", "none")
+NO_TEMPLATE = ("the preference data is conversational (TRL message lists) but the policy's "
+               "tokenizer has no chat template (or chat_template='none'): the conversation "
+               "would be scored as plain 'role: content' text; give a tokenizer with a chat "
+               "template, or plain-text prompts")
+PROMPT_DIVERGES = ("the chat template renders a prompt alone (with the generation prompt) "
+                   "differently from its beginning in the whole conversation; as TRL does, the "
+                   "response starts where they diverge, so the model is trained on a context "
+                   "that differs from the one it is sampled with")
 _UNSUPPORTED_HEADS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
@@ -258,20 +277,58 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         return self.chat_template == "auto" and bool(getattr(self.tokenizer, "chat_template",
                                                              None))
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[dict]) -> list[int]:
         """Token ids of ``prompt`` as the model sees it (chat template or plain), truncated to
-        its last ``max_prompt_length`` tokens."""
-        if not isinstance(prompt, str) or not prompt:
+        its last ``max_prompt_length`` tokens. A prompt given as TRL messages (a conversational
+        row's prompt) is rendered with the chat template and the generation prompt; it needs
+        a tokenizer with a chat template (and ``chat_template="auto"``)."""
+        if isinstance(prompt, list | tuple):
+            if not prompt:
+                raise PluralignError("a prompt must be a non-empty string or message list")
+            if not self.uses_chat_template:
+                raise ConfigError(NO_TEMPLATE)
+            ids = chat_ids(self.tokenizer, list(prompt), add_generation_prompt=True)
+        elif not isinstance(prompt, str) or not prompt:
             raise PluralignError(f"a prompt must be a non-empty string, got {prompt!r}")
-        if self.uses_chat_template:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
+        elif self.uses_chat_template:
+            ids = chat_ids(self.tokenizer, [{"role": "user", "content": prompt}],
+                           add_generation_prompt=True)
         else:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        ids = [int(t) for t in ids]
+            ids = [int(t) for t in self.tokenizer(prompt, add_special_tokens=True)["input_ids"]]
         return ids[-self.max_prompt_length:]
+
+    def encode_conversation(self, prompt: Sequence[dict], responses: Sequence[Sequence[dict]]
+                            ) -> list[dict[str, list[int]]]:
+        """``{"prompt_ids", "response_ids"}`` of each response (a message list) to ``prompt``
+        (a message list), as TRL's ``DPOTrainer`` tokenizes a conversational row (module
+        docstring; give the chosen and the rejected response together: their prompt is the
+        beginning shared with both), then truncated as :meth:`encode` truncates.
+        :attr:`truncated_` counts the responses that were cut."""
+        if not self.uses_chat_template:
+            raise ConfigError(NO_TEMPLATE)
+        if not prompt or not responses or not all(responses):
+            raise PluralignError("a conversation needs prompt messages and response messages")
+        prompt_ids = chat_ids(self.tokenizer, list(prompt), add_generation_prompt=True)
+        full = [chat_ids(self.tokenizer, list(prompt) + list(r)) for r in responses]
+        start = min(_common_prefix(prompt_ids, ids) for ids in full)
+        if start == 0:
+            raise PluralignError("the chat template renders the prompt and the conversation "
+                                 "with no common beginning: no prompt tokens to condition on")
+        if any(len(ids) == start for ids in full):
+            raise PluralignError("a response renders to no tokens after the prompt in the "
+                                 "chat template")
+        if start < len(prompt_ids):
+            warnings.warn(PROMPT_DIVERGES, PluralignWarning, stacklevel=2)
+        shared = full[0][:start][-self.max_prompt_length:]
+        room = self.max_length - len(shared)
+        cut = 0
+        out = []
+        for ids in full:
+            response = ids[start:]
+            cut += len(response) > room or start > len(shared)
+            out.append({"prompt_ids": list(shared), "response_ids": response[:room]})
+        self.truncated_ = cut
+        return out
 
     def response_ids(self, response: str | Sequence[int]) -> list[int]:
         """Token ids of a response: a string gets the EOS token appended; token ids are used
@@ -287,9 +344,12 @@ class PersonalizedPolicy(TrainableState, nn.Module):
             raise PluralignError("an empty response cannot be scored or trained on")
         return ids
 
-    def encode(self, prompts: Sequence[str], responses: Sequence[str | Sequence[int]]
+    def encode(self, prompts: Sequence[str | Sequence[dict]],
+               responses: Sequence[str | Sequence[int]], *, rows: Sequence[int] | None = None
                ) -> list[dict[str, list[int]]]:
-        """``{"prompt_ids", "response_ids"}`` per row, truncated (module docstring)."""
+        """``{"prompt_ids", "response_ids"}`` per row, truncated (module docstring); a prompt
+        is a text or TRL messages (:meth:`prompt_ids`), a response a text (EOS appended) or
+        token ids. An error names the row (``rows[i]`` when given, else ``i``)."""
         if len(prompts) != len(responses):
             raise PluralignError(f"{len(prompts)} prompts for {len(responses)} responses")
         out, cut = [], 0
@@ -298,10 +358,12 @@ class PersonalizedPolicy(TrainableState, nn.Module):
             try:
                 prompt = cache.get(p) if isinstance(p, str) else None
                 if prompt is None:
-                    prompt = cache[p] = self.prompt_ids(p)
+                    prompt = self.prompt_ids(p)
+                    if isinstance(p, str):
+                        cache[p] = prompt
                 response = self.response_ids(r)
             except PluralignError as err:
-                raise PluralignError(f"row {i}: {err}") from None
+                raise PluralignError(f"row {i if rows is None else rows[i]}: {err}") from None
             room = self.max_length - len(prompt)
             full = len(prompt) + len(response)
             if len(response) > room or (isinstance(p, str) and full > self.max_length):
@@ -402,14 +464,25 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         return torch.cat(pieces)
 
     @torch.no_grad()
-    def logprobs(self, prompts: Sequence[str], responses: Sequence[str | Sequence[int]],
-                 users: Sequence[Any], *, reference: bool = False, batch_size: int = 8
-                 ) -> np.ndarray:
+    def logprobs(self, prompts: Sequence[str | Sequence[dict]],
+                 responses: Sequence[str | Sequence[int]], users: Sequence[Any], *,
+                 reference: bool = False, batch_size: int = 8) -> np.ndarray:
         """``log π_u(response | prompt)`` per row (or ``log π0`` with ``reference``), float64."""
         if not len(prompts) == len(responses) == len(users):
             raise PluralignError("prompts, responses and users must have the same length")
         index = self.user_index(users)
-        encoded = self.encode(prompts, responses)
+        return self.encoded_logprobs(self.encode(prompts, responses), index,
+                                     reference=reference, batch_size=batch_size)
+
+    @torch.no_grad()
+    def encoded_logprobs(self, encoded: Sequence[dict[str, list[int]]],
+                         user_index: torch.Tensor | None = None, *, reference: bool = False,
+                         batch_size: int = 8) -> np.ndarray:
+        """:meth:`logprobs` of rows already encoded (``{"prompt_ids", "response_ids"}``, e.g.
+        by :meth:`encode` or :meth:`encode_conversation`) under the adapters of
+        ``user_index`` (``(rows,)``; ``None`` only with ``reference``)."""
+        if user_index is None and not reference:
+            raise PluralignError("encoded_logprobs needs the users' indices unless reference")
         was_training = self.training
         self.train(False)
         out = []
@@ -417,9 +490,9 @@ class PersonalizedPolicy(TrainableState, nn.Module):
             for start in range(0, len(encoded), batch_size):
                 batch = self.collate(encoded[start:start + batch_size])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                logps, _ = self.sequence_logprobs(
-                    **batch, user_index=index[start:start + batch_size].to(self.device),
-                    reference=reference)
+                user = (None if user_index is None
+                        else user_index[start:start + batch_size].to(self.device))
+                logps, _ = self.sequence_logprobs(**batch, user_index=user, reference=reference)
                 out.append(logps.double().cpu())
         finally:
             self.train(was_training)
@@ -573,6 +646,16 @@ class _SampledLogprobs:
         if not self.picked:
             return new_tokens.new_zeros(new_tokens.shape, dtype=torch.float64)
         return torch.stack(self.picked, dim=1)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading tokens ``a`` and ``b`` share (TRL's ``common_prefix_length``)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _batch_seed(seed: int, batch: int) -> int:

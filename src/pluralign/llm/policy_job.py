@@ -276,6 +276,7 @@ def _pessimism(policy: Any, dpo: DPOConfig, train: Any, test: Any, seed: int,
                batch_size: int) -> tuple[Any, Any]:
     """``(training margins, held-out margins or None)`` of pessimistic DPO (module
     docstring)."""
+    from pluralign.llm.data import row_prompts
     from pluralign.llm.uncertainty import (
         LastLayerUncertainty,
         pessimism_margins,
@@ -283,7 +284,7 @@ def _pessimism(policy: Any, dpo: DPOConfig, train: Any, test: Any, seed: int,
     )
 
     rows = [train] + ([test] if test is not None and test.n else [])
-    prompts = [p for r in rows for p in r.prompts]
+    prompts = [p for r in rows for p in row_prompts(r)]   # a conversational row's messages
     users = [str(u) for r in rows for u in r.users]
     reward_model = load_reward_model(dpo.reward_model, users=users)
     uncertainty = LastLayerUncertainty(beta=1.0).fit(reward_model,

@@ -257,22 +257,35 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any], *,
-              batch_size: int = 32) -> np.ndarray:
-        """Rewards ``r_u(prompt, response)`` as a float64 array (evaluation mode)."""
-        return self._batched(prompts, responses, users, batch_size, self.forward)
+              batch_size: int = 32, conversations: Sequence[list | None] | None = None
+              ) -> np.ndarray:
+        """Rewards ``r_u(prompt, response)`` as a float64 array (evaluation mode).
+
+        ``conversations[i]`` (optional) is row ``i``'s whole conversation as TRL messages
+        (``None`` for a plain-text row): with a chat template it is what is tokenized, as in
+        training (:func:`pluralign.llm.data.encode_texts`;
+        :func:`~pluralign.llm.data.conversations` gives them for a data set's rows)."""
+        return self._batched(prompts, responses, users, batch_size, self.forward,
+                             conversations)
 
     @torch.no_grad()
     def features(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any],
-                 *, batch_size: int = 32) -> np.ndarray:
+                 *, batch_size: int = 32, conversations: Sequence[list | None] | None = None
+                 ) -> np.ndarray:
         """Pooled features ``φ_u(prompt, response)`` (``(n, hidden)`` float64): with the head
         ``w``, ``features(...) @ w`` equals :meth:`score` (the last-layer view of
-        :mod:`pluralign.llm.uncertainty`)."""
-        return self._batched(prompts, responses, users, batch_size, self.pooled)
+        :mod:`pluralign.llm.uncertainty`); ``conversations`` as for :meth:`score`."""
+        return self._batched(prompts, responses, users, batch_size, self.pooled, conversations)
 
     def _batched(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any],
-                 batch_size: int, fn: Any) -> np.ndarray:
+                 batch_size: int, fn: Any,
+                 conversations: Sequence[list | None] | None = None) -> np.ndarray:
+        from pluralign.llm.data import encode_texts
+
         if not len(prompts) == len(responses) == len(users):
             raise PluralignError("prompts, responses and users must have the same length")
+        if conversations is not None and len(conversations) != len(prompts):
+            raise PluralignError(f"{len(conversations)} conversations for {len(prompts)} rows")
         index = self.user_index(users)
         was_training = self.training
         self.train(False)
@@ -281,7 +294,10 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         try:
             for start in range(0, len(prompts), batch_size):
                 sl = slice(start, start + batch_size)
-                batch = pad_right(self.tokenizer, self.tokenize(prompts[sl], responses[sl]))
+                rows = encode_texts(self, prompts[sl], responses[sl],
+                                    None if conversations is None else conversations[sl],
+                                    where=lambda i, start=start: {"row": start + i})
+                batch = self.collate(rows)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out.append(fn(user_index=index[sl].to(device), **batch).double().cpu())
         finally:

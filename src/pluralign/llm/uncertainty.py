@@ -18,10 +18,17 @@ reference point of the prompt,
 the worst case over ``C`` of the reward difference to ``ν(x)``; with ``ν(x)`` the mean feature of
 the candidates (best-of-n) or of reference samples (pessimistic DPO), a candidate that moves
 away from what the data saw is discounted. Conservative but cheap: one ``hidden × hidden`` matrix.
+
+The features of a row are those of the tokens the reward model was trained on: a
+conversational row (TRL messages) goes through the tokenizer's chat template when it has one,
+by the reward model's own rendering (:func:`pluralign.llm.data.encode_texts`, shared with
+:func:`~pluralign.llm.data.encode_pairs`); a response sampled for a conversational prompt is
+one assistant message after it (:func:`~pluralign.llm.data.chat_response`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +37,29 @@ import numpy as np
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import PluralignError
 
-__all__ = ["LastLayerUncertainty", "pessimism_margins", "reference_centers"]
+__all__ = ["LastLayerUncertainty", "pair_features", "pessimism_margins", "prompt_key",
+           "reference_centers"]
+
+
+def pair_features(reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(φ of the chosen sides, φ of the rejected sides)`` of ``prefs``' rows under each row's
+    user, tokenized as the reward model's training tokenized them (module docstring)."""
+    from pluralign.llm.data import conversations
+
+    users = [str(u) for u in prefs.users]
+    return tuple(reward_model.features(prefs.prompts, getattr(prefs, side), users,
+                                       batch_size=batch_size,
+                                       conversations=conversations(prefs, side))
+                 for side in ("chosen", "rejected"))
+
+
+def prompt_key(prompt: str | list[dict]) -> str | tuple[str, str]:
+    """The key of a prompt in the centers of :func:`reference_centers`: the prompt text, or
+    for the prompt messages of a conversational row ``("messages", their JSON)``."""
+    if isinstance(prompt, str):
+        return prompt
+    return ("messages", json.dumps(list(prompt), sort_keys=True, ensure_ascii=False))
 
 
 class LastLayerUncertainty:
@@ -66,10 +95,7 @@ class LastLayerUncertainty:
 
         if prefs.n == 0:
             raise PluralignError("no preference rows to build the confidence set from")
-        users = list(prefs.users)
-        chosen = reward_model.features(prefs.prompts, prefs.chosen, users, batch_size=batch_size)
-        rejected = reward_model.features(prefs.prompts, prefs.rejected, users,
-                                         batch_size=batch_size)
+        chosen, rejected = pair_features(reward_model, prefs, batch_size=batch_size)
         head = Linear(l2=self.lam)
         head.theta_ = reward_model.head.weight.detach().double().cpu().numpy().ravel()
         head.params_ = head.theta_
@@ -97,33 +123,49 @@ class LastLayerUncertainty:
 
 
 def pessimism_margins(reward_model: Any, uncertainty: LastLayerUncertainty,
-                      prefs: TextPreferences, centers: dict[tuple[str, str], np.ndarray], *,
+                      prefs: TextPreferences, centers: dict[tuple[Any, str], np.ndarray], *,
                       scale: float = 1.0, batch_size: int = 32) -> np.ndarray:
     """``scale · (Γ_u(x, y_w) − Γ_u(x, y_l))`` per row of ``prefs``: the margins of
-    pessimistic DPO (:mod:`pluralign.llm.dpo`). ``centers[(prompt, user)]`` is ``ν(x)`` (e.g.
-    :func:`reference_centers`)."""
+    pessimistic DPO (:mod:`pluralign.llm.dpo`). ``centers[(prompt_key(x), user)]`` is ``ν(x)``
+    (e.g. :func:`reference_centers`; ``x`` the row's prompt, its messages for a
+    conversational row: :func:`pluralign.llm.data.row_prompts`)."""
+    from pluralign.llm.data import row_prompts
+
     users = [str(u) for u in prefs.users]
-    chosen = reward_model.features(prefs.prompts, prefs.chosen, users, batch_size=batch_size)
-    rejected = reward_model.features(prefs.prompts, prefs.rejected, users,
-                                     batch_size=batch_size)
+    chosen, rejected = pair_features(reward_model, prefs, batch_size=batch_size)
+    keys = [(prompt_key(p), u) for p, u in zip(row_prompts(prefs), users, strict=True)]
     try:
-        nu = np.stack([centers[(p, u)] for p, u in zip(prefs.prompts, users, strict=True)])
+        nu = np.stack([centers[k] for k in keys])
     except KeyError as err:
         raise PluralignError(f"no reference center for (prompt, user) {err.args[0]!r}") from None
     return scale * (uncertainty.bonus(chosen, nu) - uncertainty.bonus(rejected, nu))
 
 
-def reference_centers(policy: Any, reward_model: Any, prompts: Sequence[str],
+def reference_centers(policy: Any, reward_model: Any, prompts: Sequence[str | list[dict]],
                       users: Sequence[str], *, n: int = 4, max_new_tokens: int = 64,
-                      seed: int = 0, batch_size: int = 8) -> dict[tuple[str, str], np.ndarray]:
+                      seed: int = 0, batch_size: int = 8
+                      ) -> dict[tuple[Any, str], np.ndarray]:
     """``ν(x) = mean φ_u(x, y)`` over ``n`` responses sampled from the reference π0 for each
-    distinct ``(prompt, user)``."""
-    pairs = list(dict.fromkeys(zip(prompts, (str(u) for u in users), strict=True)))
-    samples = policy.generate([p for p, _ in pairs], [u for _, u in pairs], n=n,
+    distinct ``(prompt, user)``, keyed ``(prompt_key(prompt), user)``. A prompt is a text or
+    the prompt messages of a conversational row (:func:`pluralign.llm.data.row_prompts`):
+    π0 answers it through its chat template, and a sample's feature is that of the
+    conversation with the sample as one assistant message
+    (:func:`~pluralign.llm.data.chat_response`), as a conversational training row is scored."""
+    from pluralign.llm.data import chat_response
+
+    unique: dict[tuple[Any, str], str | list[dict]] = {}
+    for p, u in zip(prompts, (str(u) for u in users), strict=True):
+        unique.setdefault((prompt_key(p), u), p)
+    keys = list(unique)
+    samples = policy.generate([unique[k] for k in keys], [u for _, u in keys], n=n,
                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                               reference=True)
     out = {}
-    for (p, u), texts in zip(pairs, samples.texts, strict=True):
-        texts = [t if t else " " for t in texts]
-        out[(p, u)] = reward_model.features([p] * len(texts), texts, [u] * len(texts)).mean(0)
+    for key, texts in zip(keys, samples.texts, strict=True):
+        rows = [chat_response(unique[key], t if t else " ") for t in texts]
+        conversations = [c for _, _, c in rows]
+        out[key] = reward_model.features(
+            [p for p, _, _ in rows], [r for _, r, _ in rows], [key[1]] * len(rows),
+            conversations=None if all(c is None for c in conversations) else conversations
+        ).mean(0)
     return out
