@@ -401,3 +401,32 @@ def test_a_numeric_attribute_missing_on_some_rows_is_refused_not_zero_filled():
     prefs = read_trl(rows)
     np.testing.assert_array_equal(prefs.contexts, [[30, 1], [41, 0]])
     assert prefs.context_names == ["age", "region=n"]
+
+
+# ------------------------------------------- in-memory rows holding NumPy / pandas values
+def test_in_memory_rows_with_array_values_are_refused_or_read_never_crash():
+    """Found by the fuzzer (data.numpy_rows): values whose ``==`` has no truth value."""
+    import pandas as pd
+
+    for y in (np.array([1, 0]), np.array([0]), np.array([]), pd.Series([1, 0])):
+        with pytest.raises(DataValidationError, match="must be 0 or 1") as info:
+            load_preferences([{"phi0": [1.0], "phi1": [0.0], "y": 1},
+                              {"phi0": [1.0], "phi1": [0.0], "y": y}])
+        assert info.value.field == "y" and info.value.line == 2
+    ok = load_preferences([{"phi0": [1.0], "phi1": [0.0], "y": np.int64(1)}])
+    assert ok.y.tolist() == [1]
+    post = {"info": {"post": "p", "title": "t", "subreddit": "s"},
+            "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0, "worker": "w"}
+    rows = [dict(post, split="train"), dict(post, split=np.array(["train", "train"])),
+            dict(post, split=pd.Series(["train"]))]
+    prefs = read_summarize_from_feedback(rows, splits=["train"])
+    assert len(prefs) == 1 and prefs.skipped == 2  # a split that is not a name is not listed
+
+    def message(content):
+        return {"role": "user", "content": content, "tags": np.array(["a", "b"])}
+
+    row = {"chosen": [message("Tea?"), {"role": "assistant", "content": "Yes."}],
+           "rejected": [message("Tea?"), {"role": "assistant", "content": "No."}],
+           "user_id": "u2"}
+    with pytest.raises(DataValidationError, match="share no beginning"):
+        read_trl([row])  # messages holding arrays cannot be compared: no implicit prompt

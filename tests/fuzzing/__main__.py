@@ -3,12 +3,13 @@
 Runs every registered target on hypothesis-generated inputs, shares ``--cases`` across the
 targets and prints, per target, the cases run, how many were accepted, refused with a clean
 pluralign error, and escaped (any other exception: a bug). Each distinct escape is printed
-once with its traceback. Exits 1 if anything escaped.
+once with its traceback and the input that raised it. Exits 1 if anything escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections import Counter
@@ -17,6 +18,27 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from fuzzing import TARGETS
 from fuzzing.core import run_case
+
+# a traceback line of pluralign's own code (the source tree or an installed package)
+_PLURALIGN_FRAME = re.compile(r'\s*File "[^"]*[/\\](?:src|site-packages)[/\\]pluralign[/\\]')
+
+
+def _shown(value: object, limit: int = 2000) -> str:
+    """The input of an escape, for its reproducer (cut to ``limit`` characters)."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # a value whose repr fails is still reported
+        text = f"<unprintable {type(value).__name__}: {exc!r}>"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _signature(detail: str) -> str:
+    """An escape's exception line and where in pluralign it was raised (the innermost
+    ``src/pluralign`` frame), so that one error raised in two places counts twice."""
+    lines = detail.strip().splitlines()
+    frames = [line.strip() for line in lines if _PLURALIGN_FRAME.match(line)]
+    where = f" [{frames[-1]}]" if frames else ""
+    return f"{lines[-1][:200]}{where}"
 
 
 def fuzz_target(name: str, cases: int, rng_seed: int) -> tuple[Counter, dict[str, str]]:
@@ -32,8 +54,8 @@ def fuzz_target(name: str, cases: int, rng_seed: int) -> tuple[Counter, dict[str
         outcome, detail = run_case(target, value)
         counts[outcome] += 1
         if detail is not None:
-            signature = detail.strip().splitlines()[-1][:200]
-            escapes.setdefault(signature, detail)
+            signature = _signature(detail)
+            escapes.setdefault(signature, f"{detail}input: {_shown(value)}\n")
 
     check()
     return counts, escapes

@@ -202,7 +202,9 @@ def _numeric_row(row: Mapping[str, Any], where: dict[str, Any], cols: Columns,
     for key in ("phi0", "phi1", "y"):
         if key not in row:
             raise DataValidationError("missing", field=key, **where)
-    if row["y"] not in (0, 1) or isinstance(row["y"], bool):
+    label = row["y"]  # a number 0 or 1 (not a boolean, nor an array of one: no truth value)
+    if isinstance(label, bool | np.bool_) or not isinstance(
+            label, int | float | np.integer | np.floating) or label not in (0, 1):
         raise DataValidationError(f"must be 0 or 1, got {row['y']!r}", field="y", **where)
     out: dict[str, Any] = {}
     lengths = dict(dims)
