@@ -23,8 +23,10 @@ from pluralign.envs import MultiUser
 from pluralign.errors import DataValidationError, NotFittedError
 from pluralign.rewards import (
     Bilinear,
+    Contextual,
     Linear,
     LowRank,
+    MultiUserModel,
     PerUser,
     Pooled,
     RTVReduced,
@@ -43,6 +45,13 @@ def multi_user_data(seed: int = 1) -> PreferenceData:
 def contextual_data(seed: int = 0) -> PreferenceData:
     """300 comparisons with 3-d contexts, d_phi = 4 (seeded)."""
     return bt_data(n=300, d_x=3, d_phi=4, seed=seed)[0]
+
+
+def users_with_contexts_data(seed: int = 0) -> PreferenceData:
+    """8 users × 30 comparisons with 3-d user contexts, d_phi = 5 (seeded)."""
+    env = MultiUser(n_users=8, d_phi=5, k=2, n_per_user=30, seed=seed, d_context=3,
+                    context_noise=0.2)
+    return env.sample_offline([seed])
 
 
 def _fitted_lowrank() -> LowRank:
@@ -65,6 +74,8 @@ CASES: list[tuple[str, Callable[[], object], Callable[[], PreferenceData], dict]
     ("Pooled", lambda: Pooled(l2=0.04, tol=1e-7), multi_user_data, {"l2": 0.5}),
     ("SharedBasis", lambda: SharedBasis(k=3, l2=0.01, unknown_user="shared", seed=2),
      multi_user_data, {"k": 1, "l2": 0.1}),
+    ("Contextual", lambda: Contextual(k=2, l2=0.02, unknown_user="shared", seed=3),
+     users_with_contexts_data, {"k": 1, "standardize": False}),
     ("UserReward", lambda: UserReward(np.eye(5)[:, :3], np.ones(3), l2=0.07, user=4),
      multi_user_data, {"l2": 0.3, "user": 5}),
 ]
@@ -74,7 +85,7 @@ CASES_ONLY = [case[1:] for case in CASES]
 
 def rewards_on(model, data: PreferenceData) -> np.ndarray:
     """The model's rewards of ``data.phi1`` (users as ``x`` for multi-user models)."""
-    x = data.users if isinstance(model, PerUser | Pooled | SharedBasis) else data.x
+    x = data.users if isinstance(model, MultiUserModel) else data.x
     return model.reward(x, data.phi1)
 
 

@@ -434,7 +434,9 @@ def report(
 data_app = typer.Typer(no_args_is_help=True, help="Preference data files: check them.")
 app.add_typer(data_app, name="data")
 
-MODELS = ("shared_basis", "per_user", "pooled")
+MODELS = ("shared_basis", "per_user", "pooled", "contextual")
+# the Python fields of fit's estimators, as the flags that set them (errors name the flag)
+FIT_FLAGS = {"k": "--k", "unknown_user": "--unknown-user"}
 FORMAT_HELP = "auto (from the file), numeric, trl, summarize or prism"
 DATA_FILE_HELP = ("JSONL, a JSON array, CSV (each also .gz), Parquet or .npz; numeric, "
                   "TRL-style, summarize_from_feedback or PRISM rows")
@@ -588,7 +590,13 @@ def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model
     columns = columns or {}
     fmt = detect_format(data) if fmt == "auto" else fmt
     if fmt == "numeric":
-        return load_preferences(data, **columns), {"kind": "numeric", "format": fmt}
+        from pluralign.data.loaders import ContextSchema
+
+        pdata = load_preferences(data, **columns)
+        meta = {"kind": "numeric", "format": fmt}
+        if pdata.x is not None:
+            meta["context"] = ContextSchema.vector(pdata.d_x).to_dict()
+        return pdata, meta
     prefs = read_text_preferences(data, format=fmt, survey=survey, **columns)
     from pluralign.features import TextEncoder
 
@@ -597,6 +605,8 @@ def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model
     pdata = prefs.to_preference_data(encoder, seed=seed)
     meta = {"kind": "text", "format": fmt, "encoder": encoder.config(),
             "template": prefs.template or encoder.template, "context_names": prefs.context_names}
+    if prefs.context_schema is not None:
+        meta["context"] = prefs.context_schema.to_dict()
     return pdata, meta
 
 
@@ -639,9 +649,12 @@ def _designs(model, train) -> dict:
 def fit(
     data: Annotated[Path, typer.Argument(help=f"Preference data: {DATA_FILE_HELP}.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and report.")],
-    model: Annotated[str, typer.Option("--model", help="shared_basis, per_user or pooled.")] = (
+    model: Annotated[str, typer.Option("--model", help=(
+        "shared_basis (θ_u = θ0 + B w_u), per_user, pooled, or contextual (LoCo-RLHF's "
+        "xᵀΘφ on the users' contexts: scores a new user from their context)."))] = (
         "shared_basis"),
-    k: Annotated[int, typer.Option("--k", min=1, help="Rank of the shared basis.")] = 4,
+    k: Annotated[int, typer.Option("--k", min=1, help=(
+        "Rank of the shared basis (shared_basis) or of Θ's context part (contextual)."))] = 4,
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     survey: Annotated[Path | None, typer.Option("--survey", help="PRISM survey file.")] = None,
     encoder: Annotated[str | None, typer.Option(
@@ -664,13 +677,18 @@ def fit(
     as_json: JsonFlag = False,
 ) -> None:
     """Fit a personalized reward model; save it (npz + JSON, no pickle) with a per-user
-    accuracy report (report.json, per_user_accuracy.csv, accuracy.png)."""
+    accuracy report (report.json, per_user_accuracy.csv, accuracy.png).
+
+    --model contextual needs a user context on every row (user_context, or --context-column):
+    the reward is xᵀΘφ with x the user's context, so `rank --context` scores a user the data
+    never had."""
     import csv
     import io
 
     from pluralign._atomic import atomic_write_text
+    from pluralign.errors import DataValidationError
     from pluralign.experiments.plots import per_user_accuracy_plot
-    from pluralign.rewards import PerUser, Pooled, SharedBasis
+    from pluralign.rewards import Contextual, PerUser, Pooled, SharedBasis
     from pluralign.rewards.persistence import save_model
 
     if model not in MODELS:
@@ -685,21 +703,34 @@ def fit(
                                 context_column))
         if pdata.users is None:
             raise PluralignError(f"{data}: personalized models need user ids (user / user_id)")
+        if model == "contextual" and pdata.x is None:
+            raise PluralignError(
+                f"{data}: --model contextual needs user contexts, and the rows have none "
+                "(user_context on every row, x for numeric rows; --context-column names "
+                "another column)")
         train, test = (_split_per_user(pdata, test_size, seed) if test_size > 0
                        else (pdata, None))
         l2 = ridge / train.n
-        estimator = {"shared_basis": lambda: SharedBasis(k, l2, unknown_user=unknown_user,
-                                                         seed=seed),
-                     "per_user": lambda: PerUser(l2, unknown_user=unknown_user),
-                     "pooled": lambda: Pooled(l2)}[model]().fit(train)
+        try:
+            estimator = {"shared_basis": lambda: SharedBasis(k, l2, unknown_user=unknown_user,
+                                                             seed=seed),
+                         "per_user": lambda: PerUser(l2, unknown_user=unknown_user),
+                         "pooled": lambda: Pooled(l2),
+                         "contextual": lambda: Contextual(k, l2, unknown_user=unknown_user,
+                                                          seed=seed)}[model]().fit(train)
+        except DataValidationError as err:
+            if err.path is None and err.field in FIT_FLAGS:  # a flag's value, not the data
+                raise PluralignError(f"{FIT_FLAGS[err.field]}: {err.bare}") from None
+            raise
         train_acc = estimator.per_user_accuracy(train)
         test_acc = estimator.per_user_accuracy(test) if test is not None else {}
         report = [{"user": u, "n_train": train_acc[u][1], "train_accuracy": train_acc[u][0],
                    "n_test": test_acc.get(u, (None, 0))[1],
                    "test_accuracy": test_acc.get(u, (None, 0))[0]} for u in train_acc]
-        summary = {"model": model, "k": k if model == "shared_basis" else None,
+        summary = {"model": model, "k": k if model in ("shared_basis", "contextual") else None,
                    "n_train": train.n, "n_test": 0 if test is None else test.n,
                    "users": len(report), "d_phi": pdata.d_phi,
+                   "d_x": pdata.d_x if model == "contextual" else None,
                    "train_accuracy": estimator.accuracy(train),
                    "test_accuracy": None if test is None else estimator.accuracy(test),
                    "train_loglik": estimator.log_likelihood(train),
@@ -734,8 +765,9 @@ def print_fit(out: Path, document: dict[str, Any], data: str, as_json: bool = Fa
             "report": out / "report.json", "per_user_accuracy": out / "per_user_accuracy.csv",
             "plot": out / "accuracy.png"}, "summary": summary, "users": report})
         return
+    d_x = f", d_x={summary['d_x']}" if summary.get("d_x") else ""
     table = Table(title=escape(f"{summary['model']} on {data} ({summary['users']} users, "
-                               f"d_phi={summary['d_phi']})"),
+                               f"d_phi={summary['d_phi']}{d_x})"),
                   title_justify="left")
     for column in ("user", "n train", "train acc", "n test", "test acc"):
         table.add_column(column, justify="left" if column == "user" else "right")
@@ -876,6 +908,47 @@ def _read_adapt_pairs(path: Path, uid: Any, features: dict[str, Any], encoder: A
     return data
 
 
+def _rank_context(model: Any, model_dir: Path, uid: Any, known: bool, context: str | None,
+                  features: dict[str, Any], adapting: bool, pessimism: float) -> bool:
+    """``rank --context``: for a contextual model, register an unseen ``uid`` by the context
+    (``True``: the user is scored from it); a known user's context must be the one the model
+    has. Anything else with ``--context`` is an error, naming why."""
+    import numpy as np
+
+    from pluralign.data.loaders import ContextSchema
+    from pluralign.rewards import Contextual
+
+    contextual = isinstance(model, Contextual)
+    if adapting and contextual:
+        raise PluralignError(f"{model_dir}: a contextual model scores a new user from their "
+                             "context; give --context JSON instead of --adapt")
+    if context is None:
+        return False
+    if not contextual:
+        raise PluralignError(f"--context applies to a contextual model (`pluralign fit --model "
+                             f"contextual`); {model_dir} holds a {type(model).__name__}")
+    try:
+        value = json.loads(context)
+    except json.JSONDecodeError as err:
+        raise PluralignError(f"--context: not JSON ({err.msg} at character {err.pos}); give "
+                             "e.g. '{\"age\": \"25-34\"}' or '[0.1, 2.0]'") from None
+    schema = (ContextSchema.from_dict(features["context"], field="features.context")
+              if "context" in features else ContextSchema.vector(model.d_x_))
+    x = schema.encode(value, name="--context")
+    if known:
+        stored = model.contexts_[model.user_index(uid, allow_unknown=False)[0]]
+        if not np.array_equal(stored, x):
+            raise PluralignError(f"user {uid!r} is known to {model_dir} with another context; "
+                                 "drop --context to rank them with theirs, or give a new "
+                                 "user id")
+        return False
+    if pessimism > 0:
+        raise PluralignError("--pessimism needs the design matrix of a fitted user; a user "
+                             "scored from --context has none (rank without --pessimism)")
+    model.add_users([uid], x[None, :])
+    return True
+
+
 @app.command()
 def rank(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by `pluralign fit`.")],
@@ -892,22 +965,30 @@ def rank(
         "--adapt", metavar="PAIRS.jsonl",
         help="A new user: fit them first (the model's adapt_user) from a few preference pairs "
              "of theirs in this file (a format `fit` reads; every row must be --user's).")] = None,
+    context: Annotated[str | None, typer.Option(
+        "--context", metavar="JSON",
+        help='A contextual model (fit --model contextual): the user\'s context as JSON, '
+             'e.g. \'{"age": "25-34", "region": "Asia"}\' or \'[0.1, 2.0]\', in the form of '
+             'the training rows\' user_context; a user the model never saw is scored from '
+             'it.')] = None,
 ) -> None:
     """Personalized best-of-n: per prompt, the candidate with the highest reward for USER, or,
     with --pessimism β, the highest lower confidence bound
     θ̂_uᵀφ − β‖φ − φ̄‖_{M_u⁻¹} (φ̄ = mean candidate; the pointwise pessimistic policy).
 
     A user the model does not know is an error, unless --adapt PAIRS.jsonl fits them from a
-    few of their pairs, or the model was fitted with --unknown-user shared: then they are
-    ranked with the shared reward θ0, each record says "unknown_user": true and a warning
-    naming them goes to stderr. Every record carries "unknown_user" (false for known and
-    adapted users)."""
+    few of their pairs, --context JSON gives their context (contextual models: their reward
+    is θ(x) = Θᵀ[1, z(x)], and each record says "from_context": true), or the model was
+    fitted with --unknown-user shared: then they are ranked with the shared reward θ0, each
+    record says "unknown_user": true and a warning naming them goes to stderr. Every record
+    carries "unknown_user" (false for known, adapted and context-scored users)."""
     import numpy as np
 
     from pluralign._atomic import atomic_write_text
     from pluralign.confidence import ConfidenceSet
     from pluralign.data import TargetStates
     from pluralign.policies import Pessimistic
+    from pluralign.rewards import Contextual
     from pluralign.rewards.persistence import load_model
 
     if out is not None and out.is_dir():
@@ -926,6 +1007,9 @@ def rank(
             encoder = TextEncoder(enc["model"], mode=enc["mode"], template=enc["template"],
                                   normalize=enc["normalize"], cache_dir=cache_dir)
         known = bool(model.user_index(uid, allow_unknown=True)[0] >= 0)
+        from_context = _rank_context(model, model_dir, uid, known, context, features,
+                                     adapt is not None, pessimism)
+        known = known or from_context
         if adapt is not None:
             if not hasattr(model, "adapt_user"):
                 raise PluralignError(f"{model_dir}: a {type(model).__name__} model has one "
@@ -941,10 +1025,13 @@ def rank(
             model.adapt_user(pairs, user=uid)
             known = True
         elif not known and model.unknown_user != "shared":
+            how = (f"Give --context JSON (the context of {uid!r}) to score them from it"
+                   if isinstance(model, Contextual) else
+                   f"Give --adapt PAIRS.jsonl (a few preference pairs of {uid!r}) to fit them "
+                   "first")
             raise PluralignError(
                 f"unknown user {uid!r}; known users: {_known_users_text(meta['users'])}. "
-                f"Give --adapt PAIRS.jsonl (a few preference pairs of {uid!r}) to fit them "
-                "first, or refit with `pluralign fit --unknown-user shared` to rank unknown "
+                f"{how}, or refit with `pluralign fit --unknown-user shared` to rank unknown "
                 "users with the shared reward θ0")
         elif not known and pessimism > 0:
             raise PluralignError(f"--pessimism needs the design matrix of a fitted user; "
@@ -977,6 +1064,8 @@ def rank(
                 phi = np.asarray(row["phi"], dtype=np.float64)
             reward = phi @ theta
             record: dict[str, Any] = {"line": line, "user": uid, "unknown_user": not known}
+            if isinstance(model, Contextual):
+                record["from_context"] = from_context
             if policy is not None:
                 best = int(np.argmax(policy.probs(TargetStates(None, phi[None]))[0]))
                 z = policy.model.features(None, phi - phi.mean(axis=0))
@@ -996,6 +1085,11 @@ def rank(
         console.print(f"ranked {len(lines)} prompt(s) for user {uid!r}; wrote {out}")
     else:
         typer.echo(output, nl=False)
+    if from_context:  # a typo of a known user's id would be scored from the context silently
+        from rich.markup import escape
+
+        err_console.print(f"note: user {escape(repr(uid))} is not in {escape(str(model_dir))}; "
+                          "ranked with the reward of their --context", highlight=False)
     if not known:  # after the records, so stdout stays JSON lines; a typo must not pass silently
         from rich.markup import escape
 

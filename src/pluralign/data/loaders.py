@@ -69,6 +69,7 @@ from pluralign.errors import DataValidationError
 
 __all__ = [
     "PRISM_ATTRIBUTES",
+    "ContextSchema",
     "TextPreferences",
     "detect_format",
     "read_prism",
@@ -96,7 +97,8 @@ class TextPreferences:
     ``messages[i]`` is, for such a row, ``(prompt, chosen, rejected)`` as message lists (a
     string prompt as one user message, a string response as one assistant message) for a
     tokenizer's chat template, ``None`` for a plain-text row (``messages`` is ``None`` when no
-    row is conversational).
+    row is conversational). ``context_schema`` says how the contexts were encoded (a
+    :class:`ContextSchema`, to encode a new user's context into the same columns).
     """
 
     prompts: list[str]
@@ -110,6 +112,7 @@ class TextPreferences:
     skipped: int = 0
     conversational: bool = False
     messages: list[tuple[list, list, list] | None] | None = None
+    context_schema: ContextSchema | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -133,7 +136,8 @@ class TextPreferences:
             context_names=list(self.context_names),
             where=[self.where[i] for i in pick] if self.where else [], template=self.template,
             conversational=self.conversational,
-            messages=None if self.messages is None else [self.messages[i] for i in pick])
+            messages=None if self.messages is None else [self.messages[i] for i in pick],
+            context_schema=self.context_schema)
 
     def to_preference_data(self, encoder: Any, *, orient: str = "random",
                            seed: int = 0) -> PreferenceData:
@@ -368,11 +372,14 @@ class _Contexts:
                                f"{dumps_short(parsed)}", path=path, line=line, field=self.name)
 
     def matrix(self) -> tuple[np.ndarray | None, list[str]]:
+        """``(contexts (n, d_x), column names)``; :attr:`schema` is set to their encoding."""
+        self.schema: ContextSchema | None = None
         if self.kind is None:
             return None, []
         if self.kind == "vector":
             arr = np.array(self.rows, dtype=np.float64)
-            return arr, [f"x{i}" for i in range(arr.shape[1])]
+            self.schema = ContextSchema.vector(arr.shape[1])
+            return arr, list(self.schema.names)
         numeric = sorted({k for row in self.rows for k, v in row.items()
                           if isinstance(v, int | float) and not isinstance(v, bool)})
         categorical = sorted({f"{k}={v}" for row in self.rows for k, v in row.items()
@@ -399,6 +406,7 @@ class _Contexts:
             raise DataValidationError(f"two attributes give the same one-hot column {dup!r}; "
                                       "rename one", field=self.name)
         names = numeric + categorical
+        self.schema = ContextSchema("attributes", tuple(names), tuple(numeric))
         col = {n: i for i, n in enumerate(names)}
         arr = np.zeros((len(self.rows), len(names)))
         for i, row in enumerate(self.rows):
@@ -408,6 +416,92 @@ class _Contexts:
                 else:
                     arr[i, col[f"{key}={value}"]] = 1.0
         return arr, names
+
+
+@dataclass(frozen=True)
+class ContextSchema:
+    """How user contexts became the columns of ``x``, so that a context given later (a new
+    user's, ``pluralign rank --context``) is encoded into the same columns.
+
+    ``kind`` is ``"vector"`` (a list of numbers; ``names`` are ``x0, x1, …``) or
+    ``"attributes"`` (a mapping, nested keys dotted): each numeric attribute is a column of its
+    value (``numeric`` lists them), every other attribute a one-hot column ``name=value`` per
+    value seen in training (a missing non-numeric attribute is all zeros there, and here)."""
+
+    kind: str
+    names: tuple[str, ...]
+    numeric: tuple[str, ...] = ()
+
+    @classmethod
+    def vector(cls, d: int) -> ContextSchema:
+        names = tuple(f"x{i}" for i in range(d))
+        return cls("vector", names, names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "names": list(self.names), "numeric": list(self.numeric)}
+
+    @classmethod
+    def from_dict(cls, value: Any, field: str = "context") -> ContextSchema:
+        """The inverse of :meth:`to_dict`, validated (a model folder may come from anyone)."""
+        ok = (isinstance(value, Mapping) and set(value) == {"kind", "names", "numeric"}
+              and value["kind"] in ("vector", "attributes")
+              and all(isinstance(v, list) and all(isinstance(n, str) and n for n in v)
+                      for v in (value["names"], value["numeric"])))
+        if ok:
+            names, numeric = value["names"], value["numeric"]
+            ok = (bool(names) and len(set(names)) == len(names) and set(numeric) <= set(names)
+                  and (value["kind"] == "attributes" or numeric == names))
+        if not ok:
+            raise DataValidationError(
+                "must be {kind: vector|attributes, names: [column names], numeric: [the "
+                "numeric ones]} with distinct, non-empty names", field=field)
+        return cls(value["kind"], tuple(value["names"]), tuple(value["numeric"]))
+
+    def encode(self, value: Any, name: str = "context") -> np.ndarray:
+        """One context (a list of numbers, or a mapping of attributes) as a ``(d_x,)`` row;
+        anything the training contexts did not have is refused, naming it (``name`` is how
+        the message calls the value)."""
+        try:
+            kind, parsed = _context(value, name)
+        except _RowError as err:
+            raise DataValidationError(err.message, field=err.field) from None
+        if kind != self.kind:
+            want = (f"a list of {len(self.names)} numbers" if self.kind == "vector"
+                    else "a mapping of attributes (" + ", ".join(self._attributes()) + ")")
+            raise DataValidationError(f"must be {want}, like the model's training contexts",
+                                      field=name)
+        if kind == "vector":
+            if len(parsed) != len(self.names):
+                raise DataValidationError(f"has {len(parsed)} numbers; the model's contexts "
+                                          f"have {len(self.names)}", field=name)
+            return np.asarray(parsed, dtype=np.float64)
+        out = np.zeros(len(self.names))
+        col = {n: i for i, n in enumerate(self.names)}
+        for key, v in parsed.items():
+            if key in self.numeric:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise DataValidationError(f"must be a number (a numeric attribute in "
+                                              f"training), got {v!r}", field=f"{name}.{key}")
+                out[col[key]] = float(v)
+            elif f"{key}={v}" in col:
+                out[col[f"{key}={v}"]] = 1.0
+            else:
+                known = [n.split("=", 1)[1] for n in self.names
+                         if n.startswith(f"{key}=") and n not in self.numeric]
+                raise DataValidationError(
+                    f"value {v!r} was not seen in training; known values: "
+                    + ", ".join(map(repr, known)) if known else
+                    "not an attribute of the model's contexts; they have: "
+                    + ", ".join(self._attributes()), field=f"{name}.{key}")
+        missing = [n for n in self.numeric if n not in parsed]
+        if missing:
+            raise DataValidationError("missing (a numeric attribute of every training "
+                                      "context)", field=f"{name}.{missing[0]}")
+        return out
+
+    def _attributes(self) -> list[str]:
+        return list(dict.fromkeys(n if n in self.numeric else n.split("=", 1)[0]
+                                  for n in self.names))
 
 
 def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: Problems,
@@ -441,7 +535,8 @@ def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: Proble
                            context_names=names, where=columns["where"], template=template,
                            skipped=skipped, conversational=bool(columns.get("conversational")),
                            messages=messages if messages and any(
-                               m is not None for m in messages) else None)
+                               m is not None for m in messages) else None,
+                           context_schema=None if contexts is None else contexts.schema)
 
 
 def _columns() -> dict[str, Any]:
@@ -471,6 +566,15 @@ NO_SHARED_START = ("missing, and chosen and rejected share no beginning to take 
                    "conversations share, or the common prefix of two strings)")
 
 
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for two messages or characters; a message holding arrays (an in-memory row
+    of NumPy values), whose ``==`` has no truth value, counts as different."""
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError):
+        return False
+
+
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     """``(prompt, chosen, rejected)`` of a row without a prompt, as TRL's
     ``trl.data_utils.extract_prompt`` splits it: the longest common beginning of ``chosen`` and
@@ -481,7 +585,7 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     n = min(len(chosen), len(rejected))
     if n == 0:
         return chosen[:0], chosen, rejected
-    split = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    split = next((i for i in range(n) if not _same(chosen[i], rejected[i])), None)
     if split is None:
         split = n - 1
     elif split > 0 and chosen[split - 1] == " ":
@@ -498,7 +602,7 @@ def _implicit(chosen: Any, rejected: Any, cols: Columns, row: Mapping) -> tuple[
         raise _RowError(cols["prompt"], "missing, and an implicit prompt needs chosen and "
                                         "rejected both strings or both message lists",
                         columns=row)
-    if chosen[0] != rejected[0]:
+    if not _same(chosen[0], rejected[0]):
         raise _RowError(cols["prompt"], NO_SHARED_START, columns=row)
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     if not prompt or (isinstance(prompt, str) and not prompt.strip()):
@@ -649,7 +753,9 @@ def read_summarize_from_feedback(source: Any, *, include_articles: bool = False,
     for path, line, row in _rows(source, errs, split=split,
                                  typed=("info", "summaries", "choice")):
         try:
-            if splits is not None and isinstance(row, Mapping) and row.get("split") not in splits:
+            split_name = row.get("split") if isinstance(row, Mapping) else None
+            if splits is not None and isinstance(row, Mapping) and not (
+                    isinstance(split_name, str) and split_name in splits):
                 skipped += 1
                 continue
             parsed = _summarize_row(row, include_articles, names)

@@ -20,6 +20,18 @@ personal deviation ``Bw_u`` about ``diversity``. ``diversity = 0`` makes all use
 * New users (for adaptation) are fresh draws of ``w`` from the same distribution.
 * Target states (deployment): ``m`` states with ``n_actions`` candidates each, shared by all
   users; values are exact (true rewards).
+
+**Users with contexts** (``d_context = d_x``; LoCo-RLHF's contextual model, Lee, Sun & Liu 2024):
+each user has a context ``x_u ~ N(0, I_{d_x})`` and
+
+    g_u = sqrt(1 − ν) · Mᵀx_u + sqrt(ν) · ε_u,   M ∈ R^{d_x×k} with N(0, 1/d_x) entries,
+    ε_u ~ N(0, I_k),
+
+in place of ``g_u`` above, so ``θ_u = θ0 + B w_u`` is ``[1, x_u]ᵀΘφ`` with a rank-``k`` context
+part plus a personal residual. ``ν = context_noise``: ``0`` makes a user's reward a function of
+their context (a new user's context tells everything), ``1`` makes it unrelated to it. ``g_u``
+has covariance ``(1 − ν) MᵀM + ν I ≈ I_k`` either way, so ``diversity`` keeps its meaning.
+Offline comparisons then carry the users' contexts as ``x``.
 """
 
 from __future__ import annotations
@@ -72,9 +84,15 @@ class MultiUser:
         Seed (int or list of ints) of the truth ``θ0, B, w_u``. Samples take their own seeds.
     shared_scale:
         Standard deviation of the shared reward over candidates.
+    d_context:
+        ``None`` (default): users without contexts. An integer ``d_x ≥ 1``: users with contexts
+        that drive their rewards (module docstring).
+    context_noise:
+        ``ν ∈ [0, 1]``, the share of the personal part not explained by the context.
 
     Truth attributes: ``theta0_star`` (d_phi,), ``B_star`` (d_phi, k), ``W_star`` (U, k),
-    ``thetas_star`` (U, d_phi); ``users`` are the integer ids ``0..U−1``.
+    ``thetas_star`` (U, d_phi); ``users`` are the integer ids ``0..U−1``; with ``d_context``,
+    ``contexts`` (U, d_x) and ``M_star`` (d_x, k).
     """
 
     def __init__(
@@ -88,6 +106,8 @@ class MultiUser:
         seed: int | list[int] = 0,
         *,
         shared_scale: float = 1.0,
+        d_context: int | None = None,
+        context_noise: float = 0.0,
     ) -> None:
         if n_users < 1:
             raise ConfigError(f"n_users must be ≥ 1, got {n_users}")
@@ -101,16 +121,35 @@ class MultiUser:
         self.diversity, self.n_actions, self.seed = float(diversity), n_actions, seed
         self.shared_scale = float(shared_scale)
         self.n_per_user = _counts(n_per_user, n_users)
+        if d_context is not None and (isinstance(d_context, bool) or not isinstance(
+                d_context, int | np.integer) or d_context < 1):
+            raise ConfigError(f"d_context must be None or an integer ≥ 1, got {d_context!r}")
+        if not 0.0 <= context_noise <= 1.0:
+            raise ConfigError(f"context_noise must be in [0, 1], got {context_noise!r}")
+        self.d_context, self.context_noise = d_context, float(context_noise)
 
         rng = np.random.default_rng(seed)
         self.theta0_star = self.shared_scale * np.sqrt(d_phi) * unit_sphere(rng, (), d_phi)
         self.B_star = haar_frame(rng, d_phi, k)
-        self.W_star = self._weights(rng, n_users)
+        if d_context is None:
+            self.contexts = None
+            self.W_star = self._weights(rng, n_users)
+        else:
+            self.M_star = rng.standard_normal((d_context, k)) / np.sqrt(d_context)
+            self.contexts, self.W_star = self._context_weights(rng, n_users)
         self.thetas_star = self.theta0_star + self.W_star @ self.B_star.T
         self.users = np.arange(n_users)
 
     def _weights(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.diversity * np.sqrt(self.d_phi / self.k) * rng.standard_normal((n, self.k))
+
+    def _context_weights(self, rng: np.random.Generator, n: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """``(contexts (n, d_x), W (n, k))`` of ``n`` users with contexts."""
+        x = rng.standard_normal((n, self.d_context))
+        g = (np.sqrt(1.0 - self.context_noise) * x @ self.M_star
+             + np.sqrt(self.context_noise) * rng.standard_normal((n, self.k)))
+        return x, self.diversity * np.sqrt(self.d_phi / self.k) * g
 
     # ------------------------------------------------------------------ sampling
     def sample_comparisons(
@@ -119,9 +158,11 @@ class MultiUser:
         counts: np.ndarray | Sequence[int],
         seed: int | list[int],
         users: np.ndarray | None = None,
+        contexts: np.ndarray | None = None,
     ) -> PreferenceData:
         """Comparisons of users with true parameters ``thetas`` (one row each), ``counts[u]``
-        per user; user ``u``'s stream is seeded by ``[*seed, u]`` (nested in ``counts``)."""
+        per user; user ``u``'s stream is seeded by ``[*seed, u]`` (nested in ``counts``).
+        ``contexts`` (one row per user) become each comparison's ``x``."""
         thetas = np.atleast_2d(np.asarray(thetas, dtype=np.float64))
         counts = np.asarray(counts, dtype=np.int64)
         users = np.arange(thetas.shape[0]) if users is None else np.asarray(users)
@@ -137,19 +178,34 @@ class MultiUser:
             phi1.append(pair[:, 1])
             y.append(labels)
             ids.append(np.full(n, users[u]))
-        return PreferenceData(x=None, phi0=np.concatenate(phi0), phi1=np.concatenate(phi1),
+        x = None if contexts is None else np.repeat(np.asarray(contexts, np.float64),
+                                                    counts, axis=0)
+        return PreferenceData(x=x, phi0=np.concatenate(phi0), phi1=np.concatenate(phi1),
                               y=np.concatenate(y), users=np.concatenate(ids))
 
     def sample_offline(self, seed: int | list[int],
                        n_per_user: int | Sequence[int] | None = None) -> PreferenceData:
         """Training comparisons of every user (``n_per_user`` overrides the constructor's)."""
         counts = self.n_per_user if n_per_user is None else _counts(n_per_user, self.n_users)
-        return self.sample_comparisons(self.thetas_star, counts, seed, self.users)
+        return self.sample_comparisons(self.thetas_star, counts, seed, self.users, self.contexts)
 
     def new_users(self, n: int, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` fresh users from the same population: ``(W_new (n, k), thetas_new (n, d_phi))``."""
-        w = self._weights(np.random.default_rng(seed), n)
+        """``n`` fresh users from the same population: ``(W_new (n, k), thetas_new (n, d_phi))``
+        (with ``d_context``, see :meth:`new_context_users` for their contexts)."""
+        if self.d_context is not None:
+            _, w = self._context_weights(np.random.default_rng(seed), n)
+        else:
+            w = self._weights(np.random.default_rng(seed), n)
         return w, self.theta0_star + w @ self.B_star.T
+
+    def new_context_users(self, n: int, seed: int | list[int]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` fresh users with contexts: ``(contexts (n, d_x), thetas (n, d_phi))``; the same
+        users as :meth:`new_users` with the same seed."""
+        if self.d_context is None:
+            raise ConfigError("new_context_users needs a simulator with d_context set")
+        x, w = self._context_weights(np.random.default_rng(seed), n)
+        return x, self.theta0_star + w @ self.B_star.T
 
     def sample_targets(self, m: int, seed: int | list[int]) -> TargetStates:
         """``m`` deployment states shared by all users, ``K`` candidates each."""

@@ -1,6 +1,7 @@
 """Reward models fitted by Bradley–Terry maximum likelihood (DESIGN §2)."""
 
 from pluralign.rewards.base import BradleyTerryModel, RewardModel
+from pluralign.rewards.contextual import Contextual
 from pluralign.rewards.linear import Bilinear, Linear, LinearInParameters
 from pluralign.rewards.lowrank import LowRank
 from pluralign.rewards.multi_user import (
@@ -16,6 +17,7 @@ from pluralign.rewards.reduced import RTVReduced
 __all__ = [
     "Bilinear",
     "BradleyTerryModel",
+    "Contextual",
     "Linear",
     "LinearInParameters",
     "LowRank",

@@ -22,12 +22,13 @@ import numpy as np
 
 from pluralign._parse import read_json_file, read_npz
 from pluralign.errors import DataValidationError
+from pluralign.rewards.contextual import Contextual
 from pluralign.rewards.multi_user import PerUser, Pooled, SharedBasis, _key
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CLASSES", "load_model", "save_model"]
 
 MODEL_CLASSES: dict[str, type] = {"SharedBasis": SharedBasis, "PerUser": PerUser,
-                                  "Pooled": Pooled}
+                                  "Pooled": Pooled, "Contextual": Contextual}
 FORMAT = "pluralign-multi-user"
 FORMAT_VERSION = 1
 # what save_model writes itself, and the metadata `pluralign fit` adds
@@ -126,10 +127,11 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
                       + (f" (one of {PARAM_CHOICES[key]})" if key in PARAM_CHOICES else "")
                       + f", got {value!r}")
     users = meta["users"]
-    if not isinstance(users, list) or not users:
+    # a Contextual model may be fitted on contexts alone, without user ids
+    if not isinstance(users, list) or not (users or meta["class"] == "Contextual"):
         raise bad("users", "must be a non-empty list of user ids")
     kinds = {type(u) for u in users}
-    if not kinds <= {str, int} or len(kinds) != 1 or any(isinstance(u, bool) for u in users):
+    if not kinds <= {str, int} or len(kinds) > 1 or any(isinstance(u, bool) for u in users):
         raise bad("users", "must all be strings or all integers")
     if len(set(users)) != len(users):
         dup = next(u for u in users if users.count(u) > 1)
@@ -150,6 +152,13 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
 def _check_features(features: Any, bad: Any) -> None:
     if not isinstance(features, dict) or features.get("kind") not in ("numeric", "text"):
         raise bad("features", "must be a mapping with kind 'numeric' or 'text'")
+    if "context" in features:
+        from pluralign.data.loaders import ContextSchema
+
+        try:
+            ContextSchema.from_dict(features["context"])
+        except DataValidationError as err:
+            raise bad("features.context", err.bare) from None
     if features["kind"] == "numeric":
         return
     encoder = features.get("encoder")
@@ -183,8 +192,10 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any],
         return DataValidationError(message, field=field, **where)
 
     n_users, d_phi = len(meta["users"]), meta["d_phi"]
-    shared = meta["class"] == "SharedBasis"
+    shared, contextual = meta["class"] == "SharedBasis", meta["class"] == "Contextual"
     expected = {"theta0", "thetas", "user_counts"} | ({"basis", "weights"} if shared else set())
+    if contextual:
+        expected |= {"basis", "context_weights", "contexts", "context_mean", "context_scale"}
     if meta["has_design"]:
         expected |= set(DESIGN_ARRAYS)
     for key in sorted(expected - set(arrays)):
@@ -192,11 +203,17 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any],
     for key in sorted(set(arrays) - expected):
         raise bad(key, "unknown array" + ("" if meta["has_design"] or key not in DESIGN_ARRAYS
                                           else " (model.json says has_design: false)"))
-    k = arrays["basis"].shape[-1] if shared and arrays["basis"].ndim == 2 else None
+    k = arrays["basis"].shape[-1] if (shared or contextual) and arrays["basis"].ndim == 2 \
+        else None
     shapes: dict[str, tuple] = {"theta0": (d_phi,), "thetas": (n_users, d_phi),
                                 "user_counts": (n_users,)}
     if shared:
         shapes |= {"basis": (d_phi, k), "weights": (n_users, k)}
+    if contextual:
+        weights = arrays["context_weights"]
+        d_x = weights.shape[0] if weights.ndim == 2 and weights.shape[0] else None
+        shapes |= {"basis": (d_phi, k), "context_weights": (d_x, k), "contexts": (n_users, d_x),
+                   "context_mean": (d_x,), "context_scale": (d_x,)}
     for key, shape in shapes.items():
         arr = arrays[key]
         if arr.shape != shape:
@@ -208,6 +225,8 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any],
             raise bad(key, "contains NaN or inf")
     if (arrays["user_counts"] < 0).any() or arrays["user_counts"].dtype.kind == "f":
         raise bad("user_counts", "must be non-negative integers")
+    if contextual and (arrays["context_scale"] <= 0).any():
+        raise bad("context_scale", "must be positive")
     if meta["has_design"]:
         design, index = arrays["design"], arrays["design_index"]
         if design.ndim != 3 or design.shape[1] != design.shape[2] or design.shape[0] < 1:
@@ -240,6 +259,13 @@ def load_model(folder: str | Path) -> tuple[Any, dict[str, Any], dict[str, np.nd
     meta = _check_meta(read_json_file(meta_path), {"path": str(meta_path)})
     arrays = read_npz(array_path)
     _check_arrays(arrays, meta, {"path": str(array_path)})
+    schema = meta.get("features", {}).get("context")
+    if meta["class"] == "Contextual" and schema is not None \
+            and len(schema["names"]) != arrays["context_weights"].shape[0]:
+        raise DataValidationError(
+            f"names {len(schema['names'])} context columns, but model.npz's context_weights "
+            f"has {arrays['context_weights'].shape[0]}", field="features.context",
+            path=str(meta_path))
     designs = {k: v for k, v in arrays.items() if k in DESIGN_ARRAYS}
     cls = MODEL_CLASSES[meta["class"]]
     model = cls.from_arrays(arrays, meta["users"], n_train=meta["n_train"], **meta["params"])
