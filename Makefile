@@ -24,10 +24,12 @@ run: setup
 ## The test suite (what CI runs).
 test: setup
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 bench: setup
 	$(BIN)/python -m benchmarks

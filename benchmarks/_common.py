@@ -20,8 +20,9 @@ def best_time(func: Callable[[], object], repeats: int = 3) -> tuple[float, obje
     return best, result
 
 
-def contextual_data(n: int, d_x: int, d_phi: int, rank: int, seed: int,
-                    scale: float = 1.5) -> tuple[PreferenceData, np.ndarray]:
+def contextual_data(
+    n: int, d_x: int, d_phi: int, rank: int, seed: int, scale: float = 1.5
+) -> tuple[PreferenceData, np.ndarray]:
     """Bradley–Terry comparisons from a rank-``rank`` ``Θ*`` with unit-scale rewards.
 
     Contexts ``x ~ N(0, I/d_x)`` and features ``φ ~ N(0, I/d_phi)``; ``Θ* = c·U diag(s) Vᵀ`` with

@@ -30,8 +30,7 @@ def item_comparisons(n_items: int, n: int, seed: int) -> tuple[list[tuple[int, i
     return list(zip(winners.tolist(), losers.tolist(), strict=True)), theta
 
 
-def as_preference_data(pairs: list[tuple[int, int]], n_items: int, seed: int = 0
-                       ) -> PreferenceData:
+def as_preference_data(pairs: list[tuple[int, int]], n_items: int, seed: int = 0) -> PreferenceData:
     """One-hot items; a seeded half of the pairs stored as ``(winner, loser)`` with ``y = 0``."""
     winners, losers = np.array(pairs).T
     flip = np.random.default_rng(seed).random(len(pairs)) < 0.5
@@ -49,11 +48,13 @@ def bench_item_bt_vs_choix() -> dict:
     data = as_preference_data(pairs, N_ITEMS)
     l2 = 2.0 * ALPHA / data.n
     t_ours, ours = best_time(lambda: Linear(l2=l2, tol=1e-10, max_iter=10_000).fit(data))
-    t_choix, theirs = best_time(lambda: choix.opt_pairwise(N_ITEMS, pairs, alpha=ALPHA,
-                                                           method="Newton-CG", tol=1e-10),
-                                 repeats=1)  # choix loops in Python: one timing is enough
-    t_bfgs, bfgs = best_time(lambda: choix.opt_pairwise(N_ITEMS, pairs, alpha=ALPHA,
-                                                        method="BFGS", tol=1e-8), repeats=1)
+    t_choix, theirs = best_time(
+        lambda: choix.opt_pairwise(N_ITEMS, pairs, alpha=ALPHA, method="Newton-CG", tol=1e-10),
+        repeats=1,
+    )  # choix loops in Python: one timing is enough
+    t_bfgs, bfgs = best_time(
+        lambda: choix.opt_pairwise(N_ITEMS, pairs, alpha=ALPHA, method="BFGS", tol=1e-8), repeats=1
+    )
     diff = float(np.abs(ours.theta_ - theirs).max())
     corr = float(np.corrcoef(ours.theta_, truth)[0, 1])
     return {

@@ -20,8 +20,9 @@ N, D, L2, TOL = 20_000, 32, 1e-4, 1e-8
 
 
 def _sklearn(z: np.ndarray, y: np.ndarray, n: int) -> LogisticRegression:
-    return LogisticRegression(fit_intercept=False, C=1.0 / (n * L2), tol=TOL,
-                              max_iter=10_000).fit(z, y)
+    return LogisticRegression(fit_intercept=False, C=1.0 / (n * L2), tol=TOL, max_iter=10_000).fit(
+        z, y
+    )
 
 
 def bench_bilinear_vs_sklearn() -> dict:
@@ -81,8 +82,9 @@ def _p2(d: int, sklearn_repeats: int = 3) -> dict:
                 elif key == "sk":
                     sk = result
     t_low, t_torch, t_sk, t_sk1 = (min(times[k]) for k in ("low", "torch", "sk", "sk1"))
-    loss_low = log_loss(low.reward(heldout.x, heldout.phi1) - low.reward(heldout.x, heldout.phi0),
-                        heldout.y)
+    loss_low = log_loss(
+        low.reward(heldout.x, heldout.phi1) - low.reward(heldout.x, heldout.phi0), heldout.y
+    )
     theta_sk = sk.coef_[0].reshape(d, d)  # row-major vec(x Δφᵀ) ↔ Θ
     loss_sk = log_loss(np.einsum("ni,ni->n", heldout.x @ theta_sk, heldout.delta_phi), heldout.y)
     blas = max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
@@ -93,8 +95,9 @@ def _p2(d: int, sklearn_repeats: int = 3) -> dict:
         "lowrank_median_seconds": round(float(np.median(times["low"])), 4),
         "lowrank_n_iter": low.n_iter_,
         "lowrank_torch_path_seconds": round(t_torch, 4),
-        "objective_numpy_minus_torch_path": float(low.solver_info_.objective
-                                                  - torch_fit.solver_info_.objective),
+        "objective_numpy_minus_torch_path": float(
+            low.solver_info_.objective - torch_fit.solver_info_.objective
+        ),
         "sklearn_seconds": round(t_sk, 3),
         "sklearn_1thread_seconds": round(t_sk1, 3),
         "speedup_sklearn_over_lowrank": round(t_sk / t_low, 2),
@@ -103,11 +106,13 @@ def _p2(d: int, sklearn_repeats: int = 3) -> dict:
         # of medians does not.
         "speedup_medians_faster_sklearn_over_lowrank": round(
             min(float(np.median(times["sk"])), float(np.median(times["sk1"])))
-            / float(np.median(times["low"])), 2),
+            / float(np.median(times["low"])),
+            2,
+        ),
         "heldout_logloss_lowrank": round(loss_low, 5),
         "heldout_logloss_sklearn": round(loss_sk, 5),
         "threads": f"BLAS {blas} (sklearn) / {lowrank_blas} (LowRank); torch "
-                   f"{torch.get_num_threads()} (only the solver='torch' timing uses it)",
+        f"{torch.get_num_threads()} (only the solver='torch' timing uses it)",
         "load_1min_before_after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
         "budget_speedup>=5": bool(min(t_sk, t_sk1) / t_low >= 5.0),
         "budget_logloss<=sklearn+0.01": bool(loss_low <= loss_sk + 0.01),
@@ -156,8 +161,9 @@ _P1_CHILD = textwrap.dedent(
 
 def bench_lowrank_high_dimension() -> dict:
     """P1: LowRank, N=100k, d_x=d_phi=384, r=4, float32 (tol 1e-9), 2 cores: ≤ 30 s, ≤ 2 GB RSS."""
-    out = subprocess.run([sys.executable, "-c", _P1_CHILD], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _P1_CHILD], capture_output=True, text=True, check=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {
         "setting": "N=100k d_x=d_phi=384 r=4 float32 (fresh process; RSS includes the data)",

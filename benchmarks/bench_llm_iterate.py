@@ -46,16 +46,23 @@ def _dpo_seconds(report: dict, config: dict, folder: Path, keep: bool) -> float:
 
     resolved = resolve_iterate_config(config)
     policy, last = report["policy"], len(report["history"]) - 1
-    policy.load_trainable_state(read_tensors(folder / "state" / f"adapters-{last - 1:02d}"
-                                                                ".safetensors"))
+    policy.load_trainable_state(
+        read_tensors(folder / "state" / f"adapters-{last - 1:02d}.safetensors")
+    )
     data = encode_dpo_pairs(policy, _read_pairs(folder / f"round-{last:02d}.jsonl"))
     if keep:
         data = data.with_reference(np.load(folder / "state" / f"reference-{last:02d}.npy"))
     kwargs = resolved["train"].trainer_kwargs()
     for key in ("checkpoint_every", "keep_checkpoints"):
         kwargs.pop(key)
-    trainer = DPOTrainer(beta=resolved["dpo"].beta, kl_samples=0, output_dir=None,
-                         progress=False, eval_every_epoch=False, **kwargs)
+    trainer = DPOTrainer(
+        beta=resolved["dpo"].beta,
+        kl_samples=0,
+        output_dir=None,
+        progress=False,
+        eval_every_epoch=False,
+        **kwargs,
+    )
     trainer._check()
     start = time.perf_counter()
     trainer._train(policy, data, None, trainable="all")
@@ -70,14 +77,16 @@ def _run(config_name: str, overrides: dict | None = None, prompts: list | None =
     from pluralign.llm.job import apply_overrides
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    config = apply_overrides(load_config(CONFIGS / config_name),
-                             [f"{k}={v}" for k, v in (overrides or {}).items()])
+    config = apply_overrides(
+        load_config(CONFIGS / config_name), [f"{k}={v}" for k, v in (overrides or {}).items()]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "run"
         if prompts is not None:
             path = Path(tmp) / "prompts.jsonl"
-            path.write_text("".join(json.dumps({"prompt": p, "user_id": u}) + "\n"
-                                    for p, u in prompts))
+            path.write_text(
+                "".join(json.dumps({"prompt": p, "user_id": u}) + "\n" for p, u in prompts)
+            )
             config["iterate"]["prompts"] = str(path)
         start = time.perf_counter()
         report = run_iterate(config, out=folder, resume=False, progress=False)
@@ -91,19 +100,33 @@ def _run(config_name: str, overrides: dict | None = None, prompts: list | None =
         return round(statistics.median(sum(r.get(k, 0.0) for k in keys) for r in rounds), 3)
 
     reuse = [r["reference_logps"] for r in records]
-    return {"rounds": len(rounds), "rows": len(prompts) if prompts else None,
-            "pairs_per_round": [r["pairs"] for r in records],
-            "generate_s": median("generate"), "annotate_s": median("annotate", "select"),
-            "reference_s": median("reference"), "dpo_s": median("dpo"),
-            "evaluate_s": median("eval_generate", "eval_logprobs", "eval_score"),
-            "round_s": median("generate", "annotate", "select", "reference", "dpo",
-                              "eval_generate", "eval_logprobs", "eval_score"),
-            "reference_from_sampling": [f"{r['from_sampling']}/{r['from_sampling'] + r['computed']}"
-                                        for r in reuse],
-            "peer_dpo_recomputing_reference_s": round(recompute, 3),
-            "dpo_keeping_reference_s": round(kept, 3),
-            "ratio_kept_over_recomputing": round(kept / recompute, 3),
-            "run_s": round(total, 2)}
+    return {
+        "rounds": len(rounds),
+        "rows": len(prompts) if prompts else None,
+        "pairs_per_round": [r["pairs"] for r in records],
+        "generate_s": median("generate"),
+        "annotate_s": median("annotate", "select"),
+        "reference_s": median("reference"),
+        "dpo_s": median("dpo"),
+        "evaluate_s": median("eval_generate", "eval_logprobs", "eval_score"),
+        "round_s": median(
+            "generate",
+            "annotate",
+            "select",
+            "reference",
+            "dpo",
+            "eval_generate",
+            "eval_logprobs",
+            "eval_score",
+        ),
+        "reference_from_sampling": [
+            f"{r['from_sampling']}/{r['from_sampling'] + r['computed']}" for r in reuse
+        ],
+        "peer_dpo_recomputing_reference_s": round(recompute, 3),
+        "dpo_keeping_reference_s": round(kept, 3),
+        "ratio_kept_over_recomputing": round(kept / recompute, 3),
+        "run_s": round(total, 2),
+    }
 
 
 def bench_iterate_toy() -> dict:
@@ -123,9 +146,11 @@ def bench_iterate_smollm2() -> dict:
 
     folder = plain_copy(*found, CACHE / "smollm2-135m-plain")
     rows = [(p, u) for p in EVERYDAY_PROMPTS[:16] for u in ANCHORS]
-    return _run("iterate_smollm2.yaml", {"model.name_or_path": str(folder),
-                                         "iterate.rounds": 2, "iterate.max_new_tokens": 32},
-                prompts=rows)
+    return _run(
+        "iterate_smollm2.yaml",
+        {"model.name_or_path": str(folder), "iterate.rounds": 2, "iterate.max_new_tokens": 32},
+        prompts=rows,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -134,5 +159,9 @@ if __name__ == "__main__":  # pragma: no cover
 
     names = sys.argv[1:] or ["toy"]
     for name in names:
-        print(name, json.dumps({"toy": bench_iterate_toy,
-                                "smollm2": bench_iterate_smollm2}[name](), indent=1))
+        print(
+            name,
+            json.dumps(
+                {"toy": bench_iterate_toy, "smollm2": bench_iterate_smollm2}[name](), indent=1
+            ),
+        )

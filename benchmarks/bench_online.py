@@ -47,12 +47,13 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _round_seconds(d: int, n_actions: int, m: int, rounds: int, warmup: int = 1
-                   ) -> tuple[float, OnlineGSHF, KLBandit]:
+def _round_seconds(
+    d: int, n_actions: int, m: int, rounds: int, warmup: int = 1
+) -> tuple[float, OnlineGSHF, KLBandit]:
     """Median per-round time of the enhancer loop over rounds ``warmup+1..rounds``."""
     env = KLBandit(d=d, n_actions=n_actions, eta=0.2, seed=0)
     loop = OnlineGSHF("enhancer", batch_size=m, n_rounds=rounds, seed=1).fit(env)
-    times = [h["seconds"] for h in loop.history_[1 + warmup:]]
+    times = [h["seconds"] for h in loop.history_[1 + warmup :]]
     return statistics.median(times), loop, env
 
 
@@ -63,8 +64,9 @@ def _parts(loop: OnlineGSHF, env: KLBandit, m: int) -> dict[str, float]:
     states = env.sample_states(m, rng)
     main = gibbs_probs(states.phi @ loop.theta_, env.reference_probs(states), env.eta)
     contexts = time.perf_counter() - start
-    state = RoundState(states=states, main_probs=main, theta=loop.theta_,
-                       confidence=loop.confidence_, eta=env.eta)
+    state = RoundState(
+        states=states, main_probs=main, theta=loop.theta_, confidence=loop.confidence_, eta=env.eta
+    )
     start = time.perf_counter()
     Enhancer(exact=False).second_policy(state)
     scan = time.perf_counter() - start
@@ -79,17 +81,23 @@ def _parts(loop: OnlineGSHF, env: KLBandit, m: int) -> dict[str, float]:
     start = time.perf_counter()
     loop._refit(loop.data_, env.d)
     refit = time.perf_counter() - start
-    return {"contexts_and_main_agent": contexts, "enhancer_search": search,
-            "enhancer_scan_only": scan,
-            "sampling_and_labels": sampling, "refit_mle_and_confidence": refit}
+    return {
+        "contexts_and_main_agent": contexts,
+        "enhancer_search": search,
+        "enhancer_scan_only": scan,
+        "sampling_and_labels": sampling,
+        "refit_mle_and_confidence": refit,
+    }
 
 
 def bench_online_round() -> dict:
     """Issue 5: one online round at d=64, K=32, m=1000 ≤ 2 s; scaling with d and K."""
     d, n_actions, m, rounds = 64, 32, 1000, 6
-    out: dict = {"setting": f"d={d} K={n_actions} m={m}, round {rounds} (N={rounds * m} "
-                            "comparisons refitted), exact enhancer (4-direction scan + SLSQP), "
-                            "1 BLAS thread"}
+    out: dict = {
+        "setting": f"d={d} K={n_actions} m={m}, round {rounds} (N={rounds * m} "
+        "comparisons refitted), exact enhancer (4-direction scan + SLSQP), "
+        "1 BLAS thread"
+    }
     with _one_thread():
         median, loop, env = _round_seconds(d, n_actions, m, rounds)
         out["round_seconds_median"] = round(median, 3)
@@ -99,10 +107,12 @@ def bench_online_round() -> dict:
         out[f"budget_round<={BUDGET_SECONDS:g}s"] = median <= BUDGET_SECONDS
         for d_scan in (16, 32, 64, 128):
             out[f"scaling_d={d_scan}_K=32_seconds"] = round(
-                _round_seconds(d_scan, 32, m, rounds=3)[0], 3)
+                _round_seconds(d_scan, 32, m, rounds=3)[0], 3
+            )
         for k_scan in (8, 32, 128):
             out[f"scaling_d=64_K={k_scan}_seconds"] = round(
-                _round_seconds(64, k_scan, m, rounds=3)[0], 3)
+                _round_seconds(64, k_scan, m, rounds=3)[0], 3
+            )
     for key, value in out.items():
         print(f"   {key:<40} {value}")
     return out

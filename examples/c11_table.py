@@ -55,9 +55,11 @@ def arm_table(folder: Path, arms: list[str]) -> str:
     runs = {arm: histories(folder, arm) for arm in arms}
     first = next(h for r in runs.values() for h in r.values())
     users = list(first[0]["users"])
-    keys = [(k, label) for k, label in METRICS
-            if any(value(h, 1, users[0], k) is not None for r in runs.values()
-                   for h in r.values())]
+    keys = [
+        (k, label)
+        for k, label in METRICS
+        if any(value(h, 1, users[0], k) is not None for r in runs.values() for h in r.values())
+    ]
     head = ["arm", "seeds", "round"] + [f"{u}: {label}" for u in users for _, label in keys]
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for arm, seeds in runs.items():
@@ -65,25 +67,30 @@ def arm_table(folder: Path, arms: list[str]) -> str:
             continue
         rounds = sorted({r["round"] for h in seeds.values() for r in h})
         for t in rounds:
-            cells = [mean_se([value(h, t, u, k) for h in seeds.values()])
-                     for u in users for k, _ in keys]
-            lines.append(f"| {arm} | {','.join(map(str, sorted(seeds)))} | {t} | "
-                         + " | ".join(cells) + " |")
+            cells = [
+                mean_se([value(h, t, u, k) for h in seeds.values()]) for u in users for k, _ in keys
+            ]
+            lines.append(
+                f"| {arm} | {','.join(map(str, sorted(seeds)))} | {t} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
 def paired(folder: Path, spec: str, default_round: int, key: str = "gold") -> list[str]:
     left, right = spec.split(":")
-    (a, ta), (b, tb) = [(s.split("@")[0], int(s.split("@")[1]) if "@" in s else default_round)
-                        for s in (left, right)]
+    (a, ta), (b, tb) = [
+        (s.split("@")[0], int(s.split("@")[1]) if "@" in s else default_round)
+        for s in (left, right)
+    ]
     ha, hb = histories(folder, a), histories(folder, b)
     seeds = sorted(set(ha) & set(hb))
     users = list(next(iter(ha.values()))[0]["users"]) if ha else []
     out = []
     for u in users:
         d = [value(ha[s], ta, u, key) - value(hb[s], tb, u, key) for s in seeds]
-        out.append(f"* {a} (round {ta}) − {b} (round {tb}), {u}, {key}, seeds {seeds}: "
-                   f"{mean_se(d)}")
+        out.append(
+            f"* {a} (round {ta}) − {b} (round {tb}), {u}, {key}, seeds {seeds}: {mean_se(d)}"
+        )
     return out
 
 
@@ -99,28 +106,44 @@ def plot(folder: Path, arms: list[str], path: Path) -> None:
         style = method_style(i)
         rounds = sorted({r["round"] for h in seeds.values() for r in h})
         for j, user in enumerate(users):
-            def stats(key: str, t: int, user: str = user, seeds: dict = seeds
-                      ) -> tuple[float, float]:
+
+            def stats(
+                key: str, t: int, user: str = user, seeds: dict = seeds
+            ) -> tuple[float, float]:
                 x = np.array([value(h, t, user, key) for h in seeds.values()], dtype=float)
                 return x.mean(), (x.std(ddof=1) / np.sqrt(x.size) if x.size > 1 else 0.0)
 
             gold = [stats("gold", t) for t in rounds]
-            kl_key = "kl_token" if all(value(h, 1, user, "kl_token") is not None
-                                       for h in seeds.values()) else "kl"
+            kl_key = (
+                "kl_token"
+                if all(value(h, 1, user, "kl_token") is not None for h in seeds.values())
+                else "kl"
+            )
             kl = [stats(kl_key, t) for t in rounds]
-            label = f"{arm} ({len(seeds)} seeds)" + ("" if kl_key == "kl_token"
-                                                     else ", sampled KL")
-            axes[0, j].errorbar([t + 0.04 * (i - len(runs) / 2) for t in rounds],
-                                [m for m, _ in gold], yerr=[e for _, e in gold], capsize=2,
-                                label=label, **style)
-            axes[1, j].errorbar([m for m, _ in kl], [m for m, _ in gold],
-                                xerr=[e for _, e in kl], yerr=[e for _, e in gold], capsize=2,
-                                label=label, **style)
+            label = f"{arm} ({len(seeds)} seeds)" + ("" if kl_key == "kl_token" else ", sampled KL")
+            axes[0, j].errorbar(
+                [t + 0.04 * (i - len(runs) / 2) for t in rounds],
+                [m for m, _ in gold],
+                yerr=[e for _, e in gold],
+                capsize=2,
+                label=label,
+                **style,
+            )
+            axes[1, j].errorbar(
+                [m for m, _ in kl],
+                [m for m, _ in gold],
+                xerr=[e for _, e in kl],
+                yerr=[e for _, e in gold],
+                capsize=2,
+                label=label,
+                **style,
+            )
             axes[0, j].set_title(user, fontsize=9)
             axes[0, j].set_xlabel("round t")
             axes[0, j].xaxis.get_major_locator().set_params(integer=True)
-            axes[1, j].set_xlabel("KL(π_t ‖ π0) (per token unless the legend says sampled)",
-                                  fontsize=8)
+            axes[1, j].set_xlabel(
+                "KL(π_t ‖ π0) (per token unless the legend says sampled)", fontsize=8
+            )
     for ax in axes.flat:
         ax.set_ylabel("gold reward")
         ax.grid(True, alpha=0.3)

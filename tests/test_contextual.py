@@ -19,8 +19,15 @@ from pluralign.rewards.persistence import load_model, save_model
 
 
 def context_users(noise: float = 0.0, seed: int = 0, n_users: int = 40, n_per_user: int = 40):
-    return MultiUser(n_users=n_users, d_phi=10, k=2, n_per_user=n_per_user, seed=seed,
-                     d_context=5, context_noise=noise)
+    return MultiUser(
+        n_users=n_users,
+        d_phi=10,
+        k=2,
+        n_per_user=n_per_user,
+        seed=seed,
+        d_context=5,
+        context_noise=noise,
+    )
 
 
 def accuracy(thetas: np.ndarray, data: PreferenceData, index: np.ndarray) -> float:
@@ -38,10 +45,10 @@ def test_one_hot_contexts_without_standardizing_are_exactly_shared_basis():
     contextual = Contextual(2, 1e-3, standardize=False, seed=3).fit(with_x)
     np.testing.assert_allclose(contextual.thetas_, shared.thetas_, rtol=0, atol=1e-12)
     np.testing.assert_allclose(contextual.theta0_, shared.theta0_, rtol=0, atol=1e-12)
-    assert contextual.log_likelihood(with_x) == pytest.approx(shared.log_likelihood(data),
-                                                              abs=1e-12)
-    np.testing.assert_allclose(np.abs(contextual.basis_.T @ shared.basis_), np.eye(2),
-                               atol=1e-9)
+    assert contextual.log_likelihood(with_x) == pytest.approx(
+        shared.log_likelihood(data), abs=1e-12
+    )
+    np.testing.assert_allclose(np.abs(contextual.basis_.T @ shared.basis_), np.eye(2), atol=1e-9)
 
 
 def test_full_rank_equals_logistic_regression_on_explicit_kronecker_features():
@@ -55,8 +62,9 @@ def test_full_rank_equals_logistic_regression_on_explicit_kronecker_features():
     z = (data.x - data.x.mean(axis=0)) / data.x.std(axis=0)
     aug = np.concatenate([np.ones((data.n, 1)), z], axis=1)
     kron = (aug[:, :, None] * data.delta_phi[:, None, :]).reshape(data.n, -1)
-    ref = LogisticRegression(fit_intercept=False, C=1 / (data.n * l2), tol=1e-12,
-                             max_iter=20000).fit(kron, data.y)
+    ref = LogisticRegression(
+        fit_intercept=False, C=1 / (data.n * l2), tol=1e-12, max_iter=20000
+    ).fit(kron, data.y)
     theta = ref.coef_[0].reshape(6, data.d_phi)
     got = np.concatenate([model.theta0_[None], model.context_weights_ @ model.basis_.T])
     assert np.abs(got - theta).max() / np.abs(theta).max() < 1e-4
@@ -70,11 +78,13 @@ def test_standardized_fit_is_invariant_to_affine_rescaling_of_context_columns():
     a, b = Contextual(2, 1e-3).fit(data), Contextual(2, 1e-3).fit(moved)
     np.testing.assert_allclose(b.thetas_, a.thetas_, rtol=1e-6, atol=1e-8)
     new = np.random.default_rng(0).standard_normal((4, 5))
-    np.testing.assert_allclose(b.context_theta(new * scale + shift), a.context_theta(new),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        b.context_theta(new * scale + shift), a.context_theta(new), rtol=1e-6, atol=1e-8
+    )
     # without standardizing the ridge sees the raw scale, so the fits differ
-    stretched = PreferenceData(data.x * np.array([3.0, 0.5, 1.0, 2.0, 0.5]), data.phi0,
-                               data.phi1, data.y, data.users)
+    stretched = PreferenceData(
+        data.x * np.array([3.0, 0.5, 1.0, 2.0, 0.5]), data.phi0, data.phi1, data.y, data.users
+    )
     raw_a = Contextual(2, 1e-1, standardize=False).fit(data)
     raw_b = Contextual(2, 1e-1, standardize=False).fit(stretched)
     assert np.abs(raw_a.thetas_ - raw_b.thetas_).max() > 1e-3
@@ -100,15 +110,17 @@ def test_a_new_user_with_a_known_context_gets_a_personalized_reward(seed):
     assert got > baseline + 0.05
     assert got > oracle - 0.03
     est, true = model.context_theta(contexts), thetas
-    cosine = np.sum(est * true, axis=1) / np.linalg.norm(est, axis=1) / np.linalg.norm(true,
-                                                                                   axis=1)
+    cosine = np.sum(est * true, axis=1) / np.linalg.norm(est, axis=1) / np.linalg.norm(true, axis=1)
     assert np.median(cosine) > 0.9
     # registered by context, the new users are scored through the multi-user interface
     model.add_users(ids, contexts)
     no_x = PreferenceData(None, test.phi0, test.phi1, test.y, test.users)
     assert model.accuracy(no_x) == pytest.approx(model.accuracy(test), abs=1e-15)
-    np.testing.assert_allclose(model.reward(ids[3], test.phi1[:5]),
-                               test.phi1[:5] @ model.context_theta(contexts[3])[0], atol=1e-12)
+    np.testing.assert_allclose(
+        model.reward(ids[3], test.phi1[:5]),
+        test.phi1[:5] @ model.context_theta(contexts[3])[0],
+        atol=1e-12,
+    )
     assert model.user_counts_[-1] == 0
 
 
@@ -138,8 +150,9 @@ def test_margins_follow_each_rows_context():
     # contexts alone (no user ids): LoCo-RLHF's data model, one group in the report
     anonymous = PreferenceData(data.x, data.phi0, data.phi1, data.y)
     alone = Contextual(2, 1e-3).fit(anonymous)
-    np.testing.assert_allclose(alone.context_theta(data.x[:3]), model.context_theta(data.x[:3]),
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        alone.context_theta(data.x[:3]), model.context_theta(data.x[:3]), atol=1e-10
+    )
     assert set(alone.per_user_accuracy(anonymous)) == {None}
 
 
@@ -148,8 +161,11 @@ def test_a_user_with_two_contexts_is_refused_naming_the_row():
     data = context_users().sample_offline(0)
     x = data.x.copy()
     x[57, 2] += 1.0
-    with pytest.raises(DataValidationError, match=r"user 1 has another context here than on "
-                                                  r"row 40") as info:
+    with pytest.raises(
+        DataValidationError,
+        match=r"user 1 has another context here than on "
+        r"row 40",
+    ) as info:
         Contextual(2).fit(PreferenceData(x, data.phi0, data.phi1, data.y, data.users))
     assert info.value.row == 57 and info.value.field == "x"
 
@@ -175,8 +191,9 @@ def test_unknown_user_without_context_errors_or_gets_theta0():
     lenient = Contextual(2, 1e-3, unknown_user="shared").fit(data)
     np.testing.assert_array_equal(lenient.user_theta(99)[0], lenient.theta0_)
     # θ0 is the reward of the average training context (z = 0)
-    np.testing.assert_allclose(lenient.context_theta(data.x.mean(axis=0))[0], lenient.theta0_,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        lenient.context_theta(data.x.mean(axis=0))[0], lenient.theta0_, atol=1e-12
+    )
 
 
 # --------------------------------------------------------------------- persistence
@@ -184,8 +201,11 @@ def test_save_and_load_round_trip_and_tampered_arrays(tmp_path):
     data = context_users().sample_offline(0)
     model = Contextual(2, 1e-3, unknown_user="shared").fit(data)
     schema = ContextSchema.vector(5)
-    save_model(model, tmp_path / "m", metadata={"features": {"kind": "numeric",
-                                                             "context": schema.to_dict()}})
+    save_model(
+        model,
+        tmp_path / "m",
+        metadata={"features": {"kind": "numeric", "context": schema.to_dict()}},
+    )
     loaded, meta, _ = load_model(tmp_path / "m")
     assert isinstance(loaded, Contextual) and loaded.get_params() == model.get_params()
     new = np.random.default_rng(1).standard_normal((3, 5))
@@ -202,8 +222,11 @@ def test_save_and_load_round_trip_and_tampered_arrays(tmp_path):
     np.savez(tmp_path / "m" / "model.npz", **arrays)
     with pytest.raises(DataValidationError, match=r"expected \(40, 5\)"):
         load_model(tmp_path / "m")
-    save_model(model, tmp_path / "m2", metadata={"features": {
-        "kind": "numeric", "context": ContextSchema.vector(4).to_dict()}})
+    save_model(
+        model,
+        tmp_path / "m2",
+        metadata={"features": {"kind": "numeric", "context": ContextSchema.vector(4).to_dict()}},
+    )
     with pytest.raises(DataValidationError, match="names 4 context columns") as info:
         load_model(tmp_path / "m2")
     assert info.value.field == "features.context"
@@ -217,12 +240,27 @@ def test_save_and_load_round_trip_and_tampered_arrays(tmp_path):
 
 # ----------------------------------------------------------------- context schema
 ROWS = [
-    {"prompt": "p", "chosen": "a", "rejected": "b", "user_id": "ana",
-     "user_context": {"age": 31, "region": "eu", "pro": True, "lang": {"main": "de"}}},
-    {"prompt": "p", "chosen": "a", "rejected": "b", "user_id": "ben",
-     "user_context": {"age": 45.5, "region": "us", "pro": False}},
-    {"prompt": "p", "chosen": "a", "rejected": "b", "user_id": "cy",
-     "user_context": {"age": 22, "region": "eu", "lang": {"main": "fr"}, "pro": None}},
+    {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "user_id": "ana",
+        "user_context": {"age": 31, "region": "eu", "pro": True, "lang": {"main": "de"}},
+    },
+    {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "user_id": "ben",
+        "user_context": {"age": 45.5, "region": "us", "pro": False},
+    },
+    {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "user_id": "cy",
+        "user_context": {"age": 22, "region": "eu", "lang": {"main": "fr"}, "pro": None},
+    },
 ]
 
 
@@ -239,18 +277,27 @@ def test_schema_encodes_every_training_context_as_the_loader_did(tmp_path):
     np.testing.assert_array_equal(vector.context_schema.encode([7, 1]), [7.0, 1.0])
 
 
-@pytest.mark.parametrize("value, field, message", [
-    ({"age": 30, "region": "asia"}, "ctx.region", "value 'asia' was not seen in training; "
-                                                  "known values: 'eu', 'us'"),
-    ({"age": 30, "height": 1.8}, "ctx.height", "not an attribute of the model's contexts; "
-                                               "they have: age, lang.main, pro, region"),
-    ({"region": "eu"}, "ctx.age", "missing"),
-    ({"age": "30"}, "ctx.age", "must be a number"),
-    ({"age": True}, "ctx.age", "must be a number"),
-    ([30, 1], "ctx", "must be a mapping of attributes"),
-    ({"age": float("nan")}, "ctx.age", "finite"),
-    ("eu", "ctx", "must be a list of numbers or a mapping"),
-])
+@pytest.mark.parametrize(
+    "value, field, message",
+    [
+        (
+            {"age": 30, "region": "asia"},
+            "ctx.region",
+            "value 'asia' was not seen in training; known values: 'eu', 'us'",
+        ),
+        (
+            {"age": 30, "height": 1.8},
+            "ctx.height",
+            "not an attribute of the model's contexts; they have: age, lang.main, pro, region",
+        ),
+        ({"region": "eu"}, "ctx.age", "missing"),
+        ({"age": "30"}, "ctx.age", "must be a number"),
+        ({"age": True}, "ctx.age", "must be a number"),
+        ([30, 1], "ctx", "must be a mapping of attributes"),
+        ({"age": float("nan")}, "ctx.age", "finite"),
+        ("eu", "ctx", "must be a list of numbers or a mapping"),
+    ],
+)
 def test_schema_refuses_what_training_did_not_have(value, field, message):
     schema = read_trl(ROWS).context_schema
     with pytest.raises(DataValidationError, match=message.replace("(", r"\(")) as info:
@@ -269,14 +316,20 @@ def test_schema_missing_categorical_attribute_is_zeros_as_in_training():
 # ------------------------------------------------------------------------ simulator
 def test_simulator_contexts_drive_rewards_and_noise_one_unties_them():
     env = context_users(noise=0.0)
-    expected = env.theta0_star + (env.diversity * np.sqrt(env.d_phi / env.k)
-                                  * env.contexts @ env.M_star) @ env.B_star.T
+    expected = (
+        env.theta0_star
+        + (env.diversity * np.sqrt(env.d_phi / env.k) * env.contexts @ env.M_star) @ env.B_star.T
+    )
     np.testing.assert_allclose(env.thetas_star, expected, atol=1e-12)
     data = env.sample_offline(0)
     np.testing.assert_array_equal(data.x, env.contexts[data.users])
     x, thetas = env.new_context_users(5, 9)
-    np.testing.assert_allclose(thetas, env.theta0_star + (env.diversity * np.sqrt(
-        env.d_phi / env.k) * x @ env.M_star) @ env.B_star.T, atol=1e-12)
+    np.testing.assert_allclose(
+        thetas,
+        env.theta0_star
+        + (env.diversity * np.sqrt(env.d_phi / env.k) * x @ env.M_star) @ env.B_star.T,
+        atol=1e-12,
+    )
     _, same = env.new_users(5, 9)
     np.testing.assert_array_equal(thetas, same)
     noisy = context_users(noise=1.0)
@@ -285,8 +338,9 @@ def test_simulator_contexts_drive_rewards_and_noise_one_unties_them():
     fit = np.linalg.lstsq(noisy.contexts, w, rcond=None)[0]
     assert np.linalg.norm(noisy.contexts @ fit) ** 2 / np.linalg.norm(w) ** 2 < 0.3
     assert MultiUser(seed=0).contexts is None
-    np.testing.assert_array_equal(MultiUser(seed=0).thetas_star,
-                                  MultiUser(seed=0, context_noise=0.7).thetas_star)
+    np.testing.assert_array_equal(
+        MultiUser(seed=0).thetas_star, MultiUser(seed=0, context_noise=0.7).thetas_star
+    )
     with pytest.raises(ConfigError, match="context_noise"):
         MultiUser(d_context=2, context_noise=1.5)
     with pytest.raises(ConfigError, match="d_context"):

@@ -47,8 +47,11 @@ def test_fit_contextual_saves_a_contextual_model_with_its_context_schema(numeric
     _, _, _, _, out, env = numeric
     model, meta, designs = load_model(out)
     assert isinstance(model, Contextual) and model.k == 2 and designs
-    assert meta["features"]["context"] == {"kind": "vector", "names": ["x0", "x1", "x2"],
-                                           "numeric": ["x0", "x1", "x2"]}
+    assert meta["features"]["context"] == {
+        "kind": "vector",
+        "names": ["x0", "x1", "x2"],
+        "numeric": ["x0", "x1", "x2"],
+    }
     np.testing.assert_array_equal(model.contexts_, env.contexts)
     summary = json.loads((out / "report.json").read_text())["summary"]
     assert summary["model"] == "contextual" and summary["k"] == 2 and summary["d_x"] == 3
@@ -72,29 +75,36 @@ def test_a_new_id_with_a_known_users_context_ranks_exactly_as_that_user(numeric)
     _, _, candidates, _, out, env = numeric
     known = invoke("rank", out, candidates, "--user", "5")
     assert known.exit_code == 0, known.output
-    twin = invoke("rank", out, candidates, "--user", "505", "--context",
-                  json.dumps(env.contexts[5].tolist()))
+    twin = invoke(
+        "rank", out, candidates, "--user", "505", "--context", json.dumps(env.contexts[5].tolist())
+    )
     assert twin.exit_code == 0, twin.output
     for a, b in zip(records(known), records(twin), strict=True):
         np.testing.assert_allclose(b["reward"], a["reward"], rtol=1e-12)
         assert a["from_context"] is False and b["from_context"] is True
     # a known user may restate their own context, not another one
-    same = invoke("rank", out, candidates, "--user", "5", "--context",
-                  json.dumps(env.contexts[5].tolist()))
+    same = invoke(
+        "rank", out, candidates, "--user", "5", "--context", json.dumps(env.contexts[5].tolist())
+    )
     assert same.exit_code == 0 and records(same)[0]["reward"] == records(known)[0]["reward"]
     other = invoke("rank", out, candidates, "--user", "5", "--context", "[0, 0, 0]")
     assert other.exit_code == 2
     assert "user 5 is known to" in flat(other.stderr) and "another context" in other.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--user", "77"], "Give --context JSON (the context of 77)"),
-    (["--user", "77", "--context", "[1, 2"], "--context: not JSON"),
-    (["--user", "77", "--context", "[1, 2]"], "has 2 numbers; the model's contexts have 3"),
-    (["--user", "77", "--context", '{"a": 1}'], "must be a list of 3 numbers"),
-    (["--user", "77", "--context", "[1, 2, 3]", "--pessimism", "1"],
-     "a user scored from --context has none"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--user", "77"], "Give --context JSON (the context of 77)"),
+        (["--user", "77", "--context", "[1, 2"], "--context: not JSON"),
+        (["--user", "77", "--context", "[1, 2]"], "has 2 numbers; the model's contexts have 3"),
+        (["--user", "77", "--context", '{"a": 1}'], "must be a list of 3 numbers"),
+        (
+            ["--user", "77", "--context", "[1, 2, 3]", "--pessimism", "1"],
+            "a user scored from --context has none",
+        ),
+    ],
+)
 def test_rank_context_errors_say_what_to_give(numeric, args, message):
     _, _, candidates, _, out, _ = numeric
     result = invoke("rank", out, candidates, *args)
@@ -107,8 +117,7 @@ def test_adapt_and_context_flags_are_refused_where_they_do_not_apply(numeric, tm
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(path.read_text().splitlines()[0] + "\n")
     result = invoke("rank", out, candidates, "--user", "77", "--adapt", pairs)
-    assert result.exit_code == 2 and "give --context JSON instead of --adapt" in flat(
-        result.stderr)
+    assert result.exit_code == 2 and "give --context JSON instead of --adapt" in flat(result.stderr)
     shared = folder / "shared"
     assert invoke("fit", path, "--k", "2", "--out", shared).exit_code == 0
     result = invoke("rank", shared, candidates, "--user", "77", "--context", "[1, 2, 3]")
@@ -132,8 +141,9 @@ def test_fit_contextual_without_contexts_and_bad_k_name_the_flag(tmp_path):
 def test_contextual_on_text_rows_with_attribute_contexts(tmp_path):
     assert invoke("example-data", tmp_path).exit_code == 0
     out = tmp_path / "model"
-    result = invoke("fit", tmp_path / "prefs.jsonl", "--model", "contextual", "--k", "2",
-                    "--out", out)
+    result = invoke(
+        "fit", tmp_path / "prefs.jsonl", "--model", "contextual", "--k", "2", "--out", out
+    )
     assert result.exit_code == 0, result.output
     _, meta, _ = load_model(out)
     schema = meta["features"]["context"]
@@ -142,17 +152,21 @@ def test_contextual_on_text_rows_with_attribute_contexts(tmp_path):
     cands = tmp_path / "candidates.jsonl"
     chen = invoke("rank", out, cands, "--user", "chen")
     # chen's attributes under a new id: the same reward, through the attribute encoding
-    twin = invoke("rank", out, cands, "--user", "zoe", "--context",
-                  '{"region": "Asia", "age": "18-24"}')
+    twin = invoke(
+        "rank", out, cands, "--user", "zoe", "--context", '{"region": "Asia", "age": "18-24"}'
+    )
     assert chen.exit_code == 0 and twin.exit_code == 0, twin.output
     for a, b in zip(records(chen), records(twin), strict=True):
         np.testing.assert_allclose(b["reward"], a["reward"], rtol=1e-9)
         assert a["response"] == b["response"]
-    bad = invoke("rank", out, cands, "--user", "zoe", "--context",
-                 '{"region": "Mars", "age": "18-24"}')
+    bad = invoke(
+        "rank", out, cands, "--user", "zoe", "--context", '{"region": "Mars", "age": "18-24"}'
+    )
     assert bad.exit_code == 2
-    assert ("field '--context.region': value 'Mars' was not seen in training; known values: "
-            "'Americas', 'Asia', 'Europe'") in flat(bad.stderr)
+    assert (
+        "field '--context.region': value 'Mars' was not seen in training; known values: "
+        "'Americas', 'Asia', 'Europe'"
+    ) in flat(bad.stderr)
 
 
 def test_rank_pessimism_for_a_training_user_uses_their_own_design(numeric):
@@ -174,7 +188,6 @@ def test_rank_pessimism_for_a_training_user_uses_their_own_design(numeric):
     assert result.exit_code == 0, result.output
     for record, phi in zip(records(result), phis, strict=True):
         z = (phi - phi.mean(axis=0)) @ view.basis
-        lcb = phi @ view.theta_ - beta * np.sqrt(np.einsum("kp,pq,kq->k", z,
-                                                          np.linalg.inv(m), z))
+        lcb = phi @ view.theta_ - beta * np.sqrt(np.einsum("kp,pq,kq->k", z, np.linalg.inv(m), z))
         np.testing.assert_allclose(record["lcb"], lcb, rtol=1e-6)
         assert record["best"] == int(np.argmax(lcb))

@@ -290,38 +290,57 @@ def test_full_coverage_draws_are_those_of_the_code_before_the_coverage_option(
 ):
     """Reference values computed with the simulator as it was before ``coverage`` existed
     (same seeds, same parameters): the default regime's draws must not move."""
-    env = LowRankContextual(d_x=4, d_phi=5, rank=2, n_actions=6, shift=1.0, behavior=behavior,
-                            seed=[7, 1])
+    env = LowRankContextual(
+        d_x=4, d_phi=5, rank=2, n_actions=6, shift=1.0, behavior=behavior, seed=[7, 1]
+    )
     data = env.sample_offline(30, seed=[7, 2])
     targets = env.sample_targets(5, seed=[7, 3])
     assert _digest(env.theta_star, env.shift_direction) == "0b9a66149a841179"
     assert _digest(data.x, data.phi0, data.phi1, data.y) == offline_digest
     assert _digest(targets.x, targets.phi) == "0d1491dceaaceef0"
     np.testing.assert_allclose(
-        data.phi0[0], [-0.08192931, -0.03648354, 0.05656256, -0.78687792, 0.60793121], atol=1e-8)
+        data.phi0[0], [-0.08192931, -0.03648354, 0.05656256, -0.78687792, 0.60793121], atol=1e-8
+    )
     np.testing.assert_array_equal(data.y[:10], labels)
     np.testing.assert_allclose(
-        targets.phi[0, 0], [0.60884439, 0.04641862, 0.30747464, 0.3803899, -0.62282959],
-        atol=1e-8)
-    np.testing.assert_allclose(env.theta_star[0, :3], [1.14443036, -0.98831477, -0.98484986],
-                               atol=1e-8)
+        targets.phi[0, 0], [0.60884439, 0.04641862, 0.30747464, 0.3803899, -0.62282959], atol=1e-8
+    )
+    np.testing.assert_allclose(
+        env.theta_star[0, :3], [1.14443036, -0.98831477, -0.98484986], atol=1e-8
+    )
     assert env.support_basis is None and env.coverage == "full"
 
 
-SUB = {"d_x": 4, "d_phi": 7, "rank": 2, "n_actions": 5, "shift": 1.0, "seed": 13,
-       "coverage": "subspace", "support_extra": 2, "n_uncovered": 3, "uncovered_scale": 0.6}
+SUB = {
+    "d_x": 4,
+    "d_phi": 7,
+    "rank": 2,
+    "n_actions": 5,
+    "shift": 1.0,
+    "seed": 13,
+    "coverage": "subspace",
+    "support_extra": 2,
+    "n_uncovered": 3,
+    "uncovered_scale": 0.6,
+}
 
 
 def test_subspace_support_contains_the_reward_directions_and_keeps_the_truth():
     env = LowRankContextual(**SUB)
-    full = LowRankContextual(**{k: v for k, v in SUB.items() if k in
-                                ("d_x", "d_phi", "rank", "n_actions", "shift", "seed")})
+    full = LowRankContextual(
+        **{
+            k: v
+            for k, v in SUB.items()
+            if k in ("d_x", "d_phi", "rank", "n_actions", "shift", "seed")
+        }
+    )
     np.testing.assert_array_equal(env.theta_star, full.theta_star)
     np.testing.assert_array_equal(env.shift_direction, full.shift_direction)
     b, c, e = env.support_basis, env.complement_basis, env.novel_direction
     assert b.shape == (7, 4) and c.shape == (7, 3)
-    np.testing.assert_allclose(np.concatenate([b, c], axis=1).T @ np.concatenate([b, c], axis=1),
-                               np.eye(7), atol=1e-12)
+    np.testing.assert_allclose(
+        np.concatenate([b, c], axis=1).T @ np.concatenate([b, c], axis=1), np.eye(7), atol=1e-12
+    )
     np.testing.assert_array_equal(b[:, :2], env.V_star)
     # S ⊇ span(V*): Θ* annihilates S⊥, so an S⊥ component is worth nothing
     np.testing.assert_allclose(env.theta_star @ c, 0.0, atol=1e-12)
@@ -353,8 +372,9 @@ def test_subspace_leak_and_out_of_support_candidates_have_their_stated_component
     # exactly n_uncovered out-of-support candidates per state, each with S⊥ part c·e
     assert np.all(np.sum(perp > 0.1 + 1e-9, axis=1) == 3)
     out = targets.phi[:, 5:]
-    np.testing.assert_allclose(out @ c @ c.T, np.broadcast_to(0.6 * env.novel_direction,
-                                                              out.shape), atol=1e-12)
+    np.testing.assert_allclose(
+        out @ c @ c.T, np.broadcast_to(0.6 * env.novel_direction, out.shape), atol=1e-12
+    )
     # their true reward is the model's, and equals that of their support part (Θ*C = 0)
     support = out @ env.support_basis @ env.support_basis.T
     x = targets.x

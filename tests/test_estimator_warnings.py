@@ -70,9 +70,19 @@ ESTIMATORS: list[tuple[Callable[..., Any], Callable[[], PreferenceData]]] = [
     (lambda **kw: SharedBasis(2, **kw), _multi_user_data),
 ]
 BAD_VALUES = [
-    ("l2", float("nan")), ("l2", float("inf")), ("l2", -1e-3), ("l2", "0.1"), ("l2", True),
-    ("tol", 0.0), ("tol", -1e-6), ("tol", float("nan")), ("tol", float("inf")),
-    ("max_iter", 0), ("max_iter", -5), ("max_iter", 2.5), ("max_iter", True),
+    ("l2", float("nan")),
+    ("l2", float("inf")),
+    ("l2", -1e-3),
+    ("l2", "0.1"),
+    ("l2", True),
+    ("tol", 0.0),
+    ("tol", -1e-6),
+    ("tol", float("nan")),
+    ("tol", float("inf")),
+    ("max_iter", 0),
+    ("max_iter", -5),
+    ("max_iter", 2.5),
+    ("max_iter", True),
 ]
 
 
@@ -89,11 +99,14 @@ def test_fit_refuses_bad_hyperparameters_naming_them(make, data, name, value):
 
 def test_fit_refuses_other_bad_hyperparameters():
     data, _ = bt_data(n=60, d_x=2, d_phi=3, seed=0)
-    for model, name in ((LowRank(0), "rank"), (LowRank(True), "rank"),
-                        (LowRank(1, balance=-1.0), "balance"),
-                        (LowRank(1, dense_svd_limit=0), "dense_svd_limit"),
-                        (PerUser(adapt_l2=float("nan")), "adapt_l2"),
-                        (SharedBasis(0), "k")):
+    for model, name in (
+        (LowRank(0), "rank"),
+        (LowRank(True), "rank"),
+        (LowRank(1, balance=-1.0), "balance"),
+        (LowRank(1, dense_svd_limit=0), "dense_svd_limit"),
+        (PerUser(adapt_l2=float("nan")), "adapt_l2"),
+        (SharedBasis(0), "k"),
+    ):
         fit_data = _multi_user_data() if isinstance(model, PerUser | SharedBasis) else data
         with pytest.raises(DataValidationError) as info:
             model.fit(fit_data)
@@ -113,41 +126,58 @@ def test_valid_edge_values_are_accepted():
 
 def _policy_problem():
     """A pessimistic problem whose Frank–Wolfe needs 2 iterations to certify 1e-8."""
-    env = LowRankContextual(d_x=3, d_phi=3, rank=1, n_actions=3, shift=1.0, behavior="skewed",
-                            seed=1)
+    env = LowRankContextual(
+        d_x=3, d_phi=3, rank=1, n_actions=3, shift=1.0, behavior="skewed", seed=1
+    )
     data = env.sample_offline(150, 1)
     model = Bilinear(l2=1.0 / 150).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=0.3)
     return model, cs, env.sample_targets(6, 2)
 
 
-@pytest.mark.parametrize("name, value", [("tol", 0.0), ("tol", float("nan")), ("max_iter", 0),
-                                         ("max_iter", 1.5)])
+@pytest.mark.parametrize(
+    "name, value", [("tol", 0.0), ("tol", float("nan")), ("max_iter", 0), ("max_iter", 1.5)]
+)
 def test_policies_refuse_bad_tolerances_naming_them(name, value):
     model, cs, targets = _policy_problem()
-    for policy in (Pessimistic(model, cs, **{name: value}),
-                   PessimisticGibbs(model, cs, 0.5, **{name: value})):
+    for policy in (
+        Pessimistic(model, cs, **{name: value}),
+        PessimisticGibbs(model, cs, 0.5, **{name: value}),
+    ):
         with pytest.raises(DataValidationError) as info:
             policy.probs(targets)
         assert info.value.field == name
     env = MultiUser(n_users=3, d_phi=3, k=1, n_per_user=30, seed=0)
     train = env.sample_offline([1])
     per_user = PerUser(1e-2).fit(train)
-    for policy in (Utilitarian(per_user, train, beta=0.2, **{name: value}),
-                   Leximin(per_user, train, beta=0.2, levels=1, **{name: value})):
+    for policy in (
+        Utilitarian(per_user, train, beta=0.2, **{name: value}),
+        Leximin(per_user, train, beta=0.2, levels=1, **{name: value}),
+    ):
         with pytest.raises(DataValidationError) as info:
             policy.probs(env.sample_targets(4, 2))
         assert info.value.field == name
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"beta": float("nan")}, "beta"), ({"beta": float("inf")}, "beta"), ({"beta": -0.1}, "beta"),
-    ({"beta": "wide"}, "beta"), ({"beta": True}, "beta"),
-    ({"delta": 0.0}, "delta"), ({"delta": 1.0}, "delta"), ({"delta": 2.0}, "delta"),
-    ({"delta": float("nan")}, "delta"),
-    ({"lam": 0.0}, "lam"), ({"lam": -1.0}, "lam"), ({"lam": float("inf")}, "lam"),
-    ({"bound_theta": -1.0}, "bound_theta"), ({"max_bytes": 0}, "max_bytes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"beta": float("nan")}, "beta"),
+        ({"beta": float("inf")}, "beta"),
+        ({"beta": -0.1}, "beta"),
+        ({"beta": "wide"}, "beta"),
+        ({"beta": True}, "beta"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"delta": 2.0}, "delta"),
+        ({"delta": float("nan")}, "delta"),
+        ({"lam": 0.0}, "lam"),
+        ({"lam": -1.0}, "lam"),
+        ({"lam": float("inf")}, "lam"),
+        ({"bound_theta": -1.0}, "bound_theta"),
+        ({"max_bytes": 0}, "max_bytes"),
+    ],
+)
 def test_confidence_set_refuses_bad_parameters_naming_them(kwargs, field):
     data, _ = bt_data(n=60, d_x=None, d_phi=3, seed=0)
     model = Linear(l2=1e-2).fit(data)
@@ -158,26 +188,59 @@ def test_confidence_set_refuses_bad_parameters_naming_them(kwargs, field):
 
 
 def test_confidence_helpers_and_constructor_refuse_bad_parameters():
-    for fn, field in ((lambda: beta_rate(3, 100, delta=0.0), "delta"),
-                      (lambda: beta_rate(3, 100, delta=1.5), "delta"),
-                      (lambda: beta_rate(3, 0), "n"),
-                      (lambda: theory_beta(3, 100, delta=0.1, lam=-1.0, bound_theta=1.0,
-                                           bound_feature=1.0), "lam"),
-                      (lambda: theory_beta(3, 100, delta=0.1, lam=0.1, bound_theta=np.nan,
-                                           bound_feature=1.0), "bound_theta"),
-                      (lambda: ConfidenceSet(np.zeros(2), np.eye(2), np.inf, lam=1.0, n=1,
-                                             kind="design", bound_feature=0.0,
-                                             bound_theta=0.0), "beta"),
-                      (lambda: ConfidenceSet(np.zeros(2), -np.eye(2), 1.0, lam=1.0, n=1,
-                                             kind="design", bound_feature=0.0,
-                                             bound_theta=0.0), "M")):
+    for fn, field in (
+        (lambda: beta_rate(3, 100, delta=0.0), "delta"),
+        (lambda: beta_rate(3, 100, delta=1.5), "delta"),
+        (lambda: beta_rate(3, 0), "n"),
+        (
+            lambda: theory_beta(3, 100, delta=0.1, lam=-1.0, bound_theta=1.0, bound_feature=1.0),
+            "lam",
+        ),
+        (
+            lambda: theory_beta(3, 100, delta=0.1, lam=0.1, bound_theta=np.nan, bound_feature=1.0),
+            "bound_theta",
+        ),
+        (
+            lambda: ConfidenceSet(
+                np.zeros(2),
+                np.eye(2),
+                np.inf,
+                lam=1.0,
+                n=1,
+                kind="design",
+                bound_feature=0.0,
+                bound_theta=0.0,
+            ),
+            "beta",
+        ),
+        (
+            lambda: ConfidenceSet(
+                np.zeros(2),
+                -np.eye(2),
+                1.0,
+                lam=1.0,
+                n=1,
+                kind="design",
+                bound_feature=0.0,
+                bound_theta=0.0,
+            ),
+            "M",
+        ),
+    ):
         with pytest.raises(DataValidationError) as info:
             fn()
         assert info.value.field == field
     # the valid ones still work
     assert beta_rate(3, 100, delta=0.5) > 0
-    assert ConfidenceSet.fit(Linear(l2=1e-2).fit(bt_data(n=60, d_x=None, d_phi=3)[0]),
-                             bt_data(n=60, d_x=None, d_phi=3)[0], beta=0.0, lam=0.5).lam == 0.5
+    assert (
+        ConfidenceSet.fit(
+            Linear(l2=1e-2).fit(bt_data(n=60, d_x=None, d_phi=3)[0]),
+            bt_data(n=60, d_x=None, d_phi=3)[0],
+            beta=0.0,
+            lam=0.5,
+        ).lam
+        == 0.5
+    )
 
 
 # ============================================================================= (a) convergence
@@ -212,13 +275,19 @@ def test_tolerance_below_the_precision_floor_says_so():
     assert "float64 precision" in str(caught[0].message)
 
 
-@pytest.mark.parametrize("make, data, owner", [
-    (lambda: LowRank(2, max_iter=2), lambda: bt_data(n=200, d_x=4, d_phi=4, seed=2)[0],
-     "LowRank"),
-    (lambda: PerUser(max_iter=1), _multi_user_data, "PerUser"),
-    (lambda: Pooled(max_iter=1), _multi_user_data, "Pooled"),
-    (lambda: SharedBasis(2, max_iter=2), _multi_user_data, "SharedBasis"),
-])
+@pytest.mark.parametrize(
+    "make, data, owner",
+    [
+        (
+            lambda: LowRank(2, max_iter=2),
+            lambda: bt_data(n=200, d_x=4, d_phi=4, seed=2)[0],
+            "LowRank",
+        ),
+        (lambda: PerUser(max_iter=1), _multi_user_data, "PerUser"),
+        (lambda: Pooled(max_iter=1), _multi_user_data, "Pooled"),
+        (lambda: SharedBasis(2, max_iter=2), _multi_user_data, "SharedBasis"),
+    ],
+)
 def test_every_estimator_warns_once_under_its_own_name_when_capped(make, data, owner):
     fit_data = data()
     model, caught = record(lambda: make().fit(fit_data))
@@ -247,9 +316,10 @@ def brute_force_separable_2d(a: np.ndarray) -> bool:
     directions perpendicular to some ``a_i``, so those and the midpoints of the arcs between
     them are all the candidates for a w with every ``a_iᵀw ≥ 0`` and some ``> 0``."""
     a = a[np.linalg.norm(a, axis=1) > 0]
-    critical = np.sort(np.mod(np.arctan2(a[:, 1], a[:, 0])[:, None] + [np.pi / 2, -np.pi / 2],
-                              2 * np.pi).ravel())
-    mids = (critical + np.diff(np.append(critical, critical[0] + 2 * np.pi)) / 2)
+    critical = np.sort(
+        np.mod(np.arctan2(a[:, 1], a[:, 0])[:, None] + [np.pi / 2, -np.pi / 2], 2 * np.pi).ravel()
+    )
+    mids = critical + np.diff(np.append(critical, critical[0] + 2 * np.pi)) / 2
     for angle in np.concatenate([critical, mids]):
         margins = a @ np.array([np.cos(angle), np.sin(angle)])
         margins[np.abs(margins) < 1e-12] = 0.0
@@ -291,25 +361,38 @@ def test_quasi_separable_data_warn_through_the_linear_program():
     assert "40 of 44 comparisons separated" in str(caught[0].message)
 
 
-def _contextual(n: int, seed: int, *, noise: bool, rank_one: bool = False,
-                context: bool = True) -> PreferenceData:
+def _contextual(
+    n: int, seed: int, *, noise: bool, rank_one: bool = False, context: bool = True
+) -> PreferenceData:
     """Labels from ``xᵀΘΔφ`` (``θᵀΔφ`` without context): Bradley–Terry draws, or (``noise=False``)
     the sign of the margin, so that the truth separates the data by construction."""
     rng = np.random.default_rng(seed)
-    x, phi0, phi1 = (rng.standard_normal((n, 3)), rng.standard_normal((n, 4)),
-                     rng.standard_normal((n, 4)))
-    theta = (np.outer(rng.standard_normal(3), rng.standard_normal(4)) if rank_one
-             else rng.standard_normal((3, 4)))
-    margin = (np.einsum("ni,ij,nj->n", x, theta, phi1 - phi0) if context
-              else (phi1 - phi0) @ theta[0])
+    x, phi0, phi1 = (
+        rng.standard_normal((n, 3)),
+        rng.standard_normal((n, 4)),
+        rng.standard_normal((n, 4)),
+    )
+    theta = (
+        np.outer(rng.standard_normal(3), rng.standard_normal(4))
+        if rank_one
+        else rng.standard_normal((3, 4))
+    )
+    margin = (
+        np.einsum("ni,ij,nj->n", x, theta, phi1 - phi0) if context else (phi1 - phi0) @ theta[0]
+    )
     y = (rng.random(n) < sigmoid(margin)) if noise else margin > 0
     return PreferenceData(x if context else None, phi0, phi1, y.astype(int))
 
 
-@pytest.mark.parametrize("make, context", [(lambda: Linear(l2=0), False),
-                                           (lambda: Bilinear(l2=0), True),
-                                           (lambda: LowRank(1, l2=0), True),
-                                           (lambda: LowRank(2, l2=0), True)])
+@pytest.mark.parametrize(
+    "make, context",
+    [
+        (lambda: Linear(l2=0), False),
+        (lambda: Bilinear(l2=0), True),
+        (lambda: LowRank(1, l2=0), True),
+        (lambda: LowRank(2, l2=0), True),
+    ],
+)
 def test_separable_data_warn_and_noisy_data_do_not(make, context):
     # a rank-one truth, so that every model (LowRank(1) too) contains a separating reward
     separable = _contextual(300, 0, noise=False, rank_one=True, context=context)
@@ -363,7 +446,8 @@ def test_a_user_with_separable_data_is_named(make):
     for other in ("ann", "cat"):
         mask = data.users == other
         assert not brute_force_separable_2d(
-            (2.0 * data.y[mask] - 1.0)[:, None] * data.delta_phi[mask])
+            (2.0 * data.y[mask] - 1.0)[:, None] * data.delta_phi[mask]
+        )
     model, caught = record(lambda: make().fit(data))
     assert kinds(caught) == [SeparableDataWarning] and model.separable_ is True
     message = str(caught[0].message)
@@ -382,8 +466,10 @@ def test_pooled_and_adapt_user_separability():
     phi0, phi1 = rng.standard_normal((15, 2)), rng.standard_normal((15, 2))
     y = ((phi1 - phi0) @ np.array([1.0, -2.0]) > 0).astype(int)
     new = PreferenceData(None, phi0, phi1, y, users=np.array(["dan"] * 15))
-    for model in (PerUser(l2=1e-2, adapt_l2=0.0).fit(data),
-                  SharedBasis(2, l2=1e-2, adapt_l2=0.0).fit(data)):
+    for model in (
+        PerUser(l2=1e-2, adapt_l2=0.0).fit(data),
+        SharedBasis(2, l2=1e-2, adapt_l2=0.0).fit(data),
+    ):
         _, caught = record(lambda model=model: model.adapt_user(new))
         assert kinds(caught) == [SeparableDataWarning] and "'dan'" in str(caught[0].message)
 
@@ -408,8 +494,9 @@ def n_components(pairs: np.ndarray, n_items: int, items: np.ndarray | None = Non
     """Connected components of the graph of ``pairs`` restricted to ``items`` (default: the
     items that appear in ``pairs``) — the oracle."""
     seen = np.unique(pairs) if items is None else items
-    graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
-                              shape=(n_items, n_items))
+    graph = sparse.coo_matrix(
+        (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n_items, n_items)
+    )
     _, labels = connected_components(graph, directed=False)
     return len(np.unique(labels[seen]))
 
@@ -419,8 +506,9 @@ def test_unidentified_directions_are_the_graph_components_minus_one(seed):
     rng = np.random.default_rng(seed)
     n_items = 10
     groups = np.array_split(rng.permutation(n_items), int(rng.integers(1, 5)))
-    pairs = np.array([rng.choice(g, 2, replace=False) for g in groups if len(g) > 1
-                      for _ in range(3 * len(g))])
+    pairs = np.array(
+        [rng.choice(g, 2, replace=False) for g in groups if len(g) > 1 for _ in range(3 * len(g))]
+    )
     data = item_data(pairs, n_items, seed)
     model, caught = record(lambda: Linear(l2=0).fit(data))
     components = n_components(pairs, n_items)
@@ -431,9 +519,12 @@ def test_unidentified_directions_are_the_graph_components_minus_one(seed):
         assert f"{components} connected components" in str(caught[-1].message)
     # the fallback: within each component the strengths sum to 0 — the minimum-norm solution,
     # so the unidentified offsets between components are 0
-    _, labels = connected_components(sparse.coo_matrix(
-        (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n_items, n_items)),
-        directed=False)
+    _, labels = connected_components(
+        sparse.coo_matrix(
+            (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n_items, n_items)
+        ),
+        directed=False,
+    )
     for label in np.unique(labels[np.unique(pairs)]):
         assert abs(model.theta_[labels == label].sum()) < 1e-9
 
@@ -445,8 +536,12 @@ def test_gauge_directions_and_ridge_do_not_warn():
     _, caught = record(lambda: Linear(l2=0).fit(item_data(pairs, 4, 0)))
     assert caught == []
     data, _ = bt_data(n=300, d_x=None, d_phi=3, seed=3)
-    with_constant = PreferenceData(None, np.column_stack([np.ones(300), data.phi0]),
-                                   np.column_stack([np.ones(300), data.phi1]), data.y)
+    with_constant = PreferenceData(
+        None,
+        np.column_stack([np.ones(300), data.phi0]),
+        np.column_stack([np.ones(300), data.phi1]),
+        data.y,
+    )
     model, caught = record(lambda: Linear(l2=0).fit(with_constant))
     assert caught == [] and model.unidentified_ == 0
     # a disconnected graph with a ridge: the ridge identifies everything, no warning
@@ -468,13 +563,19 @@ def test_per_user_disconnection_names_the_user():
     n_items = 6
     linked = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 0]])
     partial = np.array([[0, 1], [1, 2], [2, 0]])
-    parts = [item_data(linked, n_items, 1), item_data(partial, n_items, 2),
-             item_data(linked, n_items, 3)]
-    names = np.concatenate([[u] * p.n for u, p in zip(("bob", "ann", "cat"), parts,
-                                                        strict=True)])
-    data = PreferenceData(None, np.concatenate([p.phi0 for p in parts]),
-                          np.concatenate([p.phi1 for p in parts]),
-                          np.concatenate([p.y for p in parts]), users=names)
+    parts = [
+        item_data(linked, n_items, 1),
+        item_data(partial, n_items, 2),
+        item_data(linked, n_items, 3),
+    ]
+    names = np.concatenate([[u] * p.n for u, p in zip(("bob", "ann", "cat"), parts, strict=True)])
+    data = PreferenceData(
+        None,
+        np.concatenate([p.phi0 for p in parts]),
+        np.concatenate([p.phi1 for p in parts]),
+        np.concatenate([p.y for p in parts]),
+        users=names,
+    )
     model, caught = record(lambda: PerUser(l2=0).fit(data))
     assert kinds(caught) == [DisconnectedComparisonsWarning]
     # ann's graph over the six items of the data: {0,1,2}, {3}, {4}, {5}
@@ -505,8 +606,9 @@ def test_pessimistic_gibbs_option1_gap_warning():
     model = Linear(l2=1.0 / data.n).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=0.5 * beta_rate(3, data.n))
     states = env.sample_states(12, seed=23)
-    policy = PessimisticGibbs(model, cs, env.eta, reference=env.reference_probs, tol=1e-14,
-                              max_iter=1)
+    policy = PessimisticGibbs(
+        model, cs, env.eta, reference=env.reference_probs, tol=1e-14, max_iter=1
+    )
     _, caught = record(lambda: policy.probs(states))
     assert kinds(caught) == [ConvergenceWarning] and not policy.converged_
     assert f"{policy.duality_gap_:.3g}" in str(caught[0].message)
@@ -515,10 +617,13 @@ def test_pessimistic_gibbs_option1_gap_warning():
     assert caught == [] and policy.converged_
 
 
-@pytest.mark.parametrize("make", [
-    lambda model, train, **kw: Utilitarian(model, train, beta=0.5, **kw),
-    lambda model, train, **kw: Leximin(model, train, beta=0.5, levels=1, **kw),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda model, train, **kw: Utilitarian(model, train, beta=0.5, **kw),
+        lambda model, train, **kw: Leximin(model, train, beta=0.5, levels=1, **kw),
+    ],
+)
 def test_aggregated_policy_gap_warning(make):
     env = MultiUser(n_users=4, d_phi=4, k=2, diversity=1.0, n_per_user=60, seed=3)
     train = env.sample_offline([1])

@@ -22,8 +22,9 @@ EXAMPLES = int(os.environ.get("PLURALIGN_FUZZ_EXAMPLES", "150"))
 def test_no_input_escapes_as_a_raw_exception(name):
     target = TARGETS[name]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(target.strategy)
     def check(value):
         outcome, detail = run_case(target, value)
@@ -33,10 +34,24 @@ def test_no_input_escapes_as_a_raw_exception(name):
 
 
 BOUNDARIES = {
-    "data.numeric_jsonl", "data.npz", "data.trl_jsonl", "data.trl_rows", "data.trl_parquet",
-    "data.summarize", "data.prism", "cli.data_validate", "model.load", "cli.rank",
-    "config.yaml_file", "run.resolve_config", "run.results_jsonl", "run.report",
-    "llm.train_rm_config", "llm.set_overrides", "llm.reward_head_json", "llm.adapter_files",
+    "data.numeric_jsonl",
+    "data.npz",
+    "data.trl_jsonl",
+    "data.trl_rows",
+    "data.trl_parquet",
+    "data.summarize",
+    "data.prism",
+    "cli.data_validate",
+    "model.load",
+    "cli.rank",
+    "config.yaml_file",
+    "run.resolve_config",
+    "run.results_jsonl",
+    "run.report",
+    "llm.train_rm_config",
+    "llm.set_overrides",
+    "llm.reward_head_json",
+    "llm.adapter_files",
     "llm.checkpoint_state",
 }
 
@@ -57,6 +72,7 @@ def test_the_harness_tells_escapes_from_clean_errors():
         def run(value, tmp):
             assert tmp.is_dir()
             raise exc
+
         return run
 
     assert run_case(Target("t", st.none(), raising(ConfigError("x"))), None)[0] == "clean"

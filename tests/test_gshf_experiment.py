@@ -14,15 +14,25 @@ from pluralign.experiments import EXPERIMENTS, read_results, resolve_config, run
 from pluralign.experiments.gshf import check_gshf_claims, report, rounds_to_target
 
 ROUNDS = 2
-METHODS = ["offline_mle", "offline_option1", "offline_option2", "online_enhancer",
-           "online_symmetric", "online_uniform", "online_uncertainty", "online_best_worst",
-           "hybrid_enhancer"]
+METHODS = [
+    "offline_mle",
+    "offline_option1",
+    "offline_option2",
+    "online_enhancer",
+    "online_symmetric",
+    "online_uniform",
+    "online_uncertainty",
+    "online_best_worst",
+    "hybrid_enhancer",
+]
 TINY: dict = {
     "experiment": "gshf",
     "seed": 3,
     "repeats": 2,
-    "env": [{"d": 4, "n_actions": 4, "n_eval": 60, "uncovered_dim": 2},
-            {"d": 4, "n_actions": 4, "n_eval": 60, "uncovered_dim": 2, "coverage": 0.3}],
+    "env": [
+        {"d": 4, "n_actions": 4, "n_eval": 60, "uncovered_dim": 2},
+        {"d": 4, "n_actions": 4, "n_eval": 60, "uncovered_dim": 2, "coverage": 0.3},
+    ],
     "n_samples": [ROUNDS],
     "methods": METHODS,
     "options": {"batch_size": 30, "hybrid_offline": 40},
@@ -71,8 +81,14 @@ def test_every_method_reports_every_round(reference):
             assert row["duality_gap"] <= 1e-8
     # round 0 without data: every method but the hybrid deploys π0, so all gaps agree
     for repeat in range(2):
-        zero = {r["gap"] for r in rows if r["n"] == 0 and r["repeat"] == repeat
-                and r["method"] != "hybrid_enhancer" and "coverage=1.0" in r["setting"]}
+        zero = {
+            r["gap"]
+            for r in rows
+            if r["n"] == 0
+            and r["repeat"] == repeat
+            and r["method"] != "hybrid_enhancer"
+            and "coverage=1.0" in r["setting"]
+        }
         assert max(zero) - min(zero) <= 1e-12
     with (out / "summary.csv").open(newline="") as handle:
         summary = list(csv.DictReader(handle))
@@ -114,9 +130,16 @@ def test_claims_are_checked_per_setting(reference):
     assert names == ["C9", "C10", "C8", "C9", "C10"]  # C8 only where coverage < 1
     assert all(c["held"] in (True, False) and c["detail"] for c in claims)
     # a comparison holds only if the paired difference is negative beyond two standard errors
-    fake = [{"setting": r["setting"], "method": r["method"], "repeat": r["repeat"], "n": r["n"],
-             "gap": (0.0 if r["method"] == "online_enhancer" else 1.0) + 0.01 * r["repeat"]}
-            for r in rows]
+    fake = [
+        {
+            "setting": r["setting"],
+            "method": r["method"],
+            "repeat": r["repeat"],
+            "n": r["n"],
+            "gap": (0.0 if r["method"] == "online_enhancer" else 1.0) + 0.01 * r["repeat"],
+        }
+        for r in rows
+    ]
     c9 = [c for c in check_gshf_claims(fake, config) if c["claim"].startswith("C9")]
     assert all(c["held"] for c in c9)
     partial = [r for r in rows if r["method"] != "online_uniform"]
@@ -124,8 +147,16 @@ def test_claims_are_checked_per_setting(reference):
 
 
 def test_pair_options_are_validated():
-    resolve_config({**TINY, "options": {"enhancer_search": "directions", "n_candidates": 4,
-                                        "distinct_pairs": False}})
+    resolve_config(
+        {
+            **TINY,
+            "options": {
+                "enhancer_search": "directions",
+                "n_candidates": 4,
+                "distinct_pairs": False,
+            },
+        }
+    )
     for bad in ({"enhancer_search": "grid"}, {"n_candidates": 1}, {"distinct_pairs": "yes"}):
         with pytest.raises(ConfigError):
             resolve_config({**TINY, "options": bad})

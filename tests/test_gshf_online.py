@@ -26,8 +26,16 @@ def round_state(n_data: int, eta: float, seed: int = 0) -> tuple[KLBandit, Round
         cs = ConfidenceSet.fit(model, data, beta=beta_rate(5, n_data))
     else:
         theta = np.zeros(5)
-        cs = ConfidenceSet(theta, np.eye(5), beta_rate(5, 1), lam=1.0, n=0, kind="design",
-                           bound_feature=0.0, bound_theta=0.0)
+        cs = ConfidenceSet(
+            theta,
+            np.eye(5),
+            beta_rate(5, 1),
+            lam=1.0,
+            n=0,
+            kind="design",
+            bound_feature=0.0,
+            bound_theta=0.0,
+        )
     main = gibbs_probs(states.phi @ theta, env.reference_probs(states), eta)
     return env, RoundState(states=states, main_probs=main, theta=theta, confidence=cs, eta=eta)
 
@@ -51,17 +59,25 @@ def test_enhancer_choice_respects_its_kl_constraint(n_data, eta):
     assert info["explore_kl"] == pytest.approx(kl, rel=1e-9, abs=1e-12)
 
 
-def tiny_state(seed: int, m: int, n_actions: int, d: int, beta: float, eta: float
-               ) -> RoundState:
+def tiny_state(seed: int, m: int, n_actions: int, d: int, beta: float, eta: float) -> RoundState:
     """A random round: Gaussian features, a Dirichlet main agent, a random SPD ``M``."""
     rng = np.random.default_rng(seed)
     phi = rng.normal(size=(m, n_actions, d))
     main = rng.dirichlet(np.ones(n_actions), size=m)
     a = rng.normal(size=(d, d))
-    cs = ConfidenceSet(np.zeros(d), a @ a.T / d + 0.3 * np.eye(d), beta, lam=1.0, n=0,
-                       kind="design", bound_feature=0.0, bound_theta=0.0)
-    return RoundState(states=TargetStates(None, phi), main_probs=main, theta=np.zeros(d),
-                      confidence=cs, eta=eta)
+    cs = ConfidenceSet(
+        np.zeros(d),
+        a @ a.T / d + 0.3 * np.eye(d),
+        beta,
+        lam=1.0,
+        n=0,
+        kind="design",
+        bound_feature=0.0,
+        bound_theta=0.0,
+    )
+    return RoundState(
+        states=TargetStates(None, phi), main_probs=main, theta=np.zeros(d), confidence=cs, eta=eta
+    )
 
 
 def constrained_optimum(state: RoundState, n_starts: int = 12) -> float:
@@ -89,18 +105,30 @@ def constrained_optimum(state: RoundState, n_starts: int = 12) -> float:
         return ((np.log(np.maximum(p.reshape(m, k), 1e-300) / main) + 1) / m).ravel()
 
     constraints = [
-        {"type": "eq", "fun": lambda p: p.reshape(m, k).sum(axis=1) - 1,
-         "jac": lambda p: np.kron(np.eye(m), np.ones((1, k)))},
-        {"type": "ineq", "fun": lambda p: unc(p) - eta * kl(p),
-         "jac": lambda p: d_unc(p) - eta * d_kl(p)},
+        {
+            "type": "eq",
+            "fun": lambda p: p.reshape(m, k).sum(axis=1) - 1,
+            "jac": lambda p: np.kron(np.eye(m), np.ones((1, k))),
+        },
+        {
+            "type": "ineq",
+            "fun": lambda p: unc(p) - eta * kl(p),
+            "jac": lambda p: d_unc(p) - eta * d_kl(p),
+        },
     ]
     rng = np.random.default_rng(0)
     best = 0.0
     for _ in range(n_starts):
         start = rng.dirichlet(np.full(k, 0.5), size=m).ravel()
-        res = minimize(lambda p: -unc(p), start, jac=lambda p: -d_unc(p), method="SLSQP",
-                       bounds=[(1e-12, 1.0)] * (m * k), constraints=constraints,
-                       options={"maxiter": 500, "ftol": 1e-14})
+        res = minimize(
+            lambda p: -unc(p),
+            start,
+            jac=lambda p: -d_unc(p),
+            method="SLSQP",
+            bounds=[(1e-12, 1.0)] * (m * k),
+            constraints=constraints,
+            options={"maxiter": 500, "ftol": 1e-14},
+        )
         p = np.maximum(res.x.reshape(m, k), 0.0)
         p = (p / p.sum(axis=1, keepdims=True)).ravel()
         if eta * kl(p) <= unc(p) * (1 + 1e-7):
@@ -109,11 +137,18 @@ def constrained_optimum(state: RoundState, n_starts: int = 12) -> float:
 
 
 # instances where the constraint binds and the eigen-direction scan alone falls 2–9% short
-@pytest.mark.parametrize(("seed", "m", "n_actions", "d", "beta", "eta"),
-                         [(0, 3, 4, 3, 0.3, 0.3), (0, 3, 4, 2, 1.0, 1.0),
-                          (4, 3, 4, 2, 1.0, 1.0), (6, 3, 4, 3, 0.3, 0.3)])
-def test_enhancer_reaches_the_constrained_optimum_over_all_policies(seed, m, n_actions, d,
-                                                                    beta, eta):
+@pytest.mark.parametrize(
+    ("seed", "m", "n_actions", "d", "beta", "eta"),
+    [
+        (0, 3, 4, 3, 0.3, 0.3),
+        (0, 3, 4, 2, 1.0, 1.0),
+        (4, 3, 4, 2, 1.0, 1.0),
+        (6, 3, 4, 3, 0.3, 0.3),
+    ],
+)
+def test_enhancer_reaches_the_constrained_optimum_over_all_policies(
+    seed, m, n_actions, d, beta, eta
+):
     state = tiny_state(seed, m, n_actions, d, beta, eta)
     optimum = constrained_optimum(state)
     enhancer = Enhancer(n_directions=d)
@@ -139,8 +174,13 @@ def test_enhancer_directions_are_generalized_eigenvectors():
     vecs, lam = enhancer.directions(state)
     np.testing.assert_allclose(vecs.T @ state.confidence.M @ vecs, np.eye(3), atol=1e-10)
     assert np.all(np.diff(lam) <= 0)
-    cov = sum(np.cov(state.states.phi[j].T, aweights=state.main_probs[j], bias=True)
-              for j in range(state.states.m)) / state.states.m
+    cov = (
+        sum(
+            np.cov(state.states.phi[j].T, aweights=state.main_probs[j], bias=True)
+            for j in range(state.states.m)
+        )
+        / state.states.m
+    )
     np.testing.assert_allclose(cov @ vecs, state.confidence.M @ vecs * lam, atol=1e-9)
 
 
@@ -210,7 +250,8 @@ def test_hybrid_starts_from_the_offline_mle(small_env):
     env, states = small_env
     offline = env.sample_offline(150, seed=9)
     loop = OnlineGSHF("symmetric", batch_size=50, n_rounds=2, seed=1).fit(
-        env, offline=offline, eval_states=states)
+        env, offline=offline, eval_states=states
+    )
     mle = Linear(l2=1.0 / 150).fit(offline)
     start = gibbs_probs(states.phi @ mle.theta_, env.reference_probs(states), env.eta)
     assert loop.history_[0]["gap"] == pytest.approx(env.gap(start, states), rel=1e-6)
@@ -227,8 +268,7 @@ def test_distinct_pairs_never_compares_a_response_with_itself(small_env):
 
 def test_loop_validates_its_parameters(small_env):
     env, states = small_env
-    for bad in ({"batch_size": 0}, {"n_rounds": 1.5}, {"exploration": "greedy"},
-                {"ridge": 0.0}):
+    for bad in ({"batch_size": 0}, {"n_rounds": 1.5}, {"exploration": "greedy"}, {"ridge": 0.0}):
         with pytest.raises(PluralignError):
             run_loop(env, states, **bad)
     with pytest.raises(PluralignError):

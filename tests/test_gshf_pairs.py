@@ -29,8 +29,9 @@ from pluralign.rewards import Linear
 POLICY_LEVEL = ["enhancer", "symmetric", "uniform"]
 
 
-def fitted_state(m: int = 300, seed: int = 0, n_data: int = 300, eta: float = 0.2,
-                 repeat_context: bool = False) -> RoundState:
+def fitted_state(
+    m: int = 300, seed: int = 0, n_data: int = 300, eta: float = 0.2, repeat_context: bool = False
+) -> RoundState:
     """A round of the loop on ``KLBandit(d=5, K=6)``: the MLE on ``n_data`` comparisons; with
     ``repeat_context`` all ``m`` contexts are one context repeated (for conditional laws)."""
     env = KLBandit(d=5, n_actions=6, eta=eta, seed=seed)
@@ -108,8 +109,9 @@ def test_loop_records_the_identical_pair_rate_per_round():
     assert default.distinct_pairs is True  # distinct pairs are the default
     assert all(h["identical_pairs"] == 0.0 for h in default.history_[1:])
     assert (np.abs(default.data_.delta_phi).sum(axis=1) > 0).all()
-    loop = OnlineGSHF("symmetric", batch_size=300, n_rounds=6, distinct_pairs=False,
-                      seed=1).fit(env)
+    loop = OnlineGSHF("symmetric", batch_size=300, n_rounds=6, distinct_pairs=False, seed=1).fit(
+        env
+    )
     history = loop.history_[1:]
     observed = sum(h["identical_pairs"] for h in history) * 300
     expected = float(np.mean([h["identical_pairs_expected"] for h in history]))
@@ -123,8 +125,9 @@ def test_loop_records_the_identical_pair_rate_per_round():
 @pytest.mark.parametrize("distinct", [True, False])
 def test_pair_uncertainty_takes_the_widest_candidate(distinct):
     state = fitted_state(m=200, seed=6)
-    pairs = PairUncertainty(n_candidates=5).draw_pairs(state, np.random.default_rng(0),
-                                                        distinct=distinct)
+    pairs = PairUncertainty(n_candidates=5).draw_pairs(
+        state, np.random.default_rng(0), distinct=distinct
+    )
     m_inv = np.linalg.inv(state.confidence.M)
     phi = state.states.phi
     assert pairs.candidates.shape == (200, 5)
@@ -155,14 +158,14 @@ def test_pair_uncertainty_candidates_follow_the_main_agent():
     freq1 = np.bincount(pairs.a1, minlength=law.size) / pairs.a1.size
     for b in range(law.size):
         assert abs(freq1[b] - state.main_probs[0, b]) <= binomial_bound(
-            state.main_probs[0, b], pairs.a1.size)
+            state.main_probs[0, b], pairs.a1.size
+        )
 
 
 @pytest.mark.parametrize("distinct", [True, False])
 def test_best_worst_takes_the_extremes_of_the_estimated_reward(distinct):
     state = fitted_state(m=300, seed=8, n_data=200, eta=0.1)
-    pairs = BestWorst(n_candidates=4).draw_pairs(state, np.random.default_rng(2),
-                                                 distinct=distinct)
+    pairs = BestWorst(n_candidates=4).draw_pairs(state, np.random.default_rng(2), distinct=distinct)
     phi, theta = state.states.phi, state.theta
     fallback = 0
     for j in range(300):
@@ -170,8 +173,7 @@ def test_best_worst_takes_the_extremes_of_the_estimated_reward(distinct):
         reward = [float(phi[j, c] @ theta) for c in cand]
         assert pairs.a1[j] in cand
         assert float(phi[j, pairs.a1[j]] @ theta) == max(reward)
-        others = [r for c, r in zip(cand, reward, strict=True)
-                  if not distinct or c != pairs.a1[j]]
+        others = [r for c, r in zip(cand, reward, strict=True) if not distinct or c != pairs.a1[j]]
         if others:
             assert pairs.a2[j] in cand
             assert float(phi[j, pairs.a2[j]] @ theta) == min(others)
@@ -196,6 +198,7 @@ def test_every_design_runs_in_the_loop():
     for design in EXPLORATIONS:
         loop = OnlineGSHF(design, batch_size=40, n_rounds=2, seed=3).fit(env, eval_states=states)
         assert [h["round"] for h in loop.history_] == [0, 1, 2]
-        assert all(h["identical_pairs"] == 0.0 and h["pair_uncertainty"] > 0
-                   for h in loop.history_[1:])
+        assert all(
+            h["identical_pairs"] == 0.0 and h["pair_uncertainty"] > 0 for h in loop.history_[1:]
+        )
         assert loop.history_[-1]["gap"] < loop.history_[0]["gap"]

@@ -28,8 +28,9 @@ def simplex_grid(k: int, steps: int) -> np.ndarray:
     return grid / steps
 
 
-def per_state_objective(probs: np.ndarray, rewards: np.ndarray, ref: np.ndarray, eta: float
-                        ) -> np.ndarray:
+def per_state_objective(
+    probs: np.ndarray, rewards: np.ndarray, ref: np.ndarray, eta: float
+) -> np.ndarray:
     """``Σ_a π r − η KL(π‖π0)`` for rows of candidate policies of one state."""
     return probs @ rewards - eta * kl_divergence(probs, ref[None, :])
 
@@ -54,9 +55,13 @@ def test_gibbs_equals_brute_force_maximisation_of_J_eta(eta):
             p = softmax(logits)
             return -per_state_objective(p[None], rewards[j], ref[j], eta)[0]
 
-        found = min((minimize(neg, x0, method="BFGS", options={"gtol": 1e-10})
-                     for x0 in np.random.default_rng(j).normal(size=(5, 3))),
-                    key=lambda r: r.fun)
+        found = min(
+            (
+                minimize(neg, x0, method="BFGS", options={"gtol": 1e-10})
+                for x0 in np.random.default_rng(j).normal(size=(5, 3))
+            ),
+            key=lambda r: r.fun,
+        )
         np.testing.assert_allclose(softmax(found.x), gibbs[j], atol=1e-5)
     # the policy-level value is the sum of the per-state maxima
     assert env.policy_value(gibbs, states) == pytest.approx(env.optimal_value(states), rel=1e-12)
@@ -70,8 +75,11 @@ def test_gibbs_policy_of_a_model_matches_the_formula():
     weights = env.reference_probs(states) * np.exp(states.phi @ model.theta_ / env.eta)
     np.testing.assert_allclose(probs, weights / weights.sum(axis=1, keepdims=True), rtol=1e-12)
     # uniform reference by default: a softmax of r/η
-    np.testing.assert_allclose(Gibbs(model, 0.3).probs(states),
-                               softmax(states.phi @ model.theta_ / 0.3, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        Gibbs(model, 0.3).probs(states),
+        softmax(states.phi @ model.theta_ / 0.3, axis=1),
+        rtol=1e-12,
+    )
 
 
 def test_gibbs_is_exact_for_extreme_temperatures_and_zero_reference_mass():
@@ -92,8 +100,11 @@ def test_optimal_value_closed_form_and_gap_identity():
     opt = env.optimal_probs(states)
     assert env.policy_value(opt, states) == pytest.approx(env.optimal_value(states), rel=1e-12)
     # closed form by hand: η E log Σ π0 exp(r/η)
-    by_hand = env.eta * np.mean(np.log(np.sum(
-        env.reference_probs(states) * np.exp(env.true_reward(states) / env.eta), axis=1)))
+    by_hand = env.eta * np.mean(
+        np.log(
+            np.sum(env.reference_probs(states) * np.exp(env.true_reward(states) / env.eta), axis=1)
+        )
+    )
     assert env.optimal_value(states) == pytest.approx(by_hand, rel=1e-12)
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -101,7 +112,8 @@ def test_optimal_value_closed_form_and_gap_identity():
         gap = env.gap(probs, states)
         assert gap > 0
         assert env.optimal_value(states) - env.policy_value(probs, states) == pytest.approx(
-            gap, rel=1e-9, abs=1e-12)
+            gap, rel=1e-9, abs=1e-12
+        )
         assert env.policy_value(probs, states) < env.optimal_value(states)
     assert env.gap(opt, states) == pytest.approx(0.0, abs=1e-15)
 
@@ -128,8 +140,9 @@ def test_kl_is_non_negative_and_zero_only_at_the_reference():
 
 # ---------------------------------------------------------------------- simulator
 def test_kl_bandit_sampling_coverage_and_reference():
-    env = KLBandit(d=8, n_actions=5, eta=0.2, coverage=0.25, uncovered_dim=3,
-                   uncovered_reward=0.0, seed=9)
+    env = KLBandit(
+        d=8, n_actions=5, eta=0.2, coverage=0.25, uncovered_dim=3, uncovered_reward=0.0, seed=9
+    )
     deploy, source = env.sample_states(100, seed=1), env.source_states(100, seed=1)
     basis = env.uncovered_basis
     np.testing.assert_allclose(source.phi @ basis, 0.25 * deploy.phi @ basis, atol=1e-12)
@@ -144,8 +157,13 @@ def test_kl_bandit_sampling_coverage_and_reference():
     assert abs(np.mean(data.y) - np.mean(p)) < 4 * np.sqrt(np.mean(p * (1 - p)) / data.n)
     flat = KLBandit(d=4, n_actions=3, ref_scale=0.0, seed=0)
     np.testing.assert_allclose(flat.reference_probs(flat.sample_states(3, 0)), 1 / 3)
-    for bad in ({"coverage": 0.0}, {"behavior": "greedy"}, {"ref_alignment": 2.0},
-                {"uncovered_reward": 0.5, "uncovered_dim": 0}, {"n_actions": 1}):
+    for bad in (
+        {"coverage": 0.0},
+        {"behavior": "greedy"},
+        {"ref_alignment": 2.0},
+        {"uncovered_reward": 0.5, "uncovered_dim": 0},
+        {"n_actions": 1},
+    ):
         with pytest.raises(ConfigError):
             KLBandit(**{"d": 4, **bad})
 
@@ -181,15 +199,20 @@ def test_option1_certified_gap_and_beats_gibbs_policies_of_a_grid_of_C(offline_p
     assert value > 0.0  # better than π0 (f(π0) = 0) under every θ in C
     # every θ in C on a grid (centre, boundary and interior), mapped to its Gibbs policy
     chol = np.linalg.cholesky(cs.M)
-    thetas = cs.center + cs.beta * np.linalg.solve(chol.T, ball_grid(3, 300, (0.3, 0.7, 1.0),
-                                                                      seed=1).T).T
+    thetas = (
+        cs.center
+        + cs.beta * np.linalg.solve(chol.T, ball_grid(3, 300, (0.3, 0.7, 1.0), seed=1).T).T
+    )
     assert all(cs.contains(t) for t in thetas)
-    grid_values = [policy.objective(gibbs_probs(states.phi @ t, ref, env.eta), states)
-                   for t in thetas]
+    grid_values = [
+        policy.objective(gibbs_probs(states.phi @ t, ref, env.eta), states) for t in thetas
+    ]
     assert value >= max(grid_values) - 1e-12
     # and the other offline policies
-    for other in (PessimisticGibbs(model, cs, env.eta, reference=ref, pointwise=True),
-                  Gibbs(model, env.eta, reference=ref)):
+    for other in (
+        PessimisticGibbs(model, cs, env.eta, reference=ref, pointwise=True),
+        Gibbs(model, env.eta, reference=ref),
+    ):
         assert value >= policy.objective(other.probs(states), states) - 1e-12
     # weak duality: the solver's θ is in C, and its Gibbs policy is the returned one
     assert cs.contains(policy.theta_)
@@ -214,8 +237,16 @@ def test_option1_matches_a_brute_force_policy_optimizer(offline_problem):
         return -policy.objective(probs, states), -grad_logits.ravel()
 
     rng = np.random.default_rng(0)
-    best = min(minimize(neg, rng.normal(size=np.prod(shape)), jac=True, method="BFGS",
-                        options={"maxiter": 20000, "gtol": 1e-11}).fun for _ in range(2))
+    best = min(
+        minimize(
+            neg,
+            rng.normal(size=np.prod(shape)),
+            jac=True,
+            method="BFGS",
+            options={"maxiter": 20000, "gtol": 1e-11},
+        ).fun
+        for _ in range(2)
+    )
     # the generic optimizer never beats the certified solution, and gets close to it
     assert policy.pessimistic_value_ >= -best - 1e-9
     assert policy.pessimistic_value_ <= -best + 1e-5
@@ -241,8 +272,16 @@ def test_option2_is_the_gibbs_policy_of_the_pointwise_lower_bound(offline_proble
     expected = ref * np.exp((lcb - lcb.max(axis=1, keepdims=True)) / env.eta)
     np.testing.assert_allclose(probs, expected / expected.sum(axis=1, keepdims=True), rtol=1e-9)
     # β = 0: both options reduce to the MLE-Gibbs policy
-    zero = ConfidenceSet(cs.center, cs.M, 0.0, lam=cs.lam, n=cs.n, kind=cs.kind,
-                         bound_feature=cs.bound_feature, bound_theta=cs.bound_theta)
+    zero = ConfidenceSet(
+        cs.center,
+        cs.M,
+        0.0,
+        lam=cs.lam,
+        n=cs.n,
+        kind=cs.kind,
+        bound_feature=cs.bound_feature,
+        bound_theta=cs.bound_theta,
+    )
     mle = Gibbs(model, env.eta, reference=ref).probs(states)
     for pointwise in (True, False):
         pess = PessimisticGibbs(model, zero, env.eta, reference=ref, pointwise=pointwise)

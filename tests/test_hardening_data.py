@@ -38,10 +38,13 @@ def refused(call, *args, **kwargs) -> DataValidationError:
 
 
 # ------------------------------------------------------------------------ numbers and bytes
-@pytest.mark.parametrize(("raw", "line"), [
-    (b'{"x": [0.5, -1.0], "phi0": [1.0, 0.0, 2.0], "phi1": [0.0, 1.0, \xff], "y": 1}', 2),
-    (json.dumps(ROW).encode()[:-1] + b', "note": "caf\xc3"}', 2),
-])
+@pytest.mark.parametrize(
+    ("raw", "line"),
+    [
+        (b'{"x": [0.5, -1.0], "phi0": [1.0, 0.0, 2.0], "phi1": [0.0, 1.0, \xff], "y": 1}', 2),
+        (json.dumps(ROW).encode()[:-1] + b', "note": "caf\xc3"}', 2),
+    ],
+)
 def test_invalid_utf8_names_the_line(tmp_path, raw, line):
     path = lines(tmp_path / "p.jsonl", json.dumps(ROW), raw)
     err = refused(load_preferences, path)
@@ -122,11 +125,14 @@ def npz(path, **arrays):
 GOOD = {"phi0": np.eye(3), "phi1": np.zeros((3, 3)), "y": np.array([1, 0, 1])}
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda b: b[: len(b) // 2], "not a readable .npz"),
-    (lambda b: b"garbage" * 10, "not a readable .npz"),
-    (lambda b: b"", "not a readable .npz"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b[: len(b) // 2], "not a readable .npz"),
+        (lambda b: b"garbage" * 10, "not a readable .npz"),
+        (lambda b: b"", "not a readable .npz"),
+    ],
+)
 def test_truncated_or_garbage_npz_is_a_clean_error(tmp_path, damage, message):
     good = npz(tmp_path / "g.npz", **GOOD).read_bytes()
     path = tmp_path / "p.npz"
@@ -134,15 +140,18 @@ def test_truncated_or_garbage_npz_is_a_clean_error(tmp_path, damage, message):
     assert message in str(refused(load_preferences, path))
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("phi0", np.zeros((3, 0)), "no columns"),
-    ("phi0", np.full((3, 3), 1 + 2j), "dtype complex"),
-    ("phi1", np.array([["2020-01-01"] * 3] * 3, dtype="datetime64[D]"), "dtype datetime"),
-    ("users", np.array([b"a", b"b", b"c"]), "dtype |S1"),
-    ("y", np.array([{"a": 1}, 2, 3], dtype=object), "dtype object"),
-    ("extra", np.ones(3), "unknown array"),
-    ("phi1", np.full((3, 3), -1e308), "overflows"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("phi0", np.zeros((3, 0)), "no columns"),
+        ("phi0", np.full((3, 3), 1 + 2j), "dtype complex"),
+        ("phi1", np.array([["2020-01-01"] * 3] * 3, dtype="datetime64[D]"), "dtype datetime"),
+        ("users", np.array([b"a", b"b", b"c"]), "dtype |S1"),
+        ("y", np.array([{"a": 1}, 2, 3], dtype=object), "dtype object"),
+        ("extra", np.ones(3), "unknown array"),
+        ("phi1", np.full((3, 3), -1e308), "overflows"),
+    ],
+)
 def test_npz_values_pluralign_never_writes_are_refused(tmp_path, field, value, message):
     arrays = {**GOOD, "phi0": np.full((3, 3), 1e308) if message == "overflows" else GOOD["phi0"]}
     arrays[field] = value
@@ -153,8 +162,9 @@ def test_npz_values_pluralign_never_writes_are_refused(tmp_path, field, value, m
 def test_npz_header_promising_a_huge_array_is_refused_before_reading(tmp_path):
     path = tmp_path / "p.npz"
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
-                                                  "shape": (1 << 40, 3)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 40, 3)}
+    )
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("phi0.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:])
     err = refused(load_preferences, path)
@@ -163,8 +173,9 @@ def test_npz_header_promising_a_huge_array_is_refused_before_reading(tmp_path):
 
 # ------------------------------------------------------------------------------- users
 def test_user_ids_mixing_integers_and_strings_are_refused_everywhere(tmp_path):
-    path = lines(tmp_path / "p.jsonl", json.dumps({**ROW, "user": "7"}),
-                 json.dumps({**ROW, "user": 7}))
+    path = lines(
+        tmp_path / "p.jsonl", json.dumps({**ROW, "user": "7"}), json.dumps({**ROW, "user": 7})
+    )
     err = refused(load_preferences, path)
     assert (err.line, err.field) == (2, "user") and "line 1" in str(err)
     err = refused(read_trl, [{**TRL, "user_id": 7}, {**TRL, "user_id": "7"}])
@@ -187,8 +198,9 @@ def test_empty_user_ids_are_refused_by_the_numeric_loader(tmp_path, user):
 
 
 def test_finite_features_whose_difference_overflows_are_refused(tmp_path):
-    path = lines(tmp_path / "p.jsonl", json.dumps({**ROW, "phi0": [1e308, 0, 0],
-                                                   "phi1": [-1e308, 0, 0]}))
+    path = lines(
+        tmp_path / "p.jsonl", json.dumps({**ROW, "phi0": [1e308, 0, 0], "phi1": [-1e308, 0, 0]})
+    )
     err = refused(load_preferences, path)
     assert err.field == "phi1" and "overflows" in str(err)
 
@@ -197,14 +209,23 @@ def test_finite_features_whose_difference_overflows_are_refused(tmp_path):
 def test_user_context_keys_colliding_after_flattening_are_refused():
     err = refused(read_trl, [{**TRL, "user_context": {"a.b": 1, "a": {"b": 2}}}])
     assert err.field == "a.b" and "flatten" in str(err)
-    err = refused(read_trl, [{**TRL, "user_id": "u1", "user_context": {"a": "b=c"}},
-                             {**TRL, "user_id": "u2", "user_context": {"a=b": "c"}}])
+    err = refused(
+        read_trl,
+        [
+            {**TRL, "user_id": "u1", "user_context": {"a": "b=c"}},
+            {**TRL, "user_id": "u2", "user_context": {"a=b": "c"}},
+        ],
+    )
     assert "one-hot column 'a=b=c'" in str(err)
 
 
-@pytest.mark.parametrize("messages", [[{"role": "user", "content": ""}],
-                                      [{"role": "user", "content": "hi"},
-                                       {"role": " ", "content": "x"}]])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": "hi"}, {"role": " ", "content": "x"}],
+    ],
+)
 def test_empty_conversational_messages_are_refused(messages):
     err = refused(read_trl, [{**TRL, "chosen": messages}])
     assert err.field == "chosen" and "empty" in str(err)
@@ -213,8 +234,12 @@ def test_empty_conversational_messages_are_refused(messages):
 def test_summarize_choice_must_be_an_integer(tmp_path):
     from pathlib import Path
 
-    row = json.loads(Path(__file__).parent.joinpath(
-        "fixtures/summarize_from_feedback.jsonl").read_text().splitlines()[0])
+    row = json.loads(
+        Path(__file__)
+        .parent.joinpath("fixtures/summarize_from_feedback.jsonl")
+        .read_text()
+        .splitlines()[0]
+    )
     assert read_summarize_from_feedback([row]).n == 1
     err = refused(read_summarize_from_feedback, [{**row, "choice": 1.0}])
     assert err.field == "choice"
@@ -234,8 +259,9 @@ def test_prism_conversation_id_must_be_a_string_or_integer(tmp_path):
 # ------------------------------------------------------------------------- data validate
 def test_data_validate_exit_1_for_bad_rows_and_2_for_an_unreadable_file(tmp_path):
     runner = CliRunner()
-    bad_rows = lines(tmp_path / "t.jsonl", json.dumps(TRL), b"\xff",
-                     json.dumps({**TRL, "chosen": ""}))
+    bad_rows = lines(
+        tmp_path / "t.jsonl", json.dumps(TRL), b"\xff", json.dumps({**TRL, "chosen": ""})
+    )
     result = runner.invoke(app, ["data", "validate", str(bad_rows)])
     assert result.exit_code == 1 and "2 bad row(s)" in result.output
     assert "line 2: not valid UTF-8" in result.output and "line 3, field 'chosen'" in result.output
@@ -261,12 +287,17 @@ def model_dir(tmp_path_factory):
 
     rng = np.random.default_rng(1)
     phi0, phi1 = rng.standard_normal((60, 3)), rng.standard_normal((60, 3))
-    data = PreferenceData(None, phi0, phi1, (rng.random(60) < 0.5).astype(int),
-                          np.array(["a", "b", "c"] * 20))
+    data = PreferenceData(
+        None, phi0, phi1, (rng.random(60) < 0.5).astype(int), np.array(["a", "b", "c"] * 20)
+    )
     model = SharedBasis(1, 1e-2).fit(data)
     folder = tmp_path_factory.mktemp("model")
-    save_model(model, folder, designs=_designs(model, data),
-               metadata={"features": {"kind": "numeric", "format": "numeric"}})
+    save_model(
+        model,
+        folder,
+        designs=_designs(model, data),
+        metadata={"features": {"kind": "numeric", "format": "numeric"}},
+    )
     return folder
 
 
@@ -278,22 +309,29 @@ def copy_with(src, dst, name, data):
     return dst
 
 
-@pytest.mark.parametrize(("edit", "field"), [
-    (lambda m: [m], None),
-    (lambda m: {**m, "extra": 1}, "extra"),
-    (lambda m: {k: v for k, v in m.items() if k != "users"}, "users"),
-    (lambda m: {**m, "users": ["a", "a", "c"]}, "users"),
-    (lambda m: {**m, "users": ["a", 7, "c"]}, "users"),
-    (lambda m: {**m, "class": ["SharedBasis"]}, "class"),
-    (lambda m: {**m, "params": {**m["params"], "k": "2"}}, "params.k"),
-    (lambda m: {**m, "params": {**m["params"], "evil": 1}}, "params.evil"),
-    (lambda m: {**m, "params": {**m["params"], "unknown_user": "sometimes"}},
-     "params.unknown_user"),
-    (lambda m: {**m, "d_phi": 4}, "theta0"),
-    (lambda m: {**m, "has_design": False}, "design"),
-    (lambda m: {**m, "features": {"kind": "text", "encoder": {"model": None}}},
-     "features.encoder.model_key"),
-])
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: [m], None),
+        (lambda m: {**m, "extra": 1}, "extra"),
+        (lambda m: {k: v for k, v in m.items() if k != "users"}, "users"),
+        (lambda m: {**m, "users": ["a", "a", "c"]}, "users"),
+        (lambda m: {**m, "users": ["a", 7, "c"]}, "users"),
+        (lambda m: {**m, "class": ["SharedBasis"]}, "class"),
+        (lambda m: {**m, "params": {**m["params"], "k": "2"}}, "params.k"),
+        (lambda m: {**m, "params": {**m["params"], "evil": 1}}, "params.evil"),
+        (
+            lambda m: {**m, "params": {**m["params"], "unknown_user": "sometimes"}},
+            "params.unknown_user",
+        ),
+        (lambda m: {**m, "d_phi": 4}, "theta0"),
+        (lambda m: {**m, "has_design": False}, "design"),
+        (
+            lambda m: {**m, "features": {"kind": "text", "encoder": {"model": None}}},
+            "features.encoder.model_key",
+        ),
+    ],
+)
 def test_a_bad_model_json_names_the_field(model_dir, tmp_path, edit, field):
     from pluralign.rewards.persistence import load_model
 
@@ -303,10 +341,11 @@ def test_a_bad_model_json_names_the_field(model_dir, tmp_path, edit, field):
     assert err.field == field, str(err)
 
 
-@pytest.mark.parametrize(("key", "value"), [("thetas", "nan"), ("basis", "inf"),
-                                            ("user_counts", "neg"), ("design_index", "big")])
-def test_nan_parameters_or_bad_arrays_in_a_saved_model_are_refused(model_dir, tmp_path, key,
-                                                                   value):
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("thetas", "nan"), ("basis", "inf"), ("user_counts", "neg"), ("design_index", "big")],
+)
+def test_nan_parameters_or_bad_arrays_in_a_saved_model_are_refused(model_dir, tmp_path, key, value):
     from pluralign.rewards.persistence import load_model
 
     with np.load(model_dir / "model.npz") as f:
@@ -355,9 +394,19 @@ def test_atomic_writes_get_normal_permissions_under_the_umask(tmp_path):
         os.umask(old)
 
 
-@pytest.mark.parametrize("template", ["{prompt.__class__}{response}", "{0}{response}",
-                                      "{response:>999999999}", "{response!r}", "{x}{response}",
-                                      "{prompt}", "{response", 7])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{prompt.__class__}{response}",
+        "{0}{response}",
+        "{response:>999999999}",
+        "{response!r}",
+        "{x}{response}",
+        "{prompt}",
+        "{response",
+        7,
+    ],
+)
 def test_templates_may_only_use_plain_prompt_and_response_fields(template):
     from pluralign.features.text import check_template
 
@@ -370,10 +419,18 @@ def test_a_model_json_template_cannot_read_attributes(model_dir, tmp_path):
     from pluralign.rewards.persistence import load_model
 
     meta = json.loads((model_dir / "model.json").read_text())
-    meta["features"] = {"kind": "text", "template": "{prompt.__init__.__globals__}{response}",
-                        "encoder": {"model": None, "model_key": "k", "mode": "joint",
-                                    "template": "{prompt}\n\n{response}", "normalize": True,
-                                    "dim": 3}}
+    meta["features"] = {
+        "kind": "text",
+        "template": "{prompt.__init__.__globals__}{response}",
+        "encoder": {
+            "model": None,
+            "model_key": "k",
+            "mode": "joint",
+            "template": "{prompt}\n\n{response}",
+            "normalize": True,
+            "dim": 3,
+        },
+    }
     folder = copy_with(model_dir, tmp_path / "m", "model.json", json.dumps(meta).encode())
     err = refused(load_model, folder)
     assert err.field == "features.template" and "only use the fields" in str(err)
@@ -390,8 +447,10 @@ def test_a_damaged_embedding_cache_is_a_clean_error(tmp_path):
 
 
 def test_a_numeric_attribute_missing_on_some_rows_is_refused_not_zero_filled():
-    rows = [{**TRL, "user_id": "u1", "user_context": {"age": 30, "region": "n"}},
-            {**TRL, "user_id": "u2", "user_context": {"region": "s"}}]
+    rows = [
+        {**TRL, "user_id": "u1", "user_context": {"age": 30, "region": "n"}},
+        {**TRL, "user_id": "u2", "user_context": {"region": "s"}},
+    ]
     err = refused(read_trl, rows)
     assert (err.field, err.line) == ("user_context.age", 2) and "line 1" in str(err)
     err = refused(read_trl, [{**TRL, "user_context": {"age": {}, "region": "n"}}])
@@ -410,23 +469,33 @@ def test_in_memory_rows_with_array_values_are_refused_or_read_never_crash():
 
     for y in (np.array([1, 0]), np.array([0]), np.array([]), pd.Series([1, 0])):
         with pytest.raises(DataValidationError, match="must be 0 or 1") as info:
-            load_preferences([{"phi0": [1.0], "phi1": [0.0], "y": 1},
-                              {"phi0": [1.0], "phi1": [0.0], "y": y}])
+            load_preferences(
+                [{"phi0": [1.0], "phi1": [0.0], "y": 1}, {"phi0": [1.0], "phi1": [0.0], "y": y}]
+            )
         assert info.value.field == "y" and info.value.line == 2
     ok = load_preferences([{"phi0": [1.0], "phi1": [0.0], "y": np.int64(1)}])
     assert ok.y.tolist() == [1]
-    post = {"info": {"post": "p", "title": "t", "subreddit": "s"},
-            "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0, "worker": "w"}
-    rows = [dict(post, split="train"), dict(post, split=np.array(["train", "train"])),
-            dict(post, split=pd.Series(["train"]))]
+    post = {
+        "info": {"post": "p", "title": "t", "subreddit": "s"},
+        "summaries": [{"text": "a"}, {"text": "b"}],
+        "choice": 0,
+        "worker": "w",
+    }
+    rows = [
+        dict(post, split="train"),
+        dict(post, split=np.array(["train", "train"])),
+        dict(post, split=pd.Series(["train"])),
+    ]
     prefs = read_summarize_from_feedback(rows, splits=["train"])
     assert len(prefs) == 1 and prefs.skipped == 2  # a split that is not a name is not listed
 
     def message(content):
         return {"role": "user", "content": content, "tags": np.array(["a", "b"])}
 
-    row = {"chosen": [message("Tea?"), {"role": "assistant", "content": "Yes."}],
-           "rejected": [message("Tea?"), {"role": "assistant", "content": "No."}],
-           "user_id": "u2"}
+    row = {
+        "chosen": [message("Tea?"), {"role": "assistant", "content": "Yes."}],
+        "rejected": [message("Tea?"), {"role": "assistant", "content": "No."}],
+        "user_id": "u2",
+    }
     with pytest.raises(DataValidationError, match="share no beginning"):
         read_trl([row])  # messages holding arrays cannot be compared: no implicit prompt

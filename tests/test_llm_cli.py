@@ -27,12 +27,13 @@ def invoke(*args):
 
 
 def _config(tmp_path: Path, model: str, **sections) -> Path:
-    config = {"model": {"name_or_path": model, "max_length": 96},
-              "lora": {"r": 4, "share": "B"},
-              "data": {"train": str(PERSONAS), "test_size": 0.25},
-              "train": {"num_train_epochs": 2, "learning_rate": 1e-2,
-                        "train_batch_size": 16},
-              "out": str(tmp_path / "run")}
+    config = {
+        "model": {"name_or_path": model, "max_length": 96},
+        "lora": {"r": 4, "share": "B"},
+        "data": {"train": str(PERSONAS), "test_size": 0.25},
+        "train": {"num_train_epochs": 2, "learning_rate": 1e-2, "train_batch_size": 16},
+        "out": str(tmp_path / "run"),
+    }
     for key, value in sections.items():
         if isinstance(value, dict):
             config.setdefault(key, {}).update(value)
@@ -59,8 +60,13 @@ def trained(tiny_bert, tmp_path_factory):
 def test_train_rm_writes_report_plot_and_adapters_that_reproduce_it(trained):
     folder, _, output = trained
     out = folder / "run"
-    for name in ("config.yaml", "per_user_accuracy.json", "accuracy.png", "history.json",
-                 "adapters/users.json"):
+    for name in (
+        "config.yaml",
+        "per_user_accuracy.json",
+        "accuracy.png",
+        "history.json",
+        "adapters/users.json",
+    ):
         assert (out / name).is_file(), name
     assert "held-out acc." in output and "36 steps" not in output  # 2 epochs × 12 batches
     # config.yaml: the resolved plain mapping with the current names, which resolves again
@@ -80,8 +86,9 @@ def test_train_rm_writes_report_plot_and_adapters_that_reproduce_it(trained):
         u = row["user"]
         rows = test.subset(np.flatnonzero(users == u))
         reward = ExportedReward(out / "adapters" / u)
-        margins = reward.score(rows.prompts, rows.chosen) - reward.score(rows.prompts,
-                                                                          rows.rejected)
+        margins = reward.score(rows.prompts, rows.chosen) - reward.score(
+            rows.prompts, rows.rejected
+        )
         again = per_user_metrics(margins, [u] * rows.n)
         assert row["test_accuracy"] == pytest.approx(again["accuracy"])
         assert row["test_loss"] == pytest.approx(again["loss"], abs=1e-5)
@@ -112,10 +119,29 @@ def test_two_accelerate_processes_train_the_same_model(trained, tiny_bert, tmp_p
     assert accelerate and pluralign
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no",
-         pluralign, "train-rm", str(config), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=600, check=False)
+        [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            pluralign,
+            "train-rm",
+            str(config),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout
     report = json.loads((tmp_path / "run" / "per_user_accuracy.json").read_text())
@@ -137,19 +163,21 @@ def _bad_rows(tmp_path: Path, rows: list[dict]) -> Path:
 ROW = {"prompt": "p", "chosen": "a", "rejected": "b", "user_id": "ana"}
 
 
-@pytest.mark.parametrize("case,message", [
-    ("unknown_key", "unknown key(s) ['epoch'] in 'train'"),
-    ("share", "lora.share must be one of"),
-    ("missing_column", "line 2, field 'rejected'"),
-    ("empty_user", "line 1, field 'user_id'"),
-    ("unknown_eval_user", "line 2, field 'user_id': unknown user 'zoe'"),
-    ("no_pad", "no pad token"),
-    ("no_model", "model.name_or_path is required"),
-    ("bad_target", "match no nn.Linear"),
-    ("missing_model", "model folder not found"),
-])
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_bert, tiny_llama, case,
-                                                message):
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("unknown_key", "unknown key(s) ['epoch'] in 'train'"),
+        ("share", "lora.share must be one of"),
+        ("missing_column", "line 2, field 'rejected'"),
+        ("empty_user", "line 1, field 'user_id'"),
+        ("unknown_eval_user", "line 2, field 'user_id': unknown user 'zoe'"),
+        ("no_pad", "no pad token"),
+        ("no_model", "model.name_or_path is required"),
+        ("bad_target", "match no nn.Linear"),
+        ("missing_model", "model folder not found"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_bert, tiny_llama, case, message):
     model = tiny_bert
     kwargs: dict = {}
     if case == "unknown_key":
@@ -185,7 +213,7 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_bert, tiny_llama,
     result = invoke("train-rm", config, "--no-progress")
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
-    assert not (tmp_path / "run" / "adapters").exists()   # nothing trained on wrong rows
+    assert not (tmp_path / "run" / "adapters").exists()  # nothing trained on wrong rows
 
 
 def test_set_overrides_and_config_validation():
@@ -193,19 +221,32 @@ def test_set_overrides_and_config_validation():
     from pluralign.llm.job import apply_overrides, resolve_rm_config
 
     raw = {"model": "some/model", "data": {"train": "x.jsonl"}}
-    resolved = resolve_rm_config(apply_overrides(raw, [
-        "lora.share=A", "train.learning_rate=1e-3", "lora.target_modules=[query, value]",
-        "out=runs/x", "model.max_length=64"]))
+    resolved = resolve_rm_config(
+        apply_overrides(
+            raw,
+            [
+                "lora.share=A",
+                "train.learning_rate=1e-3",
+                "lora.target_modules=[query, value]",
+                "out=runs/x",
+                "model.max_length=64",
+            ],
+        )
+    )
     assert resolved["lora"].share == "A" and resolved["train"].learning_rate == 1e-3
     assert resolved["lora"].target_modules == ["query", "value"]
     assert resolved["model"].name_or_path == "some/model"
     assert resolved["model"].max_length == 64
-    assert resolved["out"] == "runs/x" and raw == {"model": "some/model",
-                                                   "data": {"train": "x.jsonl"}}
-    for bad, message in [(["lora.share"], "KEY=VALUE"),
-                         (["train.num_train_epochs=two"], "train.num_train_epochs"),
-                         (["train.save_steps=0"], "train.save_steps"),
-                         (["train.lr=1e-3"], "renamed to 'learning_rate'")]:
+    assert resolved["out"] == "runs/x" and raw == {
+        "model": "some/model",
+        "data": {"train": "x.jsonl"},
+    }
+    for bad, message in [
+        (["lora.share"], "KEY=VALUE"),
+        (["train.num_train_epochs=two"], "train.num_train_epochs"),
+        (["train.save_steps=0"], "train.save_steps"),
+        (["train.lr=1e-3"], "renamed to 'learning_rate'"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             resolve_rm_config(apply_overrides(raw, bad))
     with pytest.raises(ConfigError, match="unknown key"):

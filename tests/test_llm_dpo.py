@@ -25,14 +25,26 @@ def toy_prefs(n: int = 24) -> TextPreferences:
         chosen.append("aeiou ea" if user == "vowels" else "1234 567")
         rejected.append("xyz qrst")
         users.append(user)
-    return TextPreferences(prompts=prompts, chosen=chosen, rejected=rejected,
-                           users=np.array(users), where=[("toy.jsonl", i + 1) for i in range(n)])
+    return TextPreferences(
+        prompts=prompts,
+        chosen=chosen,
+        rejected=rejected,
+        users=np.array(users),
+        where=[("toy.jsonl", i + 1) for i in range(n)],
+    )
 
 
 def make_policy(share: str = "B", seed: int = 0) -> PersonalizedPolicy:
-    return PersonalizedPolicy(tiny_llama(seed=seed), char_tokenizer(), ["vowels", "digits"],
-                              target_modules="all-linear", r=4, alpha=8.0, share=share,
-                              seed=seed)
+    return PersonalizedPolicy(
+        tiny_llama(seed=seed),
+        char_tokenizer(),
+        ["vowels", "digits"],
+        target_modules="all-linear",
+        r=4,
+        alpha=8.0,
+        share=share,
+        seed=seed,
+    )
 
 
 def trainer(**kwargs) -> DPOTrainer:
@@ -45,16 +57,18 @@ def test_training_raises_the_implicit_reward_margin_and_evaluation_matches_logpr
     prefs = toy_prefs()
     policy = make_policy()
     before = trainer().evaluate(policy, prefs)
-    assert before["margin"] == pytest.approx(0.0, abs=1e-9)      # B = 0: π = π0
+    assert before["margin"] == pytest.approx(0.0, abs=1e-9)  # B = 0: π = π0
     fitted = trainer(epochs=4).fit(policy, prefs)
     after = fitted.evaluation_
     assert after["loss"] < before["loss"] - 0.05
     # the reported margins equal β(h_w − h_l) from independent log-prob calls
     users = list(prefs.users)
-    h_w = (policy.logprobs(prefs.prompts, prefs.chosen, users)
-           - policy.logprobs(prefs.prompts, prefs.chosen, users, reference=True))
-    h_l = (policy.logprobs(prefs.prompts, prefs.rejected, users)
-           - policy.logprobs(prefs.prompts, prefs.rejected, users, reference=True))
+    h_w = policy.logprobs(prefs.prompts, prefs.chosen, users) - policy.logprobs(
+        prefs.prompts, prefs.chosen, users, reference=True
+    )
+    h_l = policy.logprobs(prefs.prompts, prefs.rejected, users) - policy.logprobs(
+        prefs.prompts, prefs.rejected, users, reference=True
+    )
     margin = 0.1 * (h_w - h_l)
     assert after["margin"] == pytest.approx(margin.mean(), rel=1e-4, abs=1e-6)
     assert after["accuracy"] == pytest.approx(np.mean(margin > 0))
@@ -74,19 +88,23 @@ def test_precomputed_reference_logprobs_train_the_same_adapters():
     stepwise, once = make_policy(), make_policy()
     trainer(epochs=3).fit(stepwise, prefs)
     fitted = trainer(epochs=3, precompute_ref_log_probs=True).fit(once, prefs)
-    for (name, a), (_, b) in zip(stepwise.trainable_named_parameters(),
-                                 once.trainable_named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(
+        stepwise.trainable_named_parameters(), once.trainable_named_parameters(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert fitted.evaluation_["loss"] == pytest.approx(
-        trainer().evaluate(stepwise, prefs)["loss"], rel=1e-4)
+        trainer().evaluate(stepwise, prefs)["loss"], rel=1e-4
+    )
     # the attached numbers are log π0 of each side, from independent calls
     data = encode_dpo_pairs(once, prefs)
     ref = reference_logprobs(once, data, batch_size=5)
     users = list(prefs.users)
-    np.testing.assert_allclose(ref[:, 0], once.logprobs(prefs.prompts, prefs.chosen, users,
-                                                        reference=True), atol=1e-5)
-    np.testing.assert_allclose(ref[:, 1], once.logprobs(prefs.prompts, prefs.rejected, users,
-                                                        reference=True), atol=1e-5)
+    np.testing.assert_allclose(
+        ref[:, 0], once.logprobs(prefs.prompts, prefs.chosen, users, reference=True), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ref[:, 1], once.logprobs(prefs.prompts, prefs.rejected, users, reference=True), atol=1e-5
+    )
     # wrong reference numbers change the loss: they are really read
     # (a rejected side's log π0 raised by 50 raises β(h_w − h_l) by β·50 = 5)
     shifted = trainer().evaluate(once, data.with_reference(ref + np.array([0.0, 50.0])))
@@ -126,19 +144,26 @@ def test_another_users_rows_do_not_change_a_users_adapter():
     prefs = toy_prefs()
     vowels = prefs.users == "vowels"
     changed = TextPreferences(
-        prompts=prefs.prompts, users=prefs.users,
+        prompts=prefs.prompts,
+        users=prefs.users,
         chosen=["ooo aaao" if v else c for c, v in zip(prefs.chosen, vowels, strict=True)],
-        rejected=["bbb cccd" if v else r for r, v in zip(prefs.rejected, vowels,
-                                                        strict=True)])
+        rejected=["bbb cccd" if v else r for r, v in zip(prefs.rejected, vowels, strict=True)],
+    )
     states = []
     for data in (prefs, changed):
-        policy = PersonalizedPolicy(tiny_llama(), char_tokenizer(), ["vowels", "digits"],
-                                    target_modules="all-linear", r=4, share="independent")
+        policy = PersonalizedPolicy(
+            tiny_llama(),
+            char_tokenizer(),
+            ["vowels", "digits"],
+            target_modules="all-linear",
+            r=4,
+            share="independent",
+        )
         trainer(epochs=2).fit(policy, data)
         states.append(policy.trainable_state())
     a, b = states
-    assert all(torch.equal(a[k][1], b[k][1]) for k in a)          # digits: identical
-    assert any(not torch.equal(a[k][0], b[k][0]) for k in a)      # vowels: differs
+    assert all(torch.equal(a[k][1], b[k][1]) for k in a)  # digits: identical
+    assert any(not torch.equal(a[k][0], b[k][0]) for k in a)  # vowels: differs
 
 
 def test_resume_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path):
@@ -146,8 +171,7 @@ def test_resume_gives_the_same_adapters_as_an_uninterrupted_run(tmp_path):
     full = make_policy()
     trainer(epochs=2, output_dir=tmp_path / "a", checkpoint_every=1).fit(full, prefs)
     part = make_policy()
-    trainer(epochs=2, output_dir=tmp_path / "b", checkpoint_every=1, max_steps=3).fit(part,
-                                                                                  prefs)
+    trainer(epochs=2, output_dir=tmp_path / "b", checkpoint_every=1, max_steps=3).fit(part, prefs)
     resumed = make_policy()
     t = trainer(epochs=2, output_dir=tmp_path / "b", checkpoint_every=1)
     t.fit(resumed, prefs)
@@ -181,14 +205,20 @@ def test_bad_settings_and_rows_are_refused():
         trainer(beta=0.0).fit(make_policy(), prefs)
     with pytest.raises(ConfigError, match="loss_type"):
         trainer(loss_type="hinge").fit(make_policy(), prefs)
-    stranger = TextPreferences(prompts=["a"], chosen=["b"], rejected=["c"],
-                               users=np.array(["zed"]), where=[("f.jsonl", 9)])
+    stranger = TextPreferences(
+        prompts=["a"], chosen=["b"], rejected=["c"], users=np.array(["zed"]), where=[("f.jsonl", 9)]
+    )
     with pytest.raises(DataValidationError, match="unknown user 'zed'") as err:
-        trainer().fit(make_policy(), TextPreferences(
-            prompts=prefs.prompts + stranger.prompts, chosen=prefs.chosen + stranger.chosen,
-            rejected=prefs.rejected + stranger.rejected,
-            users=np.concatenate([prefs.users, stranger.users]),
-            where=prefs.where + stranger.where))
+        trainer().fit(
+            make_policy(),
+            TextPreferences(
+                prompts=prefs.prompts + stranger.prompts,
+                chosen=prefs.chosen + stranger.chosen,
+                rejected=prefs.rejected + stranger.rejected,
+                users=np.concatenate([prefs.users, stranger.users]),
+                where=prefs.where + stranger.where,
+            ),
+        )
     assert "f.jsonl" in str(err.value) and "9" in str(err.value)
 
 
@@ -196,21 +226,26 @@ def test_conversational_data_needs_a_chat_template(tmp_path):
     from pluralign.data.loaders import read_trl
 
     path = tmp_path / "conv.jsonl"
-    path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "chosen": "aeiou", '
-                    '"rejected": "xyz", "user_id": "vowels"}\n'
-                    '{"prompt": "plain", "chosen": "1234", "rejected": "xyz", '
-                    '"user_id": "digits"}\n')
+    path.write_text(
+        '{"prompt": [{"role": "user", "content": "hi"}], "chosen": "aeiou", '
+        '"rejected": "xyz", "user_id": "vowels"}\n'
+        '{"prompt": "plain", "chosen": "1234", "rejected": "xyz", '
+        '"user_id": "digits"}\n'
+    )
     prefs = read_trl(str(path))
     assert prefs.conversational and prefs.prompts[0] == "user: hi"
     with pytest.raises(ConfigError, match="no chat template"):
         trainer().fit(make_policy(), prefs)
     tok = char_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}:{% endif %}")
-    policy = PersonalizedPolicy(tiny_llama(), tok, ["vowels", "digits"],
-                                target_modules="all-linear", r=4)
-    trainer(epochs=1).fit(policy, prefs)          # with a template it trains
-    assert prefs.subset([1]).conversational      # the flag follows the rows' source
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}:{% endif %}"
+    )
+    policy = PersonalizedPolicy(
+        tiny_llama(), tok, ["vowels", "digits"], target_modules="all-linear", r=4
+    )
+    trainer(epochs=1).fit(policy, prefs)  # with a template it trains
+    assert prefs.subset([1]).conversational  # the flag follows the rows' source
 
 
 def test_dpo_logs_its_training_implicit_reward_accuracy():

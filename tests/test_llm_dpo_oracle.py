@@ -48,8 +48,11 @@ def _base(seed: int = 0) -> tuple[transformers.LlamaConfig, dict[str, torch.Tens
     with torch.random.fork_rng():  # the caller's RNG stream is left alone
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(config)
-    modules = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEAR_MODULES]
+    modules = [
+        (n, m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEAR_MODULES
+    ]
     return config, {k: v.clone() for k, v in model.state_dict().items()}, modules
 
 
@@ -73,8 +76,7 @@ def _examples(seed: int, n: int, vocab: int = 64) -> list[dict[str, list[int]]]:
     out = []
     for i in range(n):
         p, c, r = 2 + (3 * i) % 5, 1 + (2 * i) % 4, 1 + (5 * i + 2) % 5
-        out.append({"prompt_ids": ids(p), "chosen_ids": [*ids(c), 1],
-                    "rejected_ids": [*ids(r), 1]})
+        out.append({"prompt_ids": ids(p), "chosen_ids": [*ids(c), 1], "rejected_ids": [*ids(r), 1]})
     return out
 
 
@@ -86,8 +88,12 @@ def _trl_batch(examples) -> dict[str, torch.Tensor]:
 def _peft_model(config, state_dict, lora_weights) -> peft.PeftModel:
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(state_dict)
-    model = peft.get_peft_model(model.to(torch.float64), peft.LoraConfig(
-        r=R, lora_alpha=ALPHA, target_modules=list(LLAMA_LINEAR_MODULES), lora_dropout=0.0))
+    model = peft.get_peft_model(
+        model.to(torch.float64),
+        peft.LoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules=list(LLAMA_LINEAR_MODULES), lora_dropout=0.0
+        ),
+    )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in lora_weights.items():
@@ -130,11 +136,16 @@ def test_trl_oracle_matches_closed_form(loss_type):
         model = _peft_model(config, state_dict, lora)
         want = _closed_form_loss(model, batch, beta=beta, loss_type=loss_type)
         want.backward()
-        loss, grads = trl_dpo_loss_and_grads(config, state_dict, LORA, lora, batch, beta=beta,
-                                             loss_type=loss_type)
+        loss, grads = trl_dpo_loss_and_grads(
+            config, state_dict, LORA, lora, batch, beta=beta, loss_type=loss_type
+        )
     params = dict(model.named_parameters())
-    want_grads = {k: params[f"base_model.model.{k.rsplit('.', 1)[0]}."
-                            f"{k.rsplit('.', 1)[1]}.default.weight"].grad for k in lora}
+    want_grads = {
+        k: params[
+            f"base_model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.default.weight"
+        ].grad
+        for k in lora
+    }
     assert set(grads) == set(lora)
     assert abs(loss - want.item()) <= 1e-12 * max(1.0, abs(want.item()))
     assert _max_rel(grads, want_grads) <= 1e-10
@@ -143,8 +154,9 @@ def test_trl_oracle_matches_closed_form(loss_type):
 
     # TRL's stock fused LM-head kernel is float32 inside: same loss, to float32 accuracy only
     with float64_llama():
-        loss32, grads32 = trl_dpo_loss_and_grads(config, state_dict, LORA, lora, batch,
-                                                 beta=beta, loss_type=loss_type, lm_head="trl")
+        loss32, grads32 = trl_dpo_loss_and_grads(
+            config, state_dict, LORA, lora, batch, beta=beta, loss_type=loss_type, lm_head="trl"
+        )
     assert abs(loss32 - want.item()) <= 2e-6 * max(1.0, abs(want.item()))
     assert _max_rel(grads32, want_grads) <= 2e-5
 
@@ -156,15 +168,23 @@ MIXED_USERS = np.array([0, 1, 1, 0, 1, 0])  # the rows of the batch: two users i
 LOOSE = 2e-6
 
 
-def _policy(config, state_dict, share: str, seed: int = 7,
-            dtype: torch.dtype = torch.float64) -> PersonalizedPolicy:
+def _policy(
+    config, state_dict, share: str, seed: int = 7, dtype: torch.dtype = torch.float64
+) -> PersonalizedPolicy:
     """The tiny Llama with every linear layer of attention and MLP adapted, and random
     non-zero factors for every user."""
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(state_dict)
-    policy = PersonalizedPolicy(model.to(dtype), tiny_tokenizer(config.vocab_size),
-                                USERS, target_modules="all-linear", r=R, alpha=ALPHA,
-                                share=share, chat_template="none")
+    policy = PersonalizedPolicy(
+        model.to(dtype),
+        tiny_tokenizer(config.vocab_size),
+        USERS,
+        target_modules="all-linear",
+        r=R,
+        alpha=ALPHA,
+        share=share,
+        chat_template="none",
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in policy.lora.layers():
@@ -177,11 +197,13 @@ def _pairs(examples, users: np.ndarray) -> EncodedDPOPairs:
     """The same pairs as TRL's examples, as pluralign's encoded rows."""
     return EncodedDPOPairs(
         prompts=[f"prompt {i}" for i in range(len(examples))],
-        chosen=[{"prompt_ids": e["prompt_ids"], "response_ids": e["chosen_ids"]}
-                for e in examples],
-        rejected=[{"prompt_ids": e["prompt_ids"], "response_ids": e["rejected_ids"]}
-                  for e in examples],
-        user_index=np.asarray(users, dtype=np.int64), users=[USERS[u] for u in users])
+        chosen=[{"prompt_ids": e["prompt_ids"], "response_ids": e["chosen_ids"]} for e in examples],
+        rejected=[
+            {"prompt_ids": e["prompt_ids"], "response_ids": e["rejected_ids"]} for e in examples
+        ],
+        user_index=np.asarray(users, dtype=np.int64),
+        users=[USERS[u] for u in users],
+    )
 
 
 def _user_weights(policy: PersonalizedPolicy, user: int) -> dict[str, torch.Tensor]:
@@ -201,8 +223,14 @@ def _composed_row_losses(policy, data, rows, *, beta, loss_type, padding_side):
     reference, _ = policy.sequence_logprobs(**plain, reference=True)
     ratios = logps - reference.to(logps.dtype)
     k = len(rows)
-    return dpo_loss(ratios[:k], ratios[k:], beta=beta, loss_type=loss_type,
-                    chosen_tokens=tokens[:k], rejected_tokens=tokens[k:])
+    return dpo_loss(
+        ratios[:k],
+        ratios[k:],
+        beta=beta,
+        loss_type=loss_type,
+        chosen_tokens=tokens[:k],
+        rejected_tokens=tokens[k:],
+    )
 
 
 def _lora_grads(policy) -> dict[str, torch.Tensor]:
@@ -214,8 +242,9 @@ def _zero_grads(policy) -> None:
         p.grad = None
 
 
-def _compare_with_trl(share: str, loss_type: str, dtype: torch.dtype = torch.float64,
-                      lm_head: str = "exact") -> dict[str, float]:
+def _compare_with_trl(
+    share: str, loss_type: str, dtype: torch.dtype = torch.float64, lm_head: str = "exact"
+) -> dict[str, float]:
     """pluralign's training loss of a mixed two-user batch and its gradients vs TRL's per user.
 
     The batch loss is the mean over its N pairs, so with user ``u``'s n_u pairs and TRL's mean
@@ -244,15 +273,27 @@ def _compare_with_trl(share: str, loss_type: str, dtype: torch.dtype = torch.flo
         for u in range(len(USERS)):
             mine = [i for i in rows if MIXED_USERS[i] == u]
             batch = _trl_batch([examples[i] for i in mine])
-            per_user[u] = (len(mine), *trl_dpo_loss_and_grads(
-                config, state_dict, LORA, _user_weights(policy, u), batch, beta=beta,
-                loss_type=loss_type, dtype=dtype, lm_head=lm_head))
+            per_user[u] = (
+                len(mine),
+                *trl_dpo_loss_and_grads(
+                    config,
+                    state_dict,
+                    LORA,
+                    _user_weights(policy, u),
+                    batch,
+                    beta=beta,
+                    loss_type=loss_type,
+                    dtype=dtype,
+                    lm_head=lm_head,
+                ),
+            )
 
     want = sum(n / n_total * lu for n, lu, _ in per_user.values())
     diffs = {"loss": abs(loss.item() - want), "loss_value": want}
     diffs["user_loss"] = max(
         abs(row_losses[torch.as_tensor(u == MIXED_USERS)].mean().item() - lu)
-        for u, (_, lu, _) in per_user.items())
+        for u, (_, lu, _) in per_user.items()
+    )
     # relative to the loss's size (IPO's is ~(1/(2β))² = 25)
     scale = max(1.0, *(abs(lu) for _, lu, _ in per_user.values()))
     diffs["loss_rel"], diffs["user_loss_rel"] = diffs["loss"] / scale, diffs["user_loss"] / scale
@@ -281,7 +322,7 @@ def test_dpo_loss_and_gradients_match_trl(loss_type, share):
     # always: agreement to float32 accuracy at least
     assert d["loss_rel"] <= LOOSE and d["user_loss_rel"] <= LOOSE
     assert d["grad_rel"] <= 10 * LOOSE
-    assert d["dtype"] == str(torch.float64)          # float64 log-probs end to end
+    assert d["dtype"] == str(torch.float64)  # float64 log-probs end to end
     assert d["loss_rel"] <= 1e-12 and d["user_loss_rel"] <= 1e-12
     assert d["grad_rel"] <= 1e-10
 
@@ -300,12 +341,16 @@ def test_dpo_loss_left_padding_equals_right(loss_type):
         policy = _policy(config, state_dict, "B")
         policy.train(True)
         data = _pairs(examples, MIXED_USERS)
-        trainer_losses = DPOTrainer(beta=beta, loss_type=loss_type)._row_losses(
-            policy, policy, data, rows, torch.device("cpu")).detach()
+        trainer_losses = (
+            DPOTrainer(beta=beta, loss_type=loss_type)
+            ._row_losses(policy, policy, data, rows, torch.device("cpu"))
+            .detach()
+        )
         for side in ("right", "left"):
             _zero_grads(policy)
-            losses = _composed_row_losses(policy, data, rows, beta=beta, loss_type=loss_type,
-                                          padding_side=side)
+            losses = _composed_row_losses(
+                policy, data, rows, beta=beta, loss_type=loss_type, padding_side=side
+            )
             losses.mean().backward()
             out[side] = (losses.detach(), _lora_grads(policy))
     assert torch.equal(out["right"][0], trainer_losses)

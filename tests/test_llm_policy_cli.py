@@ -20,8 +20,15 @@ DATA = Path(__file__).parent / "fixtures" / "policy_toy.jsonl"
 CONFIG = Path(str(resources.files("pluralign") / "configs" / "policy_toy.yaml"))
 USERS = ["vowels", "digits"]
 # the packaged toy config, smaller: 2 epochs of 5 steps, one KL sample per prompt
-TINY = ("--no-progress", "--set", f"data.train={DATA}", "--set", "train.num_train_epochs=2",
-        "--set", "dpo.kl_samples=1")
+TINY = (
+    "--no-progress",
+    "--set",
+    f"data.train={DATA}",
+    "--set",
+    "train.num_train_epochs=2",
+    "--set",
+    "dpo.kl_samples=1",
+)
 
 
 def invoke(*args):
@@ -51,10 +58,13 @@ def reward_run(tmp_path_factory) -> Path:
     base = folder / "toy-base"
     tiny_llama().save_pretrained(base)
     char_tokenizer().save_pretrained(base)
-    config = {"model": {"name_or_path": str(base), "max_length": 64}, "lora": {"r": 4},
-              "data": {"train": str(DATA), "test_size": 0.25},
-              "train": {"num_train_epochs": 2, "learning_rate": 1e-2, "train_batch_size": 12},
-              "out": str(folder / "run")}
+    config = {
+        "model": {"name_or_path": str(base), "max_length": 64},
+        "lora": {"r": 4},
+        "data": {"train": str(DATA), "test_size": 0.25},
+        "train": {"num_train_epochs": 2, "learning_rate": 1e-2, "train_batch_size": 12},
+        "out": str(folder / "run"),
+    }
     path = folder / "rm.yaml"
     path.write_text(yaml.safe_dump(config))
     result = invoke("train-rm", path, "--no-progress")
@@ -68,8 +78,9 @@ def test_toy_config_is_packaged_and_its_data_is_two_users():
     from pluralign.llm.policy_job import resolve_policy_config
     from pluralign.llm.toy import GOLD_REWARDS
 
-    assert (Path(__file__).parents[1] / "configs" / "policy_toy.yaml").read_text() == \
-        CONFIG.read_text()
+    assert (
+        Path(__file__).parents[1] / "configs" / "policy_toy.yaml"
+    ).read_text() == CONFIG.read_text()
     resolved = resolve_policy_config(load_config(CONFIG))
     assert resolved["model"].name_or_path == "toy-llama" and resolved["dpo"].beta == 0.1
     assert resolved["lora"].target_modules == ["all-linear"] and resolved["lora"].r == 8
@@ -87,17 +98,23 @@ def test_docs_hold_the_generated_policy_settings_table():
     from pluralign.llm.policy_job import POLICY_TOP_LEVEL
 
     docs = (Path(__file__).parents[1] / "docs" / "llm.md").read_text(encoding="utf-8")
-    section = docs[docs.index("## Personalized policies: train-policy and generate"):]
-    assert settings_table({"model": PolicyModelConfig, "dpo": DPOConfig},
-                          POLICY_TOP_LEVEL) in section
+    section = docs[docs.index("## Personalized policies: train-policy and generate") :]
+    assert (
+        settings_table({"model": PolicyModelConfig, "dpo": DPOConfig}, POLICY_TOP_LEVEL) in section
+    )
 
 
 def test_train_policy_writes_reports_plot_and_adapters(trained):
     from pluralign.llm.config import to_plain
     from pluralign.llm.policy_job import resolve_policy_config
 
-    for name in ("config.yaml", "per_user.json", "per_user.png", "history.json",
-                 "adapters/users.json"):
+    for name in (
+        "config.yaml",
+        "per_user.json",
+        "per_user.png",
+        "history.json",
+        "adapters/users.json",
+    ):
         assert (trained / name).is_file(), name
     written = yaml.safe_load((trained / "config.yaml").read_text())
     assert written["model"]["name_or_path"] == "toy-llama"
@@ -121,10 +138,16 @@ def test_train_policy_writes_reports_plot_and_adapters(trained):
     assert mapping == {u: u for u in USERS}
     for user in USERS:
         settings = json.loads((trained / "adapters" / user / "policy.json").read_text())
-        assert settings == {"user_id": user, "max_length": 64, "max_prompt_length": 32,
-                            "chat_template": "auto", "share": "B",
-                            "base_model_name_or_path": "toy-llama", "load_kwargs": {},
-                            "pad_token": "<pad>"}
+        assert settings == {
+            "user_id": user,
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "chat_template": "auto",
+            "share": "B",
+            "base_model_name_or_path": "toy-llama",
+            "load_kwargs": {},
+            "pad_token": "<pad>",
+        }
         assert not (trained / "adapters" / user / "reward_head.json").exists()
 
 
@@ -189,14 +212,31 @@ def test_second_run_resumes_and_ends_at_the_uninterrupted_model(trained, tmp_pat
         assert a["test_accuracy"] == b["test_accuracy"]
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-6)
     # --no-resume starts over (and says nothing about resuming)
-    fresh = invoke("train-policy", CONFIG, "--out", out, *TINY, "--no-resume",
-                   "--set", "train.max_steps=1")
+    fresh = invoke(
+        "train-policy", CONFIG, "--out", out, *TINY, "--no-resume", "--set", "train.max_steps=1"
+    )
     assert fresh.exit_code == 0 and "resumed from" not in fresh.output
 
 
 def test_generate_prints_two_users_and_writes_seeded_jsonl(trained, tmp_path):
-    args = ("generate", trained, "--prompt", "hi", "--prompt", "tell me", "--user", "vowels",
-            "--user", "digits", "--n", "2", "--max-new-tokens", "8", "--seed", "3")
+    args = (
+        "generate",
+        trained,
+        "--prompt",
+        "hi",
+        "--prompt",
+        "tell me",
+        "--user",
+        "vowels",
+        "--user",
+        "digits",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "3",
+    )
     a = invoke(*args, "--out", tmp_path / "a.jsonl")
     b = invoke(*args, "--out", tmp_path / "b.jsonl")
     assert a.exit_code == 0, a.output
@@ -206,8 +246,12 @@ def test_generate_prints_two_users_and_writes_seeded_jsonl(trained, tmp_path):
     assert a.output.replace("a.jsonl", "b.jsonl") == b.output
     assert len(rows) == 8 and {r["user_id"] for r in rows} == set(USERS)
     assert [(r["prompt"], r["user_id"], r["sample"]) for r in rows[:4]] == [
-        ("hi", "vowels", 0), ("hi", "vowels", 1), ("hi", "digits", 0), ("hi", "digits", 1)]
-    for r in rows:                             # (a response may hold newlines)
+        ("hi", "vowels", 0),
+        ("hi", "vowels", 1),
+        ("hi", "digits", 0),
+        ("hi", "digits", 1),
+    ]
+    for r in rows:  # (a response may hold newlines)
         assert all(word in a.output for word in r["response"].split())
     assert "vowels" in a.output and "digits" in a.output and "wrote 8 response(s)" in a.output
     # the responses are the policy's own samples, and another seed draws others
@@ -222,10 +266,26 @@ def test_generate_prints_two_users_and_writes_seeded_jsonl(trained, tmp_path):
     assert (tmp_path / "c.jsonl").read_text() != (tmp_path / "a.jsonl").read_text()
     # --prompts: the same (prompt, user) rows from a file give the same responses
     file = tmp_path / "prompts.jsonl"
-    file.write_text("".join(json.dumps({"prompt": p, "user_id": u}) + "\n"
-                            for p, u in zip(prompts, users, strict=True)))
-    c = invoke("generate", trained, "--prompts", file, "--n", "2", "--max-new-tokens", "8",
-               "--seed", "3", "--out", tmp_path / "d.jsonl")
+    file.write_text(
+        "".join(
+            json.dumps({"prompt": p, "user_id": u}) + "\n"
+            for p, u in zip(prompts, users, strict=True)
+        )
+    )
+    c = invoke(
+        "generate",
+        trained,
+        "--prompts",
+        file,
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        tmp_path / "d.jsonl",
+    )
     assert c.exit_code == 0, c.output
     assert (tmp_path / "d.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
 
@@ -240,19 +300,38 @@ def test_load_reward_model_reproduces_the_train_rm_adapters(reward_run):
     prefs = read_trl(DATA)
     for user in USERS:
         exported = ExportedReward(reward_run / "adapters" / user)
-        np.testing.assert_allclose(model.score(prefs.prompts[:5], prefs.chosen[:5], [user] * 5),
-                                   exported.score(prefs.prompts[:5], prefs.chosen[:5]),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            model.score(prefs.prompts[:5], prefs.chosen[:5], [user] * 5),
+            exported.score(prefs.prompts[:5], prefs.chosen[:5]),
+            atol=1e-5,
+        )
     rows = reward_model_rows(reward_run)
-    assert rows.n == 36                    # the training split of train-rm's 48 rows
+    assert rows.n == 36  # the training split of train-rm's 48 rows
 
 
 def test_generate_best_of_n_with_a_reward_model(trained, reward_run, tmp_path):
     from pluralign.llm.policy_job import load_reward_model
 
-    result = invoke("generate", trained, "--prompt", "hi", "--prompt", "more", "--user",
-                    "vowels", "--user", "digits", "--best-of", "4", "--reward-model",
-                    reward_run, "--max-new-tokens", "8", "--out", tmp_path / "best.jsonl")
+    result = invoke(
+        "generate",
+        trained,
+        "--prompt",
+        "hi",
+        "--prompt",
+        "more",
+        "--user",
+        "vowels",
+        "--user",
+        "digits",
+        "--best-of",
+        "4",
+        "--reward-model",
+        reward_run,
+        "--max-new-tokens",
+        "8",
+        "--out",
+        tmp_path / "best.jsonl",
+    )
     assert result.exit_code == 0, result.output
     assert "reward" in result.output and "penalty" in result.output
     rows = [json.loads(x) for x in (tmp_path / "best.jsonl").read_text().splitlines()]
@@ -263,13 +342,30 @@ def test_generate_best_of_n_with_a_reward_model(trained, reward_run, tmp_path):
     texts = [r["response"] or " " for r in rows]
     np.testing.assert_allclose(
         model.score([r["prompt"] for r in rows], texts, [r["user_id"] for r in rows]),
-        [r["reward"] for r in rows], atol=1e-6)
+        [r["reward"] for r in rows],
+        atol=1e-6,
+    )
 
 
 def test_generate_best_of_n_with_pessimism(trained, reward_run, tmp_path):
-    args = ("generate", trained, "--prompt", "hi", "--prompt", "more", "--user", "vowels",
-            "--user", "digits", "--best-of", "4", "--reward-model", reward_run,
-            "--max-new-tokens", "8")
+    args = (
+        "generate",
+        trained,
+        "--prompt",
+        "hi",
+        "--prompt",
+        "more",
+        "--user",
+        "vowels",
+        "--user",
+        "digits",
+        "--best-of",
+        "4",
+        "--reward-model",
+        reward_run,
+        "--max-new-tokens",
+        "8",
+    )
     plain = invoke(*args, "--out", tmp_path / "plain.jsonl")
     careful = invoke(*args, "--pessimism", "5", "--out", tmp_path / "careful.jsonl")
     assert plain.exit_code == 0, plain.output
@@ -289,9 +385,19 @@ def test_generate_best_of_n_with_pessimism(trained, reward_run, tmp_path):
 def test_pessimistic_dpo_reads_the_train_rm_folder(reward_run, tmp_path):
     common = (*TINY, "--set", "train.max_steps=2", "--set", "dpo.kl_samples=0")
     base = invoke("train-policy", CONFIG, "--out", tmp_path / "sigmoid", *common)
-    pess = invoke("train-policy", CONFIG, "--out", tmp_path / "pessimistic", *common,
-                  "--set", "dpo.loss_type=pessimistic", "--set",
-                  f"dpo.reward_model={reward_run}", "--set", "dpo.pessimism=3")
+    pess = invoke(
+        "train-policy",
+        CONFIG,
+        "--out",
+        tmp_path / "pessimistic",
+        *common,
+        "--set",
+        "dpo.loss_type=pessimistic",
+        "--set",
+        f"dpo.reward_model={reward_run}",
+        "--set",
+        "dpo.pessimism=3",
+    )
     assert base.exit_code == 0, base.output
     assert pess.exit_code == 0, pess.output
     report = json.loads((tmp_path / "pessimistic" / "per_user.json").read_text())
@@ -300,10 +406,8 @@ def test_pessimistic_dpo_reads_the_train_rm_folder(reward_run, tmp_path):
     # the margins Γ_w − Γ_l change the loss and the gradient
     for a, b in zip(report["users"], plain["users"], strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) > 1e-4
-    ours = load_file(tmp_path / "pessimistic" / "adapters" / "vowels" /
-                     "adapter_model.safetensors")
-    theirs = load_file(tmp_path / "sigmoid" / "adapters" / "vowels" /
-                       "adapter_model.safetensors")
+    ours = load_file(tmp_path / "pessimistic" / "adapters" / "vowels" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "sigmoid" / "adapters" / "vowels" / "adapter_model.safetensors")
     assert any(not torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
 
 
@@ -313,20 +417,23 @@ def _prompt_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case,message", [
-    ("unknown user", "unknown user 'nobody'"),
-    ("missing folder", "no such folder"),
-    ("pessimism without reward model", "--pessimism needs --reward-model"),
-    ("best-of without reward model", "--best-of N and --reward-model"),
-    ("no prompt", "give --prompt"),
-    ("prompt without user", "--prompt needs --user"),
-    ("bad prompts file", "line 1, field 'prompt'"),
-    ("reward model is not a train-rm folder", "unknown key(s) ['dpo']"),
-    ("policy folder without checkpoints", "has no checkpoint"),
-    ("pessimistic without reward model", "dpo.reward_model is required"),
-    ("toy model with a gguf file", "model.gguf_file cannot be set"),
-    ("missing reward model folder", "no such folder"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("unknown user", "unknown user 'nobody'"),
+        ("missing folder", "no such folder"),
+        ("pessimism without reward model", "--pessimism needs --reward-model"),
+        ("best-of without reward model", "--best-of N and --reward-model"),
+        ("no prompt", "give --prompt"),
+        ("prompt without user", "--prompt needs --user"),
+        ("bad prompts file", "line 1, field 'prompt'"),
+        ("reward model is not a train-rm folder", "unknown key(s) ['dpo']"),
+        ("policy folder without checkpoints", "has no checkpoint"),
+        ("pessimistic without reward model", "dpo.reward_model is required"),
+        ("toy model with a gguf file", "model.gguf_file cannot be set"),
+        ("missing reward model folder", "no such folder"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message(trained, tmp_path, case, message):
     gen = ("generate", trained, "--max-new-tokens", "4")
     empty = tmp_path / "empty"
@@ -335,24 +442,75 @@ def test_bad_input_exits_2_with_a_message(trained, tmp_path, case, message):
     args = {
         "unknown user": (*gen, "--prompt", "hi", "--user", "nobody"),
         "missing folder": ("generate", tmp_path / "nowhere", "--prompt", "hi", "--user", "x"),
-        "pessimism without reward model": (*gen, "--prompt", "hi", "--user", "vowels",
-                                           "--pessimism", "1"),
-        "best-of without reward model": (*gen, "--prompt", "hi", "--user", "vowels",
-                                         "--best-of", "3"),
+        "pessimism without reward model": (
+            *gen,
+            "--prompt",
+            "hi",
+            "--user",
+            "vowels",
+            "--pessimism",
+            "1",
+        ),
+        "best-of without reward model": (
+            *gen,
+            "--prompt",
+            "hi",
+            "--user",
+            "vowels",
+            "--best-of",
+            "3",
+        ),
         "no prompt": (*gen, "--user", "vowels"),
         "prompt without user": (*gen, "--prompt", "hi"),
         "bad prompts file": (*gen, "--prompts", _prompt_file(tmp_path)),
-        "reward model is not a train-rm folder": (*gen, "--prompt", "hi", "--user", "vowels",
-                                                  "--best-of", "2", "--reward-model", trained),
-        "policy folder without checkpoints": ("generate", empty, "--prompt", "hi", "--user",
-                                              "vowels"),
-        "pessimistic without reward model": ("train-policy", CONFIG, "--out", tmp_path / "p",
-                                             *TINY, "--set", "dpo.loss_type=pessimistic"),
-        "toy model with a gguf file": ("train-policy", CONFIG, "--out", tmp_path / "p", *TINY,
-                                       "--set", "model.gguf_file=model.gguf"),
-        "missing reward model folder": ("train-policy", CONFIG, "--out", tmp_path / "p",
-                                        *TINY, "--set", "dpo.loss_type=pessimistic",
-                                        "--set", f"dpo.reward_model={tmp_path / 'no-rm'}"),
+        "reward model is not a train-rm folder": (
+            *gen,
+            "--prompt",
+            "hi",
+            "--user",
+            "vowels",
+            "--best-of",
+            "2",
+            "--reward-model",
+            trained,
+        ),
+        "policy folder without checkpoints": (
+            "generate",
+            empty,
+            "--prompt",
+            "hi",
+            "--user",
+            "vowels",
+        ),
+        "pessimistic without reward model": (
+            "train-policy",
+            CONFIG,
+            "--out",
+            tmp_path / "p",
+            *TINY,
+            "--set",
+            "dpo.loss_type=pessimistic",
+        ),
+        "toy model with a gguf file": (
+            "train-policy",
+            CONFIG,
+            "--out",
+            tmp_path / "p",
+            *TINY,
+            "--set",
+            "model.gguf_file=model.gguf",
+        ),
+        "missing reward model folder": (
+            "train-policy",
+            CONFIG,
+            "--out",
+            tmp_path / "p",
+            *TINY,
+            "--set",
+            "dpo.loss_type=pessimistic",
+            "--set",
+            f"dpo.reward_model={tmp_path / 'no-rm'}",
+        ),
     }[case]
     result = invoke(*args)
     assert result.exit_code == 2, result.output

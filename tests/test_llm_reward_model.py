@@ -45,8 +45,7 @@ def _randomize(model: PersonalizedRewardModel, seed: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------- pooling and padding
-@pytest.mark.parametrize("which,pooling", [("bert", "mean"), ("llama", "last"),
-                                           ("bert", "cls")])
+@pytest.mark.parametrize("which,pooling", [("bert", "mean"), ("llama", "last"), ("bert", "cls")])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_rewards_do_not_depend_on_padding(request, which, pooling, side):
     """A row scored alone (no padding) gets the same reward inside a padded batch: batches are
@@ -62,8 +61,9 @@ def test_rewards_do_not_depend_on_padding(request, which, pooling, side):
     responses = ["Boil water.", "Hello there, how can I help you today with anything?", "Patch"]
     users = ["ben", "ana", "fay"]
     batch = model.score(prompts, responses, users, batch_size=3)
-    alone = np.array([model.score([p], [r], [u])[0]
-                      for p, r, u in zip(prompts, responses, users, strict=True)])
+    alone = np.array(
+        [model.score([p], [r], [u])[0] for p, r, u in zip(prompts, responses, users, strict=True)]
+    )
     assert np.allclose(batch, alone, atol=1e-5)
     assert np.ptp(batch) > 1e-3
 
@@ -92,7 +92,7 @@ def test_bad_users_and_tokenizers_raise(tiny_bert, tiny_llama):
     with pytest.raises(ConfigError, match=r"no pad token.*pad_token: eos"):
         PersonalizedRewardModel(AutoModel.from_pretrained(tiny_llama), tokenizer, USERS)
     with pytest.raises(ConfigError, match="no EOS token"):
-        _model(tiny_llama, pad_token="eos")           # the MiniLM tokenizer has no EOS
+        _model(tiny_llama, pad_token="eos")  # the MiniLM tokenizer has no EOS
     assert _model(tiny_llama, pad_token="[SEP]").tokenizer.pad_token == "[SEP]"
 
 
@@ -105,27 +105,32 @@ def test_trainer_metrics_match_scores_and_personalization_fits(tiny_bert, person
     for share in ("B", "pooled"):
         model = _model(tiny_bert, share=share)
         trainer = _trainer(epochs=4, batch_size=16).fit(model, train, test)
-        margins = (model.score(test.prompts, test.chosen, list(test.users))
-                   - model.score(test.prompts, test.rejected, list(test.users)))
+        margins = model.score(test.prompts, test.chosen, list(test.users)) - model.score(
+            test.prompts, test.rejected, list(test.users)
+        )
         expected = per_user_metrics(margins, [str(u) for u in test.users])
         got = trainer.evaluation_
         assert got["accuracy"] == pytest.approx(expected["accuracy"])
         assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
         for u in USERS:
             assert got["per_user"][u]["accuracy"] == pytest.approx(
-                expected["per_user"][u]["accuracy"])
+                expected["per_user"][u]["accuracy"]
+            )
             assert got["per_user"][u]["n"] == 10
         assert [h["epoch"] for h in trainer.history_] == [1, 2, 3, 4]
         fitted[share] = trainer.train_evaluation_["loss"]
     assert fitted["B"] < fitted["pooled"] - 0.2
-    assert fitted["pooled"] > 0.6                      # one reward cannot fit disagreeing users
+    assert fitted["pooled"] > 0.6  # one reward cannot fit disagreeing users
 
 
 def test_per_user_metrics_by_hand():
     m = per_user_metrics(np.array([1.0, -2.0, 0.0, 3.0]), ["a", "a", "b", "b"])
-    assert m["per_user"]["a"] == {"accuracy": 0.5, "loss": pytest.approx(
-        (np.log1p(np.exp(-1.0)) + np.log1p(np.exp(2.0))) / 2), "n": 2}
-    assert m["per_user"]["b"]["accuracy"] == 0.75      # a tie counts one half
+    assert m["per_user"]["a"] == {
+        "accuracy": 0.5,
+        "loss": pytest.approx((np.log1p(np.exp(-1.0)) + np.log1p(np.exp(2.0))) / 2),
+        "n": 2,
+    }
+    assert m["per_user"]["b"]["accuracy"] == 0.75  # a tie counts one half
     assert m["accuracy"] == pytest.approx(0.625)
     assert m["mean_user_accuracy"] == pytest.approx(0.625)
 
@@ -143,7 +148,7 @@ def _assert_same_state(a, b, atol):
 
 
 def test_gradient_accumulation_equals_the_full_batch(tiny_bert, personas):
-    rows = personas.subset(np.arange(0, 240, 3))           # 80 rows, all users
+    rows = personas.subset(np.arange(0, 240, 3))  # 80 rows, all users
 
     def state(**kw):
         model = _model(tiny_bert, share="B", dropout=0.0)
@@ -152,30 +157,35 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_bert, personas):
 
     full, accumulated = state(batch_size=16), state(batch_size=8, grad_accum=2)
     _assert_same_state(full, accumulated, atol=1e-5)
-    halves = state(batch_size=8)                        # twice the steps: a different model
+    halves = state(batch_size=8)  # twice the steps: a different model
     assert max(float((full[k] - halves[k]).abs().max()) for k in full) > 1e-3
 
 
 def test_resume_after_an_interruption_gives_the_same_model(tiny_bert, personas, tmp_path):
-    rows = personas.subset(np.arange(0, 240, 3)[:72])      # all users
+    rows = personas.subset(np.arange(0, 240, 3)[:72])  # all users
     straight = _trained_state(tiny_bert, rows, epochs=2, batch_size=16)
     out = tmp_path / "run"
     first = _model(tiny_bert, share="B", dropout=0.1)
-    stopped = _trainer(epochs=2, batch_size=16, output_dir=out, max_steps=3,
-                       checkpoint_every=2).fit(first, rows)
+    stopped = _trainer(
+        epochs=2, batch_size=16, output_dir=out, max_steps=3, checkpoint_every=2
+    ).fit(first, rows)
     assert stopped.global_step_ == 3
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
-        "step-0000002", "step-0000003"]
+        "step-0000002",
+        "step-0000003",
+    ]
     second = _model(tiny_bert, share="B", dropout=0.1)  # a fresh process would start so
     resumed = _trainer(epochs=2, batch_size=16, output_dir=out, checkpoint_every=2).fit(
-        second, rows)
+        second, rows
+    )
     assert resumed.resumed_from_.endswith("step-0000003")
-    assert resumed.global_step_ == 10                   # 5 batches per epoch (the last has 8)
+    assert resumed.global_step_ == 10  # 5 batches per epoch (the last has 8)
     _assert_same_state(straight, second.trainable_state(), atol=1e-6)
     assert [h["epoch"] for h in resumed.history_] == [1, 2]
     with pytest.raises(PluralignError, match=r"cannot resume.*lr"):
         _trainer(epochs=2, batch_size=16, output_dir=out, lr=0.5).fit(
-            _model(tiny_bert, share="B", dropout=0.1), rows)
+            _model(tiny_bert, share="B", dropout=0.1), rows
+        )
 
 
 def test_fit_refuses_users_without_rows_and_unknown_users(tiny_bert, personas, tmp_path):
@@ -201,14 +211,17 @@ def test_new_user_adaptation_trains_only_its_factor(tiny_bert, personas, share):
     assert model.user_ids[-1] == "fay"
     for name, old in before.items():
         new_t = after[name]
-        if new_t.shape == old.shape:                   # shared or head: untouched
+        if new_t.shape == old.shape:  # shared or head: untouched
             assert torch.equal(new_t, old), name
-        else:                                          # stacked: old users untouched
+        else:  # stacked: old users untouched
             assert torch.equal(new_t[:-1], old), name
     start = model.n_users - 1
-    changed = [n for n, t in after.items() if t.shape != before[n].shape
-               and not torch.allclose(t[start], before[n].mean(0))]
-    assert changed                                     # the new user's factor moved
+    changed = [
+        n
+        for n, t in after.items()
+        if t.shape != before[n].shape and not torch.allclose(t[start], before[n].mean(0))
+    ]
+    assert changed  # the new user's factor moved
     assert trainer.evaluation_["per_user"]["fay"]["loss"] < 0.6
     held_acc = RewardTrainer(progress=False).evaluate(model, held)["accuracy"]
     assert held_acc >= 0.75
@@ -217,8 +230,10 @@ def test_new_user_adaptation_trains_only_its_factor(tiny_bert, personas, share):
 def test_adaptation_errors(tiny_bert, personas):
     pooled = _model(tiny_bert, share="pooled")
     # pooled ignores users: a new user gets the pooled reward as it is
-    assert np.array_equal(pooled.score(["p", "q"], ["a", "b"], ["zoe", "zoe"]),
-                          pooled.score(["p", "q"], ["a", "b"], ["ana", "ben"]))
+    assert np.array_equal(
+        pooled.score(["p", "q"], ["a", "b"], ["zoe", "zoe"]),
+        pooled.score(["p", "q"], ["a", "b"], ["ana", "ben"]),
+    )
     fay = personas.subset(np.flatnonzero(personas.users == "fay"))
     with pytest.raises(PluralignError, match="pooled"):
         adapt_user(pooled, "zoe", fay)
@@ -230,10 +245,10 @@ def test_adaptation_errors(tiny_bert, personas):
 
 
 # ---------------------------------------------------------------------- export
-@pytest.mark.parametrize("which,share", [("bert", "B"), ("llama", "A"),
-                                         ("bert", "independent")])
-def test_exported_adapters_reload_in_peft_with_the_same_rewards(request, tmp_path, which,
-                                                                 share, personas):
+@pytest.mark.parametrize("which,share", [("bert", "B"), ("llama", "A"), ("bert", "independent")])
+def test_exported_adapters_reload_in_peft_with_the_same_rewards(
+    request, tmp_path, which, share, personas
+):
     path = request.getfixturevalue(f"tiny_{which}")
     users = ["ana", "user/7 ü"]
     model = _model(path, users=users, share=share)
@@ -243,7 +258,9 @@ def test_exported_adapters_reload_in_peft_with_the_same_rewards(request, tmp_pat
     assert hashed.startswith("user_7-") and len(hashed) == len("user_7-") + 12
     assert sorted(p.name for p in written.values()) == ["ana", hashed]
     assert json.loads((tmp_path / "adapters" / "users.json").read_text()) == {
-        "ana": "ana", "user/7 ü": hashed}
+        "ana": "ana",
+        "user/7 ü": hashed,
+    }
     config = json.loads((written["ana"] / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
     assert sorted(config["target_modules"]) == sorted(n for n, _ in model.adapted_layers())
@@ -256,12 +273,16 @@ def test_exported_adapters_reload_in_peft_with_the_same_rewards(request, tmp_pat
         theirs = exported.score(prompts, responses)
         assert np.allclose(ours, theirs, atol=1e-5)
         scores[user] = ours
-    assert not np.allclose(scores["ana"], scores["user/7 ü"])   # the users really differ
+    assert not np.allclose(scores["ana"], scores["user/7 ü"])  # the users really differ
 
 
 def test_encoding_names_the_row_of_an_unknown_user(tiny_bert, tmp_path):
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("\n".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b",
-                                          "user_id": u}) for u in ["ana", "ana", "zoe"]))
+    rows.write_text(
+        "\n".join(
+            json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "user_id": u})
+            for u in ["ana", "ana", "zoe"]
+        )
+    )
     with pytest.raises(DataValidationError, match=r"rows.jsonl, line 3.*unknown user 'zoe'"):
         encode_pairs(_model(tiny_bert), read_trl(rows))

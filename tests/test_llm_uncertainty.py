@@ -25,8 +25,14 @@ from pluralign.llm.uncertainty import (
 
 USERS = ["vowels", "digits", "spaces"]
 PROMPTS = ["Hello there", "Tell me more", "Why?"]
-LLAMA = {"hidden_size": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate_size": 32,
-         "seed": 0}
+LLAMA = {
+    "hidden_size": 16,
+    "layers": 1,
+    "heads": 2,
+    "kv_heads": 1,
+    "intermediate_size": 32,
+    "seed": 0,
+}
 
 
 def _randomize(module, seed: int, scale: float) -> None:
@@ -42,11 +48,18 @@ def reward_model() -> PersonalizedRewardModel:
 
     tok = char_tokenizer()
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=8, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=16,
-                                max_position_embeddings=128))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=128,
+        )
+    )
     model = PersonalizedRewardModel(bert, tok, USERS, r=2, max_length=64)
-    _randomize(model, 1, 0.5)                    # users' features differ, head is non-trivial
+    _randomize(model, 1, 0.5)  # users' features differ, head is non-trivial
     return model
 
 
@@ -55,15 +68,19 @@ def prefs() -> TextPreferences:
     rng = np.random.default_rng(0)
     chars = list("abcdefgh ijk0123 XYZ!?")
     texts = ["".join(rng.choice(chars, size=rng.integers(2, 14))) for _ in range(30)]
-    return TextPreferences(prompts=[PROMPTS[i % 3] for i in range(15)], chosen=texts[:15],
-                           rejected=texts[15:], users=np.array([USERS[(i // 3) % 3]
-                                                                for i in range(15)]))
+    return TextPreferences(
+        prompts=[PROMPTS[i % 3] for i in range(15)],
+        chosen=texts[:15],
+        rejected=texts[15:],
+        users=np.array([USERS[(i // 3) % 3] for i in range(15)]),
+    )
 
 
 def _delta(model, prefs) -> np.ndarray:
     users = [str(u) for u in prefs.users]
-    return (model.features(prefs.prompts, prefs.chosen, users, batch_size=4)
-            - model.features(prefs.prompts, prefs.rejected, users, batch_size=4))
+    return model.features(prefs.prompts, prefs.chosen, users, batch_size=4) - model.features(
+        prefs.prompts, prefs.rejected, users, batch_size=4
+    )
 
 
 def _numpy_m(model, prefs, lam: float) -> np.ndarray:
@@ -81,8 +98,9 @@ def _given(model, m: np.ndarray, beta: float, lam: float) -> LastLayerUncertaint
     so the margin tests do not depend on ``fit``."""
     head = model.head.weight.detach().double().numpy().ravel()
     unc = LastLayerUncertainty(beta=beta, lam=lam)
-    unc.confidence_ = ConfidenceSet(head, m, beta, lam=lam, n=1, kind="design",
-                                    bound_feature=1.0, bound_theta=1.0)
+    unc.confidence_ = ConfidenceSet(
+        head, m, beta, lam=lam, n=1, kind="design", bound_feature=1.0, bound_theta=1.0
+    )
     return unc
 
 
@@ -108,16 +126,16 @@ def test_fit_matrix_norm_and_bonus_match_numpy(reward_model, prefs, lam, beta):
     unc = LastLayerUncertainty(beta=beta, lam=lam).fit(reward_model, prefs, batch_size=4)
     m = _numpy_m(reward_model, prefs, lam)
     np.testing.assert_allclose(unc.confidence_.M, m, atol=1e-10)
-    np.testing.assert_allclose(unc.head_, reward_model.head.weight.detach().double()
-                               .numpy().ravel(), atol=0)
+    np.testing.assert_allclose(
+        unc.head_, reward_model.head.weight.detach().double().numpy().ravel(), atol=0
+    )
     assert unc.n_ == prefs.n
     rng = np.random.default_rng(1)
     phi, centre = rng.normal(size=(6, 8)), rng.normal(size=8)
     np.testing.assert_allclose(unc.norm(phi, centre), _mnorm(phi - centre, m), rtol=1e-10)
     rows = rng.normal(size=(6, 8))
     np.testing.assert_allclose(unc.norm(phi, rows), _mnorm(phi - rows, m), rtol=1e-10)
-    np.testing.assert_allclose(unc.bonus(phi, centre), beta * _mnorm(phi - centre, m),
-                               rtol=1e-10)
+    np.testing.assert_allclose(unc.bonus(phi, centre), beta * _mnorm(phi - centre, m), rtol=1e-10)
 
 
 def test_fit_refuses_no_rows(reward_model, prefs):
@@ -139,8 +157,7 @@ def test_norm_and_bonus_on_a_given_matrix(reward_model, prefs):
     rng = np.random.default_rng(2)
     phi, centre = rng.normal(size=(5, 8)), rng.normal(size=8)
     np.testing.assert_allclose(unc.norm(phi, centre), _mnorm(phi - centre, m), rtol=1e-10)
-    np.testing.assert_allclose(unc.bonus(phi, centre), 1.7 * _mnorm(phi - centre, m),
-                               rtol=1e-10)
+    np.testing.assert_allclose(unc.bonus(phi, centre), 1.7 * _mnorm(phi - centre, m), rtol=1e-10)
     assert unc.norm(centre[None], centre) == pytest.approx([0.0])
 
 
@@ -176,52 +193,67 @@ def test_pessimism_margins_missing_center_raises(reward_model, prefs):
 
 # ---------------------------------------------------------------------- reference centers
 def _policy(randomize: int | None = None) -> PersonalizedPolicy:
-    policy = PersonalizedPolicy(tiny_llama(**LLAMA), char_tokenizer(), USERS,
-                                target_modules="all-linear", r=2, max_length=64)
+    policy = PersonalizedPolicy(
+        tiny_llama(**LLAMA),
+        char_tokenizer(),
+        USERS,
+        target_modules="all-linear",
+        r=2,
+        max_length=64,
+    )
     if randomize is not None:
         _randomize(policy, randomize, 0.5)
     return policy
 
 
 def test_reference_centers_are_mean_features_of_reference_samples(reward_model):
-    policy = _policy(randomize=4)                 # the policy differs from its reference
+    policy = _policy(randomize=4)  # the policy differs from its reference
     prompts = ["Hello there", "Why?", "Hello there", "Why?", "Hello there"]
     users = ["vowels", "digits", "vowels", "vowels", "spaces"]
     n, seed = 5, 7
-    centers = reference_centers(policy, reward_model, prompts, users, n=n, max_new_tokens=8,
-                                seed=seed, batch_size=4)
-    pairs = [("Hello there", "vowels"), ("Why?", "digits"), ("Why?", "vowels"),
-             ("Hello there", "spaces")]
+    centers = reference_centers(
+        policy, reward_model, prompts, users, n=n, max_new_tokens=8, seed=seed, batch_size=4
+    )
+    pairs = [
+        ("Hello there", "vowels"),
+        ("Why?", "digits"),
+        ("Why?", "vowels"),
+        ("Hello there", "spaces"),
+    ]
     assert list(centers) == pairs
     # the reference π0 is the base model: a fresh policy (LoRA B = 0) samples the same
-    base = _policy().generate([p for p, _ in pairs], [u for _, u in pairs], n=n,
-                              max_new_tokens=8, seed=seed, batch_size=4)
-    own = policy.generate([p for p, _ in pairs], [u for _, u in pairs], n=n,
-                          max_new_tokens=8, seed=seed, batch_size=4)
+    base = _policy().generate(
+        [p for p, _ in pairs], [u for _, u in pairs], n=n, max_new_tokens=8, seed=seed, batch_size=4
+    )
+    own = policy.generate(
+        [p for p, _ in pairs], [u for _, u in pairs], n=n, max_new_tokens=8, seed=seed, batch_size=4
+    )
     assert base.texts != own.texts
     gaps = []
     for (p, u), texts, own_texts in zip(pairs, base.texts, own.texts, strict=True):
-        texts = [t if t else " " for t in texts]          # empty samples are read as " "
+        texts = [t if t else " " for t in texts]  # empty samples are read as " "
         phi = np.stack([reward_model.features([p], [t], [u])[0] for t in texts])
         np.testing.assert_allclose(centers[(p, u)], phi.mean(0), atol=1e-6)
         assert centers[(p, u)].shape == (8,)
         own_phi = reward_model.features([p] * n, [t if t else " " for t in own_texts], [u] * n)
         gaps.append(np.abs(own_phi.mean(0) - centers[(p, u)]).max())
-    assert max(gaps) > 1e-3                   # the policy's own samples would give others
+    assert max(gaps) > 1e-3  # the policy's own samples would give others
 
 
 def test_reference_centers_feed_pessimism_margins(reward_model, prefs):
     """The pieces together: centers from reference samples, margins from a given M."""
     policy = _policy()
     users = [str(u) for u in prefs.users]
-    centers = reference_centers(policy, reward_model, prefs.prompts, users, n=3,
-                                max_new_tokens=6, seed=1)
+    centers = reference_centers(
+        policy, reward_model, prefs.prompts, users, n=3, max_new_tokens=6, seed=1
+    )
     assert set(centers) == set(zip(prefs.prompts, users, strict=True))
     m = _numpy_m(reward_model, prefs, 1.0)
     got = pessimism_margins(reward_model, _given(reward_model, m, 1.0, 1.0), prefs, centers)
     chosen = reward_model.features(prefs.prompts, prefs.chosen, users)
     rejected = reward_model.features(prefs.prompts, prefs.rejected, users)
     nu = np.stack([centers[k] for k in zip(prefs.prompts, users, strict=True)])
-    np.testing.assert_allclose(got, _mnorm(chosen - nu, m) - _mnorm(rejected - nu, m),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        got, _mnorm(chosen - nu, m) - _mnorm(rejected - nu, m), rtol=1e-6, atol=1e-7
+    )
     assert math.isfinite(float(got.sum()))

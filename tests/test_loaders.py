@@ -43,10 +43,13 @@ class HashEncoder:
 def test_trl_rows_with_attribute_contexts_and_conversations(tmp_path):
     rows = [
         {**GOOD, "user_context": {"age": "18-24", "score": 2.0}},
-        {"prompt": [{"role": "user", "content": "Hi?"}],
-         "chosen": [{"role": "assistant", "content": "Hello!"}],
-         "rejected": [{"role": "assistant", "content": "Bye."}],
-         "user_id": "u2", "user_context": {"age": "35-44", "score": 1.0}},
+        {
+            "prompt": [{"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "Bye."}],
+            "user_id": "u2",
+            "user_context": {"age": "35-44", "score": 1.0},
+        },
         {**GOOD, "chosen": "Hey.", "user_context": {"age": "18-24", "score": 2.0}},
     ]
     prefs = read_trl(write_jsonl(tmp_path / "p.jsonl", rows))
@@ -95,7 +98,8 @@ def test_trl_reader_refuses_malformed_rows_naming_file_line_and_field(tmp_path):
     prefs, errors = read_trl(path, errors="collect")
     assert prefs is None
     assert [(e.line, e.field) for e in errors] == [
-        (i + 1, f) for i, (_, f) in enumerate(BAD_ROWS) if i > 0]
+        (i + 1, f) for i, (_, f) in enumerate(BAD_ROWS) if i > 0
+    ]
     assert "invalid JSON" in str(errors[4]) and "line 6" in str(errors[4])
 
 
@@ -110,8 +114,12 @@ def test_user_contexts_must_be_consistent(tmp_path):
     path = tmp_path / "ctx.jsonl"
     path.write_text("\n".join(json.dumps(r, allow_nan=True) for r in rows) + "\n")
     _, errors = read_trl(path, errors="collect")
-    assert [(e.line, e.field) for e in errors] == [(2, "user_context"), (3, "user_context"),
-                                                   (4, "user_context"), (5, "user_context")]
+    assert [(e.line, e.field) for e in errors] == [
+        (2, "user_context"),
+        (3, "user_context"),
+        (4, "user_context"),
+        (5, "user_context"),
+    ]
     assert "differs from user 'u1'" in str(errors[0]) and "line 1" in str(errors[0])
 
 
@@ -137,31 +145,45 @@ def test_summarize_from_feedback_fixture():
     assert prefs.chosen[1].startswith("Roommate keeps eating")  # choice = 1
     assert prefs.rejected[1] == "Roommate eats my food."
     assert prefs.template == "{prompt} {response}"
-    with_articles = read_summarize_from_feedback(FIXTURES / "summarize_from_feedback.jsonl",
-                                                 include_articles=True, splits=["valid2"])
+    with_articles = read_summarize_from_feedback(
+        FIXTURES / "summarize_from_feedback.jsonl", include_articles=True, splits=["valid2"]
+    )
     assert with_articles.n == 1 and with_articles.prompts[0].startswith("ARTICLE: The city")
 
 
 def test_summarize_from_feedback_refuses_bad_rows(tmp_path):
     good = json.loads((FIXTURES / "summarize_from_feedback.jsonl").read_text().splitlines()[0])
-    rows = [good, {**good, "choice": 2}, {**good, "summaries": good["summaries"][:1]},
-            {k: v for k, v in good.items() if k != "worker"},
-            {**good, "info": {**good["info"], "title": None}}]
+    rows = [
+        good,
+        {**good, "choice": 2},
+        {**good, "summaries": good["summaries"][:1]},
+        {k: v for k, v in good.items() if k != "worker"},
+        {**good, "info": {**good["info"], "title": None}},
+    ]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     _, errors = read_summarize_from_feedback(path, errors="collect")
-    assert [(e.line, e.field) for e in errors] == [(2, "choice"), (3, "summaries"),
-                                                   (4, "worker"), (5, "info.title")]
+    assert [(e.line, e.field) for e in errors] == [
+        (2, "choice"),
+        (3, "summaries"),
+        (4, "worker"),
+        (5, "info.title"),
+    ]
 
 
 def test_prism_survey_and_utterances():
-    prefs = read_prism(FIXTURES / "prism_survey.jsonl", FIXTURES / "prism_utterances.jsonl",
-                       attributes=["age", "gender", "location.reside_region", "education"])
+    prefs = read_prism(
+        FIXTURES / "prism_survey.jsonl",
+        FIXTURES / "prism_utterances.jsonl",
+        attributes=["age", "gender", "location.reside_region", "education"],
+    )
     # c1 turn 0: chosen vs 2 others; c1 turn 1: 1; c2: 1; c3: 3 → 7 pairs
     assert prefs.n == 7
     assert prefs.users.tolist().count("user3") == 3
     assert prefs.chosen[0] == "Try a quick vegetable stir-fry with rice."
-    assert set(prefs.rejected[:2]) == {"I cannot help with that.",
-                                       "Pasta with tomato sauce is always good."}
+    assert set(prefs.rejected[:2]) == {
+        "I cannot help with that.",
+        "Pasta with tomato sauce is always good.",
+    }
     names = prefs.context_names
     assert "location.reside_region=Oceania" in names and "education=(missing)" in names
     row = prefs.users.tolist().index("user2")
@@ -177,14 +199,18 @@ def test_prism_errors_name_the_rows(tmp_path):
     bad[6]["conversation_id"] = "c9"
     bad[6]["user_id"] = "stranger"
     path = write_jsonl(tmp_path / "u.jsonl", bad)
-    _, errors = read_prism(FIXTURES / "prism_survey.jsonl", path, attributes=["age"],
-                           errors="collect")
+    _, errors = read_prism(
+        FIXTURES / "prism_survey.jsonl", path, attributes=["age"], errors="collect"
+    )
     messages = [(e.line, e.field) for e in errors]
     assert (1, "if_chosen") in messages  # reported at the first chosen row of that turn
     assert (7, "user_id") in messages
     with pytest.raises(DataValidationError, match="missing survey attribute"):
-        read_prism(FIXTURES / "prism_survey.jsonl", FIXTURES / "prism_utterances.jsonl",
-                   attributes=["shoe_size"])
+        read_prism(
+            FIXTURES / "prism_survey.jsonl",
+            FIXTURES / "prism_utterances.jsonl",
+            attributes=["shoe_size"],
+        )
 
 
 def test_validate_reports_every_bad_row(tmp_path):
@@ -196,9 +222,18 @@ def test_validate_reports_every_bad_row(tmp_path):
     lines = [line for line in result.output.splitlines() if "line" in line]
     assert len(lines) == len(BAD_ROWS) - 1
     assert any(f"{path}, line 4, field 'user_id'" in line for line in lines)
-    ok = CliRunner().invoke(app, ["data", "validate",
-                                  str(FIXTURES / "summarize_from_feedback.jsonl")])
+    ok = CliRunner().invoke(
+        app, ["data", "validate", str(FIXTURES / "summarize_from_feedback.jsonl")]
+    )
     assert ok.exit_code == 0 and "OK, 4 comparisons (summarize format)" in ok.output
-    prism = CliRunner().invoke(app, ["data", "validate", str(FIXTURES / "prism_utterances.jsonl"),
-                                     "--survey", str(FIXTURES / "prism_survey.jsonl")])
+    prism = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "validate",
+            str(FIXTURES / "prism_utterances.jsonl"),
+            "--survey",
+            str(FIXTURES / "prism_survey.jsonl"),
+        ],
+    )
     assert prism.exit_code == 0 and "OK, 7 comparisons" in prism.output

@@ -22,7 +22,8 @@ from pluralign.rewards.lowrank import moment_matrix_svd
 # until the objective stops decreasing, the most accurate estimate float64 gives; the
 # precision-floor ConvergenceWarning that says so is expected there. Only that variant is ignored.
 AT_FLOOR = pytest.mark.filterwarnings(
-    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning")
+    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning"
+)
 
 
 def _env(**kw) -> LowRankContextual:
@@ -131,8 +132,9 @@ def test_rtv_drops_exactly_the_complement_block():
     theta = rng.standard_normal((d_x, d_phi))
     u_perp, v_perp = rtv.U[:, r:], rtv.V[:, r:]
     dropped = u_perp @ (u_perp.T @ theta @ v_perp) @ v_perp.T
-    np.testing.assert_allclose(rtv.theta_from_params(rtv.params_from_theta(theta)),
-                               theta - dropped, atol=1e-12)
+    np.testing.assert_allclose(
+        rtv.theta_from_params(rtv.params_from_theta(theta)), theta - dropped, atol=1e-12
+    )
 
 
 def test_rtv_structured_primitives_equal_materialized_features():
@@ -143,11 +145,11 @@ def test_rtv_structured_primitives_equal_materialized_features():
     z = model.features(targets.x, targets.phi)
     rng = np.random.default_rng(0)
     params = rng.standard_normal(model.n_params)
-    np.testing.assert_allclose(model.reward_at(params, targets.x, targets.phi), z @ params,
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        model.reward_at(params, targets.x, targets.phi), z @ params, atol=1e-10
+    )
     z2 = model.features(data.x, data.phi1)
-    np.testing.assert_allclose(model.mean_features(data.x, data.phi1), z2.mean(axis=0),
-                               atol=1e-12)
+    np.testing.assert_allclose(model.mean_features(data.x, data.phi1), z2.mean(axis=0), atol=1e-12)
 
 
 @AT_FLOOR
@@ -158,8 +160,9 @@ def test_rtv_refit_equals_materialized_logistic_regression():
     l2 = 1e-2
     model = RTVReduced(LowRank(2, l2=1e-3).fit(data), l2=l2, tol=1e-10).fit(data)
     dz = model.features(data.x, data.delta_phi)
-    ref = sklearn.LogisticRegression(fit_intercept=False, C=1 / (data.n * l2), tol=1e-10,
-                                     max_iter=10000).fit(dz, data.y)
+    ref = sklearn.LogisticRegression(
+        fit_intercept=False, C=1 / (data.n * l2), tol=1e-10, max_iter=10000
+    ).fit(dz, data.y)
     coef = ref.coef_[0]
     assert np.abs(model.params_ - coef).max() / np.abs(coef).max() < 1e-4
 
@@ -171,10 +174,14 @@ def test_worst_case_closed_form_equals_numeric_minimisation():
     cs = ConfidenceSet.fit(model, data, beta=0.7)
     w = np.random.default_rng(0).standard_normal(model.n_params)
     # Numerically minimise θᵀw over {‖θ − θ̂‖_M ≤ β} with SLSQP.
-    cons = {"type": "ineq",
-            "fun": lambda t: cs.beta**2 - (t - cs.center) @ cs.M @ (t - cs.center)}
-    res = minimize(lambda t: t @ w, cs.center, constraints=[cons], method="SLSQP",
-                   options={"ftol": 1e-12, "maxiter": 500})
+    cons = {"type": "ineq", "fun": lambda t: cs.beta**2 - (t - cs.center) @ cs.M @ (t - cs.center)}
+    res = minimize(
+        lambda t: t @ w,
+        cs.center,
+        constraints=[cons],
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
     assert res.success
     assert cs.worst_case(w) == pytest.approx(res.fun, abs=1e-6)
     theta = cs.worst_theta(w)
@@ -205,7 +212,8 @@ def test_theory_beta_formula_and_rate():
     expected = np.sqrt((model.n_params + np.log(10)) / (gamma**2 * data.n) + 1e-2 * 4.0)
     assert cs.beta == pytest.approx(expected, rel=1e-10)
     assert theory_beta(3, 100, delta=0.1, lam=0.0, bound_theta=0, bound_feature=0) == (
-        pytest.approx(4 * beta_rate(3, 100, 0.1)))
+        pytest.approx(4 * beta_rate(3, 100, 0.1))
+    )
 
 
 def test_full_rank_pessimism_refuses_when_matrix_too_large():
@@ -225,30 +233,41 @@ def _small_problem(beta: float, seed: int = 0):
     return model, cs, targets
 
 
-def _explicit_objective(cs: ConfidenceSet, z: np.ndarray, z_ref: np.ndarray,
-                        probs: np.ndarray) -> float:
+def _explicit_objective(
+    cs: ConfidenceSet, z: np.ndarray, z_ref: np.ndarray, probs: np.ndarray
+) -> float:
     """``f(π)`` from materialized features ``z`` (m, K, k), independent of the solver's path
     (``reward_at`` / ``mean_features``)."""
     w = np.einsum("ja,jak->k", probs, z) / z.shape[0] - z_ref
     return float(cs.center @ w - cs.beta * np.sqrt(max(w @ np.linalg.solve(cs.M, w), 0.0)))
 
 
-def _slsqp_optimum(cs: ConfidenceSet, z: np.ndarray, z_ref: np.ndarray,
-                   starts: int = 10) -> tuple[float, np.ndarray]:
+def _slsqp_optimum(
+    cs: ConfidenceSet, z: np.ndarray, z_ref: np.ndarray, starts: int = 10
+) -> tuple[float, np.ndarray]:
     """An independent solve of ``max_π f(π)``: SLSQP over the product of simplices from random
     starts, the uniform policy and the greedy vertex."""
     m, n_actions, _ = z.shape
     rng = np.random.default_rng(0)
-    rows = [{"type": "eq", "fun": (lambda p, j=j: p.reshape(m, n_actions)[j].sum() - 1.0)}
-            for j in range(m)]
+    rows = [
+        {"type": "eq", "fun": (lambda p, j=j: p.reshape(m, n_actions)[j].sum() - 1.0)}
+        for j in range(m)
+    ]
     inits = [rng.dirichlet(np.ones(n_actions), size=m) for _ in range(starts)]
-    inits += [np.full((m, n_actions), 1.0 / n_actions), np.eye(n_actions)[np.argmax(
-        z @ cs.center, axis=1)]]
+    inits += [
+        np.full((m, n_actions), 1.0 / n_actions),
+        np.eye(n_actions)[np.argmax(z @ cs.center, axis=1)],
+    ]
     best, best_probs = -np.inf, None
     for start in inits:
-        result = minimize(lambda p: -_explicit_objective(cs, z, z_ref, p.reshape(m, n_actions)),
-                          start.ravel(), method="SLSQP", bounds=[(0.0, 1.0)] * (m * n_actions),
-                          constraints=rows, options={"ftol": 1e-14, "maxiter": 1000})
+        result = minimize(
+            lambda p: -_explicit_objective(cs, z, z_ref, p.reshape(m, n_actions)),
+            start.ravel(),
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * (m * n_actions),
+            constraints=rows,
+            options={"ftol": 1e-14, "maxiter": 1000},
+        )
         probs = np.clip(result.x.reshape(m, n_actions), 0.0, None)
         probs /= probs.sum(axis=1, keepdims=True)
         value = _explicit_objective(cs, z, z_ref, probs)
@@ -271,8 +290,10 @@ def test_pessimistic_matches_an_independent_solver_and_its_gap_is_certified(beta
     assert value == pytest.approx(policy.pessimistic_value_, abs=1e-10)
     best, best_probs = _slsqp_optimum(cs, z, z_ref)
     eye = np.eye(targets.n_actions)
-    vertices = max(_explicit_objective(cs, z, z_ref, eye[list(acts)])
-                   for acts in itertools.product(range(targets.n_actions), repeat=targets.m))
+    vertices = max(
+        _explicit_objective(cs, z, z_ref, eye[list(acts)])
+        for acts in itertools.product(range(targets.n_actions), repeat=targets.m)
+    )
     assert value >= max(best, vertices) - 1e-8
     assert _explicit_objective(cs, z, z_ref, best_probs) - value <= policy.duality_gap_ + 1e-9
 
@@ -316,8 +337,9 @@ def test_prs_on_reduced_model_matches_an_independent_solver(scale):
     probs = policy.probs(targets)
     assert policy.converged_ and policy.duality_gap_ <= 1e-8
     # the oracle's objective from the public RTV features, not the solver's reward_at path
-    z = rtv_features(targets.x.repeat(3, axis=0), targets.phi.reshape(-1, 4), reduced.base.U_,
-                     reduced.base.V_).reshape(6, 3, -1)
+    z = rtv_features(
+        targets.x.repeat(3, axis=0), targets.phi.reshape(-1, 4), reduced.base.U_, reduced.base.V_
+    ).reshape(6, 3, -1)
     z_ref = z.mean(axis=(0, 1))
     value = _explicit_objective(cs, z, z_ref, probs)
     assert value == pytest.approx(policy.pessimistic_value_, abs=1e-10)
@@ -326,8 +348,10 @@ def test_prs_on_reduced_model_matches_an_independent_solver(scale):
     assert _explicit_objective(cs, z, z_ref, best_probs) - value <= policy.duality_gap_ + 1e-9
     if scale > 1.0:
         eye = np.eye(3)
-        vertices = max(_explicit_objective(cs, z, z_ref, eye[list(acts)])
-                       for acts in itertools.product(range(3), repeat=6))
+        vertices = max(
+            _explicit_objective(cs, z, z_ref, eye[list(acts)])
+            for acts in itertools.product(range(3), repeat=6)
+        )
         assert best > vertices + 1e-3
 
 
@@ -349,8 +373,14 @@ def test_targets_validation():
 # ----------------------------------------------------------------- claims and tables
 def _rows(values: dict[tuple[str, int], list[float]], setting: str = "s") -> list[dict]:
     return [
-        {"setting": setting, "method": method, "n": n, "repeat": r, "suboptimality": v,
-         "estimation_error": v}
+        {
+            "setting": setting,
+            "method": method,
+            "n": n,
+            "repeat": r,
+            "suboptimality": v,
+            "estimation_error": v,
+        }
         for (method, n), vs in values.items()
         for r, v in enumerate(vs)
     ]
@@ -359,14 +389,32 @@ def _rows(values: dict[tuple[str, int], list[float]], setting: str = "s") -> lis
 def test_claims_detect_holding_and_failing_comparisons():
     from pluralign.experiments.loco_claims import check_loco_claims
 
-    config = {"experiment": "loco", "env": [{"d_x": 2, "d_phi": 2, "rank": 1, "n_actions": 3,
-                                              "behavior": "uniform", "skew": 2.0, "shift": 0.0}]}
+    config = {
+        "experiment": "loco",
+        "env": [
+            {
+                "d_x": 2,
+                "d_phi": 2,
+                "rank": 1,
+                "n_actions": 3,
+                "behavior": "uniform",
+                "skew": 2.0,
+                "shift": 0.0,
+            }
+        ],
+    }
     setting = "d_x=2 d_phi=2 r=1 K=3 uniform shift=0.0"
-    rows = _rows({("prs", 100): [1.0, 1.2], ("prs", 1000): [0.3, 0.33],
-                  ("fullrank_pessimistic", 100): [2.0, 2.0],
-                  ("fullrank_pessimistic", 1000): [0.2, 0.2],
-                  ("lowrank_greedy", 100): [1.5, 1.5], ("lowrank_greedy", 1000): [0.5, 0.5]},
-                 setting)
+    rows = _rows(
+        {
+            ("prs", 100): [1.0, 1.2],
+            ("prs", 1000): [0.3, 0.33],
+            ("fullrank_pessimistic", 100): [2.0, 2.0],
+            ("fullrank_pessimistic", 1000): [0.2, 0.2],
+            ("lowrank_greedy", 100): [1.5, 1.5],
+            ("lowrank_greedy", 1000): [0.5, 0.5],
+        },
+        setting,
+    )
     claims = {c["claim"][:2]: c for c in check_loco_claims(rows, config)}
     assert claims["C1"]["held"] is False  # 0.315 > 0.2 at N=1000
     assert claims["C2"]["held"] is True

@@ -17,8 +17,18 @@ from pluralign.experiments.loco import coverage
 from pluralign.experiments.loco_claims import check_loco_claims
 from pluralign.rewards import Bilinear, LowRank, RTVReduced
 
-TINY = {"d_x": 2, "d_phi": 3, "rank": 1, "n_actions": 3, "shift": 1.0, "seed": 3,
-        "coverage": "subspace", "support_extra": 1, "n_uncovered": 2, "uncovered_scale": 0.8}
+TINY = {
+    "d_x": 2,
+    "d_phi": 3,
+    "rank": 1,
+    "n_actions": 3,
+    "shift": 1.0,
+    "seed": 3,
+    "coverage": "subspace",
+    "support_extra": 1,
+    "n_uncovered": 2,
+    "uncovered_scale": 0.8,
+}
 
 
 def _direct(z_of, m_inv: np.ndarray, targets, probs: np.ndarray, ref: np.ndarray) -> float:
@@ -58,7 +68,8 @@ def test_full_rank_coverage_equals_explicit_kronecker_features_and_inverse(tiny)
         for probs in (np.eye(5)[rng.integers(0, 5, 6)], rng.dirichlet(np.ones(5), 6)):
             expected = _direct(z, m_inv, targets, probs, ref)
             assert coverage(model, cs, targets, probs, reference) == pytest.approx(
-                expected, rel=1e-9)
+                expected, rel=1e-9
+            )
 
 
 def test_reduced_coverage_equals_explicit_sum_and_inverse(tiny):
@@ -74,18 +85,40 @@ def test_reduced_coverage_equals_explicit_sum_and_inverse(tiny):
     probs = np.eye(5)[np.argmax(env.true_reward(targets.x, targets.phi), axis=1)]
     ref = env.reference_probs(targets)
     assert coverage(model, cs, targets, probs, env.reference_probs) == pytest.approx(
-        _direct(z, m_inv, targets, probs, ref), rel=1e-9)
+        _direct(z, m_inv, targets, probs, ref), rel=1e-9
+    )
     # the reference policy itself has w = 0
     assert coverage(model, cs, targets, ref, env.reference_probs) == pytest.approx(0, abs=1e-12)
 
 
 def _config(**env):
-    return {"experiment": "loco", "seed": 1, "repeats": 1, "n_samples": [300],
-            "env": [{"d_x": 3, "d_phi": 4, "rank": 1, "n_actions": 3, "shift": 1.0,
-                     "behavior": "skewed", "n_targets": 20, "n_heldout": 50, **env}],
-            "methods": ["prs", "prs_pointwise", "lowrank_greedy", "fullrank_pessimistic",
-                        "fullrank_greedy"],
-            "options": {"ridge_grid": [0.1], "fw_max_iter": 50, "fw_tol": 1e-3}}
+    return {
+        "experiment": "loco",
+        "seed": 1,
+        "repeats": 1,
+        "n_samples": [300],
+        "env": [
+            {
+                "d_x": 3,
+                "d_phi": 4,
+                "rank": 1,
+                "n_actions": 3,
+                "shift": 1.0,
+                "behavior": "skewed",
+                "n_targets": 20,
+                "n_heldout": 50,
+                **env,
+            }
+        ],
+        "methods": [
+            "prs",
+            "prs_pointwise",
+            "lowrank_greedy",
+            "fullrank_pessimistic",
+            "fullrank_greedy",
+        ],
+        "options": {"ridge_grid": [0.1], "fw_max_iter": 50, "fw_tol": 1e-3},
+    }
 
 
 @pytest.mark.parametrize("regime", ["full", "subspace"])
@@ -137,10 +170,24 @@ def test_coverage_config_resolves():
 
 # ----------------------------------------------------------------- C3: an upper bound
 def _c3(values: dict[int, float]) -> dict:
-    rows = [{"setting": "s", "method": "prs", "n": n, "repeat": 0, "suboptimality": v}
-            for n, v in values.items()]
-    config = {"experiment": "loco", "env": [{"d_x": 2, "d_phi": 2, "rank": 1, "n_actions": 3,
-                                             "behavior": "uniform", "skew": 2.0, "shift": 0.0}]}
+    rows = [
+        {"setting": "s", "method": "prs", "n": n, "repeat": 0, "suboptimality": v}
+        for n, v in values.items()
+    ]
+    config = {
+        "experiment": "loco",
+        "env": [
+            {
+                "d_x": 2,
+                "d_phi": 2,
+                "rank": 1,
+                "n_actions": 3,
+                "behavior": "uniform",
+                "skew": 2.0,
+                "shift": 0.0,
+            }
+        ],
+    }
     return {c["claim"][:2]: c for c in check_loco_claims(rows, config)}["C3"]
 
 

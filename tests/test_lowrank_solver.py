@@ -18,8 +18,9 @@ from pluralign.rewards import lowrank as lowrank_module
 from pluralign.rewards.lowrank import _newton_logistic
 
 
-def lowrank_data(n: int, d_x: int, d_phi: int, rank: int, seed: int, scale: float = 2.0
-                 ) -> tuple[PreferenceData, np.ndarray]:
+def lowrank_data(
+    n: int, d_x: int, d_phi: int, rank: int, seed: int, scale: float = 2.0
+) -> tuple[PreferenceData, np.ndarray]:
     """Bradley–Terry draws from a rank-``rank`` truth ``Θ*``; returns ``(data, Θ*)``."""
     rng = np.random.default_rng(seed)
     theta = scale * rng.standard_normal((d_x, rank)) @ rng.standard_normal((rank, d_phi))
@@ -31,8 +32,14 @@ def lowrank_data(n: int, d_x: int, d_phi: int, rank: int, seed: int, scale: floa
     return PreferenceData(x=x, phi0=phi0, phi1=phi1, y=y), theta
 
 
-def explicit_objective(params: torch.Tensor, data: PreferenceData, rank: int, l2: float,
-                       balance: float, free_rows: int = 0) -> torch.Tensor:
+def explicit_objective(
+    params: torch.Tensor,
+    data: PreferenceData,
+    rank: int,
+    l2: float,
+    balance: float,
+    free_rows: int = 0,
+) -> torch.Tensor:
     """The objective of docs/models.md, written independently of pluralign: the full ``Θ`` is
     formed and every margin is ``x_iᵀ Θ Δφ_i``."""
     x = torch.as_tensor(data.x, dtype=torch.float64)
@@ -64,13 +71,17 @@ def fitted_params(model: LowRank) -> np.ndarray:
     return np.concatenate([free, model.L_.ravel(), model.R_.ravel()])
 
 
-@pytest.mark.parametrize(("d_x", "d_phi", "rank", "free_rows", "l2", "balance"), [
-    (5, 7, 2, 0, 1e-3, 1e-4),
-    (6, 4, 3, 0, 0.0, 0.5),
-    (7, 5, 2, 2, 1e-2, 1e-1),
-])
+@pytest.mark.parametrize(
+    ("d_x", "d_phi", "rank", "free_rows", "l2", "balance"),
+    [
+        (5, 7, 2, 0, 1e-3, 1e-4),
+        (6, 4, 3, 0, 0.0, 0.5),
+        (7, 5, 2, 2, 1e-2, 1e-1),
+    ],
+)
 def test_closed_form_gradient_matches_autograd_and_finite_differences(
-        d_x, d_phi, rank, free_rows, l2, balance):
+    d_x, d_phi, rank, free_rows, l2, balance
+):
     data, _ = lowrank_data(200, d_x, d_phi, rank, seed=d_x)
     model = LowRank(rank, l2=l2, balance=balance, free_rows=free_rows)
     args = (data, rank, l2, balance, free_rows)
@@ -84,11 +95,16 @@ def test_closed_form_gradient_matches_autograd_and_finite_differences(
         np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-10)
         # Central differences of the explicit objective (truncation error O(h²) ≈ 1e-10).
         h = 1e-5
-        fd = np.array([
-            (explicit_value_grad(flat + h * e, *args)[0]
-             - explicit_value_grad(flat - h * e, *args)[0]) / (2 * h)
-            for e in np.eye(size)
-        ])
+        fd = np.array(
+            [
+                (
+                    explicit_value_grad(flat + h * e, *args)[0]
+                    - explicit_value_grad(flat - h * e, *args)[0]
+                )
+                / (2 * h)
+                for e in np.eye(size)
+            ]
+        )
         np.testing.assert_allclose(grad, fd, rtol=0, atol=1e-8)
 
 
@@ -118,13 +134,17 @@ def test_closed_form_objective_handles_huge_margins():
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(("n", "d_x", "d_phi", "rank", "l2", "seed"), [
-    (600, 8, 6, 2, 1e-3, 0),
-    (800, 10, 10, 3, 1e-4, 1),
-    (500, 6, 9, 1, 1e-2, 2),
-])
-def test_numpy_fit_reaches_the_torch_path_and_an_independent_scipy_fit(n, d_x, d_phi, rank, l2,
-                                                                      seed):
+@pytest.mark.parametrize(
+    ("n", "d_x", "d_phi", "rank", "l2", "seed"),
+    [
+        (600, 8, 6, 2, 1e-3, 0),
+        (800, 10, 10, 3, 1e-4, 1),
+        (500, 6, 9, 1, 1e-2, 2),
+    ],
+)
+def test_numpy_fit_reaches_the_torch_path_and_an_independent_scipy_fit(
+    n, d_x, d_phi, rank, l2, seed
+):
     data, theta = lowrank_data(n, d_x, d_phi, rank, seed)
     tol = 1e-7
     new = LowRank(rank, l2=l2, tol=tol).fit(data)
@@ -136,10 +156,17 @@ def test_numpy_fit_reaches_the_torch_path_and_an_independent_scipy_fit(n, d_x, d
     assert new.solver_info_.objective == pytest.approx(value_new, abs=1e-12)
     # Independent: SciPy BFGS on the explicit objective from the truth's balanced SVD factors.
     u, s, vt = np.linalg.svd(theta)
-    start = np.concatenate([(u[:, :rank] * np.sqrt(s[:rank])).ravel(),
-                            (vt[:rank].T * np.sqrt(s[:rank])).ravel()])
-    ref = minimize(explicit_value_grad, start, args=args, jac=True, method="BFGS",
-                   options={"gtol": 1e-10, "maxiter": 5000})
+    start = np.concatenate(
+        [(u[:, :rank] * np.sqrt(s[:rank])).ravel(), (vt[:rank].T * np.sqrt(s[:rank])).ravel()]
+    )
+    ref = minimize(
+        explicit_value_grad,
+        start,
+        args=args,
+        jac=True,
+        method="BFGS",
+        options={"gtol": 1e-10, "maxiter": 5000},
+    )
     assert value_new <= value_old + 1e-8
     assert value_new <= ref.fun + 1e-8
     # Same estimate too (rank-r optimum, unique Θ here).

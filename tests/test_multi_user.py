@@ -19,7 +19,8 @@ from pluralign.rewards.multi_user import augmented_one_hot
 # until the objective stops decreasing, the most accurate estimate float64 gives; the
 # precision-floor ConvergenceWarning that says so is expected there. Only that variant is ignored.
 AT_FLOOR = pytest.mark.filterwarnings(
-    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning")
+    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,7 @@ def test_shared_basis_at_full_rank_is_per_user_plus_shared_offset():
     shared0 = SharedBasis(3, tiny, tol=1e-10).fit(data)
     per_user = PerUser(tiny, tol=1e-10).fit(data)
     np.testing.assert_allclose(shared0.thetas_, per_user.thetas_, rtol=1e-3, atol=1e-3)
-    assert shared0.log_likelihood(data) == pytest.approx(per_user.log_likelihood(data),
-                                                         abs=1e-6)
+    assert shared0.log_likelihood(data) == pytest.approx(per_user.log_likelihood(data), abs=1e-6)
 
 
 @AT_FLOOR
@@ -79,7 +79,8 @@ def test_lowrank_onehot_and_shared_basis_reach_the_rank_constrained_optimum(trai
     # log_likelihood is the explicit mean log σ of the θ_u's margins
     margins = np.einsum("nd,nd->n", shared.thetas_[index], dphi)
     assert shared.log_likelihood(train) == pytest.approx(
-        -np.mean(np.logaddexp(0.0, -(2.0 * train.y - 1.0) * margins)), rel=1e-12)
+        -np.mean(np.logaddexp(0.0, -(2.0 * train.y - 1.0) * margins)), rel=1e-12
+    )
     wrapped = SharedBasis.from_lowrank(loco, users, aug)
     np.testing.assert_allclose(wrapped.thetas_, loco.theta_[0] + loco.theta_[1:], atol=1e-10)
 
@@ -93,8 +94,9 @@ def test_shared_basis_structure_and_per_user_ridge(train):
     # PerUser's joint fit separates: user u alone with λ N / N_u gives the same θ_u.
     per_user = PerUser(1e-3, tol=1e-10).fit(train)
     mask = train.users == 2
-    alone = Bilinear(l2=1e-3 * train.n / mask.sum(), tol=1e-10).fit(PreferenceData(
-        np.ones((mask.sum(), 1)), train.phi0[mask], train.phi1[mask], train.y[mask]))
+    alone = Bilinear(l2=1e-3 * train.n / mask.sum(), tol=1e-10).fit(
+        PreferenceData(np.ones((mask.sum(), 1)), train.phi0[mask], train.phi1[mask], train.y[mask])
+    )
     np.testing.assert_allclose(per_user.thetas_[2], alone.theta_[0], atol=1e-5)
     pooled = Pooled(1e-3).fit(train)
     assert np.allclose(pooled.thetas_, pooled.theta0_)
@@ -127,9 +129,18 @@ def test_adapt_user_fits_w_with_theta0_and_basis_frozen(env, train):
 
 def test_adaptation_with_the_true_basis_recovers_a_new_user(env):
     truth = SharedBasis.from_arrays(
-        {"theta0": env.theta0_star, "thetas": env.thetas_star, "basis": env.B_star,
-         "weights": env.W_star, "user_counts": np.full(6, 60)},
-        env.users, n_train=360, k=2, l2=1e-6)
+        {
+            "theta0": env.theta0_star,
+            "thetas": env.thetas_star,
+            "basis": env.B_star,
+            "weights": env.W_star,
+            "user_counts": np.full(6, 60),
+        },
+        env.users,
+        n_train=360,
+        k=2,
+        l2=1e-6,
+    )
     _, theta_new = env.new_users(1, [4])
     data = env.sample_comparisons(theta_new, [4000], [5], users=np.array([50]))
     truth.adapt_user(data)
@@ -144,8 +155,9 @@ def test_unknown_users_are_refused_or_fall_back_to_theta0(train):
         strict.reward(np.array([0, 99]), phi)
     assert info.value.field == "users" and info.value.row == 1
     loose = SharedBasis(2, 1e-3, unknown_user="shared").fit(train)
-    np.testing.assert_allclose(loose.reward(np.array([0, 99]), phi),
-                               [phi[0] @ loose.thetas_[0], phi[1] @ loose.theta0_])
+    np.testing.assert_allclose(
+        loose.reward(np.array([0, 99]), phi), [phi[0] @ loose.thetas_[0], phi[1] @ loose.theta0_]
+    )
     per_user = PerUser(1e-3, unknown_user="shared").fit(train)
     np.testing.assert_allclose(per_user.user_theta(99)[0], per_user.thetas_.mean(axis=0))
     with pytest.raises(DataValidationError, match="unknown_user"):
@@ -202,16 +214,20 @@ def test_simulator_values_match_brute_force():
     probs = np.random.default_rng(0).dirichlet(np.ones(3), size=5)
     for u in range(3):
         rewards = targets.phi @ env.thetas_star[u]
-        assert env.user_values(probs, targets)[u] == pytest.approx(np.mean(np.sum(
-            probs * rewards, axis=1)))
+        assert env.user_values(probs, targets)[u] == pytest.approx(
+            np.mean(np.sum(probs * rewards, axis=1))
+        )
         assert env.optimal_user_values(targets)[u] == pytest.approx(rewards.max(1).mean())
     assert (env.value_gaps(probs, targets) >= 0).all()
 
 
 # --------------------------------------------------------------------------- policies
 def _truth_model(env: MultiUser) -> PerUser:
-    return PerUser.from_arrays({"theta0": env.theta0_star, "thetas": env.thetas_star,
-                                "user_counts": np.ones(env.n_users)}, env.users, n_train=1)
+    return PerUser.from_arrays(
+        {"theta0": env.theta0_star, "thetas": env.thetas_star, "user_counts": np.ones(env.n_users)},
+        env.users,
+        n_train=1,
+    )
 
 
 def _gains(thetas: np.ndarray, targets) -> np.ndarray:
@@ -225,7 +241,7 @@ def _simplex_rows(m: int, k: int, extra: int = 0) -> np.ndarray:
     """Equality rows ``Σ_a π(a|j) = 1`` over ``[vec π, extra variables]``."""
     a_eq = np.zeros((m, m * k + extra))
     for j in range(m):
-        a_eq[j, j * k:(j + 1) * k] = 1.0
+        a_eq[j, j * k : (j + 1) * k] = 1.0
     return a_eq
 
 
@@ -254,15 +270,22 @@ def _ordered_sums_oracle(gains: np.ndarray, m: int, k: int, slack: float = 1e-9)
         for i, value in enumerate(sums):  # −(i+1)τ_i + Σ d_i ≤ −(S_i* − slack)
             row = np.zeros(n_var)
             row[size + i * block] = -(i + 1.0)
-            row[size + i * block + 1:size + (i + 1) * block] = 1.0
+            row[size + i * block + 1 : size + (i + 1) * block] = 1.0
             rows.append(row)
             rhs.append(-(value - slack))
         c = np.zeros(n_var)
         c[size + (level - 1) * block] = -float(level)
-        c[size + (level - 1) * block + 1:] = 1.0
+        c[size + (level - 1) * block + 1 :] = 1.0
         bounds = [(0, None)] * size + ([(None, None)] + [(0, None)] * n_users) * level
-        res = linprog(c, A_ub=np.array(rows), b_ub=rhs, A_eq=_simplex_rows(m, k, n_var - size),
-                      b_eq=np.ones(m), bounds=bounds, method="highs")
+        res = linprog(
+            c,
+            A_ub=np.array(rows),
+            b_ub=rhs,
+            A_eq=_simplex_rows(m, k, n_var - size),
+            b_eq=np.ones(m),
+            bounds=bounds,
+            method="highs",
+        )
         assert res.status == 0
         sums.append(-res.fun)
     return np.array(sums)
@@ -307,11 +330,14 @@ def _slsqp_oracle(targets, stack, aggregate: str, starts: int = 4, seed: int = 0
         pi0 = rng.dirichlet(np.ones(k), size=m).ravel()
         t0 = _lcb_values(pi0, targets, stack)[0].min()
         if aggregate == "mean":
+
             def fun(z):
                 values, grads = _lcb_values(z[:size], targets, stack)
                 return -values.mean(), np.append(-grads.mean(axis=0), 0.0)
+
             constraints = [eq]
         else:
+
             def fun(z):
                 return -z[-1], np.append(np.zeros(size), -1.0)
 
@@ -323,9 +349,15 @@ def _slsqp_oracle(targets, stack, aggregate: str, starts: int = 4, seed: int = 0
                 return np.hstack([grads, -np.ones((len(grads), 1))])
 
             constraints = [eq, {"type": "ineq", "fun": ineq, "jac": ineq_jac}]
-        res = minimize(fun, np.append(pi0, t0), jac=True, method="SLSQP",
-                       bounds=[(0.0, 1.0)] * size + [(None, None)], constraints=constraints,
-                       options={"ftol": 1e-13, "maxiter": 500})
+        res = minimize(
+            fun,
+            np.append(pi0, t0),
+            jac=True,
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * size + [(None, None)],
+            constraints=constraints,
+            options={"ftol": 1e-13, "maxiter": 500},
+        )
         pi = np.clip(res.x[:size], 0.0, None).reshape(m, k)
         pi /= pi.sum(axis=1, keepdims=True)  # project onto the simplices: a feasible policy
         values = _lcb_values(pi.ravel(), targets, stack)[0]
@@ -346,8 +378,9 @@ def test_plug_in_utilitarian_is_greedy_on_the_mean_reward(env):
     np.testing.assert_array_equal(probs.argmax(1), (targets.phi @ mean).argmax(1))
     objective = weights @ _gains(env.thetas_star, targets) / weights.sum()
     m, k = targets.phi.shape[:2]
-    res = linprog(-objective, A_eq=_simplex_rows(m, k), b_eq=np.ones(m), bounds=(0, None),
-                  method="highs")
+    res = linprog(
+        -objective, A_eq=_simplex_rows(m, k), b_eq=np.ones(m), bounds=(0, None), method="highs"
+    )
     achieved = env.user_values(probs, targets) - env.user_values(np.full((m, k), 1 / k), targets)
     assert weights @ achieved / weights.sum() == pytest.approx(-res.fun, abs=1e-10)
     assert policy.objective_ == pytest.approx(-res.fun, abs=1e-10)
@@ -395,13 +428,21 @@ def test_full_leximin_raises_the_second_level(env):
     _check_leximin(_truth_model(env), targets, env.thetas_star)
 
     thetas = np.array([[0.5, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    phi = np.array([[[1.0, 0, 0], [0, 0, 0], [0, 0, 0]],     # state 0: only user 0 cares
-                    [[0, 3.0, 0], [0, 0, 3.0], [0, 0, 0]]])  # state 1: users 1 and 2 trade off
-    model = PerUser.from_arrays({"theta0": thetas.mean(0), "thetas": thetas,
-                                 "user_counts": np.ones(3)}, [0, 1, 2], n_train=1)
+    phi = np.array(
+        [
+            [[1.0, 0, 0], [0, 0, 0], [0, 0, 0]],  # state 0: only user 0 cares
+            [[0, 3.0, 0], [0, 0, 3.0], [0, 0, 0]],
+        ]
+    )  # state 1: users 1 and 2 trade off
+    model = PerUser.from_arrays(
+        {"theta0": thetas.mean(0), "thetas": thetas, "user_counts": np.ones(3)},
+        [0, 1, 2],
+        n_train=1,
+    )
     oracle = _check_leximin(model, TargetStates(None, phi), thetas)
-    np.testing.assert_allclose(np.diff(np.concatenate([[0.0], oracle])), [1 / 6, 0.25, 0.25],
-                               atol=1e-8)
+    np.testing.assert_allclose(
+        np.diff(np.concatenate([[0.0], oracle])), [1 / 6, 0.25, 0.25], atol=1e-8
+    )
 
 
 def test_pessimistic_aggregates_with_one_user_equal_pessimistic(env, train):

@@ -38,8 +38,7 @@ def test_fit_saves_model_and_report_without_pickle(numeric, model):
     out = folder / f"fit-{model}"
     result = invoke("fit", path, "--model", model, "--k", "2", "--out", out)
     assert result.exit_code == 0, result.output
-    for name in ("model.json", "model.npz", "report.json", "per_user_accuracy.csv",
-                 "accuracy.png"):
+    for name in ("model.json", "model.npz", "report.json", "per_user_accuracy.csv", "accuracy.png"):
         assert (out / name).is_file(), name
     with np.load(out / "model.npz", allow_pickle=False) as f:
         assert "thetas" in f.files and "design" in f.files
@@ -49,8 +48,10 @@ def test_fit_saves_model_and_report_without_pickle(numeric, model):
     assert len(report["users"]) == 4 and report["summary"]["n_test"] == 32  # 8 per user
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in report["users"])
     loaded, _, designs = load_model(out)
-    assert type(loaded).__name__ == {"shared_basis": "SharedBasis", "per_user": "PerUser",
-                                     "pooled": "Pooled"}[model]
+    assert (
+        type(loaded).__name__
+        == {"shared_basis": "SharedBasis", "per_user": "PerUser", "pooled": "Pooled"}[model]
+    )
     assert designs["design"].shape[0] == (1 if model == "pooled" else 4)
 
 
@@ -69,8 +70,9 @@ def test_rank_returns_the_argmax_of_the_users_pessimistic_reward(numeric, beta):
     folder, path, candidates, phis = numeric
     out = folder / "fit-rank"
     if not out.exists():
-        assert invoke("fit", path, "--model", "shared_basis", "--k", "2", "--out",
-                      out).exit_code == 0
+        assert (
+            invoke("fit", path, "--model", "shared_basis", "--k", "2", "--out", out).exit_code == 0
+        )
     model, _, designs = load_model(out)
     for user in (0, 3):
         result = invoke("rank", out, candidates, "--user", str(user), "--pessimism", str(beta))
@@ -98,8 +100,9 @@ def test_rank_refuses_unknown_users_and_bad_candidates(numeric, tmp_path):
     assert f"{bad}, line 1, field 'phi'" in " ".join(result.output.split())
 
     shared = folder / "fit-shared"
-    assert invoke("fit", path, "--out", shared, "--k", "2", "--unknown-user",
-                  "shared").exit_code == 0
+    assert (
+        invoke("fit", path, "--out", shared, "--k", "2", "--unknown-user", "shared").exit_code == 0
+    )
     model, _, _ = load_model(shared)
     result = invoke("rank", shared, candidates, "--user", "42")
     assert result.exit_code == 0
@@ -122,8 +125,7 @@ TINY = {
     "experiment": "multi_user",
     "seed": 0,
     "repeats": 1,
-    "env": {"n_users": 4, "d_phi": 4, "k": 1, "n_targets": 15, "n_heldout": 10,
-            "n_new_users": 2},
+    "env": {"n_users": 4, "d_phi": 4, "k": 1, "n_targets": 15, "n_heldout": 10, "n_new_users": 2},
     "sweep": [{"diversity": [0.0, 1.0]}, {"n_users": [3, 4]}],
     "n_samples": [10],
 }
@@ -132,7 +134,10 @@ TINY = {
 def test_sweep_expands_settings_and_resolves_idempotently():
     resolved = resolve_config(TINY)
     assert [(e["n_users"], e["diversity"]) for e in resolved["env"]] == [
-        (4, 0.0), (4, 1.0), (3, 1.0)]  # (4, 1.0) appears in both grids: kept once
+        (4, 0.0),
+        (4, 1.0),
+        (3, 1.0),
+    ]  # (4, 1.0) appears in both grids: kept once
     assert "sweep" not in resolved and resolve_config(resolved) == resolved
     from pluralign.errors import ConfigError
 
@@ -147,8 +152,12 @@ def test_multi_user_experiment_runs_with_all_methods(tmp_path):
     rows = read_results(tmp_path / "results.jsonl")
     assert len(rows) == 3 * 4
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == resolved
-    for name in ("accuracy.png", "accuracy_vs_diversity.png", "subspace_vs_users.png",
-                 "new_user_adaptation.png"):
+    for name in (
+        "accuracy.png",
+        "accuracy_vs_diversity.png",
+        "subspace_vs_users.png",
+        "new_user_adaptation.png",
+    ):
         assert (tmp_path / name).is_file(), name
     by_method = {r["method"]: r for r in rows if r["setting"] == rows[0]["setting"]}
     assert abs(by_method["lowrank_onehot"]["shared_basis_loglik_gap"]) < 1e-5

@@ -12,16 +12,19 @@ from pluralign.rewards import Linear, LowRank
 
 # Tight fits below the float64 floor of their problem end with the precision-floor warning.
 AT_FLOOR = pytest.mark.filterwarnings(
-    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning")
+    "ignore:.*stopped decreasing at float64 precision:pluralign.errors.ConvergenceWarning"
+)
 
 
 # --------------------------------------------------------------------------- the oracles
-def penalized_objective(theta: np.ndarray, x: np.ndarray, dphi: np.ndarray, y: np.ndarray,
-                        l2: float) -> float:
+def penalized_objective(
+    theta: np.ndarray, x: np.ndarray, dphi: np.ndarray, y: np.ndarray, l2: float
+) -> float:
     """``(1/N) Σ softplus(−s_i x_iᵀΘΔφ_i) + (λ/2)‖Θ‖²_F``, written out with numpy."""
     margins = np.einsum("ni,ij,nj->n", x, theta, dphi)
-    return float(np.mean(np.logaddexp(0.0, -(2.0 * y - 1.0) * margins))
-                 + 0.5 * l2 * np.sum(theta**2))
+    return float(
+        np.mean(np.logaddexp(0.0, -(2.0 * y - 1.0) * margins)) + 0.5 * l2 * np.sum(theta**2)
+    )
 
 
 def _kron(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -29,21 +32,36 @@ def _kron(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
 
 
-def _logistic(z: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray | None = None
-              ) -> np.ndarray:
+def _logistic(
+    z: np.ndarray, y: np.ndarray, l2: float, start: np.ndarray | None = None
+) -> np.ndarray:
     """scikit-learn's ridge logistic regression (lbfgs, optionally warm-started at ``start``):
     ``C = 1/(N λ)`` gives the mean loss plus ``(λ/2)‖w‖²``, pluralign's convention
     (``rewards/base.py``)."""
-    fit = LogisticRegression(fit_intercept=False, C=1.0 / (len(y) * l2), tol=1e-12,
-                             max_iter=10_000, warm_start=start is not None)
+    fit = LogisticRegression(
+        fit_intercept=False,
+        C=1.0 / (len(y) * l2),
+        tol=1e-12,
+        max_iter=10_000,
+        warm_start=start is not None,
+    )
     if start is not None:
         fit.coef_ = np.asarray(start, dtype=np.float64)[None, :].copy()
     return fit.fit(z, y).coef_.ravel()
 
 
-def alternating_rank_solver(x: np.ndarray, dphi: np.ndarray, y: np.ndarray, rank: int,
-                            l2: float, *, free_rows: int = 0, starts: int = 3,
-                            iters: int = 200, seed: int = 0) -> tuple[float, np.ndarray]:
+def alternating_rank_solver(
+    x: np.ndarray,
+    dphi: np.ndarray,
+    y: np.ndarray,
+    rank: int,
+    l2: float,
+    *,
+    free_rows: int = 0,
+    starts: int = 3,
+    iters: int = 200,
+    seed: int = 0,
+) -> tuple[float, np.ndarray]:
     """Best ``min_{Θ = [Θ_f; Θ_r], rank Θ_r ≤ r} ℓ(Θ) + (λ/2)‖Θ‖²_F`` over random starts, by
     exact block minimization with scikit-learn.
 
@@ -62,14 +80,22 @@ def alternating_rank_solver(x: np.ndarray, dphi: np.ndarray, y: np.ndarray, rank
         theta_f, theta_r = np.zeros((f, d_phi)), np.zeros((x_r.shape[1], d_phi))
         previous = np.inf
         for _ in range(iters):
-            w = _logistic(np.hstack([z_f, _kron(x_r, dphi @ q_right)]), y, l2,
-                          np.concatenate([theta_f.ravel(), (theta_r @ q_right).ravel()]))
+            w = _logistic(
+                np.hstack([z_f, _kron(x_r, dphi @ q_right)]),
+                y,
+                l2,
+                np.concatenate([theta_f.ravel(), (theta_r @ q_right).ravel()]),
+            )
             theta_f = w[: f * d_phi].reshape(f, d_phi)
             left = w[f * d_phi :].reshape(x_r.shape[1], rank)
             theta_r = left @ q_right.T
             q_left = np.linalg.qr(left)[0]
-            w = _logistic(np.hstack([z_f, _kron(x_r @ q_left, dphi)]), y, l2,
-                          np.concatenate([theta_f.ravel(), (q_left.T @ theta_r).ravel()]))
+            w = _logistic(
+                np.hstack([z_f, _kron(x_r @ q_left, dphi)]),
+                y,
+                l2,
+                np.concatenate([theta_f.ravel(), (q_left.T @ theta_r).ravel()]),
+            )
             theta_f = w[: f * d_phi].reshape(f, d_phi)
             right = w[f * d_phi :].reshape(rank, d_phi)
             theta_r = q_left @ right
@@ -137,8 +163,12 @@ def test_item_level_linear_matches_choix(alpha):
     pairs = list(zip(winners.tolist(), losers.tolist(), strict=True))
     flip = rng.random(n) < 0.5  # half stored (winner, loser) with y = 0
     eye = np.eye(n_items)
-    data = PreferenceData(x=None, phi0=eye[np.where(flip, winners, losers)],
-                          phi1=eye[np.where(flip, losers, winners)], y=(~flip).astype(np.int8))
+    data = PreferenceData(
+        x=None,
+        phi0=eye[np.where(flip, winners, losers)],
+        phi1=eye[np.where(flip, losers, winners)],
+        y=(~flip).astype(np.int8),
+    )
     ours = Linear(l2=2.0 * alpha / n, tol=1e-10, max_iter=10_000).fit(data).theta_
     theirs = choix.opt_pairwise(n_items, pairs, alpha=alpha, method="Newton-CG", tol=1e-12)
     np.testing.assert_allclose(ours - ours.mean(), theirs - theirs.mean(), atol=1e-4)

@@ -27,15 +27,17 @@ def _instance(seed: int):
     """A random ``Linear`` model (``z = φ``) with a random ellipsoid that excludes ``θ = 0``."""
     rng = np.random.default_rng(seed)
     m, n_actions, k = int(rng.integers(2, 5)), int(rng.integers(2, 4)), int(rng.integers(2, 5))
-    data = PreferenceData(None, rng.normal(size=(30, k)), rng.normal(size=(30, k)),
-                          rng.integers(0, 2, 30))
+    data = PreferenceData(
+        None, rng.normal(size=(30, k)), rng.normal(size=(30, k)), rng.integers(0, 2, 30)
+    )
     model = Linear(l2=0.1).fit(data)
     center = rng.normal(size=k)
     a = rng.normal(size=(k, k))
     M = a @ a.T / k + 0.1 * np.eye(k)
     beta = rng.uniform(0.3, 0.95) * np.sqrt(center @ M @ center)
-    cs = ConfidenceSet(center, M, beta, lam=0.1, n=30, kind="design", bound_feature=1.0,
-                       bound_theta=1.0)
+    cs = ConfidenceSet(
+        center, M, beta, lam=0.1, n=30, kind="design", bound_feature=1.0, bound_theta=1.0
+    )
     assert not cs.contains(np.zeros(k))  # the ‖θ̂‖_M ≤ β shortcut is not what is tested here
     return model, cs, TargetStates(None, rng.normal(size=(m, n_actions, k)))
 
@@ -46,22 +48,31 @@ def _f(cs: ConfidenceSet, phi: np.ndarray, probs: np.ndarray) -> float:
     return float(cs.center @ w - cs.beta * np.sqrt(max(w @ np.linalg.solve(cs.M, w), 0.0)))
 
 
-def _oracle(cs: ConfidenceSet, phi: np.ndarray, starts: int = 12) -> tuple[float, np.ndarray,
-                                                                              float]:
+def _oracle(
+    cs: ConfidenceSet, phi: np.ndarray, starts: int = 12
+) -> tuple[float, np.ndarray, float]:
     """(SLSQP optimum, its policy, best deterministic policy's value)."""
     m, n_actions, _ = phi.shape
     rng = np.random.default_rng(0)
     eye = np.eye(n_actions)
-    vertex_best = max(_f(cs, phi, eye[list(acts)])
-                      for acts in itertools.product(range(n_actions), repeat=m))
-    rows = [{"type": "eq", "fun": (lambda p, j=j: p.reshape(m, n_actions)[j].sum() - 1.0)}
-            for j in range(m)]
+    vertex_best = max(
+        _f(cs, phi, eye[list(acts)]) for acts in itertools.product(range(n_actions), repeat=m)
+    )
+    rows = [
+        {"type": "eq", "fun": (lambda p, j=j: p.reshape(m, n_actions)[j].sum() - 1.0)}
+        for j in range(m)
+    ]
     best, best_probs = -np.inf, None
     inits = [rng.dirichlet(np.ones(n_actions), size=m) for _ in range(starts)]
     for start in [*inits, np.full((m, n_actions), 1.0 / n_actions)]:
-        result = minimize(lambda p: -_f(cs, phi, p.reshape(m, n_actions)), start.ravel(),
-                          method="SLSQP", bounds=[(0.0, 1.0)] * (m * n_actions),
-                          constraints=rows, options={"ftol": 1e-14, "maxiter": 500})
+        result = minimize(
+            lambda p: -_f(cs, phi, p.reshape(m, n_actions)),
+            start.ravel(),
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * (m * n_actions),
+            constraints=rows,
+            options={"ftol": 1e-14, "maxiter": 500},
+        )
         probs = np.clip(result.x.reshape(m, n_actions), 0.0, None)
         probs /= probs.sum(axis=1, keepdims=True)
         value = _f(cs, phi, probs)
@@ -105,8 +116,9 @@ def test_mixed_optimum_is_certified_in_few_steps_where_plain_frank_wolfe_zigzags
     assert plain > 2000  # not certified in 2,000 plain Frank–Wolfe iterations (> 200× more)
 
 
-def _plain_frank_wolfe_iterations(cs: ConfidenceSet, phi: np.ndarray, tol: float,
-                                  max_iter: int) -> int:
+def _plain_frank_wolfe_iterations(
+    cs: ConfidenceSet, phi: np.ndarray, tol: float, max_iter: int
+) -> int:
     """Iterations plain Frank–Wolfe (greedy start, exact line search, the same certificate
     ``min_t h(θ_t) − f``) needs to reach ``tol``; ``max_iter + 1`` if it does not."""
     m, n_actions, _ = phi.shape

@@ -44,15 +44,17 @@ def wilson_oracle(successes: float, n: int, confidence: float = 0.95) -> tuple[f
     # The other root is bracketed from just beside p̂ (g < 0 there; at p̂ = 0 or 1 g(p̂) = 0,
     # so the bracket starts 1e-12 inside, far from any root for n ≤ 200).
     eps = 1e-12
-    lower = 0.0 if successes == 0 else brentq(g, 0.0, min(p_hat, 1.0 - eps), xtol=1e-15,
-                                                 rtol=1e-15)
-    upper = 1.0 if successes == n else brentq(g, max(p_hat, eps), 1.0, xtol=1e-15,
-                                                 rtol=1e-15)
+    lower = 0.0 if successes == 0 else brentq(g, 0.0, min(p_hat, 1.0 - eps), xtol=1e-15, rtol=1e-15)
+    upper = 1.0 if successes == n else brentq(g, max(p_hat, eps), 1.0, xtol=1e-15, rtol=1e-15)
     return lower, upper
 
 
-GRID = [(k, n) for n in (1, 2, 3, 5, 10, 17, 50, 200) for k in range(n + 1)
-        if n <= 17 or k in (0, 1, 2, n // 3, n // 2, n - 1, n)]
+GRID = [
+    (k, n)
+    for n in (1, 2, 3, 5, 10, 17, 50, 200)
+    for k in range(n + 1)
+    if n <= 17 or k in (0, 1, 2, n // 3, n // 2, n - 1, n)
+]
 
 
 @pytest.mark.parametrize(("k", "n"), GRID)
@@ -68,12 +70,14 @@ def test_wilson_interval_matches_root_finding_oracle(k, n):
         assert upper == 1.0 and lower < 1.0
 
 
-@pytest.mark.parametrize(("k", "n", "confidence"),
-                         [(2.5, 5, 0.95), (7.5, 12, 0.95), (3, 9, 0.9), (3, 9, 0.99),
-                          (0, 4, 0.8), (40, 40, 0.99)])
+@pytest.mark.parametrize(
+    ("k", "n", "confidence"),
+    [(2.5, 5, 0.95), (7.5, 12, 0.95), (3, 9, 0.9), (3, 9, 0.99), (0, 4, 0.8), (40, 40, 0.99)],
+)
 def test_wilson_interval_fractional_counts_and_other_levels(k, n, confidence):
-    assert wilson_interval(k, n, confidence) == pytest.approx(wilson_oracle(k, n, confidence),
-                                                              abs=1e-10)
+    assert wilson_interval(k, n, confidence) == pytest.approx(
+        wilson_oracle(k, n, confidence), abs=1e-10
+    )
 
 
 def test_wilson_interval_textbook_value_and_bad_input():
@@ -88,8 +92,7 @@ def test_wilson_interval_textbook_value_and_bad_input():
 
 # ------------------------------------------------------------------------------ helpers
 def legends_of(fig) -> list:
-    return list(fig.legends) + [ax.get_legend() for ax in fig.axes
-                                if ax.get_legend() is not None]
+    return list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
 
 
 def legend_labels(legend) -> list[str]:
@@ -109,8 +112,9 @@ def data_points(ax) -> np.ndarray:
                 pts.append(coll.get_transform().transform(np.asarray(seg, dtype=float)))
     for patch in ax.patches:
         ext = patch.get_window_extent()
-        pts.append(np.array([[ext.x0, ext.y0], [ext.x1, ext.y1], [ext.x0, ext.y1],
-                             [ext.x1, ext.y0]]))
+        pts.append(
+            np.array([[ext.x0, ext.y0], [ext.x1, ext.y1], [ext.x0, ext.y1], [ext.x1, ext.y0]])
+        )
     for text in ax.texts:
         pts.append(text.get_transform().transform(np.atleast_2d(text.get_position())))
     pts = np.concatenate(pts) if pts else np.empty((0, 2))
@@ -126,8 +130,12 @@ def assert_one_legend_clear_of_data(fig) -> object:
     for ax in fig.axes:
         pts = data_points(ax)
         assert len(pts), "no data to check"
-        inside = ((pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1)
-                  & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1))
+        inside = (
+            (pts[:, 0] >= box.x0)
+            & (pts[:, 0] <= box.x1)
+            & (pts[:, 1] >= box.y0)
+            & (pts[:, 1] <= box.y1)
+        )
         assert not inside.any(), f"legend covers {pts[inside][:3]}"
         assert not box.overlaps(ax.get_window_extent()), "legend inside an axes"
     return legends[0]
@@ -137,8 +145,7 @@ def method_lines(ax) -> dict[str, object]:
     """``{label: data Line2D}`` of the labelled lines and error-bar series of ``ax``."""
     out = {}
     for container in ax.containers:
-        if isinstance(container, ErrorbarContainer) and not container.get_label().startswith(
-                "_"):
+        if isinstance(container, ErrorbarContainer) and not container.get_label().startswith("_"):
             out[container.get_label()] = container.lines[0]
     for line in ax.get_lines():
         if not line.get_label().startswith("_"):
@@ -159,16 +166,24 @@ def metric_summary(metric: str, values, settings=("U=4 d=3", "U=8 d=3")) -> list
         for m, method in enumerate(METHODS):
             for n in NS:
                 same = METHODS.index("shared_basis") if method == "lowrank_onehot" else m
-                rows.append({"setting": setting, "method": method, "n": n,
-                             f"{metric}_mean": values(s, same, n), f"{metric}_se": 0.01})
+                rows.append(
+                    {
+                        "setting": setting,
+                        "method": method,
+                        "n": n,
+                        f"{metric}_mean": values(s, same, n),
+                        f"{metric}_se": 0.01,
+                    }
+                )
     return rows
 
 
 @pytest.fixture
 def accuracy_summary():
     rng = np.random.default_rng(0)
-    table = {(s, m, n): float(rng.uniform(0.6, 0.9)) for s in range(2) for m in range(4)
-             for n in NS}
+    table = {
+        (s, m, n): float(rng.uniform(0.6, 0.9)) for s in range(2) for m in range(4) for n in NS
+    }
     return metric_summary("accuracy", lambda s, m, n: table[(s, m, n)])
 
 
@@ -184,7 +199,7 @@ def test_accuracy_plot_is_linear_with_a_distinct_style_per_method(accuracy_summa
         lines = method_lines(ax)
         assert sorted(lines) == sorted(METHODS)
         styles = {m: style(line) for m, line in lines.items()}
-        assert len(set(styles.values())) == len(METHODS)     # distinct (marker, linestyle)
+        assert len(set(styles.values())) == len(METHODS)  # distinct (marker, linestyle)
         assert len({marker for marker, _ in styles.values()}) == len(METHODS)
         assert all(line.get_markerfacecolor() == "none" for line in lines.values())
         styles_by_panel.append(styles)
@@ -196,28 +211,28 @@ def test_accuracy_plot_is_linear_with_a_distinct_style_per_method(accuracy_summa
         assert np.all(np.abs(a[:, 0] - b[:, 0]) >= 1.0)  # at least a pixel apart
         # the dodge is small: each point stays within 5% of a decade of its n
         assert np.allclose(np.log10(np.asarray(shared.get_xdata(), float)), np.log10(NS), atol=0.05)
-    assert styles_by_panel[0] == styles_by_panel[1]         # a method looks the same in each
+    assert styles_by_panel[0] == styles_by_panel[1]  # a method looks the same in each
     legend = assert_one_legend_clear_of_data(fig)
-    assert legend_labels(legend) == METHODS                 # each method once
+    assert legend_labels(legend) == METHODS  # each method once
 
 
 def test_metric_plot_keeps_log_axes_only_where_values_span_decades():
-    decades = metric_summary("suboptimality", lambda s, m, n: (m + 1) / n)       # 0.01 … 0.4
-    fig = metric_figure(decades, "suboptimality", settings=["U=4 d=3", "U=8 d=3"],
-                        methods=METHODS)
+    decades = metric_summary("suboptimality", lambda s, m, n: (m + 1) / n)  # 0.01 … 0.4
+    fig = metric_figure(decades, "suboptimality", settings=["U=4 d=3", "U=8 d=3"], methods=METHODS)
     assert {ax.get_yscale() for ax in fig.axes} == {"log"}
     assert_one_legend_clear_of_data(fig)
     narrow = metric_summary("suboptimality", lambda s, m, n: 0.5 + 0.01 * m + 1 / n)
-    fig = metric_figure(narrow, "suboptimality", settings=["U=4 d=3", "U=8 d=3"],
-                        methods=METHODS)
+    fig = metric_figure(narrow, "suboptimality", settings=["U=4 d=3", "U=8 d=3"], methods=METHODS)
     assert {ax.get_yscale() for ax in fig.axes} == {"linear"}
     negative = metric_summary("heldout_loglik", lambda s, m, n: -0.7 + 0.1 * m - 1 / n)
-    fig = metric_figure(negative, "heldout_loglik", settings=["U=4 d=3", "U=8 d=3"],
-                        methods=METHODS)
+    fig = metric_figure(
+        negative, "heldout_loglik", settings=["U=4 d=3", "U=8 d=3"], methods=METHODS
+    )
     assert {ax.get_yscale() for ax in fig.axes} == {"linear"}
     # an explicit choice is kept; logx=False (the gshf rounds) gives a linear x axis
-    fig = metric_figure(decades, "suboptimality", settings=["U=4 d=3"], methods=METHODS,
-                        logy=False, logx=False)
+    fig = metric_figure(
+        decades, "suboptimality", settings=["U=4 d=3"], methods=METHODS, logy=False, logx=False
+    )
     assert (fig.axes[0].get_yscale(), fig.axes[0].get_xscale()) == ("linear", "linear")
     # accuracies stay linear even when their values would span a decade
     wide = metric_summary("accuracy", lambda s, m, n: 0.05 + 0.9 * m / 3 * (n / 100))
@@ -226,8 +241,13 @@ def test_metric_plot_keeps_log_axes_only_where_values_span_decades():
 
 
 def test_single_panel_legend_and_written_png(tmp_path, accuracy_summary):
-    path = plot_metric(accuracy_summary, "accuracy", tmp_path / "accuracy.png",
-                       settings=["U=4 d=3"], methods=METHODS)
+    path = plot_metric(
+        accuracy_summary,
+        "accuracy",
+        tmp_path / "accuracy.png",
+        settings=["U=4 d=3"],
+        methods=METHODS,
+    )
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     fig = metric_figure(accuracy_summary, "accuracy", settings=["U=4 d=3"], methods=METHODS)
     assert_one_legend_clear_of_data(fig)
@@ -244,18 +264,25 @@ def user_report(seed: int = 0, users: int = 12) -> list[dict]:
         k_test = {2: 0, 3: n_test}.get(i, int(rng.integers(0, n_test + 1)))
         if i == 4:  # a tie counts one half: fractional successes
             n_train, k_train = 5, 2.5
-        report.append({"user": f"user{i:02d}", "n_train": n_train,
-                       "train_accuracy": k_train / n_train, "n_test": n_test,
-                       "test_accuracy": k_test / n_test if n_test else None})
-    report[5]["train_accuracy"] = None    # an LLM run may miss a user's train metrics
+        report.append(
+            {
+                "user": f"user{i:02d}",
+                "n_train": n_train,
+                "train_accuracy": k_train / n_train,
+                "n_test": n_test,
+                "test_accuracy": k_test / n_test if n_test else None,
+            }
+        )
+    report[5]["train_accuracy"] = None  # an LLM run may miss a user's train metrics
     return report
 
 
 def bars_by_user(ax, label: str) -> dict[str, tuple[float, float, np.ndarray]]:
     """``{user: (centre, height, error-bar segment)}`` of the bar series ``label``."""
     users = [t.get_text() for t in ax.get_xticklabels()]
-    (container,) = [c for c in ax.containers
-                    if isinstance(c, BarContainer) and c.get_label() == label]
+    (container,) = [
+        c for c in ax.containers if isinstance(c, BarContainer) and c.get_label() == label
+    ]
     segments = container.errorbar.lines[2][0].get_segments()
     assert len(segments) == len(container.patches)
     out = {}
@@ -284,7 +311,7 @@ def test_per_user_bars_carry_wilson_intervals_and_counts():
             acc, n = row[f"{prefix}_accuracy"], row[f"n_{prefix}"]
             assert counts[(f"count:{prefix}", round(centre, 6))] == str(n)
             if acc is None:
-                assert math.isnan(height) and len(seg) == 0     # no bar, no interval
+                assert math.isnan(height) and len(seg) == 0  # no bar, no interval
                 continue
             assert height == pytest.approx(acc)
             lower, upper = wilson_oracle(acc * n, n)
@@ -292,8 +319,9 @@ def test_per_user_bars_carry_wilson_intervals_and_counts():
             assert sorted(seg[:, 1]) == pytest.approx([lower, upper], abs=1e-9)
             checked += 1
     assert checked == sum(r["train_accuracy"] is not None for r in report) + sum(
-        r["test_accuracy"] is not None for r in report)
-    assert len(counts) == 2 * len(report)   # one count per bar, none repeated
+        r["test_accuracy"] is not None for r in report
+    )
+    assert len(counts) == 2 * len(report)  # one count per bar, none repeated
     legend = assert_one_legend_clear_of_data(fig)
     assert legend_labels(legend) == ["train", "held-out"]
 
@@ -305,20 +333,24 @@ def test_per_user_bars_without_held_out_and_many_users(tmp_path):
     assert [c.get_label() for c in ax.containers if isinstance(c, BarContainer)] == ["train"]
     assert len([t for t in ax.texts if t.get_gid() == "count:train"]) == 6
     assert legend_labels(assert_one_legend_clear_of_data(fig)) == ["train"]
-    many = user_report(2, 90)        # above 80 users: a histogram, no per-user bars
+    many = user_report(2, 90)  # above 80 users: a histogram, no per-user bars
     fig = per_user_accuracy_figure(many, "many")
     assert not [c for c in fig.axes[0].containers if c.get_label() in ("train", "held-out")]
-    assert per_user_accuracy_plot(report, tmp_path / "a.png", "t").read_bytes().startswith(
-        b"\x89PNG")
+    assert (
+        per_user_accuracy_plot(report, tmp_path / "a.png", "t").read_bytes().startswith(b"\x89PNG")
+    )
 
 
 # ------------------------------------------------------------------------------ multi_user
 @pytest.fixture
 def multi_user_figures(monkeypatch, tmp_path):
-    envs = [{"n_users": 8, "d_phi": 6, "k": 2, "diversity": d, "imbalance": 0.0}
-            for d in (0.0, 0.5, 1.0, 2.0)]
-    envs += [{"n_users": u, "d_phi": 6, "k": 2, "diversity": 1.0, "imbalance": 0.0}
-             for u in (4, 16, 64)]
+    envs = [
+        {"n_users": 8, "d_phi": 6, "k": 2, "diversity": d, "imbalance": 0.0}
+        for d in (0.0, 0.5, 1.0, 2.0)
+    ]
+    envs += [
+        {"n_users": u, "d_phi": 6, "k": 2, "diversity": 1.0, "imbalance": 0.0} for u in (4, 16, 64)
+    ]
     config = {"env": envs, "n_samples": [10, 50], "methods": METHODS}
     rng = np.random.default_rng(3)
     summary = []
@@ -326,9 +358,14 @@ def multi_user_figures(monkeypatch, tmp_path):
         setting = describe_setting(env)
         for m, method in enumerate(METHODS):
             for n in config["n_samples"]:
-                row = {"setting": setting, "method": method, "n": n,
-                       "accuracy_mean": float(rng.uniform(0.6, 0.9)), "accuracy_se": 0.01,
-                       "oracle_accuracy_mean": 0.95}
+                row = {
+                    "setting": setting,
+                    "method": method,
+                    "n": n,
+                    "accuracy_mean": float(rng.uniform(0.6, 0.9)),
+                    "accuracy_se": 0.01,
+                    "oracle_accuracy_mean": 0.95,
+                }
                 if method in ("shared_basis", "per_user"):
                     row["subspace_distance_mean"] = (m + 1) / env["n_users"] * 2
                     row["subspace_distance_se"] = 0.001
@@ -338,7 +375,7 @@ def multi_user_figures(monkeypatch, tmp_path):
                 row["newuser_oracle_accuracy_mean"] = 0.9
                 summary.append(row)
     shared = {(r["setting"], r["n"]): r for r in summary if r["method"] == "shared_basis"}
-    for r in summary:   # lowrank_onehot fits the same model as shared_basis
+    for r in summary:  # lowrank_onehot fits the same model as shared_basis
         if r["method"] == "lowrank_onehot":
             r["accuracy_mean"] = shared[(r["setting"], r["n"])]["accuracy_mean"]
     figures = {}
@@ -349,8 +386,11 @@ def multi_user_figures(monkeypatch, tmp_path):
 
     monkeypatch.setattr(plots, "save_figure", capture)
     written = plot_multi_user(summary, config, tmp_path)
-    assert [p.name for p in written] == ["accuracy_vs_diversity.png", "subspace_vs_users.png",
-                                         "new_user_adaptation.png"]
+    assert [p.name for p in written] == [
+        "accuracy_vs_diversity.png",
+        "subspace_vs_users.png",
+        "new_user_adaptation.png",
+    ]
     yield figures
     for fig in figures.values():
         plt.close(fig)
@@ -364,10 +404,12 @@ def test_accuracy_vs_diversity_styles_and_one_legend(multi_user_figures):
         lines = method_lines(ax)
         assert sorted(lines) == sorted([*METHODS, "true θ_u"])
         assert len({style(line) for line in lines.values()}) == len(lines)
-        np.testing.assert_array_equal(lines["shared_basis"].get_ydata(),
-                                      lines["lowrank_onehot"].get_ydata())
-        assert not np.array_equal(lines["shared_basis"].get_xdata(),
-                                  lines["lowrank_onehot"].get_xdata())
+        np.testing.assert_array_equal(
+            lines["shared_basis"].get_ydata(), lines["lowrank_onehot"].get_ydata()
+        )
+        assert not np.array_equal(
+            lines["shared_basis"].get_xdata(), lines["lowrank_onehot"].get_xdata()
+        )
     legend = assert_one_legend_clear_of_data(fig)
     assert legend_labels(legend) == [*METHODS, "true θ_u"]
 
@@ -381,14 +423,15 @@ def test_subspace_and_new_user_plots(multi_user_figures):
     assert len(lines) == 4 and len({style(line) for line in lines.values()}) == 4
     # n=10 and n=50 have equal errors here: dodged, so no line lies on another
     xy = [np.asarray(line.get_xydata(), float) for line in lines.values()]
-    assert all(not np.array_equal(a, b) for i, a in enumerate(xy) for b in xy[i + 1:])
+    assert all(not np.array_equal(a, b) for i, a in enumerate(xy) for b in xy[i + 1 :])
     assert len(legend_labels(assert_one_legend_clear_of_data(fig))) == 4
 
     fig = multi_user_figures["new_user_adaptation.png"]
     (ax,) = fig.axes
     assert ax.get_yscale() == "linear" and ax.get_xscale() == "linear"
     lines = method_lines(ax)
-    assert sorted(lines) == sorted(["shared_basis, learned basis", "shared_basis, true basis",
-                                    "per_user", "pooled", "true θ"])
+    assert sorted(lines) == sorted(
+        ["shared_basis, learned basis", "shared_basis, true basis", "per_user", "pooled", "true θ"]
+    )
     assert len({style(line) for line in lines.values()}) == len(lines)
     assert len(legend_labels(assert_one_legend_clear_of_data(fig))) == len(lines)

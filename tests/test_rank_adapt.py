@@ -28,8 +28,10 @@ def numeric(tmp_path_factory):
     """Training pairs of users 0..3, and 10 pairs of a new user 9 (drawn as another user 4)."""
     folder = tmp_path_factory.mktemp("rank_adapt")
     env = MultiUser(n_users=5, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=1)
-    rows = [json.loads(line) for line in
-            env.sample_offline([1]).save(folder / "all.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in env.sample_offline([1]).save(folder / "all.jsonl").read_text().splitlines()
+    ]
     train = folder / "prefs.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["user"] != 4))
     new = [dict(r, user=9) for r in rows if r["user"] == 4][:10]
@@ -140,17 +142,19 @@ def test_rank_adapt_on_text_data(tmp_path):
 
     model, meta, _ = load_model(out)
     enc = meta["features"]["encoder"]
-    encoder = TextEncoder(enc["model"], mode=enc["mode"], template=enc["template"],
-                          normalize=enc["normalize"])
-    prefs = dataclasses.replace(read_text_preferences(adapt),
-                                template=meta["features"]["template"])
+    encoder = TextEncoder(
+        enc["model"], mode=enc["mode"], template=enc["template"], normalize=enc["normalize"]
+    )
+    prefs = dataclasses.replace(read_text_preferences(adapt), template=meta["features"]["template"])
     model.adapt_user(prefs.to_preference_data(encoder, seed=5))  # orientation: same likelihood
     theta = model.user_theta("zoe")[0]
-    cands = [json.loads(line) for line in
-             (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    cands = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
     for record, cand in zip(got, cands, strict=True):
-        phi = encoder.features([cand["prompt"]] * len(cand["responses"]), cand["responses"],
-                               template=meta["features"]["template"])
+        phi = encoder.features(
+            [cand["prompt"]] * len(cand["responses"]),
+            cand["responses"],
+            template=meta["features"]["template"],
+        )
         np.testing.assert_allclose(record["reward"], phi @ theta, rtol=1e-6, atol=1e-9)
         assert record["unknown_user"] is False
         assert record["response"] == cand["responses"][int(np.argmax(phi @ theta))]

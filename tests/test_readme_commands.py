@@ -62,10 +62,10 @@ BLOCK_TIMEOUT_S = 300
 @dataclass(frozen=True)
 class Block:
     file: Path
-    line: int            # of the opening fence, 1-based
+    line: int  # of the opening fence, 1-based
     info: str
     text: str
-    marker: str | None   # the line before the fence, when it is a marker comment
+    marker: str | None  # the line before the fence, when it is a marker comment
 
     @property
     def name(self) -> str:
@@ -87,14 +87,24 @@ def blocks(path: Path) -> list[Block]:
             continue
         indent, fence = len(m["indent"]), m["fence"]
         j = i + 1
-        while j < len(lines) and not (lines[j].strip().startswith(fence[0] * len(fence))
-                                      and not lines[j].strip().strip(fence[0])):
+        while j < len(lines) and not (
+            lines[j].strip().startswith(fence[0] * len(fence))
+            and not lines[j].strip().strip(fence[0])
+        ):
             j += 1
-        body = [line[indent:] if line[:indent].isspace() else line.lstrip()
-                for line in lines[i + 1:j]]
+        body = [
+            line[indent:] if line[:indent].isspace() else line.lstrip() for line in lines[i + 1 : j]
+        ]
         before = lines[i - 1] if i else ""
-        found.append(Block(path, i + 1, m["info"].strip(), "\n".join(body) + "\n",
-                           before if MARKER.match(before) else None))
+        found.append(
+            Block(
+                path,
+                i + 1,
+                m["info"].strip(),
+                "\n".join(body) + "\n",
+                before if MARKER.match(before) else None,
+            )
+        )
         i = j + 1
     return found
 
@@ -115,7 +125,8 @@ def test_the_docs_have_shell_blocks_and_markers_have_reasons():
             first = next((line for line in block.text.splitlines() if line.strip()), "")
             assert not COMMAND.match(first), (
                 f"{block.name}: a block of commands without an info string; label it bash "
-                "(it is then run by this test) or text (a synopsis)")
+                "(it is then run by this test) or text (a synopsis)"
+            )
     for block in RUN:
         found = PLACEHOLDER.search(block.text)
         assert found is None, f"{block.name}: placeholder {found[0]!r} in a block that is run"
@@ -130,22 +141,35 @@ def embedding_cache(tmp_path_factory) -> Path:
 def test_block_runs_in_an_empty_folder(block: Block, tmp_path: Path, embedding_cache: Path):
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "pluralign").is_file(), (
-        f"no pluralign console script in {bin_dir}: install the package (pip install -e .)")
+        f"no pluralign console script in {bin_dir}: install the package (pip install -e .)"
+    )
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PLURALIGN_CACHE": str(embedding_cache)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "PLURALIGN_CACHE": str(embedding_cache),
+    }
     script = "set -euo pipefail\n" + block.text
     start = time.perf_counter()
     try:
-        done = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True,
-                              text=True, timeout=BLOCK_TIMEOUT_S)
+        done = subprocess.run(
+            ["bash", "-c", script],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BLOCK_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{block.name} ran past {BLOCK_TIMEOUT_S} s; mark it <!-- long: ... -->")
     took = time.perf_counter() - start
     assert done.returncode == 0, (
         f"{block.name} failed (exit {done.returncode}) in {took:.0f} s:\n{block.text}\n"
-        f"--- stdout (end)\n{done.stdout[-3000:]}\n--- stderr (end)\n{done.stderr[-3000:]}")
+        f"--- stdout (end)\n{done.stdout[-3000:]}\n--- stderr (end)\n{done.stderr[-3000:]}"
+    )
 
 
 # ----------------------------------------------------------------- the resolver, in process
@@ -186,18 +210,32 @@ def test_packaged_configs_need_no_checkout_files(tmp_path, monkeypatch):
             assert "tests/fixtures" not in text and not text.startswith("package:"), (name, text)
             if text.endswith((".jsonl", ".json", ".parquet", ".npz", ".csv")):
                 assert Path(text).is_absolute() and Path(text).is_file(), (name, text)
-    _, raw = load_command_config(Path("rm_personas"), ["data.eval=package:data/personas.jsonl"],
-                                 announce=False)
+    _, raw = load_command_config(
+        Path("rm_personas"), ["data.eval=package:data/personas.jsonl"], announce=False
+    )
     assert raw["data"]["eval"] == raw["data"]["train"]
-    assert Path(raw["data"]["train"]).read_bytes() == (
-        ROOT / "tests" / "fixtures" / "personas.jsonl").read_bytes()
+    assert (
+        Path(raw["data"]["train"]).read_bytes()
+        == (ROOT / "tests" / "fixtures" / "personas.jsonl").read_bytes()
+    )
 
 
-@pytest.mark.parametrize("value", ["package:data/missing.jsonl", "package:", "package:data",
-                                   "package:../cli.py", "package:/etc/hostname"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "package:data/missing.jsonl",
+        "package:",
+        "package:data",
+        "package:../cli.py",
+        "package:/etc/hostname",
+    ],
+)
 def test_bad_package_paths_are_config_errors(value):
-    with pytest.raises(ConfigError, match=r"data\.train: .*is not a packaged file.*"
-                                          r"package:data/personas\.jsonl"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.train: .*is not a packaged file.*"
+        r"package:data/personas\.jsonl",
+    ):
         resolve_package_paths({"data": {"train": value}})
 
 

@@ -50,8 +50,11 @@ def _replay(monkeypatch, result: tuple[dict[str, Any], Any]) -> None:
 def test_report_of_a_fit_folder(tmp_path):
     from pluralign.envs import MultiUser
 
-    data = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0) \
-        .sample_offline([1]).save(tmp_path / "prefs.jsonl")
+    data = (
+        MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
+        .sample_offline([1])
+        .save(tmp_path / "prefs.jsonl")
+    )
     out = tmp_path / "model"
     fitted = invoke("fit", data, "--k", "2", "--out", out)
     assert fitted.exit_code == 0, fitted.output
@@ -77,13 +80,33 @@ def test_report_of_a_fit_folder(tmp_path):
 def _rm_job(out: Path):
     """A stub of the train-rm job: writes what its ``write_run`` writes (and config.yaml, so
     that the folder is not taken for a run folder), returns the report."""
-    users = [{"user": u, "n_train": 30 + i, "train_accuracy": 0.912345678 - i / 7,
-              "train_loss": 0.3123456789, "n_test": 10, "test_accuracy": 0.8123456789 - i / 9,
-              "test_loss": 0.41234567} for i, u in enumerate(["ana", "ben", "cy"])]
-    summary = {"model": "tiny-bert", "share": "B", "r": 4, "users": 3, "n_train": 93,
-               "n_test": 30, "train_accuracy": 0.8765432198, "test_accuracy": 0.7654321987,
-               "test_mean_user_accuracy": 0.76, "test_loss": float("nan"), "steps": 24,
-               "resumed_from": None, "processes": 1}
+    users = [
+        {
+            "user": u,
+            "n_train": 30 + i,
+            "train_accuracy": 0.912345678 - i / 7,
+            "train_loss": 0.3123456789,
+            "n_test": 10,
+            "test_accuracy": 0.8123456789 - i / 9,
+            "test_loss": 0.41234567,
+        }
+        for i, u in enumerate(["ana", "ben", "cy"])
+    ]
+    summary = {
+        "model": "tiny-bert",
+        "share": "B",
+        "r": 4,
+        "users": 3,
+        "n_train": 93,
+        "n_test": 30,
+        "train_accuracy": 0.8765432198,
+        "test_accuracy": 0.7654321987,
+        "test_mean_user_accuracy": 0.76,
+        "test_loss": float("nan"),
+        "steps": 24,
+        "resumed_from": None,
+        "processes": 1,
+    }
     report = {"summary": summary, "users": users}
 
     def job(command, module, function, config, overrides, **kwargs):
@@ -92,6 +115,7 @@ def _rm_job(out: Path):
         (out / "per_user_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "history.json").write_text("[]\n")
         return {"out": str(out)}, report
+
     return job
 
 
@@ -119,8 +143,15 @@ def test_report_of_a_train_rm_folder(monkeypatch, tmp_path):
 def test_report_of_a_train_policy_folder(monkeypatch, tmp_path):
     out = tmp_path / "policy"
     calls = _recording(monkeypatch)
-    trained = invoke("train-policy", "policy_toy", "--out", out, "--no-progress",
-                     "--set", "train.num_train_epochs=1")
+    trained = invoke(
+        "train-policy",
+        "policy_toy",
+        "--out",
+        out,
+        "--no-progress",
+        "--set",
+        "train.num_train_epochs=1",
+    )
     assert trained.exit_code == 0, trained.output
     _replay(monkeypatch, calls[0])
     trained_json = invoke("train-policy", "policy_toy", "--out", out, "--json")
@@ -140,8 +171,9 @@ def test_report_of_a_train_policy_folder(monkeypatch, tmp_path):
 def test_report_of_an_iterate_folder(monkeypatch, tmp_path):
     out = tmp_path / "iterate"
     calls = _recording(monkeypatch)
-    ran = invoke("iterate", "iterate_toy", "--out", out, "--no-progress",
-                 "--set", "iterate.rounds=1")
+    ran = invoke(
+        "iterate", "iterate_toy", "--out", out, "--no-progress", "--set", "iterate.rounds=1"
+    )
     assert ran.exit_code == 0, ran.output
     _replay(monkeypatch, calls[0])
     ran_json = invoke("iterate", "iterate_toy", "--out", out, "--json")
@@ -167,8 +199,14 @@ def test_report_of_an_unknown_folder_names_what_it_looked_for(tmp_path):
         assert result.stdout == ""
         message = " ".join(result.stderr.split())
         assert "not a pluralign output folder" in message
-        for name in ("report.json", "per_user_accuracy.json", "per_user.json", "history.json",
-                     "rounds.md", "config.yaml"):
+        for name in (
+            "report.json",
+            "per_user_accuracy.json",
+            "per_user.json",
+            "history.json",
+            "rounds.md",
+            "config.yaml",
+        ):
             assert name in message
     missing = invoke("report", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "is not a folder" in " ".join(missing.stderr.split())

@@ -17,7 +17,8 @@ TIGHT = {"tol": 1e-10, "max_iter": 10000}
 # says so with the precision-floor ConvergenceWarning, expected here (and in float32 at 1e-6).
 # Only that variant is ignored; an iteration-cap or line-search warning would still show.
 AT_FLOOR = pytest.mark.filterwarnings(
-    "ignore:.*stopped decreasing at float(32|64) precision:pluralign.errors.ConvergenceWarning")
+    "ignore:.*stopped decreasing at float(32|64) precision:pluralign.errors.ConvergenceWarning"
+)
 
 
 def kron_features(x: np.ndarray, phi: np.ndarray) -> np.ndarray:

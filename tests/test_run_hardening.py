@@ -27,9 +27,12 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
 EXPERIMENT_CONFIGS = ("loco.yaml", "multi_user.yaml", "gshf.yaml", "quick.yaml")
 
 GSHF_TINY = {
-    "experiment": "gshf", "seed": 1, "repeats": 1,
+    "experiment": "gshf",
+    "seed": 1,
+    "repeats": 1,
     "env": {"d": 4, "n_actions": 4, "n_eval": 30, "uncovered_dim": 2},
-    "n_samples": [2], "methods": ["offline_mle", "online_uniform"],
+    "n_samples": [2],
+    "methods": ["offline_mle", "online_uniform"],
     "options": {"batch_size": 20, "hybrid_offline": 20},
 }
 
@@ -112,14 +115,21 @@ BAD_SETTINGS = [
 
 
 def _base(experiment, tiny_config):
-    return {"loco": tiny_config, "gshf": GSHF_TINY,
-            "multi_user": {"experiment": "multi_user", "env": {}}}[experiment]
+    return {
+        "loco": tiny_config,
+        "gshf": GSHF_TINY,
+        "multi_user": {"experiment": "multi_user", "env": {}},
+    }[experiment]
 
 
-@pytest.mark.parametrize(("experiment", "section", "key", "value"), BAD_SETTINGS,
-                         ids=[f"{e}-{s}.{k}-{i}" for i, (e, s, k, _) in enumerate(BAD_SETTINGS)])
-def test_bad_settings_are_refused_when_resolved_naming_the_key(experiment, section, key, value,
-                                                               tiny_config):
+@pytest.mark.parametrize(
+    ("experiment", "section", "key", "value"),
+    BAD_SETTINGS,
+    ids=[f"{e}-{s}.{k}-{i}" for i, (e, s, k, _) in enumerate(BAD_SETTINGS)],
+)
+def test_bad_settings_are_refused_when_resolved_naming_the_key(
+    experiment, section, key, value, tiny_config
+):
     config = with_value(_base(experiment, tiny_config), section, key, value)
     with pytest.raises(ConfigError) as info:
         resolve_config(config)
@@ -138,15 +148,16 @@ def test_negative_ridge_grid_and_zero_delta_never_start_a_run(tmp_path, tiny_con
 
 def _every_key():
     for name, experiment in sorted(EXPERIMENTS.items()):
-        for section, defaults in (("env", experiment.env_defaults),
-                                  ("options", experiment.option_defaults)):
+        for section, defaults in (
+            ("env", experiment.env_defaults),
+            ("options", experiment.option_defaults),
+        ):
             for key in defaults:
                 yield name, section, key
 
 
 @pytest.mark.parametrize(("experiment", "section", "key"), list(_every_key()))
-def test_every_key_has_a_constraint_and_null_never_skips_it(experiment, section, key,
-                                                            tiny_config):
+def test_every_key_has_a_constraint_and_null_never_skips_it(experiment, section, key, tiny_config):
     spec = getattr(EXPERIMENTS[experiment], f"{'env' if section == 'env' else 'option'}_spec")
     assert key in spec, f"{experiment}.{section}.{key} has no declared constraint"
     config = with_value(_base(experiment, tiny_config), section, key, None)
@@ -170,8 +181,9 @@ def test_packaged_configs_and_defaults_still_resolve(name, quick):
 
 def test_sample_sizes_of_a_unit_are_bounded_as_a_whole():
     with pytest.raises(ConfigError, match="comparisons per unit"):
-        resolve_config({"experiment": "multi_user", "env": {"n_users": 10_000},
-                        "n_samples": [100_000]})
+        resolve_config(
+            {"experiment": "multi_user", "env": {"n_users": 10_000}, "n_samples": [100_000]}
+        )
     with pytest.raises(ConfigError, match="T·batch_size"):
         resolve_config({**GSHF_TINY, "n_samples": [10**6], "options": {"batch_size": 10**6}})
 
@@ -183,16 +195,34 @@ def test_nullable_uncovered_reward_takes_null_or_a_share():
         expected = None if share is None else float(share)
         assert resolved["env"][0]["uncovered_reward"] == expected
     with pytest.raises(ConfigError, match="uncovered_reward"):  # no uncovered subspace
-        resolve_config({**GSHF_TINY, "env": {**env, "uncovered_dim": 0,
-                                             "uncovered_reward": 0.5}})
+        resolve_config({**GSHF_TINY, "env": {**env, "uncovered_dim": 0, "uncovered_reward": 0.5}})
 
 
-@pytest.mark.parametrize(("value", "default"), [
-    ("1e999999", 1.0), ("-1e999999", 1.0), ("inf", 1.0), (float("nan"), 1.0),
-    (10**400, 1.0), ({"a": 1}, 1.0), ([1.0], 1.0), (None, 1.0), (True, 1.0),
-    ("9" * 5000, 3), ("1e400", 3), ("nan", 3), (float("inf"), 3), (2.5, 3), ({"a": 1}, 3),
-    ([1, 2], "text"), ({"a": 1}, "text"), ("yes", True), ([[1.0]], [1.0]), ([], [1.0]),
-])
+@pytest.mark.parametrize(
+    ("value", "default"),
+    [
+        ("1e999999", 1.0),
+        ("-1e999999", 1.0),
+        ("inf", 1.0),
+        (float("nan"), 1.0),
+        (10**400, 1.0),
+        ({"a": 1}, 1.0),
+        ([1.0], 1.0),
+        (None, 1.0),
+        (True, 1.0),
+        ("9" * 5000, 3),
+        ("1e400", 3),
+        ("nan", 3),
+        (float("inf"), 3),
+        (2.5, 3),
+        ({"a": 1}, 3),
+        ([1, 2], "text"),
+        ({"a": 1}, "text"),
+        ("yes", True),
+        ([[1.0]], [1.0]),
+        ([], [1.0]),
+    ],
+)
 def test_coerce_refuses_with_config_error(value, default):
     with pytest.raises(ConfigError, match="'key'"):
         _coerce("key", value, default)
@@ -218,12 +248,18 @@ def test_docs_tabulate_the_declared_constraints():
 
 # ------------------------------------------------------------------ B4. sweep expansion
 def test_a_27000_setting_sweep_resolves_and_dedupe_keeps_first_seen_order():
-    grid = {"diversity": [i / 10 for i in range(30)], "n_users": list(range(1, 31)),
-            "d_phi": list(range(3, 33))}
+    grid = {
+        "diversity": [i / 10 for i in range(30)],
+        "n_users": list(range(1, 31)),
+        "d_phi": list(range(3, 33)),
+    }
     resolved = resolve_config({"experiment": "multi_user", "env": {}, "sweep": grid})
     assert len(resolved["env"]) == 27_000
-    overlapping = [{"diversity": [0.0, 1.0, 2.0]}, {"diversity": [2.0, 1.0, 3.0]},
-                   {"diversity": [0.0]}]
+    overlapping = [
+        {"diversity": [0.0, 1.0, 2.0]},
+        {"diversity": [2.0, 1.0, 3.0]},
+        {"diversity": [0.0]},
+    ]
     resolved = resolve_config({"experiment": "multi_user", "env": {}, "sweep": overlapping})
     assert [e["diversity"] for e in resolved["env"]] == [0.0, 1.0, 2.0, 3.0]
 
@@ -231,14 +267,21 @@ def test_a_27000_setting_sweep_resolves_and_dedupe_keeps_first_seen_order():
 def test_settings_with_one_name_are_refused_naming_both():
     env = {"n_users": 5, "d_phi": 4, "k": 2}
     with pytest.raises(ConfigError) as info:  # n_actions is not part of the setting's name
-        resolve_config({"experiment": "multi_user", "env": [env, {**env, "n_actions": 3},
-                                                           {**env, "n_users": 6}]})
+        resolve_config(
+            {
+                "experiment": "multi_user",
+                "env": [env, {**env, "n_actions": 3}, {**env, "n_users": 6}],
+            }
+        )
     assert "settings 0 and 1" in str(info.value)
 
 
 def test_a_sweep_too_large_to_expand_is_refused_before_expanding():
-    grid = {"diversity": list(range(100)), "n_users": list(range(1, 101)),
-            "d_phi": list(range(1, 101))}
+    grid = {
+        "diversity": list(range(100)),
+        "n_users": list(range(1, 101)),
+        "d_phi": list(range(1, 101)),
+    }
     with pytest.raises(ConfigError, match="1_000_000 env settings"):
         resolve_config({"experiment": "multi_user", "env": {}, "sweep": grid})
 
@@ -279,9 +322,21 @@ def test_sigkill_of_a_parallel_run_leaves_no_worker_behind(tmp_path, tiny_config
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from pluralign.cli import app; app()", "run", str(path),
-         "--out", str(tmp_path / "out"), "--jobs", "2", "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-c",
+            "from pluralign.cli import app; app()",
+            "run",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--jobs",
+            "2",
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         children: set[int] = set()
         for _ in range(1200):  # liveness poll: until the two workers have started
@@ -365,7 +420,8 @@ def test_duplicate_curve_rows_are_dropped_without_recomputing(tmp_path):
     run(GSHF_TINY, out, on_unit=seen.append)
     assert seen == []  # before: the unit looked incomplete (too many rows) and was recomputed
     assert [{k: v for k, v in r.items() if k != "fit_seconds"} for r in read_results(path)] == [
-        {k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
+        {k: v for k, v in r.items() if k != "fit_seconds"} for r in rows
+    ]
 
 
 # ------------------------------------------------------------------ C. results.jsonl
@@ -392,8 +448,9 @@ BAD_LINES = [
 ]
 
 
-@pytest.mark.parametrize(("bad", "field"), BAD_LINES,
-                         ids=[f"line{i}" for i in range(len(BAD_LINES))])
+@pytest.mark.parametrize(
+    ("bad", "field"), BAD_LINES, ids=[f"line{i}" for i in range(len(BAD_LINES))]
+)
 def test_a_malformed_middle_line_is_an_error_naming_file_and_line(tmp_path, bad, field):
     path = tmp_path / "results.jsonl"
     good = json.dumps(GOOD).encode()
@@ -409,7 +466,7 @@ def test_a_malformed_middle_line_is_an_error_naming_file_and_line(tmp_path, bad,
 def test_a_torn_last_line_is_dropped_silently(tmp_path):
     path = tmp_path / "results.jsonl"
     good = json.dumps(GOOD)
-    for torn in (good[:-7].encode(), "{\"setting\": \"é".encode()[:-1], b"\x00\x00\x00"):
+    for torn in (good[:-7].encode(), '{"setting": "é'.encode()[:-1], b"\x00\x00\x00"):
         path.write_bytes((good + "\n").encode() + torn)
         assert read_results(path) == [GOOD]
     path.write_bytes((good + "\n{broken\n").encode())  # complete (newline-ended): not torn
@@ -419,8 +476,12 @@ def test_a_torn_last_line_is_dropped_silently(tmp_path):
 
 def test_non_finite_metrics_read_back_and_a_directory_is_refused(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps({**GOOD, "gap": float("nan")}) + "\n"
-                    + json.dumps(GOOD).replace("0.5", "1e999999") + "\n")
+    path.write_text(
+        json.dumps({**GOOD, "gap": float("nan")})
+        + "\n"
+        + json.dumps(GOOD).replace("0.5", "1e999999")
+        + "\n"
+    )
     rows = read_results(path)
     assert math.isnan(rows[0]["gap"]) and rows[1]["gap"] == math.inf
     folder = tmp_path / "dir" / "results.jsonl"
@@ -467,15 +528,19 @@ def test_report_of_a_finished_run_works(finished):
     assert "fullrank_greedy" in result.output
 
 
-@pytest.mark.parametrize("config_text", [
-    b"- a\n- list\n",
-    b"experiment: loco\nseed: 0\n",  # lacks keys a resolved config has
-    b"experiment: nope\nseed: 0\nrepeats: 1\nenv: []\nn_samples: [1]\nmethods: []\noptions: {}\n",
-    b"seed: [unclosed\n",
-    b"seed: " + b"9" * 5000 + b"\n",
-    b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n",
-    b"\xff\xfe: 1\n",
-])
+@pytest.mark.parametrize(
+    "config_text",
+    [
+        b"- a\n- list\n",
+        b"experiment: loco\nseed: 0\n",  # lacks keys a resolved config has
+        b"experiment: nope\nseed: 0\nrepeats: 1\nenv: []\nn_samples: [1]\n"
+        b"methods: []\noptions: {}\n",
+        b"seed: [unclosed\n",
+        b"seed: " + b"9" * 5000 + b"\n",
+        b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+        b"\xff\xfe: 1\n",
+    ],
+)
 def test_report_refuses_a_bad_config_yaml_with_exit_2(tmp_path, finished, config_text):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -501,8 +566,9 @@ def test_report_revalidates_config_yaml(tmp_path, finished):
     assert result.exit_code == 2 and "config.yaml" in flat(result.output)
 
 
-@pytest.mark.parametrize("config_text", [b"seed: [unclosed\n", b"a: " + b"[" * 5000 + b"]" * 5000,
-                                         b"\xff: 1\n", None])
+@pytest.mark.parametrize(
+    "config_text", [b"seed: [unclosed\n", b"a: " + b"[" * 5000 + b"]" * 5000, b"\xff: 1\n", None]
+)
 def test_run_refuses_an_unreadable_config_yaml_in_its_folder(tmp_path, tiny_config, config_text):
     out = tmp_path / "run"
     out.mkdir()
@@ -514,13 +580,16 @@ def test_run_refuses_an_unreadable_config_yaml_in_its_folder(tmp_path, tiny_conf
         run(tiny_config, out)
 
 
-@pytest.mark.parametrize("results", [
-    b'{"setting": 1}\n{}\n',
-    b"[1]\n" * 3,
-    b"\xff\n{}\n",
-    b'{"setting": "nope", "method": "fullrank_greedy", "n": 40, "repeat": 0}\n\n',
-    None,  # a directory named results.jsonl
-])
+@pytest.mark.parametrize(
+    "results",
+    [
+        b'{"setting": 1}\n{}\n',
+        b"[1]\n" * 3,
+        b"\xff\n{}\n",
+        b'{"setting": "nope", "method": "fullrank_greedy", "n": 40, "repeat": 0}\n\n',
+        None,  # a directory named results.jsonl
+    ],
+)
 def test_report_refuses_bad_results_with_exit_2(tmp_path, finished, results):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -536,12 +605,29 @@ def test_report_refuses_bad_results_with_exit_2(tmp_path, finished, results):
 
 def _gshf_folder(folder: Path) -> list[dict]:
     """A gshf run folder with made-up rows (no unit is run): 2 repeats, rounds 0..2."""
-    config = resolve_config({**GSHF_TINY, "repeats": 2, "methods": [
-        "online_enhancer", "online_symmetric", "online_uniform"]})
+    config = resolve_config(
+        {
+            **GSHF_TINY,
+            "repeats": 2,
+            "methods": ["online_enhancer", "online_symmetric", "online_uniform"],
+        }
+    )
     setting = EXPERIMENTS["gshf"].describe_setting(config["env"][0])
-    rows = [{"setting": setting, "method": m, "n": t, "repeat": r, "unit_n": 2, "gap": 0.1 * t,
-             "fit_seconds": 0.0, "unit_rows": 9}
-            for r in range(2) for m in config["methods"] for t in range(3)]
+    rows = [
+        {
+            "setting": setting,
+            "method": m,
+            "n": t,
+            "repeat": r,
+            "unit_n": 2,
+            "gap": 0.1 * t,
+            "fit_seconds": 0.0,
+            "unit_rows": 9,
+        }
+        for r in range(2)
+        for m in config["methods"]
+        for t in range(3)
+    ]
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -570,7 +656,8 @@ def test_report_checks_claims_on_whole_units_and_skips_a_missing_point(tmp_path)
 def test_run_prints_error_messages_verbatim(tmp_path, tiny_config):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**tiny_config, "methods": ["[/bold]"]}))
-    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "o"),
-                                      "--no-progress"])
+    result = CliRunner().invoke(
+        app, ["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
     assert result.exit_code == 2
     assert "[/bold]" in result.output and "Traceback" not in result.output

@@ -202,8 +202,14 @@ def test_estimation_error_shrinks_with_more_samples():
     repeats, n = 10, 200
 
     def errors(size: int, stream: int) -> np.ndarray:
-        return np.array([env.estimation_error(Bilinear(l2=1e-4).fit(
-            env.sample_offline(size, [stream, k])).theta_) for k in range(repeats)])
+        return np.array(
+            [
+                env.estimation_error(
+                    Bilinear(l2=1e-4).fit(env.sample_offline(size, [stream, k])).theta_
+                )
+                for k in range(repeats)
+            ]
+        )
 
     small, large = errors(n, 1), errors(4 * n, 2)
     se_small, se_large = (np.std(e, ddof=1) / np.sqrt(repeats) for e in (small, large))

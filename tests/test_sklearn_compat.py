@@ -49,8 +49,9 @@ def contextual_data(seed: int = 0) -> PreferenceData:
 
 def users_with_contexts_data(seed: int = 0) -> PreferenceData:
     """8 users × 30 comparisons with 3-d user contexts, d_phi = 5 (seeded)."""
-    env = MultiUser(n_users=8, d_phi=5, k=2, n_per_user=30, seed=seed, d_context=3,
-                    context_noise=0.2)
+    env = MultiUser(
+        n_users=8, d_phi=5, k=2, n_per_user=30, seed=seed, d_context=3, context_noise=0.2
+    )
     return env.sample_offline([seed])
 
 
@@ -61,23 +62,50 @@ def _fitted_lowrank() -> LowRank:
 # Each case: (name, a maker of the estimator with non-default hyper-parameters, its data,
 # hyper-parameters to change in the set_params round trip).
 CASES: list[tuple[str, Callable[[], object], Callable[[], PreferenceData], dict]] = [
-    ("Linear", lambda: Linear(l2=0.05, tol=1e-7, max_iter=500), multi_user_data,
-     {"l2": 0.2, "max_iter": 300}),
-    ("Bilinear", lambda: Bilinear(l2=0.02, tol=1e-7), contextual_data,
-     {"l2": 0.3, "tol": 1e-5}),
-    ("LowRank", lambda: LowRank(rank=2, l2=0.01, balance=1e-3, init="random", seed=4),
-     contextual_data, {"rank": 1, "seed": 9}),
-    ("RTVReduced", lambda: RTVReduced(_fitted_lowrank(), l2=0.03, tol=1e-7), contextual_data,
-     {"l2": 0.1, "max_iter": 200}),
-    ("PerUser", lambda: PerUser(l2=0.02, unknown_user="shared", adapt_l2=0.5),
-     multi_user_data, {"l2": 0.1, "unknown_user": "error"}),
+    (
+        "Linear",
+        lambda: Linear(l2=0.05, tol=1e-7, max_iter=500),
+        multi_user_data,
+        {"l2": 0.2, "max_iter": 300},
+    ),
+    ("Bilinear", lambda: Bilinear(l2=0.02, tol=1e-7), contextual_data, {"l2": 0.3, "tol": 1e-5}),
+    (
+        "LowRank",
+        lambda: LowRank(rank=2, l2=0.01, balance=1e-3, init="random", seed=4),
+        contextual_data,
+        {"rank": 1, "seed": 9},
+    ),
+    (
+        "RTVReduced",
+        lambda: RTVReduced(_fitted_lowrank(), l2=0.03, tol=1e-7),
+        contextual_data,
+        {"l2": 0.1, "max_iter": 200},
+    ),
+    (
+        "PerUser",
+        lambda: PerUser(l2=0.02, unknown_user="shared", adapt_l2=0.5),
+        multi_user_data,
+        {"l2": 0.1, "unknown_user": "error"},
+    ),
     ("Pooled", lambda: Pooled(l2=0.04, tol=1e-7), multi_user_data, {"l2": 0.5}),
-    ("SharedBasis", lambda: SharedBasis(k=3, l2=0.01, unknown_user="shared", seed=2),
-     multi_user_data, {"k": 1, "l2": 0.1}),
-    ("Contextual", lambda: Contextual(k=2, l2=0.02, unknown_user="shared", seed=3),
-     users_with_contexts_data, {"k": 1, "standardize": False}),
-    ("UserReward", lambda: UserReward(np.eye(5)[:, :3], np.ones(3), l2=0.07, user=4),
-     multi_user_data, {"l2": 0.3, "user": 5}),
+    (
+        "SharedBasis",
+        lambda: SharedBasis(k=3, l2=0.01, unknown_user="shared", seed=2),
+        multi_user_data,
+        {"k": 1, "l2": 0.1},
+    ),
+    (
+        "Contextual",
+        lambda: Contextual(k=2, l2=0.02, unknown_user="shared", seed=3),
+        users_with_contexts_data,
+        {"k": 1, "standardize": False},
+    ),
+    (
+        "UserReward",
+        lambda: UserReward(np.eye(5)[:, :3], np.ones(3), l2=0.07, user=4),
+        multi_user_data,
+        {"l2": 0.3, "user": 5},
+    ),
 ]
 IDS = [case[0] for case in CASES]
 CASES_ONLY = [case[1:] for case in CASES]
@@ -124,8 +152,7 @@ def test_clone_of_rtv_reduced_keeps_its_fitted_base_and_does_not_expose_its_para
     model = RTVReduced(base, l2=0.03)
     copy = clone(model)
     assert copy.base is base and base.is_fitted_
-    assert set(model.get_params(deep=True)) == {"base", "l2", "tol", "max_iter", "dtype",
-                                                 "device"}
+    assert set(model.get_params(deep=True)) == {"base", "l2", "tol", "max_iter", "dtype", "device"}
     with pytest.raises(DataValidationError, match="fitted input") as info:
         model.set_params(base__l2=1.0)
     assert info.value.field == "base__l2" and base.l2 == 1e-2
@@ -134,8 +161,19 @@ def test_clone_of_rtv_reduced_keeps_its_fitted_base_and_does_not_expose_its_para
 def test_get_params_lists_the_init_arguments_in_order_and_deep_changes_nothing_flat():
     model = SharedBasis(k=3, l2=0.5, seed=7)
     assert list(model.get_params(deep=False)) == [
-        "k", "l2", "unknown_user", "adapt_l2", "balance", "init", "seed", "dense_svd_limit",
-        "tol", "max_iter", "dtype", "device"]
+        "k",
+        "l2",
+        "unknown_user",
+        "adapt_l2",
+        "balance",
+        "init",
+        "seed",
+        "dense_svd_limit",
+        "tol",
+        "max_iter",
+        "dtype",
+        "device",
+    ]
     assert model.get_params(deep=True) == model.get_params(deep=False) == model.get_params()
     assert model.get_params()["k"] == 3 and model.get_params()["seed"] == 7
     # UserReward's ``params`` argument is fitted state, not a hyper-parameter
@@ -205,8 +243,14 @@ def test_fit_accepts_y_none_or_the_data_labels_and_refuses_other_labels():
     plain = SharedBasis(k=2, l2=0.01).fit(data)
     with_y = SharedBasis(k=2, l2=0.01).fit(data, data.y)
     np.testing.assert_array_equal(with_y.thetas_, plain.thetas_)
-    for model in (SharedBasis(k=2), PerUser(), Pooled(), Linear(), LowRank(1),
-                  UserReward(np.eye(5))):
+    for model in (
+        SharedBasis(k=2),
+        PerUser(),
+        Pooled(),
+        Linear(),
+        LowRank(1),
+        UserReward(np.eye(5)),
+    ):
         fitting = data if not isinstance(model, LowRank) else contextual_data()
         with pytest.raises(DataValidationError) as info:
             model.fit(fitting, np.zeros(fitting.n))
@@ -256,8 +300,12 @@ def test_grid_search_with_a_per_user_group_split_matches_a_hand_written_loop():
     for train, test in folds:  # a per-user split: every user is on one side only
         assert not set(data.users[train]) & set(data.users[test])
 
-    search = GridSearchCV(SharedBasis(unknown_user="shared"), param_grid=grid,
-                          cv=GroupKFold(n_splits=3), error_score="raise")
+    search = GridSearchCV(
+        SharedBasis(unknown_user="shared"),
+        param_grid=grid,
+        cv=GroupKFold(n_splits=3),
+        error_score="raise",
+    )
     assert search.fit(data, groups=data.users) is search
 
     # the oracle: every candidate fitted and scored by hand on the same folds
@@ -292,11 +340,9 @@ def test_grid_search_with_a_per_user_group_split_matches_a_hand_written_loop():
 def test_grid_search_per_user_split_needs_a_fallback_for_held_out_users():
     """With unknown_user="error", a user held out of training cannot be scored."""
     data = multi_user_data()
-    search = GridSearchCV(Pooled(), {"l2": [1e-3]}, cv=GroupKFold(n_splits=3),
-                          error_score="raise")
+    search = GridSearchCV(Pooled(), {"l2": [1e-3]}, cv=GroupKFold(n_splits=3), error_score="raise")
     search.fit(data, groups=data.users)  # Pooled gives every user its one θ
     assert np.isfinite(search.best_score_)
-    search = GridSearchCV(PerUser(), {"l2": [1e-3]}, cv=GroupKFold(n_splits=3),
-                          error_score="raise")
+    search = GridSearchCV(PerUser(), {"l2": [1e-3]}, cv=GroupKFold(n_splits=3), error_score="raise")
     with pytest.raises(DataValidationError, match="unknown user"):
         search.fit(data, groups=data.users)

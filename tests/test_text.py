@@ -41,8 +41,11 @@ def personas(encoder):
 
 
 def test_embeddings_are_unit_norm_deterministic_and_semantic(encoder):
-    texts = ["How do I boil an egg?", "What is the way to hard-boil eggs?",
-             "The stock market fell sharply today."]
+    texts = [
+        "How do I boil an egg?",
+        "What is the way to hard-boil eggs?",
+        "The stock market fell sharply today.",
+    ]
     emb = encoder.encode(texts)
     assert emb.shape == (3, 384) and encoder.dim == 384
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -95,9 +98,23 @@ def test_minilm_features_personalize_end_to_end(personas):
 
 def test_cli_fit_and_rank_text(personas, cache, encoder, tmp_path):
     out = tmp_path / "model"
-    result = CliRunner().invoke(app, ["fit", str(PERSONAS), "--model", "shared_basis", "--k",
-                                      "2", "--out", str(out), "--cache-dir", str(cache),
-                                      "--test-size", "0.25"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            str(PERSONAS),
+            "--model",
+            "shared_basis",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--test-size",
+            "0.25",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "model.json").read_text())
     assert meta["features"]["kind"] == "text" and meta["features"]["encoder"]["dim"] == 384
@@ -105,16 +122,27 @@ def test_cli_fit_and_rank_text(personas, cache, encoder, tmp_path):
     assert report["summary"]["test_accuracy"] >= 0.75
 
     prompt = "How do I make tea?"
-    styles = [r for r in read_trl(PERSONAS).chosen + read_trl(PERSONAS).rejected
-              if "tea bag" in r]
+    styles = [r for r in read_trl(PERSONAS).chosen + read_trl(PERSONAS).rejected if "tea bag" in r]
     styles = sorted(set(styles))
     candidates = tmp_path / "candidates.jsonl"
     candidates.write_text(json.dumps({"prompt": prompt, "responses": styles}) + "\n")
     model, _, _ = load_model(out)
     phi = encoder.features([prompt] * len(styles), styles)
     for user, beta in (("ana", "0"), ("ben", "0.5")):
-        result = CliRunner().invoke(app, ["rank", str(out), str(candidates), "--user", user,
-                                          "--pessimism", beta, "--cache-dir", str(cache)])
+        result = CliRunner().invoke(
+            app,
+            [
+                "rank",
+                str(out),
+                str(candidates),
+                "--user",
+                user,
+                "--pessimism",
+                beta,
+                "--cache-dir",
+                str(cache),
+            ],
+        )
         assert result.exit_code == 0, result.output
         record = json.loads(result.output)
         reward = phi @ model.user_theta(user)[0]

@@ -104,16 +104,25 @@ __all__ = [
 
 #: Every linear layer of a Llama decoder block (attention and MLP); ``lm_head`` excluded (TRL
 #: refuses an adapter on the LM head).
-LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj")
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tiny_llama_config(**overrides) -> transformers.LlamaConfig:
     """A tiny Llama: vocab 64, hidden 32, 2 layers, 4 heads (2 KV heads), MLP 64, no dropout."""
-    kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                  attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=0,
-                  bos_token_id=None, eos_token_id=1)
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
     kwargs.update(overrides)
     return transformers.LlamaConfig(**kwargs)
 
@@ -126,8 +135,9 @@ def tiny_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
     vocab.update({f"t{i}": i for i in range(3, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                                eos_token="<eos>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 class _ExactLogProb:
@@ -139,8 +149,17 @@ class _ExactLogProb:
     """
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=("log_probs",)):
+    def apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=("log_probs",),
+    ):
         z = hidden @ weight.to(hidden.dtype).T
         if bias is not None:
             z = z + bias.to(z.dtype)
@@ -264,23 +283,44 @@ def trl_dpo_loss_and_grads(
     model = transformers.LlamaForCausalLM(model_config)
     model.load_state_dict(dict(state_dict), strict=True)
     model = model.to(dtype)
-    peft_config = peft.LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]),
-                                  target_modules=list(lora["target_modules"]), lora_dropout=0.0,
-                                  bias="none", task_type="CAUSAL_LM")
+    peft_config = peft.LoraConfig(
+        r=int(lora["r"]),
+        lora_alpha=float(lora["alpha"]),
+        target_modules=list(lora["target_modules"]),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     tokenizer = tiny_tokenizer(model_config.vocab_size)
-    dataset = datasets.Dataset.from_dict({"prompt": ["t3 t4"], "chosen": [" t5<eos>"],
-                                          "rejected": [" t6<eos>"]})
-    with tempfile.TemporaryDirectory() as out_dir, _keep_rng_state(), \
-            warnings.catch_warnings():
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": ["t3 t4"], "chosen": [" t5<eos>"], "rejected": [" t6<eos>"]}
+    )
+    with tempfile.TemporaryDirectory() as out_dir, _keep_rng_state(), warnings.catch_warnings():
         # transformers' own deprecation notices about TRL's config fields, not ours
         warnings.simplefilter("ignore", FutureWarning)
-        args = trl.DPOConfig(output_dir=out_dir, beta=float(beta), loss_type=[loss_type],
-                             report_to=[], use_cpu=True, bf16=False, fp16=False,
-                             precompute_ref_log_probs=False, disable_dropout=True,
-                             per_device_train_batch_size=1, max_length=None, logging_strategy="no",
-                             save_strategy="no", dataloader_num_workers=0)
-        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset,
-                                 processing_class=tokenizer, peft_config=peft_config)
+        args = trl.DPOConfig(
+            output_dir=out_dir,
+            beta=float(beta),
+            loss_type=[loss_type],
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            precompute_ref_log_probs=False,
+            disable_dropout=True,
+            per_device_train_batch_size=1,
+            max_length=None,
+            logging_strategy="no",
+            save_strategy="no",
+            dataloader_num_workers=0,
+        )
+        trainer = trl.DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     policy = trainer.model
     if not isinstance(policy, peft.PeftModel) or trainer.ref_model is not None:
         raise RuntimeError("TRL did not take the adapter-disabled model as its reference")
@@ -292,20 +332,25 @@ def trl_dpo_loss_and_grads(
     peft_names = {n for n, p in params.items() if p.requires_grad}
     wanted = {_peft_name(k.rsplit(".", 1)[0], k.rsplit(".", 1)[1]): k for k in lora_weights}
     if set(wanted) != peft_names:
-        raise ValueError(f"lora_weights do not match PEFT's adapted modules: missing "
-                         f"{sorted(peft_names - set(wanted))[:4]}, unknown "
-                         f"{sorted(set(wanted) - peft_names)[:4]}")
+        raise ValueError(
+            f"lora_weights do not match PEFT's adapted modules: missing "
+            f"{sorted(peft_names - set(wanted))[:4]}, unknown "
+            f"{sorted(set(wanted) - peft_names)[:4]}"
+        )
     with torch.no_grad():
         for peft_name, ours in wanted.items():
             target = params[peft_name]
             value = torch.as_tensor(lora_weights[ours])
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{ours}: shape {tuple(value.shape)}, PEFT's "
-                                 f"{peft_name} is {tuple(target.shape)}")
+                raise ValueError(
+                    f"{ours}: shape {tuple(value.shape)}, PEFT's "
+                    f"{peft_name} is {tuple(target.shape)}"
+                )
             target.copy_(value.to(target.dtype))
             target.grad = None
-    inputs = {k: torch.as_tensor(batch[k]) for k in ("input_ids", "attention_mask",
-                                                     "completion_mask")}
+    inputs = {
+        k: torch.as_tensor(batch[k]) for k in ("input_ids", "attention_mask", "completion_mask")
+    }
     policy.train()
     head = exact_lm_head() if lm_head == "exact" else contextlib.nullcontext()
     with head:
@@ -315,12 +360,19 @@ def trl_dpo_loss_and_grads(
     return float(loss.detach()), grads
 
 
-def closed_form_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def closed_form_logps(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row ``sum_t completion_mask[t] log p(x_t | x_<t)`` with plain torch (no TRL)."""
     ids, mask = batch["input_ids"], batch["completion_mask"]
-    out = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=position_ids,
-                use_cache=False)
+    out = model(
+        input_ids=ids,
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids,
+        use_cache=False,
+    )
     log_p = F.log_softmax(out.logits[:, :-1], dim=-1)
     tok = log_p.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (tok * mask[:, 1:].to(tok.dtype)).sum(1)

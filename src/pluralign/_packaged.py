@@ -14,8 +14,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGE_PREFIX", "packaged_config_names", "packaged_configs_dir",
-           "resolve_package_paths"]
+__all__ = [
+    "PACKAGE_PREFIX",
+    "packaged_config_names",
+    "packaged_configs_dir",
+    "resolve_package_paths",
+]
 
 PACKAGE_PREFIX = "package:"
 
@@ -42,23 +46,26 @@ def resolve_package_paths(config: Any, key: str = "", depth: int = 0) -> Any:
     from pluralign.errors import ConfigError
 
     if isinstance(config, dict | list) and depth > MAX_DEPTH:
-        raise ConfigError(f"{key or 'config'}: nested more than {MAX_DEPTH} levels deep (or "
-                          "refers to itself)")
+        raise ConfigError(
+            f"{key or 'config'}: nested more than {MAX_DEPTH} levels deep (or refers to itself)"
+        )
     if isinstance(config, dict):
-        return {k: resolve_package_paths(v, f"{key}.{k}" if key else str(k), depth + 1)
-                for k, v in config.items()}
+        return {
+            k: resolve_package_paths(v, f"{key}.{k}" if key else str(k), depth + 1)
+            for k, v in config.items()
+        }
     if isinstance(config, list):
-        return [resolve_package_paths(v, f"{key}[{i}]", depth + 1)
-                for i, v in enumerate(config)]
+        return [resolve_package_paths(v, f"{key}[{i}]", depth + 1) for i, v in enumerate(config)]
     if not isinstance(config, str) or not config.startswith(PACKAGE_PREFIX):
         return config
-    relative = Path(config[len(PACKAGE_PREFIX):])
+    relative = Path(config[len(PACKAGE_PREFIX) :])
     root = packaged_configs_dir()
     path = root / relative
-    if (not relative.parts or relative.is_absolute() or ".." in relative.parts
-            or not path.is_file()):
+    if not relative.parts or relative.is_absolute() or ".." in relative.parts or not path.is_file():
         shipped = sorted(str(p.relative_to(root)) for p in root.glob("data/*") if p.is_file())
-        raise ConfigError(f"{key or 'config'}: {config!r} is not a packaged file; "
-                          f"package:PATH is a file under {root}, e.g. "
-                          + ", ".join(PACKAGE_PREFIX + s for s in shipped))
+        raise ConfigError(
+            f"{key or 'config'}: {config!r} is not a packaged file; "
+            f"package:PATH is a file under {root}, e.g. "
+            + ", ".join(PACKAGE_PREFIX + s for s in shipped)
+        )
     return str(path)

@@ -69,10 +69,13 @@ def _decode(raw: bytes, path: str, line: int | None = None) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataValidationError(f"not valid UTF-8 (byte {exc.start + 1} of the line)"
-                                  if line is not None else
-                                  f"not valid UTF-8 (byte {exc.start + 1})",
-                                  path=path, line=line) from None
+        raise DataValidationError(
+            f"not valid UTF-8 (byte {exc.start + 1} of the line)"
+            if line is not None
+            else f"not valid UTF-8 (byte {exc.start + 1})",
+            path=path,
+            line=line,
+        ) from None
 
 
 def _open_bytes(path: Path) -> bytes:
@@ -104,8 +107,10 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _int(text: str) -> int:
     if len(text.lstrip("-")) > 19 or abs(int(text)) >= INT_LIMIT:
-        raise _Refused(f"integer {text[:24]}{'…' if len(text) > 24 else ''} is out of range "
-                       "(at most 2**63 - 1 in absolute value)")
+        raise _Refused(
+            f"integer {text[:24]}{'…' if len(text) > 24 else ''} is out of range "
+            "(at most 2**63 - 1 in absolute value)"
+        )
     return int(text)
 
 
@@ -126,8 +131,10 @@ def _constant(text: str) -> float:
     raise _Refused(f"{text} is not valid JSON (use a finite number)")
 
 
-_HOOKS = {True: {"parse_int": _int, "parse_float": _float, "parse_constant": _constant},
-          False: {"parse_int": _int_or_inf}}
+_HOOKS = {
+    True: {"parse_int": _int, "parse_float": _float, "parse_constant": _constant},
+    False: {"parse_int": _int_or_inf},
+}
 
 
 def _json_depth(text: str) -> int:
@@ -168,8 +175,7 @@ def _check_strings(value: Any) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise _Refused("a string holds a lone UTF-16 surrogate (not valid text)"
-                               ) from None
+                raise _Refused("a string holds a lone UTF-16 surrogate (not valid text)") from None
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
@@ -177,15 +183,18 @@ def _check_strings(value: Any) -> None:
             stack.extend(item)
 
 
-def parse_json(text: str, *, path: str | None = None, line: int | None = None,
-               finite: bool = True) -> Any:
+def parse_json(
+    text: str, *, path: str | None = None, line: int | None = None, finite: bool = True
+) -> Any:
     """One JSON document under the rules of the module docstring; errors name file and line.
     ``finite=False`` reads non-finite and out-of-range numbers as ``±inf``/``nan`` (for row
     readers whose validators name the field)."""
-    if ("[" in text or "{" in text) and text.count("[") + text.count("{") > MAX_DEPTH \
-            and _json_depth(text) > MAX_DEPTH:
-        raise DataValidationError(f"nested more than {MAX_DEPTH} levels deep", path=path,
-                                  line=line)
+    if (
+        ("[" in text or "{" in text)
+        and text.count("[") + text.count("{") > MAX_DEPTH
+        and _json_depth(text) > MAX_DEPTH
+    ):
+        raise DataValidationError(f"nested more than {MAX_DEPTH} levels deep", path=path, line=line)
     try:
         value = json.loads(text, object_pairs_hook=_pairs, **_HOOKS[finite])
         if _SURROGATE.search(text):
@@ -195,8 +204,9 @@ def parse_json(text: str, *, path: str | None = None, line: int | None = None,
         raise DataValidationError(exc.message, path=path, line=line, field=exc.key) from None
     except json.JSONDecodeError as exc:
         where = line if line is not None else exc.lineno
-        raise DataValidationError(f"invalid JSON ({exc.msg}, column {exc.colno})", path=path,
-                                  line=where) from None
+        raise DataValidationError(
+            f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=where
+        ) from None
     except (RecursionError, ValueError) as exc:  # defensive: json's own limits
         raise DataValidationError(f"invalid JSON ({exc})", path=path, line=line) from None
 
@@ -207,8 +217,9 @@ def read_json_file(path: str | Path) -> Any:
     return parse_json(read_text(path), path=str(path))
 
 
-def iter_json_lines(path: str | Path, *, errors: list[DataValidationError] | None = None
-                    ) -> Iterator[tuple[int, Any]]:
+def iter_json_lines(
+    path: str | Path, *, errors: list[DataValidationError] | None = None
+) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` for each non-blank line of a JSON-lines file.
 
     A bad line raises :class:`DataValidationError` naming the file and line; with ``errors``
@@ -220,8 +231,12 @@ def iter_json_lines(path: str | Path, *, errors: list[DataValidationError] | Non
         if not raw.strip():
             continue
         try:
-            yield lineno, parse_json(_decode(raw, str(path), lineno), path=str(path),
-                                     line=lineno, finite=False)
+            yield (
+                lineno,
+                parse_json(
+                    _decode(raw, str(path), lineno), path=str(path), line=lineno, finite=False
+                ),
+            )
         except DataValidationError as err:
             if errors is None:
                 raise
@@ -258,11 +273,14 @@ class _StrictLoader(yaml.SafeLoader):
             try:
                 duplicate = key in seen
             except TypeError:
-                raise _Refused(f"a mapping key must be a plain value, got {key!r} "
-                               f"(line {key_node.start_mark.line + 1})") from None
+                raise _Refused(
+                    f"a mapping key must be a plain value, got {key!r} "
+                    f"(line {key_node.start_mark.line + 1})"
+                ) from None
             if duplicate:
-                raise _Refused(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
-                               str(key))
+                raise _Refused(
+                    f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", str(key)
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -270,8 +288,9 @@ class _StrictLoader(yaml.SafeLoader):
 def _yaml_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
     digits = str(node.value).replace("_", "").lstrip("+-")
     if len(digits) > 20:
-        raise _Refused(f"integer {node.value[:24]}… is out of range (line "
-                       f"{node.start_mark.line + 1})")
+        raise _Refused(
+            f"integer {node.value[:24]}… is out of range (line {node.start_mark.line + 1})"
+        )
     value = yaml.SafeLoader.construct_yaml_int(loader, node)
     if abs(value) >= INT_LIMIT:
         raise _Refused(f"integer {node.value} is out of range (line {node.start_mark.line + 1})")
@@ -282,8 +301,9 @@ def _yaml_float(loader: _StrictLoader, node: yaml.ScalarNode) -> float:
     value = yaml.SafeLoader.construct_yaml_float(loader, node)
     text = str(node.value).lower()
     if value in (float("inf"), float("-inf")) and "inf" not in text:
-        raise _Refused(f"number {node.value[:24]} overflows a 64-bit float (line "
-                       f"{node.start_mark.line + 1})")
+        raise _Refused(
+            f"number {node.value[:24]} overflows a 64-bit float (line {node.start_mark.line + 1})"
+        )
     return value
 
 
@@ -291,8 +311,9 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
 
 
-def parse_yaml(text: str, *, source: str = "<string>",
-               error: type[PluralignError] = ConfigError) -> Any:
+def parse_yaml(
+    text: str, *, source: str = "<string>", error: type[PluralignError] = ConfigError
+) -> Any:
     """One YAML document (safe tags only) under the rules of the module docstring."""
     try:
         loader = _StrictLoader(text)
@@ -347,17 +368,32 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(member)
                 if dtype.kind not in NPZ_KINDS or dtype.fields is not None:
-                    raise DataValidationError(f"has dtype {dtype}; pluralign reads numbers and "
-                                              "strings only", field=field, **where)
+                    raise DataValidationError(
+                        f"has dtype {dtype}; pluralign reads numbers and strings only",
+                        field=field,
+                        **where,
+                    )
                 if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_NPZ_BYTES:
-                    raise DataValidationError(f"shape {shape} is larger than "
-                                              f"{MAX_NPZ_BYTES >> 30} GiB", field=field,
-                                              **where)
+                    raise DataValidationError(
+                        f"shape {shape} is larger than {MAX_NPZ_BYTES >> 30} GiB",
+                        field=field,
+                        **where,
+                    )
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except DataValidationError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
-            RuntimeError, TypeError, OverflowError) as exc:
-        raise DataValidationError(f"not a readable .npz file ({type(exc).__name__}: "
-                                  f"{str(exc)[:120]})", **where) from None
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        TypeError,
+        OverflowError,
+    ) as exc:
+        raise DataValidationError(
+            f"not a readable .npz file ({type(exc).__name__}: {str(exc)[:120]})", **where
+        ) from None

@@ -75,9 +75,14 @@ def print_table(table: Table) -> None:
     console.print(table)
 
 
-JsonFlag = Annotated[bool, typer.Option(
-    "--json", help="Print one JSON document of the results to stdout instead of tables "
-                   "(full precision; NaN as null); progress and log lines go to stderr.")]
+JsonFlag = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document of the results to stdout instead of tables "
+        "(full precision; NaN as null); progress and log lines go to stderr.",
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -133,15 +138,22 @@ def resolve_config_path(config: Path, announce: bool = True) -> Path:
         if stem in names:
             path = packaged_configs_dir() / f"{stem}.yaml"
             if announce:
-                err_console.print(f"using packaged config {stem} ({path})", markup=False,
-                                  highlight=False, soft_wrap=True)
+                err_console.print(
+                    f"using packaged config {stem} ({path})",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
             return path
-    raise ConfigError(f"{config}: config file not found, and not the name of a packaged config; "
-                      f"packaged configs: {', '.join(names)} (e.g. `pluralign run loco`)")
+    raise ConfigError(
+        f"{config}: config file not found, and not the name of a packaged config; "
+        f"packaged configs: {', '.join(names)} (e.g. `pluralign run loco`)"
+    )
 
 
-def load_command_config(config: Path, overrides: list[str] | None = None,
-                        announce: bool = True) -> tuple[Path, dict[str, Any]]:
+def load_command_config(
+    config: Path, overrides: list[str] | None = None, announce: bool = True
+) -> tuple[Path, dict[str, Any]]:
     """``(file, raw config)`` of a command's CONFIG argument: the file
     (:func:`resolve_config_path`) read, ``--set`` overrides applied, ``package:`` paths
     resolved (:func:`resolve_package_paths`)."""
@@ -179,8 +191,13 @@ def _fmt(mean: float | None, se: float | None) -> str:
     return f"{mean:.4g} ± {se:.2g}"
 
 
-_SHORT = {"suboptimality": "subopt", "estimation_error": "est. error",
-          "heldout_loglik": "held-out LL", "fit_seconds": "fit s", "duality_gap": "FW gap"}
+_SHORT = {
+    "suboptimality": "subopt",
+    "estimation_error": "est. error",
+    "heldout_loglik": "held-out LL",
+    "fit_seconds": "fit s",
+    "duality_gap": "FW gap",
+}
 
 
 def summary_tables(summary: list[dict[str, Any]], metrics: list[str]) -> list[Table]:
@@ -197,9 +214,13 @@ def summary_tables(summary: list[dict[str, Any]], metrics: list[str]) -> list[Ta
             table.add_column(_SHORT.get(metric, metric), justify="right")
         for rec in sorted(rows, key=lambda r: (r["method"], r["n"])):
             table.add_row(
-                rec["method"], str(rec["n"]), str(rec["count"]),
-                *(_fmt(rec.get(f"{m}_mean"), rec.get(f"{m}_se"))
-                  for m in [*metrics, "fit_seconds"]),
+                rec["method"],
+                str(rec["n"]),
+                str(rec["count"]),
+                *(
+                    _fmt(rec.get(f"{m}_mean"), rec.get(f"{m}_se"))
+                    for m in [*metrics, "fit_seconds"]
+                ),
             )
         tables.append(table)
     return tables
@@ -209,9 +230,11 @@ def summary_tables(summary: list[dict[str, Any]], metrics: list[str]) -> list[Ta
 def run(
     config: Annotated[
         Path | None,
-        typer.Argument(help="Experiment config: a YAML file, or a packaged config's name "
-                            "(loco, loco_coverage, multi_user, gshf, quick). Default: the "
-                            "built-in quick LoCo run."),
+        typer.Argument(
+            help="Experiment config: a YAML file, or a packaged config's name "
+            "(loco, loco_coverage, multi_user, gshf, quick). Default: the "
+            "built-in quick LoCo run."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/<config>).")
@@ -224,8 +247,12 @@ def run(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     force: Annotated[
-        bool, typer.Option("--force", help="Resume a results.jsonl that has no config.yaml "
-                           "beside it, as results of this config.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Resume a results.jsonl that has no config.yaml "
+            "beside it, as results of this config.",
+        ),
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -235,27 +262,35 @@ def run(
     from pluralign.experiments.summary import summarize
 
     try:
-        path, raw = load_command_config(config or default_config_path(),
-                                        announce=config is not None)
+        path, raw = load_command_config(
+            config or default_config_path(), announce=config is not None
+        )
         out = out or Path("runs") / (path.stem + ("-quick" if quick else ""))
         with _stdout_to_stderr(as_json):
-            resolved = run_experiment(raw, out, quick=quick, jobs=jobs, progress=progress,
-                                      force=force)
+            resolved = run_experiment(
+                raw, out, quick=quick, jobs=jobs, progress=progress, force=force
+            )
         rows = run_rows(out / "results.jsonl", resolved)
     except PluralignError as err:
         raise _fail(str(err)) from None
     experiment = EXPERIMENTS[resolved["experiment"]]
     summary = summarize(rows, experiment.metrics)
     try:
-        _print_report(out, resolved, summary, f"{experiment.name} ({path})", rows=rows,
-                      as_json=as_json)
+        _print_report(
+            out, resolved, summary, f"{experiment.name} ({path})", rows=rows, as_json=as_json
+        )
     except PluralignError as err:
         raise _fail(str(err)) from None
 
 
-def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, Any]],
-                  title: str, rows: list[dict[str, Any]] | None = None,
-                  as_json: bool = False) -> None:
+def _print_report(
+    out: Path,
+    resolved: dict[str, Any],
+    summary: list[dict[str, Any]],
+    title: str,
+    rows: list[dict[str, Any]] | None = None,
+    as_json: bool = False,
+) -> None:
     """Tables and claims of a run (or, ``as_json``, one JSON document of them); ``rows`` are
     its results (default: read from ``out``)."""
     from rich.markup import escape
@@ -274,25 +309,39 @@ def _print_report(out: Path, resolved: dict[str, Any], summary: list[dict[str, A
         claims += check_loco_claims(finished, resolved)
     if experiment.claims is not None:
         claims += experiment.claims(finished, resolved)
-    files = {"results": out / "results.jsonl", "summary": out / "summary.csv",
-             "plot": out / (experiment.plot_metric + ".png")}
+    files = {
+        "results": out / "results.jsonl",
+        "summary": out / "summary.csv",
+        "plot": out / (experiment.plot_metric + ".png"),
+    }
     if as_json:
         metrics = [*experiment.metrics, "fit_seconds"]
-        _print_json({"experiment": resolved["experiment"], "title": title, "out": out,
-                     "files": files, "metrics": metrics,
-                     "table_metrics": [*(experiment.table_metrics or experiment.metrics),
-                                       "fit_seconds"],
-                     "summary": summary, "claims": claims})
+        _print_json(
+            {
+                "experiment": resolved["experiment"],
+                "title": title,
+                "out": out,
+                "files": files,
+                "metrics": metrics,
+                "table_metrics": [*(experiment.table_metrics or experiment.metrics), "fit_seconds"],
+                "summary": summary,
+                "claims": claims,
+            }
+        )
         return
     console.print(f"[bold]{escape(title)}[/bold]")
     for table in summary_tables(summary, list(experiment.table_metrics or experiment.metrics)):
         print_table(table)
     for claim in claims:
-        mark = {True: "[green]held[/green]", False: "[red]did not hold[/red]",
-                None: "[yellow]not measured[/yellow]"}[claim["held"]]
+        mark = {
+            True: "[green]held[/green]",
+            False: "[red]did not hold[/red]",
+            None: "[yellow]not measured[/yellow]",
+        }[claim["held"]]
         console.print(f"{escape(claim['claim'])}: {mark}\n    {escape(claim['detail'])}")
-    console.print(escape(f"results: {files['results']}   summary: {files['summary']}   "
-                         f"plot: {files['plot']}"))
+    console.print(
+        escape(f"results: {files['results']}   summary: {files['summary']}   plot: {files['plot']}")
+    )
 
 
 # The output folders `report` reads, each known by files its command writes (checked in this
@@ -332,8 +381,9 @@ def _read_json_file(path: Path) -> Any:
 def _report_document(path: Path, keys: tuple[str, ...], kind: str) -> dict[str, Any]:
     document = _read_json_file(path)
     if not isinstance(document, dict) or any(k not in document for k in keys):
-        raise PluralignError(f"{path}: not a {kind} report (a JSON object with the keys "
-                             f"{', '.join(keys)})")
+        raise PluralignError(
+            f"{path}: not a {kind} report (a JSON object with the keys {', '.join(keys)})"
+        )
     return document
 
 
@@ -354,9 +404,12 @@ def _report_other(out: Path, kind: str, as_json: bool) -> None:
     else:
         history = _read_json_file(out / "history.json")
         if not isinstance(history, list) or not all(
-                isinstance(r, dict) and isinstance(r.get("users"), dict) for r in history):
-            raise PluralignError(f"{out / 'history.json'}: not an iterate history (a JSON list "
-                                 "of rounds, each with its users)")
+            isinstance(r, dict) and isinstance(r.get("users"), dict) for r in history
+        ):
+            raise PluralignError(
+                f"{out / 'history.json'}: not an iterate history (a JSON list "
+                "of rounds, each with its users)"
+            )
         timings_path = out / "timings.json"
         timings = _read_json_file(timings_path) if timings_path.is_file() else []
         print_iterate(out, history, timings, None, as_json)
@@ -364,12 +417,16 @@ def _report_other(out: Path, kind: str, as_json: bool) -> None:
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Argument(
-        help="An output folder of `pluralign run`, `fit`, `train-rm`, `train-policy` or "
-             "`iterate`.")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="An output folder of `pluralign run`, `fit`, `train-rm`, `train-policy` or "
+            "`iterate`."
+        ),
+    ],
     markdown: Annotated[
-        str | None, typer.Option(help="Print a Markdown table of this metric instead "
-                                      "(run folders).")
+        str | None,
+        typer.Option(help="Print a Markdown table of this metric instead (run folders)."),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -388,8 +445,10 @@ def report(
     kind = folder_kind(out)
     if kind is None:
         looked_for = "; ".join(f"{' + '.join(files)} ({name})" for name, files in FOLDER_KINDS)
-        raise _fail(f"{out} is not a pluralign output folder: it has none of the sets of files "
-                    f"report looks for: {looked_for}")
+        raise _fail(
+            f"{out} is not a pluralign output folder: it has none of the sets of files "
+            f"report looks for: {looked_for}"
+        )
     if kind != "run":
         if markdown is not None:
             raise _fail(f"--markdown is for run folders; {out} is a {kind} folder")
@@ -403,9 +462,11 @@ def report(
         raw = read_config_file(config_path)
         written = [k for k in TOP_LEVEL_KEYS if k not in ("quick", "sweep")]
         if not isinstance(raw, dict) or any(k not in raw for k in written):
-            raise PluralignError(f"{config_path}: not a resolved pluralign config (a mapping "
-                                 f"with the keys {', '.join(written)}, as `pluralign run` "
-                                 "writes it)")
+            raise PluralignError(
+                f"{config_path}: not a resolved pluralign config (a mapping "
+                f"with the keys {', '.join(written)}, as `pluralign run` "
+                "writes it)"
+            )
         try:
             resolved = resolve_config(raw)
         except PluralignError as err:
@@ -419,13 +480,16 @@ def report(
         from pluralign.experiments.summary import markdown_table
 
         if markdown not in (*experiment.metrics, "fit_seconds"):
-            raise _fail(f"unknown metric {markdown!r}; valid: "
-                        f"{', '.join((*experiment.metrics, 'fit_seconds'))}")
+            raise _fail(
+                f"unknown metric {markdown!r}; valid: "
+                f"{', '.join((*experiment.metrics, 'fit_seconds'))}"
+            )
         print(markdown_table(summary, markdown, resolved["methods"]), end="")
         return
     try:
-        _print_report(out, resolved, summary, f"{experiment.name} ({out})", rows=rows,
-                      as_json=as_json)
+        _print_report(
+            out, resolved, summary, f"{experiment.name} ({out})", rows=rows, as_json=as_json
+        )
     except PluralignError as err:
         raise _fail(str(err)) from None
 
@@ -438,29 +502,63 @@ MODELS = ("shared_basis", "per_user", "pooled", "contextual")
 # the Python fields of fit's estimators, as the flags that set them (errors name the flag)
 FIT_FLAGS = {"k": "--k", "unknown_user": "--unknown-user"}
 FORMAT_HELP = "auto (from the file), numeric, trl, summarize or prism"
-DATA_FILE_HELP = ("JSONL, a JSON array, CSV (each also .gz), Parquet or .npz; numeric, "
-                  "TRL-style, summarize_from_feedback or PRISM rows")
+DATA_FILE_HELP = (
+    "JSONL, a JSON array, CSV (each also .gz), Parquet or .npz; numeric, "
+    "TRL-style, summarize_from_feedback or PRISM rows"
+)
 # column mapping: the data's name for a field (docs/multi_user.md "Data")
-UserColumn = Annotated[str | None, typer.Option(
-    "--user-column", help="The column holding the user id (default: user_id; user for numeric "
-                          "rows, worker for summarize_from_feedback).")]
-PromptColumn = Annotated[str | None, typer.Option(
-    "--prompt-column", help="The column holding the prompt (default: prompt; a row without "
-                            "one takes TRL's implicit prompt from chosen/rejected).")]
-ChosenColumn = Annotated[str | None, typer.Option(
-    "--chosen-column", help="The column holding the preferred response (default: chosen).")]
-RejectedColumn = Annotated[str | None, typer.Option(
-    "--rejected-column", help="The column holding the other response (default: rejected).")]
-ContextColumn = Annotated[str | None, typer.Option(
-    "--context-column", help="The column holding the user context (default: user_context; "
-                             "x for numeric rows).")]
+UserColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--user-column",
+        help="The column holding the user id (default: user_id; user for numeric "
+        "rows, worker for summarize_from_feedback).",
+    ),
+]
+PromptColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt-column",
+        help="The column holding the prompt (default: prompt; a row without "
+        "one takes TRL's implicit prompt from chosen/rejected).",
+    ),
+]
+ChosenColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--chosen-column", help="The column holding the preferred response (default: chosen)."
+    ),
+]
+RejectedColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--rejected-column", help="The column holding the other response (default: rejected)."
+    ),
+]
+ContextColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--context-column",
+        help="The column holding the user context (default: user_context; x for numeric rows).",
+    ),
+]
 
 
-def _column_options(user: str | None, prompt: str | None, chosen: str | None,
-                    rejected: str | None, context: str | None) -> dict[str, str]:
+def _column_options(
+    user: str | None,
+    prompt: str | None,
+    chosen: str | None,
+    rejected: str | None,
+    context: str | None,
+) -> dict[str, str]:
     """The column flags that were given, as the readers' keywords (``user_column=...``)."""
-    given = {"user_column": user, "prompt_column": prompt, "chosen_column": chosen,
-             "rejected_column": rejected, "context_column": context}
+    given = {
+        "user_column": user,
+        "prompt_column": prompt,
+        "chosen_column": chosen,
+        "rejected_column": rejected,
+        "context_column": context,
+    }
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -471,8 +569,14 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _llm_job(command: str, module: str, function: str, config: Path,
-             overrides: list[str] | None, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+def _llm_job(
+    command: str,
+    module: str,
+    function: str,
+    config: Path,
+    overrides: list[str] | None,
+    **kwargs: Any,
+) -> tuple[dict[str, Any], Any]:
     """Run an LLM job (``module.function(raw_config, **kwargs)``) from a YAML config with
     ``--set`` overrides; ``(raw config, report)``. A missing llm extra or a pluralign error
     exits cleanly (code 2)."""
@@ -486,8 +590,9 @@ def _llm_job(command: str, module: str, function: str, config: Path,
         job = getattr(importlib.import_module(module), function)
         from pluralign.llm.job import apply_overrides  # noqa: F401  (for --set)
     except ImportError as err:
-        raise _fail(f"{command} needs the llm extra (pip install 'pluralign[llm]'): {err}"
-                    ) from None
+        raise _fail(
+            f"{command} needs the llm extra (pip install 'pluralign[llm]'): {err}"
+        ) from None
     try:
         _, raw = load_command_config(path, overrides or [], announce=False)
         return raw, job(raw, **kwargs)
@@ -513,8 +618,9 @@ def data_validate(
     from pluralign.data.loaders import detect_format, validate_file
     from pluralign.data.sources import summarize_errors
 
-    columns = _column_options(user_column, prompt_column, chosen_column, rejected_column,
-                              context_column)
+    columns = _column_options(
+        user_column, prompt_column, chosen_column, rejected_column, context_column
+    )
     try:
         fmt = detect_format(file) if format == "auto" else format
         n, errors = validate_file(file, format=fmt, survey=survey, **columns)
@@ -538,10 +644,15 @@ EXAMPLE_FILES = {
 
 @app.command("example-data")
 def example_data(
-    folder: Annotated[Path, typer.Argument(help="Where to write the files (created if "
-                                                "missing; . for the working directory).")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite files that exist with "
-                                        "other contents.")] = False,
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="Where to write the files (created if missing; . for the working directory)."
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files that exist with other contents.")
+    ] = False,
 ) -> None:
     """Write example files for fit, rank and generate to FOLDER.
 
@@ -553,15 +664,24 @@ def example_data(
 
     if folder.exists() and not folder.is_dir():
         raise _fail(f"{folder} exists and is not a folder")
-    sources = {name: packaged_configs_dir() / "data" / source
-               for name, source in EXAMPLE_FILES.items()}
+    sources = {
+        name: packaged_configs_dir() / "data" / source for name, source in EXAMPLE_FILES.items()
+    }
     texts = {name: path.read_text(encoding="utf-8") for name, path in sources.items()}
-    clash = [name for name, text in texts.items() if (folder / name).exists() and (
-        not (folder / name).is_file()
-        or (folder / name).read_text(encoding="utf-8", errors="replace") != text)]
+    clash = [
+        name
+        for name, text in texts.items()
+        if (folder / name).exists()
+        and (
+            not (folder / name).is_file()
+            or (folder / name).read_text(encoding="utf-8", errors="replace") != text
+        )
+    ]
     if clash and not force:
-        raise _fail(f"{', '.join(str(folder / n) for n in clash)}: already there, with other "
-                    "contents; give --force to overwrite them, or another folder")
+        raise _fail(
+            f"{', '.join(str(folder / n) for n in clash)}: already there, with other "
+            "contents; give --force to overwrite them, or another folder"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
@@ -570,18 +690,29 @@ def example_data(
         raise _fail(f"cannot write to {folder}: {err}") from None
     lines = {name: text.count("\n") for name, text in texts.items()}
     users = len({json.loads(line)["user_id"] for line in texts["prefs.jsonl"].splitlines()})
-    console.print(f"wrote {folder / 'prefs.jsonl'} ({lines['prefs.jsonl']} comparisons, "
-                  f"{users} users), "
-                  f"{folder / 'candidates.jsonl'} ({lines['candidates.jsonl']} candidate sets), "
-                  f"{folder / 'prompts.jsonl'} ({lines['prompts.jsonl']} prompts); try\n"
-                  f"  pluralign fit {folder / 'prefs.jsonl'} --out model/\n"
-                  f"  pluralign rank model/ --user ana {folder / 'candidates.jsonl'}",
-                  markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {folder / 'prefs.jsonl'} ({lines['prefs.jsonl']} comparisons, "
+        f"{users} users), "
+        f"{folder / 'candidates.jsonl'} ({lines['candidates.jsonl']} candidate sets), "
+        f"{folder / 'prompts.jsonl'} ({lines['prompts.jsonl']} prompts); try\n"
+        f"  pluralign fit {folder / 'prefs.jsonl'} --out model/\n"
+        f"  pluralign rank model/ --user ana {folder / 'candidates.jsonl'}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
-def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model: str | None,
-                        mode: str, cache_dir: Path | None, seed: int,
-                        columns: dict[str, str] | None = None):
+def _load_training_data(
+    data: Path,
+    fmt: str,
+    survey: Path | None,
+    encoder_model: str | None,
+    mode: str,
+    cache_dir: Path | None,
+    seed: int,
+    columns: dict[str, str] | None = None,
+):
     """``(PreferenceData, feature metadata)`` from numeric or text preference files
     (``columns``: the readers' ``*_column`` keywords)."""
     from pluralign.data import load_preferences
@@ -600,11 +731,17 @@ def _load_training_data(data: Path, fmt: str, survey: Path | None, encoder_model
     prefs = read_text_preferences(data, format=fmt, survey=survey, **columns)
     from pluralign.features import TextEncoder
 
-    encoder = TextEncoder(encoder_model, mode=mode,
-                          cache_dir=cache_dir if cache_dir is not None else None)
+    encoder = TextEncoder(
+        encoder_model, mode=mode, cache_dir=cache_dir if cache_dir is not None else None
+    )
     pdata = prefs.to_preference_data(encoder, seed=seed)
-    meta = {"kind": "text", "format": fmt, "encoder": encoder.config(),
-            "template": prefs.template or encoder.template, "context_names": prefs.context_names}
+    meta = {
+        "kind": "text",
+        "format": fmt,
+        "encoder": encoder.config(),
+        "template": prefs.template or encoder.template,
+        "context_names": prefs.context_names,
+    }
     if prefs.context_schema is not None:
         meta["context"] = prefs.context_schema.to_dict()
     return pdata, meta
@@ -639,36 +776,63 @@ def _designs(model, train) -> dict:
         mats.append(cs.M)
         lams.append(cs.lam)
         ns.append(cs.n)
-    index = np.zeros(len(users), dtype=np.int64) if len(groups) == 1 and len(users) > 1 \
+    index = (
+        np.zeros(len(users), dtype=np.int64)
+        if len(groups) == 1 and len(users) > 1
         else np.arange(len(users))
-    return {"design": np.array(mats), "design_index": index, "design_lam": np.array(lams),
-            "design_n": np.array(ns)}
+    )
+    return {
+        "design": np.array(mats),
+        "design_index": index,
+        "design_lam": np.array(lams),
+        "design_n": np.array(ns),
+    }
 
 
 @app.command()
 def fit(
     data: Annotated[Path, typer.Argument(help=f"Preference data: {DATA_FILE_HELP}.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and report.")],
-    model: Annotated[str, typer.Option("--model", help=(
-        "shared_basis (θ_u = θ0 + B w_u), per_user, pooled, or contextual (LoCo-RLHF's "
-        "xᵀΘφ on the users' contexts: scores a new user from their context)."))] = (
-        "shared_basis"),
-    k: Annotated[int, typer.Option("--k", min=1, help=(
-        "Rank of the shared basis (shared_basis) or of Θ's context part (contextual)."))] = 4,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help=(
+                "shared_basis (θ_u = θ0 + B w_u), per_user, pooled, or contextual (LoCo-RLHF's "
+                "xᵀΘφ on the users' contexts: scores a new user from their context)."
+            ),
+        ),
+    ] = ("shared_basis"),
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k",
+            min=1,
+            help=("Rank of the shared basis (shared_basis) or of Θ's context part (contextual)."),
+        ),
+    ] = 4,
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     survey: Annotated[Path | None, typer.Option("--survey", help="PRISM survey file.")] = None,
-    encoder: Annotated[str | None, typer.Option(
-        "--encoder", help="sentence-transformers model (default: MiniLM-L6, offline).")] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            "--encoder", help="sentence-transformers model (default: MiniLM-L6, offline)."
+        ),
+    ] = None,
     mode: Annotated[str, typer.Option("--mode", help="φ(s,a): joint or response.")] = "joint",
-    ridge: Annotated[float, typer.Option(
-        "--ridge", min=0.0, help="l2 = ridge / N (a prior on the summed loss).")] = 1.0,
-    test_size: Annotated[float, typer.Option("--test-size", min=0.0, max=0.9,
-                                             help="Held-out share per user.")] = 0.2,
+    ridge: Annotated[
+        float, typer.Option("--ridge", min=0.0, help="l2 = ridge / N (a prior on the summed loss).")
+    ] = 1.0,
+    test_size: Annotated[
+        float, typer.Option("--test-size", min=0.0, max=0.9, help="Held-out share per user.")
+    ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and pair order.")] = 0,
-    unknown_user: Annotated[str, typer.Option(
-        "--unknown-user", help="error, or shared (unknown users get θ0).")] = "error",
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir",
-                                                   help="Embedding cache folder.")] = None,
+    unknown_user: Annotated[
+        str, typer.Option("--unknown-user", help="error, or shared (unknown users get θ0).")
+    ] = "error",
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Embedding cache folder.")
+    ] = None,
     user_column: UserColumn = None,
     prompt_column: PromptColumn = None,
     chosen_column: ChosenColumn = None,
@@ -698,58 +862,89 @@ def fit(
     try:
         with _stdout_to_stderr(as_json):
             pdata, features = _load_training_data(
-                data, format, survey, encoder, mode, cache_dir, seed,
-                _column_options(user_column, prompt_column, chosen_column, rejected_column,
-                                context_column))
+                data,
+                format,
+                survey,
+                encoder,
+                mode,
+                cache_dir,
+                seed,
+                _column_options(
+                    user_column, prompt_column, chosen_column, rejected_column, context_column
+                ),
+            )
         if pdata.users is None:
             raise PluralignError(f"{data}: personalized models need user ids (user / user_id)")
         if model == "contextual" and pdata.x is None:
             raise PluralignError(
                 f"{data}: --model contextual needs user contexts, and the rows have none "
                 "(user_context on every row, x for numeric rows; --context-column names "
-                "another column)")
-        train, test = (_split_per_user(pdata, test_size, seed) if test_size > 0
-                       else (pdata, None))
+                "another column)"
+            )
+        train, test = _split_per_user(pdata, test_size, seed) if test_size > 0 else (pdata, None)
         l2 = ridge / train.n
         try:
-            estimator = {"shared_basis": lambda: SharedBasis(k, l2, unknown_user=unknown_user,
-                                                             seed=seed),
-                         "per_user": lambda: PerUser(l2, unknown_user=unknown_user),
-                         "pooled": lambda: Pooled(l2),
-                         "contextual": lambda: Contextual(k, l2, unknown_user=unknown_user,
-                                                          seed=seed)}[model]().fit(train)
+            estimator = {
+                "shared_basis": lambda: SharedBasis(k, l2, unknown_user=unknown_user, seed=seed),
+                "per_user": lambda: PerUser(l2, unknown_user=unknown_user),
+                "pooled": lambda: Pooled(l2),
+                "contextual": lambda: Contextual(k, l2, unknown_user=unknown_user, seed=seed),
+            }[model]().fit(train)
         except DataValidationError as err:
             if err.path is None and err.field in FIT_FLAGS:  # a flag's value, not the data
                 raise PluralignError(f"{FIT_FLAGS[err.field]}: {err.bare}") from None
             raise
         train_acc = estimator.per_user_accuracy(train)
         test_acc = estimator.per_user_accuracy(test) if test is not None else {}
-        report = [{"user": u, "n_train": train_acc[u][1], "train_accuracy": train_acc[u][0],
-                   "n_test": test_acc.get(u, (None, 0))[1],
-                   "test_accuracy": test_acc.get(u, (None, 0))[0]} for u in train_acc]
-        summary = {"model": model, "k": k if model in ("shared_basis", "contextual") else None,
-                   "n_train": train.n, "n_test": 0 if test is None else test.n,
-                   "users": len(report), "d_phi": pdata.d_phi,
-                   "d_x": pdata.d_x if model == "contextual" else None,
-                   "train_accuracy": estimator.accuracy(train),
-                   "test_accuracy": None if test is None else estimator.accuracy(test),
-                   "train_loglik": estimator.log_likelihood(train),
-                   "test_loglik": None if test is None else estimator.log_likelihood(test),
-                   "converged": bool(estimator.converged_)}
-        save_model(estimator, out, designs=_designs(estimator, train),
-                   metadata={"features": features, "ridge": ridge, "seed": seed,
-                             "test_size": test_size, "data": str(data)})
+        report = [
+            {
+                "user": u,
+                "n_train": train_acc[u][1],
+                "train_accuracy": train_acc[u][0],
+                "n_test": test_acc.get(u, (None, 0))[1],
+                "test_accuracy": test_acc.get(u, (None, 0))[0],
+            }
+            for u in train_acc
+        ]
+        summary = {
+            "model": model,
+            "k": k if model in ("shared_basis", "contextual") else None,
+            "n_train": train.n,
+            "n_test": 0 if test is None else test.n,
+            "users": len(report),
+            "d_phi": pdata.d_phi,
+            "d_x": pdata.d_x if model == "contextual" else None,
+            "train_accuracy": estimator.accuracy(train),
+            "test_accuracy": None if test is None else estimator.accuracy(test),
+            "train_loglik": estimator.log_likelihood(train),
+            "test_loglik": None if test is None else estimator.log_likelihood(test),
+            "converged": bool(estimator.converged_),
+        }
+        save_model(
+            estimator,
+            out,
+            designs=_designs(estimator, train),
+            metadata={
+                "features": features,
+                "ridge": ridge,
+                "seed": seed,
+                "test_size": test_size,
+                "data": str(data),
+            },
+        )
     except PluralignError as err:
         raise _fail(str(err)) from None
-    atomic_write_text(out / "report.json", json.dumps({"summary": summary, "users": report},
-                                                      indent=2) + "\n")
+    atomic_write_text(
+        out / "report.json", json.dumps({"summary": summary, "users": report}, indent=2) + "\n"
+    )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(report[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(report)
     atomic_write_text(out / "per_user_accuracy.csv", buffer.getvalue())
-    per_user_accuracy_plot(report, out / "accuracy.png",
-                   f"{model} on {data.name}: per-user pairwise accuracy")
+    per_user_accuracy_plot(
+        report, out / "accuracy.png", f"{model} on {data.name}: per-user pairwise accuracy"
+    )
     print_fit(out, {"summary": summary, "users": report}, str(data), as_json)
 
 
@@ -761,24 +956,45 @@ def print_fit(out: Path, document: dict[str, Any], data: str, as_json: bool = Fa
 
     summary, report = document["summary"], document["users"]
     if as_json:
-        _print_json({"out": out, "files": {
-            "report": out / "report.json", "per_user_accuracy": out / "per_user_accuracy.csv",
-            "plot": out / "accuracy.png"}, "summary": summary, "users": report})
+        _print_json(
+            {
+                "out": out,
+                "files": {
+                    "report": out / "report.json",
+                    "per_user_accuracy": out / "per_user_accuracy.csv",
+                    "plot": out / "accuracy.png",
+                },
+                "summary": summary,
+                "users": report,
+            }
+        )
         return
     d_x = f", d_x={summary['d_x']}" if summary.get("d_x") else ""
-    table = Table(title=escape(f"{summary['model']} on {data} ({summary['users']} users, "
-                               f"d_phi={summary['d_phi']}{d_x})"),
-                  title_justify="left")
+    table = Table(
+        title=escape(
+            f"{summary['model']} on {data} ({summary['users']} users, "
+            f"d_phi={summary['d_phi']}{d_x})"
+        ),
+        title_justify="left",
+    )
     for column in ("user", "n train", "train acc", "n test", "test acc"):
         table.add_column(column, justify="left" if column == "user" else "right")
     for r in report[:50]:
-        table.add_row(str(r["user"]), str(r["n_train"]), f"{r['train_accuracy']:.3f}",
-                      str(r["n_test"]), "—" if r["test_accuracy"] is None
-                      else f"{r['test_accuracy']:.3f}")
+        table.add_row(
+            str(r["user"]),
+            str(r["n_train"]),
+            f"{r['train_accuracy']:.3f}",
+            str(r["n_test"]),
+            "—" if r["test_accuracy"] is None else f"{r['test_accuracy']:.3f}",
+        )
     print_table(table)
     test_text = "—" if summary["test_accuracy"] is None else f"{summary['test_accuracy']:.3f}"
-    console.print(escape(f"train accuracy {summary['train_accuracy']:.3f}, held-out "
-                         f"{test_text}; model and report in {out}"))
+    console.print(
+        escape(
+            f"train accuracy {summary['train_accuracy']:.3f}, held-out "
+            f"{test_text}; model and report in {out}"
+        )
+    )
 
 
 def _user_id(user: str, users: list[Any]) -> Any:
@@ -805,47 +1021,71 @@ def _read_candidates(path: Path, text: bool, d_phi: int) -> list[tuple[int, dict
         if text:  # strings, or TRL message lists rendered as the training rows were
             if "prompt" not in row:
                 raise DataValidationError("missing", field="prompt", **where)
-            prompt = row["prompt"] if isinstance(row["prompt"], str) else render_text(
-                row["prompt"], "prompt", **where)
+            prompt = (
+                row["prompt"]
+                if isinstance(row["prompt"], str)
+                else render_text(row["prompt"], "prompt", **where)
+            )
             responses = row.get("responses")
             if not isinstance(responses, list) or not responses:
-                raise DataValidationError("must be a non-empty list of non-empty strings or "
-                                          "message lists", field="responses", **where)
-            texts = [render_text(r, f"responses[{i}]", **where)
-                     for i, r in enumerate(responses)]
+                raise DataValidationError(
+                    "must be a non-empty list of non-empty strings or message lists",
+                    field="responses",
+                    **where,
+                )
+            texts = [render_text(r, f"responses[{i}]", **where) for i, r in enumerate(responses)]
             row = {**row, "text_prompt": prompt, "text_responses": texts}
         else:
             phi = row.get("phi")
-            ok = (isinstance(phi, list) and phi and all(
-                isinstance(v, list) and len(v) == d_phi and all(
-                    isinstance(c, int | float) and not isinstance(c, bool)
-                    and math.isfinite(c) for c in v) for v in phi))
+            ok = (
+                isinstance(phi, list)
+                and phi
+                and all(
+                    isinstance(v, list)
+                    and len(v) == d_phi
+                    and all(
+                        isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c)
+                        for c in v
+                    )
+                    for v in phi
+                )
+            )
             if not ok:
                 raise DataValidationError(
                     f"must be a non-empty list of length-{d_phi} lists of finite numbers",
-                    field="phi", **where)
+                    field="phi",
+                    **where,
+                )
         rows.append((where["line"], row))
     if not rows:
         raise DataValidationError("no candidates", path=str(path))
     return rows
 
 
-def _encode_candidates(encoder: Any, row: dict[str, Any], template: str, model_dir: Path,
-                       d_phi: int):
+def _encode_candidates(
+    encoder: Any, row: dict[str, Any], template: str, model_dir: Path, d_phi: int
+):
     """``φ(prompt, response)`` of a candidate row with the encoder a model folder names; a model
     that cannot be loaded (a missing folder, an unreachable hub name) is a clear error."""
     try:
-        phi = encoder.features([row["text_prompt"]] * len(row["text_responses"]),
-                               row["text_responses"], template=template)
+        phi = encoder.features(
+            [row["text_prompt"]] * len(row["text_responses"]),
+            row["text_responses"],
+            template=template,
+        )
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         if isinstance(exc, PluralignError):
             raise
-        raise PluralignError(f"{model_dir}/model.json: field 'features.encoder': cannot load or "
-                             f"run the text encoder {encoder.model_path!r} "
-                             f"({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise PluralignError(
+            f"{model_dir}/model.json: field 'features.encoder': cannot load or "
+            f"run the text encoder {encoder.model_path!r} "
+            f"({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     if phi.shape[1] != d_phi:
-        raise PluralignError(f"{model_dir}: the text encoder gives {phi.shape[1]} features but "
-                             f"the model was fitted on d_phi = {d_phi}")
+        raise PluralignError(
+            f"{model_dir}: the text encoder gives {phi.shape[1]} features but "
+            f"the model was fitted on d_phi = {d_phi}"
+        )
     return phi
 
 
@@ -869,9 +1109,13 @@ def _read_adapt_pairs(path: Path, uid: Any, features: dict[str, Any], encoder: A
     if (fmt != "numeric") != text:
         raise DataValidationError(
             f"--adapt: {fmt} pairs, but the model was fitted on "
-            + ("text; give text pairs (trl, summarize or prism) of the user" if text
-               else "numeric features; give numeric pairs (phi0, phi1, y) of the user"),
-            path=str(path))
+            + (
+                "text; give text pairs (trl, summarize or prism) of the user"
+                if text
+                else "numeric features; give numeric pairs (phi0, phi1, y) of the user"
+            ),
+            path=str(path),
+        )
     if text:
         prefs = read_text_preferences(path, format=fmt)
         users = prefs.users.tolist()
@@ -883,8 +1127,12 @@ def _read_adapt_pairs(path: Path, uid: Any, features: dict[str, Any], encoder: A
         if users is not None and path.suffix.lower() != ".npz":
             from pluralign.data.sources import Problems, iter_rows
 
-            lines = [line for _, line, _ in iter_rows(
-                path, Problems("raise"), typed=("x", "phi0", "phi1", "y"))]
+            lines = [
+                line
+                for _, line, _ in iter_rows(
+                    path, Problems("raise"), typed=("x", "phi0", "phi1", "y")
+                )
+            ]
             lines = lines if len(lines) == len(users) else None
     if users is not None:
         other = [i for i, u in enumerate(users) if str(u) != str(uid)]
@@ -894,8 +1142,10 @@ def _read_adapt_pairs(path: Path, uid: Any, features: dict[str, Any], encoder: A
                 f"--adapt: a pair of user {users[i]!r}, not of --user {uid!r}"
                 + (f" (and {len(other) - 1} more such row(s))" if len(other) > 1 else "")
                 + "; --adapt takes the pairs of the user being ranked only",
-                path=str(path), field="user_id" if text else "user", **(
-                    {"line": lines[i]} if lines is not None else {"row": i}))
+                path=str(path),
+                field="user_id" if text else "user",
+                **({"line": lines[i]} if lines is not None else {"row": i}),
+            )
     if text:
         import dataclasses
 
@@ -903,13 +1153,24 @@ def _read_adapt_pairs(path: Path, uid: Any, features: dict[str, Any], encoder: A
         prefs = dataclasses.replace(prefs, template=features["template"])
         data = prefs.to_preference_data(encoder, orient="chosen_second")
     if data.d_phi != d_phi:
-        raise DataValidationError(f"--adapt: pairs with {data.d_phi} features, but the model "
-                                  f"was fitted on d_phi = {d_phi}", path=str(path))
+        raise DataValidationError(
+            f"--adapt: pairs with {data.d_phi} features, but the model "
+            f"was fitted on d_phi = {d_phi}",
+            path=str(path),
+        )
     return data
 
 
-def _rank_context(model: Any, model_dir: Path, uid: Any, known: bool, context: str | None,
-                  features: dict[str, Any], adapting: bool, pessimism: float) -> bool:
+def _rank_context(
+    model: Any,
+    model_dir: Path,
+    uid: Any,
+    known: bool,
+    context: str | None,
+    features: dict[str, Any],
+    adapting: bool,
+    pessimism: float,
+) -> bool:
     """``rank --context``: for a contextual model, register an unseen ``uid`` by the context
     (``True``: the user is scored from it); a known user's context must be the one the model
     has. Anything else with ``--context`` is an error, naming why."""
@@ -920,31 +1181,44 @@ def _rank_context(model: Any, model_dir: Path, uid: Any, known: bool, context: s
 
     contextual = isinstance(model, Contextual)
     if adapting and contextual:
-        raise PluralignError(f"{model_dir}: a contextual model scores a new user from their "
-                             "context; give --context JSON instead of --adapt")
+        raise PluralignError(
+            f"{model_dir}: a contextual model scores a new user from their "
+            "context; give --context JSON instead of --adapt"
+        )
     if context is None:
         return False
     if not contextual:
-        raise PluralignError(f"--context applies to a contextual model (`pluralign fit --model "
-                             f"contextual`); {model_dir} holds a {type(model).__name__}")
+        raise PluralignError(
+            f"--context applies to a contextual model (`pluralign fit --model "
+            f"contextual`); {model_dir} holds a {type(model).__name__}"
+        )
     try:
         value = json.loads(context)
     except json.JSONDecodeError as err:
-        raise PluralignError(f"--context: not JSON ({err.msg} at character {err.pos}); give "
-                             "e.g. '{\"age\": \"25-34\"}' or '[0.1, 2.0]'") from None
-    schema = (ContextSchema.from_dict(features["context"], field="features.context")
-              if "context" in features else ContextSchema.vector(model.d_x_))
+        raise PluralignError(
+            f"--context: not JSON ({err.msg} at character {err.pos}); give "
+            "e.g. '{\"age\": \"25-34\"}' or '[0.1, 2.0]'"
+        ) from None
+    schema = (
+        ContextSchema.from_dict(features["context"], field="features.context")
+        if "context" in features
+        else ContextSchema.vector(model.d_x_)
+    )
     x = schema.encode(value, name="--context")
     if known:
         stored = model.contexts_[model.user_index(uid, allow_unknown=False)[0]]
         if not np.array_equal(stored, x):
-            raise PluralignError(f"user {uid!r} is known to {model_dir} with another context; "
-                                 "drop --context to rank them with theirs, or give a new "
-                                 "user id")
+            raise PluralignError(
+                f"user {uid!r} is known to {model_dir} with another context; "
+                "drop --context to rank them with theirs, or give a new "
+                "user id"
+            )
         return False
     if pessimism > 0:
-        raise PluralignError("--pessimism needs the design matrix of a fitted user; a user "
-                             "scored from --context has none (rank without --pessimism)")
+        raise PluralignError(
+            "--pessimism needs the design matrix of a fitted user; a user "
+            "scored from --context has none (rank without --pessimism)"
+        )
     model.add_users([uid], x[None, :])
     return True
 
@@ -952,25 +1226,44 @@ def _rank_context(model: Any, model_dir: Path, uid: Any, known: bool, context: s
 @app.command()
 def rank(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by `pluralign fit`.")],
-    candidates: Annotated[Path, typer.Argument(
-        help='JSONL: {"prompt": ..., "responses": [...]} per line (text models; strings or '
-             'TRL message lists) or {"phi": [[...], ...]} (numeric models).')],
+    candidates: Annotated[
+        Path,
+        typer.Argument(
+            help='JSONL: {"prompt": ..., "responses": [...]} per line (text models; strings or '
+            'TRL message lists) or {"phi": [[...], ...]} (numeric models).'
+        ),
+    ],
     user: Annotated[str, typer.Option("--user", help="The user to rank for.")],
-    pessimism: Annotated[float, typer.Option(
-        "--pessimism", min=0.0, help="β of the lower confidence bound (0: plain reward).")] = 0.0,
+    pessimism: Annotated[
+        float,
+        typer.Option(
+            "--pessimism", min=0.0, help="β of the lower confidence bound (0: plain reward)."
+        ),
+    ] = 0.0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir",
-                                                   help="Embedding cache folder.")] = None,
-    adapt: Annotated[Path | None, typer.Option(
-        "--adapt", metavar="PAIRS.jsonl",
-        help="A new user: fit them first (the model's adapt_user) from a few preference pairs "
-             "of theirs in this file (a format `fit` reads; every row must be --user's).")] = None,
-    context: Annotated[str | None, typer.Option(
-        "--context", metavar="JSON",
-        help='A contextual model (fit --model contextual): the user\'s context as JSON, '
-             'e.g. \'{"age": "25-34", "region": "Asia"}\' or \'[0.1, 2.0]\', in the form of '
-             'the training rows\' user_context; a user the model never saw is scored from '
-             'it.')] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Embedding cache folder.")
+    ] = None,
+    adapt: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapt",
+            metavar="PAIRS.jsonl",
+            help="A new user: fit them first (the model's adapt_user) from a few preference pairs "
+            "of theirs in this file (a format `fit` reads; every row must be --user's).",
+        ),
+    ] = None,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            "--context",
+            metavar="JSON",
+            help="A contextual model (fit --model contextual): the user's context as JSON, "
+            'e.g. \'{"age": "25-34", "region": "Asia"}\' or \'[0.1, 2.0]\', in the form of '
+            "the training rows' user_context; a user the model never saw is scored from "
+            "it.",
+        ),
+    ] = None,
 ) -> None:
     """Personalized best-of-n: per prompt, the candidate with the highest reward for USER, or,
     with --pessimism β, the highest lower confidence bound
@@ -1004,62 +1297,89 @@ def rank(
             from pluralign.features import TextEncoder
 
             enc = features["encoder"]
-            encoder = TextEncoder(enc["model"], mode=enc["mode"], template=enc["template"],
-                                  normalize=enc["normalize"], cache_dir=cache_dir)
+            encoder = TextEncoder(
+                enc["model"],
+                mode=enc["mode"],
+                template=enc["template"],
+                normalize=enc["normalize"],
+                cache_dir=cache_dir,
+            )
         known = bool(model.user_index(uid, allow_unknown=True)[0] >= 0)
-        from_context = _rank_context(model, model_dir, uid, known, context, features,
-                                     adapt is not None, pessimism)
+        from_context = _rank_context(
+            model, model_dir, uid, known, context, features, adapt is not None, pessimism
+        )
         known = known or from_context
         if adapt is not None:
             if not hasattr(model, "adapt_user"):
-                raise PluralignError(f"{model_dir}: a {type(model).__name__} model has one "
-                                     "reward for every user; --adapt does not apply")
+                raise PluralignError(
+                    f"{model_dir}: a {type(model).__name__} model has one "
+                    "reward for every user; --adapt does not apply"
+                )
             if known:
-                raise PluralignError(f"user {uid!r} is already known to {model_dir}; --adapt "
-                                     "fits new users only (rank without it)")
+                raise PluralignError(
+                    f"user {uid!r} is already known to {model_dir}; --adapt "
+                    "fits new users only (rank without it)"
+                )
             if pessimism > 0:
-                raise PluralignError("--pessimism needs the design matrix of a fitted user; "
-                                     "an adapted user has none (rank without --pessimism, or "
-                                     "refit with the user's pairs)")
+                raise PluralignError(
+                    "--pessimism needs the design matrix of a fitted user; "
+                    "an adapted user has none (rank without --pessimism, or "
+                    "refit with the user's pairs)"
+                )
             pairs = _read_adapt_pairs(adapt, uid, features, encoder, model.d_phi_)
             model.adapt_user(pairs, user=uid)
             known = True
         elif not known and model.unknown_user != "shared":
-            how = (f"Give --context JSON (the context of {uid!r}) to score them from it"
-                   if isinstance(model, Contextual) else
-                   f"Give --adapt PAIRS.jsonl (a few preference pairs of {uid!r}) to fit them "
-                   "first")
+            how = (
+                f"Give --context JSON (the context of {uid!r}) to score them from it"
+                if isinstance(model, Contextual)
+                else f"Give --adapt PAIRS.jsonl (a few preference pairs of {uid!r}) to fit them "
+                "first"
+            )
             raise PluralignError(
                 f"unknown user {uid!r}; known users: {_known_users_text(meta['users'])}. "
                 f"{how}, or refit with `pluralign fit --unknown-user shared` to rank unknown "
-                "users with the shared reward θ0")
+                "users with the shared reward θ0"
+            )
         elif not known and pessimism > 0:
-            raise PluralignError(f"--pessimism needs the design matrix of a fitted user; "
-                                 f"{uid!r} is unknown (rank without --pessimism, or give "
-                                 "--adapt PAIRS.jsonl)")
+            raise PluralignError(
+                f"--pessimism needs the design matrix of a fitted user; "
+                f"{uid!r} is unknown (rank without --pessimism, or give "
+                "--adapt PAIRS.jsonl)"
+            )
         theta = model.user_theta(uid)[0]
         policy = None
         if pessimism > 0:
             if not designs:
-                raise PluralignError(f"{model_dir} has no design matrices; refit, or rank "
-                                     "without --pessimism")
+                raise PluralignError(
+                    f"{model_dir} has no design matrices; refit, or rank without --pessimism"
+                )
             view = model.user_model(uid)
             row = int(designs["design_index"][model.user_index(uid, allow_unknown=False)[0]])
             p = int(np.asarray(view.params_).size)
             if designs["design"].shape[1] != p:
-                raise PluralignError(f"{model_dir}/model.npz: field 'design': matrices are "
-                                     f"{designs['design'].shape[1]}×{designs['design'].shape[1]}"
-                                     f" but the user model has {p} parameters")
-            cs = ConfidenceSet(view.params_, designs["design"][row], pessimism,
-                               lam=float(designs["design_lam"][row]),
-                               n=int(designs["design_n"][row]), kind="design",
-                               bound_feature=float("nan"), bound_theta=float("nan"))
+                raise PluralignError(
+                    f"{model_dir}/model.npz: field 'design': matrices are "
+                    f"{designs['design'].shape[1]}×{designs['design'].shape[1]}"
+                    f" but the user model has {p} parameters"
+                )
+            cs = ConfidenceSet(
+                view.params_,
+                designs["design"][row],
+                pessimism,
+                lam=float(designs["design_lam"][row]),
+                n=int(designs["design_n"][row]),
+                kind="design",
+                bound_feature=float("nan"),
+                bound_theta=float("nan"),
+            )
             policy = Pessimistic(view, cs, pointwise=True)
         lines = []
         for line, row in rows:
             if text:
-                phi = _encode_candidates(encoder, row, meta["features"]["template"], model_dir,
-                                         model.d_phi_)
+                phi = _encode_candidates(
+                    encoder, row, meta["features"]["template"], model_dir, model.d_phi_
+                )
             else:
                 phi = np.asarray(row["phi"], dtype=np.float64)
             reward = phi @ theta
@@ -1088,8 +1408,11 @@ def rank(
     if from_context:  # a typo of a known user's id would be scored from the context silently
         from rich.markup import escape
 
-        err_console.print(f"note: user {escape(repr(uid))} is not in {escape(str(model_dir))}; "
-                          "ranked with the reward of their --context", highlight=False)
+        err_console.print(
+            f"note: user {escape(repr(uid))} is not in {escape(str(model_dir))}; "
+            "ranked with the reward of their --context",
+            highlight=False,
+        )
     if not known:  # after the records, so stdout stays JSON lines; a typo must not pass silently
         from rich.markup import escape
 
@@ -1098,34 +1421,61 @@ def rank(
             f"{escape(str(model_dir))} (known users: "
             f"{escape(_known_users_text(meta['users']))}); ranked with the shared reward θ0 "
             "(the model's --unknown-user shared). Give --adapt PAIRS.jsonl to fit "
-            "this user", highlight=False)
+            "this user",
+            highlight=False,
+        )
 
 
 @app.command("train-rm")
 def train_rm(
-    config: Annotated[Path, typer.Argument(help="A train-rm config: a YAML file, or a packaged "
-                                                "config's name (rm_personas); see docs/llm.md.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
-                                             "the config's out).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
-                                         "output folder.")] = True,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="A train-rm config: a YAML file, or a packaged "
+            "config's name (rm_personas); see docs/llm.md."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint in the output folder.")
+    ] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config value, e.g. --set lora.share=A "
-                      "--set train.num_train_epochs=5 "
-                      "(repeatable; values are read as YAML).")] = None,
-    merge: Annotated[bool, typer.Option(
-        "--merge", help="Also write merged per-user models to OUT/merged/<user>/, loadable "
-                        "with AutoModelForSequenceClassification.from_pretrained alone "
-                        "(needs pooling cls on BERT-like models, last on decoders).")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a config value, e.g. --set lora.share=A "
+            "--set train.num_train_epochs=5 "
+            "(repeatable; values are read as YAML).",
+        ),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Also write merged per-user models to OUT/merged/<user>/, loadable "
+            "with AutoModelForSequenceClassification.from_pretrained alone "
+            "(needs pooling cls on BERT-like models, last on decoders).",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a personalized (multi-user LoRA) reward model on a transformer; write per-user
     accuracy (JSON + plot), per-user PEFT adapters and checkpoints. Runs under
     `accelerate launch` on several processes or GPUs."""
     with _stdout_to_stderr(as_json):
-        raw, report = _llm_job("train-rm", "pluralign.llm.job", "train_reward_model", config,
-                               set_, out=out, resume=resume, progress=progress)
+        raw, report = _llm_job(
+            "train-rm",
+            "pluralign.llm.job",
+            "train_reward_model",
+            config,
+            set_,
+            out=out,
+            resume=resume,
+            progress=progress,
+        )
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # initialized by the job
@@ -1141,37 +1491,58 @@ def train_rm(
     print_train_rm(where, report, merge, as_json)
 
 
-def print_train_rm(where: Path, report: dict[str, Any], merged: bool = False,
-                   as_json: bool = False) -> None:
+def print_train_rm(
+    where: Path, report: dict[str, Any], merged: bool = False, as_json: bool = False
+) -> None:
     """The end of ``pluralign train-rm`` (and ``report`` of its folder): the per-user
     accuracy table of ``report`` (per_user_accuracy.json), or one JSON document of it;
     ``merged``: the folder has merged/ models."""
     from rich.markup import escape
 
     if as_json:
-        _print_json({"out": where, "files": {
-            "report": where / "per_user_accuracy.json", "plot": where / "accuracy.png",
-            "adapters": where / "adapters", **({"merged": where / "merged"} if merged else {})},
-            **report})
+        _print_json(
+            {
+                "out": where,
+                "files": {
+                    "report": where / "per_user_accuracy.json",
+                    "plot": where / "accuracy.png",
+                    "adapters": where / "adapters",
+                    **({"merged": where / "merged"} if merged else {}),
+                },
+                **report,
+            }
+        )
         return
     s = report["summary"]
-    table = Table(title=escape(f"per-user accuracy ({s['model']}, share={s['share']}, "
-                               f"r={s['r']})"))
+    table = Table(title=escape(f"per-user accuracy ({s['model']}, share={s['share']}, r={s['r']})"))
     for column in ("user", "n_train", "train acc.", "n_test", "held-out acc."):
         table.add_column(column, justify="left" if column == "user" else "right")
     for row in report["users"][:40]:
-        table.add_row(escape(str(row["user"])), str(row["n_train"]),
-                      _pct(row["train_accuracy"]), str(row["n_test"]),
-                      _pct(row["test_accuracy"]))
+        table.add_row(
+            escape(str(row["user"])),
+            str(row["n_train"]),
+            _pct(row["train_accuracy"]),
+            str(row["n_test"]),
+            _pct(row["test_accuracy"]),
+        )
     if len(report["users"]) > 40:
         table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "")
-    table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
-                  _pct(s["test_accuracy"]))
+    table.add_row(
+        "all",
+        str(s["n_train"]),
+        _pct(s["train_accuracy"]),
+        str(s["n_test"]),
+        _pct(s["test_accuracy"]),
+    )
     print_table(table)
-    console.print(escape(f"{s['steps']} steps on {s['processes']} process(es)"
-                         + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
-                         + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/"
-                         + (", merged/" if merged else "")))
+    console.print(
+        escape(
+            f"{s['steps']} steps on {s['processes']} process(es)"
+            + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
+            + f"; wrote {where}/per_user_accuracy.json, accuracy.png, adapters/"
+            + (", merged/" if merged else "")
+        )
+    )
 
 
 def _pct(value: float | None) -> str:
@@ -1184,26 +1555,46 @@ def _num(value: float | None) -> str:
 
 @app.command("train-policy")
 def train_policy_command(
-    config: Annotated[Path, typer.Argument(help="A train-policy config: a YAML file, or a "
-                                                "packaged config's name (policy_toy, "
-                                                "policy_personas); see docs/llm.md.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
-                                             "the config's out).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the "
-                                         "output folder.")] = True,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="A train-policy config: a YAML file, or a "
+            "packaged config's name (policy_toy, "
+            "policy_personas); see docs/llm.md."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint in the output folder.")
+    ] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config value, e.g. --set dpo.beta=0.2 "
-                      "--set train.num_train_epochs=5 "
-                      "(repeatable; values are read as YAML).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a config value, e.g. --set dpo.beta=0.2 "
+            "--set train.num_train_epochs=5 "
+            "(repeatable; values are read as YAML).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a personalized policy (a causal LM with multi-user LoRA) by DPO against its
     adapters-off reference; write per-user implicit-reward accuracy, margin and KL (JSON +
     plot), per-user PEFT adapters and checkpoints. Runs under `accelerate launch` too."""
     with _stdout_to_stderr(as_json):
-        raw, report = _llm_job("train-policy", "pluralign.llm.policy_job", "train_policy",
-                               config, set_, out=out, resume=resume, progress=progress)
+        raw, report = _llm_job(
+            "train-policy",
+            "pluralign.llm.policy_job",
+            "train_policy",
+            config,
+            set_,
+            out=out,
+            resume=resume,
+            progress=progress,
+        )
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # initialized by the job
@@ -1218,45 +1609,94 @@ def print_train_policy(where: Path, report: dict[str, Any], as_json: bool = Fals
     from rich.markup import escape
 
     if as_json:
-        _print_json({"out": where, "files": {
-            "report": where / "per_user.json", "plot": where / "per_user.png",
-            "adapters": where / "adapters"}, **report})
+        _print_json(
+            {
+                "out": where,
+                "files": {
+                    "report": where / "per_user.json",
+                    "plot": where / "per_user.png",
+                    "adapters": where / "adapters",
+                },
+                **report,
+            }
+        )
         return
     s = report["summary"]
-    table = Table(title=escape(f"per-user DPO ({s['model']}, share={s['share']}, r={s['r']}, "
-                               f"beta={s['beta']:g}, {s['loss_type']})"))
-    for column in ("user", "n_train", "train acc.", "n_test", "held-out acc.",
-                   "held-out margin", "KL"):
+    table = Table(
+        title=escape(
+            f"per-user DPO ({s['model']}, share={s['share']}, r={s['r']}, "
+            f"beta={s['beta']:g}, {s['loss_type']})"
+        )
+    )
+    for column in (
+        "user",
+        "n_train",
+        "train acc.",
+        "n_test",
+        "held-out acc.",
+        "held-out margin",
+        "KL",
+    ):
         table.add_column(column, justify="left" if column == "user" else "right")
     for row in report["users"][:40]:
         kl = row["test_kl"] if row["n_test"] else row["train_kl"]
-        table.add_row(escape(str(row["user"])), str(row["n_train"]),
-                      _pct(row["train_accuracy"]), str(row["n_test"]),
-                      _pct(row["test_accuracy"]), _num(row["test_margin"]), _num(kl))
+        table.add_row(
+            escape(str(row["user"])),
+            str(row["n_train"]),
+            _pct(row["train_accuracy"]),
+            str(row["n_test"]),
+            _pct(row["test_accuracy"]),
+            _num(row["test_margin"]),
+            _num(kl),
+        )
     if len(report["users"]) > 40:
         table.add_row(f"... {len(report['users']) - 40} more", "", "", "", "", "", "")
-    table.add_row("all", str(s["n_train"]), _pct(s["train_accuracy"]), str(s["n_test"]),
-                  _pct(s["test_accuracy"]), _num(s["test_margin"]), _num(s["kl"]))
+    table.add_row(
+        "all",
+        str(s["n_train"]),
+        _pct(s["train_accuracy"]),
+        str(s["n_test"]),
+        _pct(s["test_accuracy"]),
+        _num(s["test_margin"]),
+        _num(s["kl"]),
+    )
     print_table(table)
-    console.print(escape(f"{s['steps']} steps on {s['processes']} process(es)"
-                         + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
-                         + f"; wrote {where}/per_user.json, per_user.png, adapters/"))
+    console.print(
+        escape(
+            f"{s['steps']} steps on {s['processes']} process(es)"
+            + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else "")
+            + f"; wrote {where}/per_user.json, per_user.png, adapters/"
+        )
+    )
 
 
 @app.command("iterate")
 def iterate_command(
-    config: Annotated[Path, typer.Argument(help="An iterate config: a YAML file, or a "
-                                                "packaged config's name (iterate_toy, "
-                                                "iterate_smollm2); see docs/iterate.md.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
-                                             "the config's out).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue after the last finished round in the "
-                                         "output folder.")] = True,
-    progress: Annotated[bool, typer.Option(help="Show progress (a line per round and the DPO "
-                                           "progress bar).")] = True,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config value, e.g. --set iterate.pairs=enhancer "
-                      "--set iterate.seed=1 (repeatable; values are read as YAML).")] = None,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="An iterate config: a YAML file, or a "
+            "packaged config's name (iterate_toy, "
+            "iterate_smollm2); see docs/iterate.md."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue after the last finished round in the output folder.")
+    ] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress (a line per round and the DPO progress bar).")
+    ] = True,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a config value, e.g. --set iterate.pairs=enhancer "
+            "--set iterate.seed=1 (repeatable; values are read as YAML).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Online iterative DPO of a personalized policy: each round samples from the current
@@ -1265,31 +1705,56 @@ def iterate_command(
     history.json, rounds.md, rounds.png, round-XX.jsonl and a resumable state."""
     log_console = err_console if as_json else console
     with _stdout_to_stderr(as_json):
-        _, report = _llm_job("iterate", "pluralign.llm.iterate", "run_iterate", config, set_,
-                             out=out, resume=resume, progress=progress,
-                             log=lambda msg: log_console.print(msg, soft_wrap=True,
-                                                               markup=False, highlight=False))
-    print_iterate(Path(report["out"]), report["history"], report["timings"],
-                  report["resumed_from"], as_json)
+        _, report = _llm_job(
+            "iterate",
+            "pluralign.llm.iterate",
+            "run_iterate",
+            config,
+            set_,
+            out=out,
+            resume=resume,
+            progress=progress,
+            log=lambda msg: log_console.print(msg, soft_wrap=True, markup=False, highlight=False),
+        )
+    print_iterate(
+        Path(report["out"]), report["history"], report["timings"], report["resumed_from"], as_json
+    )
 
 
-def print_iterate(where: Path, history: list[dict[str, Any]], timings: list[dict[str, Any]],
-                  resumed_from: int | None = None, as_json: bool = False) -> None:
+def print_iterate(
+    where: Path,
+    history: list[dict[str, Any]],
+    timings: list[dict[str, Any]],
+    resumed_from: int | None = None,
+    as_json: bool = False,
+) -> None:
     """The end of ``pluralign iterate`` (and ``report`` of its folder): the per-round,
     per-user table of ``history`` (history.json), or one JSON document of it."""
     from pluralign.llm.iterate import rounds_table
 
     if as_json:
-        _print_json({"out": where, "files": {
-            "history": where / "history.json", "rounds": where / "rounds.md",
-            "plot": where / "rounds.png"}, "resumed_from": resumed_from,
-            "history": history, "timings": timings})
+        _print_json(
+            {
+                "out": where,
+                "files": {
+                    "history": where / "history.json",
+                    "rounds": where / "rounds.md",
+                    "plot": where / "rounds.png",
+                },
+                "resumed_from": resumed_from,
+                "history": history,
+                "timings": timings,
+            }
+        )
         return
     console.print(rounds_table(history), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {where}/history.json, rounds.md, rounds.png, round-XX.jsonl, state/"
-                  + (f" (resumed after round {resumed_from})"
-                     if resumed_from is not None else ""),
-                  markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {where}/history.json, rounds.md, rounds.png, round-XX.jsonl, state/"
+        + (f" (resumed after round {resumed_from})" if resumed_from is not None else ""),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _read_prompt_rows(path: Path, users: list[str]) -> list[tuple[str, str]]:
@@ -1304,16 +1769,16 @@ def _read_prompt_rows(path: Path, users: list[str]) -> list[tuple[str, str]]:
     for row, where in iter_jsonl_objects(path):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt:
-            raise DataValidationError("missing or not a non-empty string", field="prompt",
-                                      **where)
+            raise DataValidationError("missing or not a non-empty string", field="prompt", **where)
         user = row.get("user_id")
         if user is None:
             if not users:
                 raise DataValidationError("missing (or give --user)", field="user_id", **where)
             pairs += [(prompt, u) for u in users]
         elif isinstance(user, bool) or not isinstance(user, str | int) or user == "":
-            raise DataValidationError(f"must be a non-empty string or an integer, got "
-                                      f"{user!r}", field="user_id", **where)
+            raise DataValidationError(
+                f"must be a non-empty string or an integer, got {user!r}", field="user_id", **where
+            )
         else:
             pairs.append((prompt, str(user)))
     if not pairs:
@@ -1323,28 +1788,48 @@ def _read_prompt_rows(path: Path, users: list[str]) -> list[tuple[str, str]]:
 
 @app.command()
 def generate(
-    run: Annotated[Path, typer.Argument(help="A train-policy output folder (its config.yaml "
-                                             "and checkpoints).")],
-    prompt: Annotated[list[str] | None, typer.Option(
-        "--prompt", help="A prompt (repeatable); each is answered for each --user.")] = None,
-    prompts: Annotated[Path | None, typer.Option(
-        "--prompts", help='JSONL of {"prompt": ..., "user_id": ...} rows.')] = None,
-    user: Annotated[list[str] | None, typer.Option(
-        "--user", help="The user to answer for (repeatable).")] = None,
+    run: Annotated[
+        Path, typer.Argument(help="A train-policy output folder (its config.yaml and checkpoints).")
+    ],
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", help="A prompt (repeatable); each is answered for each --user."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help='JSONL of {"prompt": ..., "user_id": ...} rows.'),
+    ] = None,
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="The user to answer for (repeatable).")
+    ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Responses per prompt and user.")] = 1,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
     temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Off unless given.")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
-    best_of: Annotated[int | None, typer.Option(
-        "--best-of", min=1, help="Sample N candidates per response and keep the one the "
-                                 "--reward-model scores highest.")] = None,
-    reward_model: Annotated[Path | None, typer.Option(
-        "--reward-model", help="A train-rm output folder (for --best-of).")] = None,
-    pessimism: Annotated[float | None, typer.Option(
-        "--pessimism", min=0.0, help="β: pick by reward − β‖φ − ν‖ (the reward model's "
-                                     "last-layer uncertainty; needs --reward-model).")] = None,
+    best_of: Annotated[
+        int | None,
+        typer.Option(
+            "--best-of",
+            min=1,
+            help="Sample N candidates per response and keep the one the "
+            "--reward-model scores highest.",
+        ),
+    ] = None,
+    reward_model: Annotated[
+        Path | None,
+        typer.Option("--reward-model", help="A train-rm output folder (for --best-of)."),
+    ] = None,
+    pessimism: Annotated[
+        float | None,
+        typer.Option(
+            "--pessimism",
+            min=0.0,
+            help="β: pick by reward − β‖φ − ν‖ (the reward model's "
+            "last-layer uncertainty; needs --reward-model).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -1356,14 +1841,17 @@ def generate(
     from pluralign._atomic import atomic_write_text
 
     if pessimism is not None and reward_model is None:
-        raise _fail("--pessimism needs --reward-model (a train-rm output folder) and "
-                    "--best-of N")
+        raise _fail("--pessimism needs --reward-model (a train-rm output folder) and --best-of N")
     if (best_of is None) != (reward_model is None):
-        raise _fail("--best-of N and --reward-model RM_FOLDER go together: best-of-n keeps "
-                    "the candidate the reward model scores highest")
+        raise _fail(
+            "--best-of N and --reward-model RM_FOLDER go together: best-of-n keeps "
+            "the candidate the reward model scores highest"
+        )
     if best_of is not None and top_k is not None:
-        raise _fail("--top-k is not available with --best-of (candidates are sampled with "
-                    "--temperature and --top-p)")
+        raise _fail(
+            "--top-k is not available with --best-of (candidates are sampled with "
+            "--temperature and --top-p)"
+        )
     if (prompt is None) == (prompts is None):
         raise _fail("give --prompt TEXT (repeatable, with --user) or --prompts FILE.jsonl")
     if out is not None and out.is_dir():
@@ -1372,8 +1860,7 @@ def generate(
     try:
         from pluralign.llm.policy_job import load_policy, load_reward_model, reward_model_rows
     except ImportError as err:
-        raise _fail(f"generate needs the llm extra (pip install 'pluralign[llm]'): {err}"
-                    ) from None
+        raise _fail(f"generate needs the llm extra (pip install 'pluralign[llm]'): {err}") from None
     try:
         with _stdout_to_stderr(as_json):
             if prompts is not None:
@@ -1395,43 +1882,74 @@ def generate(
                     from pluralign.llm.uncertainty import LastLayerUncertainty
 
                     uncertainty = LastLayerUncertainty(beta=1.0).fit(
-                        rm, reward_model_rows(reward_model))
+                        rm, reward_model_rows(reward_model)
+                    )
                 rows = [(i, j) for i in range(len(pairs)) for j in range(n)]
-                picked = best_of_n(policy, rm, [texts[i] for i, _ in rows],
-                                   [who[i] for i, _ in rows], n=best_of, pessimism=beta,
-                                   uncertainty=uncertainty, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed)
+                picked = best_of_n(
+                    policy,
+                    rm,
+                    [texts[i] for i, _ in rows],
+                    [who[i] for i, _ in rows],
+                    n=best_of,
+                    pessimism=beta,
+                    uncertainty=uncertainty,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed,
+                )
                 for k, (i, j) in enumerate(rows):
                     c = int(picked.chosen[k])
                     norm = 0.0 if picked.norms is None else float(picked.norms[k, c])
-                    records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
-                                    "response": picked.responses[k],
-                                    "reward": float(picked.rewards[k, c]),
-                                    "penalty": beta * norm, "best_of": best_of})
+                    records.append(
+                        {
+                            "user_id": who[i],
+                            "prompt": texts[i],
+                            "sample": j,
+                            "response": picked.responses[k],
+                            "reward": float(picked.rewards[k, c]),
+                            "penalty": beta * norm,
+                            "best_of": best_of,
+                        }
+                    )
             else:
-                samples = policy.generate(texts, who, n=n, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, top_k=top_k,
-                                          seed=seed)
+                samples = policy.generate(
+                    texts,
+                    who,
+                    n=n,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    seed=seed,
+                )
                 for i, group in enumerate(samples.texts):
                     for j, text in enumerate(group):
-                        records.append({"user_id": who[i], "prompt": texts[i], "sample": j,
-                                        "response": text})
+                        records.append(
+                            {"user_id": who[i], "prompt": texts[i], "sample": j, "response": text}
+                        )
     except PluralignError as err:
         raise _fail(str(err)) from None
     if as_json:
         if out is not None:
             atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
-        _print_json({"run": run, "checkpoint": Path(policy.checkpoint_).name, "out": out,
-                     "responses": records})
+        _print_json(
+            {
+                "run": run,
+                "checkpoint": Path(policy.checkpoint_).name,
+                "out": out,
+                "responses": records,
+            }
+        )
         return
     from rich.markup import escape
 
-    table = Table(title=escape(f"responses of {run} ({Path(policy.checkpoint_).name})"),
-                  title_justify="left")
+    table = Table(
+        title=escape(f"responses of {run} ({Path(policy.checkpoint_).name})"), title_justify="left"
+    )
     columns = ["user", "prompt", "response"] + (["reward", "penalty"] if best_of else [])
     for column in columns:
-        table.add_column(column, justify="right" if column in ("reward", "penalty")
-                         else "left")
+        table.add_column(column, justify="right" if column in ("reward", "penalty") else "left")
     for r in records[:200]:
         cells = [Text(str(r["user_id"])), Text(r["prompt"]), Text(r["response"])]
         if best_of:

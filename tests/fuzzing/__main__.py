@@ -47,8 +47,13 @@ def fuzz_target(name: str, cases: int, rng_seed: int) -> tuple[Counter, dict[str
     escapes: dict[str, str] = {}
 
     @seed(rng_seed)
-    @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=cases,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(target.strategy)
     def check(value):
         outcome, detail = run_case(target, value)
@@ -80,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         counts, escapes = fuzz_target(name, per, args.seed)
         total.update(counts)
         cases = sum(counts.values())
-        print(f"{name:<34} {cases:>6} {counts['accepted']:>9} {counts['clean']:>7} "
-              f"{counts['escape']:>8} {time.perf_counter() - start:>6.1f}", flush=True)
+        print(
+            f"{name:<34} {cases:>6} {counts['accepted']:>9} {counts['clean']:>7} "
+            f"{counts['escape']:>8} {time.perf_counter() - start:>6.1f}",
+            flush=True,
+        )
         if escapes:
             failures[name] = escapes
     cases = sum(total.values())
-    print(f"{'total':<34} {cases:>6} {total['accepted']:>9} {total['clean']:>7} "
-          f"{total['escape']:>8}")
+    print(
+        f"{'total':<34} {cases:>6} {total['accepted']:>9} {total['clean']:>7} {total['escape']:>8}"
+    )
     for name, escapes in failures.items():
         for signature, detail in escapes.items():
             print(f"\n--- escape in {name}: {signature}\n{detail}", file=sys.stderr)

@@ -89,15 +89,63 @@ def run_case(target: Target, value: Any) -> tuple[str, str | None]:
 
 # ------------------------------------------------------------------------- nasty values
 _NASTY_LITERALS = [
-    None, True, False, 0, 1, -1, 1.0, -0.0, 2, 7, "7", "", " ", "\x00", "é", "a.b",
-    "users.json", "..", "/", "../x", "a" * 300, [], {}, [[]], [None], [1, "a"], {"a": None},
-    {"a.b": 1, "a": {"b": 2}}, 10**400, -(10**400), 1e308, -1e308, 5e-324,
-    [1e308, -1e308], [[1.0], [2.0, 3.0]], {"role": "user"}, [{"role": "user", "content": ""}],
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    1.0,
+    -0.0,
+    2,
+    7,
+    "7",
+    "",
+    " ",
+    "\x00",
+    "é",
+    "a.b",
+    "users.json",
+    "..",
+    "/",
+    "../x",
+    "a" * 300,
+    [],
+    {},
+    [[]],
+    [None],
+    [1, "a"],
+    {"a": None},
+    {"a.b": 1, "a": {"b": 2}},
+    10**400,
+    -(10**400),
+    1e308,
+    -1e308,
+    5e-324,
+    [1e308, -1e308],
+    [[1.0], [2.0, 3.0]],
+    {"role": "user"},
+    [{"role": "user", "content": ""}],
 ]
 # JSON texts that json.loads maps to non-finite or huge values, spliced in as raw text
-RAW_JSON_TOKENS = ["1e999999", "-1e999999", "NaN", "Infinity", "-Infinity", "9" * 400,
-                   "9" * 5000, "[" * 2000 + "]" * 2000, '{"a":' * 1500 + "1" + "}" * 1500,
-                   "1.0", "true", "null", '""', "[]", "{}", '"\\ud800"']
+RAW_JSON_TOKENS = [
+    "1e999999",
+    "-1e999999",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "9" * 400,
+    "9" * 5000,
+    "[" * 2000 + "]" * 2000,
+    '{"a":' * 1500 + "1" + "}" * 1500,
+    "1.0",
+    "true",
+    "null",
+    '""',
+    "[]",
+    "{}",
+    '"\\ud800"',
+]
 
 
 def nasty_values() -> st.SearchStrategy:
@@ -105,13 +153,20 @@ def nasty_values() -> st.SearchStrategy:
     out-of-range numbers, colliding names, deep nesting."""
     leaves = st.one_of(
         st.sampled_from(_NASTY_LITERALS),
-        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
         st.text(max_size=12),
     )
-    return st.recursive(leaves, lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(string.ascii_letters + "._",
-                                                             max_size=6), inner, max_size=4)),
-        max_leaves=12)
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4),
+            st.dictionaries(st.text(string.ascii_letters + "._", max_size=6), inner, max_size=4),
+        ),
+        max_leaves=12,
+    )
 
 
 def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
@@ -241,8 +296,9 @@ def mutated_jsonl(draw: st.DrawFn, rows: list[Any]) -> bytes:
     if kind == "bytes":
         return draw(mutated_bytes(b"\n".join(lines) + b"\n"))
     if kind == "reorder":
-        picked = draw(st.lists(st.sampled_from(range(len(rows))), min_size=0,
-                               max_size=2 * len(rows)))
+        picked = draw(
+            st.lists(st.sampled_from(range(len(rows))), min_size=0, max_size=2 * len(rows))
+        )
         return b"\n".join(lines[i] for i in picked) + b"\n"
     for _ in range(draw(st.integers(1, 2))):
         i = draw(st.integers(0, len(lines) - 1))
@@ -263,10 +319,27 @@ def mutated_yaml(draw: st.DrawFn, seed: dict[str, Any]) -> bytes:
             return b"{}"
     text = yaml.safe_dump(seed, sort_keys=False)
     if kind == "token":
-        token = draw(st.sampled_from([
-            "1e999999", ".nan", ".inf", "-.inf", "9" * 400, "9" * 5000, "~", "[",
-            "{a: 1, a: 2}", "!!python/name:os.system", "&a [*a]", "0x1F", "1_000", "- - -",
-            "'\\u0000'"]))
+        token = draw(
+            st.sampled_from(
+                [
+                    "1e999999",
+                    ".nan",
+                    ".inf",
+                    "-.inf",
+                    "9" * 400,
+                    "9" * 5000,
+                    "~",
+                    "[",
+                    "{a: 1, a: 2}",
+                    "!!python/name:os.system",
+                    "&a [*a]",
+                    "0x1F",
+                    "1_000",
+                    "- - -",
+                    "'\\u0000'",
+                ]
+            )
+        )
         lines = text.splitlines()
         i = draw(st.integers(0, len(lines) - 1))
         if ":" in lines[i]:

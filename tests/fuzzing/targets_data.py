@@ -48,12 +48,27 @@ NUMERIC_ROWS = [
     {"x": [1.0, 2.0], "phi0": [0.0, 0.0, 1.0], "phi1": [2.0, -1.0, 0.0], "y": 1, "user": "b"},
 ]
 TRL_ROWS = [
-    {"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away.", "user_id": "u1",
-     "user_context": {"age": 30, "region": {"name": "north"}}},
-    {"prompt": [{"role": "user", "content": "Tea?"}], "chosen": "Yes please.",
-     "rejected": "No.", "user_id": "u2", "user_context": {"age": 41, "region": {"name": "s"}}},
-    {"prompt": "Why?", "chosen": "Because.", "rejected": "Why not.", "user_id": "u1",
-     "user_context": {"age": 30, "region": {"name": "north"}}},
+    {
+        "prompt": "Hi?",
+        "chosen": "Hello there.",
+        "rejected": "Go away.",
+        "user_id": "u1",
+        "user_context": {"age": 30, "region": {"name": "north"}},
+    },
+    {
+        "prompt": [{"role": "user", "content": "Tea?"}],
+        "chosen": "Yes please.",
+        "rejected": "No.",
+        "user_id": "u2",
+        "user_context": {"age": 41, "region": {"name": "s"}},
+    },
+    {
+        "prompt": "Why?",
+        "chosen": "Because.",
+        "rejected": "Why not.",
+        "user_id": "u1",
+        "user_context": {"age": 30, "region": {"name": "north"}},
+    },
 ]
 
 
@@ -79,15 +94,32 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-_GOOD_ARRAYS = {"x": np.ones((3, 2)), "phi0": np.eye(3), "phi1": np.zeros((3, 3)),
-                "y": np.array([1, 0, 1]), "users": np.array(["a", "b", "a"])}
-_WEIRD_ARRAYS = [np.zeros((3, 0)), np.zeros(3), np.zeros((2, 3)), np.array([1 + 2j] * 3),
-                 np.array(["2020-01-01"] * 3, dtype="datetime64[D]"), np.array([b"a"] * 3),
-                 np.array([np.nan, 1.0, 2.0]), np.full((3, 3), 1e308), np.full((3, 3), -1e308),
-                 np.array([True, False, True]), np.array([7, 7, 8]), np.array(["", "a", "b"]),
-                 np.zeros((3, 3), dtype=np.float16), np.array([0.5, 1.0, 0.0]),
-                 np.zeros((3, 3, 1)), np.array([[1, 2, 3]] * 3, dtype=np.uint8),
-                 np.zeros(3, dtype=[("a", "f8")])]
+_GOOD_ARRAYS = {
+    "x": np.ones((3, 2)),
+    "phi0": np.eye(3),
+    "phi1": np.zeros((3, 3)),
+    "y": np.array([1, 0, 1]),
+    "users": np.array(["a", "b", "a"]),
+}
+_WEIRD_ARRAYS = [
+    np.zeros((3, 0)),
+    np.zeros(3),
+    np.zeros((2, 3)),
+    np.array([1 + 2j] * 3),
+    np.array(["2020-01-01"] * 3, dtype="datetime64[D]"),
+    np.array([b"a"] * 3),
+    np.array([np.nan, 1.0, 2.0]),
+    np.full((3, 3), 1e308),
+    np.full((3, 3), -1e308),
+    np.array([True, False, True]),
+    np.array([7, 7, 8]),
+    np.array(["", "a", "b"]),
+    np.zeros((3, 3), dtype=np.float16),
+    np.array([0.5, 1.0, 0.0]),
+    np.zeros((3, 3, 1)),
+    np.array([[1, 2, 3]] * 3, dtype=np.uint8),
+    np.zeros(3, dtype=[("a", "f8")]),
+]
 
 
 @st.composite
@@ -169,8 +201,13 @@ def _read_summarize(value: bytes, tmp: Path) -> None:
     read_summarize_from_feedback(path, include_articles=True)
 
 
-register(Target("data.summarize", mutated_jsonl(_fixture_rows("summarize_from_feedback.jsonl")),
-                _read_summarize))
+register(
+    Target(
+        "data.summarize",
+        mutated_jsonl(_fixture_rows("summarize_from_feedback.jsonl")),
+        _read_summarize,
+    )
+)
 
 
 @st.composite
@@ -257,9 +294,18 @@ def _model_folder() -> Path:
     data = PreferenceData(None, phi0, phi1, y, users)
     model = SharedBasis(1, 1e-2).fit(data)
     folder = Path(tempfile.mkdtemp(prefix="pluralign-fuzz-model-"))
-    save_model(model, folder, designs=_designs(model, data),
-               metadata={"features": {"kind": "numeric", "format": "numeric"}, "ridge": 1.0,
-                         "seed": 0, "test_size": 0.2, "data": "x.jsonl"})
+    save_model(
+        model,
+        folder,
+        designs=_designs(model, data),
+        metadata={
+            "features": {"kind": "numeric", "format": "numeric"},
+            "ridge": 1.0,
+            "seed": 0,
+            "test_size": 0.2,
+            "data": "x.jsonl",
+        },
+    )
     return folder
 
 
@@ -274,9 +320,16 @@ def _model_files(draw: st.DrawFn) -> tuple[str, bytes]:
     if draw(st.booleans()):
         return "model.npz", draw(mutated_bytes((folder / "model.npz").read_bytes()))
     key = draw(st.sampled_from([*arrays, "extra"]))
-    arrays[key] = draw(st.sampled_from([*_WEIRD_ARRAYS, np.full(np.shape(arrays.get(key, 1.0)),
-                                                                  np.nan),
-                                        -np.ones(3, dtype=int), np.array([5, 0, 0])]))
+    arrays[key] = draw(
+        st.sampled_from(
+            [
+                *_WEIRD_ARRAYS,
+                np.full(np.shape(arrays.get(key, 1.0)), np.nan),
+                -np.ones(3, dtype=int),
+                np.array([5, 0, 0]),
+            ]
+        )
+    )
     return "model.npz", _npz_bytes(arrays)
 
 
@@ -330,9 +383,16 @@ def _load_config(value: bytes, tmp: Path) -> None:
     load_config(_write(tmp, "config.yaml", value))
 
 
-_CONFIG_SEED = {"experiment": "loco", "seed": 0, "repeats": 2,
-                "env": {"d_x": 4, "d_phi": 4, "rank": 2}, "n_samples": [100, 200],
-                "methods": ["greedy", "prs"], "options": {"l2": 1e-4}, "quick": {"repeats": 1}}
+_CONFIG_SEED = {
+    "experiment": "loco",
+    "seed": 0,
+    "repeats": 2,
+    "env": {"d_x": 4, "d_phi": 4, "rank": 2},
+    "n_samples": [100, 200],
+    "methods": ["greedy", "prs"],
+    "options": {"l2": 1e-4},
+    "quick": {"repeats": 1},
+}
 register(Target("config.yaml_file", mutated_yaml(_CONFIG_SEED), _load_config))
 
 
@@ -343,27 +403,53 @@ register(Target("config.yaml_file", mutated_yaml(_CONFIG_SEED), _load_config))
 # input in collect and raise mode (which must agree), then with validate_file and format
 # detection (see _read).
 TRL_FLAT_ROWS = [  # one type per column, as an Arrow table or a datasets.Dataset needs
-    {"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away.", "user_id": "u1",
-     "user_context": {"age": 30, "region": {"name": "north"}}},
-    {"prompt": "Tea?", "chosen": "Yes please.", "rejected": "No.", "user_id": "u2",
-     "user_context": {"age": 41, "region": {"name": "s"}}},
-    {"prompt": "Why?", "chosen": "Because.", "rejected": "Why not.", "user_id": "u1",
-     "user_context": {"age": 30, "region": {"name": "north"}}},
+    {
+        "prompt": "Hi?",
+        "chosen": "Hello there.",
+        "rejected": "Go away.",
+        "user_id": "u1",
+        "user_context": {"age": 30, "region": {"name": "north"}},
+    },
+    {
+        "prompt": "Tea?",
+        "chosen": "Yes please.",
+        "rejected": "No.",
+        "user_id": "u2",
+        "user_context": {"age": 41, "region": {"name": "s"}},
+    },
+    {
+        "prompt": "Why?",
+        "chosen": "Because.",
+        "rejected": "Why not.",
+        "user_id": "u1",
+        "user_context": {"age": 30, "region": {"name": "north"}},
+    },
 ]
 CHAT_ROWS = [  # TRL's conversational form
-    {"prompt": [{"role": "user", "content": "Tea?"}],
-     "chosen": [{"role": "assistant", "content": "Yes please."}],
-     "rejected": [{"role": "assistant", "content": "No."}], "user_id": "u1"},
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-     "chosen": [{"role": "assistant", "content": "Hello."}],
-     "rejected": [{"role": "assistant", "content": "Go away."}], "user_id": "u2"},
+    {
+        "prompt": [{"role": "user", "content": "Tea?"}],
+        "chosen": [{"role": "assistant", "content": "Yes please."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+        "user_id": "u1",
+    },
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+        "user_id": "u2",
+    },
 ]
 IMPLICIT_ROWS = [  # TRL's implicit prompt: no prompt, chosen and rejected share a beginning
-    {"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Lyon.",
-     "user_id": "u1"},
-    {"chosen": [{"role": "user", "content": "Tea?"}, {"role": "assistant", "content": "Yes."}],
-     "rejected": [{"role": "user", "content": "Tea?"}, {"role": "assistant", "content": "No."}],
-     "user_id": "u2"},
+    {
+        "chosen": "The capital of France is Paris.",
+        "rejected": "The capital of France is Lyon.",
+        "user_id": "u1",
+    },
+    {
+        "chosen": [{"role": "user", "content": "Tea?"}, {"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "user", "content": "Tea?"}, {"role": "assistant", "content": "No."}],
+        "user_id": "u2",
+    },
     {"chosen": "Q: why? A: because.", "rejected": "Q: why? A: why not.", "user_id": "u1"},
 ]
 PRISM_PAIRS = [  # TRL-style PRISM pairs of the users of fixtures/prism_survey.jsonl
@@ -389,18 +475,22 @@ def _agree(read: Callable[..., Any], source: Any, **kw: Any) -> Any:
         got, found = read(source, errors="collect", **kw)
     except PluralignError:
         read(source, **kw)  # must refuse too
-        raise AssertionError("errors='collect' refused the source but errors='raise' read "
-                             "it") from None
+        raise AssertionError(
+            "errors='collect' refused the source but errors='raise' read it"
+        ) from None
     try:
         data = read(source, **kw)
     except PluralignError:
         if not found:
-            raise AssertionError("errors='collect' found no bad row but errors='raise' "
-                                 "refused the source") from None
+            raise AssertionError(
+                "errors='collect' found no bad row but errors='raise' refused the source"
+            ) from None
         raise
     if found:
-        raise AssertionError(f"errors='collect' found {len(found)} bad row(s) "
-                             f"({found[0]}) but errors='raise' read the source")
+        raise AssertionError(
+            f"errors='collect' found {len(found)} bad row(s) "
+            f"({found[0]}) but errors='raise' read the source"
+        )
     if got is None or len(got) != len(data):
         raise AssertionError("errors='collect' and errors='raise' read different rows")
     return data
@@ -423,12 +513,14 @@ def _read(fmt: str, source: Any, **kw: Any) -> Any:
             refused.append(err)
             return None
 
-    reader = {"numeric": load_preferences, "trl": read_trl,
-              "summarize": read_summarize_from_feedback}[fmt]
+    reader = {
+        "numeric": load_preferences,
+        "trl": read_trl,
+        "summarize": read_summarize_from_feedback,
+    }[fmt]
     result = attempt(lambda: _agree(reader, source, **kw))
     if fmt == "summarize":  # the split filter compares each row's split
-        attempt(lambda: _agree(functools.partial(reader, splits=["train", "valid1"]), source,
-                               **kw))
+        attempt(lambda: _agree(functools.partial(reader, splits=["train", "valid1"]), source, **kw))
     attempt(lambda: validate_file(source, **kw))
     if fmt != "numeric":
         attempt(lambda: read_text_preferences(source, **kw))
@@ -442,9 +534,23 @@ def _jsonl(rows: list[Any]) -> bytes:
 
 
 # ------------------------------------------------------------------------- JSON arrays
-_ARRAY_DAMAGE = ["trailing_comma", "no_close", "after", "missing_comma", "nested", "empty",
-                 "non_objects", "bom", "leading_space", "lines", "object", "pretty_object",
-                 "comment", "close_only", "double_close"]
+_ARRAY_DAMAGE = [
+    "trailing_comma",
+    "no_close",
+    "after",
+    "missing_comma",
+    "nested",
+    "empty",
+    "non_objects",
+    "bom",
+    "leading_space",
+    "lines",
+    "object",
+    "pretty_object",
+    "comment",
+    "close_only",
+    "double_close",
+]
 
 
 @st.composite
@@ -455,8 +561,9 @@ def _json_array_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
     line, one element a line, pretty-printed), JSON lines or an object instead of an array, or
     byte damage."""
     items = [json.dumps(r).encode() for r in rows]
-    kind = draw(st.sampled_from(["valid", "elements", "elements", "array", "array", "value",
-                                 "bytes"]))
+    kind = draw(
+        st.sampled_from(["valid", "elements", "elements", "array", "array", "value", "bytes"])
+    )
     if kind == "elements":
         for _ in range(draw(st.integers(1, 2))):
             i = draw(st.integers(0, len(items) - 1))
@@ -464,8 +571,16 @@ def _json_array_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
     elif kind == "value":
         value = draw(mutated_value(rows))
         items = [_dump_json(v).encode() for v in (value if isinstance(value, list) else [value])]
-    layout = draw(st.sampled_from([(b"[", b", ", b"]"), (b"[\n", b",\n", b"\n]\n"),
-                                   (b"[\n  ", b",\n  ", b"\n]"), (b"[", b",", b"]")]))
+    layout = draw(
+        st.sampled_from(
+            [
+                (b"[", b", ", b"]"),
+                (b"[\n", b",\n", b"\n]\n"),
+                (b"[\n  ", b",\n  ", b"\n]"),
+                (b"[", b",", b"]"),
+            ]
+        )
+    )
     text = layout[0] + layout[1].join(items) + layout[2]
     if kind == "array":
         damage = draw(st.sampled_from(_ARRAY_DAMAGE))
@@ -477,8 +592,11 @@ def _json_array_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
             "missing_comma": layout[0] + body.replace(layout[1], b"\n", 1) + layout[2],
             "nested": b"[" + text + b"]",
             "empty": draw(st.sampled_from([b"[]", b"[ ]", b"[\n]\n", b"  [\t]  "])),
-            "non_objects": b"[" + b", ".join(_dump_json(draw(nasty_values())).encode()
-                                             for _ in range(draw(st.integers(1, 3)))) + b"]",
+            "non_objects": b"["
+            + b", ".join(
+                _dump_json(draw(nasty_values())).encode() for _ in range(draw(st.integers(1, 3)))
+            )
+            + b"]",
             "bom": b"\xef\xbb\xbf" + text,
             "leading_space": draw(st.sampled_from([b"\n\n", b" \t", b"\x0c", b"\r\n"])) + text,
             "lines": b"\n".join(items) + b"\n",
@@ -510,11 +628,46 @@ register(Target("data.json_array", _json_array_cases(), _read_json_array))
 # --------------------------------------------------------------------------------- CSV
 # cells that break readers: JSON look-alikes of the typed columns, missing-value spellings,
 # quotes, line breaks, NUL, huge and deep values
-_CSV_CELLS = ["", " ", "null", "NA", "None", "nan", "NaN", "[]", "{}", "[1e999]", "[NaN]",
-              '{"a": 1, "a": 2}', "[" * 100 + "]" * 100, "[" * 70, "7", "-1", "1.0", "true",
-              '"', '""', "\x00", "a\nb", "a\r\nb", "é", "\ufeff", '"\\ud800"', "9" * 400,
-              "[1, 2", '{"age": 30}', "[0.1, 2.0]", "[0.5, -1.0]", "[1, 0, 2]", "a" * 5000,
-              '{"age": 30, "region": {"name": "north"}}', "u1", "0", "1", "[[1.0]]"]
+_CSV_CELLS = [
+    "",
+    " ",
+    "null",
+    "NA",
+    "None",
+    "nan",
+    "NaN",
+    "[]",
+    "{}",
+    "[1e999]",
+    "[NaN]",
+    '{"a": 1, "a": 2}',
+    "[" * 100 + "]" * 100,
+    "[" * 70,
+    "7",
+    "-1",
+    "1.0",
+    "true",
+    '"',
+    '""',
+    "\x00",
+    "a\nb",
+    "a\r\nb",
+    "é",
+    "\ufeff",
+    '"\\ud800"',
+    "9" * 400,
+    "[1, 2",
+    '{"age": 30}',
+    "[0.1, 2.0]",
+    "[0.5, -1.0]",
+    "[1, 0, 2]",
+    "a" * 5000,
+    '{"age": 30, "region": {"name": "north"}}',
+    "u1",
+    "0",
+    "1",
+    "[[1.0]]",
+]
 
 
 def _csv_cell(value: Any) -> str:
@@ -529,8 +682,7 @@ def _csv_records(rows: list[Any]) -> list[list[str]]:
     header = list(dict.fromkeys(str(k) for r in rows if isinstance(r, dict) for k in r))
     out = [header or ["value"]]
     for r in rows:
-        out.append([_csv_cell(r.get(k)) for k in header] if isinstance(r, dict)
-                   else [_csv_cell(r)])
+        out.append([_csv_cell(r.get(k)) for k in header] if isinstance(r, dict) else [_csv_cell(r)])
     return out
 
 
@@ -546,8 +698,11 @@ def _csv_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
     ragged records (too few or too many cells), stray or unterminated quotes, a bad header
     (a repeated, blank or padded name; none; only the header), other layouts (BOM, LF or CR
     line ends, blank records, another delimiter, no final newline), or byte damage."""
-    kind = draw(st.sampled_from(["cells", "cells", "values", "ragged", "quotes", "header",
-                                 "layout", "bytes"]))
+    kind = draw(
+        st.sampled_from(
+            ["cells", "cells", "values", "ragged", "quotes", "header", "layout", "bytes"]
+        )
+    )
     records = _csv_records(rows)
     if kind == "values":
         value = draw(mutated_value(rows))
@@ -560,10 +715,11 @@ def _csv_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
     elif kind == "ragged":
         i = draw(st.integers(1, len(records) - 1))
         if draw(st.booleans()):
-            records[i] = records[i][:draw(st.integers(0, len(records[i]) - 1))]
+            records[i] = records[i][: draw(st.integers(0, len(records[i]) - 1))]
         else:
-            records[i] = records[i] + draw(st.lists(st.sampled_from(_CSV_CELLS), min_size=1,
-                                                    max_size=3))
+            records[i] = records[i] + draw(
+                st.lists(st.sampled_from(_CSV_CELLS), min_size=1, max_size=3)
+            )
     elif kind == "header":
         header = records[0]
         j = draw(st.integers(0, len(header) - 1))
@@ -582,9 +738,25 @@ def _csv_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
             header[j] = header[j].upper()
     end = "\r\n"
     delimiter = ","
-    layout = draw(st.sampled_from(["bom", "lf", "cr", "blank", "blank_cells", "semicolon",
-                                   "tab", "no_newline", "multiline"])) if kind == "layout" \
+    layout = (
+        draw(
+            st.sampled_from(
+                [
+                    "bom",
+                    "lf",
+                    "cr",
+                    "blank",
+                    "blank_cells",
+                    "semicolon",
+                    "tab",
+                    "no_newline",
+                    "multiline",
+                ]
+            )
+        )
+        if kind == "layout"
         else None
+    )
     if layout in ("lf", "cr"):
         end = "\n" if layout == "lf" else "\r"
     elif layout in ("semicolon", "tab"):
@@ -602,8 +774,11 @@ def _csv_files(draw: st.DrawFn, rows: list[dict[str, Any]]) -> bytes:
         text = text.rstrip("\r\n")
     if kind == "quotes":
         pos = draw(st.integers(0, len(text)))
-        text = text[:pos] + draw(st.sampled_from(['"', '"unterminated', 'a"b', '""', '"\n',
-                                                  '",", "'])) + text[pos:]
+        text = (
+            text[:pos]
+            + draw(st.sampled_from(['"', '"unterminated', 'a"b', '""', '"\n', '",", "']))
+            + text[pos:]
+        )
     data = text.encode()
     if kind == "bytes":
         data = draw(mutated_bytes(data))
@@ -625,8 +800,20 @@ register(Target("data.csv", _csv_cases(), _read_csv))
 
 
 # -------------------------------------------------------------------------------- gzip
-_GZIP_DAMAGE = ["none", "none", "truncate", "truncate", "flip", "garbage", "zeros", "concat",
-                "empty", "plain", "double", "header_only"]
+_GZIP_DAMAGE = [
+    "none",
+    "none",
+    "truncate",
+    "truncate",
+    "flip",
+    "garbage",
+    "zeros",
+    "concat",
+    "empty",
+    "plain",
+    "double",
+    "header_only",
+]
 
 
 @st.composite
@@ -648,13 +835,18 @@ def _gzip_cases(draw: st.DrawFn) -> tuple[str, str, bytes]:
     data = gzip.compress(text, compresslevel=draw(st.sampled_from([1, 6, 9])), mtime=0)
     damage = draw(st.sampled_from(_GZIP_DAMAGE))
     if damage == "truncate":
-        cut = draw(st.one_of(st.sampled_from([1, 2, 9, 10, len(data) // 2, len(data) - 8,
-                                              len(data) - 4, len(data) - 1]),
-                             st.integers(0, len(data) - 1)))
+        cut = draw(
+            st.one_of(
+                st.sampled_from(
+                    [1, 2, 9, 10, len(data) // 2, len(data) - 8, len(data) - 4, len(data) - 1]
+                ),
+                st.integers(0, len(data) - 1),
+            )
+        )
         data = data[:cut]
     elif damage == "flip":
         i = draw(st.integers(0, len(data) - 1))
-        data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+        data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
     elif damage == "garbage":
         data += draw(st.binary(min_size=1, max_size=16))
     elif damage == "zeros":
@@ -682,10 +874,33 @@ register(Target("data.gzip", _gzip_cases(), _read_gzip))
 
 
 # --------------------------------------------------------------------- Parquet tables
-_ARROW_KINDS = ["null", "int", "uint64", "float", "float16", "bool", "string", "large_string",
-                "binary", "dictionary", "timestamp", "date", "duration", "decimal",
-                "list_float", "list_int", "list_string", "list_list", "fixed_list",
-                "large_list", "struct", "struct_deep", "map", "messages", "struct_empty"]
+_ARROW_KINDS = [
+    "null",
+    "int",
+    "uint64",
+    "float",
+    "float16",
+    "bool",
+    "string",
+    "large_string",
+    "binary",
+    "dictionary",
+    "timestamp",
+    "date",
+    "duration",
+    "decimal",
+    "list_float",
+    "list_int",
+    "list_string",
+    "list_list",
+    "fixed_list",
+    "large_list",
+    "struct",
+    "struct_deep",
+    "map",
+    "messages",
+    "struct_empty",
+]
 
 
 def _arrow_column(draw: st.DrawFn, n: int) -> Any:
@@ -728,37 +943,69 @@ def _arrow_column(draw: st.DrawFn, n: int) -> Any:
     if kind == "duration":
         return pa.array(pick([0, 1, None]), pa.duration("s"))
     if kind == "decimal":
-        return pa.array(pick([decimal.Decimal("1"), decimal.Decimal("0"),
-                              decimal.Decimal("0.5"), None]), pa.decimal128(5, 2))
+        return pa.array(
+            pick([decimal.Decimal("1"), decimal.Decimal("0"), decimal.Decimal("0.5"), None]),
+            pa.decimal128(5, 2),
+        )
     if kind == "list_float":
-        return pa.array(pick([[], [1.0], [0.5, -1.0], [1.0, 0.0, 2.0], [nan, 1.0, 2.0], None,
-                              [None, 1.0, 2.0], [1e308, -1e308, 0.0]]), pa.list_(pa.float64()))
+        return pa.array(
+            pick(
+                [
+                    [],
+                    [1.0],
+                    [0.5, -1.0],
+                    [1.0, 0.0, 2.0],
+                    [nan, 1.0, 2.0],
+                    None,
+                    [None, 1.0, 2.0],
+                    [1e308, -1e308, 0.0],
+                ]
+            ),
+            pa.list_(pa.float64()),
+        )
     if kind == "list_int":
         return pa.array(pick([[0, 1, 2], [1], [], None, [2**62, 0, 1]]), pa.list_(pa.int64()))
     if kind == "list_string":
         return pa.array(pick([["a"], [], None, ["a", "b"], [None]]), pa.list_(pa.string()))
     if kind == "list_list":
-        return pa.array(pick([[[1.0]], [[1.0, 2.0]], [], None]),
-                        pa.list_(pa.list_(pa.float64())))
+        return pa.array(pick([[[1.0]], [[1.0, 2.0]], [], None]), pa.list_(pa.list_(pa.float64())))
     if kind == "fixed_list":
-        return pa.array(pick([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], None]),
-                        pa.list_(pa.float64(), 3))
+        return pa.array(pick([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], None]), pa.list_(pa.float64(), 3))
     if kind == "large_list":
         return pa.array(pick([[1.0, 2.0, 3.0], [0.5, 0.5, 0.0]]), pa.large_list(pa.float64()))
     if kind == "struct":
-        return pa.array(pick([{"age": 30, "region": "n"}, {"age": None, "region": None}, None,
-                              {"age": 41, "region": "s"}]),
-                        pa.struct([("age", pa.int64()), ("region", pa.string())]))
+        return pa.array(
+            pick(
+                [
+                    {"age": 30, "region": "n"},
+                    {"age": None, "region": None},
+                    None,
+                    {"age": 41, "region": "s"},
+                ]
+            ),
+            pa.struct([("age", pa.int64()), ("region", pa.string())]),
+        )
     if kind == "struct_deep":
         return pa.array(pick([{"a": {"b": {"c": 1.0}}}, {"a": None}, {"a": {"b": None}}]))
     if kind == "map":
-        return pa.array(pick([[("age", 1.0)], [], None, [("a", 1.0), ("a", 2.0)]]),
-                        pa.map_(pa.string(), pa.float64()))
+        return pa.array(
+            pick([[("age", 1.0)], [], None, [("a", 1.0), ("a", 2.0)]]),
+            pa.map_(pa.string(), pa.float64()),
+        )
     if kind == "messages":
-        return pa.array(pick([[{"role": "user", "content": "Tea?"}], [], None,
-                              [{"role": "", "content": "x"}], [{"role": "user", "content": None}],
-                              [{"role": "assistant", "content": "Yes please."}]]),
-                        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
+        return pa.array(
+            pick(
+                [
+                    [{"role": "user", "content": "Tea?"}],
+                    [],
+                    None,
+                    [{"role": "", "content": "x"}],
+                    [{"role": "user", "content": None}],
+                    [{"role": "assistant", "content": "Yes please."}],
+                ]
+            ),
+            pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+        )
     return pa.array([{}] * n, pa.struct([]))  # struct_empty: Parquet cannot write it
 
 
@@ -784,8 +1031,11 @@ def _parquet_tables(draw: st.DrawFn) -> tuple[str, bytes]:
     for _ in range(draw(st.integers(1, 3))):
         names = table.column_names
         j = draw(st.integers(0, len(names) - 1)) if names else 0
-        action = draw(st.sampled_from(["column", "column", "column", "drop", "add", "rename",
-                                       "null_cell", "rows"]))
+        action = draw(
+            st.sampled_from(
+                ["column", "column", "column", "drop", "add", "rename", "null_cell", "rows"]
+            )
+        )
         if action == "column" and names:
             table = table.set_column(j, names[j], _arrow_column(draw, table.num_rows))
         elif action == "drop" and names:
@@ -809,11 +1059,13 @@ def _parquet_tables(draw: st.DrawFn) -> tuple[str, bytes]:
             keep = draw(st.lists(st.integers(0, max(table.num_rows - 1, 0)), max_size=5))
             if table.num_rows:
                 table = table.take(pa.array(keep, pa.int64()))
-    options = {"row_group_size": draw(st.sampled_from([None, 1])),
-               "compression": draw(st.sampled_from(["snappy", "none", "gzip", "zstd"])),
-               "use_dictionary": draw(st.booleans()),
-               "version": draw(st.sampled_from(["1.0", "2.4", "2.6"])),
-               "data_page_version": draw(st.sampled_from(["1.0", "2.0"]))}
+    options = {
+        "row_group_size": draw(st.sampled_from([None, 1])),
+        "compression": draw(st.sampled_from(["snappy", "none", "gzip", "zstd"])),
+        "use_dictionary": draw(st.booleans()),
+        "version": draw(st.sampled_from(["1.0", "2.4", "2.6"])),
+        "data_page_version": draw(st.sampled_from(["1.0", "2.0"])),
+    }
     try:
         data = _parquet_bytes(table, **options)
     except (pa.ArrowException, TypeError, ValueError):  # a table Parquet cannot hold
@@ -825,8 +1077,11 @@ def _parquet_tables(draw: st.DrawFn) -> tuple[str, bytes]:
         size = draw(st.sampled_from([0, 1, len(data), 2**31 - 1, 2**32 - 1]))
         data = data[:-8] + size.to_bytes(4, "little") + b"PAR1"
     elif damage == "magic":
-        data = draw(st.sampled_from([b"", b"PAR1", b"PAR1PAR1", b"PAR1" + b"\x00" * 8 + b"PAR1",
-                                     data[:4] + data[-8:]]))
+        data = draw(
+            st.sampled_from(
+                [b"", b"PAR1", b"PAR1PAR1", b"PAR1" + b"\x00" * 8 + b"PAR1", data[:4] + data[-8:]]
+            )
+        )
     return ("numeric" if fmt == "numeric" else "trl"), data
 
 
@@ -852,31 +1107,90 @@ def _odd_cells() -> list[Any]:
 
     nan = float("nan")
     return [
-        None, nan, np.nan, pd.NA, pd.NaT, np.float64("nan"), np.float64(1.0), np.float32(0.5),
-        np.int64(7), np.int64(1), np.int8(0), np.bool_(True), np.str_("u1"), np.str_(""),
-        np.datetime64("NaT"), np.datetime64("2020-01-01"), np.array([1, 0]),
-        np.array([0.5, -1.0]), np.array(1), np.array([]), np.array([[1.0]]), np.array(["a"]),
-        np.array([np.nan, 1.0, 2.0]), np.array([1.0, 0.0, 2.0], dtype=np.float16),
-        pd.Series([1, 0]), pd.Series([], dtype=float), pd.Timestamp(0), pd.Timedelta(0),
-        (1.0, 2.0), {1.0}, frozenset(), b"u1", bytearray(b"x"), decimal.Decimal("1"), 1 + 0j,
-        2**70, -(2**70), True, 0, 1, "", " ", "Hello.", "u1", [1.0, 0.0, 2.0], [], [None],
-        [nan], [np.nan, 1.0, 2.0], [np.float64(1), np.int64(0), np.float32(2)],
-        {"age": np.int64(30)}, {"age": nan}, {"age": pd.NA}, {1: "a"}, {np.str_("a"): 1},
-        {"a": {"b": np.array([1])}}, {}, {"a": {}}, {"age": 30, "region": {"name": "north"}},
-        {"age": 30, "region": {"name": pd.NaT}}, [{"role": "user", "content": "Tea?"}],
+        None,
+        nan,
+        np.nan,
+        pd.NA,
+        pd.NaT,
+        np.float64("nan"),
+        np.float64(1.0),
+        np.float32(0.5),
+        np.int64(7),
+        np.int64(1),
+        np.int8(0),
+        np.bool_(True),
+        np.str_("u1"),
+        np.str_(""),
+        np.datetime64("NaT"),
+        np.datetime64("2020-01-01"),
+        np.array([1, 0]),
+        np.array([0.5, -1.0]),
+        np.array(1),
+        np.array([]),
+        np.array([[1.0]]),
+        np.array(["a"]),
+        np.array([np.nan, 1.0, 2.0]),
+        np.array([1.0, 0.0, 2.0], dtype=np.float16),
+        pd.Series([1, 0]),
+        pd.Series([], dtype=float),
+        pd.Timestamp(0),
+        pd.Timedelta(0),
+        (1.0, 2.0),
+        {1.0},
+        frozenset(),
+        b"u1",
+        bytearray(b"x"),
+        decimal.Decimal("1"),
+        1 + 0j,
+        2**70,
+        -(2**70),
+        True,
+        0,
+        1,
+        "",
+        " ",
+        "Hello.",
+        "u1",
+        [1.0, 0.0, 2.0],
+        [],
+        [None],
+        [nan],
+        [np.nan, 1.0, 2.0],
+        [np.float64(1), np.int64(0), np.float32(2)],
+        {"age": np.int64(30)},
+        {"age": nan},
+        {"age": pd.NA},
+        {1: "a"},
+        {np.str_("a"): 1},
+        {"a": {"b": np.array([1])}},
+        {},
+        {"a": {}},
+        {"age": 30, "region": {"name": "north"}},
+        {"age": 30, "region": {"name": pd.NaT}},
+        [{"role": "user", "content": "Tea?"}],
         [{"role": "user", "content": np.str_("Tea?")}],
         [{"role": "user", "content": "Tea?", "x": np.array([1, 2])}],
-        [{"role": "user", "content": None}], [{"role": np.nan, "content": "x"}],
+        [{"role": "user", "content": None}],
+        [{"role": np.nan, "content": "x"}],
         np.array([{"role": "user", "content": "hi"}], dtype=object),
         [{"role": "assistant", "content": "Yes please.", "name": pd.NA}],
-        datetime.date(2020, 1, 1), object(),
+        datetime.date(2020, 1, 1),
+        object(),
     ]
 
 
-_FRAME_DTYPES = ["float64", "Int64", "string", "category", "bool", "datetime64[ns]", "int64",
-                 "object", "boolean"]
-_FRAME_NAMES = [0, 1, None, ("user_id", ""), "", " ", "user_id ", "Prompt", "extra", 1.5,
-                True]
+_FRAME_DTYPES = [
+    "float64",
+    "Int64",
+    "string",
+    "category",
+    "bool",
+    "datetime64[ns]",
+    "int64",
+    "object",
+    "boolean",
+]
+_FRAME_NAMES = [0, 1, None, ("user_id", ""), "", " ", "user_id ", "Prompt", "extra", 1.5, True]
 
 
 def _object_column(values: list[Any]) -> np.ndarray:
@@ -886,8 +1200,12 @@ def _object_column(values: list[Any]) -> np.ndarray:
     return column
 
 
-def _frame(columns: list[tuple[Any, list[Any]]], dtypes: dict[int, str], rows: list[int] | None,
-           multiindex: bool) -> Any:
+def _frame(
+    columns: list[tuple[Any, list[Any]]],
+    dtypes: dict[int, str],
+    rows: list[int] | None,
+    multiindex: bool,
+) -> Any:
     import pandas as pd
 
     frame = pd.DataFrame({i: _object_column(vals) for i, (_, vals) in enumerate(columns)})
@@ -898,8 +1216,9 @@ def _frame(columns: list[tuple[Any, list[Any]]], dtypes: dict[int, str], rows: l
             with contextlib.suppress(Exception):  # a cast pandas refuses: keep the column
                 frame.isetitem(j, frame.iloc[:, j].astype(dtype))
     names = [name for name, _ in columns]
-    frame.columns = (pd.MultiIndex.from_tuples([(str(n), "") for n in names])
-                     if multiindex and names else names)
+    frame.columns = (
+        pd.MultiIndex.from_tuples([(str(n), "") for n in names]) if multiindex and names else names
+    )
     if rows is not None and len(frame):
         frame = frame.iloc[[r % len(frame) for r in rows]]
     return frame
@@ -913,8 +1232,9 @@ def _frame_cases(draw: st.DrawFn) -> tuple[str, str, Any]:
     dropped, MultiIndex columns, rows dropped or repeated; passed as the DataFrame, or as
     its raw records or columns (a list or mapping holding the same NumPy/pandas values)."""
     fmt = draw(st.sampled_from(["trl", "trl", "chat", "implicit", "numeric"]))
-    seed = {"trl": TRL_ROWS, "chat": CHAT_ROWS, "implicit": IMPLICIT_ROWS,
-            "numeric": NUMERIC_ROWS}[fmt]
+    seed = {"trl": TRL_ROWS, "chat": CHAT_ROWS, "implicit": IMPLICIT_ROWS, "numeric": NUMERIC_ROWS}[
+        fmt
+    ]
     keys = list(dict.fromkeys(k for r in seed for k in r))
     columns: list[tuple[Any, list[Any]]] = [(k, [r.get(k) for r in seed]) for k in keys]
     dtypes: dict[int, str] = {}
@@ -923,8 +1243,14 @@ def _frame_cases(draw: st.DrawFn) -> tuple[str, str, Any]:
     cells = _odd_cells()
     for _ in range(draw(st.integers(1, 2))):
         j = draw(st.integers(0, len(columns) - 1)) if columns else 0
-        action = draw(st.sampled_from(["cell"] * 5 + ["column"] * 2 + ["dtype"] * 2
-                                      + ["rename", "drop", "rows", "multiindex"]))
+        action = draw(
+            st.sampled_from(
+                ["cell"] * 5
+                + ["column"] * 2
+                + ["dtype"] * 2
+                + ["rename", "drop", "rows", "multiindex"]
+            )
+        )
         if action == "cell" and columns:
             values = columns[j][1]
             values[draw(st.integers(0, len(values) - 1))] = draw(st.sampled_from(cells))
@@ -937,19 +1263,29 @@ def _frame_cases(draw: st.DrawFn) -> tuple[str, str, Any]:
         elif action == "drop" and columns:
             del columns[j]
         elif action == "rows":
-            rows = draw(st.lists(st.integers(0, 5), min_size=draw(st.sampled_from([0, 1, 1])),
-                                 max_size=4))
+            rows = draw(
+                st.lists(st.integers(0, 5), min_size=draw(st.sampled_from([0, 1, 1])), max_size=4)
+            )
         elif action == "multiindex":
             multiindex = True
     frame = _frame(columns, dtypes, rows, multiindex)
     container = draw(st.sampled_from(["frame", "frame", "frame", "records", "columns"]))
     reader_fmt = "numeric" if fmt == "numeric" else "trl"
     if container == "records":
-        return reader_fmt, container, [dict(zip(frame.columns, values, strict=True))
-                                       for values in frame.itertuples(index=False, name=None)]
+        return (
+            reader_fmt,
+            container,
+            [
+                dict(zip(frame.columns, values, strict=True))
+                for values in frame.itertuples(index=False, name=None)
+            ],
+        )
     if container == "columns":
-        return reader_fmt, container, {name: list(frame.iloc[:, j])
-                                       for j, name in enumerate(frame.columns)}
+        return (
+            reader_fmt,
+            container,
+            {name: list(frame.iloc[:, j]) for j, name in enumerate(frame.columns)},
+        )
     return reader_fmt, container, frame
 
 
@@ -975,32 +1311,68 @@ def _numpy_forms(value: Any) -> list[Any]:
     if isinstance(value, bool):
         return [np.bool_(value), np.array(value), np.array([value]), pd.Series([value])]
     if isinstance(value, int | float):
-        return [np.int64(value), np.int8(value), np.float64(value), np.float32(value),
-                np.array(value), np.array([value]), np.array([value, value]), [value],
-                pd.Series([value]), np.uint8(abs(value) % 256), np.array(value, dtype=object)]
+        return [
+            np.int64(value),
+            np.int8(value),
+            np.float64(value),
+            np.float32(value),
+            np.array(value),
+            np.array([value]),
+            np.array([value, value]),
+            [value],
+            pd.Series([value]),
+            np.uint8(abs(value) % 256),
+            np.array(value, dtype=object),
+        ]
     if isinstance(value, str):
-        return [np.str_(value), np.array(value), np.array([value]), np.array([value, value]),
-                pd.Series([value]), value.encode(), np.bytes_(value.encode()), (value,)]
+        return [
+            np.str_(value),
+            np.array(value),
+            np.array([value]),
+            np.array([value, value]),
+            pd.Series([value]),
+            value.encode(),
+            np.bytes_(value.encode()),
+            (value,),
+        ]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return [np.array(value, dtype=object), tuple(value), pd.Series(value),
-                [{k: np.str_(v) if isinstance(v, str) else v for k, v in m.items()}
-                 for m in value],
-                [{**m, "tags": np.array(["a", "b"])} for m in value],
-                [{**m, "weight": np.float64("nan")} for m in value],
-                [{**m, "name": pd.NA} for m in value], [pd.Series(m) for m in value],
-                [{**m, "content": np.array([m.get("content")])} for m in value]]
+        return [
+            np.array(value, dtype=object),
+            tuple(value),
+            pd.Series(value),
+            [{k: np.str_(v) if isinstance(v, str) else v for k, v in m.items()} for m in value],
+            [{**m, "tags": np.array(["a", "b"])} for m in value],
+            [{**m, "weight": np.float64("nan")} for m in value],
+            [{**m, "name": pd.NA} for m in value],
+            [pd.Series(m) for m in value],
+            [{**m, "content": np.array([m.get("content")])} for m in value],
+        ]
     if isinstance(value, list):
-        forms = [np.array(value), np.array([value]), np.array(value, dtype=object),
-                 tuple(value), pd.Series(value, dtype=object), np.array(value).reshape(-1, 1)]
+        forms = [
+            np.array(value),
+            np.array([value]),
+            np.array(value, dtype=object),
+            tuple(value),
+            pd.Series(value, dtype=object),
+            np.array(value).reshape(-1, 1),
+        ]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            forms += [np.array(value, dtype=np.float32), np.array(value, dtype=np.float16),
-                      [np.float64(v) for v in value], np.array(value, dtype=np.int8)]
+            forms += [
+                np.array(value, dtype=np.float32),
+                np.array(value, dtype=np.float16),
+                [np.float64(v) for v in value],
+                np.array(value, dtype=np.int8),
+            ]
         return forms
     if isinstance(value, dict):
-        return [{k: np.int64(v) if isinstance(v, int) else v for k, v in value.items()},
-                {k: np.array([v]) for k, v in value.items()},
-                {k: np.float64("nan") for k in value}, {k: pd.NA for k in value},
-                {np.str_(k): v for k, v in value.items()}, pd.Series(value, dtype=object)]
+        return [
+            {k: np.int64(v) if isinstance(v, int) else v for k, v in value.items()},
+            {k: np.array([v]) for k, v in value.items()},
+            {k: np.float64("nan") for k in value},
+            {k: pd.NA for k in value},
+            {np.str_(k): v for k, v in value.items()},
+            pd.Series(value, dtype=object),
+        ]
     return [np.array([value], dtype=object)]
 
 
@@ -1009,11 +1381,16 @@ def _numpy_row_cases(draw: st.DrawFn) -> tuple[str, list[Any]]:
     """``(format, rows)``: in-memory rows of each format with values in NumPy/pandas forms
     (:func:`_numpy_forms`): one cell, one field on every row (the same form), or every field
     of a row (drawn one by one, or all alike); read as given (a list of mappings)."""
-    fmt = draw(st.sampled_from(["numeric", "numeric", "implicit", "implicit", "trl", "chat",
-                                "summarize"]))
-    seed = {"numeric": NUMERIC_ROWS, "implicit": IMPLICIT_ROWS, "trl": TRL_ROWS,
-            "chat": CHAT_ROWS,
-            "summarize": _fixture_rows("summarize_from_feedback.jsonl", limit=3)}[fmt]
+    fmt = draw(
+        st.sampled_from(["numeric", "numeric", "implicit", "implicit", "trl", "chat", "summarize"])
+    )
+    seed = {
+        "numeric": NUMERIC_ROWS,
+        "implicit": IMPLICIT_ROWS,
+        "trl": TRL_ROWS,
+        "chat": CHAT_ROWS,
+        "summarize": _fixture_rows("summarize_from_feedback.jsonl", limit=3),
+    }[fmt]
     rows = [dict(r) for r in seed]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     for _ in range(draw(st.integers(1, 2))):
@@ -1052,16 +1429,38 @@ if _has("pandas"):
 # ---------------------------------------------------------------------- datasets objects
 # whole columns of one Arrow type each (so that a Dataset can be built from them)
 _DATASET_COLUMNS: list[list[Any]] = [
-    [None, None, None], [0, 1, 1], [1.0, float("nan"), 0.0], ["", " ", "x"],
-    [True, False, True], [[1.0, 0.0], [0.5], []], [[0.5, -1.0], [0.5, -1.0], [1.0, 2.0]],
-    [{"age": 30}, {"region": "n"}, {}], [{"age": 30, "g": "f"}, {"age": None, "g": "m"}, None],
-    [[{"role": "user", "content": "x"}], [], None], [["a"], ["b"], ["c"]], ["u1", "u1", "u1"],
-    [7, 7, 8], [2**62, 0, 1], [[[1.0]], [[2.0]], [[3.0]]], [{"a": {"b": None}}] * 3,
-    [{"age": float("inf")}, {"age": 1.0}, {"age": 2.0}], ["Hello.", "Hello.", "Hello."],
-    [[{"role": "assistant", "content": ""}]] * 3, [[1.0, 0.0, 2.0]] * 3,
+    [None, None, None],
+    [0, 1, 1],
+    [1.0, float("nan"), 0.0],
+    ["", " ", "x"],
+    [True, False, True],
+    [[1.0, 0.0], [0.5], []],
+    [[0.5, -1.0], [0.5, -1.0], [1.0, 2.0]],
+    [{"age": 30}, {"region": "n"}, {}],
+    [{"age": 30, "g": "f"}, {"age": None, "g": "m"}, None],
+    [[{"role": "user", "content": "x"}], [], None],
+    [["a"], ["b"], ["c"]],
+    ["u1", "u1", "u1"],
+    [7, 7, 8],
+    [2**62, 0, 1],
+    [[[1.0]], [[2.0]], [[3.0]]],
+    [{"a": {"b": None}}] * 3,
+    [{"age": float("inf")}, {"age": 1.0}, {"age": 2.0}],
+    ["Hello.", "Hello.", "Hello."],
+    [[{"role": "assistant", "content": ""}]] * 3,
+    [[1.0, 0.0, 2.0]] * 3,
 ]
-_DATASET_CONTAINERS = ["dataset", "dataset", "dict", "dict", "plain_dict", "iterable",
-                       "iterable_dict", "to_dict", "formatted"]
+_DATASET_CONTAINERS = [
+    "dataset",
+    "dataset",
+    "dict",
+    "dict",
+    "plain_dict",
+    "iterable",
+    "iterable_dict",
+    "to_dict",
+    "formatted",
+]
 
 
 @st.composite
@@ -1072,13 +1471,15 @@ def _dataset_cases(draw: st.DrawFn) -> tuple[str, str, Any, list[Any]]:
     Datasets (with the split, without one, with one it lacks), an IterableDataset(Dict), a
     formatted Dataset or ``to_dict()`` columns."""
     fmt = draw(st.sampled_from(["trl", "trl", "chat", "numeric"]))
-    rows = [dict(r) for r in {"trl": TRL_FLAT_ROWS, "chat": CHAT_ROWS,
-                              "numeric": NUMERIC_ROWS}[fmt]]
+    rows = [
+        dict(r) for r in {"trl": TRL_FLAT_ROWS, "chat": CHAT_ROWS, "numeric": NUMERIC_ROWS}[fmt]
+    ]
     for _ in range(draw(st.integers(1, 2))):
         dicts = [r for r in rows if isinstance(r, dict)]
         keys = list(dict.fromkeys(k for r in dicts for k in r))
-        action = draw(st.sampled_from(["cell", "column", "column", "drop", "add", "values",
-                                       "empty", "none"]))
+        action = draw(
+            st.sampled_from(["cell", "column", "column", "drop", "add", "values", "empty", "none"])
+        )
         if not keys and action not in ("values", "none"):
             continue
         key = draw(st.sampled_from(keys)) if keys else None
@@ -1101,8 +1502,13 @@ def _dataset_cases(draw: st.DrawFn) -> tuple[str, str, Any, list[Any]]:
         elif action == "empty":
             rows = []
     container = draw(st.sampled_from(_DATASET_CONTAINERS))
-    split = draw(st.sampled_from(["train", "train", "train", None, "test", "validation", ""]
-                                 if "dict" in container else [None] * 5 + ["train"]))
+    split = draw(
+        st.sampled_from(
+            ["train", "train", "train", None, "test", "validation", ""]
+            if "dict" in container
+            else [None] * 5 + ["train"]
+        )
+    )
     return ("numeric" if fmt == "numeric" else "trl"), container, split, rows
 
 
@@ -1114,9 +1520,12 @@ def _dataset(rows: list[Any]) -> Any:
     try:
         return datasets.Dataset.from_list(rows)
     except Exception:  # datasets/pyarrow refusing the rows: not pluralign's boundary
-        text = [{str(k): v if v is None or isinstance(v, str) else _dump_json(v)
-                 for k, v in r.items()} if isinstance(r, dict) else {"value": _dump_json(r)}
-                for r in rows]
+        text = [
+            {str(k): v if v is None or isinstance(v, str) else _dump_json(v) for k, v in r.items()}
+            if isinstance(r, dict)
+            else {"value": _dump_json(r)}
+            for r in rows
+        ]
         return datasets.Dataset.from_list(text)
 
 
@@ -1150,23 +1559,49 @@ if _has("datasets"):
 # ---------------------------------------------------------------------- column mapping
 # keyword -> the column it replaces, per format
 _MAPPABLE = {
-    "trl": {"prompt_column": "prompt", "chosen_column": "chosen",
-            "rejected_column": "rejected", "user_column": "user_id",
-            "context_column": "user_context"},
+    "trl": {
+        "prompt_column": "prompt",
+        "chosen_column": "chosen",
+        "rejected_column": "rejected",
+        "user_column": "user_id",
+        "context_column": "user_context",
+    },
     "numeric": {"user_column": "user", "context_column": "x"},
     "summarize": {"user_column": "worker"},
-    "prism": {"prompt_column": "prompt", "chosen_column": "chosen",
-              "rejected_column": "rejected", "user_column": "user_id"},
+    "prism": {
+        "prompt_column": "prompt",
+        "chosen_column": "chosen",
+        "rejected_column": "rejected",
+        "user_column": "user_id",
+    },
 }
-_KEYWORDS = ("prompt_column", "chosen_column", "rejected_column", "user_column",
-             "context_column")
-_RENAMES = {"prompt": ["question", "Prompt", "prompt text"], "chosen": ["good", "response_a"],
-            "rejected": ["bad", "response_b"],
-            "user_id": ["annotator", "annotator id", "é"], "user": ["annotator", "labeler"],
-            "worker": ["annotator", "labeler"], "user_context": ["profile", "x0"],
-            "x": ["profile", "context"]}
-_BAD_NAMES = ["", " ", 7, ["user_id"], True, "\x00", "nope", "info", "phi0", "y",
-              "conversation_id", "user_id", "user_context", "x"]
+_KEYWORDS = ("prompt_column", "chosen_column", "rejected_column", "user_column", "context_column")
+_RENAMES = {
+    "prompt": ["question", "Prompt", "prompt text"],
+    "chosen": ["good", "response_a"],
+    "rejected": ["bad", "response_b"],
+    "user_id": ["annotator", "annotator id", "é"],
+    "user": ["annotator", "labeler"],
+    "worker": ["annotator", "labeler"],
+    "user_context": ["profile", "x0"],
+    "x": ["profile", "context"],
+}
+_BAD_NAMES = [
+    "",
+    " ",
+    7,
+    ["user_id"],
+    True,
+    "\x00",
+    "nope",
+    "info",
+    "phi0",
+    "y",
+    "conversation_id",
+    "user_id",
+    "user_context",
+    "x",
+]
 
 
 @st.composite
@@ -1179,8 +1614,12 @@ def _mapping_cases(draw: st.DrawFn) -> tuple[str, str, list[Any], dict[str, Any]
     mutated; read from rows, a JSONL/CSV/gzip file, a DataFrame or ``pluralign data
     validate`` with the column flags."""
     fmt = draw(st.sampled_from(["trl", "trl", "trl", "numeric", "summarize", "prism"]))
-    seed = {"trl": TRL_ROWS, "numeric": NUMERIC_ROWS, "prism": PRISM_PAIRS,
-            "summarize": _fixture_rows("summarize_from_feedback.jsonl", limit=3)}[fmt]
+    seed = {
+        "trl": TRL_ROWS,
+        "numeric": NUMERIC_ROWS,
+        "prism": PRISM_PAIRS,
+        "summarize": _fixture_rows("summarize_from_feedback.jsonl", limit=3),
+    }[fmt]
     mappable = _MAPPABLE[fmt]
     renames: dict[str, str] = {}
     for column in mappable.values():
@@ -1195,8 +1634,9 @@ def _mapping_cases(draw: st.DrawFn) -> tuple[str, str, list[Any], dict[str, Any]
         if default in renames or draw(st.integers(0, 3)) == 0:
             kwargs[keyword] = renames.get(default, default)
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 1, 2]))):  # then some faults
-        how = draw(st.sampled_from(["omit", "default", "other", "missing", "bad", "twin",
-                                    "inapplicable"]))
+        how = draw(
+            st.sampled_from(["omit", "default", "other", "missing", "bad", "twin", "inapplicable"])
+        )
         if how == "inapplicable":
             others = [k for k in _KEYWORDS if k not in mappable]
             if others:
@@ -1240,8 +1680,11 @@ def _mapping_source(kind: str, rows: list[Any], tmp: Path) -> Any:
 
 def _survey(tmp: Path, user: str) -> Path:
     rows = _fixture_rows("prism_survey.jsonl")
-    return _write(tmp, "survey.jsonl", _jsonl([{user if k == "user_id" else k: v
-                                                for k, v in r.items()} for r in rows]))
+    return _write(
+        tmp,
+        "survey.jsonl",
+        _jsonl([{user if k == "user_id" else k: v for k, v in r.items()} for r in rows]),
+    )
 
 
 def _read_mapping(value: tuple[str, str, list[Any], dict[str, Any]], tmp: Path) -> None:
@@ -1299,18 +1742,40 @@ register(Target("data.column_mapping", _mapping_cases(), _read_mapping))
 
 
 # ---------------------------------------------------------------------- implicit prompts
-_PREFIXES = ["", " ", "\n", "Q: why? A:", "Q: why? A: ", "The capital of France is ", "é", "a",
-             "Human: hi\n\nAssistant:", "  ", "\x00"]
-_SUFFIXES = ["", " ", "Paris.", " Paris.", "Lyon.", "because.", "P", "\x00", "a" * 50, "é",
-             "\n"]
+_PREFIXES = [
+    "",
+    " ",
+    "\n",
+    "Q: why? A:",
+    "Q: why? A: ",
+    "The capital of France is ",
+    "é",
+    "a",
+    "Human: hi\n\nAssistant:",
+    "  ",
+    "\x00",
+]
+_SUFFIXES = ["", " ", "Paris.", " Paris.", "Lyon.", "because.", "P", "\x00", "a" * 50, "é", "\n"]
 _MESSAGES = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system"]),
-     "content": st.sampled_from(["Tea?", "Yes.", "No.", "hi", "Tea? ", "é"])},
-    optional={"name": st.sampled_from([None, "bob"])})
-_BAD_MESSAGES = st.sampled_from([{"role": "", "content": "x"}, {"role": "user", "content": " "},
-                                 {"role": "user"}, {"content": "x"}, {"role": 1, "content": "x"},
-                                 {"role": "user", "content": ["x"]}, "user: hi", None,
-                                 {"role": "user", "content": "hi", "name": [1]}])
+    {
+        "role": st.sampled_from(["user", "assistant", "system"]),
+        "content": st.sampled_from(["Tea?", "Yes.", "No.", "hi", "Tea? ", "é"]),
+    },
+    optional={"name": st.sampled_from([None, "bob"])},
+)
+_BAD_MESSAGES = st.sampled_from(
+    [
+        {"role": "", "content": "x"},
+        {"role": "user", "content": " "},
+        {"role": "user"},
+        {"content": "x"},
+        {"role": 1, "content": "x"},
+        {"role": "user", "content": ["x"]},
+        "user: hi",
+        None,
+        {"role": "user", "content": "hi", "name": [1]},
+    ]
+)
 
 
 @st.composite
@@ -1326,20 +1791,29 @@ def _implicit_row(draw: st.DrawFn, user: Any) -> dict[str, Any]:
     style = draw(st.sampled_from(["strings", "strings", "messages", "mixed"]))
     if style == "strings":
         prefix = draw(st.one_of(st.sampled_from(_PREFIXES), st.text(max_size=6)))
-        chosen = prefix + draw(st.one_of(st.sampled_from(_SUFFIXES), st.text(min_size=1,
-                                                                               max_size=4)))
-        rejected = prefix + draw(st.one_of(st.sampled_from(_SUFFIXES), st.text(min_size=1,
-                                                                                 max_size=4)))
+        chosen = prefix + draw(
+            st.one_of(st.sampled_from(_SUFFIXES), st.text(min_size=1, max_size=4))
+        )
+        rejected = prefix + draw(
+            st.one_of(st.sampled_from(_SUFFIXES), st.text(min_size=1, max_size=4))
+        )
     elif style == "messages":
         shared = draw(_message_lists(3))
         chosen = shared + draw(_message_lists(2))
         rejected = shared + draw(_message_lists(2))
     else:
-        chosen, rejected = draw(st.sampled_from([
-            ("Tea?", [{"role": "user", "content": "Tea?"}]),
-            ([{"role": "user", "content": "Tea?"}], "Tea? No."), ([], "x"), ("x", []),
-            ([{"role": "user", "content": "Tea?"}], [{"role": "user", "content": "Tea?"}]),
-            ("same", "same")]))
+        chosen, rejected = draw(
+            st.sampled_from(
+                [
+                    ("Tea?", [{"role": "user", "content": "Tea?"}]),
+                    ([{"role": "user", "content": "Tea?"}], "Tea? No."),
+                    ([], "x"),
+                    ("x", []),
+                    ([{"role": "user", "content": "Tea?"}], [{"role": "user", "content": "Tea?"}]),
+                    ("same", "same"),
+                ]
+            )
+        )
     row: dict[str, Any] = {"chosen": chosen, "rejected": rejected, "user_id": user}
     prompt = draw(st.sampled_from(["absent"] * 5 + ["null", "empty", "present"]))
     if prompt == "null":
@@ -1388,18 +1862,24 @@ def _check_implicit(rows: list[Any], prefs: Any, prompt_column: str | None) -> N
             original = row[response]
             if isinstance(original, str):
                 if prefs.prompts[i] + text != original:
-                    raise AssertionError(f"row {line}: prompt {prefs.prompts[i]!r} + {response} "
-                                         f"{text!r} is not the original {original!r}")
+                    raise AssertionError(
+                        f"row {line}: prompt {prefs.prompts[i]!r} + {response} "
+                        f"{text!r} is not the original {original!r}"
+                    )
             else:
                 prompt, chosen, rejected = prefs.messages[i]
                 got = prompt + (chosen if response == "chosen" else rejected)
                 if got != _without_nulls(original):
-                    raise AssertionError(f"row {line}: prompt + {response} messages {got!r} "
-                                         f"are not the original {original!r}")
+                    raise AssertionError(
+                        f"row {line}: prompt + {response} messages {got!r} "
+                        f"are not the original {original!r}"
+                    )
     if prefs.template is None and all(
-            isinstance(r.get("chosen"), str) and r.get(key) is None for r in rows):
-        raise AssertionError("every row is an implicit string prompt, but the template is not "
-                             "'{prompt}{response}'")
+        isinstance(r.get("chosen"), str) and r.get(key) is None for r in rows
+    ):
+        raise AssertionError(
+            "every row is an implicit string prompt, but the template is not '{prompt}{response}'"
+        )
 
 
 def _read_implicit(value: tuple[list[Any], str | None, str], tmp: Path) -> None:

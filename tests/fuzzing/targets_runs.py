@@ -15,25 +15,44 @@ from fuzzing.core import Target, mutated_jsonl, mutated_value, mutated_yaml, reg
 from pluralign.errors import PluralignError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src" / "pluralign" / "configs"
-SEED_CONFIGS = [yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8"))
-                for name in ("loco.yaml", "multi_user.yaml", "gshf.yaml", "quick.yaml")]
+SEED_CONFIGS = [
+    yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8"))
+    for name in ("loco.yaml", "multi_user.yaml", "gshf.yaml", "quick.yaml")
+]
 
 # small resolved configs and the rows a finished run of each would hold (made up, not run)
 _RUNS: dict[str, dict[str, Any]] = {
-    "loco": {"experiment": "loco", "seed": 0, "repeats": 2,
-             "env": {"d_x": 4, "d_phi": 4, "rank": 1, "n_actions": 4, "n_targets": 50,
-                     "n_heldout": 100},
-             "n_samples": [50, 100], "methods": ["prs", "fullrank_greedy", "linear_greedy"]},
-    "multi_user": {"experiment": "multi_user", "seed": 0, "repeats": 2,
-                   "env": [{"n_users": 4, "d_phi": 5, "k": 2, "diversity": d}
-                           for d in (0.0, 1.0)],
-                   "n_samples": [10, 20], "methods": ["shared_basis", "per_user", "pooled"]},
-    "gshf": {"experiment": "gshf", "seed": 0, "repeats": 2,
-             "env": {"d": 4, "n_actions": 4, "n_eval": 30, "uncovered_dim": 2,
-                     "coverage": 0.5},
-             "n_samples": [2], "methods": ["offline_mle", "offline_option1", "online_enhancer",
-                                           "online_symmetric", "online_uniform",
-                                           "hybrid_enhancer"]},
+    "loco": {
+        "experiment": "loco",
+        "seed": 0,
+        "repeats": 2,
+        "env": {"d_x": 4, "d_phi": 4, "rank": 1, "n_actions": 4, "n_targets": 50, "n_heldout": 100},
+        "n_samples": [50, 100],
+        "methods": ["prs", "fullrank_greedy", "linear_greedy"],
+    },
+    "multi_user": {
+        "experiment": "multi_user",
+        "seed": 0,
+        "repeats": 2,
+        "env": [{"n_users": 4, "d_phi": 5, "k": 2, "diversity": d} for d in (0.0, 1.0)],
+        "n_samples": [10, 20],
+        "methods": ["shared_basis", "per_user", "pooled"],
+    },
+    "gshf": {
+        "experiment": "gshf",
+        "seed": 0,
+        "repeats": 2,
+        "env": {"d": 4, "n_actions": 4, "n_eval": 30, "uncovered_dim": 2, "coverage": 0.5},
+        "n_samples": [2],
+        "methods": [
+            "offline_mle",
+            "offline_option1",
+            "online_enhancer",
+            "online_symmetric",
+            "online_uniform",
+            "hybrid_enhancer",
+        ],
+    },
 }
 
 
@@ -50,16 +69,27 @@ def _rows(config: dict[str, Any]) -> list[dict[str, Any]]:
             per = len(config["methods"]) * (unit.n + 1)
             for method in config["methods"]:
                 for t in range(unit.n + 1):
-                    rows.append({**base, "method": method, "n": t, "unit_n": unit.n,
-                                 "gap": 0.5 / (t + 1 + unit.repeat), "kl": 0.1, "reward": 0.2,
-                                 "comparisons": 20.0 * t, "reached_target": float(t == 2),
-                                 "fit_seconds": 0.01, "unit_rows": per})
+                    rows.append(
+                        {
+                            **base,
+                            "method": method,
+                            "n": t,
+                            "unit_n": unit.n,
+                            "gap": 0.5 / (t + 1 + unit.repeat),
+                            "kl": 0.1,
+                            "reward": 0.2,
+                            "comparisons": 20.0 * t,
+                            "reached_target": float(t == 2),
+                            "fit_seconds": 0.01,
+                            "unit_rows": per,
+                        }
+                    )
             continue
         for i, method in enumerate(config["methods"]):
-            metrics = {m: 0.1 * (i + 1) + 0.01 * unit.repeat + 1.0 / unit.n
-                       for m in experiment.metrics}
-            rows.append({**base, "method": method, "n": unit.n, **metrics,
-                         "fit_seconds": 0.01})
+            metrics = {
+                m: 0.1 * (i + 1) + 0.01 * unit.repeat + 1.0 / unit.n for m in experiment.metrics
+            }
+            rows.append({**base, "method": method, "n": unit.n, **metrics, "fit_seconds": 0.01})
     return rows
 
 
@@ -85,11 +115,13 @@ def _resolve(value: tuple[Any, bool], tmp: Path) -> None:
     assert resolve_config(copy.deepcopy(resolved)) == resolved  # idempotent: what config.yaml holds
 
 
-register(Target(
-    "run.resolve_config",
-    st.tuples(st.sampled_from(SEED_CONFIGS).flatmap(mutated_value), st.booleans()),
-    _resolve,
-))
+register(
+    Target(
+        "run.resolve_config",
+        st.tuples(st.sampled_from(SEED_CONFIGS).flatmap(mutated_value), st.booleans()),
+        _resolve,
+    )
+)
 
 
 # ------------------------------------------------------------------ run.results_jsonl
@@ -104,21 +136,26 @@ def _results(value: tuple[int, bytes], tmp: Path) -> None:
     rows = read_results(path)
     selected = run_rows(path, resolved)
     kept, complete = resume_rows(path, resolved)
-    identities = [(r["setting"], r.get("unit_n", r["n"]), r["repeat"], r["method"], r["n"])
-                  for r in selected]
+    identities = [
+        (r["setting"], r.get("unit_n", r["n"]), r["repeat"], r["method"], r["n"]) for r in selected
+    ]
     assert len(set(identities)) == len(identities), "a repeated row survived"
     assert len(kept) <= len(selected) <= len(rows)
     assert len({(r["setting"], r.get("unit_n", r["n"]), r["repeat"]) for r in kept}) == len(
-        complete), "kept rows and complete units disagree"
+        complete
+    ), "kept rows and complete units disagree"
     assert path.read_bytes() == data  # reading never changes the file
 
 
-register(Target(
-    "run.results_jsonl",
-    st.integers(0, len(FIXTURES) - 1).flatmap(
-        lambda i: st.tuples(st.just(i), mutated_jsonl(FIXTURES[i][1]))),
-    _results,
-))
+register(
+    Target(
+        "run.results_jsonl",
+        st.integers(0, len(FIXTURES) - 1).flatmap(
+            lambda i: st.tuples(st.just(i), mutated_jsonl(FIXTURES[i][1]))
+        ),
+        _results,
+    )
+)
 
 
 # ------------------------------------------------------------------ run.report

@@ -84,8 +84,18 @@ class ConfidenceSet:
     ``n``, ``kind``, ``bound_feature`` (``L``), ``bound_theta`` (``B``).
     """
 
-    def __init__(self, center: np.ndarray, M: np.ndarray, beta: float, *, lam: float, n: int,
-                 kind: str, bound_feature: float, bound_theta: float) -> None:
+    def __init__(
+        self,
+        center: np.ndarray,
+        M: np.ndarray,
+        beta: float,
+        *,
+        lam: float,
+        n: int,
+        kind: str,
+        bound_feature: float,
+        bound_theta: float,
+    ) -> None:
         self.center = np.asarray(center, float)
         self.M = M
         self.beta = check_number(beta, "beta", owner="ConfidenceSet")
@@ -96,7 +106,8 @@ class ConfidenceSet:
         except np.linalg.LinAlgError:
             raise DataValidationError(
                 "ConfidenceSet.M must be symmetric positive definite (M = Σ̂ + λI with λ > 0)",
-                field="M") from None
+                field="M",
+            ) from None
         self._lower = np.tril(self._chol[0])
 
     @property
@@ -135,7 +146,8 @@ class ConfidenceSet:
             if beta != "theory":
                 raise DataValidationError(
                     f"{owner}: beta must be a finite number ≥ 0 or 'theory', got {beta!r}",
-                    field="beta")
+                    field="beta",
+                )
         else:
             check_number(beta, "beta", owner=owner)
         check_number(delta, "delta", owner=owner, strict=True, below=1.0)
@@ -176,12 +188,21 @@ class ConfidenceSet:
         center = model.params_
         bound = float(bound_theta if bound_theta is not None else np.linalg.norm(center))
         if beta == "theory":
-            beta_value = theory_beta(k, n, delta=delta, lam=lam, bound_theta=bound,
-                                     bound_feature=max_norm)
+            beta_value = theory_beta(
+                k, n, delta=delta, lam=lam, bound_theta=bound, bound_feature=max_norm
+            )
         else:
             beta_value = check_number(beta, "beta", owner=owner)
-        return cls(center, M, beta_value, lam=lam, n=n, kind=kind, bound_feature=max_norm,
-                   bound_theta=bound)
+        return cls(
+            center,
+            M,
+            beta_value,
+            lam=lam,
+            n=n,
+            kind=kind,
+            bound_feature=max_norm,
+            bound_theta=bound,
+        )
 
     def check_model(self, model: object) -> None:
         """Refuse a model that is not linear in its parameters or has another dimension."""

@@ -61,27 +61,43 @@ def save_preferences(data: PreferenceData, path: str | Path) -> Path:
     return path
 
 
-def load_preferences(path: Any, *, errors: str = "raise", split: str | None = None,
-                     user_column: str | None = None, context_column: str | None = None,
-                     **columns: str | None) -> Any:
+def load_preferences(
+    path: Any,
+    *,
+    errors: str = "raise",
+    split: str | None = None,
+    user_column: str | None = None,
+    context_column: str | None = None,
+    **columns: str | None,
+) -> Any:
     """Read numeric preference data, validating every row: an ``.npz`` file, or rows from a
     file or in-memory source (module docstring). With ``errors="collect"`` returns ``(data or
     None, [every bad row])``."""
     if not isinstance(path, str | Path) or Path(path).suffix.lower() != ".npz":
-        return _load_rows(path, errors=errors, split=split, user_column=user_column,
-                          context_column=context_column, **columns)
+        return _load_rows(
+            path,
+            errors=errors,
+            split=split,
+            user_column=user_column,
+            context_column=context_column,
+            **columns,
+        )
     Problems(errors)  # the mode is checked for .npz files too
     path = Path(path)
     if not path.exists():
         raise DataValidationError("file not found", path=str(path))
     if user_column is not None or context_column is not None or columns or split is not None:
-        raise DataValidationError("an .npz file has fixed arrays (x, phi0, phi1, y, users): "
-                                  "column names and split= do not apply", path=str(path))
+        raise DataValidationError(
+            "an .npz file has fixed arrays (x, phi0, phi1, y, users): "
+            "column names and split= do not apply",
+            path=str(path),
+        )
     found = read_npz(path)
     unknown = sorted(set(found) - set(_FIELDS))
     if unknown:
-        raise DataValidationError(f"unknown array; expected {', '.join(_FIELDS)}",
-                                  field=unknown[0], path=str(path))
+        raise DataValidationError(
+            f"unknown array; expected {', '.join(_FIELDS)}", field=unknown[0], path=str(path)
+        )
     missing = [k for k in ("phi0", "phi1", "y") if k not in found]
     if missing:
         raise DataValidationError("missing array", field=missing[0], path=str(path))
@@ -89,9 +105,7 @@ def load_preferences(path: Any, *, errors: str = "raise", split: str | None = No
     try:
         data = PreferenceData(**arrays)
     except DataValidationError as err:
-        raise DataValidationError(
-            err.bare, field=err.field, row=err.row, path=str(path)
-        ) from None
+        raise DataValidationError(err.bare, field=err.field, row=err.row, path=str(path)) from None
     return data if errors == "raise" else (data, [])
 
 
@@ -122,22 +136,27 @@ def iter_jsonl_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, A
         yield row, where
 
 
-def check_user_id(user: Any, field: str, where: dict[str, Any],
-                  first: tuple[Any, int] | None) -> None:
+def check_user_id(
+    user: Any, field: str, where: dict[str, Any], first: tuple[Any, int] | None
+) -> None:
     """A user id is a non-empty string or an integer (not a boolean), and every row of a file
     uses the same kind: ``7`` and ``"7"`` would silently become one user (NumPy turns both into
     the string ``"7"``), so mixing them is refused, naming the line of the first id."""
     if isinstance(user, bool) or not isinstance(user, str | int):
-        raise DataValidationError(f"must be a non-empty string or an integer, got {user!r}",
-                                  field=field, **where)
+        raise DataValidationError(
+            f"must be a non-empty string or an integer, got {user!r}", field=field, **where
+        )
     if isinstance(user, str) and not user.strip():
-        raise DataValidationError(f"must be a non-empty string or an integer, got {user!r}",
-                                  field=field, **where)
+        raise DataValidationError(
+            f"must be a non-empty string or an integer, got {user!r}", field=field, **where
+        )
     if first is not None and type(first[0]) is not type(user):
         raise DataValidationError(
             f"is {user!r} ({type(user).__name__}) but line {first[1]} has {first[0]!r} "
             f"({type(first[0]).__name__}); user ids must all be strings or all integers",
-            field=field, **where)
+            field=field,
+            **where,
+        )
 
 
 def _load_rows(source: Any, *, errors: str, split: str | None, **columns: str | None) -> Any:
@@ -150,8 +169,9 @@ def _load_rows(source: Any, *, errors: str, split: str | None, **columns: str | 
     has: dict[str, bool | None] = {"x": None, "user": None}
     first_user: tuple[Any, int] | None = None
     label = str(source) if isinstance(source, str | Path) else f"<{type(source).__name__}>"
-    for path, line, row in iter_rows(source, problems, split=split,
-                                     typed=(x_key, "phi0", "phi1", "y")):
+    for path, line, row in iter_rows(
+        source, problems, split=split, typed=(x_key, "phi0", "phi1", "y")
+    ):
         where = {"path": path, "line": line}
         try:
             if not isinstance(row, dict | Mapping):
@@ -169,8 +189,10 @@ def _load_rows(source: Any, *, errors: str, split: str | None, **columns: str | 
         problems.check()
         return None, problems.ordered()
     if not data["y"]:
-        raise DataValidationError("file holds no comparisons" if isinstance(source, str | Path)
-                                  else "no comparisons", path=label)
+        raise DataValidationError(
+            "file holds no comparisons" if isinstance(source, str | Path) else "no comparisons",
+            path=label,
+        )
     out = PreferenceData(
         x=np.array(data["x"]) if has["x"] else None,
         phi0=np.array(data["phi0"]),
@@ -181,30 +203,40 @@ def _load_rows(source: Any, *, errors: str, split: str | None, **columns: str | 
     return out if errors == "raise" else (out, [])
 
 
-def _numeric_row(row: Mapping[str, Any], where: dict[str, Any], cols: Columns,
-                 expected: tuple[str, ...], dims: dict[str, int | None],
-                 has: dict[str, bool | None], first_user: tuple[Any, int] | None
-                 ) -> dict[str, Any]:
+def _numeric_row(
+    row: Mapping[str, Any],
+    where: dict[str, Any],
+    cols: Columns,
+    expected: tuple[str, ...],
+    dims: dict[str, int | None],
+    has: dict[str, bool | None],
+    first_user: tuple[Any, int] | None,
+) -> dict[str, Any]:
     """One numeric row, checked; ``dims`` (vector lengths) and ``has`` (whether ``x`` and
     ``user`` are given) follow the first row that sets them."""
     x_key, user_key = cols["context"], cols["user"]
     unknown = set(row) - set(expected)
     if unknown:
-        raise DataValidationError(f"unknown field; expected {', '.join(expected)}",
-                                  field=str(sorted(map(str, unknown))[0]), **where)
+        raise DataValidationError(
+            f"unknown field; expected {', '.join(expected)}",
+            field=str(sorted(map(str, unknown))[0]),
+            **where,
+        )
     for key, column in (("x", x_key), ("user", user_key)):
         present = row.get(column) is not None  # a columnar source fills an absent one with null
         if has[key] is None:
             has[key] = present
         elif has[key] != present:
-            raise DataValidationError("present on some lines but not others", field=column,
-                                      **where)
+            raise DataValidationError("present on some lines but not others", field=column, **where)
     for key in ("phi0", "phi1", "y"):
         if key not in row:
             raise DataValidationError("missing", field=key, **where)
     label = row["y"]  # a number 0 or 1 (not a boolean, nor an array of one: no truth value)
-    if isinstance(label, bool | np.bool_) or not isinstance(
-            label, int | float | np.integer | np.floating) or label not in (0, 1):
+    if (
+        isinstance(label, bool | np.bool_)
+        or not isinstance(label, int | float | np.integer | np.floating)
+        or label not in (0, 1)
+    ):
         raise DataValidationError(f"must be 0 or 1, got {row['y']!r}", field="y", **where)
     out: dict[str, Any] = {}
     lengths = dict(dims)
@@ -215,8 +247,8 @@ def _numeric_row(row: Mapping[str, Any], where: dict[str, Any], cols: Columns,
         out[key] = vec
     if lengths["phi0"] != lengths["phi1"]:
         raise DataValidationError(
-            f"has length {lengths['phi1']} but phi0 has {lengths['phi0']}", field="phi1",
-            **where)
+            f"has length {lengths['phi1']} but phi0 has {lengths['phi0']}", field="phi1", **where
+        )
     dims.update(lengths)
     out["y"] = row["y"]
     if has["user"]:

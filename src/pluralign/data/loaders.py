@@ -80,8 +80,14 @@ __all__ = [
     "validate_file",
 ]
 
-PRISM_ATTRIBUTES = ("age", "gender", "education", "employment_status", "marital_status",
-                    "english_proficiency")
+PRISM_ATTRIBUTES = (
+    "age",
+    "gender",
+    "education",
+    "employment_status",
+    "marital_status",
+    "english_proficiency",
+)
 SUMMARIZE_TEMPLATE = "{prompt} {response}"
 IMPLICIT_TEMPLATE = "{prompt}{response}"
 
@@ -122,25 +128,32 @@ class TextPreferences:
         return len(self)
 
     def __repr__(self) -> str:
-        return (f"TextPreferences(n={self.n}, users={len(np.unique(self.users))}, "
-                f"d_x={0 if self.contexts is None else self.contexts.shape[1]})")
+        return (
+            f"TextPreferences(n={self.n}, users={len(np.unique(self.users))}, "
+            f"d_x={0 if self.contexts is None else self.contexts.shape[1]})"
+        )
 
     def subset(self, index: np.ndarray | Sequence[int]) -> TextPreferences:
         """The rows ``index`` (integer positions or a boolean mask), in that order."""
         rows = np.arange(self.n)[np.asarray(index)] if len(index) else np.zeros(0, int)
         pick = [int(i) for i in rows]
         return TextPreferences(
-            prompts=[self.prompts[i] for i in pick], chosen=[self.chosen[i] for i in pick],
-            rejected=[self.rejected[i] for i in pick], users=self.users[rows],
+            prompts=[self.prompts[i] for i in pick],
+            chosen=[self.chosen[i] for i in pick],
+            rejected=[self.rejected[i] for i in pick],
+            users=self.users[rows],
             contexts=None if self.contexts is None else self.contexts[rows],
             context_names=list(self.context_names),
-            where=[self.where[i] for i in pick] if self.where else [], template=self.template,
+            where=[self.where[i] for i in pick] if self.where else [],
+            template=self.template,
             conversational=self.conversational,
             messages=None if self.messages is None else [self.messages[i] for i in pick],
-            context_schema=self.context_schema)
+            context_schema=self.context_schema,
+        )
 
-    def to_preference_data(self, encoder: Any, *, orient: str = "random",
-                           seed: int = 0) -> PreferenceData:
+    def to_preference_data(
+        self, encoder: Any, *, orient: str = "random", seed: int = 0
+    ) -> PreferenceData:
         """Features ``φ(s, a)`` from ``encoder.features(prompts, responses, template=...)``.
 
         ``orient="random"`` (default) puts the chosen response in slot 1 (``y = 1``) or slot 0
@@ -154,12 +167,14 @@ class TextPreferences:
         elif orient == "random":
             flip = np.random.default_rng(seed).random(self.n) < 0.5
         else:
-            raise DataValidationError(f"must be 'random' or 'chosen_second', got {orient!r}",
-                                      field="orient")
+            raise DataValidationError(
+                f"must be 'random' or 'chosen_second', got {orient!r}", field="orient"
+            )
         phi1 = np.where(flip[:, None], phi_r, phi_c)
         phi0 = np.where(flip[:, None], phi_c, phi_r)
-        return PreferenceData(x=self.contexts, phi0=phi0, phi1=phi1,
-                              y=(~flip).astype(np.int8), users=self.users)
+        return PreferenceData(
+            x=self.contexts, phi0=phi0, phi1=phi1, y=(~flip).astype(np.int8), users=self.users
+        )
 
 
 # ---------------------------------------------------------------------------- errors
@@ -167,8 +182,9 @@ _Errors = Problems  # every row is checked; raise mode raises one (summarized) e
 
 
 class _RowError(Exception):
-    def __init__(self, field: str | None, message: str,
-                 columns: Iterable[Any] | None = None) -> None:
+    def __init__(
+        self, field: str | None, message: str, columns: Iterable[Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.field, self.message = field, message
         self.columns = None if columns is None else list(columns)
@@ -179,8 +195,9 @@ def _bad(errs: Problems, bad: _RowError, path: str, line: int) -> None:
 
 
 # ---------------------------------------------------------------------------- row sources
-def _rows(source: Any, errors: Problems, *, split: str | None = None,
-          typed: Iterable[str] = ()) -> Iterator[tuple[str, int, Any]]:
+def _rows(
+    source: Any, errors: Problems, *, split: str | None = None, typed: Iterable[str] = ()
+) -> Iterator[tuple[str, int, Any]]:
     """``(path, line, row)`` of any source (:func:`pluralign.data.sources.iter_rows`); rows
     that cannot be parsed are reported and skipped."""
     return iter_rows(source, errors, split=split, typed=typed)
@@ -213,15 +230,19 @@ def _messages(value: Any, name: str) -> list[dict[str, Any]] | None:
     if isinstance(value, list) and value:
         out = []
         for i, message in enumerate(value):
-            if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
-                    or not isinstance(message.get("content"), str)):
+            if (
+                not isinstance(message, Mapping)
+                or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)
+            ):
                 raise _RowError(name, f"message {i} must be {{'role': str, 'content': str}}")
             if not message["role"].strip() or not message["content"].strip():
                 raise _RowError(name, f"message {i} has an empty role or content")
             out.append({str(k): v for k, v in message.items() if v is not None})
         return out
-    raise _RowError(name, f"must be a non-empty string or a list of messages, got "
-                          f"{type(value).__name__}")
+    raise _RowError(
+        name, f"must be a non-empty string or a list of messages, got {type(value).__name__}"
+    )
 
 
 def _render(messages: list[dict[str, Any]]) -> str:
@@ -269,11 +290,14 @@ def _context(value: Any, name: str = "user_context") -> tuple[str, Any]:
             if isinstance(v, int | float) and not isinstance(v, bool):
                 _number(v, f"{name}.{key}")
             if not (v is None or isinstance(v, str | int | float | bool)):
-                raise _RowError(f"{name}.{key}", f"must be a number, string, boolean or null, "
-                                                 f"got {type(v).__name__}")
+                raise _RowError(
+                    f"{name}.{key}",
+                    f"must be a number, string, boolean or null, got {type(v).__name__}",
+                )
         return "attributes", flat
-    raise _RowError(name, f"must be a list of numbers or a mapping of attributes, got "
-                          f"{type(value).__name__}")
+    raise _RowError(
+        name, f"must be a list of numbers or a mapping of attributes, got {type(value).__name__}"
+    )
 
 
 def _hashable(parsed: Any) -> Any:
@@ -303,17 +327,24 @@ def _flatten(mapping: Mapping, prefix: str = "", depth: int = 0) -> dict[str, An
     out: dict[str, Any] = {}
     for key, value in mapping.items():
         if not isinstance(key, str):
-            raise _RowError(prefix.rstrip(".") or None,
-                            f"attribute names must be strings, got {key!r}")
+            raise _RowError(
+                prefix.rstrip(".") or None, f"attribute names must be strings, got {key!r}"
+            )
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and not value:
             raise _RowError(name, "is an empty mapping (give the attribute a value, or null)")
-        items = _flatten(value, name + ".", depth + 1).items() if isinstance(value, Mapping) \
+        items = (
+            _flatten(value, name + ".", depth + 1).items()
+            if isinstance(value, Mapping)
             else [(name, value)]
+        )
         for flat_name, flat_value in items:
             if flat_name in out:
-                raise _RowError(flat_name, "two attributes flatten to this name (a dotted key "
-                                           "and a nested mapping); rename one")
+                raise _RowError(
+                    flat_name,
+                    "two attributes flatten to this name (a dotted key "
+                    "and a nested mapping); rename one",
+                )
             out[flat_name] = flat_value
     return out
 
@@ -338,8 +369,9 @@ class _Contexts:
         elif kind != self.kind:
             raise _RowError(self.name, f"is a {kind} but earlier rows have a {self.kind}")
         if kind == "vector" and self.rows and len(parsed) != len(self.rows[0]):
-            raise _RowError(self.name, f"has length {len(parsed)}, earlier rows have "
-                                       f"{len(self.rows[0])}")
+            raise _RowError(
+                self.name, f"has length {len(parsed)}, earlier rows have {len(self.rows[0])}"
+            )
         self.by_user.setdefault(user, []).append((parsed, path, line))
         self.rows.append(parsed)
         self.where.append((path, line))
@@ -360,16 +392,25 @@ class _Contexts:
             majority = min(leaders, key=first_at.__getitem__)  # ties: the earliest
             value, first_path, first_line = entries[first_at[majority]]
             if len(leaders) == 1:
-                theirs = (f"{top} of the user's {len(entries)} rows (the first on line "
-                          f"{first_line} of {first_path}) have {dumps_short(value)}")
+                theirs = (
+                    f"{top} of the user's {len(entries)} rows (the first on line "
+                    f"{first_line} of {first_path}) have {dumps_short(value)}"
+                )
             else:
-                theirs = (f"no context is on most of the user's {len(entries)} rows, so the "
-                          f"first row's is taken: {dumps_short(value)}, on line {first_line} "
-                          f"of {first_path}")
+                theirs = (
+                    f"no context is on most of the user's {len(entries)} rows, so the "
+                    f"first row's is taken: {dumps_short(value)}, on line {first_line} "
+                    f"of {first_path}"
+                )
             for key, (parsed, path, line) in zip(keys, entries, strict=True):
                 if key != majority:
-                    errors.add(f"differs from user {user!r}'s context: {theirs}; this row has "
-                               f"{dumps_short(parsed)}", path=path, line=line, field=self.name)
+                    errors.add(
+                        f"differs from user {user!r}'s context: {theirs}; this row has "
+                        f"{dumps_short(parsed)}",
+                        path=path,
+                        line=line,
+                        field=self.name,
+                    )
 
     def matrix(self) -> tuple[np.ndarray | None, list[str]]:
         """``(contexts (n, d_x), column names)``; :attr:`schema` is set to their encoding."""
@@ -380,16 +421,30 @@ class _Contexts:
             arr = np.array(self.rows, dtype=np.float64)
             self.schema = ContextSchema.vector(arr.shape[1])
             return arr, list(self.schema.names)
-        numeric = sorted({k for row in self.rows for k, v in row.items()
-                          if isinstance(v, int | float) and not isinstance(v, bool)})
-        categorical = sorted({f"{k}={v}" for row in self.rows for k, v in row.items()
-                              if k not in numeric})
-        mixed = [k for k in numeric if any(k in row and (isinstance(row[k], bool) or not
-                                                         isinstance(row[k], int | float))
-                                           for row in self.rows)]
+        numeric = sorted(
+            {
+                k
+                for row in self.rows
+                for k, v in row.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+        categorical = sorted(
+            {f"{k}={v}" for row in self.rows for k, v in row.items() if k not in numeric}
+        )
+        mixed = [
+            k
+            for k in numeric
+            if any(
+                k in row and (isinstance(row[k], bool) or not isinstance(row[k], int | float))
+                for row in self.rows
+            )
+        ]
         if mixed:
-            raise DataValidationError(f"attribute {mixed[0]!r} mixes numbers and other values",
-                                      field=f"{self.name}.{mixed[0]}")
+            raise DataValidationError(
+                f"attribute {mixed[0]!r} mixes numbers and other values",
+                field=f"{self.name}.{mixed[0]}",
+            )
         for i, row in enumerate(self.rows):  # a missing number would silently become 0
             absent = [k for k in numeric if k not in row]
             if absent:
@@ -397,14 +452,17 @@ class _Contexts:
                 raise DataValidationError(
                     f"numeric attribute {absent[0]!r} (given on line {self.where[first][1]} of "
                     f"{self.where[first][0]}) is missing here; give it on every row",
-                    field=f"{self.name}.{absent[0]}", path=self.where[i][0],
-                    line=self.where[i][1])
+                    field=f"{self.name}.{absent[0]}",
+                    path=self.where[i][0],
+                    line=self.where[i][1],
+                )
         pairs = {(k, str(v)) for row in self.rows for k, v in row.items() if k not in numeric}
         if len({f"{k}={v}" for k, v in pairs}) != len(pairs) or set(categorical) & set(numeric):
             clash = sorted(f"{k}={v}" for k, v in pairs)
             dup = next(n for n in clash if clash.count(n) > 1 or n in numeric)
-            raise DataValidationError(f"two attributes give the same one-hot column {dup!r}; "
-                                      "rename one", field=self.name)
+            raise DataValidationError(
+                f"two attributes give the same one-hot column {dup!r}; rename one", field=self.name
+            )
         names = numeric + categorical
         self.schema = ContextSchema("attributes", tuple(names), tuple(numeric))
         col = {n: i for i, n in enumerate(names)}
@@ -443,18 +501,29 @@ class ContextSchema:
     @classmethod
     def from_dict(cls, value: Any, field: str = "context") -> ContextSchema:
         """The inverse of :meth:`to_dict`, validated (a model folder may come from anyone)."""
-        ok = (isinstance(value, Mapping) and set(value) == {"kind", "names", "numeric"}
-              and value["kind"] in ("vector", "attributes")
-              and all(isinstance(v, list) and all(isinstance(n, str) and n for n in v)
-                      for v in (value["names"], value["numeric"])))
+        ok = (
+            isinstance(value, Mapping)
+            and set(value) == {"kind", "names", "numeric"}
+            and value["kind"] in ("vector", "attributes")
+            and all(
+                isinstance(v, list) and all(isinstance(n, str) and n for n in v)
+                for v in (value["names"], value["numeric"])
+            )
+        )
         if ok:
             names, numeric = value["names"], value["numeric"]
-            ok = (bool(names) and len(set(names)) == len(names) and set(numeric) <= set(names)
-                  and (value["kind"] == "attributes" or numeric == names))
+            ok = (
+                bool(names)
+                and len(set(names)) == len(names)
+                and set(numeric) <= set(names)
+                and (value["kind"] == "attributes" or numeric == names)
+            )
         if not ok:
             raise DataValidationError(
                 "must be {kind: vector|attributes, names: [column names], numeric: [the "
-                "numeric ones]} with distinct, non-empty names", field=field)
+                "numeric ones]} with distinct, non-empty names",
+                field=field,
+            )
         return cls(value["kind"], tuple(value["names"]), tuple(value["numeric"]))
 
     def encode(self, value: Any, name: str = "context") -> np.ndarray:
@@ -466,47 +535,70 @@ class ContextSchema:
         except _RowError as err:
             raise DataValidationError(err.message, field=err.field) from None
         if kind != self.kind:
-            want = (f"a list of {len(self.names)} numbers" if self.kind == "vector"
-                    else "a mapping of attributes (" + ", ".join(self._attributes()) + ")")
-            raise DataValidationError(f"must be {want}, like the model's training contexts",
-                                      field=name)
+            want = (
+                f"a list of {len(self.names)} numbers"
+                if self.kind == "vector"
+                else "a mapping of attributes (" + ", ".join(self._attributes()) + ")"
+            )
+            raise DataValidationError(
+                f"must be {want}, like the model's training contexts", field=name
+            )
         if kind == "vector":
             if len(parsed) != len(self.names):
-                raise DataValidationError(f"has {len(parsed)} numbers; the model's contexts "
-                                          f"have {len(self.names)}", field=name)
+                raise DataValidationError(
+                    f"has {len(parsed)} numbers; the model's contexts have {len(self.names)}",
+                    field=name,
+                )
             return np.asarray(parsed, dtype=np.float64)
         out = np.zeros(len(self.names))
         col = {n: i for i, n in enumerate(self.names)}
         for key, v in parsed.items():
             if key in self.numeric:
                 if isinstance(v, bool) or not isinstance(v, int | float):
-                    raise DataValidationError(f"must be a number (a numeric attribute in "
-                                              f"training), got {v!r}", field=f"{name}.{key}")
+                    raise DataValidationError(
+                        f"must be a number (a numeric attribute in training), got {v!r}",
+                        field=f"{name}.{key}",
+                    )
                 out[col[key]] = float(v)
             elif f"{key}={v}" in col:
                 out[col[f"{key}={v}"]] = 1.0
             else:
-                known = [n.split("=", 1)[1] for n in self.names
-                         if n.startswith(f"{key}=") and n not in self.numeric]
+                known = [
+                    n.split("=", 1)[1]
+                    for n in self.names
+                    if n.startswith(f"{key}=") and n not in self.numeric
+                ]
                 raise DataValidationError(
                     f"value {v!r} was not seen in training; known values: "
-                    + ", ".join(map(repr, known)) if known else
-                    "not an attribute of the model's contexts; they have: "
-                    + ", ".join(self._attributes()), field=f"{name}.{key}")
+                    + ", ".join(map(repr, known))
+                    if known
+                    else "not an attribute of the model's contexts; they have: "
+                    + ", ".join(self._attributes()),
+                    field=f"{name}.{key}",
+                )
         missing = [n for n in self.numeric if n not in parsed]
         if missing:
-            raise DataValidationError("missing (a numeric attribute of every training "
-                                      "context)", field=f"{name}.{missing[0]}")
+            raise DataValidationError(
+                "missing (a numeric attribute of every training context)",
+                field=f"{name}.{missing[0]}",
+            )
         return out
 
     def _attributes(self) -> list[str]:
-        return list(dict.fromkeys(n if n in self.numeric else n.split("=", 1)[0]
-                                  for n in self.names))
+        return list(
+            dict.fromkeys(n if n in self.numeric else n.split("=", 1)[0] for n in self.names)
+        )
 
 
-def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: Problems,
-            template: str | None = None, skipped: int = 0, source: str = "data",
-            user_field: str = "user_id") -> TextPreferences | None:
+def _finish(
+    columns: dict[str, list],
+    contexts: _Contexts | None,
+    errors: Problems,
+    template: str | None = None,
+    skipped: int = 0,
+    source: str = "data",
+    user_field: str = "user_id",
+) -> TextPreferences | None:
     """The read rows as :class:`TextPreferences`, or ``None`` after bad rows (raise mode:
     the summarized error is raised here)."""
     if contexts is not None:
@@ -525,27 +617,45 @@ def _finish(columns: dict[str, list], contexts: _Contexts | None, errors: Proble
         path, line = columns["where"][i]
         raise DataValidationError(
             f"is {users[i]!r} but the first row's is {first!r}: user ids mix integers and "
-            "strings (7 and '7' would merge); use one type", field=user_field, path=path,
-            line=line)
+            "strings (7 and '7' would merge); use one type",
+            field=user_field,
+            path=path,
+            line=line,
+        )
     messages = columns.get("messages")
     if template is None and columns.get("implicit") == len(columns["prompts"]):
         template = IMPLICIT_TEMPLATE  # implicit string prompts: the original text, rejoined
-    return TextPreferences(prompts=columns["prompts"], chosen=columns["chosen"],
-                           rejected=columns["rejected"], users=np.array(users), contexts=x,
-                           context_names=names, where=columns["where"], template=template,
-                           skipped=skipped, conversational=bool(columns.get("conversational")),
-                           messages=messages if messages and any(
-                               m is not None for m in messages) else None,
-                           context_schema=None if contexts is None else contexts.schema)
+    return TextPreferences(
+        prompts=columns["prompts"],
+        chosen=columns["chosen"],
+        rejected=columns["rejected"],
+        users=np.array(users),
+        contexts=x,
+        context_names=names,
+        where=columns["where"],
+        template=template,
+        skipped=skipped,
+        conversational=bool(columns.get("conversational")),
+        messages=messages if messages and any(m is not None for m in messages) else None,
+        context_schema=None if contexts is None else contexts.schema,
+    )
 
 
 def _columns() -> dict[str, Any]:
-    return {"prompts": [], "chosen": [], "rejected": [], "users": [], "where": [],
-            "messages": [], "implicit": 0}
+    return {
+        "prompts": [],
+        "chosen": [],
+        "rejected": [],
+        "users": [],
+        "where": [],
+        "messages": [],
+        "implicit": 0,
+    }
 
 
-def _result(prefs: TextPreferences | None, errors: Problems
-            ) -> TextPreferences | tuple[TextPreferences | None, list[DataValidationError]]:
+def _result(
+    prefs: TextPreferences | None, errors: Problems
+) -> TextPreferences | tuple[TextPreferences | None, list[DataValidationError]]:
     if errors.mode == "collect":
         return prefs, errors.ordered()
     errors.check()
@@ -559,11 +669,18 @@ def _source_name(source: Any) -> str:
 
 # ---------------------------------------------------------------------------- TRL-style
 TRL_FIELDS = ("prompt", "chosen", "rejected", "user_id")
-COLUMN_ARGUMENTS = ("prompt_column", "chosen_column", "rejected_column", "user_column",
-                    "context_column")
-NO_SHARED_START = ("missing, and chosen and rejected share no beginning to take an implicit "
-                   "prompt from (TRL's implicit prompt: the leading messages both "
-                   "conversations share, or the common prefix of two strings)")
+COLUMN_ARGUMENTS = (
+    "prompt_column",
+    "chosen_column",
+    "rejected_column",
+    "user_column",
+    "context_column",
+)
+NO_SHARED_START = (
+    "missing, and chosen and rejected share no beginning to take an implicit "
+    "prompt from (TRL's implicit prompt: the leading messages both "
+    "conversations share, or the common prefix of two strings)"
+)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -599,9 +716,12 @@ def _implicit(chosen: Any, rejected: Any, cols: Columns, row: Mapping) -> tuple[
     for value, key in ((chosen, "chosen"), (rejected, "rejected")):
         _messages(value, cols[key])  # a bad response is named first
     if isinstance(chosen, str) != isinstance(rejected, str):
-        raise _RowError(cols["prompt"], "missing, and an implicit prompt needs chosen and "
-                                        "rejected both strings or both message lists",
-                        columns=row)
+        raise _RowError(
+            cols["prompt"],
+            "missing, and an implicit prompt needs chosen and "
+            "rejected both strings or both message lists",
+            columns=row,
+        )
     if not _same(chosen[0], rejected[0]):
         raise _RowError(cols["prompt"], NO_SHARED_START, columns=row)
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
@@ -617,32 +737,44 @@ def _trl_row(row: Any, cols: Columns) -> tuple[str, str, str, Any, tuple | None,
     for key in ("chosen", "rejected", "user"):
         if cols[key] not in row:
             raise _RowError(cols[key], cols.missing(key, row), columns=row)
-    prompt, chosen, rejected = row.get(cols["prompt"]), row[cols["chosen"]], \
-        row[cols["rejected"]]
+    prompt, chosen, rejected = row.get(cols["prompt"]), row[cols["chosen"]], row[cols["rejected"]]
     implicit = prompt is None
     if implicit and cols.mapped().get("prompt_column") and cols["prompt"] not in row:
         raise _RowError(cols["prompt"], cols.missing("prompt", row), columns=row)
     if implicit:
         prompt, chosen, rejected = _implicit(chosen, rejected, cols, row)
-    parts = [_messages(v, cols[k]) for v, k in ((prompt, "prompt"), (chosen, "chosen"),
-                                                 (rejected, "rejected"))]
-    texts = [v if m is None else _render(m) for v, m in zip((prompt, chosen, rejected), parts,
-                                                            strict=True)]
+    parts = [
+        _messages(v, cols[k])
+        for v, k in ((prompt, "prompt"), (chosen, "chosen"), (rejected, "rejected"))
+    ]
+    texts = [
+        v if m is None else _render(m)
+        for v, m in zip((prompt, chosen, rejected), parts, strict=True)
+    ]
     user = _user(row[cols["user"]], cols["user"])
     if texts[1] == texts[2]:
         raise _RowError(cols["rejected"], f"is identical to {cols['chosen']!r}")
     messages = None
     if any(m is not None for m in parts):
         roles = ("user", "assistant", "assistant")
-        messages = tuple(m if m is not None else [{"role": r, "content": t}]
-                         for m, r, t in zip(parts, roles, texts, strict=True))
+        messages = tuple(
+            m if m is not None else [{"role": r, "content": t}]
+            for m, r, t in zip(parts, roles, texts, strict=True)
+        )
     return texts[0], texts[1], texts[2], user, messages, implicit and messages is None
 
 
-def read_trl(source: Any, *, errors: str = "raise", split: str | None = None,
-             prompt_column: str | None = None, chosen_column: str | None = None,
-             rejected_column: str | None = None, user_column: str | None = None,
-             context_column: str | None = None) -> Any:
+def read_trl(
+    source: Any,
+    *,
+    errors: str = "raise",
+    split: str | None = None,
+    prompt_column: str | None = None,
+    chosen_column: str | None = None,
+    rejected_column: str | None = None,
+    user_column: str | None = None,
+    context_column: str | None = None,
+) -> Any:
     """Read TRL-style rows (see the module docstring) from a file, a ``datasets`` object, a
     DataFrame or an iterable of mappings (``split`` picks a ``DatasetDict``'s split; the
     ``*_column`` keywords name columns that hold the fields under other names).
@@ -651,9 +783,14 @@ def read_trl(source: Any, *, errors: str = "raise", split: str | None = None,
     [errors])`` with every bad row reported.
     """
     errs = _Errors(errors)
-    cols = Columns.of("trl", prompt_column=prompt_column, chosen_column=chosen_column,
-                      rejected_column=rejected_column, user_column=user_column,
-                      context_column=context_column)
+    cols = Columns.of(
+        "trl",
+        prompt_column=prompt_column,
+        chosen_column=chosen_column,
+        rejected_column=rejected_column,
+        user_column=user_column,
+        context_column=context_column,
+    )
     context = cols["context"]
     out, contexts = _columns(), _Contexts(context)
     seen_context = False
@@ -672,16 +809,18 @@ def read_trl(source: Any, *, errors: str = "raise", split: str | None = None,
             continue
         seen_context = seen_context or has
         if messages is not None:
-            out["conversational"] = True       # rendered as "role: content" lines
+            out["conversational"] = True  # rendered as "role: content" lines
         out["messages"].append(messages)
         out["implicit"] += implicit
         _append(out, prompt, chosen, rejected, user, path, line)
-    return _result(_finish(out, contexts, errs, source=_source_name(source),
-                           user_field=cols["user"]), errs)
+    return _result(
+        _finish(out, contexts, errs, source=_source_name(source), user_field=cols["user"]), errs
+    )
 
 
-def _append(cols: dict[str, Any], prompt: str, chosen: str, rejected: str, user: Any,
-            path: str, line: int) -> None:
+def _append(
+    cols: dict[str, Any], prompt: str, chosen: str, rejected: str, user: Any, path: str, line: int
+) -> None:
     cols["prompts"].append(prompt)
     cols["chosen"].append(chosen)
     cols["rejected"].append(rejected)
@@ -690,8 +829,9 @@ def _append(cols: dict[str, Any], prompt: str, chosen: str, rejected: str, user:
 
 
 # ---------------------------------------------------------------------------- summarize
-def _summarize_row(row: Any, include_articles: bool, cols: Columns
-                   ) -> tuple[str, str, str, str] | None:
+def _summarize_row(
+    row: Any, include_articles: bool, cols: Columns
+) -> tuple[str, str, str, str] | None:
     if not isinstance(row, Mapping):
         raise _RowError(None, "each row must be a JSON object")
     for key in ("info", "summaries", "choice"):
@@ -707,8 +847,11 @@ def _summarize_row(row: Any, include_articles: bool, cols: Columns
         raise _RowError("summaries", "must be a list of two {'text': ...} objects")
     texts = []
     for i, summary in enumerate(summaries):
-        if not isinstance(summary, Mapping) or not isinstance(summary.get("text"), str) \
-                or not summary["text"].strip():
+        if (
+            not isinstance(summary, Mapping)
+            or not isinstance(summary.get("text"), str)
+            or not summary["text"].strip()
+        ):
             raise _RowError(f"summaries[{i}].text", "must be a non-empty string")
         texts.append(summary["text"].strip())
     choice = row["choice"]
@@ -727,17 +870,25 @@ def _summarize_row(row: Any, include_articles: bool, cols: Columns
         for key in ("post", "title", "subreddit"):
             if not isinstance(info.get(key), str):
                 raise _RowError(f"info.{key}", "must be a string")
-        prompt = (f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\n"
-                  f"POST: {post.strip()}\nTL;DR:")
+        prompt = (
+            f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\n"
+            f"POST: {post.strip()}\nTL;DR:"
+        )
     if texts[0] == texts[1]:
         raise _RowError("summaries", "the two summaries are identical")
     return prompt, texts[choice], texts[1 - choice], worker
 
 
-def read_summarize_from_feedback(source: Any, *, include_articles: bool = False,
-                                 splits: Sequence[str] | None = None,
-                                 errors: str = "raise", split: str | None = None,
-                                 user_column: str | None = None, **columns: str | None) -> Any:
+def read_summarize_from_feedback(
+    source: Any,
+    *,
+    include_articles: bool = False,
+    splits: Sequence[str] | None = None,
+    errors: str = "raise",
+    split: str | None = None,
+    user_column: str | None = None,
+    **columns: str | None,
+) -> Any:
     """Read ``openai/summarize_from_feedback`` comparison rows (user = ``worker``, or
     ``user_column``).
 
@@ -750,12 +901,14 @@ def read_summarize_from_feedback(source: Any, *, include_articles: bool = False,
     errs = _Errors(errors)
     names = Columns.of("summarize", user_column=user_column, **columns)
     cols, skipped = _columns(), 0
-    for path, line, row in _rows(source, errs, split=split,
-                                 typed=("info", "summaries", "choice")):
+    for path, line, row in _rows(source, errs, split=split, typed=("info", "summaries", "choice")):
         try:
             split_name = row.get("split") if isinstance(row, Mapping) else None
-            if splits is not None and isinstance(row, Mapping) and not (
-                    isinstance(split_name, str) and split_name in splits):
+            if (
+                splits is not None
+                and isinstance(row, Mapping)
+                and not (isinstance(split_name, str) and split_name in splits)
+            ):
                 skipped += 1
                 continue
             parsed = _summarize_row(row, include_articles, names)
@@ -766,8 +919,15 @@ def read_summarize_from_feedback(source: Any, *, include_articles: bool = False,
             skipped += 1
             continue
         _append(cols, *parsed, path, line)
-    prefs = _finish(cols, None, errs, template=SUMMARIZE_TEMPLATE, skipped=skipped,
-                    source=_source_name(source), user_field=names["user"])
+    prefs = _finish(
+        cols,
+        None,
+        errs,
+        template=SUMMARIZE_TEMPLATE,
+        skipped=skipped,
+        source=_source_name(source),
+        user_field=names["user"],
+    )
     return _result(prefs, errs)
 
 
@@ -775,8 +935,9 @@ def read_summarize_from_feedback(source: Any, *, include_articles: bool = False,
 PRISM_TYPED = ("turn", "if_chosen", "score")
 
 
-def _read_survey(source: Any, attributes: Sequence[str], errs: Problems, cols: Columns
-                 ) -> dict[Any, dict[str, Any]]:
+def _read_survey(
+    source: Any, attributes: Sequence[str], errs: Problems, cols: Columns
+) -> dict[Any, dict[str, Any]]:
     out: dict[Any, dict[str, Any]] = {}
     uid = cols["user"]
     for path, line, row in _rows(source, errs):
@@ -801,9 +962,9 @@ def _read_survey(source: Any, attributes: Sequence[str], errs: Problems, cols: C
     return out
 
 
-def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: Problems,
-                     cols: Columns | None = None
-                     ) -> Iterator[tuple[str, int, str, str, str, Any]]:
+def _utterance_pairs(
+    rows: Iterable[tuple[str, int, Any]], errs: Problems, cols: Columns | None = None
+) -> Iterator[tuple[str, int, str, str, str, Any]]:
     """PRISM utterances → (path, line, prompt, chosen, rejected, user) per (conversation, turn)."""
     cols = cols or Columns.of("prism")
     uid = cols["user"]
@@ -814,8 +975,7 @@ def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: Problems,
                 raise _RowError(None, "each row must be a JSON object")
             if uid not in row:
                 raise _RowError(uid, cols.missing("user", row), columns=row)
-            for key in ("conversation_id", "turn", "user_prompt", "model_response",
-                        "if_chosen"):
+            for key in ("conversation_id", "turn", "user_prompt", "model_response", "if_chosen"):
                 if key not in row:
                     raise _RowError(key, "missing", columns=row)
             user = _user(row[uid], uid)
@@ -826,11 +986,15 @@ def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: Problems,
                 raise _RowError("turn", f"must be an integer, got {turn!r}")
             conversation = row["conversation_id"]
             if isinstance(conversation, bool) or not isinstance(conversation, str | int):
-                raise _RowError("conversation_id", f"must be a string or an integer, got "
-                                                   f"{conversation!r}")
-            parsed = {"user": user, "prompt": _text(row["user_prompt"], "user_prompt"),
-                      "response": _text(row["model_response"], "model_response"),
-                      "chosen": row["if_chosen"]}
+                raise _RowError(
+                    "conversation_id", f"must be a string or an integer, got {conversation!r}"
+                )
+            parsed = {
+                "user": user,
+                "prompt": _text(row["user_prompt"], "user_prompt"),
+                "response": _text(row["model_response"], "model_response"),
+                "chosen": row["if_chosen"],
+            }
         except _RowError as bad:
             _bad(errs, bad, path, line)
             continue
@@ -839,50 +1003,82 @@ def _utterance_pairs(rows: Iterable[tuple[str, int, Any]], errs: Problems,
         chosen = [m for m in members if m[2]["chosen"]]
         path, line, first = chosen[0] if chosen else members[0]
         if len(chosen) != 1:
-            errs.add(f"conversation {conversation!r} turn {turn} has {len(chosen)} chosen "
-                     "responses; exactly one is needed", path=path, line=line, field="if_chosen")
+            errs.add(
+                f"conversation {conversation!r} turn {turn} has {len(chosen)} chosen "
+                "responses; exactly one is needed",
+                path=path,
+                line=line,
+                field="if_chosen",
+            )
             continue
-        if any(m[2]["user"] != first["user"] or m[2]["prompt"] != first["prompt"]
-               for m in members):
-            errs.add(f"conversation {conversation!r} turn {turn} mixes users or prompts",
-                     path=path, line=line, field="user_prompt")
+        if any(m[2]["user"] != first["user"] or m[2]["prompt"] != first["prompt"] for m in members):
+            errs.add(
+                f"conversation {conversation!r} turn {turn} mixes users or prompts",
+                path=path,
+                line=line,
+                field="user_prompt",
+            )
             continue
         for _, _, other in members:
             if not other["chosen"] and other["response"] != first["response"]:
-                yield path, line, first["prompt"], first["response"], other["response"], \
-                    first["user"]
+                yield (
+                    path,
+                    line,
+                    first["prompt"],
+                    first["response"],
+                    other["response"],
+                    first["user"],
+                )
 
 
-def read_prism(survey: Any, pairs: Any, *, attributes: Sequence[str] = PRISM_ATTRIBUTES,
-               errors: str = "raise", user_column: str | None = None,
-               prompt_column: str | None = None, chosen_column: str | None = None,
-               rejected_column: str | None = None, **columns: str | None) -> Any:
+def read_prism(
+    survey: Any,
+    pairs: Any,
+    *,
+    attributes: Sequence[str] = PRISM_ATTRIBUTES,
+    errors: str = "raise",
+    user_column: str | None = None,
+    prompt_column: str | None = None,
+    chosen_column: str | None = None,
+    rejected_column: str | None = None,
+    **columns: str | None,
+) -> Any:
     """Read PRISM-style data: a survey (user attributes) and pairs (TRL-style rows or PRISM
     utterances); the survey ``attributes`` become the user contexts (one-hot categories).
     ``user_column`` names the user column of both; the prompt/chosen/rejected columns apply to
     TRL-style pairs (``context_column`` is refused: the contexts come from the survey)."""
     errs = _Errors(errors)
-    cols = Columns.of("prism", user_column=user_column, prompt_column=prompt_column,
-                      chosen_column=chosen_column, rejected_column=rejected_column, **columns)
+    cols = Columns.of(
+        "prism",
+        user_column=user_column,
+        prompt_column=prompt_column,
+        chosen_column=chosen_column,
+        rejected_column=rejected_column,
+        **columns,
+    )
     users = _read_survey(survey, attributes, errs, cols)
     rows = list(_rows(pairs, errs, typed=PRISM_TYPED))
     utterances = bool(rows) and isinstance(rows[0][2], Mapping) and "model_response" in rows[0][2]
     items: Iterable[tuple[str, int, str, str, str, Any]] = (
-        _utterance_pairs(rows, errs, cols) if utterances else _trl_items(rows, errs, cols))
+        _utterance_pairs(rows, errs, cols) if utterances else _trl_items(rows, errs, cols)
+    )
     out, contexts = _columns(), _Contexts()
     for path, line, prompt, chosen, rejected, user in items:
         if user not in users:
-            errs.add(f"user {user!r} is not in the survey", path=path, line=line,
-                     field=cols["user"])
+            errs.add(
+                f"user {user!r} is not in the survey", path=path, line=line, field=cols["user"]
+            )
             continue
         contexts.add(user, users[user], path, line)
         _append(out, prompt, chosen, rejected, user, path, line)
-    return _result(_finish(out, contexts, errs, source=_source_name(pairs),
-                           user_field=cols["user"]), errs)
+    return _result(
+        _finish(out, contexts, errs, source=_source_name(pairs), user_field=cols["user"]), errs
+    )
 
 
-def _trl_items(rows: list[tuple[str, int, Any]], errs: Problems, cols: Columns
-               ) -> Iterator[tuple[str, int, str, str, str, Any]]:
+def _trl_items(
+    rows: list[tuple[str, int, Any]], errs: Problems, cols: Columns
+) -> Iterator[tuple[str, int, str, str, str, Any]]:
     for path, line, row in rows:
         try:
             prompt, chosen, rejected, user, _, _ = _trl_row(row, cols)
@@ -922,21 +1118,30 @@ def detect_format(source: Any, *, split: str | None = None) -> str:
         if "model_response" in keys:
             return "prism"
         return "trl"
-    raise DataValidationError("cannot tell the format (no JSON object in the first row); pass "
-                              "--format", path=_source_name(source))
+    raise DataValidationError(
+        "cannot tell the format (no JSON object in the first row); pass --format",
+        path=_source_name(source),
+    )
 
 
 def _column_kwargs(columns: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(columns) - set(COLUMN_ARGUMENTS))
     if unknown:
-        raise DataValidationError(f"unknown keyword {unknown[0]!r}; valid: "
-                                  f"{', '.join(COLUMN_ARGUMENTS)}", field=unknown[0])
+        raise DataValidationError(
+            f"unknown keyword {unknown[0]!r}; valid: {', '.join(COLUMN_ARGUMENTS)}",
+            field=unknown[0],
+        )
     return {k: v for k, v in columns.items() if v is not None}
 
 
-def read_text_preferences(source: Any, *, format: str = "auto",
-                          survey: str | Path | None = None, split: str | None = None,
-                          **columns: str | None) -> TextPreferences:
+def read_text_preferences(
+    source: Any,
+    *,
+    format: str = "auto",
+    survey: str | Path | None = None,
+    split: str | None = None,
+    **columns: str | None,
+) -> TextPreferences:
     """Read text preferences in ``format`` (``"auto"`` detects it; ``"trl"``, ``"summarize"``
     or ``"prism"``, which needs the ``survey``) from a file or in-memory rows; ``split`` and the
     ``*_column`` keywords (``user_column="annotator_id"``) as for :func:`read_trl`."""
@@ -949,19 +1154,28 @@ def read_text_preferences(source: Any, *, format: str = "auto",
         return read_summarize_from_feedback(source, split=split, **given)
     if fmt == "prism":
         if survey is None:
-            raise DataValidationError("PRISM pairs need the survey file (--survey / survey:)",
-                                      path=_source_name(source))
+            raise DataValidationError(
+                "PRISM pairs need the survey file (--survey / survey:)", path=_source_name(source)
+            )
         if split is not None:
-            raise DataValidationError("split= is not supported for PRISM data: pass the "
-                                      "split's rows", field="split")
+            raise DataValidationError(
+                "split= is not supported for PRISM data: pass the split's rows", field="split"
+            )
         return read_prism(survey, source, **given)
-    raise DataValidationError(f"not a text preference format: {fmt!r} (valid: trl, summarize, "
-                              "prism)", path=_source_name(source))
+    raise DataValidationError(
+        f"not a text preference format: {fmt!r} (valid: trl, summarize, prism)",
+        path=_source_name(source),
+    )
 
 
-def validate_file(path: Any, *, format: str = "auto", survey: str | Path | None = None,
-                  split: str | None = None, **columns: str | None
-                  ) -> tuple[int, list[DataValidationError]]:
+def validate_file(
+    path: Any,
+    *,
+    format: str = "auto",
+    survey: str | Path | None = None,
+    split: str | None = None,
+    **columns: str | None,
+) -> tuple[int, list[DataValidationError]]:
     """Check every row of ``path`` (a file, or in-memory rows): ``(number of comparisons read,
     [every error])``.
 
@@ -972,8 +1186,9 @@ def validate_file(path: Any, *, format: str = "auto", survey: str | Path | None 
     path = _replayable(path)
     fmt = detect_format(path, split=split) if format == "auto" else format
     if fmt not in FORMATS:
-        raise DataValidationError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}",
-                                  field="format")
+        raise DataValidationError(
+            f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}", field="format"
+        )
     if fmt == "numeric":
         from pluralign.data.io import load_preferences
 
@@ -994,13 +1209,18 @@ def validate_file(path: Any, *, format: str = "auto", survey: str | Path | None 
     else:  # PRISM utterances alone: check the rows and the pairing, without user contexts
         errs = _Errors("collect")
         cols = Columns.of("prism", **given)
-        n = sum(1 for _ in _utterance_pairs(list(_rows(path, errs, split=split,
-                                                       typed=PRISM_TYPED)), errs, cols))
+        n = sum(
+            1
+            for _ in _utterance_pairs(
+                list(_rows(path, errs, split=split, typed=PRISM_TYPED)), errs, cols
+            )
+        )
         return n, errs.ordered()
     return _count(reader(path, errors="collect", split=split, **given))
 
 
-def _count(result: tuple[TextPreferences | None, list[DataValidationError]]
-           ) -> tuple[int, list[DataValidationError]]:
+def _count(
+    result: tuple[TextPreferences | None, list[DataValidationError]],
+) -> tuple[int, list[DataValidationError]]:
     prefs, found = result
     return (0 if prefs is None else prefs.n), found

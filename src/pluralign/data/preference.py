@@ -29,9 +29,7 @@ def _as_float_matrix(name: str, value: object, n_rows: int | None = None) -> np.
         raise DataValidationError(f"must hold real numbers, got dtype {raw.dtype}", field=name)
     arr = raw.astype(np.float64)
     if arr.ndim != 2:
-        raise DataValidationError(
-            f"must be a 2-D array (n, d), got shape {arr.shape}", field=name
-        )
+        raise DataValidationError(f"must be a 2-D array (n, d), got shape {arr.shape}", field=name)
     if arr.shape[1] == 0:
         raise DataValidationError("has no columns (d = 0)", field=name)
     if n_rows is not None and arr.shape[0] != n_rows:
@@ -51,8 +49,11 @@ def _as_user_ids(value: object, n: int) -> np.ndarray:
     if isinstance(value, np.ndarray) and value.dtype.kind != "O":
         users = value
     else:
-        users = np.empty(len(value), dtype=object) if isinstance(value, list | tuple) \
+        users = (
+            np.empty(len(value), dtype=object)
+            if isinstance(value, list | tuple)
             else np.asarray(value, dtype=object)
+        )
         if isinstance(value, list | tuple):
             users[:] = list(value)
     if users.shape != (n,):
@@ -61,18 +62,24 @@ def _as_user_ids(value: object, n: int) -> np.ndarray:
         )
     if users.dtype.kind == "O":
         items = users.tolist()
-        ints = [isinstance(u, int | np.integer) and not isinstance(u, bool | np.bool_)
-                for u in items]
+        ints = [
+            isinstance(u, int | np.integer) and not isinstance(u, bool | np.bool_) for u in items
+        ]
         strs = [isinstance(u, str) for u in items]
         bad = [i for i, (a, b) in enumerate(zip(ints, strs, strict=True)) if not (a or b)]
         if bad:
-            raise DataValidationError(f"user ids must be integers or strings, got "
-                                      f"{items[bad[0]]!r}", field="users", row=bad[0])
+            raise DataValidationError(
+                f"user ids must be integers or strings, got {items[bad[0]]!r}",
+                field="users",
+                row=bad[0],
+            )
         if any(ints) and any(strs):
             row = strs.index(True) if ints[0] else ints.index(True)
             raise DataValidationError(
                 "user ids mix integers and strings (7 and '7' would merge); use one type",
-                field="users", row=row)
+                field="users",
+                row=row,
+            )
         users = np.array(items, dtype=np.int64) if all(ints) else np.array(items, dtype=str)
     if users.dtype.kind not in "iuU":
         raise DataValidationError(
@@ -81,8 +88,9 @@ def _as_user_ids(value: object, n: int) -> np.ndarray:
     if users.dtype.kind == "U":
         empty = np.char.str_len(np.char.strip(users)) == 0
         if empty.any():
-            raise DataValidationError("user ids must be non-empty", field="users",
-                                      row=int(np.argmax(empty)))
+            raise DataValidationError(
+                "user ids must be non-empty", field="users", row=int(np.argmax(empty))
+            )
     return users
 
 
@@ -146,8 +154,11 @@ class PreferenceData:
         with np.errstate(over="ignore", invalid="ignore"):
             overflow = ~np.isfinite(phi1 - phi0).all(axis=1)
         if overflow.any():
-            raise DataValidationError("phi1 - phi0 overflows (features too large)",
-                                      field="phi1", row=int(np.argmax(overflow)))
+            raise DataValidationError(
+                "phi1 - phi0 overflows (features too large)",
+                field="phi1",
+                row=int(np.argmax(overflow)),
+            )
         if self.users is not None:
             object.__setattr__(self, "users", _as_user_ids(self.users, n))
 
@@ -207,12 +218,15 @@ class PreferenceData:
             if (len(index) == 2 and index[1] is Ellipsis) or len(index) == 1:
                 index = index[0]
             else:
-                raise TypeError("PreferenceData is indexed by rows only: data[index] or "
-                                f"data[index, ...], got a tuple of {len(index)}")
+                raise TypeError(
+                    "PreferenceData is indexed by rows only: data[index] or "
+                    f"data[index, ...], got a tuple of {len(index)}"
+                )
         if np.ndim(index) == 0 and not isinstance(index, slice):
             raise TypeError(
                 "PreferenceData is indexed by an array of row indices, a boolean mask or a "
-                f"slice, got {index!r}; comparison i alone is data[[i]]")
+                f"slice, got {index!r}; comparison i alone is data[[i]]"
+            )
         return self.subset(index)
 
     def __array__(self, dtype: object = None, copy: bool | None = None) -> np.ndarray:

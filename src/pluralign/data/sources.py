@@ -64,8 +64,13 @@ from pluralign.errors import DataValidationError
 __all__ = ["COLUMN_KEYWORDS", "SUFFIXES", "Columns", "Problems", "iter_rows", "summarize_errors"]
 
 # suffix -> kind; each may also end in .gz (not .parquet)
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-            ".parquet": "parquet"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 MAX_DECOMPRESSED = 8 << 30  # a .gz file may not expand past this (a "zip bomb")
 # in errors="raise" mode, after the first bad row at most this many more rows are read to
 # count how many share its problem
@@ -79,19 +84,26 @@ class Problems:
 
     def __init__(self, mode: str) -> None:
         if mode not in ("raise", "collect"):
-            raise DataValidationError(f"must be 'raise' or 'collect', got {mode!r}",
-                                      field="errors")
+            raise DataValidationError(f"must be 'raise' or 'collect', got {mode!r}", field="errors")
         self.mode = mode
         self.found: list[DataValidationError] = []
-        self.columns: dict[int, list[str]] = {}   # id(error) -> the columns of its row
-        self.rows = 0                              # rows (and unparsable lines) read
+        self.columns: dict[int, list[str]] = {}  # id(error) -> the columns of its row
+        self.rows = 0  # rows (and unparsable lines) read
         self.capped = False
         self._first_at: int | None = None
 
-    def add(self, message: str, *, path: str, line: int | None, field: str | None = None,
-            columns: Iterable[Any] | None = None) -> None:
-        self.append(DataValidationError(message, path=path, line=line, field=field),
-                    columns=columns)
+    def add(
+        self,
+        message: str,
+        *,
+        path: str,
+        line: int | None,
+        field: str | None = None,
+        columns: Iterable[Any] | None = None,
+    ) -> None:
+        self.append(
+            DataValidationError(message, path=path, line=line, field=field), columns=columns
+        )
 
     def append(self, err: DataValidationError, columns: Iterable[Any] | None = None) -> None:
         """Record ``err`` (also the sink of :func:`pluralign._parse.iter_json_lines`, whose
@@ -105,8 +117,11 @@ class Problems:
     def next_row(self) -> bool:
         """Count a row about to be read; ``False`` when a raise-mode read has seen enough rows
         after its first error to summarize it (:data:`SUMMARY_SCAN`)."""
-        if (self.mode == "raise" and self._first_at is not None
-                and self.rows - self._first_at >= SUMMARY_SCAN):
+        if (
+            self.mode == "raise"
+            and self._first_at is not None
+            and self.rows - self._first_at >= SUMMARY_SCAN
+        ):
             self.capped = True
             return False
         self.rows += 1
@@ -149,8 +164,11 @@ class Problems:
         if len(group) > 1:
             lines = [e.line for e in group if e.line is not None]
             paths = {e.path for e in group}
-            where = (f", the first at line {lines[0]}, the last at line {lines[-1]}"
-                     if len(lines) == len(group) and len(paths) == 1 else "")
+            where = (
+                f", the first at line {lines[0]}, the last at line {lines[-1]}"
+                if len(lines) == len(group) and len(paths) == 1
+                else ""
+            )
             scope = f" of {len(paths)} files" if len(paths) > 1 else ""
             parts.append(f"the same problem on {len(group)} rows{scope}{where}")
         if columns is not None:
@@ -161,17 +179,23 @@ class Problems:
             at = f"line {first.line}" if first.line is not None else "a row"
             in_file = "" if first.path == lead.path else f" of {first.path}"
             what = f"field {first.field!r}: " if first.field is not None else ""
-            parts.append(f"and {len(others)} other bad row(s), the first at {at}{in_file} "
-                         f"({what}{_short(first.bare, 120)})")
+            parts.append(
+                f"and {len(others)} other bad row(s), the first at {at}{in_file} "
+                f"({what}{_short(first.bare, 120)})"
+            )
         if self.capped:
-            parts.append(f"reading stopped {SUMMARY_SCAN} rows after the first bad row "
-                         "(errors='collect' or `pluralign data validate` reads every row)")
-        return DataValidationError("; ".join(parts), path=lead.path, line=lead.line,
-                                   field=lead.field)
+            parts.append(
+                f"reading stopped {SUMMARY_SCAN} rows after the first bad row "
+                "(errors='collect' or `pluralign data validate` reads every row)"
+            )
+        return DataValidationError(
+            "; ".join(parts), path=lead.path, line=lead.line, field=lead.field
+        )
 
 
-def summarize_errors(errors: list[DataValidationError], *, show: int = 3,
-                     limit: int = 5) -> list[str]:
+def summarize_errors(
+    errors: list[DataValidationError], *, show: int = 3, limit: int = 5
+) -> list[str]:
     """Lines to print for ``errors`` (``pluralign data validate``): every error, except that a
     problem shared by more than ``limit`` rows (same field and message) prints its first
     ``show`` rows and one line counting the rest."""
@@ -194,8 +218,10 @@ def summarize_errors(errors: list[DataValidationError], *, show: int = 3,
         lines = [e.line for e in rest if e.line is not None]
         span = f" (lines {lines[0]}–{lines[-1]})" if len(lines) == len(rest) else ""
         what = f"field {err.field!r}: " if err.field is not None else ""
-        out.append(f"{err.path}: … and {len(rest)} more rows{span} with the same problem "
-                   f"({what}{_short(err.bare, 120)})")
+        out.append(
+            f"{err.path}: … and {len(rest)} more rows{span} with the same problem "
+            f"({what}{_short(err.bare, 120)})"
+        )
     return out
 
 
@@ -206,21 +232,31 @@ def _short(text: str, n: int) -> str:
 # ---------------------------------------------------------------------------- columns
 # what each format calls the fields a column mapping can point elsewhere
 FORMAT_COLUMNS: dict[str, dict[str, str]] = {
-    "trl": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "user": "user_id",
-            "context": "user_context"},
-    "prism": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
-              "user": "user_id"},
+    "trl": {
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "user": "user_id",
+        "context": "user_context",
+    },
+    "prism": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "user": "user_id"},
     "summarize": {"user": "worker"},
     "numeric": {"user": "user", "context": "x"},
 }
 # the columns of a format that cannot be remapped (a mapping may not point at them)
 FIXED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "trl": (), "prism": ("conversation_id", "turn", "user_prompt", "model_response", "score",
-                         "if_chosen"),
-    "summarize": ("info", "summaries", "choice", "split"), "numeric": ("phi0", "phi1", "y")}
-COLUMN_KEYWORDS = {"prompt": "prompt_column", "chosen": "chosen_column",
-                   "rejected": "rejected_column", "user": "user_column",
-                   "context": "context_column"}
+    "trl": (),
+    "prism": ("conversation_id", "turn", "user_prompt", "model_response", "score", "if_chosen"),
+    "summarize": ("info", "summaries", "choice", "split"),
+    "numeric": ("phi0", "phi1", "y"),
+}
+COLUMN_KEYWORDS = {
+    "prompt": "prompt_column",
+    "chosen": "chosen_column",
+    "rejected": "rejected_column",
+    "user": "user_column",
+    "context": "context_column",
+}
 
 
 @dataclass(frozen=True)
@@ -240,18 +276,23 @@ class Columns:
         names = dict(defaults)
         for kw, value in given.items():
             if kw not in by_keyword:
-                raise DataValidationError(f"unknown keyword {kw!r}; valid: "
-                                          f"{', '.join(COLUMN_KEYWORDS.values())}", field=kw)
+                raise DataValidationError(
+                    f"unknown keyword {kw!r}; valid: {', '.join(COLUMN_KEYWORDS.values())}",
+                    field=kw,
+                )
             if value is None:
                 continue
             key = by_keyword[kw]
             if key not in defaults:
                 usable = ", ".join(COLUMN_KEYWORDS[k] for k in defaults)
-                raise DataValidationError(f"does not apply to {fmt} rows (their columns that "
-                                          f"can be mapped: {usable})", field=kw)
+                raise DataValidationError(
+                    f"does not apply to {fmt} rows (their columns that can be mapped: {usable})",
+                    field=kw,
+                )
             if not isinstance(value, str) or not value.strip():
-                raise DataValidationError(f"must be a non-empty column name, got {value!r}",
-                                          field=kw)
+                raise DataValidationError(
+                    f"must be a non-empty column name, got {value!r}", field=kw
+                )
             names[key] = value
         seen: dict[str, str] = {}
         for key, column in names.items():
@@ -260,7 +301,8 @@ class Columns:
                 raise DataValidationError(
                     f"maps the {key} to column {column!r}, which already holds the {other} "
                     "(two fields cannot be read from one column)",
-                    field=COLUMN_KEYWORDS[key])
+                    field=COLUMN_KEYWORDS[key],
+                )
             seen[column] = key
         return cls(fmt, names)
 
@@ -269,8 +311,11 @@ class Columns:
 
     def mapped(self) -> dict[str, str]:
         """``{keyword: column}`` of the fields that are not in their default column."""
-        return {COLUMN_KEYWORDS[k]: v for k, v in self.names.items()
-                if v != FORMAT_COLUMNS[self.format][k]}
+        return {
+            COLUMN_KEYWORDS[k]: v
+            for k, v in self.names.items()
+            if v != FORMAT_COLUMNS[self.format][k]
+        }
 
     def missing(self, key: str, row: Mapping[str, Any]) -> str:
         """The message of a row without the column of ``key``: ``missing``, plus, when the
@@ -288,14 +333,18 @@ class Columns:
 def _kind(path: Path) -> tuple[str, bool]:
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     compressed = bool(suffixes) and suffixes[-1] == ".gz"
-    suffix = suffixes[-2] if compressed and len(suffixes) == 2 else (
-        "" if compressed else (suffixes[-1] if suffixes else ""))
+    suffix = (
+        suffixes[-2]
+        if compressed and len(suffixes) == 2
+        else ("" if compressed else (suffixes[-1] if suffixes else ""))
+    )
     kind = SUFFIXES.get(suffix)
     if kind is None or (compressed and kind == "parquet"):
         raise DataValidationError(
             f"unknown suffix {''.join(path.suffixes[-2:]) or '(none)'!r}; use .jsonl, .json "
             "(JSON lines or one array), .csv (each optionally .gz) or .parquet",
-            path=str(path))
+            path=str(path),
+        )
     return kind, compressed
 
 
@@ -312,16 +361,19 @@ def _file_bytes(path: Path, compressed: bool) -> bytes:
             while chunk := handle.read(1 << 24):
                 size += len(chunk)
                 if size > MAX_DECOMPRESSED:
-                    raise DataValidationError(f"expands past {MAX_DECOMPRESSED >> 30} GiB "
-                                              "when decompressed", path=str(path))
+                    raise DataValidationError(
+                        f"expands past {MAX_DECOMPRESSED >> 30} GiB when decompressed",
+                        path=str(path),
+                    )
                 chunks.append(chunk)
         return b"".join(chunks)
     except DataValidationError:
         raise
     except (OSError, EOFError, zlib.error) as exc:
         what = "not a readable gzip file" if compressed else "cannot be read"
-        raise DataValidationError(f"{what} ({type(exc).__name__}: {str(exc)[:120]})",
-                                  path=str(path)) from None
+        raise DataValidationError(
+            f"{what} ({type(exc).__name__}: {str(exc)[:120]})", path=str(path)
+        ) from None
 
 
 def _decode(raw: bytes, path: str, line: int | None, bom: bool = False) -> str:
@@ -344,16 +396,23 @@ def _json_lines(data: bytes, path: str, problems: Problems) -> Iterator[tuple[st
         if not problems.next_row():
             return
         try:
-            yield path, lineno, parse_json(_decode(raw, path, lineno), path=path, line=lineno,
-                                           finite=False)
+            yield (
+                path,
+                lineno,
+                parse_json(_decode(raw, path, lineno), path=path, line=lineno, finite=False),
+            )
         except DataValidationError as err:
             problems.append(err)
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # finds where each element ends without building it (the element is then parsed strictly)
-_SKIMMER = json.JSONDecoder(object_pairs_hook=lambda pairs: None, parse_int=lambda t: 0,
-                            parse_float=lambda t: 0.0, parse_constant=lambda t: 0.0)
+_SKIMMER = json.JSONDecoder(
+    object_pairs_hook=lambda pairs: None,
+    parse_int=lambda t: 0,
+    parse_float=lambda t: 0.0,
+    parse_constant=lambda t: 0.0,
+)
 
 
 def _json_array(text: str, path: str, problems: Problems) -> Iterator[tuple[str, int, Any]]:
@@ -367,7 +426,7 @@ def _json_array(text: str, path: str, problems: Problems) -> Iterator[tuple[str,
 
     pos = _WHITESPACE.match(text, text.index("[") + 1).end()
     line, counted = where(pos), pos
-    if text[pos:pos + 1] == "]":
+    if text[pos : pos + 1] == "]":
         stop = pos + 1
     else:
         while True:
@@ -376,39 +435,47 @@ def _json_array(text: str, path: str, problems: Problems) -> Iterator[tuple[str,
             try:
                 _, stop = _SKIMMER.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
-                raise DataValidationError(f"invalid JSON ({exc.msg})", path=path,
-                                          line=exc.lineno) from None
+                raise DataValidationError(
+                    f"invalid JSON ({exc.msg})", path=path, line=exc.lineno
+                ) from None
             except RecursionError:
-                raise DataValidationError(f"nested more than {MAX_DEPTH} levels deep",
-                                          path=path, line=line) from None
+                raise DataValidationError(
+                    f"nested more than {MAX_DEPTH} levels deep", path=path, line=line
+                ) from None
             if not problems.next_row():
                 return
             try:
-                yield path, line, parse_json(text[pos:stop], path=path, line=line,
-                                             finite=False)
+                yield path, line, parse_json(text[pos:stop], path=path, line=line, finite=False)
             except DataValidationError as err:
                 # parse_json counts lines from the element's start; name the element's line
-                problems.append(DataValidationError(err.bare, path=path, line=line,
-                                                    field=err.field))
+                problems.append(
+                    DataValidationError(err.bare, path=path, line=line, field=err.field)
+                )
             pos = _WHITESPACE.match(text, stop).end()
-            if text[pos:pos + 1] == "]":
+            if text[pos : pos + 1] == "]":
                 stop = pos + 1
                 break
-            if text[pos:pos + 1] != ",":
+            if text[pos : pos + 1] != ",":
                 got = repr(text[pos]) if pos < len(text) else "the end of the file"
-                raise DataValidationError(f"invalid JSON (expected ',' or ']' in the array, "
-                                          f"got {got})", path=path, line=where(pos))
+                raise DataValidationError(
+                    f"invalid JSON (expected ',' or ']' in the array, got {got})",
+                    path=path,
+                    line=where(pos),
+                )
             pos = _WHITESPACE.match(text, pos + 1).end()
-            if text[pos:pos + 1] == "]":
-                raise DataValidationError("invalid JSON (a trailing comma in the array)",
-                                          path=path, line=where(pos))
+            if text[pos : pos + 1] == "]":
+                raise DataValidationError(
+                    "invalid JSON (a trailing comma in the array)", path=path, line=where(pos)
+                )
     if text[stop:].strip():
-        raise DataValidationError("invalid JSON (text after the closing ']' of the array)",
-                                  path=path, line=where(stop))
+        raise DataValidationError(
+            "invalid JSON (text after the closing ']' of the array)", path=path, line=where(stop)
+        )
 
 
-def _csv_rows(text: str, path: str, problems: Problems, typed: frozenset[str]
-              ) -> Iterator[tuple[str, int, Any]]:
+def _csv_rows(
+    text: str, path: str, problems: Problems, typed: frozenset[str]
+) -> Iterator[tuple[str, int, Any]]:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(max(old_limit, 2**31 - 1))  # a long response is one cell
     try:
@@ -422,8 +489,9 @@ def _csv_rows(text: str, path: str, problems: Problems, typed: frozenset[str]
             except StopIteration:
                 return
             except csv.Error as exc:
-                raise DataValidationError(f"not a readable CSV file ({exc})", path=path,
-                                          line=reader.line_num) from None
+                raise DataValidationError(
+                    f"not a readable CSV file ({exc})", path=path, line=reader.line_num
+                ) from None
             previous_end = reader.line_num
             if all(not cell.strip() for cell in record):
                 continue  # a blank line or a record of blank cells
@@ -432,17 +500,25 @@ def _csv_rows(text: str, path: str, problems: Problems, typed: frozenset[str]
                 dup = next((h for h in header if header.count(h) > 1 or not h), None)
                 if dup is not None:
                     what = "an empty column name" if not dup else f"column {dup!r} twice"
-                    raise DataValidationError(f"the CSV header has {what}", path=path,
-                                              line=start)
+                    raise DataValidationError(f"the CSV header has {what}", path=path, line=start)
                 continue
             if not problems.next_row():
                 return
             if len(record) != len(header):
-                problems.add(f"has {len(record)} cells but the header has {len(header)} "
-                             "columns", path=path, line=start)
+                problems.add(
+                    f"has {len(record)} cells but the header has {len(header)} columns",
+                    path=path,
+                    line=start,
+                )
                 continue
-            yield path, start, {name: _cell(cell, name in typed)
-                                for name, cell in zip(header, record, strict=True)}
+            yield (
+                path,
+                start,
+                {
+                    name: _cell(cell, name in typed)
+                    for name, cell in zip(header, record, strict=True)
+                },
+            )
     finally:
         csv.field_size_limit(old_limit)
 
@@ -467,30 +543,41 @@ def _parquet_rows(path: Path, problems: Problems) -> Iterator[tuple[str, int, An
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is in the dev/text extras
-        raise DataValidationError("reading Parquet needs pyarrow (pip install "
-                                  "'pluralign[text]')", path=str(path)) from None
+        raise DataValidationError(
+            "reading Parquet needs pyarrow (pip install 'pluralign[text]')", path=str(path)
+        ) from None
     try:
         rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError, ValueError, TypeError, OverflowError,
-            KeyError, IndexError) as exc:
-        raise DataValidationError(f"not a readable Parquet file ({type(exc).__name__}: "
-                                  f"{str(exc)[:160]})", path=str(path)) from None
+    except (
+        pa.ArrowException,
+        OSError,
+        ValueError,
+        TypeError,
+        OverflowError,
+        KeyError,
+        IndexError,
+    ) as exc:
+        raise DataValidationError(
+            f"not a readable Parquet file ({type(exc).__name__}: {str(exc)[:160]})", path=str(path)
+        ) from None
     for i, row in enumerate(rows, start=1):
         if not problems.next_row():
             return
         yield str(path), i, row
 
 
-def _file_rows(path: Path, problems: Problems, typed: frozenset[str]
-               ) -> Iterator[tuple[str, int, Any]]:
+def _file_rows(
+    path: Path, problems: Problems, typed: frozenset[str]
+) -> Iterator[tuple[str, int, Any]]:
     kind, compressed = _kind(path)
     if kind == "parquet":
         yield from _parquet_rows(path, problems)
         return
     if kind in ("jsonl", "json") and not compressed:
         if kind == "json" and _starts_with_bracket(path):
-            yield from _json_array(_decode(_file_bytes(path, False), str(path), None),
-                                   str(path), problems)
+            yield from _json_array(
+                _decode(_file_bytes(path, False), str(path), None), str(path), problems
+            )
             return
         rows = iter_json_lines(path, errors=problems)  # type: ignore[arg-type]
         while problems.next_row():
@@ -502,8 +589,7 @@ def _file_rows(path: Path, problems: Problems, typed: frozenset[str]
         return
     data = _file_bytes(path, compressed)
     if kind == "csv":
-        yield from _csv_rows(_decode(data, str(path), None, bom=True), str(path), problems,
-                             typed)
+        yield from _csv_rows(_decode(data, str(path), None, bom=True), str(path), problems, typed)
     elif kind == "json" and data.lstrip()[:1] == b"[":
         yield from _json_array(_decode(data, str(path), None), str(path), problems)
     else:
@@ -531,8 +617,12 @@ def _splits(source: Any) -> list[str] | None:
     ds = _loaded("datasets")
     if ds is not None and isinstance(source, ds.DatasetDict | ds.IterableDatasetDict):
         return [str(k) for k in source]
-    if isinstance(source, Mapping) and source and ds is not None and all(
-            isinstance(v, ds.Dataset | ds.IterableDataset) for v in source.values()):
+    if (
+        isinstance(source, Mapping)
+        and source
+        and ds is not None
+        and all(isinstance(v, ds.Dataset | ds.IterableDataset) for v in source.values())
+    ):
         return [str(k) for k in source]
     return None
 
@@ -552,8 +642,11 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if type(value).__name__ in ("NAType", "NaTType") and depth == 0:
         return None
     if np is not None and isinstance(value, np.ndarray):
-        return [_plain(v, depth + 1) for v in value.tolist()] if value.ndim else \
-            _plain(value.item(), depth)
+        return (
+            [_plain(v, depth + 1) for v in value.tolist()]
+            if value.ndim
+            else _plain(value.item(), depth)
+        )
     if isinstance(value, list | tuple):
         return [_plain(v, depth + 1) for v in value]
     if isinstance(value, Mapping):
@@ -571,8 +664,9 @@ def _frame_rows(frame: Any, label: str, problems: Problems) -> Iterator[tuple[st
         yield label, i, {str(c): _plain(v) for c, v in zip(columns, values, strict=True)}
 
 
-def iter_rows(source: Any, problems: Problems, *, split: str | None = None,
-              typed: Iterable[str] = ()) -> Iterator[tuple[str, int, Any]]:
+def iter_rows(
+    source: Any, problems: Problems, *, split: str | None = None, typed: Iterable[str] = ()
+) -> Iterator[tuple[str, int, Any]]:
     """``(label, line, row)`` of every row of ``source`` (module docstring). Rows that cannot
     be parsed (bad JSON, a CSV record of the wrong width) go to ``problems`` and are skipped;
     a source that cannot be read at all raises :class:`DataValidationError` at once.
@@ -587,16 +681,22 @@ def iter_rows(source: Any, problems: Problems, *, split: str | None = None,
             raise DataValidationError(
                 f"is a {type(source).__name__} with splits {', '.join(map(repr, splits))}; "
                 f"pass one split (source[{splits[0]!r}]) or split={splits[0]!r}",
-                path=f"<{type(source).__name__}>")
+                path=f"<{type(source).__name__}>",
+            )
         if split not in source:
-            raise DataValidationError(f"has no split {split!r}; its splits: "
-                                      f"{', '.join(map(repr, splits))}", field="split",
-                                      path=f"<{type(source).__name__}>")
+            raise DataValidationError(
+                f"has no split {split!r}; its splits: {', '.join(map(repr, splits))}",
+                field="split",
+                path=f"<{type(source).__name__}>",
+            )
         label = f"<{type(source).__name__}[{split!r}]>"
         source = source[split]
     elif split is not None:
-        raise DataValidationError(f"split={split!r} picks a split of a datasets.DatasetDict; "
-                                  f"this source is a {type(source).__name__}", field="split")
+        raise DataValidationError(
+            f"split={split!r} picks a split of a datasets.DatasetDict; "
+            f"this source is a {type(source).__name__}",
+            field="split",
+        )
     else:
         label = f"<{type(source).__name__}>"
     if isinstance(source, str | Path):
@@ -616,9 +716,12 @@ def iter_rows(source: Any, problems: Problems, *, split: str | None = None,
     try:
         rows = iter(source)
     except TypeError:
-        raise DataValidationError(f"cannot read rows from a {type(source).__name__}: give a "
-                                  "file path, an iterable of mappings, a datasets.Dataset or a "
-                                  "pandas DataFrame", path=label) from None
+        raise DataValidationError(
+            f"cannot read rows from a {type(source).__name__}: give a "
+            "file path, an iterable of mappings, a datasets.Dataset or a "
+            "pandas DataFrame",
+            path=label,
+        ) from None
     for i, row in enumerate(rows, start=1):
         if not problems.next_row():
             return
@@ -633,11 +736,15 @@ def _column_rows(columns: Mapping[Any, Any], label: str) -> Iterator[dict[str, A
             raise DataValidationError(
                 f"is a mapping but column {name!r} is a {type(values).__name__}, not a list: "
                 "give rows (a list of mappings), equal-length columns, or a dataset",
-                path=label)
+                path=label,
+            )
         lengths.add(len(values))
     if len(lengths) > 1:
-        raise DataValidationError(f"is a mapping of columns of different lengths "
-                                  f"({', '.join(map(str, sorted(lengths)))})", path=label)
+        raise DataValidationError(
+            f"is a mapping of columns of different lengths "
+            f"({', '.join(map(str, sorted(lengths)))})",
+            path=label,
+        )
     n = lengths.pop() if lengths else 0
     names = list(columns)
     return ({str(k): columns[k][i] for k in names} for i in range(n))

@@ -35,8 +35,9 @@ class TargetStates:
     def __post_init__(self) -> None:
         phi = np.asarray(self.phi, dtype=np.float64)
         if phi.ndim != 3 or phi.shape[0] == 0 or phi.shape[1] == 0:
-            raise DataValidationError(f"must have shape (m, K, d_phi), got {phi.shape}",
-                                      field="phi")
+            raise DataValidationError(
+                f"must have shape (m, K, d_phi), got {phi.shape}", field="phi"
+            )
         bad = ~np.isfinite(phi).all(axis=(1, 2))
         if bad.any():
             raise DataValidationError("contains NaN or inf", field="phi", row=int(np.argmax(bad)))

@@ -139,17 +139,24 @@ class KLBandit:
             u_star = unit_sphere(rng, (), d)
         else:  # a Haar-random direction in each part, mixed with the requested shares
             g = rng.standard_normal(d)
-            parts = [frame[:, :uncovered_dim] @ g[:uncovered_dim],
-                     frame[:, uncovered_dim:] @ g[uncovered_dim:]]
+            parts = [
+                frame[:, :uncovered_dim] @ g[:uncovered_dim],
+                frame[:, uncovered_dim:] @ g[uncovered_dim:],
+            ]
             shares = (uncovered_reward, 1.0 - uncovered_reward)
-            u_star = sum(np.sqrt(s) * p / np.linalg.norm(p)
-                         for s, p in zip(shares, parts, strict=True) if s > 0)
+            u_star = sum(
+                np.sqrt(s) * p / np.linalg.norm(p)
+                for s, p in zip(shares, parts, strict=True)
+                if s > 0
+            )
         other = rng.standard_normal(d)
         other -= (other @ u_star) * u_star
         other /= np.linalg.norm(other)
         self.theta_star = reward_scale * np.sqrt(d) * u_star
-        self.psi = ref_scale * np.sqrt(d) * (
-            ref_alignment * u_star + np.sqrt(1.0 - ref_alignment**2) * other
+        self.psi = (
+            ref_scale
+            * np.sqrt(d)
+            * (ref_alignment * u_star + np.sqrt(1.0 - ref_alignment**2) * other)
         )
 
     # ------------------------------------------------------------------ sampling
@@ -166,21 +173,24 @@ class KLBandit:
         phi -= (1.0 - self.coverage) * (phi @ basis) @ basis.T
         return TargetStates(x=None, phi=phi)
 
-    def sample_offline(self, n: int, seed: int | list[int] | np.random.Generator
-                       ) -> PreferenceData:
+    def sample_offline(self, n: int, seed: int | list[int] | np.random.Generator) -> PreferenceData:
         """``n`` offline comparisons: source contexts, two distinct responses from the behaviour
         policy, Bradley–Terry labels from ``θ*``."""
         rng = np.random.default_rng(seed)
         states = self.source_states(n, rng)
-        logits = (self.reference_logits(states) if self.behavior == "reference"
-                  else np.zeros((n, self.n_actions)))
+        logits = (
+            self.reference_logits(states)
+            if self.behavior == "reference"
+            else np.zeros((n, self.n_actions))
+        )
         a0, a1 = gumbel_top2(rng, logits)
         rows = np.arange(n)
         phi0, phi1 = states.phi[rows, a0], states.phi[rows, a1]
         return PreferenceData(x=None, phi0=phi0, phi1=phi1, y=self.compare(phi0, phi1, rng))
 
-    def compare(self, phi0: np.ndarray, phi1: np.ndarray,
-                seed: int | list[int] | np.random.Generator) -> np.ndarray:
+    def compare(
+        self, phi0: np.ndarray, phi1: np.ndarray, seed: int | list[int] | np.random.Generator
+    ) -> np.ndarray:
         """The Bradley–Terry oracle: ``y = 1`` (``phi1`` preferred) with probability
         ``σ(r*(φ1) − r*(φ0))``."""
         rng = np.random.default_rng(seed)
@@ -207,13 +217,13 @@ class KLBandit:
 
     def optimal_value(self, states: TargetStates) -> float:
         """``J_η(π*) = η E_x log Σ_a π0(a|x) exp(r*(x,a)/η)`` (closed form)."""
-        return float(np.mean(soft_value(self.true_reward(states), self.reference_probs(states),
-                                        self.eta)))
+        return float(
+            np.mean(soft_value(self.true_reward(states), self.reference_probs(states), self.eta))
+        )
 
     def kl(self, policy: Policy | np.ndarray, states: TargetStates) -> float:
         """``E_x KL(π(·|x) ‖ π0(·|x))``, exact."""
-        return float(np.mean(kl_divergence(as_probs(policy, states),
-                                           self.reference_probs(states))))
+        return float(np.mean(kl_divergence(as_probs(policy, states), self.reference_probs(states))))
 
     def reward_value(self, policy: Policy | np.ndarray, states: TargetStates) -> float:
         """``E_x Σ_a π(a|x) r*(x,a)`` (the unregularized value)."""

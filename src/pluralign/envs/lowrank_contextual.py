@@ -168,7 +168,8 @@ class LowRankContextual:
                 raise ConfigError(
                     f"coverage 'subspace' needs 0 ≤ support_extra and rank + support_extra < "
                     f"d_phi (S⊥ not empty), got rank={rank}, support_extra={support_extra}, "
-                    f"d_phi={d_phi}")
+                    f"d_phi={d_phi}"
+                )
             if n_uncovered < 0:
                 raise ConfigError(f"n_uncovered must be ≥ 0, got {n_uncovered}")
             if not 0 < uncovered_scale <= 1:
@@ -208,9 +209,11 @@ class LowRankContextual:
             extra = v_perp @ haar_frame(truth_rng, d_phi - rank, support_extra)
             self.support_basis = np.concatenate([self.V_star, extra], axis=1)
             self.complement_basis = np.linalg.qr(self.support_basis, mode="complete")[0][
-                :, rank + support_extra:]
+                :, rank + support_extra :
+            ]
             self.novel_direction = self.complement_basis @ unit_sphere(
-                truth_rng, (), d_phi - rank - support_extra)
+                truth_rng, (), d_phi - rank - support_extra
+            )
 
     # ------------------------------------------------------------------ sampling
     def _contexts(self, rng: np.random.Generator, m: int, target: bool) -> np.ndarray:

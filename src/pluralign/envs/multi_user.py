@@ -121,8 +121,11 @@ class MultiUser:
         self.diversity, self.n_actions, self.seed = float(diversity), n_actions, seed
         self.shared_scale = float(shared_scale)
         self.n_per_user = _counts(n_per_user, n_users)
-        if d_context is not None and (isinstance(d_context, bool) or not isinstance(
-                d_context, int | np.integer) or d_context < 1):
+        if d_context is not None and (
+            isinstance(d_context, bool)
+            or not isinstance(d_context, int | np.integer)
+            or d_context < 1
+        ):
             raise ConfigError(f"d_context must be None or an integer ≥ 1, got {d_context!r}")
         if not 0.0 <= context_noise <= 1.0:
             raise ConfigError(f"context_noise must be in [0, 1], got {context_noise!r}")
@@ -143,12 +146,12 @@ class MultiUser:
     def _weights(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.diversity * np.sqrt(self.d_phi / self.k) * rng.standard_normal((n, self.k))
 
-    def _context_weights(self, rng: np.random.Generator, n: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+    def _context_weights(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(contexts (n, d_x), W (n, k))`` of ``n`` users with contexts."""
         x = rng.standard_normal((n, self.d_context))
-        g = (np.sqrt(1.0 - self.context_noise) * x @ self.M_star
-             + np.sqrt(self.context_noise) * rng.standard_normal((n, self.k)))
+        g = np.sqrt(1.0 - self.context_noise) * x @ self.M_star + np.sqrt(
+            self.context_noise
+        ) * rng.standard_normal((n, self.k))
         return x, self.diversity * np.sqrt(self.d_phi / self.k) * g
 
     # ------------------------------------------------------------------ sampling
@@ -178,13 +181,22 @@ class MultiUser:
             phi1.append(pair[:, 1])
             y.append(labels)
             ids.append(np.full(n, users[u]))
-        x = None if contexts is None else np.repeat(np.asarray(contexts, np.float64),
-                                                    counts, axis=0)
-        return PreferenceData(x=x, phi0=np.concatenate(phi0), phi1=np.concatenate(phi1),
-                              y=np.concatenate(y), users=np.concatenate(ids))
+        x = (
+            None
+            if contexts is None
+            else np.repeat(np.asarray(contexts, np.float64), counts, axis=0)
+        )
+        return PreferenceData(
+            x=x,
+            phi0=np.concatenate(phi0),
+            phi1=np.concatenate(phi1),
+            y=np.concatenate(y),
+            users=np.concatenate(ids),
+        )
 
-    def sample_offline(self, seed: int | list[int],
-                       n_per_user: int | Sequence[int] | None = None) -> PreferenceData:
+    def sample_offline(
+        self, seed: int | list[int], n_per_user: int | Sequence[int] | None = None
+    ) -> PreferenceData:
         """Training comparisons of every user (``n_per_user`` overrides the constructor's)."""
         counts = self.n_per_user if n_per_user is None else _counts(n_per_user, self.n_users)
         return self.sample_comparisons(self.thetas_star, counts, seed, self.users, self.contexts)
@@ -198,8 +210,7 @@ class MultiUser:
             w = self._weights(np.random.default_rng(seed), n)
         return w, self.theta0_star + w @ self.B_star.T
 
-    def new_context_users(self, n: int, seed: int | list[int]
-                          ) -> tuple[np.ndarray, np.ndarray]:
+    def new_context_users(self, n: int, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
         """``n`` fresh users with contexts: ``(contexts (n, d_x), thetas (n, d_phi))``; the same
         users as :meth:`new_users` with the same seed."""
         if self.d_context is None:
@@ -221,8 +232,9 @@ class MultiUser:
             return np.einsum("md,mkd->mk", thetas, phi)
         return np.einsum("nd,nd->n", thetas, phi)
 
-    def user_values(self, probs: np.ndarray, targets: TargetStates,
-                    thetas: np.ndarray | None = None) -> np.ndarray:
+    def user_values(
+        self, probs: np.ndarray, targets: TargetStates, thetas: np.ndarray | None = None
+    ) -> np.ndarray:
         """Exact ``J_u(π) = (1/m) Σ_j Σ_a π(a|j) θ_uᵀφ(j, a)`` for every user: ``probs`` is one
         ``(m, K)`` policy for all users or ``(U, m, K)``, one per user. Returns ``(U,)``."""
         thetas = self.thetas_star if thetas is None else np.asarray(thetas)
@@ -231,15 +243,17 @@ class MultiUser:
             return thetas @ mean_phi.mean(axis=0)
         return np.einsum("ud,ud->u", thetas, mean_phi.mean(axis=1))
 
-    def optimal_user_values(self, targets: TargetStates,
-                            thetas: np.ndarray | None = None) -> np.ndarray:
+    def optimal_user_values(
+        self, targets: TargetStates, thetas: np.ndarray | None = None
+    ) -> np.ndarray:
         """``J_u(π*_u)``: each user's own per-state argmax, ``(U,)``."""
         thetas = self.thetas_star if thetas is None else np.asarray(thetas)
         scores = np.einsum("mkd,ud->umk", targets.phi, thetas)
         return scores.max(axis=2).mean(axis=1)
 
-    def value_gaps(self, probs: np.ndarray, targets: TargetStates,
-                   thetas: np.ndarray | None = None) -> np.ndarray:
+    def value_gaps(
+        self, probs: np.ndarray, targets: TargetStates, thetas: np.ndarray | None = None
+    ) -> np.ndarray:
         """Per-user value gaps ``J_u(π*_u) − J_u(π)`` (≥ 0), ``(U,)``."""
         return self.optimal_user_values(targets, thetas) - self.user_values(probs, targets, thetas)
 

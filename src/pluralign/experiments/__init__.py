@@ -5,8 +5,7 @@ from pluralign.experiments.gshf import GSHF
 from pluralign.experiments.loco import LOCO
 from pluralign.experiments.multi_user import MULTI_USER
 
-EXPERIMENTS: dict[str, Experiment] = {LOCO.name: LOCO, GSHF.name: GSHF,
-                                      MULTI_USER.name: MULTI_USER}
+EXPERIMENTS: dict[str, Experiment] = {LOCO.name: LOCO, GSHF.name: GSHF, MULTI_USER.name: MULTI_USER}
 
 from pluralign.experiments.config import load_config, resolve_config  # noqa: E402
 from pluralign.experiments.runner import read_results, run_experiment  # noqa: E402

@@ -27,9 +27,22 @@ from typing import Any
 
 from pluralign.errors import ConfigError
 
-__all__ = ["MAX_DIM", "MAX_ITER", "MAX_REPEATS", "MAX_SAMPLES", "MAX_SCALE", "MAX_SEED",
-           "MAX_SETTINGS",
-           "Choice", "Constraint", "Experiment", "Range", "Unit", "UnitContext", "show"]
+__all__ = [
+    "MAX_DIM",
+    "MAX_ITER",
+    "MAX_REPEATS",
+    "MAX_SAMPLES",
+    "MAX_SCALE",
+    "MAX_SEED",
+    "MAX_SETTINGS",
+    "Choice",
+    "Constraint",
+    "Experiment",
+    "Range",
+    "Unit",
+    "UnitContext",
+    "show",
+]
 
 # Upper bounds of the sane sizes a config may ask for (documented in docs/experiments.md).
 MAX_REPEATS = 10_000
@@ -98,8 +111,10 @@ class Range:
         elif self.lo is None:
             text = f"{'<' if self.hi_open else '≤'} {_bound(self.hi)}"
         else:
-            text = (f"in {'(' if self.lo_open else '['}{_bound(self.lo)}, {_bound(self.hi)}"
-                    f"{')' if self.hi_open else ']'}")
+            text = (
+                f"in {'(' if self.lo_open else '['}{_bound(self.lo)}, {_bound(self.hi)}"
+                f"{')' if self.hi_open else ']'}"
+            )
         if self.at_most:
             text += ", ≤ " + ", ".join(f"`{k}`" for k in self.at_most)
         if self.length is not None:
@@ -118,8 +133,9 @@ class Range:
             return
         if self.length is not None:
             if not isinstance(value, list) or not self.length[0] <= len(value) <= self.length[1]:
-                raise ConfigError(f"{key!r} must be a {self.describe().replace('`', '')}, got "
-                                  f"{show(value)}")
+                raise ConfigError(
+                    f"{key!r} must be a {self.describe().replace('`', '')}, got {show(value)}"
+                )
             for i, item in enumerate(value):
                 self._check_number(f"{key}[{i}]", item, mapping)
             if self.nondecreasing and any(a > b for a, b in itertools.pairwise(value)):
@@ -129,7 +145,8 @@ class Range:
 
     def _check_number(self, key: str, value: Any, mapping: Mapping[str, Any]) -> None:
         ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and math.isfinite(value))
+            isinstance(value, float) and math.isfinite(value)
+        )
         if ok and self.lo is not None:
             ok = value > self.lo if self.lo_open else value >= self.lo
         if ok and self.hi is not None:
@@ -153,13 +170,15 @@ class Choice:
     choices: tuple[Any, ...]
 
     def describe(self) -> str:
-        return "one of " + ", ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`"
-                                     for c in self.choices)
+        return "one of " + ", ".join(
+            f"`{str(c).lower() if isinstance(c, bool) else c}`" for c in self.choices
+        )
 
     def check(self, key: str, value: Any, mapping: Mapping[str, Any]) -> None:
         if not any(type(value) is type(c) and value == c for c in self.choices):
-            raise ConfigError(f"{key!r} must be {self.describe().replace('`', '')}, got "
-                              f"{show(value)}")
+            raise ConfigError(
+                f"{key!r} must be {self.describe().replace('`', '')}, got {show(value)}"
+            )
 
 
 Constraint = Range | Choice

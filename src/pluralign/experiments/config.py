@@ -48,8 +48,17 @@ from pluralign.experiments.base import (
 
 __all__ = ["TOP_LEVEL_KEYS", "load_config", "resolve_config", "spec_table"]
 
-TOP_LEVEL_KEYS = ("experiment", "seed", "repeats", "env", "n_samples", "methods", "options",
-                  "quick", "sweep")
+TOP_LEVEL_KEYS = (
+    "experiment",
+    "seed",
+    "repeats",
+    "env",
+    "n_samples",
+    "methods",
+    "options",
+    "quick",
+    "sweep",
+)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -109,12 +118,20 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     """
 
     def refuse() -> ConfigError:
-        kind = ("true or false" if isinstance(default, bool)
-                else "a whole number" if isinstance(default, int)
-                else "a finite number" if isinstance(default, float)
-                else "a non-empty list" if isinstance(default, list) else "a string")
-        return ConfigError(f"{key!r} must be {kind} like the default {show(default)}, got "
-                           f"{show(value)}")
+        kind = (
+            "true or false"
+            if isinstance(default, bool)
+            else "a whole number"
+            if isinstance(default, int)
+            else "a finite number"
+            if isinstance(default, float)
+            else "a non-empty list"
+            if isinstance(default, list)
+            else "a string"
+        )
+        return ConfigError(
+            f"{key!r} must be {kind} like the default {show(default)}, got {show(value)}"
+        )
 
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -143,8 +160,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _resolve_mapping(section: str, given: Mapping[Any, Any], defaults: Mapping[str, Any],
-                     spec: Mapping[str, Constraint]) -> dict[str, Any]:
+def _resolve_mapping(
+    section: str,
+    given: Mapping[Any, Any],
+    defaults: Mapping[str, Any],
+    spec: Mapping[str, Constraint],
+) -> dict[str, Any]:
     """``given`` with defaults filled in, each value converted and checked against ``spec``."""
     out = {}
     for key, default in defaults.items():
@@ -169,9 +190,10 @@ def spec_table(experiment: Any) -> str:
     """The Markdown table of an experiment's keys, defaults and allowed values (generated from
     its ``env_spec`` / ``option_spec``; docs/experiments.md holds a copy, checked by a test)."""
     lines = [f"| `{experiment.name}` key | default | allowed |", "| --- | --- | --- |"]
-    for section, defaults, spec in (("env", experiment.env_defaults, experiment.env_spec),
-                                    ("options", experiment.option_defaults,
-                                     experiment.option_spec)):
+    for section, defaults, spec in (
+        ("env", experiment.env_defaults, experiment.env_spec),
+        ("options", experiment.option_defaults, experiment.option_spec),
+    ):
         for key, default in defaults.items():
             text = json.dumps(default)
             allowed = spec[key].describe() if key in spec else "anything"
@@ -188,8 +210,10 @@ def _expand_sweep(envs: list[dict[str, Any]], sweep: Any, valid: Any) -> list[di
     for grid in grids:
         size += math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
     if len(envs) * size > MAX_SETTINGS:
-        raise ConfigError(f"the sweep expands to {len(envs) * size:_} env settings; at most "
-                          f"{MAX_SETTINGS:_} are allowed")
+        raise ConfigError(
+            f"the sweep expands to {len(envs) * size:_} env settings; at most "
+            f"{MAX_SETTINGS:_} are allowed"
+        )
     out = []
     for env in envs:
         for grid in grids:
@@ -230,8 +254,11 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
         raise ConfigError("'quick' must be a mapping of overrides")
     for key in overrides:  # checked with or without --quick: a typo fails early
         if key not in TOP_LEVEL_KEYS or key in ("quick", "experiment"):
-            raise _unknown("quick override", key,
-                           [k for k in TOP_LEVEL_KEYS if k not in ("quick", "experiment")])
+            raise _unknown(
+                "quick override",
+                key,
+                [k for k in TOP_LEVEL_KEYS if k not in ("quick", "experiment")],
+            )
     if quick:
         config.update(overrides)
 
@@ -245,8 +272,9 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     if not isinstance(envs, list) or not envs or not all(isinstance(e, dict) for e in envs):
         raise ConfigError("'env' must be a mapping, or a non-empty list of mappings")
     if len(envs) > MAX_SETTINGS:
-        raise ConfigError(f"'env' lists {len(envs):_} settings; at most {MAX_SETTINGS:_} are "
-                          "allowed")
+        raise ConfigError(
+            f"'env' lists {len(envs):_} settings; at most {MAX_SETTINGS:_} are allowed"
+        )
     if config.get("sweep") is not None:
         envs = _expand_sweep(envs, config["sweep"], experiment.env_defaults)
     resolved_envs = []
@@ -266,8 +294,10 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     for index, env in enumerate(resolved_envs):
         setting = experiment.describe_setting(env)
         if setting in first:
-            raise ConfigError(f"env settings {first[setting]} and {index} are the same (or "
-                              f"differ only in parameters the setting name omits): {setting!r}")
+            raise ConfigError(
+                f"env settings {first[setting]} and {index} are the same (or "
+                f"differ only in parameters the setting name omits): {setting!r}"
+            )
         first[setting] = index
 
     n_samples = config.get("n_samples", list(experiment.default_n_samples))
@@ -292,8 +322,9 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     for key in options:
         if key not in experiment.option_defaults:
             raise _unknown("option", key, experiment.option_defaults)
-    options = _resolve_mapping("options", options, experiment.option_defaults,
-                               experiment.option_spec)
+    options = _resolve_mapping(
+        "options", options, experiment.option_defaults, experiment.option_spec
+    )
 
     resolved_config = {
         "experiment": name,

@@ -152,8 +152,10 @@ def _check_config(config: dict[str, Any]) -> None:
             f"reported), got {n_samples}"
         )
     if n_samples[0] * m > MAX_SAMPLES:
-        raise ConfigError(f"gshf draws T·batch_size = {n_samples[0]}·{m} offline comparisons; "
-                          f"at most {MAX_SAMPLES:.0e} are allowed")
+        raise ConfigError(
+            f"gshf draws T·batch_size = {n_samples[0]}·{m} offline comparisons; "
+            f"at most {MAX_SAMPLES:.0e} are allowed"
+        )
     for index, env in enumerate(config["env"]):
         share, dim = env["uncovered_reward"], env["uncovered_dim"]
         if share is not None and ((share > 0 and dim == 0) or (share < 1 and dim == env["d"])):
@@ -192,8 +194,12 @@ def _eval(ctx: UnitContext) -> dict[str, Any]:
     def build() -> dict[str, Any]:
         env = _env(ctx)
         states = env.sample_states(ctx.env_params["n_eval"], ctx.seed(3))
-        return {"states": states, "ref": env.reference_probs(states),
-                "opt": env.optimal_probs(states), "reward": env.true_reward(states)}
+        return {
+            "states": states,
+            "ref": env.reference_probs(states),
+            "opt": env.optimal_probs(states),
+            "reward": env.true_reward(states),
+        }
 
     return ctx.cached("eval", build)
 
@@ -201,9 +207,12 @@ def _eval(ctx: UnitContext) -> dict[str, Any]:
 def _metrics(ctx: UnitContext, probs: np.ndarray) -> dict[str, float]:
     env, ev = _env(ctx), _eval(ctx)
     gap = env.gap(probs, ev["states"])
-    return {"gap": gap, "kl": env.kl(probs, ev["states"]),
-            "reward": float(np.mean(np.sum(probs * ev["reward"], axis=1))),
-            "reached_target": float(gap <= ctx.options["target_gap"])}
+    return {
+        "gap": gap,
+        "kl": env.kl(probs, ev["states"]),
+        "reward": float(np.mean(np.sum(probs * ev["reward"], axis=1))),
+        "reached_target": float(gap <= ctx.options["target_gap"]),
+    }
 
 
 def _offline_fits(ctx: UnitContext) -> list[tuple[Linear, ConfidenceSet] | None]:
@@ -236,9 +245,14 @@ def _offline_curve(ctx: UnitContext, option: str | None) -> list[dict[str, float
         elif option is None:
             probs = gibbs_probs(fit[0].reward(None, ev["states"].phi), ev["ref"], env.eta)
         else:
-            policy = PessimisticGibbs(fit[0], fit[1], env.eta, reference=ev["ref"],
-                                      pointwise=option == "option2",
-                                      tol=ctx.options["opt_tol"])
+            policy = PessimisticGibbs(
+                fit[0],
+                fit[1],
+                env.eta,
+                reference=ev["ref"],
+                pointwise=option == "option2",
+                tol=ctx.options["opt_tol"],
+            )
             probs = policy.probs(ev["states"])
             if option == "option1":
                 extra["duality_gap"] = policy.duality_gap_
@@ -261,8 +275,9 @@ def offline_option2(ctx: UnitContext) -> list[dict[str, float]]:
     return _offline_curve(ctx, "option2")
 
 
-def _online_curve(ctx: UnitContext, exploration: str, *, hybrid: bool = False
-                  ) -> list[dict[str, float]]:
+def _online_curve(
+    ctx: UnitContext, exploration: str, *, hybrid: bool = False
+) -> list[dict[str, float]]:
     opts = ctx.options
     explorer: Exploration
     if exploration == "enhancer":
@@ -273,25 +288,39 @@ def _online_curve(ctx: UnitContext, exploration: str, *, hybrid: bool = False
         explorer = BestWorst(opts["n_candidates"])
     else:
         explorer = make_exploration(exploration)
-    loop = OnlineGSHF(explorer, batch_size=opts["batch_size"], n_rounds=_rounds(ctx),
-                      ridge=opts["ridge"], beta=opts["beta"], delta=opts["delta"],
-                      distinct_pairs=opts["distinct_pairs"], seed=ctx.seed(2))
+    loop = OnlineGSHF(
+        explorer,
+        batch_size=opts["batch_size"],
+        n_rounds=_rounds(ctx),
+        ridge=opts["ridge"],
+        beta=opts["beta"],
+        delta=opts["delta"],
+        distinct_pairs=opts["distinct_pairs"],
+        seed=ctx.seed(2),
+    )
     offline = _offline(ctx).subset(slice(0, opts["hybrid_offline"])) if hybrid else None
     env, ev = _env(ctx), _eval(ctx)
     loop.fit(env, offline=offline, eval_states=ev["states"])
     points, seconds = [], 0.0
     for record in loop.history_:
         seconds += record["seconds"]
-        point = {"n": record["round"], "gap": record["gap"], "kl": record["kl"],
-                 "reward": record["reward"], "comparisons": record["total_comparisons"],
-                 "reached_target": float(record["gap"] <= opts["target_gap"]),
-                 "fit_seconds": seconds}
+        point = {
+            "n": record["round"],
+            "gap": record["gap"],
+            "kl": record["kl"],
+            "reward": record["reward"],
+            "comparisons": record["total_comparisons"],
+            "reached_target": float(record["gap"] <= opts["target_gap"]),
+            "fit_seconds": seconds,
+        }
         if record["round"] > 0:
             point["uncertainty"] = record.get("uncertainty", 0.0)
             point["pair_uncertainty"] = record["pair_uncertainty"]
             point["identical_pairs"] = record["identical_pairs"]
-            for key, name in (("identical_pairs_expected", "identical_pairs_expected"),
-                              ("explore_certified_gap", "certified_gap")):
+            for key, name in (
+                ("identical_pairs_expected", "identical_pairs_expected"),
+                ("explore_certified_gap", "certified_gap"),
+            ):
                 if key in record:
                     point[name] = record[key]
         points.append(point)
@@ -352,9 +381,19 @@ GSHF = Experiment(
         "hybrid_enhancer": hybrid_enhancer,
     },
     default_n_samples=(10,),
-    metrics=("gap", "kl", "reward", "comparisons", "reached_target", "duality_gap",
-             "uncertainty", "pair_uncertainty", "identical_pairs", "identical_pairs_expected",
-             "certified_gap"),
+    metrics=(
+        "gap",
+        "kl",
+        "reward",
+        "comparisons",
+        "reached_target",
+        "duality_gap",
+        "uncertainty",
+        "pair_uncertainty",
+        "identical_pairs",
+        "identical_pairs_expected",
+        "certified_gap",
+    ),
     plot_metric="gap",
     describe_setting=describe_setting,
     x_label="round t (m comparisons per round)",
@@ -376,7 +415,8 @@ def _curves(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[
         if isinstance(gap, bool) or not isinstance(gap, int | float):
             continue  # a row without a gap (an edited file) gives no point of the curve
         out.setdefault((row["setting"], row["method"]), {}).setdefault(row["repeat"], {})[
-            row["n"]] = gap
+            row["n"]
+        ] = gap
     return out
 
 
@@ -405,8 +445,7 @@ def _paired(curves: dict, setting: str, a: str, b: str, t: int) -> tuple[float, 
     return mean, se, sum(d < 0 for d in diff), len(diff)
 
 
-def _first_rounds(curves: dict, setting: str, method: str, target: float, T: int
-                  ) -> dict[int, int]:
+def _first_rounds(curves: dict, setting: str, method: str, target: float, T: int) -> dict[int, int]:
     out = {}
     for r, curve in curves[(setting, method)].items():
         first = rounds_to_target(curve, target)
@@ -414,8 +453,7 @@ def _first_rounds(curves: dict, setting: str, method: str, target: float, T: int
     return out
 
 
-def check_gshf_claims(rows: list[dict[str, Any]], config: dict[str, Any]
-                      ) -> list[dict[str, Any]]:
+def check_gshf_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
     """C8–C10 of ``docs/gshf.md`` per setting: ``claim``, ``held`` (True/False, ``None`` when the
     methods needed were not run) and ``detail``. A comparison holds when the paired mean
     difference over repeats is below zero by more than two standard errors.
@@ -444,22 +482,30 @@ def check_gshf_claims(rows: list[dict[str, Any]], config: dict[str, Any]
                 for option in ("offline_option1", "offline_option2"):
                     mean, se, wins, n = _paired(curves, setting, option, "offline_mle", T)
                     held |= mean + 2 * se < 0
-                    parts.append(f"gap({option}) − gap(offline_mle) = {mean:+.4f} ± {se:.4f} "
-                                 f"(lower in {wins}/{n})")
-                record(f"C8 pessimistic Gibbs beats MLE-Gibbs, round {T} {where}", held,
-                       "; ".join(parts))
+                    parts.append(
+                        f"gap({option}) − gap(offline_mle) = {mean:+.4f} ± {se:.4f} "
+                        f"(lower in {wins}/{n})"
+                    )
+                record(
+                    f"C8 pessimistic Gibbs beats MLE-Gibbs, round {T} {where}",
+                    held,
+                    "; ".join(parts),
+                )
         if not {"online_enhancer", "online_symmetric", "online_uniform"} <= have:
-            record(f"C9 {where}", None,
-                   "needs online_enhancer, online_symmetric, online_uniform")
+            record(f"C9 {where}", None, "needs online_enhancer, online_symmetric, online_uniform")
         else:
             parts, held = [], True
             for other in ("online_symmetric", "online_uniform"):
                 mean, se, wins, n = _paired(curves, setting, "online_enhancer", other, T)
                 held &= mean + 2 * se < 0
-                parts.append(f"gap(enhancer) − gap({other}) = {mean:+.4f} ± {se:.4f} "
-                             f"(lower in {wins}/{n})")
-            record(f"C9 enhancer beats symmetric and uniform, round {T} {where}", held,
-                   "; ".join(parts))
+                parts.append(
+                    f"gap(enhancer) − gap({other}) = {mean:+.4f} ± {se:.4f} (lower in {wins}/{n})"
+                )
+            record(
+                f"C9 enhancer beats symmetric and uniform, round {T} {where}",
+                held,
+                "; ".join(parts),
+            )
         if not {"hybrid_enhancer", "online_enhancer"} <= have:
             record(f"C10 {where}", None, "needs hybrid_enhancer and online_enhancer")
         else:
@@ -467,11 +513,13 @@ def check_gshf_claims(rows: list[dict[str, Any]], config: dict[str, Any]
             online = _first_rounds(curves, setting, "online_enhancer", target, T)
             diff = [hybrid[r] - online[r] for r in hybrid if r in online]
             mean, se = _mean_se(diff)
-            record(f"C10 hybrid reaches gap ≤ {target} in fewer rounds {where}",
-                   bool(mean + 2 * se < 0),
-                   f"first round: hybrid {np.mean(list(hybrid.values())):.2f}, online "
-                   f"{np.mean(list(online.values())):.2f}; paired difference {mean:+.2f} ± "
-                   f"{se:.2f} (hybrid fewer in {sum(d < 0 for d in diff)}/{len(diff)})")
+            record(
+                f"C10 hybrid reaches gap ≤ {target} in fewer rounds {where}",
+                bool(mean + 2 * se < 0),
+                f"first round: hybrid {np.mean(list(hybrid.values())):.2f}, online "
+                f"{np.mean(list(online.values())):.2f}; paired difference {mean:+.2f} ± "
+                f"{se:.2f} (hybrid fewer in {sum(d < 0 for d in diff)}/{len(diff)})",
+            )
     return out
 
 
@@ -490,39 +538,50 @@ def report(out: str | Path) -> str:
     curves = _curves(rows)
     T = config["n_samples"][0]
     target = config["options"]["target_gap"]
-    lines = [f"gshf report for {out} (T={T} rounds, m={config['options']['batch_size']}, "
-             f"repeats={config['repeats']})"]
+    lines = [
+        f"gshf report for {out} (T={T} rounds, m={config['options']['batch_size']}, "
+        f"repeats={config['repeats']})"
+    ]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         lines.append(f"\n[{setting}]")
         have = {m for (s, m) in curves if s == setting}
         for t in sorted({1, T // 4, T // 2, T} - {0}):
             cells = []
             for method in [m for m in config["methods"] if m in have]:
-                mean, se = _mean_se([c[t] for c in curves[(setting, method)].values()
-                                     if t in c])
+                mean, se = _mean_se([c[t] for c in curves[(setting, method)].values() if t in c])
                 cells.append(f"{method}={mean:.4f}±{se:.4f}")
             lines.append(f"  round {t:>3}: " + "  ".join(cells))
-        pairs = [("offline_option1", "offline_mle"), ("offline_option2", "offline_mle"),
-                 ("online_enhancer", "online_symmetric"), ("online_enhancer", "online_uniform"),
-                 ("online_enhancer", "offline_mle")]
+        pairs = [
+            ("offline_option1", "offline_mle"),
+            ("offline_option2", "offline_mle"),
+            ("online_enhancer", "online_symmetric"),
+            ("online_enhancer", "online_uniform"),
+            ("online_enhancer", "offline_mle"),
+        ]
         for a, b in pairs:
             if a in have and b in have:
                 mean, se, wins, n = _paired(curves, setting, a, b, T)
-                lines.append(f"  gap({a}) − gap({b}) at round {T}: {mean:+.4f} ± {se:.4f} "
-                             f"({a} lower in {wins}/{n} repeats)")
+                lines.append(
+                    f"  gap({a}) − gap({b}) at round {T}: {mean:+.4f} ± {se:.4f} "
+                    f"({a} lower in {wins}/{n} repeats)"
+                )
         hits: dict[str, dict[int, int]] = {}
         for method in ("hybrid_enhancer", "online_enhancer"):
             if method in have:
                 hits[method] = _first_rounds(curves, setting, method, target, T)
                 reached = [h for h in hits[method].values() if h <= T]
                 mean, se = _mean_se(list(hits[method].values()))
-                lines.append(f"  {method}: first round with gap ≤ {target}: mean {mean:.2f} ± "
-                             f"{se:.2f} (reached in {len(reached)}/{len(hits[method])} repeats)")
+                lines.append(
+                    f"  {method}: first round with gap ≤ {target}: mean {mean:.2f} ± "
+                    f"{se:.2f} (reached in {len(reached)}/{len(hits[method])} repeats)"
+                )
         if len(hits) == 2:
             hybrid, online = hits["hybrid_enhancer"], hits["online_enhancer"]
             diff = [hybrid[r] - online[r] for r in hybrid if r in online]
             mean, se = _mean_se(diff)
-            lines.append(f"  rounds(hybrid) − rounds(online), paired: {mean:+.2f} ± {se:.2f} "
-                         f"(hybrid fewer in {sum(d < 0 for d in diff)}/{len(diff)}, "
-                         f"equal in {sum(d == 0 for d in diff)})")
+            lines.append(
+                f"  rounds(hybrid) − rounds(online), paired: {mean:+.2f} ± {se:.2f} "
+                f"(hybrid fewer in {sum(d < 0 for d in diff)}/{len(diff)}, "
+                f"equal in {sum(d == 0 for d in diff)})"
+            )
     return "\n".join(lines)

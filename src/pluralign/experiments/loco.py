@@ -151,7 +151,8 @@ def _check_config(config: dict[str, Any]) -> None:
         if env["coverage"] == "subspace" and env["rank"] + env["support_extra"] >= env["d_phi"]:
             raise ConfigError(
                 f"setting {index}: coverage 'subspace' needs 'rank' + 'support_extra' < 'd_phi' "
-                f"(S⊥ not empty), got {env['rank']} + {env['support_extra']} ≥ {env['d_phi']}")
+                f"(S⊥ not empty), got {env['rank']} + {env['support_extra']} ≥ {env['d_phi']}"
+            )
 
 
 def _env(ctx: UnitContext) -> LowRankContextual:
@@ -187,7 +188,7 @@ def _evaluate(ctx: UnitContext, model: RewardModel, policy: Policy) -> dict[str,
     if theta is not None and getattr(theta, "shape", None) == env.theta_star.shape:
         metrics["estimation_error"] = env.estimation_error(theta)
     if env.coverage == "subspace":
-        metrics["uncovered_share"] = float(np.mean(np.sum(probs[:, env.n_actions:], axis=1)))
+        metrics["uncovered_share"] = float(np.mean(np.sum(probs[:, env.n_actions :], axis=1)))
     return metrics
 
 
@@ -253,31 +254,39 @@ def _confidence(ctx: UnitContext, name: str, model: LinearInParameters) -> Confi
     return ctx.cached(f"{name}_confidence", build)
 
 
-def coverage(model: LinearInParameters, confidence: ConfidenceSet, targets, probs: np.ndarray,
-             reference: Any = "uniform") -> float:
+def coverage(
+    model: LinearInParameters,
+    confidence: ConfidenceSet,
+    targets,
+    probs: np.ndarray,
+    reference: Any = "uniform",
+) -> float:
     """``‖w(π)‖_{M⁻¹}``, ``w(π) = (1/m) Σ_j (Σ_a π(a|j) z(j,a) − Σ_a π_ref(a|j) z(j,a))``.
 
     ``z`` is linear in ``φ`` for fixed ``x``, so ``(1/m) Σ_j z(x_j, φ̄_j)`` with ``φ̄_j`` the
     policy's mean candidate is the mean feature (``model.mean_features``).
     """
     ref = reference_probs(reference, targets)
-    w = (model.mean_features(targets.x, np.einsum("ja,jad->jd", probs, targets.phi))
-         - model.mean_features(targets.x, np.einsum("ja,jad->jd", ref, targets.phi)))
+    w = model.mean_features(
+        targets.x, np.einsum("ja,jad->jd", probs, targets.phi)
+    ) - model.mean_features(targets.x, np.einsum("ja,jad->jd", ref, targets.phi))
     return float(confidence.norm(w))
 
 
-def _coverage(ctx: UnitContext, name: str, model: LinearInParameters,
-              greedy_model: RewardModel) -> dict[str, float]:
+def _coverage(
+    ctx: UnitContext, name: str, model: LinearInParameters, greedy_model: RewardModel
+) -> dict[str, float]:
     """``coverage_opt_<name>`` and ``coverage_greedy_<name>`` (see the module docstring)."""
     env = _env(ctx)
     _, _, targets = _draws(ctx)
     cs = _confidence(ctx, "rtv" if name == "prs" else "bilinear", model)
-    optimal = one_hot(np.argmax(env.true_reward(targets.x, targets.phi), axis=1),
-                      targets.n_actions)
+    optimal = one_hot(np.argmax(env.true_reward(targets.x, targets.phi), axis=1), targets.n_actions)
     greedy = Greedy(greedy_model).probs(targets)
     ref = _reference(ctx)
-    return {f"coverage_opt_{name}": coverage(model, cs, targets, optimal, ref),
-            f"coverage_greedy_{name}": coverage(model, cs, targets, greedy, ref)}
+    return {
+        f"coverage_opt_{name}": coverage(model, cs, targets, optimal, ref),
+        f"coverage_greedy_{name}": coverage(model, cs, targets, greedy, ref),
+    }
 
 
 def _reference(ctx: UnitContext) -> Any:
@@ -296,12 +305,22 @@ def _greedy(ctx: UnitContext, model: RewardModel) -> dict[str, float]:
     return _evaluate(ctx, model, Greedy(model))
 
 
-def _pessimistic(ctx: UnitContext, name: str, model: LinearInParameters, *,
-                 pointwise: bool = False, report_model: RewardModel | None = None
-                 ) -> dict[str, float]:
-    policy = Pessimistic(model, _confidence(ctx, name, model), pointwise=pointwise,
-                         reference=_reference(ctx),
-                         tol=ctx.options["fw_tol"], max_iter=ctx.options["fw_max_iter"])
+def _pessimistic(
+    ctx: UnitContext,
+    name: str,
+    model: LinearInParameters,
+    *,
+    pointwise: bool = False,
+    report_model: RewardModel | None = None,
+) -> dict[str, float]:
+    policy = Pessimistic(
+        model,
+        _confidence(ctx, name, model),
+        pointwise=pointwise,
+        reference=_reference(ctx),
+        tol=ctx.options["fw_tol"],
+        max_iter=ctx.options["fw_max_iter"],
+    )
     metrics = _evaluate(ctx, report_model or model, policy)
     metrics["duality_gap"] = policy.duality_gap_
     return metrics
@@ -355,8 +374,10 @@ def describe_setting(env: dict[str, Any]) -> str:
         f"{behavior} shift={env['shift']}"
     )
     if env.get("coverage", "full") == "subspace":
-        text += (f" subspace(dimS={env['rank'] + env['support_extra']} "
-                 f"+{env['n_uncovered']}x{env['uncovered_scale']} leak={env['offline_leak']})")
+        text += (
+            f" subspace(dimS={env['rank'] + env['support_extra']} "
+            f"+{env['n_uncovered']}x{env['uncovered_scale']} leak={env['offline_leak']})"
+        )
     return text
 
 
@@ -374,9 +395,17 @@ LOCO = Experiment(
         "linear_greedy": linear_greedy,
     },
     default_n_samples=(500, 1000, 2000, 5000),
-    metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap",
-             "coverage_opt_prs", "coverage_greedy_prs", "coverage_opt_full",
-             "coverage_greedy_full", "uncovered_share"),
+    metrics=(
+        "suboptimality",
+        "estimation_error",
+        "heldout_loglik",
+        "duality_gap",
+        "coverage_opt_prs",
+        "coverage_greedy_prs",
+        "coverage_opt_full",
+        "coverage_greedy_full",
+        "uncovered_share",
+    ),
     # the terminal table keeps the headline metrics; coverage is in summary.csv and
     # `pluralign report --markdown coverage_opt_prs` (a wider table would be cut at 80 columns)
     table_metrics=("suboptimality", "estimation_error", "heldout_loglik", "duality_gap"),

@@ -39,10 +39,13 @@ def _table(summary: list[dict[str, Any]], method: str, metric: str) -> dict[str,
 def check_loco_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per claim: ``claim``, ``held`` (True/False/None if not measurable), ``detail``."""
     summary = summarize(rows, ["suboptimality", "estimation_error"])
-    sub = {m: _table(summary, m, "suboptimality")
-           for m in ("prs", "fullrank_pessimistic", "lowrank_greedy")}
+    sub = {
+        m: _table(summary, m, "suboptimality")
+        for m in ("prs", "fullrank_pessimistic", "lowrank_greedy")
+    }
     err = _table(summary, "lowrank_greedy", "estimation_error") or _table(
-        summary, "prs", "estimation_error")
+        summary, "prs", "estimation_error"
+    )
     claims = []
 
     def record(name: str, held: bool | None, detail: str) -> None:
@@ -79,10 +82,13 @@ def check_loco_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> lis
             ratios = vals[1:] / (c / np.sqrt(ns[1:]))
             worst = int(np.argmax(ratios))
             ok &= bool(np.all(ratios <= 1.0))
-            parts.append(f"{setting}: slope {slope:.3f}, c = {c:.4g} (N={int(ns[0])}), "
-                         f"max subopt/(c/√N) = {ratios[worst]:.3f} at N={int(ns[1:][worst])}")
-        record("C3 PRS sub-optimality under c/√N (c fitted at the smallest N)", ok,
-               "; ".join(parts))
+            parts.append(
+                f"{setting}: slope {slope:.3f}, c = {c:.4g} (N={int(ns[0])}), "
+                f"max subopt/(c/√N) = {ratios[worst]:.3f} at N={int(ns[1:][worst])}"
+            )
+        record(
+            "C3 PRS sub-optimality under c/√N (c fitted at the smallest N)", ok, "; ".join(parts)
+        )
 
     envs = {_describe(config, e): (e["d_x"] + e["d_phi"]) * e["rank"] for e in config["env"]}
     if err and len(envs) > 1:
@@ -92,8 +98,12 @@ def check_loco_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> lis
         for n in sorted(common):
             values = [err[s][n] for s in order]
             ok &= all(a < b for a, b in itertools.pairwise(values))
-            parts.append(f"N={n}: " + " < ".join(f"{v:.3g} [(d_x+d_phi)r={envs[s]}]"
-                                                 for v, s in zip(values, order, strict=True)))
+            parts.append(
+                f"N={n}: "
+                + " < ".join(
+                    f"{v:.3g} [(d_x+d_phi)r={envs[s]}]" for v, s in zip(values, order, strict=True)
+                )
+            )
         record("C4 low-rank error grows with (d_x+d_phi)·r", ok, "; ".join(parts))
     else:
         record("C4 low-rank error grows with (d_x+d_phi)·r", None, "needs ≥ 2 settings")

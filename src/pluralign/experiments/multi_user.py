@@ -121,23 +121,35 @@ def _check_config(config: dict[str, Any]) -> None:
     rank, n_max = config["options"]["rank"], max(config["n_samples"])
     for index, env in enumerate(config["env"]):
         if rank > env["d_phi"]:
-            raise ConfigError(f"'options.rank' must be ≤ 'env.d_phi' = {env['d_phi']} of every "
-                              f"setting (0: the true k), got {rank}")
-        drawn = (env["n_users"] * (n_max + env["n_heldout"])
-                 + env["n_new_users"] * (max(ADAPT_SIZES) + env["n_heldout"]))
+            raise ConfigError(
+                f"'options.rank' must be ≤ 'env.d_phi' = {env['d_phi']} of every "
+                f"setting (0: the true k), got {rank}"
+            )
+        drawn = env["n_users"] * (n_max + env["n_heldout"]) + env["n_new_users"] * (
+            max(ADAPT_SIZES) + env["n_heldout"]
+        )
         if drawn > MAX_SAMPLES:
-            raise ConfigError(f"setting {index} draws {drawn:_} comparisons per unit (n_users · "
-                              f"(n + n_heldout) + n_new_users · ({max(ADAPT_SIZES)} + n_heldout)"
-                              f"); at most {MAX_SAMPLES:_} are allowed")
+            raise ConfigError(
+                f"setting {index} draws {drawn:_} comparisons per unit (n_users · "
+                f"(n + n_heldout) + n_new_users · ({max(ADAPT_SIZES)} + n_heldout)"
+                f"); at most {MAX_SAMPLES:_} are allowed"
+            )
 
 
 # ---------------------------------------------------------------------------- draws
 def _env(ctx: UnitContext) -> MultiUser:
     if "env" not in ctx.objects:
         p = ctx.env_params
-        ctx.objects["env"] = MultiUser(p["n_users"], p["d_phi"], p["k"], p["diversity"], 1,
-                                       p["n_actions"], seed=ctx.seed(0),
-                                       shared_scale=p["shared_scale"])
+        ctx.objects["env"] = MultiUser(
+            p["n_users"],
+            p["d_phi"],
+            p["k"],
+            p["diversity"],
+            1,
+            p["n_actions"],
+            seed=ctx.seed(0),
+            shared_scale=p["shared_scale"],
+        )
     return ctx.objects["env"]
 
 
@@ -166,20 +178,29 @@ def _draws(ctx: UnitContext) -> dict[str, Any]:
     env, p = _env(ctx), ctx.env_params
     n_max = max(ctx.config["n_samples"])
     count_seed = ctx.seed(7)
-    full = env.sample_offline(ctx.seed(1), user_counts(n_max, env.n_users, p["imbalance"],
-                                                       count_seed))
+    full = env.sample_offline(
+        ctx.seed(1), user_counts(n_max, env.n_users, p["imbalance"], count_seed)
+    )
     train = _nested(full, user_counts(ctx.unit.n, env.n_users, p["imbalance"], count_seed))
     heldout = env.sample_offline(ctx.seed(2), p["n_heldout"])
     targets = env.sample_targets(p["n_targets"], ctx.seed(3))
     w_new, thetas_new = env.new_users(p["n_new_users"], ctx.seed(4))
     new_ids = env.n_users + np.arange(p["n_new_users"])
-    new_adapt = env.sample_comparisons(thetas_new, [max(ADAPT_SIZES)] * len(new_ids),
-                                       ctx.seed(5), new_ids)
-    new_heldout = env.sample_comparisons(thetas_new, [p["n_heldout"]] * len(new_ids),
-                                         ctx.seed(6), new_ids)
-    ctx.objects["draws"] = {"train": train, "heldout": heldout, "targets": targets,
-                            "w_new": w_new, "thetas_new": thetas_new, "new_adapt": new_adapt,
-                            "new_heldout": new_heldout}
+    new_adapt = env.sample_comparisons(
+        thetas_new, [max(ADAPT_SIZES)] * len(new_ids), ctx.seed(5), new_ids
+    )
+    new_heldout = env.sample_comparisons(
+        thetas_new, [p["n_heldout"]] * len(new_ids), ctx.seed(6), new_ids
+    )
+    ctx.objects["draws"] = {
+        "train": train,
+        "heldout": heldout,
+        "targets": targets,
+        "w_new": w_new,
+        "thetas_new": thetas_new,
+        "new_adapt": new_adapt,
+        "new_heldout": new_heldout,
+    }
     return ctx.objects["draws"]
 
 
@@ -194,8 +215,9 @@ def _l2(ctx: UnitContext) -> float:
 # ---------------------------------------------------------------------------- models
 def _shared_basis(ctx: UnitContext) -> SharedBasis:
     train = _draws(ctx)["train"]
-    return ctx.cached("shared_basis", lambda: SharedBasis(_rank(ctx), _l2(ctx),
-                                                          seed=ctx.unit.repeat).fit(train))
+    return ctx.cached(
+        "shared_basis", lambda: SharedBasis(_rank(ctx), _l2(ctx), seed=ctx.unit.repeat).fit(train)
+    )
 
 
 def _per_user(ctx: UnitContext) -> PerUser:
@@ -214,10 +236,10 @@ def _lowrank_onehot(ctx: UnitContext) -> SharedBasis:
 
     def build() -> SharedBasis:
         users, index = np.unique(train.users, return_inverse=True)
-        data = PreferenceData(augmented_one_hot(index, len(users)), train.phi0, train.phi1,
-                              train.y)
-        inner = LowRank(_rank(ctx), _l2(ctx), free_rows=1, init="random",
-                        seed=ctx.unit.repeat).fit(data)
+        data = PreferenceData(augmented_one_hot(index, len(users)), train.phi0, train.phi1, train.y)
+        inner = LowRank(_rank(ctx), _l2(ctx), free_rows=1, init="random", seed=ctx.unit.repeat).fit(
+            data
+        )
         return SharedBasis.from_lowrank(inner, users, data)
 
     return ctx.cached("lowrank_onehot", build)
@@ -225,8 +247,11 @@ def _lowrank_onehot(ctx: UnitContext) -> SharedBasis:
 
 def _truth(ctx: UnitContext) -> PerUser:
     env = _env(ctx)
-    arrays = {"theta0": env.theta0_star, "thetas": env.thetas_star,
-              "user_counts": np.ones(env.n_users, dtype=np.int64)}
+    arrays = {
+        "theta0": env.theta0_star,
+        "thetas": env.thetas_star,
+        "user_counts": np.ones(env.n_users, dtype=np.int64),
+    }
     return ctx.cached("truth", lambda: PerUser.from_arrays(arrays, env.users, n_train=1))
 
 
@@ -258,10 +283,10 @@ def _policy_metrics(ctx: UnitContext, model: MultiUserModel) -> dict[str, float]
     if not opts["policies"]:
         return out
     beta = rate_beta(opts["beta"], opts["delta"])
-    per_user = PerUserPolicies(model, train, beta=beta, delta=opts["delta"],
-                               tol=opts["policy_tol"])
-    out["value_gap_pessimistic"] = float(env.value_gaps(per_user.all_probs(targets, users),
-                                                        targets).mean())
+    per_user = PerUserPolicies(model, train, beta=beta, delta=opts["delta"], tol=opts["policy_tol"])
+    out["value_gap_pessimistic"] = float(
+        env.value_gaps(per_user.all_probs(targets, users), targets).mean()
+    )
     truth = _truth(ctx)
     uniform = np.full((targets.m, targets.n_actions), 1.0 / targets.n_actions)
     base = env.user_values(uniform, targets)
@@ -274,16 +299,18 @@ def _policy_metrics(ctx: UnitContext, model: MultiUserModel) -> dict[str, float]
         return float((env.user_values(lex.probs(targets), targets) - base).min())
 
     util = Utilitarian(model, train, beta=beta, delta=opts["delta"], tol=opts["policy_tol"])
-    out["utilitarian_gap"] = (ctx.cached("best_utilitarian", best_util)
-                              - float(env.user_values(util.probs(targets), targets).mean()))
+    out["utilitarian_gap"] = ctx.cached("best_utilitarian", best_util) - float(
+        env.user_values(util.probs(targets), targets).mean()
+    )
     lex = Leximin(model, train, levels=1, beta=beta, delta=opts["delta"], tol=opts["policy_tol"])
     lex_values = env.user_values(lex.probs(targets), targets) - base
     out["leximin_gap"] = ctx.cached("best_leximin", best_lex) - float(lex_values.min())
     return out
 
 
-def _new_user_metrics(ctx: UnitContext, model: MultiUserModel, true_basis: bool
-                      ) -> dict[str, float]:
+def _new_user_metrics(
+    ctx: UnitContext, model: MultiUserModel, true_basis: bool
+) -> dict[str, float]:
     draws = _draws(ctx)
     adapt, heldout = draws["new_adapt"], draws["new_heldout"]
     out: dict[str, float] = {}
@@ -296,13 +323,17 @@ def _new_user_metrics(ctx: UnitContext, model: MultiUserModel, true_basis: bool
         out[f"newuser_accuracy_{size}"] = float(np.mean(_accuracies(adapted, heldout)))
         if true_basis:
             env = _env(ctx)
-            arrays = {"theta0": env.theta0_star, "thetas": env.thetas_star,
-                      "user_counts": model.user_counts_, "basis": env.B_star,
-                      "weights": env.W_star}
-            oracle = SharedBasis.from_arrays(arrays, env.users, n_train=model.n_train_,
-                                             k=env.k, l2=model.l2).adapt_user(few)
-            out[f"newuser_truebasis_accuracy_{size}"] = float(np.mean(_accuracies(oracle,
-                                                                                 heldout)))
+            arrays = {
+                "theta0": env.theta0_star,
+                "thetas": env.thetas_star,
+                "user_counts": model.user_counts_,
+                "basis": env.B_star,
+                "weights": env.W_star,
+            }
+            oracle = SharedBasis.from_arrays(
+                arrays, env.users, n_train=model.n_train_, k=env.k, l2=model.l2
+            ).adapt_user(few)
+            out[f"newuser_truebasis_accuracy_{size}"] = float(np.mean(_accuracies(oracle, heldout)))
     if true_basis:
         thetas = draws["thetas_new"]
         correct = (heldout.delta_phi * thetas[heldout.users - _env(ctx).n_users]).sum(1) > 0
@@ -310,8 +341,9 @@ def _new_user_metrics(ctx: UnitContext, model: MultiUserModel, true_basis: bool
     return out
 
 
-def _evaluate(ctx: UnitContext, model: MultiUserModel, *, new_users: bool = True,
-              true_basis: bool = False) -> dict[str, float]:
+def _evaluate(
+    ctx: UnitContext, model: MultiUserModel, *, new_users: bool = True, true_basis: bool = False
+) -> dict[str, float]:
     env, draws = _env(ctx), _draws(ctx)
     heldout, train = draws["heldout"], draws["train"]
     acc = _accuracies(model, heldout)
@@ -322,8 +354,9 @@ def _evaluate(ctx: UnitContext, model: MultiUserModel, *, new_users: bool = True
         "oracle_accuracy": _oracle_accuracy(ctx),
         "heldout_loglik": model.log_likelihood(heldout),
         "train_loglik": model.log_likelihood(train),
-        "param_error": float(np.linalg.norm(thetas - env.thetas_star)
-                             / np.linalg.norm(env.thetas_star)),
+        "param_error": float(
+            np.linalg.norm(thetas - env.thetas_star) / np.linalg.norm(env.thetas_star)
+        ),
     }
     basis = _estimated_basis(model, _rank(ctx))
     if basis is not None:
@@ -353,21 +386,24 @@ def lowrank_onehot(ctx: UnitContext) -> dict[str, float]:
     """``shared_basis`` through ``LowRank(k, free_rows=1)`` on hand-built ``[1, e_u]`` contexts."""
     model = _lowrank_onehot(ctx)
     metrics = _evaluate(ctx, model, new_users=False)
-    metrics["shared_basis_loglik_gap"] = (
-        metrics["train_loglik"] - _shared_basis(ctx).log_likelihood(_draws(ctx)["train"]))
+    metrics["shared_basis_loglik_gap"] = metrics["train_loglik"] - _shared_basis(
+        ctx
+    ).log_likelihood(_draws(ctx)["train"])
     return metrics
 
 
 def describe_setting(env: dict[str, Any]) -> str:
     extra = f" imb={env['imbalance']}" if env["imbalance"] > 0 else ""
-    return (f"U={env['n_users']} d={env['d_phi']} k={env['k']} div={env['diversity']}"
-            f"{extra}")
+    return f"U={env['n_users']} d={env['d_phi']} k={env['k']} div={env['diversity']}{extra}"
 
 
 # ---------------------------------------------------------------------------- claims, plots
 def _means(summary: list[dict[str, Any]], metric: str) -> dict[tuple[str, str, int], float]:
-    return {(r["setting"], r["method"], r["n"]): r[f"{metric}_mean"] for r in summary
-            if f"{metric}_mean" in r}
+    return {
+        (r["setting"], r["method"], r["n"]): r[f"{metric}_mean"]
+        for r in summary
+        if f"{metric}_mean" in r
+    }
 
 
 def _groups(config: dict[str, Any]) -> tuple[dict[str, dict], list[str], list[str]]:
@@ -378,8 +414,9 @@ def _groups(config: dict[str, Any]) -> tuple[dict[str, dict], list[str], list[st
         best: list[str] = []
         for env in envs.values():
             fixed = {k: v for k, v in env.items() if k != vary}
-            group = [n for n, e in envs.items()
-                     if {k: v for k, v in e.items() if k != vary} == fixed]
+            group = [
+                n for n, e in envs.items() if {k: v for k, v in e.items() if k != vary} == fixed
+            ]
             if len(group) > len(best):
                 best = sorted(group, key=lambda n: envs[n][vary])
         return best if len(best) > 1 else []
@@ -387,8 +424,9 @@ def _groups(config: dict[str, Any]) -> tuple[dict[str, dict], list[str], list[st
     return envs, sweep("diversity"), sweep("n_users")
 
 
-def check_multi_user_claims(rows: list[dict[str, Any]], config: dict[str, Any]
-                            ) -> list[dict[str, Any]]:
+def check_multi_user_claims(
+    rows: list[dict[str, Any]], config: dict[str, Any]
+) -> list[dict[str, Any]]:
     """C5–C7 on a ``multi_user`` run: ``claim``, ``held`` (True/False/None), ``detail``."""
     from pluralign.experiments.summary import summarize
 
@@ -401,31 +439,47 @@ def check_multi_user_claims(rows: list[dict[str, Any]], config: dict[str, Any]
     def record(name: str, held: bool | None, detail: str) -> None:
         claims.append({"claim": name, "held": held, "detail": detail})
 
-    name = ("C5 shared_basis beats per_user and pooled at small n with diverse users; pooled "
-            "best at zero diversity")
-    if div_sweep and all((s, m, ns[0]) in acc for s in div_sweep
-                         for m in ("shared_basis", "per_user", "pooled")):
+    name = (
+        "C5 shared_basis beats per_user and pooled at small n with diverse users; pooled "
+        "best at zero diversity"
+    )
+    if div_sweep and all(
+        (s, m, ns[0]) in acc for s in div_sweep for m in ("shared_basis", "per_user", "pooled")
+    ):
         n0, parts = ns[0], []
         diverse = [s for s in div_sweep if envs[s]["diversity"] >= 1.0]
         zero = [s for s in div_sweep if envs[s]["diversity"] == 0]
         ok = bool(diverse) and all(
             acc[(s, "shared_basis", n0)] > max(acc[(s, "per_user", n0)], acc[(s, "pooled", n0)])
-            for s in diverse)
+            for s in diverse
+        )
         if zero:
             s = zero[0]
-            ok &= all(acc[(s, "pooled", n)] >= max(acc[(s, "shared_basis", n)],
-                                                   acc[(s, "per_user", n)])
-                      for n in ns if (s, "pooled", n) in acc)
+            ok &= all(
+                acc[(s, "pooled", n)] >= max(acc[(s, "shared_basis", n)], acc[(s, "per_user", n)])
+                for n in ns
+                if (s, "pooled", n) in acc
+            )
         for n in ns:
-            cross = next((envs[s]["diversity"] for s in div_sweep
-                          if (s, "shared_basis", n) in acc
-                          and acc[(s, "shared_basis", n)] > acc[(s, "pooled", n)]), None)
+            cross = next(
+                (
+                    envs[s]["diversity"]
+                    for s in div_sweep
+                    if (s, "shared_basis", n) in acc
+                    and acc[(s, "shared_basis", n)] > acc[(s, "pooled", n)]
+                ),
+                None,
+            )
             cells = ", ".join(
                 f"div={envs[s]['diversity']}: "
                 + "/".join(f"{acc[(s, m, n)]:.3f}" for m in ("shared_basis", "per_user", "pooled"))
-                for s in div_sweep if (s, "pooled", n) in acc)
-            parts.append(f"n={n} [shared/per_user/pooled] {cells}; shared_basis > pooled from "
-                         f"diversity {cross}")
+                for s in div_sweep
+                if (s, "pooled", n) in acc
+            )
+            parts.append(
+                f"n={n} [shared/per_user/pooled] {cells}; shared_basis > pooled from "
+                f"diversity {cross}"
+            )
         record(name, ok, "; ".join(parts))
     else:
         record(name, None, "needs a diversity sweep with shared_basis, per_user and pooled")
@@ -440,40 +494,53 @@ def check_multi_user_claims(rows: list[dict[str, Any]], config: dict[str, Any]
                 continue
             falls = all(a > b for a, b in itertools.pairwise(values))
             ok &= falls
-            parts.append(f"n={n} ({'falls' if falls else 'not monotone'}): " + " > ".join(
-                f"{v:.3f} (U={envs[s]['n_users']})" for v, s in zip(values, user_sweep,
-                                                                      strict=True)))
+            parts.append(
+                f"n={n} ({'falls' if falls else 'not monotone'}): "
+                + " > ".join(
+                    f"{v:.3f} (U={envs[s]['n_users']})"
+                    for v, s in zip(values, user_sweep, strict=True)
+                )
+            )
         record(name, ok, "; ".join(parts) + " (held = strictly decreasing at every n)")
     else:
         record(name, None, "needs an n_users sweep with shared_basis")
 
-    name = ("C7 new users adapted from 10/20/50 comparisons approach the true-basis accuracy")
+    name = "C7 new users adapted from 10/20/50 comparisons approach the true-basis accuracy"
     new = {size: _means(summary, f"newuser_accuracy_{size}") for size in ADAPT_SIZES}
     true = {size: _means(summary, f"newuser_truebasis_accuracy_{size}") for size in ADAPT_SIZES}
     keys = [key for key in new[ADAPT_SIZES[0]] if key[1] == "shared_basis"]
     if keys:
-        mean_gap = {size: np.mean([true[size][key] - new[size][key] for key in keys])
-                    for size in ADAPT_SIZES}
+        mean_gap = {
+            size: np.mean([true[size][key] - new[size][key] for key in keys])
+            for size in ADAPT_SIZES
+        }
         sweep = user_sweep or sorted({key[0] for key in keys})
         largest = (sweep[-1], "shared_basis", ns[-1])
         ok = largest in true[ADAPT_SIZES[0]] and all(
-            true[size][largest] - new[size][largest] < 0.01 for size in ADAPT_SIZES)
+            true[size][largest] - new[size][largest] < 0.01 for size in ADAPT_SIZES
+        )
         detail = "true-basis minus learned-basis accuracy, mean over all settings: " + ", ".join(
-            f"{s} comparisons {mean_gap[s]:+.4f}" for s in ADAPT_SIZES)
+            f"{s} comparisons {mean_gap[s]:+.4f}" for s in ADAPT_SIZES
+        )
         for size in ADAPT_SIZES:
             detail += f"; {size} comparisons, n={ns[-1]}, by U: " + ", ".join(
                 f"U={envs[s]['n_users']} {true[size][(s, 'shared_basis', ns[-1])]:.3f} vs "
                 f"{new[size][(s, 'shared_basis', ns[-1])]:.3f}"
-                for s in sweep if (s, "shared_basis", ns[-1]) in true[size])
-        record(name, ok, detail + f" (held = gap < 0.01 for 10, 20 and 50 comparisons at "
-                                  f"{largest[0]}, n={ns[-1]})")
+                for s in sweep
+                if (s, "shared_basis", ns[-1]) in true[size]
+            )
+        record(
+            name,
+            ok,
+            detail + f" (held = gap < 0.01 for 10, 20 and 50 comparisons at "
+            f"{largest[0]}, n={ns[-1]})",
+        )
     else:
         record(name, None, "needs shared_basis rows with new users")
     return claims
 
 
-def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: Path
-                    ) -> list[Path]:
+def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: Path) -> list[Path]:
     """``accuracy_vs_diversity.png``, ``subspace_vs_users.png``, ``new_user_adaptation.png``
     (the conventions of :mod:`pluralign.experiments.plots`: accuracies on linear axes, a
     distinct marker and line style per method, one legend per figure outside the axes)."""
@@ -500,9 +567,13 @@ def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: 
         written.append(save_figure(fig, out / name))
 
     def series(metric: str, settings: list[str], key: str, method: str, n: int):
-        means = {(r["setting"], r["method"], r["n"]): (r.get(f"{metric}_mean"),
-                                                       r.get(f"{metric}_se", 0.0))
-                 for r in summary}
+        means = {
+            (r["setting"], r["method"], r["n"]): (
+                r.get(f"{metric}_mean"),
+                r.get(f"{metric}_se", 0.0),
+            )
+            for r in summary
+        }
         xs, ys, es = [], [], []
         for s in settings:
             value = means.get((s, method, n))
@@ -515,14 +586,21 @@ def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: 
     if div_sweep:
         # Accuracy on a linear axis; methods dodged along x (lowrank_onehot and shared_basis
         # fit the same model and would otherwise hide each other).
-        fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 4.0), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(
+            1, len(ns), figsize=(4.2 * len(ns), 4.0), squeeze=False, layout="constrained"
+        )
         for ax, n in zip(axes[0], ns, strict=True):
             for index, method in enumerate(methods):
                 xs, ys, es = series("accuracy", div_sweep, "diversity", method, n)
                 if xs:
-                    ax.errorbar(dodge(xs, index, len(methods), log=False), ys, yerr=es,
-                                capsize=2, label=method, **method_style(index))
+                    ax.errorbar(
+                        dodge(xs, index, len(methods), log=False),
+                        ys,
+                        yerr=es,
+                        capsize=2,
+                        label=method,
+                        **method_style(index),
+                    )
             xs, ys, _ = series("oracle_accuracy", div_sweep, "diversity", "pooled", n)
             if xs:
                 ax.plot(xs, ys, "k--", lw=1, label="true θ_u")
@@ -551,8 +629,14 @@ def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: 
                 style.update(linestyle="-" if method == "shared_basis" else ":")
                 if method == "shared_basis":
                     style.update(markerfacecolor=style["color"])
-                ax.errorbar(dodge(xs, j, len(pairs), log=logx), ys, yerr=es, capsize=2,
-                            label=f"{method}, n={n}", **style)
+                ax.errorbar(
+                    dodge(xs, j, len(pairs), log=logx),
+                    ys,
+                    yerr=es,
+                    capsize=2,
+                    label=f"{method}, n={n}",
+                    **style,
+                )
                 drawn.extend(ys)
         if logx:
             ax.set_xscale("log")
@@ -573,31 +657,65 @@ def plot_multi_user(summary: list[dict[str, Any]], config: dict[str, Any], out: 
         shared = methods.index("shared_basis")
         lines = len(methods) + 1
         for s in sweep[-1:]:
-            for label, metric, slot in (("learned basis", "newuser_accuracy_{}", shared),
-                                        ("true basis", "newuser_truebasis_accuracy_{}",
-                                         len(methods))):
-                ys = [next((r.get(f"{metric.format(a)}_mean") for r in summary
-                            if r["setting"] == s and r["method"] == "shared_basis"
-                            and r["n"] == key_n), None) for a in ADAPT_SIZES]
+            for label, metric, slot in (
+                ("learned basis", "newuser_accuracy_{}", shared),
+                ("true basis", "newuser_truebasis_accuracy_{}", len(methods)),
+            ):
+                ys = [
+                    next(
+                        (
+                            r.get(f"{metric.format(a)}_mean")
+                            for r in summary
+                            if r["setting"] == s
+                            and r["method"] == "shared_basis"
+                            and r["n"] == key_n
+                        ),
+                        None,
+                    )
+                    for a in ADAPT_SIZES
+                ]
                 if None not in ys:
                     style = method_style(shared)
-                    if slot != shared:   # shared_basis's colour, its own marker and style
+                    if slot != shared:  # shared_basis's colour, its own marker and style
                         style.update(marker="*", linestyle="--", markersize=7)
-                    ax.plot(dodge(ADAPT_SIZES, slot, lines, log=False), ys,
-                            label=f"shared_basis, {label}", **style)
+                    ax.plot(
+                        dodge(ADAPT_SIZES, slot, lines, log=False),
+                        ys,
+                        label=f"shared_basis, {label}",
+                        **style,
+                    )
             for method in ("per_user", "pooled"):
                 if method not in methods:
                     continue
-                ys = [next((r.get(f"newuser_accuracy_{a}_mean") for r in summary
-                            if r["setting"] == s and r["method"] == method and r["n"] == key_n),
-                           None) for a in ADAPT_SIZES]
+                ys = [
+                    next(
+                        (
+                            r.get(f"newuser_accuracy_{a}_mean")
+                            for r in summary
+                            if r["setting"] == s and r["method"] == method and r["n"] == key_n
+                        ),
+                        None,
+                    )
+                    for a in ADAPT_SIZES
+                ]
                 if None not in ys:
                     index = methods.index(method)
-                    ax.plot(dodge(ADAPT_SIZES, index, lines, log=False), ys, label=method,
-                            **method_style(index))
-            ys = [next((r.get("newuser_oracle_accuracy_mean") for r in summary
-                        if r["setting"] == s and r["method"] == "shared_basis"
-                        and r["n"] == key_n), None)] * len(ADAPT_SIZES)
+                    ax.plot(
+                        dodge(ADAPT_SIZES, index, lines, log=False),
+                        ys,
+                        label=method,
+                        **method_style(index),
+                    )
+            ys = [
+                next(
+                    (
+                        r.get("newuser_oracle_accuracy_mean")
+                        for r in summary
+                        if r["setting"] == s and r["method"] == "shared_basis" and r["n"] == key_n
+                    ),
+                    None,
+                )
+            ] * len(ADAPT_SIZES)
             if None not in ys:
                 ax.plot(ADAPT_SIZES, ys, "k--", lw=1, label="true θ")
             ax.set_title(f"new users, trained on {s}, n={key_n}", fontsize=9)
@@ -622,20 +740,36 @@ MULTI_USER = Experiment(
     },
     default_n_samples=(10, 25, 50, 100),
     metrics=(
-        "accuracy", "worst_user_accuracy", "oracle_accuracy", "param_error", "subspace_distance",
-        "value_gap", "value_gap_pessimistic", "utilitarian_gap", "leximin_gap",
-        "heldout_loglik", "train_loglik",
+        "accuracy",
+        "worst_user_accuracy",
+        "oracle_accuracy",
+        "param_error",
+        "subspace_distance",
+        "value_gap",
+        "value_gap_pessimistic",
+        "utilitarian_gap",
+        "leximin_gap",
+        "heldout_loglik",
+        "train_loglik",
         *(f"newuser_accuracy_{a}" for a in ADAPT_SIZES),
         *(f"newuser_truebasis_accuracy_{a}" for a in ADAPT_SIZES),
-        "newuser_oracle_accuracy", "shared_basis_loglik_gap",
+        "newuser_oracle_accuracy",
+        "shared_basis_loglik_gap",
     ),
     plot_metric="accuracy",
     describe_setting=describe_setting,
     x_label="n (comparisons per user)",
     extra_plots=plot_multi_user,
     claims=check_multi_user_claims,
-    table_metrics=("accuracy", "worst_user_accuracy", "param_error", "subspace_distance",
-                   "value_gap", "value_gap_pessimistic", "newuser_accuracy_20"),
+    table_metrics=(
+        "accuracy",
+        "worst_user_accuracy",
+        "param_error",
+        "subspace_distance",
+        "value_gap",
+        "value_gap_pessimistic",
+        "newuser_accuracy_20",
+    ),
     env_spec=ENV_SPEC,
     option_spec=OPTION_SPEC,
     check_config=_check_config,

@@ -104,13 +104,20 @@ def method_style(index: int) -> dict[str, Any]:
     list: a colour, a hollow marker and a line style, the (marker, line style) pair distinct
     per method (so overlapping lines stay tellable apart also without colour)."""
     color = f"C{index % 10}"
-    return {"color": color, "marker": MARKERS[index % len(MARKERS)],
-            "linestyle": LINESTYLES[index % len(LINESTYLES)], "markersize": 5,
-            "markerfacecolor": "none", "markeredgecolor": color, "markeredgewidth": 1.2}
+    return {
+        "color": color,
+        "marker": MARKERS[index % len(MARKERS)],
+        "linestyle": LINESTYLES[index % len(LINESTYLES)],
+        "markersize": 5,
+        "markerfacecolor": "none",
+        "markeredgecolor": color,
+        "markeredgewidth": 1.2,
+    }
 
 
-def dodge(xs: Sequence[float], index: int, count: int, *, log: bool,
-          width: float = 0.03) -> list[float]:
+def dodge(
+    xs: Sequence[float], index: int, count: int, *, log: bool, width: float = 0.03
+) -> list[float]:
     """``xs`` shifted for the ``index``-th of ``count`` series, the series spread over
     ``width`` (a share of a decade on a log axis, else of the range of ``xs``) around the true
     positions, so equal values of different methods do not draw on top of each other."""
@@ -118,14 +125,20 @@ def dodge(xs: Sequence[float], index: int, count: int, *, log: bool,
         return [float(x) for x in xs]
     share = width * (index - (count - 1) / 2.0) / (count - 1)
     if log:
-        return [float(x) * 10.0 ** share for x in xs]
+        return [float(x) * 10.0**share for x in xs]
     span = (max(xs) - min(xs)) or 1.0
     return [float(x) + share * span for x in xs]
 
 
-def figure_legend(fig: Any, *, loc: str = "outside lower center", ncols: int | None = None,
-                  fontsize: float = 8, title: str | None = None,
-                  order: Sequence[str] = ()) -> Any:
+def figure_legend(
+    fig: Any,
+    *,
+    loc: str = "outside lower center",
+    ncols: int | None = None,
+    fontsize: float = 8,
+    title: str | None = None,
+    order: Sequence[str] = (),
+) -> Any:
     """The figure's one legend, placed outside the axes (``fig`` needs the constrained
     layout for the ``"outside …"`` locations), its entries collected from all axes with
     repeated labels kept once, those named in ``order`` first (matplotlib lists plain lines
@@ -143,9 +156,16 @@ def figure_legend(fig: Any, *, loc: str = "outside lower center", ncols: int | N
         # entry at fontsize 8, long method names included), so no entry is cut off
         across = max(1, int(fig.get_figwidth() // 2.0))
         ncols = min(len(entries), across) if "lower" in loc or "upper center" in loc else 1
-    return fig.legend(list(entries.values()), list(entries), loc=loc, ncols=ncols,
-                      fontsize=fontsize, title=title, title_fontsize=fontsize,
-                      frameon=False)
+    return fig.legend(
+        list(entries.values()),
+        list(entries),
+        loc=loc,
+        ncols=ncols,
+        fontsize=fontsize,
+        title=title,
+        title_fontsize=fontsize,
+        frameon=False,
+    )
 
 
 def _new_figure(figsize: tuple[float, float]) -> Any:
@@ -193,7 +213,8 @@ def metric_figure(
         # Accuracies: linear (bounded, a few points matter). Sub-optimality, gaps and errors
         # against N fall like a power of N and span decades: log, when their values do.
         logy = not is_accuracy_like(metric) and log_axis_suits(
-            [r[f"{metric}_mean"] for r in summary if f"{metric}_mean" in r])
+            [r[f"{metric}_mean"] for r in summary if f"{metric}_mean" in r]
+        )
     for ax, setting in zip(axes[0], settings, strict=True):
         for index, method in enumerate(methods):
             pts = sorted(
@@ -205,8 +226,14 @@ def metric_figure(
                 continue
             ns, means, ses = zip(*pts, strict=True)
             ses = [0.0 if se != se else se for se in ses]  # NaN (one repeat) -> no bar
-            ax.errorbar(dodge(ns, index, len(methods), log=logx), means, yerr=ses, capsize=2,
-                        label=method, **method_style(index))
+            ax.errorbar(
+                dodge(ns, index, len(methods), log=logx),
+                means,
+                yerr=ses,
+                capsize=2,
+                label=method,
+                **method_style(index),
+            )
         # N is a geometric grid (e.g. 500 … 5000): a log x axis spaces it evenly.
         if logx:
             ax.set_xscale("log")
@@ -215,7 +242,7 @@ def metric_figure(
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if logy:
             ax.set_yscale("log")
-        ax.set_title(textwrap.fill(setting, 48), fontsize=9)   # long settings wrap, not overlap
+        ax.set_title(textwrap.fill(setting, 48), fontsize=9)  # long settings wrap, not overlap
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
@@ -237,13 +264,15 @@ def plot_metric(
     """``metric`` against ``n`` per method (mean ± standard error), one panel per setting, one
     legend below the panels. ``logy=None`` (default) picks the y scale: linear for
     accuracy-like metrics, log where the means span a decade (:func:`log_axis_suits`)."""
-    fig = metric_figure(summary, metric, settings=settings, methods=methods, xlabel=xlabel,
-                        logy=logy, logx=logx)
+    fig = metric_figure(
+        summary, metric, settings=settings, methods=methods, xlabel=xlabel, logy=logy, logx=logx
+    )
     return save_figure(fig, path, dpi=120)
 
 
-def _bar_series(rows: list[dict[str, Any]], prefix: str
-                ) -> tuple[list[float], list[int | None], list[tuple[float, float] | None]]:
+def _bar_series(
+    rows: list[dict[str, Any]], prefix: str
+) -> tuple[list[float], list[int | None], list[tuple[float, float] | None]]:
     """Heights (NaN: no accuracy), counts (``None``: not in the row) and Wilson intervals
     (``None``: no count or no accuracy) of ``prefix`` (``train`` or ``test``) per row."""
     heights, counts, intervals = [], [], []
@@ -251,45 +280,72 @@ def _bar_series(rows: list[dict[str, Any]], prefix: str
         acc, n = row.get(f"{prefix}_accuracy"), row.get(f"n_{prefix}")
         heights.append(float("nan") if acc is None else float(acc))
         counts.append(None if n is None else int(n))
-        intervals.append(wilson_interval(min(max(acc * n, 0.0), n), n)
-                         if acc is not None and n else None)
+        intervals.append(
+            wilson_interval(min(max(acc * n, 0.0), n), n) if acc is not None and n else None
+        )
     return heights, counts, intervals
 
 
 def per_user_accuracy_figure(report: list[dict[str, Any]], title: str) -> Any:
     """The Figure of :func:`per_user_accuracy_plot` (not saved)."""
-    key = "test_accuracy" if any(r.get("test_accuracy") is not None for r in report) \
+    key = (
+        "test_accuracy"
+        if any(r.get("test_accuracy") is not None for r in report)
         else "train_accuracy"
+    )
     rows = sorted(report, key=lambda r: -1.0 if r.get(key) is None else r[key])
     fig = _new_figure((max(5.0, 0.25 * len(rows) + 3.5), 4.0))
     ax = fig.subplots()
     if len(rows) <= 80:
         xs = list(range(len(rows)))
-        series = [("train", "train")] + ([("test", "held-out")] if key == "test_accuracy"
-                                         else [])
+        series = [("train", "train")] + ([("test", "held-out")] if key == "test_accuracy" else [])
         width = 0.8 / len(series)
         for i, (prefix, label) in enumerate(series):
             heights, counts, intervals = _bar_series(rows, prefix)
             centres = [x + (i - (len(series) - 1) / 2.0) * width for x in xs]
             nan = float("nan")
-            yerr = [[nan if iv is None else h - iv[0] for h, iv in zip(heights, intervals,
-                                                                        strict=True)],
-                    [nan if iv is None else iv[1] - h for h, iv in zip(heights, intervals,
-                                                                        strict=True)]]
-            ax.bar(centres, heights, width, yerr=yerr, label=label, color=f"C{i}",
-                   error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.25"})
+            yerr = [
+                [
+                    nan if iv is None else h - iv[0]
+                    for h, iv in zip(heights, intervals, strict=True)
+                ],
+                [
+                    nan if iv is None else iv[1] - h
+                    for h, iv in zip(heights, intervals, strict=True)
+                ],
+            ]
+            ax.bar(
+                centres,
+                heights,
+                width,
+                yerr=yerr,
+                label=label,
+                color=f"C{i}",
+                error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.25"},
+            )
             for x, n, iv in zip(centres, counts, intervals, strict=True):
-                if n is not None:   # the comparisons behind the bar, above its interval
-                    ax.text(x, (iv[1] if iv else 0.0) + 0.015, str(n), rotation=90,
-                            ha="center", va="bottom", fontsize=6, gid=f"count:{prefix}")
+                if n is not None:  # the comparisons behind the bar, above its interval
+                    ax.text(
+                        x,
+                        (iv[1] if iv else 0.0) + 0.015,
+                        str(n),
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                        gid=f"count:{prefix}",
+                    )
         ax.set_xticks(xs, [str(r["user"])[:12] for r in rows], rotation=90, fontsize=7)
         ax.set_xlim(-0.6, len(rows) - 0.4)
-        ax.set_ylim(0.0, 1.2)   # room for the counts above an interval reaching 1
+        ax.set_ylim(0.0, 1.2)  # room for the counts above an interval reaching 1
         ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_xlabel("user")
         ax.set_ylabel("pairwise accuracy")
-        figure_legend(fig, loc="outside right upper",
-                      title="whiskers: 95% Wilson\ninterval; numbers:\ncomparisons per bar")
+        figure_legend(
+            fig,
+            loc="outside right upper",
+            title="whiskers: 95% Wilson\ninterval; numbers:\ncomparisons per bar",
+        )
     else:
         ax.hist([r[key] for r in rows if r.get(key) is not None], bins=20)
         ax.set_xlabel(f"{key.replace('_', ' ')} ({len(rows)} users)")
@@ -300,8 +356,7 @@ def per_user_accuracy_figure(report: list[dict[str, Any]], title: str) -> Any:
     return fig
 
 
-def per_user_accuracy_plot(report: list[dict[str, Any]], path: str | Path, title: str
-                           ) -> Path:
+def per_user_accuracy_plot(report: list[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Bars of each user's train and held-out pairwise accuracy (a histogram above 80 users),
     each with the user's number of comparisons and a 95% Wilson score interval
     (:func:`wilson_interval`); ``report`` rows have ``user``, ``train_accuracy`` and

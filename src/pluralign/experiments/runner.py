@@ -45,8 +45,14 @@ from pluralign.errors import ConfigError, DataValidationError
 from pluralign.experiments.base import Experiment, Unit, show
 from pluralign.experiments.config import resolve_config
 
-__all__ = ["complete_rows", "read_config_file", "read_results", "resume_rows", "run_experiment",
-           "run_rows"]
+__all__ = [
+    "complete_rows",
+    "read_config_file",
+    "read_results",
+    "resume_rows",
+    "run_experiment",
+    "run_rows",
+]
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -85,8 +91,9 @@ def _parse_line(raw: bytes, path: str, line: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataValidationError(f"not valid UTF-8 (byte {exc.start + 1} of the line)",
-                                  path=path, line=line) from None
+        raise DataValidationError(
+            f"not valid UTF-8 (byte {exc.start + 1} of the line)", path=path, line=line
+        ) from None
     return parse_json(text, path=path, line=line, finite=False)
 
 
@@ -96,8 +103,9 @@ _COUNTS = {"n": 0, "repeat": 0, "unit_n": 0, "unit_rows": 1}  # integer fields, 
 def _check_row(row: Any, path: str, line: int) -> dict[str, Any]:
     """``row`` if it has the shape of a result row, else DataValidationError (with the line)."""
     if not isinstance(row, dict):
-        raise DataValidationError(f"a row must be a JSON object, got {show(row)}", path=path,
-                                  line=line)
+        raise DataValidationError(
+            f"a row must be a JSON object, got {show(row)}", path=path, line=line
+        )
     for key in ("setting", "method", "n", "repeat"):
         if key not in row:
             raise DataValidationError("missing", field=key, path=path, line=line)
@@ -106,8 +114,7 @@ def _check_row(row: Any, path: str, line: int) -> dict[str, Any]:
             ok = isinstance(value, str)
             want = "a string"
         elif key in _COUNTS:
-            ok = (isinstance(value, int) and not isinstance(value, bool)
-                  and value >= _COUNTS[key])
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= _COUNTS[key]
             want = f"an integer ≥ {_COUNTS[key]}"
         else:  # a metric: NaN and ±inf are allowed (summaries skip them)
             ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -115,8 +122,9 @@ def _check_row(row: Any, path: str, line: int) -> dict[str, Any]:
             if ok and isinstance(value, int):
                 ok = abs(value) <= sys.float_info.max
         if not ok:
-            raise DataValidationError(f"must be {want}, got {show(value)}", field=str(key),
-                                      path=path, line=line)
+            raise DataValidationError(
+                f"must be {want}, got {show(value)}", field=str(key), path=path, line=line
+            )
     return row
 
 
@@ -133,8 +141,9 @@ def _numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise DataValidationError(f"cannot be read ({exc.strerror or exc})",
-                                  path=str(path)) from None
+        raise DataValidationError(
+            f"cannot be read ({exc.strerror or exc})", path=str(path)
+        ) from None
     lines = data.split(b"\n")
     torn = len(lines) - 1 if lines[-1] else None  # no final newline: the last line may be torn
     rows = []
@@ -181,16 +190,25 @@ def run_rows(path: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     for line, row in _numbered_rows(path):
         where = {"path": str(path), "line": line}
         if row["setting"] not in settings:
-            raise DataValidationError(f"a row of setting {show(row['setting'])}, which "
-                                      f"{path.parent / 'config.yaml'} does not have",
-                                      field="setting", **where)
+            raise DataValidationError(
+                f"a row of setting {show(row['setting'])}, which "
+                f"{path.parent / 'config.yaml'} does not have",
+                field="setting",
+                **where,
+            )
         if row["method"] not in methods:
-            raise DataValidationError(f"a row of method {show(row['method'])}, which the config "
-                                      "does not run", field="method", **where)
+            raise DataValidationError(
+                f"a row of method {show(row['method'])}, which the config does not run",
+                field="method",
+                **where,
+            )
         key = _row_key(row, settings)
         if key[1] not in n_samples or key[2] >= config["repeats"]:
-            raise DataValidationError(f"a row of n={key[1]}, repeat={key[2]}, a unit outside "
-                                      "the config's sweep", field="n", **where)
+            raise DataValidationError(
+                f"a row of n={key[1]}, repeat={key[2]}, a unit outside the config's sweep",
+                field="n",
+                **where,
+            )
         identity = (*key, row["method"], row["n"])
         if identity in seen:
             continue
@@ -199,8 +217,9 @@ def run_rows(path: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _complete_units(rows: list[dict[str, Any]], config: dict[str, Any]
-                    ) -> tuple[list[dict[str, Any]], set[tuple[int, int, int]]]:
+def _complete_units(
+    rows: list[dict[str, Any]], config: dict[str, Any]
+) -> tuple[list[dict[str, Any]], set[tuple[int, int, int]]]:
     settings = _setting_index(config)
     methods = set(config["methods"])
     by_unit: dict[tuple, list[dict[str, Any]]] = {}
@@ -215,8 +234,9 @@ def complete_rows(rows: list[dict[str, Any]], config: dict[str, Any]) -> list[di
     return _complete_units(rows, config)[0]
 
 
-def resume_rows(path: str | Path, config: dict[str, Any]
-                ) -> tuple[list[dict[str, Any]], set[tuple[int, int, int]]]:
+def resume_rows(
+    path: str | Path, config: dict[str, Any]
+) -> tuple[list[dict[str, Any]], set[tuple[int, int, int]]]:
     """What a resumed run keeps of ``path``: the rows (:func:`run_rows`) of the units that are
     complete, and those units' keys."""
     return _complete_units(run_rows(path, config), config)
@@ -287,8 +307,10 @@ def _execute(
         return
     with _single_threaded_children():
         pool = ProcessPoolExecutor(
-            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent, initargs=(os.getpid(),),
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
         )
     with pool:
         pending = {pool.submit(_worker, config, unit) for unit in units}
@@ -331,8 +353,9 @@ def run_experiment(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"{out}: cannot create the output folder ({exc.strerror or exc})"
-                          ) from None
+        raise ConfigError(
+            f"{out}: cannot create the output folder ({exc.strerror or exc})"
+        ) from None
     config_path = out / "config.yaml"
     results_path = out / "results.jsonl"
     text = yaml.safe_dump(resolved, sort_keys=False)
@@ -342,8 +365,9 @@ def run_experiment(
                 f"{out} holds results of a different config; choose another --out folder "
                 "(or delete it) to run this one"
             )
-    elif (results_path.is_dir() or (results_path.exists() and results_path.stat().st_size)
-          ) and not force:
+    elif (
+        results_path.is_dir() or (results_path.exists() and results_path.stat().st_size)
+    ) and not force:
         raise ConfigError(
             f"{out} holds a results.jsonl but no config.yaml, so its rows cannot be matched to "
             "this config; choose another --out folder, or pass --force (force=True) to resume "
@@ -373,9 +397,15 @@ def run_experiment(
     atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in kept))
     summary = summarize(kept, experiment.metrics)
     write_summary_csv(summary, out / "summary.csv")
-    plot_metric(summary, experiment.plot_metric, out / f"{experiment.plot_metric}.png",
-                settings=list(settings), methods=resolved["methods"], xlabel=experiment.x_label,
-                logx=experiment.logx)
+    plot_metric(
+        summary,
+        experiment.plot_metric,
+        out / f"{experiment.plot_metric}.png",
+        settings=list(settings),
+        methods=resolved["methods"],
+        xlabel=experiment.x_label,
+        logx=experiment.logx,
+    )
     if experiment.extra_plots is not None:
         experiment.extra_plots(summary, resolved, out)
     return resolved

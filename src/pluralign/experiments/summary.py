@@ -27,8 +27,7 @@ def summarize(rows: Iterable[dict[str, Any]], metrics: Iterable[str]) -> list[di
         groups.setdefault((row["setting"], row["method"], row["n"]), []).append(row)
     out = []
     for (setting, method, n), group in groups.items():
-        record: dict[str, Any] = {"setting": setting, "method": method, "n": n,
-                                  "count": len(group)}
+        record: dict[str, Any] = {"setting": setting, "method": method, "n": n, "count": len(group)}
         for metric in metrics:
             values = [float(r[metric]) for r in group if metric in r]
             values = [v for v in values if math.isfinite(v)]
@@ -63,8 +62,10 @@ def markdown_table(summary: list[dict[str, Any]], metric: str, methods: list[str
     cells ``mean ± se``."""
     cells = {(r["setting"], r["n"], r["method"]): r for r in summary}
     keys = sorted({(r["setting"], r["n"]) for r in summary}, key=lambda k: (k[0], k[1]))
-    lines = ["| setting | N | " + " | ".join(methods) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+    lines = [
+        "| setting | N | " + " | ".join(methods) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |",
+    ]
     for setting, n in keys:
         row = []
         for method in methods:

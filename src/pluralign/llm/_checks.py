@@ -24,8 +24,15 @@ from typing import Any
 
 from pluralign.errors import ConfigError
 
-__all__ = ["INT_MAX", "check_choice", "check_float", "check_int", "check_plain_file_name",
-           "check_string", "show"]
+__all__ = [
+    "INT_MAX",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_plain_file_name",
+    "check_string",
+    "show",
+]
 
 INT_MAX = 2**63 - 1
 _REPR = reprlib.Repr()
@@ -44,8 +51,9 @@ def show(value: Any) -> str:
         return f"a {type(value).__name__}"
 
 
-def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False,
-              text: bool = False) -> int | None:
+def check_int(
+    name: str, value: Any, *, minimum: int = 1, optional: bool = False, text: bool = False
+) -> int | None:
     """``value`` as an ``int`` in ``[minimum, INT_MAX]``; ``None`` only when ``optional``."""
     if value is None and optional:
         return None
@@ -61,8 +69,13 @@ def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False
                 number = float(value)
             except ValueError:
                 number = value
-    if isinstance(number, float) and math.isfinite(number) and number.is_integer() \
-            and abs(number) <= INT_MAX and text:
+    if (
+        isinstance(number, float)
+        and math.isfinite(number)
+        and number.is_integer()
+        and abs(number) <= INT_MAX
+        and text
+    ):
         number = int(number)
     if isinstance(number, bool) or not isinstance(number, numbers.Integral):
         raise ConfigError(f"{name} must be {what}, got {show(value)}")
@@ -72,9 +85,17 @@ def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False
     return number
 
 
-def check_float(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
-                high: float | None = None, high_open: bool = True, optional: bool = False,
-                text: bool = False) -> float | None:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = True,
+    optional: bool = False,
+    text: bool = False,
+) -> float | None:
     """``value`` as a finite ``float`` in the range given by ``low``/``high`` (``*_open``:
     the bound itself is excluded); ``None`` only when ``optional``."""
     if value is None and optional:
@@ -97,7 +118,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, low_open: bo
         raise ConfigError(f"{name} must be {what}, got {show(value)}")
     try:
         number = float(number)
-    except OverflowError:                        # an int past float's range (10**400)
+    except OverflowError:  # an int past float's range (10**400)
         raise ConfigError(f"{name} must be {what}, got {show(value)}") from None
     if not math.isfinite(number):
         raise ConfigError(f"{name} must be {what}, got {show(value)}")
@@ -116,16 +137,19 @@ def check_string(name: str, value: Any, *, optional: bool = False) -> str | None
     if hasattr(value, "__fspath__"):
         value = str(value)
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
-        raise ConfigError(f"{name} must be a non-empty string{' or null' if optional else ''}"
-                          f" (without NUL characters), got {show(value)}")
+        raise ConfigError(
+            f"{name} must be a non-empty string{' or null' if optional else ''}"
+            f" (without NUL characters), got {show(value)}"
+        )
     return value
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """One of ``choices`` (compared as strings; unhashable values are refused too)."""
     if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, "
-                          f"got {show(value)}")
+        raise ConfigError(
+            f"{name} must be one of {', '.join(map(str, choices))}, got {show(value)}"
+        )
     return value
 
 
@@ -136,6 +160,8 @@ def check_plain_file_name(name: str, value: Any, *, optional: bool = True) -> st
     if text is None:
         return None
     if "/" in text or "\\" in text or text in (".", "..") or text != text.strip():
-        raise ConfigError(f"{name} must be a plain file name in the model folder (no '/', "
-                          f"'\\\\', '..' or surrounding spaces), got {show(value)}")
+        raise ConfigError(
+            f"{name} must be a plain file name in the model folder (no '/', "
+            f"'\\\\', '..' or surrounding spaces), got {show(value)}"
+        )
     return text

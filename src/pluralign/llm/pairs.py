@@ -38,30 +38,56 @@ import numpy as np
 
 from pluralign.errors import ConfigError, PluralignError
 
-__all__ = ["ANCHORS", "GOLDS", "PAIR_RULES", "PROMPT_SETS", "FeatureCovariance", "GoldOracle",
-           "bradley_terry", "distinct_candidates", "make_gold", "select_pair", "win_rate"]
+__all__ = [
+    "ANCHORS",
+    "GOLDS",
+    "PAIR_RULES",
+    "PROMPT_SETS",
+    "FeatureCovariance",
+    "GoldOracle",
+    "bradley_terry",
+    "distinct_candidates",
+    "make_gold",
+    "select_pair",
+    "win_rate",
+]
 
 PAIR_RULES = ("max_min", "max_random", "random", "enhancer")
 GOLDS = ("toy", "anchors")
 # the SmolLM2 task's gold users (examples/policy_known_truth.py uses the same anchors)
-ANCHORS = {"cook": "I love cooking: recipes, fresh bread, pasta and spices in the kitchen.",
-           "runner": "I love sport: running, football matches, training and fitness."}
+ANCHORS = {
+    "cook": "I love cooking: recipes, fresh bread, pasta and spices in the kitchen.",
+    "runner": "I love sport: running, football matches, training and fitness.",
+}
 
 # built-in prompt sets of the packaged configs (``iterate.prompts: builtin:NAME``): rows
 # ``(prompt, user)``, every prompt asked for every gold user of the task
-TOY_PROMPTS = ["".join(np.random.default_rng(i).choice(list("abcdefghijklmnop "),
-                                                      size=2 + i % 6)).strip() or "a"
-              for i in range(80)]        # also examples/policy_known_truth.py's prompts
+TOY_PROMPTS = [
+    "".join(np.random.default_rng(i).choice(list("abcdefghijklmnop "), size=2 + i % 6)).strip()
+    or "a"
+    for i in range(80)
+]  # also examples/policy_known_truth.py's prompts
 EVERYDAY_PROMPTS = [
-    "Write one sentence about your weekend.", "Describe your favourite place.",
-    "Tell me about something you enjoy.", "What did you do today?",
-    "Give me a short piece of advice.", "Describe a perfect afternoon.",
-    "What is worth learning?", "Tell me a short story.", "What makes a good day?",
-    "Describe something you saw recently.", "What should I do this evening?",
-    "Write a sentence about a friend.", "What is your favourite hobby?",
-    "Describe a memorable meal.", "What would you like to try next?",
-    "Write a line for a postcard.", "What do you think about in the morning?",
-    "Describe a good habit.", "What makes you curious?", "Tell me about a trip.",
+    "Write one sentence about your weekend.",
+    "Describe your favourite place.",
+    "Tell me about something you enjoy.",
+    "What did you do today?",
+    "Give me a short piece of advice.",
+    "Describe a perfect afternoon.",
+    "What is worth learning?",
+    "Tell me a short story.",
+    "What makes a good day?",
+    "Describe something you saw recently.",
+    "What should I do this evening?",
+    "Write a sentence about a friend.",
+    "What is your favourite hobby?",
+    "Describe a memorable meal.",
+    "What would you like to try next?",
+    "Write a line for a postcard.",
+    "What do you think about in the morning?",
+    "Describe a good habit.",
+    "What makes you curious?",
+    "Tell me about a trip.",
 ]
 
 
@@ -90,9 +116,14 @@ def distinct_candidates(texts: Sequence[str]) -> list[int]:
     return keep
 
 
-def select_pair(scores: np.ndarray, rule: str, *, rng: np.random.Generator | None = None,
-                features: np.ndarray | None = None, sigma_inv: np.ndarray | None = None
-                ) -> tuple[int, int]:
+def select_pair(
+    scores: np.ndarray,
+    rule: str,
+    *,
+    rng: np.random.Generator | None = None,
+    features: np.ndarray | None = None,
+    sigma_inv: np.ndarray | None = None,
+) -> tuple[int, int]:
     """``(a, b)``: the indices of the pair rule ``rule`` (module docstring) among candidates
     with selection scores ``scores`` (``(n,)``, n >= 2); ``a`` is the higher-scored one except
     for ``random``. ``max_random`` and ``random`` need ``rng``; ``enhancer`` needs ``features``
@@ -118,7 +149,7 @@ def select_pair(scores: np.ndarray, rule: str, *, rng: np.random.Generator | Non
             raise PluralignError("pair rule 'enhancer' needs the candidates' features and Σ⁻¹")
         phi = np.asarray(features, dtype=np.float64)
         order = np.argsort(-s, kind="stable")
-        top, bottom = order[:n // 2], order[n // 2:]
+        top, bottom = order[: n // 2], order[n // 2 :]
         best, best_norm = None, -np.inf
         for a in top:
             for b in bottom:
@@ -161,8 +192,9 @@ class FeatureCovariance:
         return np.sqrt(np.maximum(np.sum(deltas * solved, axis=1), 0.0))
 
 
-def bradley_terry(gold_a: np.ndarray, gold_b: np.ndarray, scale: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def bradley_terry(
+    gold_a: np.ndarray, gold_b: np.ndarray, scale: float, rng: np.random.Generator
+) -> np.ndarray:
     """``True`` where ``a ≻ b`` in a Bradley–Terry draw ``P(a ≻ b) = σ(scale·(g_a − g_b))``."""
     diff = scale * (np.asarray(gold_a, float) - np.asarray(gold_b, float))
     p = 1.0 / (1.0 + np.exp(-diff))
@@ -174,8 +206,10 @@ def win_rate(new: np.ndarray, reference: np.ndarray) -> float:
     counting one half."""
     new, reference = np.asarray(new, float), np.asarray(reference, float)
     if new.shape != reference.shape or new.size == 0:
-        raise PluralignError(f"win_rate needs two non-empty arrays of one shape, got "
-                             f"{new.shape} and {reference.shape}")
+        raise PluralignError(
+            f"win_rate needs two non-empty arrays of one shape, got "
+            f"{new.shape} and {reference.shape}"
+        )
     return float(np.mean((new > reference) + 0.5 * (new == reference)))
 
 
@@ -183,9 +217,13 @@ def win_rate(new: np.ndarray, reference: np.ndarray) -> float:
 class GoldOracle:
     """A known per-user reward ``g_u(prompt, response)`` and a feature map ``φ(response)``."""
 
-    def __init__(self, name: str, users: Sequence[str],
-                 reward: Callable[[list[str], list[str]], np.ndarray],
-                 features: Callable[[list[str]], np.ndarray]) -> None:
+    def __init__(
+        self,
+        name: str,
+        users: Sequence[str],
+        reward: Callable[[list[str], list[str]], np.ndarray],
+        features: Callable[[list[str]], np.ndarray],
+    ) -> None:
         self.name = name
         self.users = list(users)
         self._reward = reward
@@ -194,21 +232,31 @@ class GoldOracle:
     def check_users(self, users: Sequence[str]) -> None:
         unknown = [u for u in dict.fromkeys(users) if u not in self.users]
         if unknown:
-            raise ConfigError(f"gold:{self.name} has no gold reward for user(s) {unknown}; its "
-                              f"users are {self.users}")
+            raise ConfigError(
+                f"gold:{self.name} has no gold reward for user(s) {unknown}; its "
+                f"users are {self.users}"
+            )
 
-    def score(self, prompts: Sequence[str], texts: Sequence[str], users: Sequence[str]
-              ) -> np.ndarray:
+    def score(
+        self, prompts: Sequence[str], texts: Sequence[str], users: Sequence[str]
+    ) -> np.ndarray:
         self.check_users(users)
         return self._reward(list(texts), [str(u) for u in users])
 
-    def features(self, prompts: Sequence[str], texts: Sequence[str], users: Sequence[str]
-                 ) -> np.ndarray:
+    def features(
+        self, prompts: Sequence[str], texts: Sequence[str], users: Sequence[str]
+    ) -> np.ndarray:
         return self._features(list(texts))
 
 
-_CLASSES = ("aeiouAEIOU", string.digits, " ", string.ascii_uppercase,
-            "".join(c for c in string.ascii_lowercase if c not in "aeiou"), ".,!?'-:;\n")
+_CLASSES = (
+    "aeiouAEIOU",
+    string.digits,
+    " ",
+    string.ascii_uppercase,
+    "".join(c for c in string.ascii_lowercase if c not in "aeiou"),
+    ".,!?'-:;\n",
+)
 
 
 def _toy_gold() -> GoldOracle:
@@ -220,8 +268,10 @@ def _toy_gold() -> GoldOracle:
     sets = [set(c) for c in _CLASSES]
 
     def features(texts: list[str]) -> np.ndarray:
-        return np.array([[sum(c in s for c in t) / max(len(t), 1) for s in sets]
-                         for t in texts], dtype=np.float64).reshape(len(texts), len(sets))
+        return np.array(
+            [[sum(c in s for c in t) / max(len(t), 1) for s in sets] for t in texts],
+            dtype=np.float64,
+        ).reshape(len(texts), len(sets))
 
     return GoldOracle("toy", list(GOLD_REWARDS), reward, features)
 
@@ -236,8 +286,9 @@ def _anchors_gold(encoder: Any = None) -> GoldOracle:
     def embed(texts: list[str]) -> np.ndarray:
         new = [t for t in dict.fromkeys(texts) if t not in cache]
         if new:
-            for t, e in zip(new, encoder.encode([t if t.strip() else " " for t in new]),
-                            strict=True):
+            for t, e in zip(
+                new, encoder.encode([t if t.strip() else " " for t in new]), strict=True
+            ):
                 cache[t] = np.asarray(e, dtype=np.float64)
         dim = next(iter(anchors.values())).shape[0]
         return np.array([cache[t] for t in texts]).reshape(len(texts), dim)

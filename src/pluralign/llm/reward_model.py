@@ -30,8 +30,16 @@ from torch import nn
 from pluralign.errors import ConfigError, PluralignError
 from pluralign.llm.lora import MultiUserLoRA, MultiUserLoRALinear, TrainableState
 
-__all__ = ["POOLINGS", "PersonalizedRewardModel", "backbone_inputs", "default_target_modules",
-           "load_tokenizer", "pad_right", "pool_hidden", "tokenize_pairs"]
+__all__ = [
+    "POOLINGS",
+    "PersonalizedRewardModel",
+    "backbone_inputs",
+    "default_target_modules",
+    "load_tokenizer",
+    "pad_right",
+    "pool_hidden",
+    "tokenize_pairs",
+]
 
 POOLINGS = ("auto", "mean", "cls", "last")
 
@@ -42,20 +50,25 @@ def default_target_modules(model_type: str) -> list[str]:
 
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if not targets:
-        raise ConfigError(f"no default LoRA target modules for model type {model_type!r}; "
-                          "give target_modules")
+        raise ConfigError(
+            f"no default LoRA target modules for model type {model_type!r}; give target_modules"
+        )
     return list(targets)
 
 
 def _auto_pooling(config: Any) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return "mean" if getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES \
+    return (
+        "mean"
+        if getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
         else "last"
+    )
 
 
-def load_tokenizer(name_or_path: str, *, pad_token: str | None = None,
-                   gguf_file: str | None = None) -> Any:
+def load_tokenizer(
+    name_or_path: str, *, pad_token: str | None = None, gguf_file: str | None = None
+) -> Any:
     """``AutoTokenizer.from_pretrained`` with a checked pad token.
 
     A tokenizer without a pad token is refused unless ``pad_token="eos"`` (pad with its EOS
@@ -65,8 +78,7 @@ def load_tokenizer(name_or_path: str, *, pad_token: str | None = None,
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     # never run a folder's own Python (auto_map), and never ask on a terminal whether to
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False,
-                                              **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False, **kwargs)
     return check_pad_token(tokenizer, pad_token, str(name_or_path))
 
 
@@ -79,9 +91,11 @@ def check_pad_token(tokenizer: Any, pad_token: str | None, name: str = "the toke
     elif pad_token is not None:
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
-        raise ConfigError(f"{name}: the tokenizer has no pad token, so batches cannot be "
-                          "padded; set pad_token: eos (or another token) in the config, or "
-                          "tokenizer.pad_token = tokenizer.eos_token")
+        raise ConfigError(
+            f"{name}: the tokenizer has no pad token, so batches cannot be "
+            "padded; set pad_token: eos (or another token) in the config, or "
+            "tokenizer.pad_token = tokenizer.eos_token"
+        )
     return tokenizer
 
 
@@ -113,11 +127,24 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         Where the backbone came from (written into exported adapters).
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, users: Sequence[Any], *,
-                 target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
-                 share: str = "B", dropout: float = 0.0, pooling: str = "auto",
-                 max_length: int = 512, disable_dropout: bool = True, seed: int = 0,
-                 name_or_path: str | None = None, load_kwargs: dict | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        users: Sequence[Any],
+        *,
+        target_modules: Sequence[str] | None = None,
+        r: int = 8,
+        alpha: float = 16.0,
+        share: str = "B",
+        dropout: float = 0.0,
+        pooling: str = "auto",
+        max_length: int = 512,
+        disable_dropout: bool = True,
+        seed: int = 0,
+        name_or_path: str | None = None,
+        load_kwargs: dict | None = None,
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -126,7 +153,7 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
             raise ConfigError("a personalized reward model needs at least one user")
         base = getattr(backbone, "base_model", backbone)
         if base is not backbone and hasattr(backbone, "lm_head"):
-            backbone = base                                   # read hidden states, skip lm_head
+            backbone = base  # read hidden states, skip lm_head
         self.backbone = backbone
         config = getattr(backbone, "config", None)
         self.model_type = getattr(config, "model_type", None)
@@ -136,13 +163,23 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         self.disable_dropout = disable_dropout
         self.name_or_path = name_or_path or getattr(config, "_name_or_path", None)
         self.load_kwargs = dict(load_kwargs or {})
-        targets = (default_target_modules(self.model_type) if target_modules is None
-                   else list(target_modules))
+        targets = (
+            default_target_modules(self.model_type)
+            if target_modules is None
+            else list(target_modules)
+        )
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            self.lora = MultiUserLoRA(backbone, len(self.user_ids), targets, r=r, alpha=alpha,
-                                      share=share, dropout=dropout)
+            self.lora = MultiUserLoRA(
+                backbone,
+                len(self.user_ids),
+                targets,
+                r=r,
+                alpha=alpha,
+                share=share,
+                dropout=dropout,
+            )
             hidden = int(getattr(config, "hidden_size", 0) or _hidden_size(backbone))
             self.head = nn.Linear(hidden, 1, bias=False)
             nn.init.normal_(self.head.weight, std=1.0 / np.sqrt(hidden))
@@ -153,10 +190,17 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, users: Sequence[Any], *,
-                        gguf_file: str | None = None, pad_token: str | None = None,
-                        tokenizer: str | None = None, torch_dtype: torch.dtype | None = None,
-                        **kwargs: Any) -> PersonalizedRewardModel:
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        users: Sequence[Any],
+        *,
+        gguf_file: str | None = None,
+        pad_token: str | None = None,
+        tokenizer: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> PersonalizedRewardModel:
         """Load ``AutoModel`` + ``AutoTokenizer`` from a hub name or local folder (offline
         here) and wrap them; ``gguf_file`` loads a GGUF checkpoint (e.g. SmolLM2): a plain file
         name inside that folder, as exported adapters record it, dequantized into a plain model
@@ -167,12 +211,18 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         class for its ``model_type``, or is refused."""
         from pluralign.llm.models import load_pretrained
 
-        backbone, tok = load_pretrained(name_or_path, causal_lm=False, gguf_file=gguf_file,
-                                        dtype=torch_dtype, tokenizer=tokenizer,
-                                        pad_token=pad_token)
+        backbone, tok = load_pretrained(
+            name_or_path,
+            causal_lm=False,
+            gguf_file=gguf_file,
+            dtype=torch_dtype,
+            tokenizer=tokenizer,
+            pad_token=pad_token,
+        )
         load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return cls(backbone, tok, users, name_or_path=str(name_or_path),
-                   load_kwargs=load_kwargs, **kwargs)
+        return cls(
+            backbone, tok, users, name_or_path=str(name_or_path), load_kwargs=load_kwargs, **kwargs
+        )
 
     # ------------------------------------------------------------------ users
     @property
@@ -187,15 +237,16 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         """Indices of ``users``; an unknown user raises (naming it). A ``share="pooled"``
         model ignores users, so it scores any user id with its one reward."""
         if self.share == "pooled":
-            return torch.tensor([self._index.get(_user_key(u), 0) for u in users],
-                                dtype=torch.long)
+            return torch.tensor([self._index.get(_user_key(u), 0) for u in users], dtype=torch.long)
         out = []
         for u in users:
             key = _user_key(u)
             if key not in self._index:
                 known = ", ".join(self.user_ids[:10]) + (" ..." if self.n_users > 10 else "")
-                raise PluralignError(f"unknown user {key!r}: the model knows {self.n_users} "
-                                     f"users ({known}); add it with add_user / adapt")
+                raise PluralignError(
+                    f"unknown user {key!r}: the model knows {self.n_users} "
+                    f"users ({known}); add it with add_user / adapt"
+                )
             out.append(self._index[key])
         return torch.tensor(out, dtype=torch.long)
 
@@ -235,51 +286,82 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         """Pad single encodings into a batch (:func:`pad_right`)."""
         return pad_right(self.tokenizer, list(encoded))
 
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               user_index: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        user_index: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The pooled last-layer features ``φ_u(x, y)`` (``(batch, hidden)``) that the head
         is linear in: ``r_u = wᵀ φ_u``."""
-        kwargs = backbone_inputs(self.backbone, {"input_ids": input_ids,
-                                                 "attention_mask": attention_mask,
-                                                 "token_type_ids": token_type_ids})
+        kwargs = backbone_inputs(
+            self.backbone,
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids,
+            },
+        )
         with self.lora.route(user_index):
             hidden = self.backbone(**kwargs).last_hidden_state
         return pool_hidden(hidden, attention_mask, self.pooling).to(self.head.weight.dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                user_index: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        user_index: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rewards ``(batch,)`` of tokenized ``(prompt, response)`` rows for users
         ``user_index`` (``(batch,)``; ignored when ``share="pooled"``)."""
-        return self.head(self.pooled(input_ids, attention_mask, user_index,
-                                     token_type_ids)).squeeze(-1)
+        return self.head(
+            self.pooled(input_ids, attention_mask, user_index, token_type_ids)
+        ).squeeze(-1)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any], *,
-              batch_size: int = 32, conversations: Sequence[list | None] | None = None
-              ) -> np.ndarray:
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        users: Sequence[Any],
+        *,
+        batch_size: int = 32,
+        conversations: Sequence[list | None] | None = None,
+    ) -> np.ndarray:
         """Rewards ``r_u(prompt, response)`` as a float64 array (evaluation mode).
 
         ``conversations[i]`` (optional) is row ``i``'s whole conversation as TRL messages
         (``None`` for a plain-text row): with a chat template it is what is tokenized, as in
         training (:func:`pluralign.llm.data.encode_texts`;
         :func:`~pluralign.llm.data.conversations` gives them for a data set's rows)."""
-        return self._batched(prompts, responses, users, batch_size, self.forward,
-                             conversations)
+        return self._batched(prompts, responses, users, batch_size, self.forward, conversations)
 
     @torch.no_grad()
-    def features(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any],
-                 *, batch_size: int = 32, conversations: Sequence[list | None] | None = None
-                 ) -> np.ndarray:
+    def features(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        users: Sequence[Any],
+        *,
+        batch_size: int = 32,
+        conversations: Sequence[list | None] | None = None,
+    ) -> np.ndarray:
         """Pooled features ``φ_u(prompt, response)`` (``(n, hidden)`` float64): with the head
         ``w``, ``features(...) @ w`` equals :meth:`score` (the last-layer view of
         :mod:`pluralign.llm.uncertainty`); ``conversations`` as for :meth:`score`."""
         return self._batched(prompts, responses, users, batch_size, self.pooled, conversations)
 
-    def _batched(self, prompts: Sequence[str], responses: Sequence[str], users: Sequence[Any],
-                 batch_size: int, fn: Any,
-                 conversations: Sequence[list | None] | None = None) -> np.ndarray:
+    def _batched(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        users: Sequence[Any],
+        batch_size: int,
+        fn: Any,
+        conversations: Sequence[list | None] | None = None,
+    ) -> np.ndarray:
         from pluralign.llm.data import encode_texts
 
         if not len(prompts) == len(responses) == len(users):
@@ -294,9 +376,13 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         try:
             for start in range(0, len(prompts), batch_size):
                 sl = slice(start, start + batch_size)
-                rows = encode_texts(self, prompts[sl], responses[sl],
-                                    None if conversations is None else conversations[sl],
-                                    where=lambda i, start=start: {"row": start + i})
+                rows = encode_texts(
+                    self,
+                    prompts[sl],
+                    responses[sl],
+                    None if conversations is None else conversations[sl],
+                    where=lambda i, start=start: {"row": start + i},
+                )
                 batch = self.collate(rows)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out.append(fn(user_index=index[sl].to(device), **batch).double().cpu())
@@ -308,8 +394,9 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         return self.lora.layers()
 
 
-def tokenize_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
-                   max_length: int) -> Any:
+def tokenize_pairs(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> Any:
     """Unpadded token ids of each ``prompt`` + ``response`` (a text pair, longest-first
     truncation to ``max_length``)."""
     return tokenizer(list(prompts), list(responses), truncation=True, max_length=max_length)
@@ -326,8 +413,10 @@ def backbone_inputs(backbone: nn.Module, batch: dict[str, Any]) -> dict[str, Any
     """``input_ids`` and ``attention_mask``, plus ``token_type_ids`` when the batch has them
     and the backbone's ``forward`` takes them (BERT does, Llama does not)."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if batch.get("token_type_ids") is not None and "token_type_ids" in inspect.signature(
-            backbone.forward).parameters:
+    if (
+        batch.get("token_type_ids") is not None
+        and "token_type_ids" in inspect.signature(backbone.forward).parameters
+    ):
         kwargs["token_type_ids"] = batch["token_type_ids"]
     return kwargs
 
@@ -358,9 +447,11 @@ def _check_max_length(max_length: Any, tokenizer: Any) -> int:
     except (AttributeError, TypeError, ValueError):
         special = 0
     if value < special + 2:
-        raise ConfigError(f"max_length={value} leaves no room for text: a prompt/response pair "
-                          f"takes {special} special tokens, so max_length must be at least "
-                          f"{special + 2}")
+        raise ConfigError(
+            f"max_length={value} leaves no room for text: a prompt/response pair "
+            f"takes {special} special tokens, so max_length must be at least "
+            f"{special + 2}"
+        )
     return value
 
 

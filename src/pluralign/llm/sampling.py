@@ -38,8 +38,16 @@ from pluralign.errors import ConfigError, PluralignError
 from pluralign.llm.policy import Generations, PersonalizedPolicy
 from pluralign.llm.trainer import LoRATrainer
 
-__all__ = ["BestOfN", "RejectionStage", "SFTTrainer", "best_of_n", "best_of_n_kl_bound",
-           "multistep_rejection_sampling", "pool_estimate", "select_best"]
+__all__ = [
+    "BestOfN",
+    "RejectionStage",
+    "SFTTrainer",
+    "best_of_n",
+    "best_of_n_kl_bound",
+    "multistep_rejection_sampling",
+    "pool_estimate",
+    "select_best",
+]
 
 
 def best_of_n_kl_bound(n: int) -> float:
@@ -47,8 +55,9 @@ def best_of_n_kl_bound(n: int) -> float:
     return float(np.log(n) - (n - 1) / n)
 
 
-def select_best(rewards: np.ndarray, norms: np.ndarray | None = None,
-                pessimism: float = 0.0) -> np.ndarray:
+def select_best(
+    rewards: np.ndarray, norms: np.ndarray | None = None, pessimism: float = 0.0
+) -> np.ndarray:
     """Index of the best candidate per row of ``rewards`` (``(m, n)``) by
     ``r − pessimism·norm`` (ties: the first)."""
     score = np.asarray(rewards, float)
@@ -83,15 +92,27 @@ def _norms(reward_model: Any, uncertainty: Any, candidates: Generations) -> np.n
     texts = [t if t else " " for group in candidates.texts for t in group]
     phi = reward_model.features(prompts, texts, users).reshape(m, n, -1)
     center = phi.mean(axis=1, keepdims=True)
-    return uncertainty.norm(phi.reshape(m * n, -1),
-                            np.broadcast_to(center, phi.shape).reshape(m * n, -1)).reshape(m, n)
+    return uncertainty.norm(
+        phi.reshape(m * n, -1), np.broadcast_to(center, phi.shape).reshape(m * n, -1)
+    ).reshape(m, n)
 
 
-def best_of_n(policy: PersonalizedPolicy, reward_model: Any, prompts: Sequence[str],
-              users: Sequence[Any], *, n: int = 8, pessimism: float = 0.0,
-              uncertainty: Any = None, max_new_tokens: int = 64, temperature: float = 1.0,
-              top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-              reference: bool = False) -> BestOfN:
+def best_of_n(
+    policy: PersonalizedPolicy,
+    reward_model: Any,
+    prompts: Sequence[str],
+    users: Sequence[Any],
+    *,
+    n: int = 8,
+    pessimism: float = 0.0,
+    uncertainty: Any = None,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    reference: bool = False,
+) -> BestOfN:
     """Best-of-``n`` of ``policy`` (or its reference π0) under the users' reward model, with
     last-layer pessimism when ``pessimism > 0`` (module docstring; ``uncertainty`` is a fitted
     :class:`~pluralign.llm.uncertainty.LastLayerUncertainty`)."""
@@ -100,25 +121,45 @@ def best_of_n(policy: PersonalizedPolicy, reward_model: Any, prompts: Sequence[s
     pessimism = check_float("pessimism", pessimism, low=0.0)
     if pessimism and uncertainty is None:
         raise ConfigError("pessimism > 0 needs a fitted LastLayerUncertainty (uncertainty=...)")
-    candidates = policy.generate(prompts, users, n=n, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed,
-                                 batch_size=batch_size, reference=reference)
+    candidates = policy.generate(
+        prompts,
+        users,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        reference=reference,
+    )
     flat_prompts = [p for p in candidates.prompts for _ in range(n)]
     flat_users = [u for u in candidates.users for _ in range(n)]
     texts = [t if t else " " for group in candidates.texts for t in group]
     rewards = reward_model.score(flat_prompts, texts, flat_users).reshape(len(prompts), n)
     norms = _norms(reward_model, uncertainty, candidates) if pessimism else None
     chosen = select_best(rewards, norms, pessimism)
-    return BestOfN(prompts=list(prompts), users=candidates.users,
-                   responses=[candidates.texts[i][j] for i, j in enumerate(chosen)],
-                   token_ids=[candidates.token_ids[i][j] for i, j in enumerate(chosen)],
-                   chosen=chosen, rewards=rewards, norms=norms, candidates=candidates)
+    return BestOfN(
+        prompts=list(prompts),
+        users=candidates.users,
+        responses=[candidates.texts[i][j] for i, j in enumerate(chosen)],
+        token_ids=[candidates.token_ids[i][j] for i, j in enumerate(chosen)],
+        chosen=chosen,
+        rewards=rewards,
+        norms=norms,
+        candidates=candidates,
+    )
 
 
-def pool_estimate(rewards: np.ndarray, gold: np.ndarray, n: int, *,
-                  norms_of: Callable[[np.ndarray], np.ndarray] | None = None,
-                  pessimism: float = 0.0, draws: int = 2000, seed: int = 0
-                  ) -> tuple[float, float]:
+def pool_estimate(
+    rewards: np.ndarray,
+    gold: np.ndarray,
+    n: int,
+    *,
+    norms_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    pessimism: float = 0.0,
+    draws: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """``(expected gold reward, KL to the pool)`` of best-of-``n`` on one prompt's pool of
     ``P`` samples (module docstring). ``rewards`` and ``gold`` are ``(P,)``; with pessimism,
     ``norms_of(indices)`` returns the norms ``‖φ − ν‖_{M⁻¹}`` of the drawn candidates (``ν``
@@ -180,27 +221,41 @@ class SFTTrainer(LoRATrainer):
     ``SFTTrainer(args=TrainingConfig(...))`` (TRL's names) or the loop's keywords; the data go
     to :meth:`fit` as prompts, responses and users (TRL's ``SFTTrainer``: a dataset)."""
 
-    def fit(self, policy: PersonalizedPolicy, prompts: Sequence[str],
-            responses: Sequence[Sequence[int] | str], users: Sequence[str]) -> SFTTrainer:
+    def fit(
+        self,
+        policy: PersonalizedPolicy,
+        prompts: Sequence[str],
+        responses: Sequence[Sequence[int] | str],
+        users: Sequence[str],
+    ) -> SFTTrainer:
         self._check()
-        data = _Samples(prompts=list(prompts), responses=[list(r) if not isinstance(r, str)
-                                                          else r for r in responses],
-                        users=[str(u) for u in users],
-                        encoded=policy.encode(prompts, responses),
-                        user_index=policy.user_index(users).numpy())
+        data = _Samples(
+            prompts=list(prompts),
+            responses=[list(r) if not isinstance(r, str) else r for r in responses],
+            users=[str(u) for u in users],
+            encoded=policy.encode(prompts, responses),
+            user_index=policy.user_index(users).numpy(),
+        )
         if not len(data):
             raise PluralignError("no samples to fine-tune on")
         return self._train(policy, data, None, trainable="all")
 
-    def _row_losses(self, wrapped: Any, policy: PersonalizedPolicy, data: _Samples,
-                    rows: list[int], device: torch.device) -> torch.Tensor:
+    def _row_losses(
+        self,
+        wrapped: Any,
+        policy: PersonalizedPolicy,
+        data: _Samples,
+        rows: list[int],
+        device: torch.device,
+    ) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in data.batch(rows, policy).items()}
         logps, tokens = wrapped(**batch)
         return -logps / tokens.clamp_min(1)
 
     @torch.no_grad()
-    def evaluate(self, policy: PersonalizedPolicy, data: _Samples, accelerator: Any = None
-                 ) -> dict[str, Any]:
+    def evaluate(
+        self, policy: PersonalizedPolicy, data: _Samples, accelerator: Any = None
+    ) -> dict[str, Any]:
         losses = []
         for start in range(0, len(data), self.batch_size):
             rows = list(range(start, min(len(data), start + self.batch_size)))
@@ -208,8 +263,12 @@ class SFTTrainer(LoRATrainer):
             logps, tokens = policy(**batch)
             losses.append((-logps / tokens.clamp_min(1)).double().cpu())
         loss = float(torch.cat(losses).mean()) if losses else float("nan")
-        return {"loss": loss, "accuracy": float("nan"), "mean_user_accuracy": float("nan"),
-                "n": len(data)}
+        return {
+            "loss": loss,
+            "accuracy": float("nan"),
+            "mean_user_accuracy": float("nan"),
+            "n": len(data),
+        }
 
 
 @dataclass(frozen=True)
@@ -225,16 +284,22 @@ class RejectionStage:
     kl: float
 
 
-def multistep_rejection_sampling(policy: PersonalizedPolicy,
-                                 reward: Callable[[str, str, str], float],
-                                 prompts: Sequence[str], users: Sequence[str],
-                                 etas: Sequence[float], *, n: int = 8,
-                                 max_new_tokens: int = 32, eval_samples: int = 4,
-                                 trainer: SFTTrainer | None = None, seed: int = 0,
-                                 batch_size: int = 8,
-                                 progress: Callable[[str], None] | None = None,
-                                 on_stage: Callable[[int, PersonalizedPolicy], None] | None
-                                 = None) -> list[RejectionStage]:
+def multistep_rejection_sampling(
+    policy: PersonalizedPolicy,
+    reward: Callable[[str, str, str], float],
+    prompts: Sequence[str],
+    users: Sequence[str],
+    etas: Sequence[float],
+    *,
+    n: int = 8,
+    max_new_tokens: int = 32,
+    eval_samples: int = 4,
+    trainer: SFTTrainer | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Callable[[str], None] | None = None,
+    on_stage: Callable[[int, PersonalizedPolicy], None] | None = None,
+) -> list[RejectionStage]:
     """Run the schedule ``etas`` (decreasing, > 0) on ``policy`` in place (module docstring).
 
     ``reward(prompt, response, user)`` scores a response (a reward model's ``score`` or a
@@ -252,12 +317,19 @@ def multistep_rejection_sampling(policy: PersonalizedPolicy,
     stages, previous = [], np.inf
     users = [str(u) for u in users]
     for s, eta in enumerate(etas):
-        samples = policy.generate(prompts, users, n=n, max_new_tokens=max_new_tokens,
-                                  seed=seed + 7919 * s, batch_size=batch_size)
+        samples = policy.generate(
+            prompts,
+            users,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            seed=seed + 7919 * s,
+            batch_size=batch_size,
+        )
         keep_p, keep_ids, keep_u, total = [], [], [], 0
         step = 1.0 / eta - (0.0 if np.isinf(previous) else 1.0 / previous)
-        for p, u, texts, ids in zip(samples.prompts, samples.users, samples.texts,
-                                    samples.token_ids, strict=True):
+        for p, u, texts, ids in zip(
+            samples.prompts, samples.users, samples.texts, samples.token_ids, strict=True
+        ):
             r = np.array([reward(p, t, u) for t in texts])
             accept = rng.random(len(r)) < np.exp((r - r.max()) * step)
             total += len(r)
@@ -267,34 +339,69 @@ def multistep_rejection_sampling(policy: PersonalizedPolicy,
                 keep_u.append(u)
         trainer.seed = seed + s
         trainer.fit(policy, keep_p, keep_ids, keep_u)
-        value, kl = evaluate_policy(policy, reward, prompts, users, n=eval_samples,
-                                    max_new_tokens=max_new_tokens, seed=seed + 104729 + s,
-                                    batch_size=batch_size) if eval_samples else (math.nan,
-                                                                                 math.nan)
+        value, kl = (
+            evaluate_policy(
+                policy,
+                reward,
+                prompts,
+                users,
+                n=eval_samples,
+                max_new_tokens=max_new_tokens,
+                seed=seed + 104729 + s,
+                batch_size=batch_size,
+            )
+            if eval_samples
+            else (math.nan, math.nan)
+        )
         if on_stage is not None:
             on_stage(s, policy)
-        stages.append(RejectionStage(eta=eta, acceptance=len(keep_p) / max(total, 1),
-                                     accepted=len(keep_p), reward=value, kl=kl))
+        stages.append(
+            RejectionStage(
+                eta=eta,
+                acceptance=len(keep_p) / max(total, 1),
+                accepted=len(keep_p),
+                reward=value,
+                kl=kl,
+            )
+        )
         if progress is not None:
-            progress(f"stage {s + 1}/{len(etas)} eta={eta:g}: accepted "
-                     f"{stages[-1].acceptance:.1%}, reward {value:.4f}, KL {kl:.3f}")
+            progress(
+                f"stage {s + 1}/{len(etas)} eta={eta:g}: accepted "
+                f"{stages[-1].acceptance:.1%}, reward {value:.4f}, KL {kl:.3f}"
+            )
         previous = eta
     return stages
 
 
-def evaluate_policy(policy: PersonalizedPolicy, reward: Callable[[str, str, str], float],
-                    prompts: Sequence[str], users: Sequence[str], *, n: int = 4,
-                    max_new_tokens: int = 32, seed: int = 0, batch_size: int = 8,
-                    reference: bool = False) -> tuple[float, float]:
+def evaluate_policy(
+    policy: PersonalizedPolicy,
+    reward: Callable[[str, str, str], float],
+    prompts: Sequence[str],
+    users: Sequence[str],
+    *,
+    n: int = 4,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 8,
+    reference: bool = False,
+) -> tuple[float, float]:
     """``(mean reward, KL(π‖π0))`` of ``policy`` on ``n`` fresh samples per (prompt, user):
     KL is the sample mean of ``log π(y) − log π0(y)`` (0 for the reference itself)."""
-    samples = policy.generate(prompts, users, n=n, max_new_tokens=max_new_tokens, seed=seed,
-                              batch_size=batch_size, reference=reference)
+    samples = policy.generate(
+        prompts,
+        users,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        reference=reference,
+    )
     p, ids, u = samples.flat()
     texts = [t for group in samples.texts for t in group]
     value = float(np.mean([reward(pp, t, uu) for pp, t, uu in zip(p, texts, u, strict=True)]))
     if reference:
         return value, 0.0
-    gap = (policy.logprobs(p, ids, u, batch_size=batch_size)
-           - policy.logprobs(p, ids, u, reference=True, batch_size=batch_size))
+    gap = policy.logprobs(p, ids, u, batch_size=batch_size) - policy.logprobs(
+        p, ids, u, reference=True, batch_size=batch_size
+    )
     return value, float(gap.mean())

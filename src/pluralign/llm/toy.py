@@ -30,24 +30,48 @@ def char_tokenizer() -> Any:
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
-def tiny_llama(vocab_size: int | None = None, *, hidden_size: int = 32, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, intermediate_size: int = 64,
-               max_positions: int = 256, seed: int = 0, **config: Any) -> Any:
+def tiny_llama(
+    vocab_size: int | None = None,
+    *,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 64,
+    max_positions: int = 256,
+    seed: int = 0,
+    **config: Any,
+) -> Any:
     """A random ``LlamaForCausalLM`` (seeded; the char tokenizer's vocabulary by default)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = vocab_size or len(SPECIAL) + len(CHARACTERS)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                      **config)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **config,
+    )
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -69,8 +69,15 @@ from pluralign.llm.config import Section, TrainingConfig, resolve_sections
 from pluralign.llm.data import EncodedPairs, encode_pairs
 from pluralign.llm.reward_model import PersonalizedRewardModel
 
-__all__ = ["ELSEWHERE", "LoRATrainer", "RewardTrainer", "adapt_user", "per_user_metrics",
-           "training_arguments_table", "use_cpu"]
+__all__ = [
+    "ELSEWHERE",
+    "LoRATrainer",
+    "RewardTrainer",
+    "adapt_user",
+    "per_user_metrics",
+    "training_arguments_table",
+    "use_cpu",
+]
 
 SCHEDULES = ("constant", "linear")
 # The largest lr and weight_decay accepted. AdamW's step size lr / (1 - β₁ᵗ) (at most 10·lr)
@@ -104,13 +111,15 @@ class _Default:
 
 # The defaults of the keywords that ``args`` also sets are TrainingConfig's (one source, so
 # ``RewardTrainer()`` and ``RewardTrainer(args=TrainingConfig())`` are the same trainer)
-_D = {TrainingConfig.TRAINER_NAMES[f.name]: _Default(f.default)
-      for f in dataclasses.fields(TrainingConfig)}
+_D = {
+    TrainingConfig.TRAINER_NAMES[f.name]: _Default(f.default)
+    for f in dataclasses.fields(TrainingConfig)
+}
 
 
 class _Elsewhere(NamedTuple):
-    config: str        # where a train-rm / train-policy config has it
-    python: str        # where the Python API has it
+    config: str  # where a train-rm / train-policy config has it
+    python: str  # where the Python API has it
     note: str = ""
 
 
@@ -119,23 +128,31 @@ class _Elsewhere(NamedTuple):
 # and docs/names.md lists them (training_arguments_table)
 ELSEWHERE: dict[str, _Elsewhere] = {
     "per_device_train_batch_size": _Elsewhere(
-        "train.train_batch_size", "batch_size=",
-        "pluralign's batch is the global one, split across the processes"),
+        "train.train_batch_size",
+        "batch_size=",
+        "pluralign's batch is the global one, split across the processes",
+    ),
     "output_dir": _Elsewhere("out", "output_dir=", "checkpoints and logs go there"),
     "resume_from_checkpoint": _Elsewhere(
-        "--no-resume", "resume=", "a run resumes from the last checkpoint in its output "
-                                  "folder unless resume=False"),
-    "save_strategy": _Elsewhere("train.save_steps", "checkpoint_every=",
-                                "save_steps: epoch is save_strategy='epoch'"),
-    "eval_strategy": _Elsewhere("—", "eval_every_epoch=",
-                                "the default, True, evaluates after every epoch"),
+        "--no-resume",
+        "resume=",
+        "a run resumes from the last checkpoint in its output folder unless resume=False",
+    ),
+    "save_strategy": _Elsewhere(
+        "train.save_steps", "checkpoint_every=", "save_steps: epoch is save_strategy='epoch'"
+    ),
+    "eval_strategy": _Elsewhere(
+        "—", "eval_every_epoch=", "the default, True, evaluates after every epoch"
+    ),
     "bf16": _Elsewhere("—", "mixed_precision='bf16'", "or accelerate launch's option"),
     "fp16": _Elsewhere("—", "mixed_precision='fp16'", "or accelerate launch's option"),
     "use_cpu": _Elsewhere("—", "cpu=True", "also the default without CUDA"),
     "disable_tqdm": _Elsewhere("--no-progress", "progress=False", ""),
-    "max_length": _Elsewhere("model.max_length", "from_pretrained(max_length=)",
-                             "the model's token budget, not the trainer's (TRL's configs: "
-                             "1024)"),
+    "max_length": _Elsewhere(
+        "model.max_length",
+        "from_pretrained(max_length=)",
+        "the model's token budget, not the trainer's (TRL's configs: 1024)",
+    ),
 }
 # TRL's DPO settings that are DPOTrainer keywords of the same name (train-policy: dpo.NAME)
 _DPO_KEYWORDS = ("beta", "loss_type", "precompute_ref_log_probs", "kl_samples")
@@ -145,26 +162,43 @@ _DPO_KEYWORDS = ("beta", "loss_type", "precompute_ref_log_probs", "kl_samples")
 # test_llm_trainer_args.py checks them against the installed libraries), and what differs
 _HF_NAME = {"train_batch_size": "per_device_train_batch_size"}
 _HF_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 3.0, "learning_rate": 5e-5, "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 1, "weight_decay": 0.0, "lr_scheduler_type": "linear",
-    "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 42, "save_steps": 500,
-    "save_total_limit": None, "max_steps": -1, "logging_steps": 500, "output_dir": None,
-    "resume_from_checkpoint": None, "save_strategy": "steps", "eval_strategy": "no",
-    "bf16": False, "fp16": False, "use_cpu": False, "disable_tqdm": None}
+    "num_train_epochs": 3.0,
+    "learning_rate": 5e-5,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0.0,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+    "save_steps": 500,
+    "save_total_limit": None,
+    "max_steps": -1,
+    "logging_steps": 500,
+    "output_dir": None,
+    "resume_from_checkpoint": None,
+    "save_strategy": "steps",
+    "eval_strategy": "no",
+    "bf16": False,
+    "fp16": False,
+    "use_cpu": False,
+    "disable_tqdm": None,
+}
 _TRL_LEARNING_RATES = {"RewardConfig": 1e-4, "DPOConfig": 1e-6, "SFTConfig": 2e-5}
 _DIFFERS = {
     "num_train_epochs": "a whole number",
-    "learning_rate": "TRL's configs: " + ", ".join(
-        f"{k} {v:g}" for k, v in _TRL_LEARNING_RATES.items()) + " (LoRA takes larger rates)",
+    "learning_rate": "TRL's configs: "
+    + ", ".join(f"{k} {v:g}" for k, v in _TRL_LEARNING_RATES.items())
+    + " (LoRA takes larger rates)",
     "train_batch_size": "the global batch, split across the processes of an accelerate run "
-                        "(transformers: per device), so 1 or N processes train the same model",
+    "(transformers: per device), so 1 or N processes train the same model",
     "lr_scheduler_type": "constant or linear only",
     "max_grad_norm": "null (the default): no clipping",
     "seed": "also the row order of each epoch and the dropout of each micro-batch",
     "save_steps": "or epoch (transformers: save_strategy='epoch')",
     "save_total_limit": "transformers keeps all by default",
     "max_steps": "null: all epochs (transformers: -1); the schedule still spans all epochs, "
-                 "so a stopped run resumes to the same model",
+    "so a stopped run resumes to the same model",
     "logging_steps": "TRL's configs: 10; the first and the last step are always logged",
 }
 
@@ -184,22 +218,31 @@ def training_arguments_table() -> str:
     :data:`ELSEWHERE` (a test checks the docs hold it)."""
     from pluralign.llm.dpo import DPOTrainer
 
-    lines = ["| transformers / TRL | transformers default | pluralign config / CLI | default "
-             "| trainer keyword | what differs |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| transformers / TRL | transformers default | pluralign config / CLI | default "
+        "| trainer keyword | what differs |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
 
     def row(hf: str, config: str, default: str, keyword: str, note: str) -> None:
-        hf_default = f"`{_shown_default(_HF_DEFAULTS[hf], False)}`" if hf in _HF_DEFAULTS \
-            else "—"
-        lines.append(f"| `{hf}` | {hf_default} | {config} | {default} | {keyword} | "
-                     f"{note.replace('|', chr(92) + '|')} |")
+        hf_default = f"`{_shown_default(_HF_DEFAULTS[hf], False)}`" if hf in _HF_DEFAULTS else "—"
+        lines.append(
+            f"| `{hf}` | {hf_default} | {config} | {default} | {keyword} | "
+            f"{note.replace('|', chr(92) + '|')} |"
+        )
 
     for f in dataclasses.fields(TrainingConfig):
         keyword = TrainingConfig.TRAINER_NAMES[f.name]
         shown = f"`{keyword}=`"
         if keyword in DPOTrainer._DEFAULTS:
             shown += f" (DPOTrainer without args: {DPOTrainer._DEFAULTS[keyword]!r})"
-        row(_HF_NAME.get(f.name, f.name), f"`train.{f.name}`",
-            f"`{_shown_default(f.default, True)}`", shown, _DIFFERS.get(f.name, ""))
+        row(
+            _HF_NAME.get(f.name, f.name),
+            f"`train.{f.name}`",
+            f"`{_shown_default(f.default, True)}`",
+            shown,
+            _DIFFERS.get(f.name, ""),
+        )
     named = set(_HF_NAME.values())
     for hf, where in ELSEWHERE.items():
         if hf not in named:
@@ -220,22 +263,32 @@ def _training_args(owner: str, args: Any) -> tuple[TrainingConfig, set[str]]:
                 where = ELSEWHERE[key]
                 config = f" ({where.config})" if where.config != "—" else ""
                 note = f"; {where.note}" if where.note else ""
-                raise ConfigError(f"unknown key {key!r} in 'train': pluralign has it as "
-                                  f"{where.python}{config}{note}")
+                raise ConfigError(
+                    f"unknown key {key!r} in 'train': pluralign has it as "
+                    f"{where.python}{config}{note}"
+                )
             if isinstance(key, str) and key in _DPO_KEYWORDS:
-                raise ConfigError(f"unknown key {key!r} in 'train': a DPO setting, given as "
-                                  f"DPOTrainer({key}=...) (train-policy: dpo.{key}); args "
-                                  "holds the training settings")
+                raise ConfigError(
+                    f"unknown key {key!r} in 'train': a DPO setting, given as "
+                    f"DPOTrainer({key}=...) (train-policy: dpo.{key}); args "
+                    "holds the training settings"
+                )
         return resolve_sections({"train": dict(args)}, {"train": TrainingConfig})["train"], set(
-            args)
+            args
+        )
     kind = type(args).__name__
-    hint = (f"a {kind} is the {args.SECTION!r} section, not the training settings"
-            if isinstance(args, Section) else
-            "transformers' and TRL's argument classes are not read: their names map to "
-            "pluralign's in docs/names.md" if kind.endswith(("Arguments", "Config")) else "")
-    raise ConfigError(f"{owner}: args must be a pluralign.llm.config.TrainingConfig or a "
-                      f"mapping of its settings ({', '.join(fields)}), got {kind}"
-                      + (f"; {hint}" if hint else ""))
+    hint = (
+        f"a {kind} is the {args.SECTION!r} section, not the training settings"
+        if isinstance(args, Section)
+        else "transformers' and TRL's argument classes are not read: their names map to "
+        "pluralign's in docs/names.md"
+        if kind.endswith(("Arguments", "Config"))
+        else ""
+    )
+    raise ConfigError(
+        f"{owner}: args must be a pluralign.llm.config.TrainingConfig or a "
+        f"mapping of its settings ({', '.join(fields)}), got {kind}" + (f"; {hint}" if hint else "")
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -247,15 +300,16 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _loop_settings(cls: type[LoRATrainer], args: Any, keywords: dict[str, Any]
-                   ) -> dict[str, Any]:
+def _loop_settings(cls: type[LoRATrainer], args: Any, keywords: dict[str, Any]) -> dict[str, Any]:
     """The trainer's settings from ``args`` and its keywords (:class:`LoRATrainer`, ``args``):
     a setting that ``args`` names comes from ``args``, and a keyword given for it too must
     agree; the others are the keywords given, else their defaults (with ``args``: the
     TrainingConfig's, without: the trainer's)."""
     given = {k: v for k, v in keywords.items() if not isinstance(v, _Default)}
-    out = {k: cls._DEFAULTS.get(k, v.value) if isinstance(v, _Default) else v
-           for k, v in keywords.items()}
+    out = {
+        k: cls._DEFAULTS.get(k, v.value) if isinstance(v, _Default) else v
+        for k, v in keywords.items()
+    }
     if args is None:
         return out
     section, named = _training_args(cls.__name__, args)
@@ -264,12 +318,17 @@ def _loop_settings(cls: type[LoRATrainer], args: Any, keywords: dict[str, Any]
         if keyword in given and field not in named:
             continue
         if keyword in given and not _same(given[keyword], value):
-            fix = (f"leave {field} out of args, or drop {keyword}=" if isinstance(args, Mapping)
-                   else "a TrainingConfig holds every setting (its default unless set), so "
-                        f"change it there (dataclasses.replace(args, {field}="
-                        f"{show(given[keyword])})) or drop {keyword}=")
-            raise ConfigError(f"{cls.__name__} got both args.{field}={show(value)} and "
-                              f"{keyword}={show(given[keyword])}: give each setting once; {fix}")
+            fix = (
+                f"leave {field} out of args, or drop {keyword}="
+                if isinstance(args, Mapping)
+                else "a TrainingConfig holds every setting (its default unless set), so "
+                f"change it there (dataclasses.replace(args, {field}="
+                f"{show(given[keyword])})) or drop {keyword}="
+            )
+            raise ConfigError(
+                f"{cls.__name__} got both args.{field}={show(value)} and "
+                f"{keyword}={show(given[keyword])}: give each setting once; {fix}"
+            )
         out[keyword] = value
     return out
 
@@ -288,13 +347,20 @@ def per_user_metrics(margins: np.ndarray, users: Sequence[str]) -> dict[str, Any
     per_user = {}
     for u in dict.fromkeys(users.tolist()):
         m = users == u
-        per_user[str(u)] = {"accuracy": float(correct[m].mean()), "loss": float(loss[m].mean()),
-                            "n": int(m.sum())}
-    return {"accuracy": float(correct.mean()) if len(margins) else float("nan"),
-            "loss": float(loss.mean()) if len(margins) else float("nan"),
-            "mean_user_accuracy": float(np.mean([v["accuracy"] for v in per_user.values()]))
-            if per_user else float("nan"),
-            "n": len(margins), "per_user": per_user}
+        per_user[str(u)] = {
+            "accuracy": float(correct[m].mean()),
+            "loss": float(loss[m].mean()),
+            "n": int(m.sum()),
+        }
+    return {
+        "accuracy": float(correct.mean()) if len(margins) else float("nan"),
+        "loss": float(loss.mean()) if len(margins) else float("nan"),
+        "mean_user_accuracy": float(np.mean([v["accuracy"] for v in per_user.values()]))
+        if per_user
+        else float("nan"),
+        "n": len(margins),
+        "per_user": per_user,
+    }
 
 
 class LoRATrainer:
@@ -364,24 +430,49 @@ class LoRATrainer:
     # with ``args`` the section's defaults apply instead
     _DEFAULTS: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, *, args: TrainingConfig | Mapping[str, Any] | None = None,
-                 epochs: int = _D["epochs"], lr: float = _D["lr"],
-                 batch_size: int = _D["batch_size"], grad_accum: int = _D["grad_accum"],
-                 weight_decay: float = _D["weight_decay"], schedule: str = _D["schedule"],
-                 warmup_steps: int = _D["warmup_steps"],
-                 max_grad_norm: float | None = _D["max_grad_norm"], seed: int = _D["seed"],
-                 output_dir: str | Path | None = None,
-                 checkpoint_every: int | str = _D["checkpoint_every"],
-                 keep_checkpoints: int = _D["keep_checkpoints"], resume: bool = True,
-                 max_steps: int | None = _D["max_steps"], eval_every_epoch: bool = True,
-                 progress: bool = True, cpu: bool = False, mixed_precision: str = "no",
-                 logging_steps: int = _D["logging_steps"]) -> None:
-        settings = _loop_settings(type(self), args, {
-            "epochs": epochs, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
-            "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
-            "max_grad_norm": max_grad_norm, "seed": seed, "checkpoint_every": checkpoint_every,
-            "keep_checkpoints": keep_checkpoints, "max_steps": max_steps,
-            "logging_steps": logging_steps})
+    def __init__(
+        self,
+        *,
+        args: TrainingConfig | Mapping[str, Any] | None = None,
+        epochs: int = _D["epochs"],
+        lr: float = _D["lr"],
+        batch_size: int = _D["batch_size"],
+        grad_accum: int = _D["grad_accum"],
+        weight_decay: float = _D["weight_decay"],
+        schedule: str = _D["schedule"],
+        warmup_steps: int = _D["warmup_steps"],
+        max_grad_norm: float | None = _D["max_grad_norm"],
+        seed: int = _D["seed"],
+        output_dir: str | Path | None = None,
+        checkpoint_every: int | str = _D["checkpoint_every"],
+        keep_checkpoints: int = _D["keep_checkpoints"],
+        resume: bool = True,
+        max_steps: int | None = _D["max_steps"],
+        eval_every_epoch: bool = True,
+        progress: bool = True,
+        cpu: bool = False,
+        mixed_precision: str = "no",
+        logging_steps: int = _D["logging_steps"],
+    ) -> None:
+        settings = _loop_settings(
+            type(self),
+            args,
+            {
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "weight_decay": weight_decay,
+                "schedule": schedule,
+                "warmup_steps": warmup_steps,
+                "max_grad_norm": max_grad_norm,
+                "seed": seed,
+                "checkpoint_every": checkpoint_every,
+                "keep_checkpoints": keep_checkpoints,
+                "max_steps": max_steps,
+                "logging_steps": logging_steps,
+            },
+        )
         self.epochs = settings["epochs"]
         self.lr = settings["lr"]
         self.batch_size = settings["batch_size"]
@@ -421,22 +512,35 @@ class LoRATrainer:
         check_choice("schedule", self.schedule, SCHEDULES)
         every = self.checkpoint_every
         if not (every == "epoch" and isinstance(every, str)) and (
-                isinstance(every, bool) or not isinstance(every, int | np.integer)
-                or not 1 <= every <= INT_MAX):
-            raise ConfigError(f"checkpoint_every must be 'epoch' or a positive integer, "
-                              f"got {show(every)}")
+            isinstance(every, bool)
+            or not isinstance(every, int | np.integer)
+            or not 1 <= every <= INT_MAX
+        ):
+            raise ConfigError(
+                f"checkpoint_every must be 'epoch' or a positive integer, got {show(every)}"
+            )
         if self.output_dir is not None:
             check_string("output_dir", self.output_dir)
 
-    def _fingerprint(self, data: EncodedPairs, model: PersonalizedRewardModel,
-                     trainable: str) -> dict[str, Any]:
-        return {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "weight_decay": self.weight_decay, "schedule": self.schedule,
-                "warmup_steps": self.warmup_steps, "max_grad_norm": self.max_grad_norm,
-                "seed": self.seed, "data": data.fingerprint(), "users": list(model.user_ids),
-                "share": model.share, "trainable": trainable,
-                "shapes": {n: list(p.shape) for n, p in model.trainable_named_parameters()},
-                **self._loss_settings()}
+    def _fingerprint(
+        self, data: EncodedPairs, model: PersonalizedRewardModel, trainable: str
+    ) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "weight_decay": self.weight_decay,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "seed": self.seed,
+            "data": data.fingerprint(),
+            "users": list(model.user_ids),
+            "share": model.share,
+            "trainable": trainable,
+            "shapes": {n: list(p.shape) for n, p in model.trainable_named_parameters()},
+            **self._loss_settings(),
+        }
 
     def _loss_settings(self) -> dict[str, Any]:
         """Settings of the subclass's loss that a resumed run must share (its fingerprint)."""
@@ -445,8 +549,8 @@ class LoRATrainer:
     # ------------------------------------------------------------------ schedule
     def _micro_batches(self, n: int, epoch: int, world: int) -> list[list[int]]:
         order = np.random.default_rng(_seed(self.seed, epoch)).permutation(n)
-        batches = [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
-        if batches and len(batches[-1]) < world:        # every process needs at least one row
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        if batches and len(batches[-1]) < world:  # every process needs at least one row
             batches.pop()
         return batches
 
@@ -457,17 +561,24 @@ class LoRATrainer:
         return self.lr * warm
 
     # ------------------------------------------------------------------ fit
-    def _train(self, model: PersonalizedRewardModel, data: EncodedPairs,
-               eval_data: EncodedPairs | None, *, trainable: str,
-               user: int | None = None) -> RewardTrainer:
+    def _train(
+        self,
+        model: PersonalizedRewardModel,
+        data: EncodedPairs,
+        eval_data: EncodedPairs | None,
+        *,
+        trainable: str,
+        user: int | None = None,
+    ) -> RewardTrainer:
         from accelerate import Accelerator
 
         self._check()
         accelerator = Accelerator(cpu=use_cpu(self.cpu), mixed_precision=self.mixed_precision)
         world, rank = accelerator.num_processes, accelerator.process_index
         params, hooks = _select_trainable(model, trainable, user)
-        optimizer = torch.optim.AdamW([p for _, p in params], lr=self.lr,
-                                      weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for _, p in params], lr=self.lr, weight_decay=self.weight_decay
+        )
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
 
@@ -476,16 +587,23 @@ class LoRATrainer:
         n_batches = len(self._micro_batches(len(data), 0, world))
         steps_per_epoch = math.ceil(n_batches / self.grad_accum)
         total_steps = self.epochs * steps_per_epoch
-        fingerprint = self._fingerprint(data, model, trainable if user is None
-                                        else f"{trainable}:{model.user_ids[user]}")
+        fingerprint = self._fingerprint(
+            data, model, trainable if user is None else f"{trainable}:{model.user_ids[user]}"
+        )
         ckpt_dir = Path(self.output_dir) / "checkpoints" if self.output_dir else None
 
         state: dict[str, Any] = {"epoch": 0, "group": 0, "global_step": 0, "history": []}
         self.resumed_from_ = None
         if ckpt_dir is not None and self.resume:
-            loaded, path, damaged = _resume(ckpt_dir, model, optimizer, fingerprint,
-                                            (self.epochs, steps_per_epoch), self.schedule)
-            accelerator.wait_for_everyone()          # every process has read the files
+            loaded, path, damaged = _resume(
+                ckpt_dir,
+                model,
+                optimizer,
+                fingerprint,
+                (self.epochs, steps_per_epoch),
+                self.schedule,
+            )
+            accelerator.wait_for_everyone()  # every process has read the files
             if accelerator.is_main_process:
                 _set_aside(damaged)
             if loaded is not None:
@@ -496,19 +614,31 @@ class LoRATrainer:
         stop = self.max_steps if self.max_steps is not None else total_steps
         main = accelerator.is_main_process
         progress = _Progress(self.progress and main, min(stop, total_steps), step)
-        log = _TrainLog(self.logging_steps, steps_per_epoch, min(stop, total_steps), step,
-                        state.get("log_history", []), state.get("log_pending"), progress,
-                        Path(self.output_dir) if self.output_dir and main else None,
-                        {"num_train_epochs": self.epochs, "save_steps": self.checkpoint_every,
-                         "train_batch_size": self.batch_size})
+        log = _TrainLog(
+            self.logging_steps,
+            steps_per_epoch,
+            min(stop, total_steps),
+            step,
+            state.get("log_history", []),
+            state.get("log_pending"),
+            progress,
+            Path(self.output_dir) if self.output_dir and main else None,
+            {
+                "num_train_epochs": self.epochs,
+                "save_steps": self.checkpoint_every,
+                "train_batch_size": self.batch_size,
+            },
+        )
         if self.resumed_from_ is not None:
             progress.line(f"train resumed at step {step}/{log.last} from {self.resumed_from_}")
-        log.write(step)                   # drops what a killed run logged after its checkpoint
+        log.write(step)  # drops what a killed run logged after its checkpoint
         try:
             for epoch in range(state["epoch"], self.epochs):
                 batches = self._micro_batches(len(data), epoch, world)
-                groups = [batches[i:i + self.grad_accum]
-                          for i in range(0, len(batches), self.grad_accum)]
+                groups = [
+                    batches[i : i + self.grad_accum]
+                    for i in range(0, len(batches), self.grad_accum)
+                ]
                 start = state["group"] if epoch == state["epoch"] else 0
                 losses = list(state.get("epoch_losses", [])) if start else []
                 for g in range(start, len(groups)):
@@ -522,8 +652,9 @@ class LoRATrainer:
                     for m, rows in enumerate(group):
                         torch.manual_seed(_seed(self.seed, epoch, g, m, rank))
                         local = rows[rank::world]
-                        row_losses, row_metrics = self._row_outputs(wrapped, model, data, local,
-                                                                    device)
+                        row_losses, row_metrics = self._row_outputs(
+                            wrapped, model, data, local, device
+                        )
                         loss = row_losses.sum() * (world / n_rows)
                         sync = m == len(group) - 1
                         if sync:
@@ -533,24 +664,31 @@ class LoRATrainer:
                                 accelerator.backward(loss)
                         loss_sum += float(row_losses.detach().sum())
                         for name, values in row_metrics.items():
-                            metric_sums[name] = (metric_sums.get(name, 0.0)
-                                                 + float(values.detach().sum()))
+                            metric_sums[name] = metric_sums.get(name, 0.0) + float(
+                                values.detach().sum()
+                            )
                     names = sorted(metric_sums)
-                    sums = accelerator.gather(torch.tensor(
-                        [loss_sum] + [metric_sums[k] for k in names], device=device))
+                    sums = accelerator.gather(
+                        torch.tensor([loss_sum] + [metric_sums[k] for k in names], device=device)
+                    )
                     sums = sums.reshape(world, -1).sum(0).tolist()
                     loss_value = sums[0] / n_rows
                     # before the update: a non-finite loss or gradient is not applied (the
                     # gradients are all-reduced, so every process decides the same)
-                    bad = (f"the loss is {loss_value}" if not math.isfinite(loss_value) else
-                           f"a gradient is not finite (loss {loss_value:.4g})"
-                           if not _all_finite(p.grad for _, p in params) else None)
+                    bad = (
+                        f"the loss is {loss_value}"
+                        if not math.isfinite(loss_value)
+                        else f"a gradient is not finite (loss {loss_value:.4g})"
+                        if not _all_finite(p.grad for _, p in params)
+                        else None
+                    )
                     if bad is not None:
                         raise PluralignError(
                             f"training diverged at epoch {epoch + 1}, step {step + 1}: {bad}; "
                             "stopped before that step was applied, nothing was exported, and "
                             "the checkpoints hold only finite states. Lower "
-                            "train.learning_rate (or weight_decay) or set train.max_grad_norm")
+                            "train.learning_rate (or weight_decay) or set train.max_grad_norm"
+                        )
                     if self.max_grad_norm is not None:
                         accelerator.clip_grad_norm_([p for _, p in params], self.max_grad_norm)
                     lr = self._lr_at(step, total_steps)
@@ -563,7 +701,8 @@ class LoRATrainer:
                             f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
                             "update made a trainable tensor non-finite; nothing was exported "
                             "or checkpointed from it. Lower train.learning_rate (or "
-                            "weight_decay) or set train.max_grad_norm")
+                            "weight_decay) or set train.max_grad_norm"
+                        )
                     step += 1
                     losses.append(loss_value)
                     progress.advance(epoch, losses[-1])
@@ -573,8 +712,11 @@ class LoRATrainer:
                         log.log_train(step, lr)
                     last_group = g == len(groups) - 1
                     if last_group:
-                        metrics = (self.evaluate(model, eval_data, accelerator)
-                                   if eval_data is not None and self.eval_every_epoch else None)
+                        metrics = (
+                            self.evaluate(model, eval_data, accelerator)
+                            if eval_data is not None and self.eval_every_epoch
+                            else None
+                        )
                         history.append(self._epoch_record(epoch, step, losses, metrics))
                         losses = []
                         if metrics is not None:
@@ -583,16 +725,32 @@ class LoRATrainer:
                     if logged:
                         log.write(step)
                     every = self.checkpoint_every
-                    if ckpt_dir is not None and ((every == "epoch" and last_group) or step >= stop
-                                                 or (every != "epoch" and step % every == 0)):
-                        snapshot = {"epoch": epoch + 1 if last_group else epoch,
-                                    "group": 0 if last_group else g + 1, "global_step": step,
-                                    "history": history, "epoch_losses": losses,
-                                    "log_history": log.history, "log_pending": log.pending,
-                                    "fingerprint": fingerprint, "epochs": self.epochs,
-                                    "total_steps": total_steps}
-                        _save_checkpoint(ckpt_dir, step, model, optimizer, snapshot,
-                                         accelerator, self.keep_checkpoints)
+                    if ckpt_dir is not None and (
+                        (every == "epoch" and last_group)
+                        or step >= stop
+                        or (every != "epoch" and step % every == 0)
+                    ):
+                        snapshot = {
+                            "epoch": epoch + 1 if last_group else epoch,
+                            "group": 0 if last_group else g + 1,
+                            "global_step": step,
+                            "history": history,
+                            "epoch_losses": losses,
+                            "log_history": log.history,
+                            "log_pending": log.pending,
+                            "fingerprint": fingerprint,
+                            "epochs": self.epochs,
+                            "total_steps": total_steps,
+                        }
+                        _save_checkpoint(
+                            ckpt_dir,
+                            step,
+                            model,
+                            optimizer,
+                            snapshot,
+                            accelerator,
+                            self.keep_checkpoints,
+                        )
                 if step >= stop:
                     break
         finally:
@@ -605,26 +763,37 @@ class LoRATrainer:
         self.log_history_ = log.history
         self.global_step_ = step
         self.train_evaluation_ = self.evaluate(model, data, accelerator)
-        self.evaluation_ = (self.evaluate(model, eval_data, accelerator) if eval_data is not None
-                            else self.train_evaluation_)
+        self.evaluation_ = (
+            self.evaluate(model, eval_data, accelerator)
+            if eval_data is not None
+            else self.train_evaluation_
+        )
         accelerator.wait_for_everyone()
         return self
 
-    def _row_outputs(self, wrapped: Any, model: Any, data: Any, rows: list[int],
-                     device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _row_outputs(
+        self, wrapped: Any, model: Any, data: Any, rows: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of each row of a micro-batch (``_row_losses``) and training metrics by
         name, one value per row (e.g. ``{"accuracy": ...}``): the loop averages each metric over
         the rows since the previous log entry and records it under its name. The default has
         no metrics; a subclass that gets them from the same forward pass overrides this."""
         return self._row_losses(wrapped, model, data, rows, device), {}
 
-    def _epoch_record(self, epoch: int, step: int, losses: list[float],
-                      metrics: dict[str, Any] | None) -> dict[str, Any]:
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                                  "train_loss": float(np.mean(losses)) if losses else None}
+    def _epoch_record(
+        self, epoch: int, step: int, losses: list[float], metrics: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": float(np.mean(losses)) if losses else None,
+        }
         if metrics is not None:
-            record.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"],
-                          eval_mean_user_accuracy=metrics["mean_user_accuracy"])
+            record.update(
+                eval_loss=metrics["loss"],
+                eval_accuracy=metrics["accuracy"],
+                eval_mean_user_accuracy=metrics["mean_user_accuracy"],
+            )
         return record
 
 
@@ -640,8 +809,12 @@ class RewardTrainer(LoRATrainer):
     to :meth:`fit` (TRL: to the constructor, then ``train()``), the tokenizer
     (``processing_class``) is the model's."""
 
-    def fit(self, model: PersonalizedRewardModel, train: TextPreferences,
-            eval: TextPreferences | None = None) -> RewardTrainer:
+    def fit(
+        self,
+        model: PersonalizedRewardModel,
+        train: TextPreferences,
+        eval: TextPreferences | None = None,
+    ) -> RewardTrainer:
         """Train ``model`` in place on ``train``; evaluate per user on ``eval``.
 
         Every user of the model needs at least one training row (an adapter with no data would
@@ -651,19 +824,31 @@ class RewardTrainer(LoRATrainer):
         data = encode_pairs(model, train)
         missing = sorted(set(model.user_ids) - set(data.users))
         if missing:
-            raise PluralignError(f"{len(missing)} user(s) of the model have no training rows: "
-                                 f"{missing[:10]}")
+            raise PluralignError(
+                f"{len(missing)} user(s) of the model have no training rows: {missing[:10]}"
+            )
         eval_data = encode_pairs(model, eval) if eval is not None and eval.n else None
         return self._train(model, data, eval_data, trainable="all")
 
-    def _row_losses(self, wrapped: Any, model: PersonalizedRewardModel, data: EncodedPairs,
-                    rows: list[int], device: torch.device) -> torch.Tensor:
+    def _row_losses(
+        self,
+        wrapped: Any,
+        model: PersonalizedRewardModel,
+        data: EncodedPairs,
+        rows: list[int],
+        device: torch.device,
+    ) -> torch.Tensor:
         """``−log σ(r_u(x, y_c) − r_u(x, y_r))`` of each row."""
         return self._row_outputs(wrapped, model, data, rows, device)[0]
 
-    def _row_outputs(self, wrapped: Any, model: PersonalizedRewardModel, data: EncodedPairs,
-                     rows: list[int], device: torch.device
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _row_outputs(
+        self,
+        wrapped: Any,
+        model: PersonalizedRewardModel,
+        data: EncodedPairs,
+        rows: list[int],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The BT loss of each row and its training ``accuracy`` (``r_c > r_r``; a tie counts
         one half, as in :func:`per_user_metrics`), from one forward pass."""
         batch = {k: v.to(device) for k, v in data.batch(rows, model).items()}
@@ -675,8 +860,9 @@ class RewardTrainer(LoRATrainer):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, model: PersonalizedRewardModel, data: EncodedPairs | TextPreferences,
-                 accelerator=None) -> dict[str, Any]:
+    def evaluate(
+        self, model: PersonalizedRewardModel, data: EncodedPairs | TextPreferences, accelerator=None
+    ) -> dict[str, Any]:
         """:func:`per_user_metrics` of ``model`` on ``data`` (rows split across processes)."""
         if isinstance(data, TextPreferences):
             data = encode_pairs(model, data)
@@ -688,7 +874,7 @@ class RewardTrainer(LoRATrainer):
         rows = list(range(rank, len(data), world))
         margins = []
         for i in range(0, len(rows), self.batch_size):
-            local = rows[i:i + self.batch_size]
+            local = rows[i : i + self.batch_size]
             batch = {k: v.to(device) for k, v in data.batch(local, model).items()}
             r = model(**batch)
             k = len(local)
@@ -703,9 +889,17 @@ class RewardTrainer(LoRATrainer):
         return per_user_metrics(values, data.users)
 
 
-def adapt_user(model: PersonalizedRewardModel, user: Any, train: TextPreferences, *,
-               epochs: int = 30, lr: float = 5e-3, batch_size: int = 16, seed: int = 0,
-               progress: bool = False) -> RewardTrainer:
+def adapt_user(
+    model: PersonalizedRewardModel,
+    user: Any,
+    train: TextPreferences,
+    *,
+    epochs: int = 30,
+    lr: float = 5e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> RewardTrainer:
     """Few-shot adaptation of a new user: register ``user`` (its factor starts at the mean of
     the existing users') and train only its own factor on its rows ``train``, with the shared
     factor, the other users and the head frozen (P-ShareLoRA §4.3).
@@ -716,23 +910,27 @@ def adapt_user(model: PersonalizedRewardModel, user: Any, train: TextPreferences
     unchanged. Returns the trainer (``evaluation_`` holds the fit on ``train``).
     """
     if model.share == "pooled":
-        raise PluralignError("share='pooled' has no per-user factors: a new user gets the "
-                             "pooled reward as it is")
+        raise PluralignError(
+            "share='pooled' has no per-user factors: a new user gets the pooled reward as it is"
+        )
     users = {str(u.item() if isinstance(u, np.generic) else u) for u in train.users}
     key = str(user)
     if users != {key}:
-        raise PluralignError(f"adaptation rows must all belong to user {key!r}; found "
-                             f"{sorted(users)[:5]}")
+        raise PluralignError(
+            f"adaptation rows must all belong to user {key!r}; found {sorted(users)[:5]}"
+        )
     index = model.add_user(key)
     data = encode_pairs(model, train)
-    trainer = RewardTrainer(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                            progress=progress, output_dir=None)
+    trainer = RewardTrainer(
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, output_dir=None
+    )
     return trainer._train(model, data, None, trainable="user", user=index)
 
 
 # ---------------------------------------------------------------------- trainable selection
-def _select_trainable(model: PersonalizedRewardModel, trainable: str, user: int | None
-                      ) -> tuple[list[tuple[str, torch.nn.Parameter]], list]:
+def _select_trainable(
+    model: PersonalizedRewardModel, trainable: str, user: int | None
+) -> tuple[list[tuple[str, torch.nn.Parameter]], list]:
     """The tensors to train and the gradient hooks that mask out other users' rows (to
     remove after training)."""
     named = list(model.trainable_named_parameters())
@@ -747,8 +945,7 @@ def _select_trainable(model: PersonalizedRewardModel, trainable: str, user: int 
     for name, p in named:
         if per_user.get(id(p)):
             p.requires_grad_(True)
-            mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype,
-                               device=p.device)
+            mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
             mask[user] = 1.0
             hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device)))
             chosen.append((name, p))
@@ -772,8 +969,15 @@ def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model: PersonalizedRewardModel, optimizer,
-                     state: dict[str, Any], accelerator, keep: int) -> None:
+def _save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: PersonalizedRewardModel,
+    optimizer,
+    state: dict[str, Any],
+    accelerator,
+    keep: int,
+) -> None:
     """Write ``ckpt_dir/step-N`` durably: each file into ``.step-N.tmp`` (written and fsynced
     by :func:`pluralign._atomic.atomic_open`), the temporary folder fsynced, renamed into place,
     and ``ckpt_dir`` fsynced, so after a crash ``step-N`` is either absent or complete. Then
@@ -811,13 +1015,15 @@ class _Mismatch(PluralignError):
 def _count(state: dict[str, Any], key: str, path: Path, minimum: int = 0) -> int:
     value = state.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT_MAX:
-        raise DataValidationError(f"must be an integer >= {minimum}, got {show(value)}",
-                                  field=key, path=str(path))
+        raise DataValidationError(
+            f"must be an integer >= {minimum}, got {show(value)}", field=key, path=str(path)
+        )
     return value
 
 
-def _read_state(path: Path, fingerprint: dict[str, Any], layout: tuple[int, int],
-                schedule: str) -> dict[str, Any]:
+def _read_state(
+    path: Path, fingerprint: dict[str, Any], layout: tuple[int, int], schedule: str
+) -> dict[str, Any]:
     """The validated ``state.json`` of checkpoint ``path``.
 
     ``layout`` is ``(epochs, steps per epoch)`` of this run. The position (``epoch``,
@@ -834,83 +1040,118 @@ def _read_state(path: Path, fingerprint: dict[str, Any], layout: tuple[int, int]
     saved = state.get("fingerprint")
     expected = json.loads(json.dumps(fingerprint))
     if not isinstance(saved, dict):
-        raise DataValidationError(f"must be an object, got {show(saved)}", field="fingerprint",
-                                  path=str(file))
+        raise DataValidationError(
+            f"must be an object, got {show(saved)}", field="fingerprint", path=str(file)
+        )
     if saved != expected:
-        diff = sorted(str(k) for k in set(expected) | set(saved)
-                      if saved.get(k) != expected.get(k))
-        raise _Mismatch(f"cannot resume from {path}: it was trained with different "
-                        f"{', '.join(diff)}; use another output folder or resume=False "
-                        "(--no-resume)")
+        diff = sorted(str(k) for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
+        raise _Mismatch(
+            f"cannot resume from {path}: it was trained with different "
+            f"{', '.join(diff)}; use another output folder or resume=False "
+            "(--no-resume)"
+        )
     epoch, group = _count(state, "epoch", file), _count(state, "group", file)
     step = _count(state, "global_step", file)
     saved_epochs = state.get("epochs")
     epochs, per_epoch = layout
     if epoch > epochs or (epoch == epochs and group):
-        raise _Mismatch(f"cannot resume from {path}: it is at epoch {epoch + 1} (step {step}), "
-                        f"past the end of a run of epochs={epochs}; set train.num_train_epochs to "
-                        f"at least {epoch + (1 if group else 0)}, or resume=False "
-                        "(--no-resume)")
+        raise _Mismatch(
+            f"cannot resume from {path}: it is at epoch {epoch + 1} (step {step}), "
+            f"past the end of a run of epochs={epochs}; set train.num_train_epochs to "
+            f"at least {epoch + (1 if group else 0)}, or resume=False "
+            "(--no-resume)"
+        )
     total = epochs * per_epoch
     saved_total = state.get("total_steps")
     if schedule == "linear" and saved_total is not None and saved_total != total:
-        raise _Mismatch(f"cannot resume from {path}: the linear schedule spans the whole run "
-                        f"and this checkpoint's run had {show(saved_total)} steps "
-                        f"(epochs={show(saved_epochs)}), this one {total} "
-                        f"(epochs={epochs}); keep train.num_train_epochs, or resume=False "
-                        "(--no-resume)")
+        raise _Mismatch(
+            f"cannot resume from {path}: the linear schedule spans the whole run "
+            f"and this checkpoint's run had {show(saved_total)} steps "
+            f"(epochs={show(saved_epochs)}), this one {total} "
+            f"(epochs={epochs}); keep train.num_train_epochs, or resume=False "
+            "(--no-resume)"
+        )
     if (epoch < epochs and group >= per_epoch) or step != epoch * per_epoch + group:
-        raise DataValidationError(f"position epoch={epoch}, group={group}, global_step={step} "
-                                  "is not a step of this run", field="global_step",
-                                  path=str(file))
+        raise DataValidationError(
+            f"position epoch={epoch}, group={group}, global_step={step} is not a step of this run",
+            field="global_step",
+            path=str(file),
+        )
     history = state.get("history")
-    if not isinstance(history, list) or len(history) != epoch or not all(
-            isinstance(h, dict) for h in history):
-        raise DataValidationError(f"must be a list of {epoch} epoch record(s)",
-                                  field="history", path=str(file))
+    if (
+        not isinstance(history, list)
+        or len(history) != epoch
+        or not all(isinstance(h, dict) for h in history)
+    ):
+        raise DataValidationError(
+            f"must be a list of {epoch} epoch record(s)", field="history", path=str(file)
+        )
     losses = state.get("epoch_losses", [])
-    if not isinstance(losses, list) or len(losses) != group or not all(
+    if (
+        not isinstance(losses, list)
+        or len(losses) != group
+        or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in losses):
-        raise DataValidationError(f"must be a list of {group} finite loss(es)",
-                                  field="epoch_losses", path=str(file))
+            for v in losses
+        )
+    ):
+        raise DataValidationError(
+            f"must be a list of {group} finite loss(es)", field="epoch_losses", path=str(file)
+        )
     log_history, pending = _read_log(state, step, file)
-    return {"epoch": epoch, "group": group, "global_step": step, "history": history,
-            "epoch_losses": losses, "log_history": log_history, "log_pending": pending}
+    return {
+        "epoch": epoch,
+        "group": group,
+        "global_step": step,
+        "history": history,
+        "epoch_losses": losses,
+        "log_history": log_history,
+        "log_pending": pending,
+    }
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_log(state: dict[str, Any], step: int, file: Path
-              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _read_log(
+    state: dict[str, Any], step: int, file: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The ``log_history`` of a checkpoint's state (entries at steps ``1..step``, in order)
     and the sums of the steps since its last training entry (``log_pending``). A checkpoint
     written before the trainer kept logs has neither: its run continues with an empty log."""
     entries = state.get("log_history", [])
     previous = 0
     if not isinstance(entries, list):
-        raise DataValidationError(f"must be a list, got {show(entries)}", field="log_history",
-                                  path=str(file))
+        raise DataValidationError(
+            f"must be a list, got {show(entries)}", field="log_history", path=str(file)
+        )
     for entry in entries:
         at = entry.get("step") if isinstance(entry, dict) else None
         if isinstance(at, bool) or not isinstance(at, int) or not previous <= at <= step:
-            raise DataValidationError(f"entries must be objects with steps in order up to "
-                                      f"{step}, got {show(entry)}", field="log_history",
-                                      path=str(file))
+            raise DataValidationError(
+                f"entries must be objects with steps in order up to {step}, got {show(entry)}",
+                field="log_history",
+                path=str(file),
+            )
         previous = at
     pending = state.get("log_pending")
     if pending is None:
         return entries, _TrainLog.empty()
     metrics = pending.get("metrics") if isinstance(pending, dict) else None
-    if not (isinstance(pending, dict) and set(pending) == {"steps", "loss", "rows", "metrics"}
-            and all(type(pending[k]) is int and 0 <= pending[k] <= INT_MAX
-                    for k in ("steps", "rows"))
-            and _number(pending["loss"]) and isinstance(metrics, dict)
-            and all(isinstance(k, str) and _number(v) for k, v in metrics.items())):
-        raise DataValidationError(f"must be the sums of the steps since the last log entry, "
-                                  f"got {show(pending)}", field="log_pending", path=str(file))
+    if not (
+        isinstance(pending, dict)
+        and set(pending) == {"steps", "loss", "rows", "metrics"}
+        and all(type(pending[k]) is int and 0 <= pending[k] <= INT_MAX for k in ("steps", "rows"))
+        and _number(pending["loss"])
+        and isinstance(metrics, dict)
+        and all(isinstance(k, str) and _number(v) for k, v in metrics.items())
+    ):
+        raise DataValidationError(
+            f"must be the sums of the steps since the last log entry, got {show(pending)}",
+            field="log_pending",
+            path=str(file),
+        )
     return entries, pending
 
 
@@ -920,12 +1161,16 @@ def _read_trainable(path: Path, model: PersonalizedRewardModel) -> dict[str, tor
     shapes = {n: tuple(p.shape) for n, p in model.trainable_named_parameters()}
     if set(tensors) != set(shapes):
         odd = sorted(set(tensors) ^ set(shapes))
-        raise DataValidationError(f"tensors do not match the model's (e.g. {odd[:2]})",
-                                  field=odd[0], path=str(file))
+        raise DataValidationError(
+            f"tensors do not match the model's (e.g. {odd[:2]})", field=odd[0], path=str(file)
+        )
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
-            raise DataValidationError(f"has shape {tuple(tensors[name].shape)}, the model "
-                                      f"{shape}", field=name, path=str(file))
+            raise DataValidationError(
+                f"has shape {tuple(tensors[name].shape)}, the model {shape}",
+                field=name,
+                path=str(file),
+            )
     return tensors
 
 
@@ -943,39 +1188,60 @@ def _read_optimizer(path: Path, optimizer: Any) -> dict[str, Any]:
     current = optimizer.state_dict()
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     state = saved.get("state") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(
-            current["param_groups"]):
+    if (
+        not isinstance(groups, list)
+        or not isinstance(state, dict)
+        or len(groups) != len(current["param_groups"])
+    ):
         raise DataValidationError("is not the state of this run's optimizer", path=str(file))
     params: dict[int, torch.Tensor] = {}
-    for mine, theirs, live in zip(current["param_groups"], groups, optimizer.param_groups,
-                                  strict=True):
+    for mine, theirs, live in zip(
+        current["param_groups"], groups, optimizer.param_groups, strict=True
+    ):
         ids = theirs.get("params") if isinstance(theirs, dict) else None
-        if not isinstance(ids, list) or not all(type(i) is int for i in ids) or (
-                ids != mine["params"]):
-            raise DataValidationError("parameter groups differ from this run's optimizer",
-                                      field="param_groups", path=str(file))
+        if (
+            not isinstance(ids, list)
+            or not all(type(i) is int for i in ids)
+            or (ids != mine["params"])
+        ):
+            raise DataValidationError(
+                "parameter groups differ from this run's optimizer",
+                field="param_groups",
+                path=str(file),
+            )
         params.update(zip(mine["params"], live["params"], strict=True))
     for key, entry in state.items():
         if key not in params or not isinstance(entry, dict) or not set(entry) <= _ADAM_STATE:
-            raise DataValidationError(f"unexpected state entry {show(key)}", field="state",
-                                      path=str(file))
+            raise DataValidationError(
+                f"unexpected state entry {show(key)}", field="state", path=str(file)
+            )
         for name, value in entry.items():
-            ok = isinstance(value, torch.Tensor) and value.is_floating_point() and bool(
-                torch.isfinite(value).all())
+            ok = (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and bool(torch.isfinite(value).all())
+            )
             if ok and name == "step":
                 ok = value.numel() == 1 and float(value) >= 0
             elif ok:
                 ok = tuple(value.shape) == tuple(params[key].shape) and (
-                    name == "exp_avg" or bool((value >= 0).all()))
+                    name == "exp_avg" or bool((value >= 0).all())
+                )
             if not ok:
-                raise DataValidationError(f"parameter {key}: bad {name!r}", field="state",
-                                          path=str(file))
+                raise DataValidationError(
+                    f"parameter {key}: bad {name!r}", field="state", path=str(file)
+                )
     return {"state": state, "param_groups": [{**mine} for mine in current["param_groups"]]}
 
 
-def _resume(ckpt_dir: Path, model: PersonalizedRewardModel, optimizer: Any,
-            fingerprint: dict[str, Any], layout: tuple[int, int], schedule: str
-            ) -> tuple[dict[str, Any] | None, Path | None, list[Path]]:
+def _resume(
+    ckpt_dir: Path,
+    model: PersonalizedRewardModel,
+    optimizer: Any,
+    fingerprint: dict[str, Any],
+    layout: tuple[int, int],
+    schedule: str,
+) -> tuple[dict[str, Any] | None, Path | None, list[Path]]:
     """Load the latest intact checkpoint of ``ckpt_dir`` into ``model`` and ``optimizer``;
     ``(state, folder, damaged folders)``, or ``(None, None, damaged)`` to start fresh.
 
@@ -995,16 +1261,22 @@ def _resume(ckpt_dir: Path, model: PersonalizedRewardModel, optimizer: Any,
         except _Mismatch:
             raise
         except PluralignError as err:
-            warnings.warn(f"checkpoint {path} is damaged and is skipped: {err}",
-                          PluralignWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint {path} is damaged and is skipped: {err}",
+                PluralignWarning,
+                stacklevel=3,
+            )
             damaged.append(path)
             continue
         model.load_trainable_state(tensors)
         optimizer.load_state_dict(optim)
         return state, path, damaged
     if damaged:
-        warnings.warn(f"no intact checkpoint in {ckpt_dir}: training starts from scratch",
-                      PluralignWarning, stacklevel=3)
+        warnings.warn(
+            f"no intact checkpoint in {ckpt_dir}: training starts from scratch",
+            PluralignWarning,
+            stacklevel=3,
+        )
     return None, None, damaged
 
 
@@ -1047,16 +1319,20 @@ class _Progress:
                     TimeRemainingColumn,
                 )
 
-                self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                    MofNCompleteColumn(), TimeRemainingColumn(),
-                                    console=console, transient=True)
+                self.bar = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                    transient=True,
+                )
                 self.task = self.bar.add_task("training", total=total, completed=done)
                 self.bar.start()
 
     def advance(self, epoch: int, loss: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1,
-                            description=f"epoch {epoch + 1} loss {loss:.3f}")
+            self.bar.update(self.task, advance=1, description=f"epoch {epoch + 1} loss {loss:.3f}")
 
     def line(self, text: str) -> None:
         """One log line on stderr."""
@@ -1097,9 +1373,18 @@ class _TrainLog:
     ``pending`` holds the sums of the steps since the last training entry (steps, step losses,
     rows, and per metric the sum over rows), so that a resumed run logs the same averages."""
 
-    def __init__(self, every: int, steps_per_epoch: int, last: int, step: int,
-                 history: list[dict[str, Any]], pending: dict[str, Any] | None,
-                 progress: _Progress, out: Path | None, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        every: int,
+        steps_per_epoch: int,
+        last: int,
+        step: int,
+        history: list[dict[str, Any]],
+        pending: dict[str, Any] | None,
+        progress: _Progress,
+        out: Path | None,
+        settings: dict[str, Any],
+    ) -> None:
         self.every = every
         self.steps_per_epoch = steps_per_epoch
         self.last = last
@@ -1137,44 +1422,64 @@ class _TrainLog:
 
     def log_train(self, step: int, lr: float) -> None:
         p = self.pending
-        entry: dict[str, Any] = {"step": step, "epoch": self._epoch(step),
-                                 "loss": _plain_number(p["loss"] / max(p["steps"], 1))}
+        entry: dict[str, Any] = {
+            "step": step,
+            "epoch": self._epoch(step),
+            "loss": _plain_number(p["loss"] / max(p["steps"], 1)),
+        }
         for name, total in sorted(p["metrics"].items()):
             entry[name] = _plain_number(total / max(p["rows"], 1))
         entry["learning_rate"] = _plain_number(lr)
         self.history.append(entry)
         self.pending = self.empty()
-        values = " ".join(f"{k} {_shown(v)}" for k, v in entry.items()
-                          if k not in ("step", "epoch", "learning_rate"))
-        self.progress.line(f"train step {step}/{self.last} epoch {entry['epoch']:.2f} {values} "
-                           f"lr {lr:.3e} {self._timing(step)}")
+        values = " ".join(
+            f"{k} {_shown(v)}"
+            for k, v in entry.items()
+            if k not in ("step", "epoch", "learning_rate")
+        )
+        self.progress.line(
+            f"train step {step}/{self.last} epoch {entry['epoch']:.2f} {values} "
+            f"lr {lr:.3e} {self._timing(step)}"
+        )
 
     def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
         entry: dict[str, Any] = {"step": step, "epoch": self._epoch(step)}
-        for name, value in metrics.items():             # the scalars: not n, not per_user
+        for name, value in metrics.items():  # the scalars: not n, not per_user
             number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
             if name not in ("n", "per_user") and (value is None or number):
                 entry[f"eval_{name}"] = _plain_number(value)
         self.history.append(entry)
-        values = " ".join(f"{k} {_shown(v)}" for k, v in entry.items()
-                          if k not in ("step", "epoch"))
-        self.progress.line(f"eval step {step}/{self.last} epoch {entry['epoch']:.2f} {values} "
-                           f"{self._timing(step)}")
+        values = " ".join(
+            f"{k} {_shown(v)}" for k, v in entry.items() if k not in ("step", "epoch")
+        )
+        self.progress.line(
+            f"eval step {step}/{self.last} epoch {entry['epoch']:.2f} {values} {self._timing(step)}"
+        )
 
     def write(self, step: int) -> None:
         """``trainer_state.json`` (transformers' ``TrainerState`` fields) and ``log.jsonl``
         (one entry a line), each written atomically."""
         if self.out is None:
             return
-        document = {"global_step": step, "epoch": self._epoch(step), "max_steps": self.last,
-                    "logging_steps": self.every, **self.settings, "best_metric": None,
-                    "best_model_checkpoint": None, "is_world_process_zero": True,
-                    "log_history": self.history}
+        document = {
+            "global_step": step,
+            "epoch": self._epoch(step),
+            "max_steps": self.last,
+            "logging_steps": self.every,
+            **self.settings,
+            "best_metric": None,
+            "best_model_checkpoint": None,
+            "is_world_process_zero": True,
+            "log_history": self.history,
+        }
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "log.jsonl",
-                          "".join(json.dumps(e, allow_nan=False) + "\n" for e in self.history))
-        atomic_write_text(self.out / "trainer_state.json",
-                          json.dumps(document, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(
+            self.out / "log.jsonl",
+            "".join(json.dumps(e, allow_nan=False) + "\n" for e in self.history),
+        )
+        atomic_write_text(
+            self.out / "trainer_state.json", json.dumps(document, indent=2, allow_nan=False) + "\n"
+        )
 
 
 def _copy_pending(pending: dict[str, Any]) -> dict[str, Any]:

@@ -37,21 +37,33 @@ import numpy as np
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import PluralignError
 
-__all__ = ["LastLayerUncertainty", "pair_features", "pessimism_margins", "prompt_key",
-           "reference_centers"]
+__all__ = [
+    "LastLayerUncertainty",
+    "pair_features",
+    "pessimism_margins",
+    "prompt_key",
+    "reference_centers",
+]
 
 
-def pair_features(reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def pair_features(
+    reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """``(φ of the chosen sides, φ of the rejected sides)`` of ``prefs``' rows under each row's
     user, tokenized as the reward model's training tokenized them (module docstring)."""
     from pluralign.llm.data import conversations
 
     users = [str(u) for u in prefs.users]
-    return tuple(reward_model.features(prefs.prompts, getattr(prefs, side), users,
-                                       batch_size=batch_size,
-                                       conversations=conversations(prefs, side))
-                 for side in ("chosen", "rejected"))
+    return tuple(
+        reward_model.features(
+            prefs.prompts,
+            getattr(prefs, side),
+            users,
+            batch_size=batch_size,
+            conversations=conversations(prefs, side),
+        )
+        for side in ("chosen", "rejected")
+    )
 
 
 def prompt_key(prompt: str | list[dict]) -> str | tuple[str, str]:
@@ -79,14 +91,14 @@ class LastLayerUncertainty:
     head), ``n_`` (pairs), ``head_`` (``ŵ``).
     """
 
-    def __init__(self, *, beta: float | str = 1.0, lam: float = 1.0, delta: float = 0.05
-                 ) -> None:
+    def __init__(self, *, beta: float | str = 1.0, lam: float = 1.0, delta: float = 0.05) -> None:
         self.beta = beta
         self.lam = lam
         self.delta = delta
 
-    def fit(self, reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
-            ) -> LastLayerUncertainty:
+    def fit(
+        self, reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
+    ) -> LastLayerUncertainty:
         """Build ``M`` from the feature differences of ``prefs`` (the reward model's training
         pairs) under each row's user."""
         from pluralign.confidence import ConfidenceSet
@@ -102,8 +114,9 @@ class LastLayerUncertainty:
         head.d_phi_ = chosen.shape[1]
         head.is_fitted_ = True
         data = PreferenceData(x=None, phi0=rejected, phi1=chosen, y=np.ones(prefs.n))
-        self.confidence_ = ConfidenceSet.fit(head, data, beta=self.beta, lam=self.lam,
-                                             delta=self.delta)
+        self.confidence_ = ConfidenceSet.fit(
+            head, data, beta=self.beta, lam=self.lam, delta=self.delta
+        )
         self.head_ = head.theta_
         self.n_ = prefs.n
         return self
@@ -118,13 +131,22 @@ class LastLayerUncertainty:
 
     def bonus(self, features: np.ndarray, center: np.ndarray) -> np.ndarray:
         """``Γ = β‖φ − ν‖_{M⁻¹}`` (:meth:`norm` times the radius)."""
-        return self.confidence_.beta * self.norm(features, center) if hasattr(
-            self, "confidence_") else self.norm(features, center)
+        return (
+            self.confidence_.beta * self.norm(features, center)
+            if hasattr(self, "confidence_")
+            else self.norm(features, center)
+        )
 
 
-def pessimism_margins(reward_model: Any, uncertainty: LastLayerUncertainty,
-                      prefs: TextPreferences, centers: dict[tuple[Any, str], np.ndarray], *,
-                      scale: float = 1.0, batch_size: int = 32) -> np.ndarray:
+def pessimism_margins(
+    reward_model: Any,
+    uncertainty: LastLayerUncertainty,
+    prefs: TextPreferences,
+    centers: dict[tuple[Any, str], np.ndarray],
+    *,
+    scale: float = 1.0,
+    batch_size: int = 32,
+) -> np.ndarray:
     """``scale · (Γ_u(x, y_w) − Γ_u(x, y_l))`` per row of ``prefs``: the margins of
     pessimistic DPO (:mod:`pluralign.llm.dpo`). ``centers[(prompt_key(x), user)]`` is ``ν(x)``
     (e.g. :func:`reference_centers`; ``x`` the row's prompt, its messages for a
@@ -141,10 +163,17 @@ def pessimism_margins(reward_model: Any, uncertainty: LastLayerUncertainty,
     return scale * (uncertainty.bonus(chosen, nu) - uncertainty.bonus(rejected, nu))
 
 
-def reference_centers(policy: Any, reward_model: Any, prompts: Sequence[str | list[dict]],
-                      users: Sequence[str], *, n: int = 4, max_new_tokens: int = 64,
-                      seed: int = 0, batch_size: int = 8
-                      ) -> dict[tuple[Any, str], np.ndarray]:
+def reference_centers(
+    policy: Any,
+    reward_model: Any,
+    prompts: Sequence[str | list[dict]],
+    users: Sequence[str],
+    *,
+    n: int = 4,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[tuple[Any, str], np.ndarray]:
     """``ν(x) = mean φ_u(x, y)`` over ``n`` responses sampled from the reference π0 for each
     distinct ``(prompt, user)``, keyed ``(prompt_key(prompt), user)``. A prompt is a text or
     the prompt messages of a conversational row (:func:`pluralign.llm.data.row_prompts`):
@@ -157,15 +186,23 @@ def reference_centers(policy: Any, reward_model: Any, prompts: Sequence[str | li
     for p, u in zip(prompts, (str(u) for u in users), strict=True):
         unique.setdefault((prompt_key(p), u), p)
     keys = list(unique)
-    samples = policy.generate([unique[k] for k in keys], [u for _, u in keys], n=n,
-                              max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                              reference=True)
+    samples = policy.generate(
+        [unique[k] for k in keys],
+        [u for _, u in keys],
+        n=n,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        reference=True,
+    )
     out = {}
     for key, texts in zip(keys, samples.texts, strict=True):
         rows = [chat_response(unique[key], t if t else " ") for t in texts]
         conversations = [c for _, _, c in rows]
         out[key] = reward_model.features(
-            [p for p, _, _ in rows], [r for _, r, _ in rows], [key[1]] * len(rows),
-            conversations=None if all(c is None for c in conversations) else conversations
+            [p for p, _, _ in rows],
+            [r for _, r, _ in rows],
+            [key[1]] * len(rows),
+            conversations=None if all(c is None for c in conversations) else conversations,
         ).mean(0)
     return out

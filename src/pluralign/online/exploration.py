@@ -56,9 +56,20 @@ from pluralign.confidence import ConfidenceSet
 from pluralign.data import TargetStates
 from pluralign.errors import PluralignError
 
-__all__ = ["EXPLORATIONS", "BestWorst", "Enhancer", "Exploration", "PairUncertainty", "Pairs",
-           "RoundState", "Symmetric", "Uniform", "exclude_actions", "make_exploration",
-           "sample_actions"]
+__all__ = [
+    "EXPLORATIONS",
+    "BestWorst",
+    "Enhancer",
+    "Exploration",
+    "PairUncertainty",
+    "Pairs",
+    "RoundState",
+    "Symmetric",
+    "Uniform",
+    "exclude_actions",
+    "make_exploration",
+    "sample_actions",
+]
 
 
 def sample_actions(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -118,8 +129,9 @@ class Exploration(ABC):  # noqa: B024 - a base with defaults; per-pair designs o
         """``(π²_t as an (m, K) matrix, diagnostics)`` (policy-level designs only)."""
         raise PluralignError(f"{type(self).__name__} is a per-pair design without a policy π²")
 
-    def draw_pairs(self, state: RoundState, rng: np.random.Generator, *,
-                   distinct: bool = True) -> Pairs:
+    def draw_pairs(
+        self, state: RoundState, rng: np.random.Generator, *, distinct: bool = True
+    ) -> Pairs:
         """``a¹ ~ π¹_t``, then ``a² ~ π²_t`` (conditioned on ``a² ≠ a¹`` if ``distinct``).
 
         ``info`` adds ``identical_pairs_expected``, the probability ``E_x Σ_a π¹π²`` that the
@@ -168,8 +180,10 @@ class Uniform(Exploration):
     def second_policy(self, state: RoundState) -> tuple[np.ndarray, dict[str, float]]:
         m, n_actions = state.main_probs.shape
         probs = np.full((m, n_actions), 1.0 / n_actions)
-        return probs, {"uncertainty": uncertainty(state, probs),
-                       "explore_kl": policy_kl(probs, state.main_probs)}
+        return probs, {
+            "uncertainty": uncertainty(state, probs),
+            "explore_kl": policy_kl(probs, state.main_probs),
+        }
 
 
 class Enhancer(Exploration):
@@ -230,14 +244,24 @@ class Enhancer(Exploration):
 
     name = "enhancer"
 
-    def __init__(self, n_directions: int = 4, *, exact: bool = True, n_starts: int = 3,
-                 max_iter: int = 200, bound_groups: int = 32, max_doublings: int = 30,
-                 bisection_steps: int = 30) -> None:
+    def __init__(
+        self,
+        n_directions: int = 4,
+        *,
+        exact: bool = True,
+        n_starts: int = 3,
+        max_iter: int = 200,
+        bound_groups: int = 32,
+        max_doublings: int = 30,
+        bisection_steps: int = 30,
+    ) -> None:
         if n_directions < 1:
             raise PluralignError(f"n_directions must be ≥ 1, got {n_directions}")
         if n_starts < 1 or max_iter < 1 or bound_groups < 1:
-            raise PluralignError(f"n_starts, max_iter and bound_groups must be ≥ 1, got "
-                                 f"{n_starts}, {max_iter}, {bound_groups}")
+            raise PluralignError(
+                f"n_starts, max_iter and bound_groups must be ≥ 1, got "
+                f"{n_starts}, {max_iter}, {bound_groups}"
+            )
         self.n_directions = n_directions
         self.exact = exact
         self.n_starts = n_starts
@@ -259,8 +283,9 @@ class Enhancer(Exploration):
         lam, vecs = eigh(cov, state.confidence.M, subset_by_index=[d - k, d - 1])
         return vecs[:, ::-1], lam[::-1]
 
-    def _line_search(self, state: RoundState, dirs: np.ndarray, extra: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _line_search(
+        self, state: RoundState, dirs: np.ndarray, extra: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Largest feasible scale ``c`` along each column ``v`` of ``dirs`` (``‖v‖_M = 1``) of
         ``π¹ exp(c vᵀφ/η)``: ``(c, U, η·KL, probs, feasible)``; ``extra`` (one scale per
         direction) is also evaluated and kept where it is feasible with larger ``U``."""
@@ -291,8 +316,9 @@ class Enhancer(Exploration):
             total = probs.sum(axis=2, keepdims=True)
             probs /= total
             log_ratio = shift - main_top - np.log(total)
-            kl = np.mean(np.einsum("jmk,jmk->jm", probs, np.where(probs > 0, log_ratio, 0.0)),
-                         axis=1)
+            kl = np.mean(
+                np.einsum("jmk,jmk->jm", probs, np.where(probs > 0, log_ratio, 0.0)), axis=1
+            )
             means = probs.reshape(n_dirs, -1) @ flat_phi / m  # (J, d)
             unc = cs.beta * cs.norm(main_mean[None, :] - means)
             return unc, eta * np.maximum(kl, 0.0), probs
@@ -326,8 +352,11 @@ class Enhancer(Exploration):
         if extra is not None:
             unc_x, cost_x, probs_x = evaluate(extra)
             better = (cost_x <= margin * unc_x) & (extra > 0) & (~feasible | (unc_x > unc))
-            lo, unc, cost = (np.where(better, extra, lo), np.where(better, unc_x, unc),
-                             np.where(better, cost_x, cost))
+            lo, unc, cost = (
+                np.where(better, extra, lo),
+                np.where(better, unc_x, unc),
+                np.where(better, cost_x, cost),
+            )
             probs = np.where(better[:, None, None], probs_x, probs)
             feasible = feasible | better
         return lo, unc, cost, probs, feasible
@@ -361,16 +390,22 @@ class Enhancer(Exploration):
 
                 grad_u = -cs.beta * cov_times(m_inv_w) / norm
                 cache.clear()
-                cache[key] = (cs.beta * norm, eta * max(kl, 0.0), grad_u,
-                              eta * cov_times(z, score))
+                cache[key] = (cs.beta * norm, eta * max(kl, 0.0), grad_u, eta * cov_times(z, score))
             return cache[key]
 
         scale = max(stats(z0)[0], 1e-12)
         result = minimize(
-            lambda z: -stats(z)[0] / scale, z0, jac=lambda z: -stats(z)[2] / scale,
+            lambda z: -stats(z)[0] / scale,
+            z0,
+            jac=lambda z: -stats(z)[2] / scale,
             method="SLSQP",
-            constraints=[{"type": "ineq", "fun": lambda z: (stats(z)[0] - stats(z)[1]) / scale,
-                          "jac": lambda z: (stats(z)[2] - stats(z)[3]) / scale}],
+            constraints=[
+                {
+                    "type": "ineq",
+                    "fun": lambda z: (stats(z)[0] - stats(z)[1]) / scale,
+                    "jac": lambda z: (stats(z)[2] - stats(z)[3]) / scale,
+                }
+            ],
             options={"maxiter": self.max_iter, "ftol": 1e-12},
         )
         z = np.asarray(result.x, float)
@@ -404,14 +439,14 @@ class Enhancer(Exploration):
             lam = (1.0 + math.exp(t)) / eta  # λ > 1/η
             with np.errstate(over="ignore", invalid="ignore"):
                 y = lam * b_arr
-                weight = np.where(b_arr > 1e-8,
-                                  (np.expm1(y) - y) / np.maximum(b_arr, 1e-300) ** 2,
-                                  0.5 * lam ** 2)
+                weight = np.where(
+                    b_arr > 1e-8, (np.expm1(y) - y) / np.maximum(b_arr, 1e-300) ** 2, 0.5 * lam**2
+                )
             if not np.all(np.isfinite(weight)):
                 return math.inf
             matrix = np.tensordot(weight, covs_arr, axes=1)
             top = eigh(matrix, cs.M, eigvals_only=True, subset_by_index=[d - 1, d - 1])
-            return float(cs.beta ** 2 * max(top[0], 0.0) / (lam - 1.0 / eta))
+            return float(cs.beta**2 * max(top[0], 0.0) / (lam - 1.0 / eta))
 
         grid = np.linspace(-8.0, 6.0, 29)
         values = [bound(t) for t in grid]
@@ -419,8 +454,7 @@ class Enhancer(Exploration):
         best = values[i]
         if math.isfinite(best):
             lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-            res = minimize_scalar(bound, bounds=(lo, hi), method="bounded",
-                                  options={"xatol": 1e-6})
+            res = minimize_scalar(bound, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
             best = min(best, float(res.fun))
         return min(trivial, best)
 
@@ -433,8 +467,9 @@ class Enhancer(Exploration):
         source = np.arange(dirs.shape[1]) % len(lam)  # eigenvalue index of each candidate
         if self.exact and feasible.any():
             order = [j for j in np.argsort(-np.where(feasible, unc, -np.inf)) if feasible[j]]
-            refined = [self._refine(state, scale[j] * dirs[:, j] / eta)
-                       for j in order[: self.n_starts]]
+            refined = [
+                self._refine(state, scale[j] * dirs[:, j] / eta) for j in order[: self.n_starts]
+            ]
             new = np.stack(refined, axis=1)  # (d, n_starts): z of π¹ exp(zᵀφ)
             length = np.sqrt(np.einsum("dj,de,ej->j", new, cs.M, new))
             keep = length > 1e-12
@@ -501,8 +536,9 @@ class PairUncertainty(Exploration):
             raise PluralignError(f"n_candidates must be a positive integer, got {n_candidates!r}")
         self.n_candidates = int(n_candidates)
 
-    def draw_pairs(self, state: RoundState, rng: np.random.Generator, *,
-                   distinct: bool = True) -> Pairs:
+    def draw_pairs(
+        self, state: RoundState, rng: np.random.Generator, *, distinct: bool = True
+    ) -> Pairs:
         main = state.main_probs
         a1 = sample_actions(main, rng)
         pool = exclude_actions(main, a1) if distinct else main
@@ -510,8 +546,12 @@ class PairUncertainty(Exploration):
         widths = _pair_norms(state, a1, candidates)
         pick = np.argmax(widths, axis=1)
         rows = np.arange(main.shape[0])
-        return Pairs(a1, candidates[rows, pick],
-                     {"uncertainty": float(widths[rows, pick].mean())}, candidates)
+        return Pairs(
+            a1,
+            candidates[rows, pick],
+            {"uncertainty": float(widths[rows, pick].mean())},
+            candidates,
+        )
 
 
 class BestWorst(Exploration):
@@ -527,13 +567,13 @@ class BestWorst(Exploration):
     name = "best_worst"
 
     def __init__(self, n_candidates: int = 8) -> None:
-        if (isinstance(n_candidates, bool) or int(n_candidates) != n_candidates
-                or n_candidates < 2):
+        if isinstance(n_candidates, bool) or int(n_candidates) != n_candidates or n_candidates < 2:
             raise PluralignError(f"n_candidates must be an integer ≥ 2, got {n_candidates!r}")
         self.n_candidates = int(n_candidates)
 
-    def draw_pairs(self, state: RoundState, rng: np.random.Generator, *,
-                   distinct: bool = True) -> Pairs:
+    def draw_pairs(
+        self, state: RoundState, rng: np.random.Generator, *, distinct: bool = True
+    ) -> Pairs:
         main, phi = state.main_probs, state.states.phi
         m, n = main.shape[0], self.n_candidates
         rows = np.arange(m)

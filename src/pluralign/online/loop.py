@@ -144,21 +144,32 @@ class OnlineGSHF:
         self.seed = seed
 
     # ------------------------------------------------------------------ pieces
-    def _refit(self, data: PreferenceData | None, d: int
-               ) -> tuple[Linear | None, np.ndarray, ConfidenceSet]:
+    def _refit(
+        self, data: PreferenceData | None, d: int
+    ) -> tuple[Linear | None, np.ndarray, ConfidenceSet]:
         """MLE and confidence set on ``data`` (the no-data convention when it is ``None``)."""
         if data is None:
             radius = self.beta * math.sqrt(d + math.log(1.0 / self.delta))
-            cs = ConfidenceSet(np.zeros(d), self.ridge * np.eye(d), radius, lam=self.ridge, n=0,
-                               kind="design", bound_feature=0.0, bound_theta=0.0)
+            cs = ConfidenceSet(
+                np.zeros(d),
+                self.ridge * np.eye(d),
+                radius,
+                lam=self.ridge,
+                n=0,
+                kind="design",
+                bound_feature=0.0,
+                bound_theta=0.0,
+            )
             return None, np.zeros(d), cs
         model = Linear(l2=self.ridge / data.n, tol=self.tol).fit(data)
-        cs = ConfidenceSet.fit(model, data, beta=self.beta * beta_rate(d, data.n, self.delta),
-                               delta=self.delta)
+        cs = ConfidenceSet.fit(
+            model, data, beta=self.beta * beta_rate(d, data.n, self.delta), delta=self.delta
+        )
         return model, model.params_.copy(), cs
 
-    def _evaluate(self, env: PreferenceEnv, theta: np.ndarray, eval_cache: dict
-                  ) -> dict[str, float]:
+    def _evaluate(
+        self, env: PreferenceEnv, theta: np.ndarray, eval_cache: dict
+    ) -> dict[str, float]:
         states = eval_cache["states"]
         probs = gibbs_probs(states.phi @ theta, eval_cache["ref"], env.eta)
         kl = float(np.mean(kl_divergence(probs, eval_cache["ref"])))
@@ -177,8 +188,9 @@ class OnlineGSHF:
         check_number(self.delta, "delta", owner="OnlineGSHF", strict=True, below=1.0)
         check_number(self.tol, "tol", owner="OnlineGSHF", strict=True)
         if not isinstance(self.distinct_pairs, bool):
-            raise PluralignError(f"distinct_pairs must be True or False, got "
-                                 f"{self.distinct_pairs!r}")
+            raise PluralignError(
+                f"distinct_pairs must be True or False, got {self.distinct_pairs!r}"
+            )
         return make_exploration(self.exploration)
 
     # ------------------------------------------------------------------ loop
@@ -207,9 +219,12 @@ class OnlineGSHF:
         data = offline
         model, theta, cs = self._refit(data, env.d)
         history: list[dict[str, float]] = []
-        record: dict[str, float] = {"round": 0, "comparisons": 0,
-                                    "total_comparisons": n_offline,
-                                    "seconds": time.perf_counter() - start}
+        record: dict[str, float] = {
+            "round": 0,
+            "comparisons": 0,
+            "total_comparisons": n_offline,
+            "seconds": time.perf_counter() - start,
+        }
         if eval_cache is not None:
             record.update(self._evaluate(env, theta, eval_cache))
         history.append(record)
@@ -221,9 +236,9 @@ class OnlineGSHF:
             ref = env.reference_probs(states)
             main = gibbs_probs(states.phi @ theta, ref, env.eta)
             pairs = exploration.draw_pairs(
-                RoundState(states=states, main_probs=main, theta=theta, confidence=cs,
-                           eta=env.eta),
-                rng, distinct=self.distinct_pairs,
+                RoundState(states=states, main_probs=main, theta=theta, confidence=cs, eta=env.eta),
+                rng,
+                distinct=self.distinct_pairs,
             )
             a1, a2 = pairs.a1, pairs.a2
             rows = np.arange(m)
@@ -232,10 +247,15 @@ class OnlineGSHF:
             batch = PreferenceData(x=None, phi0=phi1, phi1=phi2, y=env.compare(phi1, phi2, rng))
             data = batch if data is None else PreferenceData.concatenate([data, batch])
             model, theta, cs = self._refit(data, env.d)
-            record = {"round": t, "comparisons": t * m, "total_comparisons": n_offline + t * m,
-                      "seconds": time.perf_counter() - start,
-                      "identical_pairs": float(np.mean(a1 == a2)), "pair_uncertainty": width,
-                      **pairs.info}
+            record = {
+                "round": t,
+                "comparisons": t * m,
+                "total_comparisons": n_offline + t * m,
+                "seconds": time.perf_counter() - start,
+                "identical_pairs": float(np.mean(a1 == a2)),
+                "pair_uncertainty": width,
+                **pairs.info,
+            }
             if eval_cache is not None:
                 record.update(self._evaluate(env, theta, eval_cache))
             history.append(record)
@@ -244,6 +264,7 @@ class OnlineGSHF:
         self.confidence_ = cs
         self.data_ = data
         self.history_ = history
-        self.policy_ = (None if model is None
-                        else Gibbs(model, env.eta, reference=env.reference_probs))
+        self.policy_ = (
+            None if model is None else Gibbs(model, env.eta, reference=env.reference_probs)
+        )
         return self

@@ -82,8 +82,15 @@ def rate_beta(scale: float, delta: float = 0.05) -> Callable[[int, int], float]:
     return lambda k, n: scale * beta_rate(k, n, delta)
 
 
-def user_confidence(model: Any, user: Any, data: PreferenceData, *, beta: Beta = 1.0,
-                    kind: str = "design", delta: float = 0.05) -> tuple[Any, ConfidenceSet]:
+def user_confidence(
+    model: Any,
+    user: Any,
+    data: PreferenceData,
+    *,
+    beta: Beta = 1.0,
+    kind: str = "design",
+    delta: float = 0.05,
+) -> tuple[Any, ConfidenceSet]:
     """User ``u``'s view ``θ_u = A v`` and its confidence set from the comparisons that
     inform it. ``beta`` is a number, ``"theory"``, or ``f(k, n) -> β`` (e.g. :func:`rate_beta`)."""
     view = model.user_model(user)
@@ -113,9 +120,19 @@ class PerUserPolicies:
     probabilities; ``all_probs(targets, users)`` stacks them as ``(U, m, K)``.
     """
 
-    def __init__(self, model: Any, data: PreferenceData, *, beta: Beta = 1.0,
-                 kind: str = "design", delta: float = 0.05, reference: str | np.ndarray = "uniform",
-                 pointwise: bool = False, tol: float = 1e-6, max_iter: int = 5000) -> None:
+    def __init__(
+        self,
+        model: Any,
+        data: PreferenceData,
+        *,
+        beta: Beta = 1.0,
+        kind: str = "design",
+        delta: float = 0.05,
+        reference: str | np.ndarray = "uniform",
+        pointwise: bool = False,
+        tol: float = 1e-6,
+        max_iter: int = 5000,
+    ) -> None:
         self.model, self.data = model, data
         self.beta, self.kind, self.delta = beta, kind, delta
         self.reference, self.pointwise = reference, pointwise
@@ -125,11 +142,17 @@ class PerUserPolicies:
     def policy(self, user: Any) -> Pessimistic:
         key = user.item() if isinstance(user, np.generic) else user
         if key not in self._policies:
-            view, cs = user_confidence(self.model, key, self.data, beta=self.beta,
-                                       kind=self.kind, delta=self.delta)
-            self._policies[key] = Pessimistic(view, cs, reference=self.reference,
-                                              pointwise=self.pointwise, tol=self.tol,
-                                              max_iter=self.max_iter)
+            view, cs = user_confidence(
+                self.model, key, self.data, beta=self.beta, kind=self.kind, delta=self.delta
+            )
+            self._policies[key] = Pessimistic(
+                view,
+                cs,
+                reference=self.reference,
+                pointwise=self.pointwise,
+                tol=self.tol,
+                max_iter=self.max_iter,
+            )
         return self._policies[key]
 
     def probs(self, targets: TargetStates, user: Any) -> np.ndarray:
@@ -146,8 +169,13 @@ class _Users:
     """Every user's reward in a common basis ``A`` (d, p): centres ``V`` (U, p), and for the
     pessimistic case ``M_u⁻¹`` (U, p, p) and ``β_u`` (U,). Vectorized over users."""
 
-    def __init__(self, basis: np.ndarray, centers: np.ndarray, m_inv: np.ndarray | None,
-                 betas: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        basis: np.ndarray,
+        centers: np.ndarray,
+        m_inv: np.ndarray | None,
+        betas: np.ndarray | None,
+    ) -> None:
         self.basis, self.centers, self.m_inv, self.betas = basis, centers, m_inv, betas
         self.thetas = centers @ basis.T  # (U, d): the estimates θ̂_u
 
@@ -174,10 +202,19 @@ class _Users:
 class _Aggregate(Policy):
     """Shared machinery of :class:`Utilitarian` and :class:`Leximin` (see the module doc)."""
 
-    def __init__(self, model: Any, data: PreferenceData | None = None, *,
-                 users: Sequence[Any] | None = None, beta: Beta = 0.0, kind: str = "design",
-                 delta: float = 0.05, reference: str | np.ndarray = "uniform",
-                 tol: float = 1e-6, max_iter: int = 500) -> None:
+    def __init__(
+        self,
+        model: Any,
+        data: PreferenceData | None = None,
+        *,
+        users: Sequence[Any] | None = None,
+        beta: Beta = 0.0,
+        kind: str = "design",
+        delta: float = 0.05,
+        reference: str | np.ndarray = "uniform",
+        tol: float = 1e-6,
+        max_iter: int = 500,
+    ) -> None:
         self.model, self.data, self.users = model, data, users
         self.beta, self.kind, self.delta = beta, kind, delta
         self.reference, self.tol, self.max_iter = reference, tol, max_iter
@@ -189,8 +226,16 @@ class _Aggregate(Policy):
     def _warn_gap(self, what: str, reason: str = "iteration cap") -> None:
         """``ConvergenceWarning`` when the certified gap ended above ``tol``."""
         if not self.converged_:
-            warn(gap_message(f"{type(self).__name__} ({what})", self.duality_gap_, self.tol,
-                             self.n_iter_, reason), ConvergenceWarning)
+            warn(
+                gap_message(
+                    f"{type(self).__name__} ({what})",
+                    self.duality_gap_,
+                    self.tol,
+                    self.n_iter_,
+                    reason,
+                ),
+                ConvergenceWarning,
+            )
 
     # ---- per-user pieces ----------------------------------------------------------------------
     def _users(self) -> list[Any]:
@@ -208,8 +253,9 @@ class _Aggregate(Policy):
             return _Users(np.eye(thetas.shape[1]), thetas, None, None)
         centers, m_inv, betas, basis = [], [], [], None
         for user in users:
-            view, cs = user_confidence(self.model, user, self.data, beta=self.beta,
-                                       kind=self.kind, delta=self.delta)
+            view, cs = user_confidence(
+                self.model, user, self.data, beta=self.beta, kind=self.kind, delta=self.delta
+            )
             if basis is None:
                 basis = view.basis
             elif view.basis.shape != basis.shape or not np.allclose(view.basis, basis):
@@ -227,8 +273,9 @@ class _Aggregate(Policy):
         self._phi_ref = np.einsum("ja,jad->jd", ref, targets.phi)
         self._ref = ref
         rows = np.repeat(np.arange(m), n_actions)
-        self._a_eq = csr_matrix((np.ones(m * n_actions), (rows, np.arange(m * n_actions))),
-                                shape=(m, m * n_actions))
+        self._a_eq = csr_matrix(
+            (np.ones(m * n_actions), (rows, np.arange(m * n_actions))), shape=(m, m * n_actions)
+        )
 
     def _gain(self, c: np.ndarray) -> np.ndarray:
         """Coefficients of ``π`` in ``cᵀw̄(π)``: ``(cᵀφ(j,a) − cᵀφ_ref(j))/m``, flat (m·K,)."""
@@ -239,9 +286,12 @@ class _Aggregate(Policy):
         return np.einsum("ja,jad->d", probs - self._ref, self._phi) / self._phi.shape[0]
 
     # ---- the double oracle (utilitarian, max–min) -------------------------------------------
-    def _double_oracle(self, start: list[np.ndarray],
-                       oracle: Callable[[np.ndarray], tuple[float, np.ndarray]],
-                       targets: TargetStates) -> tuple[np.ndarray, float, int]:
+    def _double_oracle(
+        self,
+        start: list[np.ndarray],
+        oracle: Callable[[np.ndarray], tuple[float, np.ndarray]],
+        targets: TargetStates,
+    ) -> tuple[np.ndarray, float, int]:
         """``max_{w∈P} min_{θ∈S} θᵀw`` for a convex set ``S`` given by ``oracle(w) = (min_{θ∈S}
         θᵀw, argmin)`` and ``P = {w̄(π)}``; ``start`` are points of ``S``. Returns the mixed
         policy, the certified gap and the iterations (see the module docstring)."""
@@ -278,8 +328,9 @@ class _Aggregate(Policy):
         return probs, max(best_upper - best_lower, 0.0), it
 
     # ---- the cutting-plane LP (leximin) -------------------------------------------------------
-    def _solve_lp(self, cut_rows: list[tuple[int, np.ndarray]], fixed: dict[int, float]
-                  ) -> tuple[np.ndarray, float, np.ndarray]:
+    def _solve_lp(
+        self, cut_rows: list[tuple[int, np.ndarray]], fixed: dict[int, float]
+    ) -> tuple[np.ndarray, float, np.ndarray]:
         """``max t`` over ``[π (m·K), t]``; cut ``(u, gain)``: ``t − gain·π ≤ 0`` for free users,
         ``−gain·π ≤ −level_u`` for fixed ones. Returns ``(π, t, cut duals)``."""
         size = self._a_eq.shape[1]
@@ -291,17 +342,28 @@ class _Aggregate(Policy):
         c = np.zeros(size + 1)
         c[-1] = -1.0
         bounds = [(0.0, None)] * size + [(None, None)]
-        res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(a_eq.shape[0]),
-                      bounds=bounds, method="highs")
+        res = linprog(
+            c,
+            A_ub=a_ub,
+            b_ub=b_ub,
+            A_eq=a_eq,
+            b_eq=np.ones(a_eq.shape[0]),
+            bounds=bounds,
+            method="highs",
+        )
         if res.status != 0:
             raise PluralignError(f"aggregated-policy LP failed: {res.message}")
         probs = np.clip(res.x[:size], 0.0, None).reshape(self._phi.shape[:2])
         probs /= probs.sum(axis=1, keepdims=True)
         return probs, float(res.x[-1]), np.asarray(res.ineqlin.marginals)
 
-    def _kelley(self, stack: _Users, free: list[int], fixed: dict[int, float],
-                cuts: list[tuple[int, np.ndarray]]
-                ) -> tuple[np.ndarray, float, float, np.ndarray, int]:
+    def _kelley(
+        self,
+        stack: _Users,
+        free: list[int],
+        fixed: dict[int, float],
+        cuts: list[tuple[int, np.ndarray]],
+    ) -> tuple[np.ndarray, float, float, np.ndarray, int]:
         """Cutting planes for ``max min_{u free} Δ̲_u`` subject to ``Δ̲_u ≥ level_u`` (fixed)."""
         best_probs, best_value = None, -np.inf
         bound, duals, it = np.inf, np.zeros(0), 0
@@ -320,8 +382,9 @@ class _Aggregate(Policy):
             if shortfall.max() <= 1e-12:
                 break
             # The most violated cut of each kind: a free user (the worst) and a fixed one.
-            picks = {int(np.argmax(np.where(np.isin(np.arange(len(stack)), free), shortfall,
-                                            -np.inf)))}
+            picks = {
+                int(np.argmax(np.where(np.isin(np.arange(len(stack)), free), shortfall, -np.inf)))
+            }
             if fixed:
                 fixed_ids = np.array(list(fixed))
                 picks.add(int(fixed_ids[np.argmax(shortfall[fixed_ids])]))
@@ -357,21 +420,42 @@ class Utilitarian(_Aggregate):
     user's ``Δ̲_u``).
     """
 
-    def __init__(self, model: Any, data: PreferenceData | None = None, *,
-                 users: Sequence[Any] | None = None, weights: Sequence[float] | None = None,
-                 beta: Beta = 0.0, kind: str = "design", delta: float = 0.05,
-                 reference: str | np.ndarray = "uniform", tol: float = 1e-6,
-                 max_iter: int = 5000) -> None:
-        super().__init__(model, data, users=users, beta=beta, kind=kind, delta=delta,
-                         reference=reference, tol=tol, max_iter=max_iter)
+    def __init__(
+        self,
+        model: Any,
+        data: PreferenceData | None = None,
+        *,
+        users: Sequence[Any] | None = None,
+        weights: Sequence[float] | None = None,
+        beta: Beta = 0.0,
+        kind: str = "design",
+        delta: float = 0.05,
+        reference: str | np.ndarray = "uniform",
+        tol: float = 1e-6,
+        max_iter: int = 5000,
+    ) -> None:
+        super().__init__(
+            model,
+            data,
+            users=users,
+            beta=beta,
+            kind=kind,
+            delta=delta,
+            reference=reference,
+            tol=tol,
+            max_iter=max_iter,
+        )
         self.weights = weights
 
     def probs(self, targets: TargetStates) -> np.ndarray:
         self._check_params()
         stack = self._stack()
         n_users = len(stack)
-        weights = (np.full(n_users, 1.0 / n_users) if self.weights is None
-                   else np.asarray(self.weights, dtype=np.float64))
+        weights = (
+            np.full(n_users, 1.0 / n_users)
+            if self.weights is None
+            else np.asarray(self.weights, dtype=np.float64)
+        )
         if weights.shape != (n_users,) or (weights < 0).any() or weights.sum() <= 0:
             raise PluralignError(f"weights must be {n_users} non-negative numbers, not all 0")
         weights = weights / weights.sum()
@@ -385,7 +469,8 @@ class Utilitarian(_Aggregate):
                 return float(weights @ values), weights @ worst  # θ ∈ E = Σ_u ω_u A_u C_u
 
             probs, self.duality_gap_, self.n_iter_ = self._double_oracle(
-                [weights @ stack.thetas], oracle, targets)
+                [weights @ stack.thetas], oracle, targets
+            )
         else:
             probs = one_hot_argmax(targets.phi @ (weights @ stack.thetas))
             self.duality_gap_, self.n_iter_ = 0.0, 0
@@ -416,13 +501,31 @@ class Leximin(_Aggregate):
     ``levels_`` (the level reached at each lexicographic step).
     """
 
-    def __init__(self, model: Any, data: PreferenceData | None = None, *,
-                 users: Sequence[Any] | None = None, levels: int | None = None,
-                 beta: Beta = 0.0, kind: str = "design", delta: float = 0.05,
-                 reference: str | np.ndarray = "uniform", tol: float = 1e-6,
-                 max_iter: int = 500) -> None:
-        super().__init__(model, data, users=users, beta=beta, kind=kind, delta=delta,
-                         reference=reference, tol=tol, max_iter=max_iter)
+    def __init__(
+        self,
+        model: Any,
+        data: PreferenceData | None = None,
+        *,
+        users: Sequence[Any] | None = None,
+        levels: int | None = None,
+        beta: Beta = 0.0,
+        kind: str = "design",
+        delta: float = 0.05,
+        reference: str | np.ndarray = "uniform",
+        tol: float = 1e-6,
+        max_iter: int = 500,
+    ) -> None:
+        super().__init__(
+            model,
+            data,
+            users=users,
+            beta=beta,
+            kind=kind,
+            delta=delta,
+            reference=reference,
+            tol=tol,
+            max_iter=max_iter,
+        )
         self.levels = levels
 
     def probs(self, targets: TargetStates) -> np.ndarray:
@@ -472,8 +575,9 @@ class Leximin(_Aggregate):
             u = int(np.argmin(values))
             return float(values[u]), worst[u]  # θ ∈ Θ = conv ∪_u A_u C_u
 
-        probs, self.duality_gap_, self.n_iter_ = self._double_oracle(list(stack.thetas), oracle,
-                                                                     targets)
+        probs, self.duality_gap_, self.n_iter_ = self._double_oracle(
+            list(stack.thetas), oracle, targets
+        )
         self.converged_ = self.duality_gap_ <= self.tol
         self._warn_gap("double oracle")
         self.user_values_ = stack.values(self._wbar(probs))[0]
@@ -489,8 +593,15 @@ def _matrix_game(game: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     c[-1] = -1.0  # maximise t
     a_ub = np.hstack([-game.T, np.ones((n_cols, 1))])  # t − (μᵀG)_c ≤ 0
     a_eq = np.concatenate([np.ones(n_rows), [0.0]])[None, :]
-    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(n_cols), A_eq=a_eq, b_eq=[1.0],
-                  bounds=[(0.0, None)] * n_rows + [(None, None)], method="highs")
+    res = linprog(
+        c,
+        A_ub=a_ub,
+        b_ub=np.zeros(n_cols),
+        A_eq=a_eq,
+        b_eq=[1.0],
+        bounds=[(0.0, None)] * n_rows + [(None, None)],
+        method="highs",
+    )
     if res.status != 0:
         raise PluralignError(f"aggregated-policy LP failed: {res.message}")
     mu = np.clip(res.x[:n_rows], 0.0, None)

@@ -122,8 +122,7 @@ class Gibbs(Policy):
     It maximises ``E_x[Σ_a π r̂ − η KL(π‖π0)]`` exactly (GSHF, Xiong et al. 2024, eq. (2)).
     """
 
-    def __init__(self, model: RewardModel, eta: float, *, reference: Reference = "uniform"
-                 ) -> None:
+    def __init__(self, model: RewardModel, eta: float, *, reference: Reference = "uniform") -> None:
         self.model = model
         self.eta = _check_eta(eta)
         self.reference = reference
@@ -196,8 +195,9 @@ class PessimisticGibbs(Policy):
         ref, _, w_ref = self._setup(targets)
         return self._objective(np.asarray(probs, float), targets, ref, w_ref)
 
-    def _objective(self, probs: np.ndarray, targets: TargetStates, ref: np.ndarray,
-                   w_ref: np.ndarray) -> float:
+    def _objective(
+        self, probs: np.ndarray, targets: TargetStates, ref: np.ndarray, w_ref: np.ndarray
+    ) -> float:
         worst = float(self.confidence.worst_case(self._w(probs, targets, w_ref)))
         return worst - self.eta * float(np.mean(kl_divergence(probs, ref)))
 
@@ -289,12 +289,17 @@ class PessimisticGibbs(Policy):
         self.pessimistic_value_ = best_primal
         self.theta_ = best_theta
         if not self.converged_:
-            warn(gap_message("PessimisticGibbs (option I)", self.duality_gap_, self.tol, steps,
-                             reason), ConvergenceWarning)
+            warn(
+                gap_message(
+                    "PessimisticGibbs (option I)", self.duality_gap_, self.tol, steps, reason
+                ),
+                ConvergenceWarning,
+            )
         return best_probs
 
-    def _whitened_hessian(self, probs: np.ndarray, targets: TargetStates, chol: np.ndarray
-                          ) -> np.ndarray:
+    def _whitened_hessian(
+        self, probs: np.ndarray, targets: TargetStates, chol: np.ndarray
+    ) -> np.ndarray:
         """``L⁻¹ ∇²g L⁻ᵀ`` with ``∇²g = (1/η) E_x Cov_{π}[z]``, accumulated in chunks of states."""
         k, n_actions = self.confidence.k, targets.n_actions
         cov = np.zeros((k, k))

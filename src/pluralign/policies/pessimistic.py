@@ -127,8 +127,9 @@ def _line_search(b: float, c: float, e: float, g: float, beta: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def _corrective(c: np.ndarray, gram: np.ndarray, lam: np.ndarray, beta: float, tol: float,
-                max_steps: int) -> np.ndarray:
+def _corrective(
+    c: np.ndarray, gram: np.ndarray, lam: np.ndarray, beta: float, tol: float, max_steps: int
+) -> np.ndarray:
     """Pairwise Frank–Wolfe on the weights of the active vertices.
 
     Maximizes ``g(λ) = cᵀλ − β sqrt(λᵀGλ)`` over the simplex (``c_i = θ̂ᵀv_i``,
@@ -180,14 +181,26 @@ def _restricted_dual(lin: np.ndarray, gram: np.ndarray, beta: float) -> np.ndarr
         return out
 
     constraints = [
-        {"type": "ineq", "fun": lambda v: v[-1] - lin - beta * (gram @ v[:-1]),
-         "jac": lambda v: np.hstack([-beta * gram, np.ones((n, 1))])},
-        {"type": "ineq", "fun": lambda v: np.array([1.0 - v[:-1] @ gram @ v[:-1]]),
-         "jac": lambda v: np.append(-2.0 * (gram @ v[:-1]), 0.0)[None, :]},
+        {
+            "type": "ineq",
+            "fun": lambda v: v[-1] - lin - beta * (gram @ v[:-1]),
+            "jac": lambda v: np.hstack([-beta * gram, np.ones((n, 1))]),
+        },
+        {
+            "type": "ineq",
+            "fun": lambda v: np.array([1.0 - v[:-1] @ gram @ v[:-1]]),
+            "jac": lambda v: np.append(-2.0 * (gram @ v[:-1]), 0.0)[None, :],
+        },
     ]
     start = np.append(np.zeros(n), float(lin.max()))
-    result = minimize(objective, start, jac=jac, method="SLSQP", constraints=constraints,
-                      options={"ftol": 1e-15, "maxiter": 500})
+    result = minimize(
+        objective,
+        start,
+        jac=jac,
+        method="SLSQP",
+        constraints=constraints,
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
     alpha = np.asarray(result.x[:-1], float)
     q = float(alpha @ gram @ alpha)
     return alpha / math.sqrt(q) if q > 1.0 else alpha
@@ -205,9 +218,14 @@ def _escape_cone(lin: np.ndarray, gram: np.ndarray, lam: np.ndarray, beta: float
     best, best_value = lam, value(lam)
     starts = [np.full(n, 1.0 / n)] + [np.eye(n)[i] for i in np.argsort(-lin)[:7]]
     for start in starts:
-        result = minimize(lambda v: -value(v), start, method="SLSQP", bounds=[(0.0, 1.0)] * n,
-                          constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1.0}],
-                          options={"ftol": 1e-15, "maxiter": 500})
+        result = minimize(
+            lambda v: -value(v),
+            start,
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * n,
+            constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1.0}],
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
         cand = np.clip(result.x, 0.0, None)
         cand /= cand.sum()
         cand_value = value(cand)
@@ -332,14 +350,19 @@ class Pessimistic(Policy):
             if not stalled:
                 base = int(np.argmin(differ))
                 changed = np.flatnonzero(best != acts[base])
-                step = (targets.phi[changed, best[changed]]
-                        - targets.phi[changed, acts[base][changed]])
+                step = (
+                    targets.phi[changed, best[changed]] - targets.phi[changed, acts[base][changed]]
+                )
                 x = None if targets.x is None else targets.x[changed]
                 vec = vecs[base] + model.mean_features(x, step) * (changed.size / targets.m)
                 vec_solved = cs.solve(vec)
                 column = np.asarray(vecs) @ vec_solved
-                gram = np.block([[gram, column[:, None]],
-                                 [column[None, :], np.array([[float(vec @ vec_solved)]])]])
+                gram = np.block(
+                    [
+                        [gram, column[:, None]],
+                        [column[None, :], np.array([[float(vec @ vec_solved)]])],
+                    ]
+                )
                 acts.append(best)
                 vecs.append(vec)
                 solved.append(vec_solved)
@@ -367,8 +390,16 @@ class Pessimistic(Policy):
         self.pessimistic_value_ = value
         self.n_active_ = len(acts)
         if not self.converged_:
-            warn(gap_message(f"{self._owner()} (pairwise Frank–Wolfe)", self.duality_gap_,
-                             self.tol, it, "iteration cap"), ConvergenceWarning)
+            warn(
+                gap_message(
+                    f"{self._owner()} (pairwise Frank–Wolfe)",
+                    self.duality_gap_,
+                    self.tol,
+                    it,
+                    "iteration cap",
+                ),
+                ConvergenceWarning,
+            )
         return probs
 
     def _pointwise(self, targets: TargetStates) -> np.ndarray:
@@ -388,6 +419,7 @@ class Pessimistic(Policy):
         self.n_iter_ = 0
         self.converged_ = True
         probs = one_hot_argmax(lcb)
-        self.pessimistic_value_ = float(cs.worst_case(self._w(probs, targets, model.mean_features(
-            targets.x, phi_ref))))
+        self.pessimistic_value_ = float(
+            cs.worst_case(self._w(probs, targets, model.mean_features(targets.x, phi_ref)))
+        )
         return probs

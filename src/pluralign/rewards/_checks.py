@@ -100,21 +100,30 @@ def warn(message: str, category: type[Warning]) -> None:
 
 
 # ----------------------------------------------------------------------------- validation
-def check_number(value: Any, name: str, *, owner: str, minimum: float = 0.0,
-                 strict: bool = False, below: float | None = None) -> float:
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    owner: str,
+    minimum: float = 0.0,
+    strict: bool = False,
+    below: float | None = None,
+) -> float:
     """``value`` as a float if it is a finite real (not a bool) ``≥ minimum`` (``> minimum`` if
     ``strict``; ``< below`` if given); else a ``DataValidationError`` naming ``owner.name``."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
     if ok:
         number = float(value)
         ok = (number > minimum if strict else number >= minimum) and (
-            below is None or number < below)
+            below is None or number < below
+        )
     if not ok:
         bound = f"{'>' if strict else '≥'} {minimum:g}"
         if below is not None:
             bound = f"in ({minimum:g}, {below:g})" if strict else f"in [{minimum:g}, {below:g})"
-        raise DataValidationError(f"{owner}.{name} must be a finite number {bound}, got {value!r}",
-                                  field=name)
+        raise DataValidationError(
+            f"{owner}.{name} must be a finite number {bound}, got {value!r}", field=name
+        )
     return number
 
 
@@ -122,8 +131,9 @@ def check_int(value: Any, name: str, *, owner: str, minimum: int = 1) -> int:
     """``value`` as an int if it is an integer (not a bool) ``≥ minimum``; else a
     ``DataValidationError`` naming ``owner.name``."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise DataValidationError(f"{owner}.{name} must be an integer ≥ {minimum}, got {value!r}",
-                                  field=name)
+        raise DataValidationError(
+            f"{owner}.{name} must be an integer ≥ {minimum}, got {value!r}", field=name
+        )
     return int(value)
 
 
@@ -184,8 +194,11 @@ def _lp_direction(a: np.ndarray | sparse.spmatrix) -> np.ndarray | None:
     """Rows separated by a recession direction of ``a`` (LP of the module docstring), an empty
     mask if there is none, ``None`` if the LP failed or its direction does not verify in float64
     (a positive optimum whose margins dip below ``−_FEAS_TOL``: undecided, not "no")."""
-    norms = (np.sqrt(np.asarray(a.multiply(a).sum(axis=1)).ravel()) if sparse.issparse(a)
-             else np.linalg.norm(a, axis=1))
+    norms = (
+        np.sqrt(np.asarray(a.multiply(a).sum(axis=1)).ravel())
+        if sparse.issparse(a)
+        else np.linalg.norm(a, axis=1)
+    )
     live = norms > 0
     if not live.any():
         return np.zeros(a.shape[0], dtype=bool)
@@ -195,8 +208,13 @@ def _lp_direction(a: np.ndarray | sparse.spmatrix) -> np.ndarray | None:
     else:
         unit = a[live] / norms[live, None]
         objective = -unit.sum(axis=0)
-    res = linprog(objective, A_ub=-unit, b_ub=np.zeros(unit.shape[0]),
-                  bounds=[(-1.0, 1.0)] * unit.shape[1], method="highs")
+    res = linprog(
+        objective,
+        A_ub=-unit,
+        b_ub=np.zeros(unit.shape[0]),
+        bounds=[(-1.0, 1.0)] * unit.shape[1],
+        method="highs",
+    )
     if res.status != 0:
         return None
     margins = np.asarray(unit @ res.x).ravel()
@@ -209,8 +227,9 @@ def _lp_direction(a: np.ndarray | sparse.spmatrix) -> np.ndarray | None:
     return mask
 
 
-def find_separation(problems: list[Any] | None, margins: np.ndarray | None, ties: np.ndarray
-                    ) -> tuple[bool | None, np.ndarray]:
+def find_separation(
+    problems: list[Any] | None, margins: np.ndarray | None, ties: np.ndarray
+) -> tuple[bool | None, np.ndarray]:
     """Whether the MLE fails to exist, and which comparisons are separated.
 
     ``margins`` are the fitted ``s_i (r̂(φ1_i) − r̂(φ0_i))``, ``ties`` marks comparisons with
@@ -247,50 +266,70 @@ def signed(a: np.ndarray | sparse.spmatrix, sign: np.ndarray) -> np.ndarray | sp
     return sign[:, None] * a
 
 
-def separable_message(owner: str, n_sep: int, n: int, norm: float | None,
-                      users: list[Any] | None = None, how: str = "") -> str:
+def separable_message(
+    owner: str,
+    n_sep: int,
+    n: int,
+    norm: float | None,
+    users: list[Any] | None = None,
+    how: str = "",
+) -> str:
     """The text of a :class:`~pluralign.errors.SeparableDataWarning`."""
     who = ""
     if users:
-        shown = ", ".join(map(repr, users[:5])) + (f", … ({len(users)} users)"
-                                                   if len(users) > 5 else "")
+        shown = ", ".join(map(repr, users[:5])) + (
+            f", … ({len(users)} users)" if len(users) > 5 else ""
+        )
         who = f"; users: {shown}"
     size = "" if norm is None else f" (‖θ̂‖ = {norm:.4g})"
-    return (f"{owner}: the maximum-likelihood estimate does not exist: with l2 = 0 the "
-            f"comparisons are (quasi-)separable{how} ({n_sep} of {n} comparisons separated{who}), "
-            "so the likelihood keeps increasing as ‖θ‖ → ∞ and the estimate"
-            f"{size} is wherever the solver stopped. Add a ridge (l2 > 0).")
+    return (
+        f"{owner}: the maximum-likelihood estimate does not exist: with l2 = 0 the "
+        f"comparisons are (quasi-)separable{how} ({n_sep} of {n} comparisons separated{who}), "
+        "so the likelihood keeps increasing as ‖θ‖ → ∞ and the estimate"
+        f"{size} is wherever the solver stopped. Add a ridge (l2 > 0)."
+    )
 
 
-def unidentified_message(owner: str, count: int, start: str,
-                         users: list[Any] | None = None) -> str:
+def unidentified_message(owner: str, count: int, start: str, users: list[Any] | None = None) -> str:
     """The text of a :class:`~pluralign.errors.DisconnectedComparisonsWarning`."""
     who = ""
     if users:
-        who = " (users " + ", ".join(map(repr, users[:5])) + (
-            f", … ({len(users)} users)" if len(users) > 5 else "") + ")"
-    return (f"{owner}: with l2 = 0 the comparisons leave {count} direction(s) of the parameter "
-            f"space unidentified{who}: they change reward differences between training "
-            "responses, but no comparison informs them (the comparison graph is disconnected: "
-            f"with one-hot item features it has {count + 1} connected components). "
-            f"The estimate there is the solver's start: {start}. Add a ridge (l2 > 0) or more "
-            "comparisons that link the components.")
+        who = (
+            " (users "
+            + ", ".join(map(repr, users[:5]))
+            + (f", … ({len(users)} users)" if len(users) > 5 else "")
+            + ")"
+        )
+    return (
+        f"{owner}: with l2 = 0 the comparisons leave {count} direction(s) of the parameter "
+        f"space unidentified{who}: they change reward differences between training "
+        "responses, but no comparison informs them (the comparison graph is disconnected: "
+        f"with one-hot item features it has {count + 1} connected components). "
+        f"The estimate there is the solver's start: {start}. Add a ridge (l2 > 0) or more "
+        "comparisons that link the components."
+    )
 
 
 def convergence_message(owner: str, info: Any, tol: float, dtype: str = "float64") -> str:
     """The text of a fit's :class:`~pluralign.errors.ConvergenceWarning` (by ``info.stop``)."""
-    head = (f"{owner} did not converge: the largest gradient entry is {info.grad_max:.3g} > "
-            f"tol = {tol:g} after {info.n_iter} L-BFGS iterations")
+    head = (
+        f"{owner} did not converge: the largest gradient entry is {info.grad_max:.3g} > "
+        f"tol = {tol:g} after {info.n_iter} L-BFGS iterations"
+    )
     stop = getattr(info, "stop", "other")
     if stop == "precision":
-        why = (f"the objective stopped decreasing at {dtype} precision (relative decrease below "
-               "64·eps of float64), so tol is tighter than this problem can certify: loosen tol "
-               f"to about {info.grad_max:.1g}")
+        why = (
+            f"the objective stopped decreasing at {dtype} precision (relative decrease below "
+            "64·eps of float64), so tol is tighter than this problem can certify: loosen tol "
+            f"to about {info.grad_max:.1g}"
+        )
     elif stop == "max_iter":
         why = "the iteration cap was reached: increase max_iter"
     elif stop == "line_search":
-        why = ("the line search failed (often a tol below the objective's precision, e.g. in "
-               "float32): loosen tol, or use float64")
+        why = (
+            "the line search failed (often a tol below the objective's precision, e.g. in "
+            "float32): loosen tol, or use float64"
+        )
     else:
         why = f"solver message: {info.message}"
     return f"{head}; {why}. The estimate is the last iterate."
@@ -299,6 +338,8 @@ def convergence_message(owner: str, info: Any, tol: float, dtype: str = "float64
 def gap_message(owner: str, gap: float, tol: float, n_iter: int, reason: str = "") -> str:
     """The text of a policy solver's :class:`~pluralign.errors.ConvergenceWarning`."""
     why = f" ({reason})" if reason else ""
-    return (f"{owner} stopped after {n_iter} iterations{why} with certified duality gap "
-            f"{gap:.3g} > tol = {tol:g}; the policy is the best iterate, within that gap of the "
-            "optimum. Increase max_iter or tol.")
+    return (
+        f"{owner} stopped after {n_iter} iterations{why} with certified duality gap "
+        f"{gap:.3g} > tol = {tol:g}; the policy is the best iterate, within that gap of the "
+        "optimum. Increase max_iter or tol."
+    )

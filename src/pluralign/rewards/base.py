@@ -115,7 +115,9 @@ class RewardModel(ABC):
         if labels is None or np.shape(y) != labels.shape or not np.array_equal(y, labels):
             raise DataValidationError(
                 f"{type(self).__name__} reads its labels from data.y; y must be None or equal "
-                "to data.y", field="y")
+                "to data.y",
+                field="y",
+            )
 
     # ---- scikit-learn estimator protocol -----------------------------------------------------
     @classmethod
@@ -123,9 +125,13 @@ class RewardModel(ABC):
         """The hyper-parameters: the named arguments of ``__init__``, in signature order."""
         if cls.__init__ is object.__init__:
             return []
-        return [p.name for p in inspect.signature(cls.__init__).parameters.values()
-                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-                and p.name not in cls._state_arguments]
+        return [
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self"
+            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            and p.name not in cls._state_arguments
+        ]
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """Hyper-parameters, as given to ``__init__`` (scikit-learn convention).
@@ -137,8 +143,12 @@ class RewardModel(ABC):
         for name in self._get_param_names():
             value = getattr(self, name)
             out[name] = value
-            if (deep and name not in self._fitted_inputs and hasattr(value, "get_params")
-                    and not isinstance(value, type)):
+            if (
+                deep
+                and name not in self._fitted_inputs
+                and hasattr(value, "get_params")
+                and not isinstance(value, type)
+            ):
                 out.update((f"{name}__{k}", v) for k, v in value.get_params(deep=True).items())
         return out
 
@@ -156,17 +166,20 @@ class RewardModel(ABC):
             if name not in names:
                 raise DataValidationError(
                     f"invalid parameter {key!r} for {owner}; valid parameters are: "
-                    f"{', '.join(names) or '(none)'}", field=key)
+                    f"{', '.join(names) or '(none)'}",
+                    field=key,
+                )
             if not delim:
                 direct[name] = value
                 continue
             inner = getattr(self, name)
             if name in self._fitted_inputs or not hasattr(inner, "set_params"):
-                why = ("is a fitted input" if name in self._fitted_inputs
-                       else "is not an estimator")
+                why = "is a fitted input" if name in self._fitted_inputs else "is not an estimator"
                 raise DataValidationError(
                     f"invalid parameter {key!r} for {owner}: {name!r} {why}; set {name} "
-                    "itself instead", field=key)
+                    "itself instead",
+                    field=key,
+                )
             nested.setdefault(name, {})[sub] = value
         for name, sub_params in nested.items():
             getattr(self, name).set_params(**sub_params)
@@ -217,9 +230,11 @@ class BradleyTerryModel(RewardModel):
     """
 
     _quiet = False  # internal fits (spectral starts, wrapped estimators) warn through their owner
-    _start_note = ("0, since L-BFGS starts at 0 and its iterates stay in the span of the "
-                   "gradients: the minimum-norm estimate, the limit of the ridge estimate as "
-                   "l2 → 0")
+    _start_note = (
+        "0, since L-BFGS starts at 0 and its iterates stay in the span of the "
+        "gradients: the minimum-norm estimate, the limit of the ridge estimate as "
+        "l2 → 0"
+    )
 
     def __init__(
         self,
@@ -269,8 +284,7 @@ class BradleyTerryModel(RewardModel):
         separability LP (``None``: too large or not available; only the margin check runs)."""
         return None
 
-    def _identification_problem(self, data: PreferenceData
-                                ) -> tuple[np.ndarray, np.ndarray] | None:
+    def _identification_problem(self, data: PreferenceData) -> tuple[np.ndarray, np.ndarray] | None:
         """``(Δz rows, rows spanning S)`` for the identifiability check, or ``None``."""
         return None
 
@@ -284,8 +298,14 @@ class BradleyTerryModel(RewardModel):
         margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
         return (2.0 * data.y - 1.0) * margin
 
-    def _diagnose(self, data: PreferenceData, *, owner: str | None = None,
-                  users: np.ndarray | None = None, identification: bool = True) -> None:
+    def _diagnose(
+        self,
+        data: PreferenceData,
+        *,
+        owner: str | None = None,
+        users: np.ndarray | None = None,
+        identification: bool = True,
+    ) -> None:
         """Issue the warnings of the class docstring for the fit just made on ``data``.
 
         ``owner`` names the estimator in the messages (a wrapper such as ``PerUser``), ``users``
@@ -293,27 +313,40 @@ class BradleyTerryModel(RewardModel):
         """
         owner = owner or type(self).__name__
         if not self.solver_info_.converged:
-            warn(convergence_message(owner, self.solver_info_, self.tol, self.dtype),
-                 ConvergenceWarning)
+            warn(
+                convergence_message(owner, self.solver_info_, self.tol, self.dtype),
+                ConvergenceWarning,
+            )
         self.separable_, self.unidentified_ = None, None
         if self.l2 != 0:
             return
         ties = ~np.any(data.delta_phi != 0, axis=1)
-        found, mask = find_separation(self._separation_problems(data),
-                                      self._signed_margins(data), ties)
+        found, mask = find_separation(
+            self._separation_problems(data), self._signed_margins(data), ties
+        )
         self.separable_ = found
         if found:
             who = None if users is None else np.unique(users[mask]).tolist()
-            warn(separable_message(owner, int(mask.sum()), data.n, self._estimate_norm(), who,
-                                   getattr(self, "_separation_how", "")),
-                 SeparableDataWarning)
+            warn(
+                separable_message(
+                    owner,
+                    int(mask.sum()),
+                    data.n,
+                    self._estimate_norm(),
+                    who,
+                    getattr(self, "_separation_how", ""),
+                ),
+                SeparableDataWarning,
+            )
         problem = self._identification_problem(data) if identification else None
         if problem is not None:
             dz, span = problem
             self.unidentified_ = max(rank(span) - rank(dz), 0)
             if self.unidentified_:
-                warn(unidentified_message(owner, self.unidentified_, self._start_note),
-                     DisconnectedComparisonsWarning)
+                warn(
+                    unidentified_message(owner, self.unidentified_, self._start_note),
+                    DisconnectedComparisonsWarning,
+                )
 
     # ---- shared machinery -----------------------------------------------------------------
     @property
@@ -325,8 +358,9 @@ class BradleyTerryModel(RewardModel):
                 f"unknown torch dtype {self.dtype!r}; use 'float64' or 'float32'", field="dtype"
             ) from None
         if dtype not in (torch.float64, torch.float32):
-            raise DataValidationError(f"must be 'float64' or 'float32', got {self.dtype!r}",
-                                      field="dtype")
+            raise DataValidationError(
+                f"must be 'float64' or 'float32', got {self.dtype!r}", field="dtype"
+            )
         return dtype
 
     def _tensors(self, data: PreferenceData) -> dict[str, torch.Tensor]:

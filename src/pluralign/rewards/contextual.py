@@ -111,9 +111,19 @@ class Contextual(MultiUserModel):
 
     def lowrank(self) -> LowRank:
         """The ``LowRank(k, free_rows=1)`` estimator this model fits on ``[1, z(x)]``."""
-        return LowRank(self.k, self.l2, balance=self.balance, init=self.init, seed=self.seed,
-                       dense_svd_limit=self.dense_svd_limit, free_rows=1, tol=self.tol,
-                       max_iter=self.max_iter, dtype=self.dtype, device=self.device)
+        return LowRank(
+            self.k,
+            self.l2,
+            balance=self.balance,
+            init=self.init,
+            seed=self.seed,
+            dense_svd_limit=self.dense_svd_limit,
+            free_rows=1,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     # ------------------------------------------------------------------ fitting
     def fit(self, data: PreferenceData, y: None = None) -> Contextual:
@@ -123,17 +133,21 @@ class Contextual(MultiUserModel):
         self._check_params()
         _check_unknown(self.unknown_user)
         if not isinstance(self.standardize, bool):
-            raise DataValidationError(f"must be true or false, got {self.standardize!r}",
-                                      field="standardize")
+            raise DataValidationError(
+                f"must be true or false, got {self.standardize!r}", field="standardize"
+            )
         if data.x is None:
             raise DataValidationError(
                 "Contextual needs user contexts (a user_context per row); the data has x=None",
-                field="x")
+                field="x",
+            )
         top = min(data.d_x, data.d_phi)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= top:
             raise DataValidationError(
                 f"must be an integer in [1, min(d_x, d_phi)] = [1, {top}] (d_x = {data.d_x} "
-                f"context columns), got {self.k!r}", field="k")
+                f"context columns), got {self.k!r}",
+                field="k",
+            )
         users, contexts, counts = _user_contexts(data)
         if self.standardize:
             mean, scale = data.x.mean(axis=0), data.x.std(axis=0)
@@ -169,8 +183,10 @@ class Contextual(MultiUserModel):
             raise DataValidationError("contexts must be numbers", field="x") from None
         x = x[None, :] if x.ndim == 1 else x
         if x.ndim != 2 or x.shape[1] != self.d_x_:
-            raise DataValidationError(f"contexts must be (n, d_x) with d_x = {self.d_x_}, got "
-                                      f"shape {np.shape(contexts)}", field="x")
+            raise DataValidationError(
+                f"contexts must be (n, d_x) with d_x = {self.d_x_}, got shape {np.shape(contexts)}",
+                field="x",
+            )
         if not np.isfinite(x).all():
             raise DataValidationError("contexts contain NaN or inf", field="x")
         return x
@@ -191,8 +207,9 @@ class Contextual(MultiUserModel):
         if thetas.shape[0] == 1:
             return phi @ thetas[0]
         if thetas.shape[0] != phi.shape[0]:
-            raise DataValidationError(f"got {thetas.shape[0]} contexts for {phi.shape[0]} rows "
-                                      "of phi", field="x")
+            raise DataValidationError(
+                f"got {thetas.shape[0]} contexts for {phi.shape[0]} rows of phi", field="x"
+            )
         return contract(thetas, phi)
 
     def add_users(self, users: Sequence[Any], contexts: Any) -> Contextual:
@@ -202,14 +219,17 @@ class Contextual(MultiUserModel):
         x = self._check_contexts(contexts)
         ids = np.asarray(list(users))
         if ids.ndim != 1 or len(ids) != len(x):
-            raise DataValidationError(f"got {len(ids)} user ids for {len(x)} contexts",
-                                      field="users")
+            raise DataValidationError(
+                f"got {len(ids)} user ids for {len(x)} contexts", field="users"
+            )
         new = np.unique(ids)
         if len(new) != len(ids):
             raise DataValidationError("a user id is given twice", field="users")
         if len(self.users_) and new.dtype.kind != self.users_.dtype.kind:
-            raise DataValidationError(f"user ids of type {new.dtype} do not match the model's "
-                                      f"({self.users_.dtype})", field="users")
+            raise DataValidationError(
+                f"user ids of type {new.dtype} do not match the model's ({self.users_.dtype})",
+                field="users",
+            )
         known = [u for u in ids.tolist() if _key(u) in self._lookup]
         if known:
             raise DataValidationError(f"user {known[0]!r} is already known", field="users")
@@ -238,18 +258,33 @@ class Contextual(MultiUserModel):
     # ------------------------------------------------------------------ serialization
     def to_arrays(self) -> dict[str, np.ndarray]:
         self._check_fitted()
-        return {"theta0": self.theta0_, "thetas": self.thetas_, "user_counts": self.user_counts_,
-                "basis": self.basis_, "context_weights": self.context_weights_,
-                "contexts": self.contexts_, "context_mean": self.context_mean_,
-                "context_scale": self.context_scale_}
+        return {
+            "theta0": self.theta0_,
+            "thetas": self.thetas_,
+            "user_counts": self.user_counts_,
+            "basis": self.basis_,
+            "context_weights": self.context_weights_,
+            "contexts": self.contexts_,
+            "context_mean": self.context_mean_,
+            "context_scale": self.context_scale_,
+        }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], users: Sequence[Any], *,
-                    n_train: int, **params: Any) -> Contextual:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], users: Sequence[Any], *, n_train: int, **params: Any
+    ) -> Contextual:
         model = cls(**params)
-        f64 = {key: np.asarray(arrays[key], dtype=np.float64)
-               for key in ("theta0", "basis", "context_weights", "contexts", "context_mean",
-                           "context_scale")}
+        f64 = {
+            key: np.asarray(arrays[key], dtype=np.float64)
+            for key in (
+                "theta0",
+                "basis",
+                "context_weights",
+                "contexts",
+                "context_mean",
+                "context_scale",
+            )
+        }
         model.theta0_, model.basis_ = f64["theta0"], f64["basis"]
         model.context_weights_, model.contexts_ = f64["context_weights"], f64["contexts"]
         model.context_mean_, model.context_scale_ = f64["context_mean"], f64["context_scale"]
@@ -270,8 +305,9 @@ def _user_contexts(data: PreferenceData) -> tuple[np.ndarray, np.ndarray, np.nda
     the first row that differs from the user's first row."""
     if data.users is None:
         return np.zeros(0, dtype=np.int64), np.zeros((0, data.d_x)), np.zeros(0, np.int64)
-    users, first, inverse, counts = np.unique(data.users, return_index=True,
-                                              return_inverse=True, return_counts=True)
+    users, first, inverse, counts = np.unique(
+        data.users, return_index=True, return_inverse=True, return_counts=True
+    )
     contexts = data.x[first]
     differs = np.any(data.x != contexts[inverse], axis=1)
     if differs.any():
@@ -280,5 +316,7 @@ def _user_contexts(data: PreferenceData) -> tuple[np.ndarray, np.ndarray, np.nda
         raise DataValidationError(
             f"user {user!r} has another context here than on row {int(first[inverse[row]])}; "
             "a user has one context (give each user's rows the same x, or distinct user ids)",
-            field="x", row=row)
+            field="x",
+            row=row,
+        )
     return users, contexts, counts.astype(np.int64)

@@ -81,8 +81,7 @@ class LinearInParameters(ABC):
             return None
         return [signed(self.features(data.x, data.delta_phi), 2.0 * data.y - 1.0)]
 
-    def _identification_problem(self, data: PreferenceData
-                                ) -> tuple[np.ndarray, np.ndarray] | None:
+    def _identification_problem(self, data: PreferenceData) -> tuple[np.ndarray, np.ndarray] | None:
         """``(Δz, rows spanning S)``: ``S = span{z(x, φ) − z(x, φ′)}`` over the training
         contexts' span and the training responses' differences. ``z`` is bilinear in
         ``(x, φ)``, so ``S`` is spanned by ``z(b, c)`` over bases ``b`` of ``span{x_i}`` and ``c``
@@ -171,8 +170,9 @@ class Bilinear(LinearInParameters, BradleyTerryModel):
 
     def _validate(self, data: PreferenceData) -> None:
         if data.x is None:
-            raise DataValidationError("Bilinear needs user contexts; the data has x=None",
-                                      field="x")
+            raise DataValidationError(
+                "Bilinear needs user contexts; the data has x=None", field="x"
+            )
 
     def _initial_params(self, data: PreferenceData) -> np.ndarray:
         return np.zeros(data.d_x * data.d_phi)

@@ -198,31 +198,37 @@ class LowRank(BradleyTerryModel):
 
     def _validate(self, data: PreferenceData) -> None:
         if data.x is None:
-            raise DataValidationError("LowRank needs user contexts; the data has x=None",
-                                      field="x")
+            raise DataValidationError("LowRank needs user contexts; the data has x=None", field="x")
         f = self.free_rows
         if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < data.d_x:
             raise DataValidationError(
                 f"must be an integer in [0, d_x) = [0, {data.d_x}), got {f!r}", field="free_rows"
             )
         top = min(data.d_x - f, data.d_phi)
-        if (isinstance(self.rank, bool) or not isinstance(self.rank, int)
-                or not 1 <= self.rank <= top):
+        if (
+            isinstance(self.rank, bool)
+            or not isinstance(self.rank, int)
+            or not 1 <= self.rank <= top
+        ):
             what = "min(d_x, d_phi)" if f == 0 else "min(d_x − free_rows, d_phi)"
             raise DataValidationError(
                 f"must be an integer in [1, {what}] = [1, {top}], got {self.rank!r}",
                 field="rank",
             )
         if self.init not in ("spectral", "random"):
-            raise DataValidationError(f"must be 'spectral' or 'random', got {self.init!r}",
-                                      field="init")
+            raise DataValidationError(
+                f"must be 'spectral' or 'random', got {self.init!r}", field="init"
+            )
         if self.solver not in ("auto", "numpy", "torch"):
             raise DataValidationError(
-                f"must be 'auto', 'numpy' or 'torch', got {self.solver!r}", field="solver")
+                f"must be 'auto', 'numpy' or 'torch', got {self.solver!r}", field="solver"
+            )
         if self.solver == "numpy" and (self.dtype != "float64" or str(self.device) != "cpu"):
             raise DataValidationError(
                 f"solver='numpy' evaluates in float64 on the CPU; got dtype={self.dtype!r}, "
-                f"device={self.device!r} (use solver='torch' or 'auto')", field="solver")
+                f"device={self.device!r} (use solver='torch' or 'auto')",
+                field="solver",
+            )
 
     def fit(self, data: PreferenceData, y: None = None) -> LowRank:
         """Penalized Bradley–Terry MLE on ``data`` (see the class docstring); returns ``self``
@@ -256,8 +262,9 @@ class LowRank(BradleyTerryModel):
             return self.dtype == "float64" and str(self.device) == "cpu"
         return self.solver == "numpy"
 
-    def objective_and_gradient(self, params: np.ndarray, data: PreferenceData
-                               ) -> tuple[float, np.ndarray]:
+    def objective_and_gradient(
+        self, params: np.ndarray, data: PreferenceData
+    ) -> tuple[float, np.ndarray]:
         """The fitted objective and its closed-form gradient at flat ``params``
         ``[vec Θ_f, vec L, vec R]`` (what ``solver="numpy"`` hands to L-BFGS).
 
@@ -268,7 +275,8 @@ class LowRank(BradleyTerryModel):
         ``∇_{Θ_f} = X_{1:f}ᵀ diag(g) ΔΦ + λ Θ_f``. One evaluation costs ``O(N (d_x + d_phi) r)``.
         """
         return self._numpy_objective(data.x, data.delta_phi, 2.0 * data.y - 1.0)(
-            np.asarray(params, dtype=np.float64))
+            np.asarray(params, dtype=np.float64)
+        )
 
     def _numpy_objective(self, x: np.ndarray, dphi: np.ndarray, sign: np.ndarray):
         r, f, lam, mu = self.rank, self.free_rows, float(self.l2), float(self.balance)
@@ -305,8 +313,11 @@ class LowRank(BradleyTerryModel):
             g = (sign / n) * (q - 1.0)  # d softplus(−s m)/dm = −s σ(−s m), averaged
             gram_l, gram_r = left.T @ left, right.T @ right
             gap = gram_l - gram_r
-            value = (loss + 0.5 * lam * float(np.sum(gram_l * gram_r))
-                     + 0.25 * mu * float(np.sum(gap * gap)))
+            value = (
+                loss
+                + 0.5 * lam * float(np.sum(gram_l * gram_r))
+                + 0.25 * mu * float(np.sum(gap * gap))
+            )
             if gemv:
                 grad_l = np.stack([x_t @ (g * pr[k]) for k in range(r)], axis=1)
                 grad_r = np.stack([dphi_t @ (g * xl[k]) for k in range(r)], axis=1)
@@ -340,20 +351,26 @@ class LowRank(BradleyTerryModel):
             right = scale * rng.standard_normal((data.d_phi, r))
             return np.concatenate([left.ravel(), right.ravel()])
         dphi = self._delta_phi(data)
-        u0, _, v0 = moment_matrix_svd(data, r, dense_limit=self.dense_svd_limit, seed=self.seed,
-                                      delta_phi=dphi)
+        u0, _, v0 = moment_matrix_svd(
+            data, r, dense_limit=self.dense_svd_limit, seed=self.seed, delta_phi=dphi
+        )
         if self._uses_numpy():
             # The r²-parameter core fit by Newton's method (explicit r²×r² Hessian).
             z = (_skinny(data.x, u0)[:, :, None] * _skinny(dphi, v0)[:, None, :]).reshape(
-                data.n, -1)
-            core = _newton_logistic(z, 2.0 * data.y - 1.0, float(self.l2), self.tol,
-                                    min(self.max_iter, 100)).reshape(r, r)
+                data.n, -1
+            )
+            core = _newton_logistic(
+                z, 2.0 * data.y - 1.0, float(self.l2), self.tol, min(self.max_iter, 100)
+            ).reshape(r, r)
         else:
             core_data = PreferenceData(
                 x=data.x @ u0, phi0=np.zeros((data.n, r)), phi1=data.delta_phi @ v0, y=data.y
             )
-            core = _quiet(Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)
-                          ).fit(core_data).theta_
+            core = (
+                _quiet(Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter))
+                .fit(core_data)
+                .theta_
+            )
         uc, sc, vct = np.linalg.svd(core)
         root = np.sqrt(sc)
         left, right = (u0 @ uc) * root, (v0 @ vct.T) * root
@@ -371,26 +388,32 @@ class LowRank(BradleyTerryModel):
         x_free, x_rest = data.x[:, :f], data.x[:, f:]
         dphi = data.delta_phi
         free_data = PreferenceData(x=x_free, phi0=np.zeros_like(dphi), phi1=dphi, y=data.y)
-        free = _quiet(Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)
-                      ).fit(free_data).theta_
+        free = (
+            _quiet(Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)).fit(free_data).theta_
+        )
         offset = np.einsum("nd,nd->n", x_free @ free, dphi)
         rest_data = PreferenceData(x=x_rest, phi0=free_data.phi0, phi1=dphi, y=data.y)
-        u0, _, v0 = moment_matrix_svd(rest_data, r, dense_limit=self.dense_svd_limit,
-                                      seed=self.seed, offset=offset)
+        u0, _, v0 = moment_matrix_svd(
+            rest_data, r, dense_limit=self.dense_svd_limit, seed=self.seed, offset=offset
+        )
         # Joint convex fit of Θ_f and the r×r core C of U₀ C V₀ᵀ on their (small) features.
         z_free = (x_free[:, :, None] * dphi[:, None, :]).reshape(data.n, -1)
         z_core = ((x_rest @ u0)[:, :, None] * (dphi @ v0)[:, None, :]).reshape(data.n, -1)
         z = np.concatenate([z_free, z_core], axis=1)
-        joint = _quiet(Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter)).fit(
-            PreferenceData(x=None, phi0=np.zeros_like(z), phi1=z, y=data.y)).theta_
+        joint = (
+            _quiet(Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter))
+            .fit(PreferenceData(x=None, phi0=np.zeros_like(z), phi1=z, y=data.y))
+            .theta_
+        )
         free, core = joint[: f * data.d_phi], joint[f * data.d_phi :].reshape(r, r)
         uc, sc, vct = np.linalg.svd(core)
         root = np.sqrt(sc)
         left, right = (u0 @ uc) * root, (v0 @ vct.T) * root
         return np.concatenate([free, left.ravel(), right.ravel()])
 
-    def _parts(self, params: torch.Tensor, batch: dict[str, torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _parts(
+        self, params: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Θ_f, L, R)`` from the flat parameters ``[vec Θ_f, vec L, vec R]`` (``Θ_f`` is empty
         when ``free_rows = 0``)."""
         r, f = self.rank, self.free_rows
@@ -405,7 +428,8 @@ class LowRank(BradleyTerryModel):
         if not f:
             return ((x @ left) * (dphi @ right)).sum(dim=1)
         return ((x[:, f:] @ left) * (dphi @ right)).sum(dim=1) + ((x[:, :f] @ free) * dphi).sum(
-            dim=1)
+            dim=1
+        )
 
     def _penalty(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(λ/2)‖LRᵀ‖²_F + (μ/4)‖LᵀL − RᵀR‖²_F`` (plus ``(λ/2)‖Θ_f‖²_F`` with free rows)."""
@@ -449,8 +473,9 @@ class LowRank(BradleyTerryModel):
             if f and sparse.issparse(part):
                 part = sparse.hstack([sparse.csr_matrix(free), part]).tocsr()
             elif f:
-                part = np.hstack([np.asarray(free.todense()) if sparse.issparse(free) else free,
-                                  part])
+                part = np.hstack(
+                    [np.asarray(free.todense()) if sparse.issparse(free) else free, part]
+                )
             problems.append(signed(part, sign))
         return problems
 
@@ -474,8 +499,9 @@ def _skinny(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([a @ b[:, k] for k in range(b.shape[1])], axis=1)
 
 
-def _newton_logistic(z: np.ndarray, sign: np.ndarray, l2: float, tol: float, max_iter: int
-                     ) -> np.ndarray:
+def _newton_logistic(
+    z: np.ndarray, sign: np.ndarray, l2: float, tol: float, max_iter: int
+) -> np.ndarray:
     """``argmin_θ mean softplus(−s zθ) + (l2/2)‖θ‖²`` by damped Newton (Armijo backtracking),
     from ``θ = 0``, until the largest gradient entry is ``≤ tol`` or ``max_iter`` steps (for the
     small convex fits of the spectral start; the last iterate is returned either way)."""
@@ -485,8 +511,9 @@ def _newton_logistic(z: np.ndarray, sign: np.ndarray, l2: float, tol: float, max
     def value(th: np.ndarray) -> tuple[float, np.ndarray]:
         sm = sign * (z @ th)
         q = expit(sm)  # σ(s m); softplus(−s m) = −log q
-        loss = (-float(np.mean(np.log(q))) if q.min() > 0.0
-                else float(np.mean(np.logaddexp(0.0, -sm))))
+        loss = (
+            -float(np.mean(np.log(q))) if q.min() > 0.0 else float(np.mean(np.logaddexp(0.0, -sm)))
+        )
         return loss + 0.5 * l2 * float(th @ th), q
 
     f, q = value(theta)

@@ -167,8 +167,14 @@ class UserReward(LinearInParameters, RewardModel):
 
     _state_arguments = ("params",)
 
-    def __init__(self, basis: np.ndarray, params: np.ndarray | None = None, *, l2: float = 1e-3,
-                 user: Any = None) -> None:
+    def __init__(
+        self,
+        basis: np.ndarray,
+        params: np.ndarray | None = None,
+        *,
+        l2: float = 1e-3,
+        user: Any = None,
+    ) -> None:
         self.basis = np.asarray(basis, dtype=np.float64)
         if self.basis.ndim != 2:
             raise DataValidationError(f"must be (d_phi, p), got {self.basis.shape}", field="basis")
@@ -252,8 +258,7 @@ class MultiUserModel(RewardModel):
         self._check_fitted()
         arr = np.atleast_1d(np.asarray(users))
         if arr.ndim != 1:
-            raise DataValidationError(f"user ids must be 1-D, got shape {arr.shape}",
-                                      field="users")
+            raise DataValidationError(f"user ids must be 1-D, got shape {arr.shape}", field="users")
         uniq, inverse = np.unique(arr, return_inverse=True)
         found = np.array([self._lookup.get(_key(u), -1) for u in uniq.tolist()], dtype=np.int64)
         if allow_unknown is None:
@@ -268,7 +273,8 @@ class MultiUserModel(RewardModel):
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + f"; known users: {known}{more}. Adapt it with adapt_user(data), or pass "
                 "unknown_user='shared' to fall back to the shared reward θ0",
-                field="users", row=row,
+                field="users",
+                row=row,
             )
         return found[inverse]
 
@@ -318,8 +324,10 @@ class MultiUserModel(RewardModel):
         correct = _correct(self.margins(data), data.y)
         users, inverse, counts = np.unique(data.users, return_inverse=True, return_counts=True)
         sums = np.bincount(inverse, weights=correct, minlength=len(users))
-        return {_key(u): (float(s / c), int(c))
-                for u, s, c in zip(users.tolist(), sums, counts, strict=True)}
+        return {
+            _key(u): (float(s / c), int(c))
+            for u, s, c in zip(users.tolist(), sums, counts, strict=True)
+        }
 
     # ---- per-user views ---------------------------------------------------------------
     def user_basis(self) -> np.ndarray:
@@ -346,8 +354,9 @@ class MultiUserModel(RewardModel):
             raise DataValidationError(f"no comparisons of user {user!r}", field="users")
         return data.subset(mask)
 
-    def _finish(self, users: np.ndarray, counts: np.ndarray, data: PreferenceData,
-                inner: Any) -> None:
+    def _finish(
+        self, users: np.ndarray, counts: np.ndarray, data: PreferenceData, inner: Any
+    ) -> None:
         self._set_users(users)
         self.user_counts_ = counts.astype(np.int64)
         self.n_train_ = data.n
@@ -369,11 +378,21 @@ class MultiUserModel(RewardModel):
         if getattr(self, "adapt_l2", None) is not None:
             check_number(self.adapt_l2, "adapt_l2", owner=owner)
 
-    def _per_user_warnings(self, owner: str, inner: BradleyTerryModel, l2: float,
-                           dz: np.ndarray, data: PreferenceData, index: np.ndarray,
-                           users: np.ndarray, params: np.ndarray, *,
-                           margins: np.ndarray | None, span: np.ndarray | None,
-                           record: bool = True) -> None:
+    def _per_user_warnings(
+        self,
+        owner: str,
+        inner: BradleyTerryModel,
+        l2: float,
+        dz: np.ndarray,
+        data: PreferenceData,
+        index: np.ndarray,
+        users: np.ndarray,
+        params: np.ndarray,
+        *,
+        margins: np.ndarray | None,
+        span: np.ndarray | None,
+        record: bool = True,
+    ) -> None:
         """Warnings of a fit that separates per user (``PerUser``, ``adapt_user``).
 
         ``dz`` are the features of each row in its user's own problem (``Δφ``, or ``BᵀΔφ`` with a
@@ -384,8 +403,10 @@ class MultiUserModel(RewardModel):
         (``fit``, not ``adapt_user``) sets ``separable_`` and ``unidentified_`` (totals over users).
         """
         if not inner.solver_info_.converged:
-            warn(convergence_message(owner, inner.solver_info_, self.tol, inner.dtype),
-                 ConvergenceWarning)
+            warn(
+                convergence_message(owner, inner.solver_info_, self.tol, inner.dtype),
+                ConvergenceWarning,
+            )
         if record:
             self.separable_, self.unidentified_ = None, None
         if l2 != 0:
@@ -398,10 +419,12 @@ class MultiUserModel(RewardModel):
         order = np.argsort(index, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(index, minlength=len(users)))])
         for u, user in enumerate(users.tolist()):
-            rows = order[bounds[u]:bounds[u + 1]]
+            rows = order[bounds[u] : bounds[u + 1]]
             found, mask = find_separation(
-                [signed(dz[rows], sign[rows])], None if margins is None else margins[rows],
-                ties[rows])
+                [signed(dz[rows], sign[rows])],
+                None if margins is None else margins[rows],
+                ties[rows],
+            )
             if found:
                 separable.append(u)
                 separated += int(mask.sum())
@@ -417,19 +440,24 @@ class MultiUserModel(RewardModel):
         if separable:
             norm = float(np.linalg.norm(params[separable], axis=1).max())
             names = [_key(users[u]) for u in separable]
-            warn(separable_message(owner, separated, data.n, norm, names, " user by user"),
-                 SeparableDataWarning)
+            warn(
+                separable_message(owner, separated, data.n, norm, names, " user by user"),
+                SeparableDataWarning,
+            )
         if missing:
-            warn(unidentified_message(owner, total, inner._start_note, list(missing)),
-                 DisconnectedComparisonsWarning)
+            warn(
+                unidentified_message(owner, total, inner._start_note, list(missing)),
+                DisconnectedComparisonsWarning,
+            )
 
     def _copy_diagnostics(self, inner: BradleyTerryModel) -> None:
         self.separable_ = getattr(inner, "separable_", None)
         self.unidentified_ = getattr(inner, "unidentified_", None)
 
     # ---- adaptation -------------------------------------------------------------------
-    def _new_user_rows(self, data: PreferenceData, user: Any
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _new_user_rows(
+        self, data: PreferenceData, user: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(new users, index into them, counts)`` of adaptation data; refuses known users."""
         self._check_fitted()
         if user is not None:
@@ -472,8 +500,9 @@ class MultiUserModel(RewardModel):
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], users: Sequence[Any], *,
-                    n_train: int, **params: Any) -> MultiUserModel:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], users: Sequence[Any], *, n_train: int, **params: Any
+    ) -> MultiUserModel:
         """Rebuild a fitted model from :meth:`to_arrays` output, user ids and hyper-parameters."""
         model = cls(**params)
         thetas = np.asarray(arrays["thetas"], dtype=np.float64)
@@ -506,8 +535,9 @@ def _correct(margins: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _check_unknown(value: str) -> str:
     if value not in UNKNOWN_USER:
-        raise DataValidationError(f"must be 'error' or 'shared', got {value!r}",
-                                  field="unknown_user")
+        raise DataValidationError(
+            f"must be 'error' or 'shared', got {value!r}", field="unknown_user"
+        )
     return value
 
 
@@ -530,9 +560,17 @@ class PerUser(MultiUserModel):
     ``separable_``, ``unidentified_`` (see the module docstring's warnings).
     """
 
-    def __init__(self, l2: float = 1e-3, *, unknown_user: str = "error",
-                 adapt_l2: float | None = None, tol: float = 1e-6, max_iter: int = 1000,
-                 dtype: str = "float64", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        *,
+        unknown_user: str = "error",
+        adapt_l2: float | None = None,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        dtype: str = "float64",
+        device: str = "cpu",
+    ) -> None:
         self.l2 = l2
         self.unknown_user = unknown_user
         self.adapt_l2 = adapt_l2
@@ -549,8 +587,9 @@ class PerUser(MultiUserModel):
         _check_unknown(self.unknown_user)
         users, index = self._index(data)
         x = one_hot(index, len(users))
-        inner = Bilinear(l2=self.l2, tol=self.tol, max_iter=self.max_iter, dtype=self.dtype,
-                         device=self.device)
+        inner = Bilinear(
+            l2=self.l2, tol=self.tol, max_iter=self.max_iter, dtype=self.dtype, device=self.device
+        )
         inner._quiet = True
         inner.fit(PreferenceData(x, data.phi0, data.phi1, data.y))
         self.thetas_ = inner.theta_.copy()
@@ -558,9 +597,18 @@ class PerUser(MultiUserModel):
         self._finish(users, np.bincount(index, minlength=len(users)), data, inner)
         dphi = data.delta_phi
         margins = (2.0 * data.y - 1.0) * contract(self.thetas_[index], dphi)
-        self._per_user_warnings("PerUser", inner, self.l2, dphi, data, index, users,
-                                self.thetas_, margins=margins,
-                                span=response_basis(data.phi0, data.phi1))
+        self._per_user_warnings(
+            "PerUser",
+            inner,
+            self.l2,
+            dphi,
+            data,
+            index,
+            users,
+            self.thetas_,
+            margins=margins,
+            span=response_basis(data.phi0, data.phi1),
+        )
         return self
 
     def adapt_user(self, data: PreferenceData, user: Any = None) -> PerUser:
@@ -575,9 +623,19 @@ class PerUser(MultiUserModel):
         self._append_users(new, counts, inner.theta_)
         dphi = data.delta_phi
         margins = (2.0 * data.y - 1.0) * contract(inner.theta_[index], dphi)
-        self._per_user_warnings("PerUser.adapt_user", inner, l2, dphi, data, index, new,
-                                inner.theta_, margins=margins,
-                                span=response_basis(data.phi0, data.phi1), record=False)
+        self._per_user_warnings(
+            "PerUser.adapt_user",
+            inner,
+            l2,
+            dphi,
+            data,
+            index,
+            new,
+            inner.theta_,
+            margins=margins,
+            span=response_basis(data.phi0, data.phi1),
+            record=False,
+        )
         return self
 
 
@@ -588,8 +646,15 @@ class Pooled(MultiUserModel):
     confidence set, since every comparison informs the one ``θ``.
     """
 
-    def __init__(self, l2: float = 1e-3, *, tol: float = 1e-6, max_iter: int = 1000,
-                 dtype: str = "float64", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        dtype: str = "float64",
+        device: str = "cpu",
+    ) -> None:
         self.l2 = l2
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
         self.unknown_user = "shared"
@@ -599,10 +664,14 @@ class Pooled(MultiUserModel):
         or ``data.y``)."""
         self._check_y(data, y)
         self._check_params()
-        users, index = (self._index(data) if data.users is not None
-                        else (np.array([], dtype=np.int64), np.zeros(data.n, dtype=np.int64)))
-        inner = Linear(l2=self.l2, tol=self.tol, max_iter=self.max_iter, dtype=self.dtype,
-                       device=self.device)
+        users, index = (
+            self._index(data)
+            if data.users is not None
+            else (np.array([], dtype=np.int64), np.zeros(data.n, dtype=np.int64))
+        )
+        inner = Linear(
+            l2=self.l2, tol=self.tol, max_iter=self.max_iter, dtype=self.dtype, device=self.device
+        )
         inner._quiet = True
         inner.fit(data)
         self.theta0_ = inner.theta_.copy()
@@ -679,9 +748,19 @@ class SharedBasis(MultiUserModel):
 
     def lowrank(self) -> LowRank:
         """The ``LowRank(k, free_rows=1)`` estimator this model fits."""
-        return LowRank(self.k, self.l2, balance=self.balance, init=self.init, seed=self.seed,
-                       dense_svd_limit=self.dense_svd_limit, free_rows=1, tol=self.tol,
-                       max_iter=self.max_iter, dtype=self.dtype, device=self.device)
+        return LowRank(
+            self.k,
+            self.l2,
+            balance=self.balance,
+            init=self.init,
+            seed=self.seed,
+            dense_svd_limit=self.dense_svd_limit,
+            free_rows=1,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def fit(self, data: PreferenceData, y: None = None) -> SharedBasis:
         """Fit ``θ0, B, W`` jointly; returns ``self`` (warns as :class:`LowRank` does, naming
@@ -714,8 +793,9 @@ class SharedBasis(MultiUserModel):
         self.thetas_ = self.theta0_ + self.weights_ @ self.basis_.T
 
     @classmethod
-    def from_lowrank(cls, inner: LowRank, users: Sequence[Any], data: PreferenceData,
-                     **params: Any) -> SharedBasis:
+    def from_lowrank(
+        cls, inner: LowRank, users: Sequence[Any], data: PreferenceData, **params: Any
+    ) -> SharedBasis:
         """Wrap a ``LowRank(k, free_rows=1)`` fitted on augmented one-hot contexts of ``users``
         (in order: column ``1 + i`` of ``x`` is ``users[i]``)."""
         if inner.free_rows != 1 or inner.d_x_ != len(users) + 1:
@@ -743,8 +823,9 @@ class SharedBasis(MultiUserModel):
         self._check_params()
         new, index, counts = self._new_user_rows(data, user)
         l2 = self._adapt_l2(data.n)
-        frozen = _FrozenBasis(self.theta0_, self.basis_, len(new), l2=l2, tol=self.tol,
-                              max_iter=self.max_iter)
+        frozen = _FrozenBasis(
+            self.theta0_, self.basis_, len(new), l2=l2, tol=self.tol, max_iter=self.max_iter
+        )
         frozen._quiet = True
         frozen.fit(PreferenceData(one_hot(index, len(new)), data.phi0, data.phi1, data.y))
         self.weights_ = np.concatenate([self.weights_, frozen.weights_])
@@ -752,10 +833,19 @@ class SharedBasis(MultiUserModel):
         # Each new user's problem is convex in w with the offset θ0ᵀΔφ fixed: the LP on BᵀΔφ
         # decides separability (the margin certificate does not apply with an offset).
         dz = data.delta_phi @ self.basis_
-        self._per_user_warnings("SharedBasis.adapt_user", frozen, l2, dz, data, index, new,
-                                frozen.weights_, margins=None,
-                                span=response_basis(data.phi0, data.phi1) @ self.basis_,
-                                record=False)
+        self._per_user_warnings(
+            "SharedBasis.adapt_user",
+            frozen,
+            l2,
+            dz,
+            data,
+            index,
+            new,
+            frozen.weights_,
+            margins=None,
+            span=response_basis(data.phi0, data.phi1) @ self.basis_,
+            record=False,
+        )
         return self
 
 
@@ -765,8 +855,16 @@ class _FrozenBasis(BradleyTerryModel):
     Contexts are one-hot over the new users; the objective separates per user and is convex.
     """
 
-    def __init__(self, theta0: np.ndarray, basis: np.ndarray, n_users: int, l2: float = 1e-3,
-                 *, tol: float = 1e-6, max_iter: int = 1000) -> None:
+    def __init__(
+        self,
+        theta0: np.ndarray,
+        basis: np.ndarray,
+        n_users: int,
+        l2: float = 1e-3,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+    ) -> None:
         super().__init__(l2, tol=tol, max_iter=max_iter)
         self.theta0, self.basis, self.n_users = theta0, basis, n_users
 

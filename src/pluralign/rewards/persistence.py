@@ -27,22 +27,36 @@ from pluralign.rewards.multi_user import PerUser, Pooled, SharedBasis, _key
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CLASSES", "load_model", "save_model"]
 
-MODEL_CLASSES: dict[str, type] = {"SharedBasis": SharedBasis, "PerUser": PerUser,
-                                  "Pooled": Pooled, "Contextual": Contextual}
+MODEL_CLASSES: dict[str, type] = {
+    "SharedBasis": SharedBasis,
+    "PerUser": PerUser,
+    "Pooled": Pooled,
+    "Contextual": Contextual,
+}
 FORMAT = "pluralign-multi-user"
 FORMAT_VERSION = 1
 # what save_model writes itself, and the metadata `pluralign fit` adds
-REQUIRED_KEYS = ("format", "version", "class", "params", "users", "n_train", "d_phi",
-                 "has_design")
+REQUIRED_KEYS = ("format", "version", "class", "params", "users", "n_train", "d_phi", "has_design")
 METADATA_KEYS = ("features", "ridge", "seed", "test_size", "data")
 DESIGN_ARRAYS = ("design", "design_index", "design_lam", "design_n")
 PARAM_CHOICES = {"unknown_user": ("error", "shared"), "dtype": ("float64", "float32")}
-ENCODER_KEYS = {"model": (str, type(None)), "model_key": (str,), "mode": (str,),
-                "template": (str,), "normalize": (bool,), "dim": (int, type(None))}
+ENCODER_KEYS = {
+    "model": (str, type(None)),
+    "model_key": (str,),
+    "mode": (str,),
+    "template": (str,),
+    "normalize": (bool,),
+    "dim": (int, type(None)),
+}
 
 
-def save_model(model: Any, folder: str | Path, *, metadata: dict[str, Any] | None = None,
-               designs: dict[str, np.ndarray] | None = None) -> Path:
+def save_model(
+    model: Any,
+    folder: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    designs: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write a fitted model to ``folder``: ``model.npz`` and ``model.json``, atomically.
 
     ``metadata`` may hold the keys of :data:`METADATA_KEYS` (how the features were made, the
@@ -56,8 +70,9 @@ def save_model(model: Any, folder: str | Path, *, metadata: dict[str, Any] | Non
         raise DataValidationError(f"cannot save a {name}", field="model")
     unknown = sorted(set(metadata or {}) - set(METADATA_KEYS))
     if unknown:
-        raise DataValidationError(f"unknown metadata key; valid: {', '.join(METADATA_KEYS)}",
-                                  field=unknown[0])
+        raise DataValidationError(
+            f"unknown metadata key; valid: {', '.join(METADATA_KEYS)}", field=unknown[0]
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = dict(model.to_arrays())
@@ -65,9 +80,17 @@ def save_model(model: Any, folder: str | Path, *, metadata: dict[str, Any] | Non
     with atomic_open(folder / "model.npz", "wb") as handle:
         np.savez(handle, **arrays)
     users = [_key(u) for u in model.users_.tolist()]
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "class": name,
-            "params": model.get_params(), "users": users, "n_train": int(model.n_train_),
-            "d_phi": int(model.d_phi_), "has_design": bool(designs), **(metadata or {})}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "class": name,
+        "params": model.get_params(),
+        "users": users,
+        "n_train": int(model.n_train_),
+        "d_phi": int(model.d_phi_),
+        "has_design": bool(designs),
+        **(metadata or {}),
+    }
     atomic_write_text(folder / "model.json", json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return folder
 
@@ -92,11 +115,13 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
     if unknown:
         raise bad(unknown[0], f"unknown key; valid: {', '.join(REQUIRED_KEYS + METADATA_KEYS)}")
     if meta["version"] != FORMAT_VERSION or not _is_int(meta["version"]):
-        raise bad("version", f"format version {meta['version']!r} is not supported (this "
-                             f"pluralign reads version {FORMAT_VERSION})")
+        raise bad(
+            "version",
+            f"format version {meta['version']!r} is not supported (this "
+            f"pluralign reads version {FORMAT_VERSION})",
+        )
     if not isinstance(meta["class"], str) or meta["class"] not in MODEL_CLASSES:
-        raise bad("class", f"must be one of {', '.join(MODEL_CLASSES)}, got "
-                           f"{meta['class']!r}")
+        raise bad("class", f"must be one of {', '.join(MODEL_CLASSES)}, got {meta['class']!r}")
     cls = MODEL_CLASSES[meta["class"]]
     params = meta["params"]
     defaults = cls().get_params()
@@ -108,8 +133,9 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
         if key not in params:
             raise bad(f"params.{key}", "missing")
         value, default = params[key], defaults[key]
-        number = (isinstance(value, int | float) and not isinstance(value, bool)
-                  and math.isfinite(value))
+        number = (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
         if default is None:
             ok = value is None or number
         elif isinstance(default, bool):
@@ -123,9 +149,12 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
         if ok and key in PARAM_CHOICES and value not in PARAM_CHOICES[key]:
             ok = False
         if not ok:
-            raise bad(f"params.{key}", f"must be like {default!r}"
-                      + (f" (one of {PARAM_CHOICES[key]})" if key in PARAM_CHOICES else "")
-                      + f", got {value!r}")
+            raise bad(
+                f"params.{key}",
+                f"must be like {default!r}"
+                + (f" (one of {PARAM_CHOICES[key]})" if key in PARAM_CHOICES else "")
+                + f", got {value!r}",
+            )
     users = meta["users"]
     # a Contextual model may be fitted on contexts alone, without user ids
     if not isinstance(users, list) or not (users or meta["class"] == "Contextual"):
@@ -140,8 +169,11 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
         raise bad("users", "user ids must be non-empty")
     for key in ("n_train", "d_phi"):
         if not _is_int(meta[key]) or meta[key] < (1 if key == "d_phi" else 0):
-            raise bad(key, f"must be a {'positive' if key == 'd_phi' else 'non-negative'} "
-                           f"integer, got {meta[key]!r}")
+            raise bad(
+                key,
+                f"must be a {'positive' if key == 'd_phi' else 'non-negative'} "
+                f"integer, got {meta[key]!r}",
+            )
     if not isinstance(meta["has_design"], bool):
         raise bad("has_design", "must be true or false")
     if "features" in meta:
@@ -167,27 +199,30 @@ def _check_features(features: Any, bad: Any) -> None:
     for key, types in ENCODER_KEYS.items():
         if key not in encoder:
             raise bad(f"features.encoder.{key}", "missing")
-        if not isinstance(encoder[key], types) or (int in types and isinstance(encoder[key],
-                                                                                 bool)):
+        if not isinstance(encoder[key], types) or (int in types and isinstance(encoder[key], bool)):
             raise bad(f"features.encoder.{key}", f"has the wrong type ({encoder[key]!r})")
     unknown = sorted(set(encoder) - set(ENCODER_KEYS))
     if unknown:
         raise bad(f"features.encoder.{unknown[0]}", "unknown key")
     if encoder["mode"] not in ("joint", "response"):
-        raise bad("features.encoder.mode", f"must be 'joint' or 'response', got "
-                                           f"{encoder['mode']!r}")
+        raise bad(
+            "features.encoder.mode", f"must be 'joint' or 'response', got {encoder['mode']!r}"
+        )
     from pluralign.features.text import check_template
 
-    for field, template in (("features.encoder.template", encoder["template"]),
-                            ("features.template", features.get("template"))):
+    for field, template in (
+        ("features.encoder.template", encoder["template"]),
+        ("features.template", features.get("template")),
+    ):
         try:
             check_template(template, require=("response",))
         except DataValidationError as err:
             raise bad(field, err.bare) from None
 
 
-def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any],
-                  where: dict[str, str]) -> None:
+def _check_arrays(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], where: dict[str, str]
+) -> None:
     def bad(field: str, message: str) -> DataValidationError:
         return DataValidationError(message, field=field, **where)
 
@@ -201,24 +236,40 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any],
     for key in sorted(expected - set(arrays)):
         raise bad(key, "missing array")
     for key in sorted(set(arrays) - expected):
-        raise bad(key, "unknown array" + ("" if meta["has_design"] or key not in DESIGN_ARRAYS
-                                          else " (model.json says has_design: false)"))
-    k = arrays["basis"].shape[-1] if (shared or contextual) and arrays["basis"].ndim == 2 \
-        else None
-    shapes: dict[str, tuple] = {"theta0": (d_phi,), "thetas": (n_users, d_phi),
-                                "user_counts": (n_users,)}
+        raise bad(
+            key,
+            "unknown array"
+            + (
+                ""
+                if meta["has_design"] or key not in DESIGN_ARRAYS
+                else " (model.json says has_design: false)"
+            ),
+        )
+    k = arrays["basis"].shape[-1] if (shared or contextual) and arrays["basis"].ndim == 2 else None
+    shapes: dict[str, tuple] = {
+        "theta0": (d_phi,),
+        "thetas": (n_users, d_phi),
+        "user_counts": (n_users,),
+    }
     if shared:
         shapes |= {"basis": (d_phi, k), "weights": (n_users, k)}
     if contextual:
         weights = arrays["context_weights"]
         d_x = weights.shape[0] if weights.ndim == 2 and weights.shape[0] else None
-        shapes |= {"basis": (d_phi, k), "context_weights": (d_x, k), "contexts": (n_users, d_x),
-                   "context_mean": (d_x,), "context_scale": (d_x,)}
+        shapes |= {
+            "basis": (d_phi, k),
+            "context_weights": (d_x, k),
+            "contexts": (n_users, d_x),
+            "context_mean": (d_x,),
+            "context_scale": (d_x,),
+        }
     for key, shape in shapes.items():
         arr = arrays[key]
         if arr.shape != shape:
-            raise bad(key, f"has shape {arr.shape}, expected {shape} for {n_users} users and "
-                           f"d_phi = {d_phi}")
+            raise bad(
+                key,
+                f"has shape {arr.shape}, expected {shape} for {n_users} users and d_phi = {d_phi}",
+            )
         if arr.dtype.kind not in "iuf":
             raise bad(key, f"must hold numbers, got dtype {arr.dtype}")
         if not np.isfinite(arr).all():
@@ -232,8 +283,11 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any],
         if design.ndim != 3 or design.shape[1] != design.shape[2] or design.shape[0] < 1:
             raise bad("design", f"must be (G, p, p), got {design.shape}")
         groups = design.shape[0]
-        for key, shape in (("design_index", (n_users,)), ("design_lam", (groups,)),
-                           ("design_n", (groups,))):
+        for key, shape in (
+            ("design_index", (n_users,)),
+            ("design_lam", (groups,)),
+            ("design_n", (groups,)),
+        ):
             if arrays[key].shape != shape:
                 raise bad(key, f"has shape {arrays[key].shape}, expected {shape}")
         for key in DESIGN_ARRAYS:
@@ -254,18 +308,24 @@ def load_model(folder: str | Path) -> tuple[Any, dict[str, Any], dict[str, np.nd
     meta_path, array_path = folder / "model.json", folder / "model.npz"
     for path in (meta_path, array_path):
         if not path.is_file():
-            raise DataValidationError("not found; is this a folder written by `pluralign fit`?",
-                                      path=str(path))
+            raise DataValidationError(
+                "not found; is this a folder written by `pluralign fit`?", path=str(path)
+            )
     meta = _check_meta(read_json_file(meta_path), {"path": str(meta_path)})
     arrays = read_npz(array_path)
     _check_arrays(arrays, meta, {"path": str(array_path)})
     schema = meta.get("features", {}).get("context")
-    if meta["class"] == "Contextual" and schema is not None \
-            and len(schema["names"]) != arrays["context_weights"].shape[0]:
+    if (
+        meta["class"] == "Contextual"
+        and schema is not None
+        and len(schema["names"]) != arrays["context_weights"].shape[0]
+    ):
         raise DataValidationError(
             f"names {len(schema['names'])} context columns, but model.npz's context_weights "
-            f"has {arrays['context_weights'].shape[0]}", field="features.context",
-            path=str(meta_path))
+            f"has {arrays['context_weights'].shape[0]}",
+            field="features.context",
+            path=str(meta_path),
+        )
     designs = {k: v for k, v in arrays.items() if k in DESIGN_ARRAYS}
     cls = MODEL_CLASSES[meta["class"]]
     model = cls.from_arrays(arrays, meta["users"], n_train=meta["n_train"], **meta["params"])

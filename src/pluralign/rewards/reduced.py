@@ -52,8 +52,10 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
 
     _fitted_inputs = ("base",)
 
-    _start_note = ("the warm start's (the rotated LowRank estimate), since L-BFGS iterates only "
-                   "move within the span of the gradients")
+    _start_note = (
+        "the warm start's (the rotated LowRank estimate), since L-BFGS iterates only "
+        "move within the span of the gradients"
+    )
 
     def __init__(
         self,
