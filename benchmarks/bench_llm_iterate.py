@@ -65,14 +65,14 @@ def _dpo_seconds(report: dict, config: dict, folder: Path, keep: bool) -> float:
     )
     trainer._check()
     start = time.perf_counter()
-    trainer._train(policy, data, None, trainable="all")
+    trainer.fit_encoded(policy, data)
     return time.perf_counter() - start
 
 
 def _run(config_name: str, overrides: dict | None = None, prompts: list | None = None) -> dict:
     import torch
 
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
     from pluralign.llm.iterate import run_iterate
     from pluralign.llm.job import apply_overrides
 

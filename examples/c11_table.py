@@ -95,7 +95,7 @@ def paired(folder: Path, spec: str, default_round: int, key: str = "gold") -> li
 
 
 def plot(folder: Path, arms: list[str], path: Path) -> None:
-    from pluralign.experiments.plots import _new_figure, figure_legend, method_style, save_figure
+    from pluralign.plots import _new_figure, figure_legend, method_style, save_figure
 
     runs = {arm: histories(folder, arm) for arm in arms}
     runs = {arm: seeds for arm, seeds in runs.items() if seeds}

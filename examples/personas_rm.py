@@ -59,16 +59,16 @@ from typing import Any
 
 import numpy as np
 
+from pluralign.configfile import load_config
 from pluralign.data.loaders import read_text_preferences
-from pluralign.experiments.config import load_config
 from pluralign.llm import (
     PersonalizedRewardModel,
     RewardTrainer,
     adapt_user,
     split_per_user,
 )
-from pluralign.llm.config import to_plain
 from pluralign.llm.job import apply_overrides, resolve_rm_config, train_reward_model
+from pluralign.settings import to_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 PART1_SHARES = ("pooled", "independent", "B", "A")

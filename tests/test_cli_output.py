@@ -24,7 +24,8 @@ import pytest
 import yaml
 from cli_output import invoke, narrow_fallback, table_rows  # noqa: F401
 
-from pluralign import cli
+from pluralign.cli import llm as cli_llm
+from pluralign.cli import output
 from pluralign.experiments import EXPERIMENTS, read_results
 
 # a folder whose paths are far longer than 80 columns
@@ -228,12 +229,13 @@ def test_json_errors_go_to_stderr_and_leave_stdout_empty(tmp_path, finished):
 # ------------------------------------------------------------------------------------- fit
 @pytest.fixture(scope="module")
 def numeric(tmp_path_factory):
+    from pluralign.data import save_preferences
     from pluralign.envs import MultiUser
 
     folder = tmp_path_factory.mktemp("fit") / LONG
     folder.mkdir(parents=True)
     env = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
-    return env.sample_offline([1]).save(folder / "prefs.jsonl")
+    return save_preferences(env.sample_offline([1]), folder / "prefs.jsonl")
 
 
 def test_fit_piped_and_json(numeric, tmp_path):
@@ -276,7 +278,7 @@ USERS = [f"user_with_a_long_identifier_{i:04d}" for i in range(3)]
 def _stub_job(report: dict[str, Any]):
     def job(command, module, function, config, overrides, **kwargs):
         print("progress line of the job")
-        cli.console.print("a rich progress line")
+        output.console.print("a rich progress line")
         if "log" in kwargs:
             kwargs["log"]("round 1/1: a log line")
         return {"out": kwargs["out"]}, report
@@ -326,7 +328,7 @@ def _policy_report() -> dict[str, Any]:
 @pytest.mark.parametrize("command", ["train-rm", "train-policy"])
 def test_llm_training_commands_piped_and_json(monkeypatch, tmp_path, command):
     report = _rm_report() if command == "train-rm" else _policy_report()
-    monkeypatch.setattr(cli, "_llm_job", _stub_job(report))
+    monkeypatch.setattr(cli_llm, "run_llm_job", _stub_job(report))
     out = tmp_path / LONG / "run"
     config = tmp_path / "c.yaml"
     result = invoke(command, config, "--out", out)
@@ -420,7 +422,7 @@ def test_iterate_json_sends_round_lines_to_stderr(monkeypatch, tmp_path):
         "policy": object(),
         "sigma": None,
     }
-    monkeypatch.setattr(cli, "_llm_job", _stub_job(report))
+    monkeypatch.setattr(cli_llm, "run_llm_job", _stub_job(report))
     result = invoke("iterate", tmp_path / "c.yaml", "--out", out)
     assert result.exit_code == 0, result.output
     assert "round 1/1: a log line" in result.stdout
@@ -485,12 +487,12 @@ def test_console_width_is_the_terminals_on_a_tty_and_unlimited_when_piped():
     from rich.table import Table
 
     tty, piped = _Stream(True), _Stream(False)
-    assert cli.OutputConsole(file=tty).width == 80  # COLUMNS, as rich reads it
-    assert cli.OutputConsole(file=piped).width == cli.PIPED_WIDTH
+    assert output.OutputConsole(file=tty).width == 80  # COLUMNS, as rich reads it
+    assert output.OutputConsole(file=piped).width == output.PIPED_WIDTH
     table = Table()
     table.add_column("path")
     table.add_row("/x/" + "y" * 200)
-    cli.OutputConsole(file=tty).print(table)
-    cli.OutputConsole(file=piped).print(table)
+    output.OutputConsole(file=tty).print(table)
+    output.OutputConsole(file=piped).print(table)
     assert "…" in "".join(tty.text)  # a terminal keeps rich's usual (narrow) layout
     assert "/x/" + "y" * 200 in "".join(piped.text)

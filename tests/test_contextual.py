@@ -10,12 +10,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from pluralign.data import PreferenceData, read_trl
-from pluralign.data.loaders import ContextSchema
+from pluralign.data.contexts import ContextSchema
 from pluralign.envs import MultiUser
 from pluralign.errors import ConfigError, DataValidationError
 from pluralign.rewards import Contextual, Pooled, SharedBasis
-from pluralign.rewards.multi_user import one_hot
 from pluralign.rewards.persistence import load_model, save_model
+from pluralign.rewards.users import one_hot
 
 
 def context_users(noise: float = 0.0, seed: int = 0, n_users: int = 40, n_per_user: int = 40):

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pluralign.cli import app
+from pluralign.data import save_preferences
 from pluralign.envs import MultiUser
 from pluralign.rewards import Contextual
 from pluralign.rewards.persistence import load_model
@@ -32,7 +33,7 @@ def numeric(tmp_path_factory):
     """Numeric pairs of 12 users with 3-d vector contexts, and candidate sets."""
     folder = tmp_path_factory.mktemp("contextual_cli")
     env = MultiUser(n_users=12, d_phi=5, k=2, n_per_user=40, seed=4, d_context=3)
-    path = env.sample_offline([1]).save(folder / "prefs.jsonl")
+    path = save_preferences(env.sample_offline([1]), folder / "prefs.jsonl")
     candidates = folder / "candidates.jsonl"
     rng = np.random.default_rng(3)
     phis = [rng.standard_normal((n, 5)) for n in (4, 6)]
@@ -127,7 +128,7 @@ def test_adapt_and_context_flags_are_refused_where_they_do_not_apply(numeric, tm
 
 def test_fit_contextual_without_contexts_and_bad_k_name_the_flag(tmp_path):
     env = MultiUser(n_users=4, d_phi=5, k=2, n_per_user=20, seed=0)
-    path = env.sample_offline([1]).save(tmp_path / "plain.jsonl")
+    path = save_preferences(env.sample_offline([1]), tmp_path / "plain.jsonl")
     result = invoke("fit", path, "--model", "contextual", "--out", tmp_path / "m")
     assert result.exit_code == 2
     assert "--model contextual needs user contexts" in flat(result.stderr)

@@ -262,9 +262,9 @@ def test_save_load_round_trip(tmp_path, suffix, with_x, users):
         "int": np.arange(15) % 4,
     }[users]
     data = PreferenceData(a["x"] if with_x else None, a["phi0"], a["phi1"], a["y"], users=ids)
-    path = data.save(tmp_path / f"prefs{suffix}")
+    path = save_preferences(data, tmp_path / f"prefs{suffix}")
     assert path.exists()
-    back = PreferenceData.load(path)
+    back = load_preferences(path)
     assert_same(back, data)
     assert_same(load_preferences(save_preferences(data, tmp_path / f"again{suffix}")), data)
     # no temporary files are left behind by the atomic write
@@ -276,7 +276,7 @@ def test_save_load_round_trip(tmp_path, suffix, with_x, users):
 def test_unknown_suffix_and_missing_file(tmp_path):
     data = PreferenceData(**arrays())
     with pytest.raises(DataValidationError) as info:
-        data.save(tmp_path / "prefs.csv")
+        save_preferences(data, tmp_path / "prefs.csv")
     assert str(tmp_path / "prefs.csv") in str(info.value)
     with pytest.raises(DataValidationError) as info:
         load_preferences(tmp_path / "nope.jsonl")

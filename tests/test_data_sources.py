@@ -28,8 +28,9 @@ from pluralign.data import (
     save_preferences,
     validate_file,
 )
+from pluralign.data.formats import Columns
 from pluralign.data.loaders import read_summarize_from_feedback, read_text_preferences
-from pluralign.data.sources import Columns, Problems, iter_rows, summarize_errors
+from pluralign.data.sources import Problems, iter_rows, summarize_errors
 from pluralign.errors import ConfigError, DataValidationError
 
 datasets = pytest.importorskip("datasets")

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from pluralign._atomic import atomic_write_text
 from pluralign._parse import parse_yaml
 from pluralign.cli import app
+from pluralign.configfile import load_config
 from pluralign.data import PreferenceData, load_preferences, read_prism, read_trl
 from pluralign.data.loaders import read_summarize_from_feedback
 from pluralign.errors import ConfigError, DataValidationError
-from pluralign.experiments.config import load_config
 
 ROW = {"x": [0.5, -1.0], "phi0": [1.0, 0.0, 2.0], "phi1": [0.0, 1.0, -1.0], "y": 1, "user": "a"}
 TRL = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "user_id": "u1"}
@@ -281,7 +281,7 @@ def test_data_validate_exit_1_for_bad_rows_and_2_for_an_unreadable_file(tmp_path
 # ------------------------------------------------------------------------- saved models
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from pluralign.cli import _designs
+    from pluralign.personalize import design_matrices
     from pluralign.rewards import SharedBasis
     from pluralign.rewards.persistence import save_model
 
@@ -295,7 +295,7 @@ def model_dir(tmp_path_factory):
     save_model(
         model,
         folder,
-        designs=_designs(model, data),
+        designs=design_matrices(model, data),
         metadata={"features": {"kind": "numeric", "format": "numeric"}},
     )
     return folder

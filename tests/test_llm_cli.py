@@ -70,8 +70,8 @@ def test_train_rm_writes_report_plot_and_adapters_that_reproduce_it(trained):
         assert (out / name).is_file(), name
     assert "held-out acc." in output and "36 steps" not in output  # 2 epochs × 12 batches
     # config.yaml: the resolved plain mapping with the current names, which resolves again
-    from pluralign.llm.config import to_plain
     from pluralign.llm.job import resolve_rm_config
+    from pluralign.settings import to_plain
 
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["train"]["learning_rate"] == 1e-2 and written["lora"]["lora_alpha"] == 16.0

@@ -18,14 +18,10 @@ from pluralign.llm.config import (
     LoraConfig,
     PolicyModelConfig,
     RewardModelConfig,
-    Setting,
     TrainingConfig,
-    describe,
-    resolve_sections,
-    settings_table,
-    to_plain,
 )
 from pluralign.llm.job import RM_SECTIONS, RM_TOP_LEVEL, apply_overrides, resolve_rm_config
+from pluralign.settings import Setting, describe, resolve_sections, settings_table, to_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = {
@@ -377,14 +373,14 @@ def test_describe_lists_every_setting_in_config_order():
 
 def test_docs_hold_the_generated_settings_table():
     """docs/llm.md's train-rm table is settings_table's output (regenerate it after a change:
-    ``python -c "from pluralign.llm.config import settings_table; from pluralign.llm.job
+    ``python -c "from pluralign.settings import settings_table; from pluralign.llm.job
     import RM_SECTIONS, RM_TOP_LEVEL; print(settings_table(RM_SECTIONS, RM_TOP_LEVEL))"``)."""
     docs = (ROOT / "docs" / "llm.md").read_text(encoding="utf-8")
     assert settings_table(RM_SECTIONS, RM_TOP_LEVEL) in docs
 
 
 def test_the_packaged_config_is_current():
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
 
     for path in (
         ROOT / "configs" / "rm_personas.yaml",

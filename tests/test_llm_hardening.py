@@ -436,7 +436,7 @@ def test_bad_settings_are_refused_naming_the_key(key, value):
 
 
 def test_yaml_and_set_values_are_checked_too(tmp_path):
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
 
     path = tmp_path / "rm.yaml"
     for line, key in [

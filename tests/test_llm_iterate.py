@@ -621,8 +621,9 @@ def test_docs_hold_the_generated_iterate_settings_table():
     """docs/iterate.md's table is settings_table's output (regenerate it after a change)."""
     from pathlib import Path
 
-    from pluralign.llm.config import IterateConfig, settings_table
+    from pluralign.llm.config import IterateConfig
     from pluralign.llm.iterate import ITERATE_TOP_LEVEL
+    from pluralign.settings import settings_table
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "iterate.md").read_text()
     assert settings_table({"iterate": IterateConfig}, ITERATE_TOP_LEVEL) in docs

@@ -424,14 +424,14 @@ def test_text_encoder_shows_progress_for_many_texts_when_on(monkeypatch, capsys)
 
 
 def test_the_fit_path_shows_the_embedding_progress_on_a_terminal(monkeypatch, tmp_path):
-    from pluralign.cli import _load_training_data
+    from pluralign.personalize import load_training_data
 
     network = _FakeNetwork()
     monkeypatch.setattr(TextEncoder, "_load", lambda self: network)
     monkeypatch.setattr(TextEncoder, "PROGRESS_MIN_TEXTS", 1)  # 79 texts, then 1 new one
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    _load_training_data(
+    load_training_data(
         Path(__file__).parent / "fixtures" / "personas.jsonl",
         "auto",
         None,

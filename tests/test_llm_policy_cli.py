@@ -73,8 +73,8 @@ def reward_run(tmp_path_factory) -> Path:
 
 
 def test_toy_config_is_packaged_and_its_data_is_two_users():
+    from pluralign.configfile import load_config
     from pluralign.data.loaders import read_trl
-    from pluralign.experiments.config import load_config
     from pluralign.llm.policy_job import resolve_policy_config
     from pluralign.llm.toy import GOLD_REWARDS
 
@@ -94,8 +94,9 @@ def test_toy_config_is_packaged_and_its_data_is_two_users():
 
 
 def test_docs_hold_the_generated_policy_settings_table():
-    from pluralign.llm.config import DPOConfig, PolicyModelConfig, settings_table
+    from pluralign.llm.config import DPOConfig, PolicyModelConfig
     from pluralign.llm.policy_job import POLICY_TOP_LEVEL
+    from pluralign.settings import settings_table
 
     docs = (Path(__file__).parents[1] / "docs" / "llm.md").read_text(encoding="utf-8")
     section = docs[docs.index("## Personalized policies: train-policy and generate") :]
@@ -105,8 +106,8 @@ def test_docs_hold_the_generated_policy_settings_table():
 
 
 def test_train_policy_writes_reports_plot_and_adapters(trained):
-    from pluralign.llm.config import to_plain
     from pluralign.llm.policy_job import resolve_policy_config
+    from pluralign.settings import to_plain
 
     for name in (
         "config.yaml",

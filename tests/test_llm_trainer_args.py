@@ -24,7 +24,6 @@ from pluralign.llm.config import (
     LoraConfig,
     PolicyModelConfig,
     TrainingConfig,
-    resolve_sections,
 )
 from pluralign.llm.policy import PersonalizedPolicy
 from pluralign.llm.sampling import SFTTrainer
@@ -35,6 +34,7 @@ from pluralign.llm.trainer import (
     ELSEWHERE,
     training_arguments_table,
 )
+from pluralign.settings import resolve_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ROOT / "docs" / "names.md"

@@ -387,7 +387,7 @@ def _rows(values: dict[tuple[str, int], list[float]], setting: str = "s") -> lis
 
 
 def test_claims_detect_holding_and_failing_comparisons():
-    from pluralign.experiments.loco_claims import check_loco_claims
+    from pluralign.experiments.loco import check_loco_claims
 
     config = {
         "experiment": "loco",

@@ -13,8 +13,8 @@ from pluralign.errors import ConfigError
 from pluralign.experiments import EXPERIMENTS
 from pluralign.experiments.base import Unit
 from pluralign.experiments.config import resolve_config
-from pluralign.experiments.loco import coverage
-from pluralign.experiments.loco_claims import check_loco_claims
+from pluralign.experiments.loco import check_loco_claims
+from pluralign.experiments.loco.methods import coverage
 from pluralign.rewards import Bilinear, LowRank, RTVReduced
 
 TINY = {

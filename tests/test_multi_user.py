@@ -13,7 +13,7 @@ from pluralign.envs import MultiUser
 from pluralign.errors import ConfigError, DataValidationError
 from pluralign.policies import Leximin, PerUserPolicies, Pessimistic, Utilitarian
 from pluralign.rewards import Bilinear, LowRank, PerUser, Pooled, SharedBasis, subspace_distance
-from pluralign.rewards.multi_user import augmented_one_hot
+from pluralign.rewards.users import augmented_one_hot
 
 # Tests that ask for a gradient tolerance below the float64 floor of their problem (~1e-9) fit
 # until the objective stops decreasing, the most accurate estimate float64 gives; the
@@ -507,7 +507,7 @@ def test_frozen_basis_fit_matches_independent_solvers():
     features e_u ⊗ BᵀΔφ with C = 1/(nλ)."""
     from sklearn.linear_model import LogisticRegression
 
-    from pluralign.rewards.multi_user import _FrozenBasis
+    from pluralign.rewards.shared_basis import _FrozenBasis
 
     rng = np.random.default_rng(5)
     d_phi, k, n_users, n, l2 = 6, 2, 3, 400, 1e-2

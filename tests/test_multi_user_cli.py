@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pluralign.cli import app
+from pluralign.data import save_preferences
 from pluralign.envs import MultiUser
 from pluralign.experiments import read_results, resolve_config, run_experiment
 from pluralign.experiments.multi_user import check_multi_user_claims
@@ -20,7 +21,7 @@ from pluralign.rewards.persistence import load_model
 def numeric(tmp_path_factory):
     folder = tmp_path_factory.mktemp("numeric")
     env = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
-    path = env.sample_offline([1]).save(folder / "prefs.jsonl")
+    path = save_preferences(env.sample_offline([1]), folder / "prefs.jsonl")
     candidates = folder / "candidates.jsonl"
     rng = np.random.default_rng(0)
     phis = [rng.standard_normal((k, 5)) for k in (3, 6, 2)]
@@ -87,6 +88,37 @@ def test_rank_returns_the_argmax_of_the_users_pessimistic_reward(numeric, beta):
                 np.testing.assert_allclose(record["lcb"], expected, atol=1e-9)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_the_python_workflow_is_what_fit_and_rank_run(numeric, tmp_path, beta):
+    """fit_personalized + FitResult.save write what `pluralign fit` writes, and
+    rank_candidates returns the records `pluralign rank` prints; both against the brute-force
+    pessimistic reward of the saved model."""
+    from pluralign.personalize import fit_personalized, rank_candidates
+
+    _, path, candidates, phis = numeric
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    assert invoke("fit", path, "--k", "2", "--seed", "3", "--out", cli_out).exit_code == 0
+    result = fit_personalized(path, "shared_basis", 2, seed=3)
+    result.save(py_out)
+    for name in ("report.json", "per_user_accuracy.csv"):
+        assert (py_out / name).read_text() == (cli_out / name).read_text(), name
+    assert json.loads((py_out / "model.json").read_text()) == json.loads(
+        (cli_out / "model.json").read_text()
+    )
+    assert result.report == json.loads((cli_out / "report.json").read_text())
+    assert result.train.n + result.test.n == result.summary["n_train"] + result.summary["n_test"]
+    model, _, designs = load_model(py_out)
+    cli_model, _, _ = load_model(cli_out)
+    ranked = rank_candidates(py_out, candidates, "3", pessimism=beta)
+    assert ranked.user == 3 and ranked.known and not ranked.from_context
+    shown = invoke("rank", cli_out, candidates, "--user", "3", "--pessimism", str(beta))
+    assert shown.exit_code == 0, shown.output
+    assert ranked.records == [json.loads(line) for line in shown.stdout.splitlines()]
+    for record, phi in zip(ranked.records, phis, strict=True):
+        np.testing.assert_allclose(record["reward"], phi @ cli_model.user_theta(3)[0])
+        assert record["best"] == int(np.argmax(_lcb(model, designs, 3, phi, beta)))
+
+
 def test_rank_refuses_unknown_users_and_bad_candidates(numeric, tmp_path):
     folder, path, candidates, _ = numeric
     out = folder / "fit-unknown"
@@ -116,7 +148,7 @@ def test_fit_rejects_data_without_users(tmp_path):
     data = env.sample_offline([0])
     from pluralign.data import PreferenceData
 
-    path = PreferenceData(None, data.phi0, data.phi1, data.y).save(tmp_path / "p.npz")
+    path = save_preferences(PreferenceData(None, data.phi0, data.phi1, data.y), tmp_path / "p.npz")
     result = invoke("fit", path, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "need user ids" in " ".join(result.output.split())
 

@@ -1,4 +1,4 @@
-"""Plot conventions (pluralign.experiments.plots and the multi_user plots), checked on the
+"""Plot conventions (pluralign.plots and the multi_user plots), checked on the
 matplotlib Figure objects: axis scales, per-method styles, one legend clear of the data, and
 per-user bars with their Wilson intervals and counts. No pixels are compared."""
 
@@ -14,9 +14,10 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from pluralign.experiments import plots
-from pluralign.experiments.multi_user import describe_setting, plot_multi_user
-from pluralign.experiments.plots import (
+from pluralign.experiments.multi_user import plot_multi_user
+from pluralign.experiments.multi_user import plots as multi_user_plots
+from pluralign.experiments.multi_user.methods import describe_setting
+from pluralign.plots import (
     metric_figure,
     per_user_accuracy_figure,
     per_user_accuracy_plot,
@@ -384,7 +385,7 @@ def multi_user_figures(monkeypatch, tmp_path):
         figures[path.name] = fig
         return path
 
-    monkeypatch.setattr(plots, "save_figure", capture)
+    monkeypatch.setattr(multi_user_plots, "save_figure", capture)
     written = plot_multi_user(summary, config, tmp_path)
     assert [p.name for p in written] == [
         "accuracy_vs_diversity.png",

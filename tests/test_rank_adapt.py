@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pluralign.cli import app
-from pluralign.data import load_preferences
+from pluralign.data import load_preferences, save_preferences
 from pluralign.envs import MultiUser
 from pluralign.rewards.persistence import load_model
 
@@ -30,7 +30,9 @@ def numeric(tmp_path_factory):
     env = MultiUser(n_users=5, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=1)
     rows = [
         json.loads(line)
-        for line in env.sample_offline([1]).save(folder / "all.jsonl").read_text().splitlines()
+        for line in save_preferences(env.sample_offline([1]), folder / "all.jsonl")
+        .read_text()
+        .splitlines()
     ]
     train = folder / "prefs.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["user"] != 4))

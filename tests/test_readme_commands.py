@@ -38,15 +38,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pluralign.cli import (
-    EXAMPLE_FILES,
-    app,
-    load_command_config,
+from pluralign._packaged import (
     packaged_config_names,
     packaged_configs_dir,
-    resolve_config_path,
     resolve_package_paths,
 )
+from pluralign.cli import app
+from pluralign.cli.app import load_command_config, resolve_config_path
+from pluralign.cli.personalize import EXAMPLE_FILES
 from pluralign.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +225,7 @@ def test_packaged_configs_need_no_checkout_files(tmp_path, monkeypatch):
         "package:data/missing.jsonl",
         "package:",
         "package:data",
-        "package:../cli.py",
+        "package:../cli/__init__.py",
         "package:/etc/hostname",
     ],
 )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cli_output import invoke, narrow_fallback, table_rows  # noqa: F401
 
-from pluralign import cli
+from pluralign.cli import llm as cli_llm
 
 pytestmark = pytest.mark.usefixtures("narrow_fallback")
 
@@ -31,30 +31,28 @@ def assert_same_ending(command_stdout: str, report_stdout: str) -> None:
 def _recording(monkeypatch) -> list[tuple[dict[str, Any], Any]]:
     """Run the real job, and keep its ``(raw config, report)``."""
     calls: list[tuple[dict[str, Any], Any]] = []
-    real = cli._llm_job
+    real = cli_llm.run_llm_job
 
     def job(*args: Any, **kwargs: Any):
         result = real(*args, **kwargs)
         calls.append(result)
         return result
 
-    monkeypatch.setattr(cli, "_llm_job", job)
+    monkeypatch.setattr(cli_llm, "run_llm_job", job)
     return calls
 
 
 def _replay(monkeypatch, result: tuple[dict[str, Any], Any]) -> None:
-    monkeypatch.setattr(cli, "_llm_job", lambda *args, **kwargs: result)
+    monkeypatch.setattr(cli_llm, "run_llm_job", lambda *args, **kwargs: result)
 
 
 # ---------------------------------------------------------------------------------------- fit
 def test_report_of_a_fit_folder(tmp_path):
+    from pluralign.data import save_preferences
     from pluralign.envs import MultiUser
 
-    data = (
-        MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
-        .sample_offline([1])
-        .save(tmp_path / "prefs.jsonl")
-    )
+    env = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
+    data = save_preferences(env.sample_offline([1]), tmp_path / "prefs.jsonl")
     out = tmp_path / "model"
     fitted = invoke("fit", data, "--k", "2", "--out", out)
     assert fitted.exit_code == 0, fitted.output
@@ -121,7 +119,7 @@ def _rm_job(out: Path):
 
 def test_report_of_a_train_rm_folder(monkeypatch, tmp_path):
     out = tmp_path / "rm"
-    monkeypatch.setattr(cli, "_llm_job", _rm_job(out))
+    monkeypatch.setattr(cli_llm, "run_llm_job", _rm_job(out))
     trained = invoke("train-rm", tmp_path / "c.yaml", "--out", out)
     assert trained.exit_code == 0, trained.output
     trained_json = invoke("train-rm", tmp_path / "c.yaml", "--out", out, "--json")

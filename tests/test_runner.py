@@ -13,7 +13,7 @@ import yaml
 from pluralign.errors import ConfigError
 from pluralign.experiments import read_results, resolve_config, run_experiment
 from pluralign.experiments.config import TOP_LEVEL_KEYS
-from pluralign.experiments.loco import ENV_DEFAULTS
+from pluralign.experiments.loco.methods import ENV_DEFAULTS
 
 N_UNITS = 4  # 1 setting × 2 repeats × 2 sample sizes
 N_ROWS = 2 * N_UNITS  # 2 methods per unit

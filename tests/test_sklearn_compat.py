@@ -102,7 +102,7 @@ CASES: list[tuple[str, Callable[[], object], Callable[[], PreferenceData], dict]
     ),
     (
         "UserReward",
-        lambda: UserReward(np.eye(5)[:, :3], np.ones(3), l2=0.07, user=4),
+        lambda: UserReward.fitted(np.eye(5)[:, :3], np.ones(3), l2=0.07, user=4),
         multi_user_data,
         {"l2": 0.3, "user": 5},
     ),
@@ -176,8 +176,9 @@ def test_get_params_lists_the_init_arguments_in_order_and_deep_changes_nothing_f
     ]
     assert model.get_params(deep=True) == model.get_params(deep=False) == model.get_params()
     assert model.get_params()["k"] == 3 and model.get_params()["seed"] == 7
-    # UserReward's ``params`` argument is fitted state, not a hyper-parameter
+    # UserReward's parameters ``v`` are fitted state (``UserReward.fitted``), not hyper-parameters
     assert list(UserReward(np.eye(2)).get_params()) == ["basis", "l2", "user"]
+    assert list(UserReward.fitted(np.eye(2), np.ones(2)).get_params()) == ["basis", "l2", "user"]
 
 
 # ------------------------------------------------------------------------ set_params

@@ -85,11 +85,11 @@ def test_phi_is_formed_from_prompt_and_response(encoder):
 def test_minilm_features_personalize_end_to_end(personas):
     """Six users who disagree on style: a shared basis over MiniLM features predicts each
     user's held-out choices; one pooled reward cannot."""
-    from pluralign.cli import _split_per_user
+    from pluralign.personalize import split_per_user
 
     _, data = personas
     assert data.d_phi == 384 and data.d_x == 7  # age and region one-hot user contexts
-    train, test = _split_per_user(data, 0.25, 0)
+    train, test = split_per_user(data, 0.25, 0)
     shared = SharedBasis(2, 1.0 / train.n).fit(train)
     pooled = Pooled(1.0 / train.n).fit(train)
     assert shared.accuracy(test) >= 0.75

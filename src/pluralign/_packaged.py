@@ -3,7 +3,7 @@
 A config refers to a shipped data file as ``package:PATH``, a path under the packaged configs
 folder (``pluralign/configs/PATH``, e.g. ``package:data/personas.jsonl``); it is replaced by
 its absolute path before a job reads the config (:func:`resolve_package_paths`, applied by
-:func:`pluralign.experiments.config.load_config` and by every job's config resolver), so the
+:func:`pluralign.configfile.load_config` and by every job's config resolver), so the
 packaged configs run from any working directory. (``builtin:NAME`` prompt sets of iterate
 configs are a different thing, built in code: :mod:`pluralign.llm.pairs`.)
 """

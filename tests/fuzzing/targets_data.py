@@ -281,8 +281,8 @@ def _model_folder() -> Path:
     """A small fitted SharedBasis with design matrices, saved once per process."""
     import tempfile
 
-    from pluralign.cli import _designs
     from pluralign.data import PreferenceData
+    from pluralign.personalize import design_matrices
     from pluralign.rewards import SharedBasis
     from pluralign.rewards.persistence import save_model
 
@@ -297,7 +297,7 @@ def _model_folder() -> Path:
     save_model(
         model,
         folder,
-        designs=_designs(model, data),
+        designs=design_matrices(model, data),
         metadata={
             "features": {"kind": "numeric", "format": "numeric"},
             "ridge": 1.0,
@@ -378,7 +378,7 @@ register(Target("cli.rank", _rank_inputs(), _rank_cli))
 
 # ------------------------------------------------------------------------ YAML configs
 def _load_config(value: bytes, tmp: Path) -> None:
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
 
     load_config(_write(tmp, "config.yaml", value))
 

@@ -123,7 +123,7 @@ VALID_POLICY_CONFIG: dict[str, Any] = {
 
 # ------------------------------------------------------------------------- configs
 def _resolve_file(value: bytes, tmp: Path) -> None:
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
     from pluralign.llm.job import resolve_rm_config
 
     path = tmp / "rm.yaml"
@@ -132,15 +132,15 @@ def _resolve_file(value: bytes, tmp: Path) -> None:
 
 
 def _resolve_policy_file(value: bytes, tmp: Path) -> None:
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
     from pluralign.llm.config import (
         DataConfig,
         DPOConfig,
         LoraConfig,
         PolicyModelConfig,
         TrainingConfig,
-        resolve_sections,
     )
+    from pluralign.settings import resolve_sections
 
     path = tmp / "policy.yaml"
     path.write_bytes(value)

@@ -35,8 +35,8 @@ from scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError, PluralignError, ResourceError
-from pluralign.rewards._checks import check_int, check_number
 from pluralign.rewards.linear import LinearInParameters
+from pluralign.rewards.validation import check_int, check_number
 
 __all__ = ["ConfidenceSet", "beta_rate", "theory_beta"]
 

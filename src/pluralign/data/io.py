@@ -26,8 +26,9 @@ import numpy as np
 
 from pluralign._atomic import atomic_open
 from pluralign._parse import iter_json_lines, read_npz
+from pluralign.data.formats import Columns
 from pluralign.data.preference import PreferenceData
-from pluralign.data.sources import Columns, Problems, iter_rows
+from pluralign.data.sources import Problems, iter_rows
 from pluralign.errors import DataValidationError
 
 __all__ = ["check_user_id", "iter_jsonl_objects", "load_preferences", "save_preferences"]

@@ -9,6 +9,9 @@ returned together (what ``pluralign data validate`` prints). Nothing here downlo
 readers take local files (JSONL, a JSON array, CSV, Parquet, each text format also
 ``.gz``-compressed), or in-memory data: a ``datasets.Dataset``, a ``DatasetDict`` with
 ``split=``, a pandas ``DataFrame`` or any iterable of mappings (:mod:`pluralign.data.sources`).
+Each format's name, detection, reader and columns are declared once, in
+:data:`pluralign.data.formats.FORMATS`; user contexts are checked and encoded by
+:mod:`pluralign.data.contexts`.
 
 **Column mapping.** ``user_column``, ``prompt_column``, ``chosen_column``, ``rejected_column``
 and ``context_column`` name the columns that hold a format's fields when the data calls them
@@ -54,22 +57,28 @@ chosen survey ``attributes`` become the user context.
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pluralign.data.contexts import ContextSchema, UserContexts, flatten, parse_context
+from pluralign.data.formats import (
+    COLUMN_KEYWORDS,
+    FORMATS,
+    TEXT_FORMATS,
+    Columns,
+    Format,
+    detect_by_keys,
+)
 from pluralign.data.preference import PreferenceData
-from pluralign.data.sources import Columns, Problems, dumps_short, iter_rows
+from pluralign.data.sources import Problems, RowError, iter_rows
 from pluralign.errors import DataValidationError
 
 __all__ = [
     "PRISM_ATTRIBUTES",
-    "ContextSchema",
     "TextPreferences",
     "detect_format",
     "read_prism",
@@ -177,44 +186,11 @@ class TextPreferences:
         )
 
 
-# ---------------------------------------------------------------------------- errors
-_Errors = Problems  # every row is checked; raise mode raises one (summarized) error at the end
-
-
-class _RowError(Exception):
-    def __init__(
-        self, field: str | None, message: str, columns: Iterable[Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.field, self.message = field, message
-        self.columns = None if columns is None else list(columns)
-
-
-def _bad(errs: Problems, bad: _RowError, path: str, line: int) -> None:
+# ---------------------------------------------------------------------------- rows
+# Every row is checked: a bad field raises RowError, which the reader records in its Problems
+# (raise mode raises one, summarized, error at the end) before it goes on with the next row.
+def _bad(errs: Problems, bad: RowError, path: str, line: int) -> None:
     errs.add(bad.message, path=path, line=line, field=bad.field, columns=bad.columns)
-
-
-# ---------------------------------------------------------------------------- row sources
-def _rows(
-    source: Any, errors: Problems, *, split: str | None = None, typed: Iterable[str] = ()
-) -> Iterator[tuple[str, int, Any]]:
-    """``(path, line, row)`` of any source (:func:`pluralign.data.sources.iter_rows`); rows
-    that cannot be parsed are reported and skipped."""
-    return iter_rows(source, errors, split=split, typed=typed)
-
-
-def _number(value: Any, name: str) -> float:
-    """A finite real number (not a boolean) as a float; huge integers that overflow a float
-    are refused, not turned into ``inf`` or an ``OverflowError``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _RowError(name, f"must hold finite numbers, got {value!r}")
-    try:
-        out = float(value)
-    except OverflowError:
-        raise _RowError(name, "holds a number too large for a 64-bit float") from None
-    if not math.isfinite(out):
-        raise _RowError(name, f"must hold finite numbers, got {value!r}")
-    return out
 
 
 def _messages(value: Any, name: str) -> list[dict[str, Any]] | None:
@@ -222,10 +198,10 @@ def _messages(value: Any, name: str) -> list[dict[str, Any]] | None:
     messages (other keys are kept, null ones dropped: columnar sources fill absent keys with
     null); ``None`` for a string. Anything else is refused."""
     if value is None:
-        raise _RowError(name, "missing (null)")
+        raise RowError(name, "missing (null)")
     if isinstance(value, str):
         if not value.strip():
-            raise _RowError(name, "is empty")
+            raise RowError(name, "is empty")
         return None
     if isinstance(value, list) and value:
         out = []
@@ -235,12 +211,12 @@ def _messages(value: Any, name: str) -> list[dict[str, Any]] | None:
                 or not isinstance(message.get("role"), str)
                 or not isinstance(message.get("content"), str)
             ):
-                raise _RowError(name, f"message {i} must be {{'role': str, 'content': str}}")
+                raise RowError(name, f"message {i} must be {{'role': str, 'content': str}}")
             if not message["role"].strip() or not message["content"].strip():
-                raise _RowError(name, f"message {i} has an empty role or content")
+                raise RowError(name, f"message {i} has an empty role or content")
             out.append({str(k): v for k, v in message.items() if v is not None})
         return out
-    raise _RowError(
+    raise RowError(
         name, f"must be a non-empty string or a list of messages, got {type(value).__name__}"
     )
 
@@ -261,338 +237,25 @@ def render_text(value: Any, field: str = "text", **where: Any) -> str:
     :class:`DataValidationError` naming ``field`` (and ``where``: ``path``, ``line``)."""
     try:
         return _text(value, field)
-    except _RowError as bad:
+    except RowError as bad:
         raise DataValidationError(bad.message, field=bad.field, **where) from None
 
 
 def _user(value: Any, name: str = "user_id") -> str | int:
     if value is None:
-        raise _RowError(name, "missing (null)")
+        raise RowError(name, "missing (null)")
     if isinstance(value, bool):
-        raise _RowError(name, f"must be a non-empty string or an integer, got {value!r}")
+        raise RowError(name, f"must be a non-empty string or an integer, got {value!r}")
     if isinstance(value, int):
         return value
     if isinstance(value, str) and value.strip():
         return value
-    raise _RowError(name, f"must be a non-empty string or an integer, got {value!r}")
-
-
-def _context(value: Any, name: str = "user_context") -> tuple[str, Any]:
-    """``("vector", [floats])`` or ``("attributes", {name: value})``."""
-    if isinstance(value, list):
-        out = [_number(v, name) for v in value]
-        if not out:
-            raise _RowError(name, "is an empty list")
-        return "vector", out
-    if isinstance(value, Mapping):
-        flat = _flatten(value)
-        for key, v in flat.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                _number(v, f"{name}.{key}")
-            if not (v is None or isinstance(v, str | int | float | bool)):
-                raise _RowError(
-                    f"{name}.{key}",
-                    f"must be a number, string, boolean or null, got {type(v).__name__}",
-                )
-        return "attributes", flat
-    raise _RowError(
-        name, f"must be a list of numbers or a mapping of attributes, got {type(value).__name__}"
-    )
-
-
-def _hashable(parsed: Any) -> Any:
-    """A parsed context (a list of floats or a flat mapping of scalars) as a hashable key;
-    equal numbers are equal (``2`` and ``2.0``: both encode as 2.0), booleans and strings are
-    not numbers."""
-
-    def scalar(v: Any) -> tuple[str, Any]:
-        if isinstance(v, bool):
-            return "bool", v
-        if isinstance(v, int | float):
-            return "number", float(v)
-        return type(v).__name__, v
-
-    if isinstance(parsed, Mapping):
-        return tuple(sorted((k, *scalar(v)) for k, v in parsed.items()))
-    return tuple(parsed)
-
-
-def _flatten(mapping: Mapping, prefix: str = "", depth: int = 0) -> dict[str, Any]:
-    """Nested attributes as dotted names (``{"a": {"b": 1}}`` → ``{"a.b": 1}``). Two entries
-    that flatten to the same name (``{"a.b": 1, "a": {"b": 2}}``) are refused, not merged."""
-    from pluralign._parse import MAX_DEPTH
-
-    if depth > MAX_DEPTH:
-        raise _RowError(prefix.rstrip(".") or None, f"nested more than {MAX_DEPTH} levels deep")
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if not isinstance(key, str):
-            raise _RowError(
-                prefix.rstrip(".") or None, f"attribute names must be strings, got {key!r}"
-            )
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and not value:
-            raise _RowError(name, "is an empty mapping (give the attribute a value, or null)")
-        items = (
-            _flatten(value, name + ".", depth + 1).items()
-            if isinstance(value, Mapping)
-            else [(name, value)]
-        )
-        for flat_name, flat_value in items:
-            if flat_name in out:
-                raise _RowError(
-                    flat_name,
-                    "two attributes flatten to this name (a dotted key "
-                    "and a nested mapping); rename one",
-                )
-            out[flat_name] = flat_value
-    return out
-
-
-class _Contexts:
-    """Per-user contexts: one kind and one length for all rows, the same for every row of a
-    user (checked at the end by :meth:`check`, against the context most of the user's rows
-    have); attribute mappings encoded as numbers (numeric attributes) and one-hot columns (the
-    others)."""
-
-    def __init__(self, name: str = "user_context") -> None:
-        self.name = name
-        self.kind: str | None = None
-        self.by_user: dict[Any, list[tuple[Any, str, int]]] = {}
-        self.rows: list[Any] = []
-        self.where: list[tuple[str, int]] = []
-
-    def add(self, user: Any, value: Any, path: str, line: int) -> None:
-        kind, parsed = _context(value, self.name)
-        if self.kind is None:
-            self.kind = kind
-        elif kind != self.kind:
-            raise _RowError(self.name, f"is a {kind} but earlier rows have a {self.kind}")
-        if kind == "vector" and self.rows and len(parsed) != len(self.rows[0]):
-            raise _RowError(
-                self.name, f"has length {len(parsed)}, earlier rows have {len(self.rows[0])}"
-            )
-        self.by_user.setdefault(user, []).append((parsed, path, line))
-        self.rows.append(parsed)
-        self.where.append((path, line))
-
-    def check(self, errors: Problems) -> None:
-        """Each user's context is the one most of its rows have (a tie: the first row's);
-        every row with another context is reported, naming both."""
-        for user, entries in self.by_user.items():
-            keys = [_hashable(parsed) for parsed, _, _ in entries]
-            counts = Counter(keys)
-            if len(counts) == 1:
-                continue
-            first_at: dict[Any, int] = {}
-            for i, key in enumerate(keys):
-                first_at.setdefault(key, i)
-            top = max(counts.values())
-            leaders = [k for k in counts if counts[k] == top]
-            majority = min(leaders, key=first_at.__getitem__)  # ties: the earliest
-            value, first_path, first_line = entries[first_at[majority]]
-            if len(leaders) == 1:
-                theirs = (
-                    f"{top} of the user's {len(entries)} rows (the first on line "
-                    f"{first_line} of {first_path}) have {dumps_short(value)}"
-                )
-            else:
-                theirs = (
-                    f"no context is on most of the user's {len(entries)} rows, so the "
-                    f"first row's is taken: {dumps_short(value)}, on line {first_line} "
-                    f"of {first_path}"
-                )
-            for key, (parsed, path, line) in zip(keys, entries, strict=True):
-                if key != majority:
-                    errors.add(
-                        f"differs from user {user!r}'s context: {theirs}; this row has "
-                        f"{dumps_short(parsed)}",
-                        path=path,
-                        line=line,
-                        field=self.name,
-                    )
-
-    def matrix(self) -> tuple[np.ndarray | None, list[str]]:
-        """``(contexts (n, d_x), column names)``; :attr:`schema` is set to their encoding."""
-        self.schema: ContextSchema | None = None
-        if self.kind is None:
-            return None, []
-        if self.kind == "vector":
-            arr = np.array(self.rows, dtype=np.float64)
-            self.schema = ContextSchema.vector(arr.shape[1])
-            return arr, list(self.schema.names)
-        numeric = sorted(
-            {
-                k
-                for row in self.rows
-                for k, v in row.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-        )
-        categorical = sorted(
-            {f"{k}={v}" for row in self.rows for k, v in row.items() if k not in numeric}
-        )
-        mixed = [
-            k
-            for k in numeric
-            if any(
-                k in row and (isinstance(row[k], bool) or not isinstance(row[k], int | float))
-                for row in self.rows
-            )
-        ]
-        if mixed:
-            raise DataValidationError(
-                f"attribute {mixed[0]!r} mixes numbers and other values",
-                field=f"{self.name}.{mixed[0]}",
-            )
-        for i, row in enumerate(self.rows):  # a missing number would silently become 0
-            absent = [k for k in numeric if k not in row]
-            if absent:
-                first = next(j for j, r in enumerate(self.rows) if absent[0] in r)
-                raise DataValidationError(
-                    f"numeric attribute {absent[0]!r} (given on line {self.where[first][1]} of "
-                    f"{self.where[first][0]}) is missing here; give it on every row",
-                    field=f"{self.name}.{absent[0]}",
-                    path=self.where[i][0],
-                    line=self.where[i][1],
-                )
-        pairs = {(k, str(v)) for row in self.rows for k, v in row.items() if k not in numeric}
-        if len({f"{k}={v}" for k, v in pairs}) != len(pairs) or set(categorical) & set(numeric):
-            clash = sorted(f"{k}={v}" for k, v in pairs)
-            dup = next(n for n in clash if clash.count(n) > 1 or n in numeric)
-            raise DataValidationError(
-                f"two attributes give the same one-hot column {dup!r}; rename one", field=self.name
-            )
-        names = numeric + categorical
-        self.schema = ContextSchema("attributes", tuple(names), tuple(numeric))
-        col = {n: i for i, n in enumerate(names)}
-        arr = np.zeros((len(self.rows), len(names)))
-        for i, row in enumerate(self.rows):
-            for key, value in row.items():
-                if key in numeric:
-                    arr[i, col[key]] = float(value)
-                else:
-                    arr[i, col[f"{key}={value}"]] = 1.0
-        return arr, names
-
-
-@dataclass(frozen=True)
-class ContextSchema:
-    """How user contexts became the columns of ``x``, so that a context given later (a new
-    user's, ``pluralign rank --context``) is encoded into the same columns.
-
-    ``kind`` is ``"vector"`` (a list of numbers; ``names`` are ``x0, x1, …``) or
-    ``"attributes"`` (a mapping, nested keys dotted): each numeric attribute is a column of its
-    value (``numeric`` lists them), every other attribute a one-hot column ``name=value`` per
-    value seen in training (a missing non-numeric attribute is all zeros there, and here)."""
-
-    kind: str
-    names: tuple[str, ...]
-    numeric: tuple[str, ...] = ()
-
-    @classmethod
-    def vector(cls, d: int) -> ContextSchema:
-        names = tuple(f"x{i}" for i in range(d))
-        return cls("vector", names, names)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "names": list(self.names), "numeric": list(self.numeric)}
-
-    @classmethod
-    def from_dict(cls, value: Any, field: str = "context") -> ContextSchema:
-        """The inverse of :meth:`to_dict`, validated (a model folder may come from anyone)."""
-        ok = (
-            isinstance(value, Mapping)
-            and set(value) == {"kind", "names", "numeric"}
-            and value["kind"] in ("vector", "attributes")
-            and all(
-                isinstance(v, list) and all(isinstance(n, str) and n for n in v)
-                for v in (value["names"], value["numeric"])
-            )
-        )
-        if ok:
-            names, numeric = value["names"], value["numeric"]
-            ok = (
-                bool(names)
-                and len(set(names)) == len(names)
-                and set(numeric) <= set(names)
-                and (value["kind"] == "attributes" or numeric == names)
-            )
-        if not ok:
-            raise DataValidationError(
-                "must be {kind: vector|attributes, names: [column names], numeric: [the "
-                "numeric ones]} with distinct, non-empty names",
-                field=field,
-            )
-        return cls(value["kind"], tuple(value["names"]), tuple(value["numeric"]))
-
-    def encode(self, value: Any, name: str = "context") -> np.ndarray:
-        """One context (a list of numbers, or a mapping of attributes) as a ``(d_x,)`` row;
-        anything the training contexts did not have is refused, naming it (``name`` is how
-        the message calls the value)."""
-        try:
-            kind, parsed = _context(value, name)
-        except _RowError as err:
-            raise DataValidationError(err.message, field=err.field) from None
-        if kind != self.kind:
-            want = (
-                f"a list of {len(self.names)} numbers"
-                if self.kind == "vector"
-                else "a mapping of attributes (" + ", ".join(self._attributes()) + ")"
-            )
-            raise DataValidationError(
-                f"must be {want}, like the model's training contexts", field=name
-            )
-        if kind == "vector":
-            if len(parsed) != len(self.names):
-                raise DataValidationError(
-                    f"has {len(parsed)} numbers; the model's contexts have {len(self.names)}",
-                    field=name,
-                )
-            return np.asarray(parsed, dtype=np.float64)
-        out = np.zeros(len(self.names))
-        col = {n: i for i, n in enumerate(self.names)}
-        for key, v in parsed.items():
-            if key in self.numeric:
-                if isinstance(v, bool) or not isinstance(v, int | float):
-                    raise DataValidationError(
-                        f"must be a number (a numeric attribute in training), got {v!r}",
-                        field=f"{name}.{key}",
-                    )
-                out[col[key]] = float(v)
-            elif f"{key}={v}" in col:
-                out[col[f"{key}={v}"]] = 1.0
-            else:
-                known = [
-                    n.split("=", 1)[1]
-                    for n in self.names
-                    if n.startswith(f"{key}=") and n not in self.numeric
-                ]
-                raise DataValidationError(
-                    f"value {v!r} was not seen in training; known values: "
-                    + ", ".join(map(repr, known))
-                    if known
-                    else "not an attribute of the model's contexts; they have: "
-                    + ", ".join(self._attributes()),
-                    field=f"{name}.{key}",
-                )
-        missing = [n for n in self.numeric if n not in parsed]
-        if missing:
-            raise DataValidationError(
-                "missing (a numeric attribute of every training context)",
-                field=f"{name}.{missing[0]}",
-            )
-        return out
-
-    def _attributes(self) -> list[str]:
-        return list(
-            dict.fromkeys(n if n in self.numeric else n.split("=", 1)[0] for n in self.names)
-        )
+    raise RowError(name, f"must be a non-empty string or an integer, got {value!r}")
 
 
 def _finish(
     columns: dict[str, list],
-    contexts: _Contexts | None,
+    contexts: UserContexts | None,
     errors: Problems,
     template: str | None = None,
     skipped: int = 0,
@@ -668,14 +331,6 @@ def _source_name(source: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- TRL-style
-TRL_FIELDS = ("prompt", "chosen", "rejected", "user_id")
-COLUMN_ARGUMENTS = (
-    "prompt_column",
-    "chosen_column",
-    "rejected_column",
-    "user_column",
-    "context_column",
-)
 NO_SHARED_START = (
     "missing, and chosen and rejected share no beginning to take an implicit "
     "prompt from (TRL's implicit prompt: the leading messages both "
@@ -716,31 +371,31 @@ def _implicit(chosen: Any, rejected: Any, cols: Columns, row: Mapping) -> tuple[
     for value, key in ((chosen, "chosen"), (rejected, "rejected")):
         _messages(value, cols[key])  # a bad response is named first
     if isinstance(chosen, str) != isinstance(rejected, str):
-        raise _RowError(
+        raise RowError(
             cols["prompt"],
             "missing, and an implicit prompt needs chosen and "
             "rejected both strings or both message lists",
             columns=row,
         )
     if not _same(chosen[0], rejected[0]):
-        raise _RowError(cols["prompt"], NO_SHARED_START, columns=row)
+        raise RowError(cols["prompt"], NO_SHARED_START, columns=row)
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-        raise _RowError(cols["prompt"], NO_SHARED_START, columns=row)
+        raise RowError(cols["prompt"], NO_SHARED_START, columns=row)
     return prompt, chosen, rejected
 
 
 def _trl_row(row: Any, cols: Columns) -> tuple[str, str, str, Any, tuple | None, bool]:
     """``(prompt, chosen, rejected, user, messages or None, implicit string prompt?)``."""
     if not isinstance(row, Mapping):
-        raise _RowError(None, "each row must be a JSON object")
+        raise RowError(None, "each row must be a JSON object")
     for key in ("chosen", "rejected", "user"):
         if cols[key] not in row:
-            raise _RowError(cols[key], cols.missing(key, row), columns=row)
+            raise RowError(cols[key], cols.missing(key, row), columns=row)
     prompt, chosen, rejected = row.get(cols["prompt"]), row[cols["chosen"]], row[cols["rejected"]]
     implicit = prompt is None
     if implicit and cols.mapped().get("prompt_column") and cols["prompt"] not in row:
-        raise _RowError(cols["prompt"], cols.missing("prompt", row), columns=row)
+        raise RowError(cols["prompt"], cols.missing("prompt", row), columns=row)
     if implicit:
         prompt, chosen, rejected = _implicit(chosen, rejected, cols, row)
     parts = [
@@ -753,7 +408,7 @@ def _trl_row(row: Any, cols: Columns) -> tuple[str, str, str, Any, tuple | None,
     ]
     user = _user(row[cols["user"]], cols["user"])
     if texts[1] == texts[2]:
-        raise _RowError(cols["rejected"], f"is identical to {cols['chosen']!r}")
+        raise RowError(cols["rejected"], f"is identical to {cols['chosen']!r}")
     messages = None
     if any(m is not None for m in parts):
         roles = ("user", "assistant", "assistant")
@@ -782,7 +437,7 @@ def read_trl(
     Returns a :class:`TextPreferences`; with ``errors="collect"`` returns ``(prefs or None,
     [errors])`` with every bad row reported.
     """
-    errs = _Errors(errors)
+    errs = Problems(errors)
     cols = Columns.of(
         "trl",
         prompt_column=prompt_column,
@@ -792,19 +447,19 @@ def read_trl(
         context_column=context_column,
     )
     context = cols["context"]
-    out, contexts = _columns(), _Contexts(context)
+    out, contexts = _columns(), UserContexts(context)
     seen_context = False
-    for path, line, row in _rows(source, errs, split=split, typed=(context,)):
+    for path, line, row in iter_rows(source, errs, split=split, typed=cols.json_columns()):
         try:
             has = isinstance(row, Mapping) and row.get(context) is not None
             if seen_context and not has and isinstance(row, Mapping):
-                raise _RowError(context, "missing here but present on earlier rows")
+                raise RowError(context, "missing here but present on earlier rows")
             if has and not seen_context and out["prompts"]:
-                raise _RowError(context, "present here but missing on earlier rows")
+                raise RowError(context, "present here but missing on earlier rows")
             prompt, chosen, rejected, user, messages, implicit = _trl_row(row, cols)
             if has:
                 contexts.add(user, row[context], path, line)
-        except _RowError as bad:
+        except RowError as bad:
             _bad(errs, bad, path, line)
             continue
         seen_context = seen_context or has
@@ -833,18 +488,18 @@ def _summarize_row(
     row: Any, include_articles: bool, cols: Columns
 ) -> tuple[str, str, str, str] | None:
     if not isinstance(row, Mapping):
-        raise _RowError(None, "each row must be a JSON object")
+        raise RowError(None, "each row must be a JSON object")
     for key in ("info", "summaries", "choice"):
         if key not in row:
-            raise _RowError(key, "missing", columns=row)
+            raise RowError(key, "missing", columns=row)
     if cols["user"] not in row:
-        raise _RowError(cols["user"], cols.missing("user", row), columns=row)
+        raise RowError(cols["user"], cols.missing("user", row), columns=row)
     info = row["info"]
     if not isinstance(info, Mapping):
-        raise _RowError("info", "must be an object with post, title and subreddit")
+        raise RowError("info", "must be an object with post, title and subreddit")
     summaries = row["summaries"]
     if not isinstance(summaries, list) or len(summaries) != 2:
-        raise _RowError("summaries", "must be a list of two {'text': ...} objects")
+        raise RowError("summaries", "must be a list of two {'text': ...} objects")
     texts = []
     for i, summary in enumerate(summaries):
         if (
@@ -852,30 +507,30 @@ def _summarize_row(
             or not isinstance(summary.get("text"), str)
             or not summary["text"].strip()
         ):
-            raise _RowError(f"summaries[{i}].text", "must be a non-empty string")
+            raise RowError(f"summaries[{i}].text", "must be a non-empty string")
         texts.append(summary["text"].strip())
     choice = row["choice"]
     if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
-        raise _RowError("choice", f"must be 0 or 1, got {choice!r}")
+        raise RowError("choice", f"must be 0 or 1, got {choice!r}")
     worker = _user(row[cols["user"]], cols["user"])
     post = info.get("post")
     if post is None:
         article = info.get("article")
         if not isinstance(article, str) or not article.strip():
-            raise _RowError("info.post", "missing (and no info.article)")
+            raise RowError("info.post", "missing (and no info.article)")
         if not include_articles:
             return None
         prompt = f"ARTICLE: {article.strip()}\nTL;DR:"
     else:
         for key in ("post", "title", "subreddit"):
             if not isinstance(info.get(key), str):
-                raise _RowError(f"info.{key}", "must be a string")
+                raise RowError(f"info.{key}", "must be a string")
         prompt = (
             f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\n"
             f"POST: {post.strip()}\nTL;DR:"
         )
     if texts[0] == texts[1]:
-        raise _RowError("summaries", "the two summaries are identical")
+        raise RowError("summaries", "the two summaries are identical")
     return prompt, texts[choice], texts[1 - choice], worker
 
 
@@ -898,10 +553,10 @@ def read_summarize_from_feedback(
     ``TextPreferences.template`` is ``"{prompt} {response}"``. The other ``*_column`` keywords
     are refused: the format's other columns are fixed.
     """
-    errs = _Errors(errors)
+    errs = Problems(errors)
     names = Columns.of("summarize", user_column=user_column, **columns)
     cols, skipped = _columns(), 0
-    for path, line, row in _rows(source, errs, split=split, typed=("info", "summaries", "choice")):
+    for path, line, row in iter_rows(source, errs, split=split, typed=names.json_columns()):
         try:
             split_name = row.get("split") if isinstance(row, Mapping) else None
             if (
@@ -912,7 +567,7 @@ def read_summarize_from_feedback(
                 skipped += 1
                 continue
             parsed = _summarize_row(row, include_articles, names)
-        except _RowError as bad:
+        except RowError as bad:
             _bad(errs, bad, path, line)
             continue
         if parsed is None:
@@ -932,30 +587,27 @@ def read_summarize_from_feedback(
 
 
 # ---------------------------------------------------------------------------- PRISM
-PRISM_TYPED = ("turn", "if_chosen", "score")
-
-
 def _read_survey(
     source: Any, attributes: Sequence[str], errs: Problems, cols: Columns
 ) -> dict[Any, dict[str, Any]]:
     out: dict[Any, dict[str, Any]] = {}
     uid = cols["user"]
-    for path, line, row in _rows(source, errs):
+    for path, line, row in iter_rows(source, errs):
         try:
             if not isinstance(row, Mapping):
-                raise _RowError(None, "each row must be a JSON object")
+                raise RowError(None, "each row must be a JSON object")
             if uid not in row:
-                raise _RowError(uid, cols.missing("user", row), columns=row)
+                raise RowError(uid, cols.missing("user", row), columns=row)
             user = _user(row[uid], uid)
-            flat = _flatten(row)
+            flat = flatten(row)
             for key in attributes:
                 if key not in flat:
-                    raise _RowError(key, "missing survey attribute", columns=flat)
+                    raise RowError(key, "missing survey attribute", columns=flat)
             values = {k: ("(missing)" if flat[k] is None else flat[k]) for k in attributes}
-            _context(values, "survey")
+            parse_context(values, "survey")
             if user in out:
-                raise _RowError(uid, f"user {user!r} appears twice in the survey")
-        except _RowError as bad:
+                raise RowError(uid, f"user {user!r} appears twice in the survey")
+        except RowError as bad:
             _bad(errs, bad, path, line)
             continue
         out[user] = values
@@ -972,21 +624,21 @@ def _utterance_pairs(
     for path, line, row in rows:
         try:
             if not isinstance(row, Mapping):
-                raise _RowError(None, "each row must be a JSON object")
+                raise RowError(None, "each row must be a JSON object")
             if uid not in row:
-                raise _RowError(uid, cols.missing("user", row), columns=row)
+                raise RowError(uid, cols.missing("user", row), columns=row)
             for key in ("conversation_id", "turn", "user_prompt", "model_response", "if_chosen"):
                 if key not in row:
-                    raise _RowError(key, "missing", columns=row)
+                    raise RowError(key, "missing", columns=row)
             user = _user(row[uid], uid)
             if not isinstance(row["if_chosen"], bool):
-                raise _RowError("if_chosen", f"must be true or false, got {row['if_chosen']!r}")
+                raise RowError("if_chosen", f"must be true or false, got {row['if_chosen']!r}")
             turn = row["turn"]
             if isinstance(turn, bool) or not isinstance(turn, int):
-                raise _RowError("turn", f"must be an integer, got {turn!r}")
+                raise RowError("turn", f"must be an integer, got {turn!r}")
             conversation = row["conversation_id"]
             if isinstance(conversation, bool) or not isinstance(conversation, str | int):
-                raise _RowError(
+                raise RowError(
                     "conversation_id", f"must be a string or an integer, got {conversation!r}"
                 )
             parsed = {
@@ -995,7 +647,7 @@ def _utterance_pairs(
                 "response": _text(row["model_response"], "model_response"),
                 "chosen": row["if_chosen"],
             }
-        except _RowError as bad:
+        except RowError as bad:
             _bad(errs, bad, path, line)
             continue
         groups.setdefault((row["conversation_id"], turn), []).append((path, line, parsed))
@@ -1047,7 +699,7 @@ def read_prism(
     utterances); the survey ``attributes`` become the user contexts (one-hot categories).
     ``user_column`` names the user column of both; the prompt/chosen/rejected columns apply to
     TRL-style pairs (``context_column`` is refused: the contexts come from the survey)."""
-    errs = _Errors(errors)
+    errs = Problems(errors)
     cols = Columns.of(
         "prism",
         user_column=user_column,
@@ -1057,12 +709,12 @@ def read_prism(
         **columns,
     )
     users = _read_survey(survey, attributes, errs, cols)
-    rows = list(_rows(pairs, errs, typed=PRISM_TYPED))
+    rows = list(iter_rows(pairs, errs, typed=cols.json_columns()))
     utterances = bool(rows) and isinstance(rows[0][2], Mapping) and "model_response" in rows[0][2]
     items: Iterable[tuple[str, int, str, str, str, Any]] = (
         _utterance_pairs(rows, errs, cols) if utterances else _trl_items(rows, errs, cols)
     )
-    out, contexts = _columns(), _Contexts()
+    out, contexts = _columns(), UserContexts()
     for path, line, prompt, chosen, rejected, user in items:
         if user not in users:
             errs.add(
@@ -1082,14 +734,15 @@ def _trl_items(
     for path, line, row in rows:
         try:
             prompt, chosen, rejected, user, _, _ = _trl_row(row, cols)
-        except _RowError as bad:
+        except RowError as bad:
             _bad(errs, bad, path, line)
             continue
         yield path, line, prompt, chosen, rejected, user
 
 
-# ---------------------------------------------------------------------------- validation
-FORMATS = ("numeric", "trl", "summarize", "prism")
+# ---------------------------------------------------------------------------- dispatch
+# Which reader a format has, how it is detected and its columns: the table FORMATS of
+# pluralign.data.formats.
 
 
 def _replayable(source: Any) -> Any:
@@ -1100,24 +753,26 @@ def _replayable(source: Any) -> Any:
     return source
 
 
+def _format(name: Any) -> Format | None:
+    """The format called ``name`` (``None`` for an unknown name, or one that is not a string)."""
+    return FORMATS.get(name) if isinstance(name, str) else None
+
+
 def detect_format(source: Any, *, split: str | None = None) -> str:
     """``numeric`` (``.npz`` or rows with ``phi0``), ``trl``, ``summarize`` or ``prism`` (PRISM
     utterances), from the suffix and the keys of the first row (of a file or of in-memory
-    rows: a ``datasets`` object, a DataFrame, a list of mappings)."""
-    if isinstance(source, str | Path) and Path(source).suffix.lower() == ".npz":
-        return "numeric"
-    errs = _Errors("collect")
-    for _, _, row in _rows(source, errs, split=split):
+    rows: a ``datasets`` object, a DataFrame, a list of mappings); the rules are each
+    format's ``suffixes`` and ``keys`` in :data:`pluralign.data.formats.FORMATS`."""
+    if isinstance(source, str | Path):
+        suffix = Path(source).suffix.lower()
+        for spec in FORMATS.values():
+            if suffix in spec.suffixes:
+                return spec.name
+    errs = Problems("collect")
+    for _, _, row in iter_rows(source, errs, split=split):
         if not isinstance(row, Mapping):
             break
-        keys = set(row)
-        if "phi0" in keys:
-            return "numeric"
-        if {"summaries", "info"} <= keys:
-            return "summarize"
-        if "model_response" in keys:
-            return "prism"
-        return "trl"
+        return detect_by_keys(row).name
     raise DataValidationError(
         "cannot tell the format (no JSON object in the first row); pass --format",
         path=_source_name(source),
@@ -1125,10 +780,11 @@ def detect_format(source: Any, *, split: str | None = None) -> str:
 
 
 def _column_kwargs(columns: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(columns) - set(COLUMN_ARGUMENTS))
+    keywords = tuple(COLUMN_KEYWORDS.values())
+    unknown = sorted(set(columns) - set(keywords))
     if unknown:
         raise DataValidationError(
-            f"unknown keyword {unknown[0]!r}; valid: {', '.join(COLUMN_ARGUMENTS)}",
+            f"unknown keyword {unknown[0]!r}; valid: {', '.join(keywords)}",
             field=unknown[0],
         )
     return {k: v for k, v in columns.items() if v is not None}
@@ -1148,24 +804,23 @@ def read_text_preferences(
     given = _column_kwargs(columns)
     source = _replayable(source)
     fmt = detect_format(source, split=split) if format == "auto" else format
-    if fmt == "trl":
-        return read_trl(source, split=split, **given)
-    if fmt == "summarize":
-        return read_summarize_from_feedback(source, split=split, **given)
-    if fmt == "prism":
-        if survey is None:
-            raise DataValidationError(
-                "PRISM pairs need the survey file (--survey / survey:)", path=_source_name(source)
-            )
-        if split is not None:
-            raise DataValidationError(
-                "split= is not supported for PRISM data: pass the split's rows", field="split"
-            )
-        return read_prism(survey, source, **given)
-    raise DataValidationError(
-        f"not a text preference format: {fmt!r} (valid: trl, summarize, prism)",
-        path=_source_name(source),
-    )
+    spec = _format(fmt)
+    if spec is None or spec.kind != "text":
+        raise DataValidationError(
+            f"not a text preference format: {fmt!r} (valid: {', '.join(TEXT_FORMATS)})",
+            path=_source_name(source),
+        )
+    if not spec.survey:
+        return spec.read(source, split=split, **given)
+    if survey is None:
+        raise DataValidationError(
+            "PRISM pairs need the survey file (--survey / survey:)", path=_source_name(source)
+        )
+    if split is not None:
+        raise DataValidationError(
+            "split= is not supported for PRISM data: pass the split's rows", field="split"
+        )
+    return spec.read(survey, source, **given)
 
 
 def validate_file(
@@ -1185,38 +840,29 @@ def validate_file(
     given = _column_kwargs(columns)
     path = _replayable(path)
     fmt = detect_format(path, split=split) if format == "auto" else format
-    if fmt not in FORMATS:
+    spec = _format(fmt)
+    if spec is None:
         raise DataValidationError(
             f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}", field="format"
         )
-    if fmt == "numeric":
-        from pluralign.data.io import load_preferences
-
+    if spec.kind == "numeric":
         try:
-            data, found = load_preferences(path, errors="collect", split=split, **given)
+            data, found = spec.read(path, errors="collect", split=split, **given)
         except DataValidationError as err:
             if err.line is None and err.field is None and err.row is None:
                 raise  # the file itself is unreadable (missing, a folder, not an .npz)
             return 0, [err]
         return (0 if data is None else data.n), found
-    reader: Callable[..., Any]
-    if fmt == "trl":
-        reader = read_trl
-    elif fmt == "summarize":
-        reader = read_summarize_from_feedback
-    elif survey is not None:
-        return _count(read_prism(survey, path, errors="collect", **given))
-    else:  # PRISM utterances alone: check the rows and the pairing, without user contexts
-        errs = _Errors("collect")
-        cols = Columns.of("prism", **given)
-        n = sum(
-            1
-            for _ in _utterance_pairs(
-                list(_rows(path, errs, split=split, typed=PRISM_TYPED)), errs, cols
-            )
-        )
-        return n, errs.ordered()
-    return _count(reader(path, errors="collect", split=split, **given))
+    if not spec.survey:
+        return _count(spec.read(path, errors="collect", split=split, **given))
+    if survey is not None:
+        return _count(spec.read(survey, path, errors="collect", **given))
+    # PRISM utterances alone: check the rows and the pairing, without user contexts
+    errs = Problems("collect")
+    cols = Columns.of(fmt, **given)
+    rows = list(iter_rows(path, errs, split=split, typed=cols.json_columns()))
+    n = sum(1 for _ in _utterance_pairs(rows, errs, cols))
+    return n, errs.ordered()
 
 
 def _count(

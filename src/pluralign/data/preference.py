@@ -3,13 +3,15 @@
 A comparison is ``(x, s, a0, a1, y)``: a user context ``x``, two responses whose features are
 ``phi0 = φ(s, a0)`` and ``phi1 = φ(s, a1)``, and the label ``y = 1`` iff ``a1 ≻ a0``. Under
 Bradley–Terry, ``P(y = 1) = σ(r(x, s, a1) − r(x, s, a0))``.
+
+Files are :mod:`pluralign.data.io` (:func:`~pluralign.data.save_preferences`,
+:func:`~pluralign.data.load_preferences`), which builds on this module, never the reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -274,17 +276,3 @@ class PreferenceData:
             y=np.concatenate([p.y for p in parts]),
             users=np.concatenate([p.users for p in parts]) if parts[0].users is not None else None,
         )
-
-    # -------------------------------------------------------------------- io
-    def save(self, path: str | Path) -> Path:
-        """Write to ``.npz`` or ``.jsonl`` (by suffix), atomically."""
-        from pluralign.data.io import save_preferences
-
-        return save_preferences(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> PreferenceData:
-        """Read a ``.npz`` or ``.jsonl`` file written by :meth:`save` (or by hand)."""
-        from pluralign.data.io import load_preferences
-
-        return load_preferences(path)

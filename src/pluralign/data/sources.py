@@ -54,14 +54,13 @@ import re
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pluralign._parse import MAX_DEPTH, iter_json_lines, parse_json
 from pluralign.errors import DataValidationError
 
-__all__ = ["COLUMN_KEYWORDS", "SUFFIXES", "Columns", "Problems", "iter_rows", "summarize_errors"]
+__all__ = ["SUFFIXES", "Problems", "RowError", "iter_rows", "summarize_errors"]
 
 # suffix -> kind; each may also end in .gz (not .parquet)
 SUFFIXES = {
@@ -78,6 +77,19 @@ SUMMARY_SCAN = 100_000
 
 
 # ---------------------------------------------------------------------------- problems
+class RowError(Exception):
+    """One bad field of one row, raised while a row is checked; the reader records it in its
+    :class:`Problems` (with the row's file and line) and goes on with the next row.
+    ``columns`` (optional) are the row's columns, for a message about a missing one."""
+
+    def __init__(
+        self, field: str | None, message: str, columns: Iterable[Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field, self.message = field, message
+        self.columns = None if columns is None else list(columns)
+
+
 class Problems:
     """The bad rows of one read. ``mode="raise"`` raises one error when the read is done
     (:meth:`check`); ``"collect"`` keeps them all for the caller (``found``)."""
@@ -227,106 +239,6 @@ def summarize_errors(
 
 def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-# ---------------------------------------------------------------------------- columns
-# what each format calls the fields a column mapping can point elsewhere
-FORMAT_COLUMNS: dict[str, dict[str, str]] = {
-    "trl": {
-        "prompt": "prompt",
-        "chosen": "chosen",
-        "rejected": "rejected",
-        "user": "user_id",
-        "context": "user_context",
-    },
-    "prism": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "user": "user_id"},
-    "summarize": {"user": "worker"},
-    "numeric": {"user": "user", "context": "x"},
-}
-# the columns of a format that cannot be remapped (a mapping may not point at them)
-FIXED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "trl": (),
-    "prism": ("conversation_id", "turn", "user_prompt", "model_response", "score", "if_chosen"),
-    "summarize": ("info", "summaries", "choice", "split"),
-    "numeric": ("phi0", "phi1", "y"),
-}
-COLUMN_KEYWORDS = {
-    "prompt": "prompt_column",
-    "chosen": "chosen_column",
-    "rejected": "rejected_column",
-    "user": "user_column",
-    "context": "context_column",
-}
-
-
-@dataclass(frozen=True)
-class Columns:
-    """The column that holds each field of a format (``Columns.of("trl", user_column=
-    "annotator_id")["user"] == "annotator_id"``)."""
-
-    format: str
-    names: dict[str, str]
-
-    @classmethod
-    def of(cls, fmt: str, **given: str | None) -> Columns:
-        """The columns of format ``fmt`` with the ``*_column`` keywords applied; a keyword
-        the format has no field for, an empty name, or two fields in one column is refused."""
-        defaults = FORMAT_COLUMNS[fmt]
-        by_keyword = {kw: key for key, kw in COLUMN_KEYWORDS.items()}
-        names = dict(defaults)
-        for kw, value in given.items():
-            if kw not in by_keyword:
-                raise DataValidationError(
-                    f"unknown keyword {kw!r}; valid: {', '.join(COLUMN_KEYWORDS.values())}",
-                    field=kw,
-                )
-            if value is None:
-                continue
-            key = by_keyword[kw]
-            if key not in defaults:
-                usable = ", ".join(COLUMN_KEYWORDS[k] for k in defaults)
-                raise DataValidationError(
-                    f"does not apply to {fmt} rows (their columns that can be mapped: {usable})",
-                    field=kw,
-                )
-            if not isinstance(value, str) or not value.strip():
-                raise DataValidationError(
-                    f"must be a non-empty column name, got {value!r}", field=kw
-                )
-            names[key] = value
-        seen: dict[str, str] = {}
-        for key, column in names.items():
-            if column in seen or column in FIXED_COLUMNS[fmt]:
-                other = seen.get(column, column)
-                raise DataValidationError(
-                    f"maps the {key} to column {column!r}, which already holds the {other} "
-                    "(two fields cannot be read from one column)",
-                    field=COLUMN_KEYWORDS[key],
-                )
-            seen[column] = key
-        return cls(fmt, names)
-
-    def __getitem__(self, key: str) -> str:
-        return self.names[key]
-
-    def mapped(self) -> dict[str, str]:
-        """``{keyword: column}`` of the fields that are not in their default column."""
-        return {
-            COLUMN_KEYWORDS[k]: v
-            for k, v in self.names.items()
-            if v != FORMAT_COLUMNS[self.format][k]
-        }
-
-    def missing(self, key: str, row: Mapping[str, Any]) -> str:
-        """The message of a row without the column of ``key``: ``missing``, plus, when the
-        column was mapped and the row has the default one, both names."""
-        default = FORMAT_COLUMNS[self.format][key]
-        if self.names[key] != default:
-            hint = f"{COLUMN_KEYWORDS[key]} is {self.names[key]!r}"
-            if default in row:
-                hint += f"; the row has a {default!r} column"
-            return f"missing ({hint})"
-        return "missing"
 
 
 # ---------------------------------------------------------------------------- sources

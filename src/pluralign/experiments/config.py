@@ -1,8 +1,9 @@
-"""Experiment configurations: loading, validation against the experiment's schema, resolution.
+"""Experiment configurations: validation against the experiment's schema, and resolution
+(reading a config file is :func:`pluralign.configfile.load_config`).
 
 A config is a YAML mapping::
 
-    experiment: loco          # which experiment (see ``pluralign.experiments.EXPERIMENTS``)
+    experiment: loco          # which experiment (see ``pluralign.experiments.registry``)
     seed: 0                   # every random draw derives from it
     repeats: 20               # independent truths + data sets per setting
     env: {d_x: 20, ...}       # simulator parameters; a list of mappings sweeps several settings
@@ -32,10 +33,8 @@ import itertools
 import json
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from pluralign._packaged import resolve_package_paths
 from pluralign.errors import ConfigError
 from pluralign.experiments.base import (
     MAX_REPEATS,
@@ -45,8 +44,9 @@ from pluralign.experiments.base import (
     Constraint,
     show,
 )
+from pluralign.experiments.registry import get_experiment
 
-__all__ = ["TOP_LEVEL_KEYS", "load_config", "resolve_config", "spec_table"]
+__all__ = ["TOP_LEVEL_KEYS", "resolve_config", "spec_table"]
 
 TOP_LEVEL_KEYS = (
     "experiment",
@@ -59,22 +59,6 @@ TOP_LEVEL_KEYS = (
     "quick",
     "sweep",
 )
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file (not yet validated) with :mod:`pluralign._parse`'s strict
-    reader: UTF-8 only, no duplicate keys, bounded nesting and integers, safe tags only;
-    ``package:PATH`` strings become the paths of the shipped files
-    (:func:`pluralign._packaged.resolve_package_paths`)."""
-    from pluralign._parse import read_yaml_file
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
-    config = read_yaml_file(path, error=ConfigError)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
-    return resolve_package_paths(config)
 
 
 def _unknown(kind: str, given: object, valid: object) -> ConfigError:
@@ -234,8 +218,6 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
     The resolved config is what ``config.yaml`` in the output folder records: re-running it
     gives the same results.
     """
-    from pluralign.experiments import EXPERIMENTS
-
     if not isinstance(config, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {show(config)}")
     try:
@@ -246,9 +228,7 @@ def resolve_config(config: dict[str, Any], *, quick: bool = False) -> dict[str, 
         if key not in TOP_LEVEL_KEYS:
             raise _unknown("config key", key, TOP_LEVEL_KEYS)
     name = config.get("experiment", "loco")
-    if not isinstance(name, str) or name not in EXPERIMENTS:
-        raise _unknown("experiment", name, sorted(EXPERIMENTS))
-    experiment = EXPERIMENTS[name]
+    experiment = get_experiment(name)
     overrides = config.pop("quick", None) or {}
     if not isinstance(overrides, dict):
         raise ConfigError("'quick' must be a mapping of overrides")

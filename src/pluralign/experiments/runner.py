@@ -44,6 +44,9 @@ from pluralign._parse import parse_json, read_yaml_file
 from pluralign.errors import ConfigError, DataValidationError
 from pluralign.experiments.base import Experiment, Unit, show
 from pluralign.experiments.config import resolve_config
+from pluralign.experiments.registry import EXPERIMENTS
+from pluralign.experiments.summary import summarize, write_summary_csv
+from pluralign.plots import plot_metric
 
 __all__ = [
     "complete_rows",
@@ -58,8 +61,6 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _experiment(config: dict[str, Any]) -> Experiment:
-    from pluralign.experiments import EXPERIMENTS
-
     return EXPERIMENTS[config["experiment"]]
 
 
@@ -342,9 +343,6 @@ def run_experiment(
     without a ``config.yaml`` beside it is refused unless ``force`` (its rows are then resumed
     as rows of this config). ``on_unit`` is called after each finished unit.
     """
-    from pluralign.experiments.plots import plot_metric
-    from pluralign.experiments.summary import summarize, write_summary_csv
-
     resolved = resolve_config(config, quick=quick)
     experiment = _experiment(resolved)
     out = Path(out)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import null_space
 
+from pluralign._linalg import contract
 from pluralign.errors import DataValidationError
 
 __all__ = ["RTVMap", "rtv_features"]
@@ -126,8 +127,6 @@ class RTVMap:
 
     def reward_at(self, params: np.ndarray, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
         """``θ_zᵀ z(x, φ) = xᵀ W₁ W₂ φ``, in ``O((d_x + d_phi) r)`` per row plus the contraction."""
-        from pluralign.rewards.linear import contract
-
         left, right = self.factors(params)
         return contract((np.asarray(x, float) @ left) @ right, np.asarray(phi, float))
 

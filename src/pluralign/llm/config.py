@@ -1,14 +1,19 @@
-"""Typed config sections of the LLM jobs (``train-rm`` and the coming ``train-policy``).
+"""Typed config sections of the LLM jobs (``train-rm``, ``train-policy`` and ``iterate``).
 
-**One source of truth.** Every setting of a job config is a field of a dataclass below. The
-field carries its default, its help text and its check (``metadata={"help": ..., "check":
-check(name, value) -> value}``, the checks of :mod:`pluralign.llm._checks`), so the resolver
-(:func:`resolve_sections`), the documentation (:func:`describe`, :func:`settings_table`) and the
+**One source of truth.** Every setting of a job config is a field of a dataclass below, built on
+the typed-settings base :mod:`pluralign.settings` (:class:`~pluralign.settings.Section`,
+:func:`~pluralign.settings.setting`). The field carries its default, its help text and its
+check, so the resolver (:func:`~pluralign.settings.resolve_sections`), the documentation
+(:func:`~pluralign.settings.describe`, :func:`~pluralign.settings.settings_table`) and the
 Python API cannot drift apart: building a section in Python runs the same checks as reading it
-from a YAML file (``TrainingConfig(learning_rate=0)`` raises naming ``train.learning_rate``).
+from a YAML file (``TrainingConfig(learning_rate=0)`` raises naming ``train.learning_rate``),
+and the constructors that take the same settings as keywords (the trainers, the models,
+:class:`~pluralign.llm.MultiUserLoRA`) take their defaults from these fields and check their
+keywords with the fields' checks (:meth:`~pluralign.settings.Section.check_value`).
 Jobs pick the sections they need: ``train-rm`` reads ``model`` (:class:`RewardModelConfig`),
 ``lora``, ``data``, ``train`` and ``out``; ``train-policy`` shares all of them but takes a
-:class:`PolicyModelConfig` and adds ``dpo`` (:class:`DPOConfig`).
+:class:`PolicyModelConfig` and adds ``dpo`` (:class:`DPOConfig`); ``iterate`` adds
+:class:`IterateConfig`.
 
 **Names.** The fields follow the libraries whose users read these configs: :class:`LoraConfig`
 uses PEFT's ``LoraConfig`` names (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``),
@@ -29,22 +34,26 @@ refused with its new name (``unknown key 'lr' in 'train': renamed to 'learning_r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pluralign.errors import ConfigError
-from pluralign.llm._checks import (
+from pluralign.settings import (
     INT_MAX,
+    Section,
     check_choice,
     check_float,
-    check_int,
     check_plain_file_name,
-    check_string,
+    flag,
+    setting,
     show,
 )
+from pluralign.settings import choice as _choice
+from pluralign.settings import integer as _integer
+from pluralign.settings import real as _real
+from pluralign.settings import string as _string
 
 __all__ = [
     "RENAMED",
@@ -55,75 +64,60 @@ __all__ = [
     "ModelConfig",
     "PolicyModelConfig",
     "RewardModelConfig",
-    "Section",
-    "Setting",
     "TrainingConfig",
-    "describe",
-    "resolve_sections",
-    "setting",
-    "settings_table",
-    "to_plain",
+    "check_prompt_budget",
 ]
 
-Check = Callable[[str, Any], Any]
 TEXT_FORMATS = ("trl", "summarize", "prism")
 
 
 # ------------------------------------------------------------------ checks of one value
-def _integer(minimum: int = 1, optional: bool = False) -> Check:
-    return functools.partial(check_int, minimum=minimum, optional=optional, text=True)
-
-
-def _real(optional: bool = False, **bounds: Any) -> Check:
-    return functools.partial(check_float, optional=optional, text=True, **bounds)
-
-
-def _string(optional: bool = False) -> Check:
-    return functools.partial(check_string, optional=optional)
-
-
-def _choice(*options: str) -> Check:
-    return functools.partial(_check_choice, options=options)
-
-
-def _check_choice(name: str, value: Any, *, options: tuple[str, ...]) -> str:
-    return check_choice(name, value, options)
-
-
-# The modules that define these choices import torch and (the trainer) may import this module;
+# The modules that define these choices import torch and (the trainer) import this module;
 # they are read when a value is checked, and tests/test_llm_config.py checks that the help
 # texts list the same choices.
-def _pooling(name: str, value: Any) -> str:
+def _pooling(name: str, value: Any, *, text: bool = True) -> str:
     from pluralign.llm.reward_model import POOLINGS
 
     return check_choice(name, value, POOLINGS)
 
 
-def _share(name: str, value: Any) -> str:
+def _share(name: str, value: Any, *, text: bool = True) -> str:
     from pluralign.llm.lora import SHARE_MODES
 
     return check_choice(name, value, SHARE_MODES)
 
 
-def _schedule(name: str, value: Any) -> str:
+def _schedule(name: str, value: Any, *, text: bool = True) -> str:
     from pluralign.llm.trainer import SCHEDULES
 
     return check_choice(name, value, SCHEDULES)
 
 
-def _up_to_max_lr(name: str, value: Any, *, low_open: bool) -> float:
+def _loss_type(name: str, value: Any, *, text: bool = True) -> str:
+    from pluralign.llm.dpo import LOSS_TYPES
+
+    return check_choice(name, value, LOSS_TYPES)
+
+
+def _chat_template(name: str, value: Any, *, text: bool = True) -> str:
+    from pluralign.llm.policy import CHAT_TEMPLATES
+
+    return check_choice(name, value, CHAT_TEMPLATES)
+
+
+def _up_to_max_lr(name: str, value: Any, *, low_open: bool, text: bool = True) -> float:
     from pluralign.llm.trainer import MAX_LR
 
     return check_float(
-        name, value, low=0.0, low_open=low_open, high=MAX_LR, high_open=False, text=True
+        name, value, low=0.0, low_open=low_open, high=MAX_LR, high_open=False, text=text
     )
 
 
-def _gguf(name: str, value: Any) -> str | None:
+def _gguf(name: str, value: Any, *, text: bool = True) -> str | None:
     return check_plain_file_name(name, value, optional=True)
 
 
-def _modules(name: str, value: Any) -> list[str] | None:
+def _modules(name: str, value: Any, *, text: bool = True) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -142,76 +136,28 @@ def _modules(name: str, value: Any) -> list[str] | None:
     return list(value)
 
 
-def _every(name: str, value: Any) -> int | str:
+def _every(name: str, value: Any, *, text: bool = True) -> int | str:
     if value == "epoch" and isinstance(value, str):
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT_MAX:
+    if (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and 1 <= value <= INT_MAX
+    ):
         return int(value)
     raise ConfigError(f"{name} must be 'epoch' or a positive integer, got {show(value)}")
 
 
-def setting(
-    default: Any,
-    help: str,
-    check: Check,
-    *,
-    renamed_from: tuple[str, ...] = (),
-    required: str | None = None,
-) -> Any:
-    """A dataclass field of a config section. ``check(name, value)`` returns the value to use
-    or raises a :class:`ConfigError` naming ``name``; ``renamed_from``: the names an older
-    config used; ``required``: a field without a default (``None`` until set), with the reason
-    given when it is missing."""
-    return field(
-        default=default,
-        metadata={"help": help, "check": check, "renamed_from": renamed_from, "required": required},
-    )
-
-
-# ------------------------------------------------------------------ sections
-@dataclass(frozen=True)
-class Section:
-    """A config section: every field is checked when the section is built (from a config
-    file by :func:`resolve_sections` or in Python), with the name ``SECTION.key``.
-
-    A new section is a frozen dataclass subclass that sets ``SECTION``, declares its fields
-    with :func:`setting` and overrides ``_cross_check`` for checks across fields. Sections are
-    frozen: ``dataclasses.replace(section, key=value)`` gives a checked copy."""
-
-    SECTION: ClassVar[str] = ""
-    # ``section: TEXT`` is read as ``{SHORTHAND: TEXT}`` (``model: PATH``)
-    SHORTHAND: ClassVar[str | None] = None
-
-    def __post_init__(self) -> None:
-        values = _check_values(
-            type(self),
-            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-            self.SECTION,
+def check_prompt_budget(max_prompt_length: int | None, max_length: int, prefix: str = "") -> None:
+    """Refuse a prompt budget that leaves the response no token of ``max_length`` (the check
+    across :class:`PolicyModelConfig`'s fields, which :class:`~pluralign.llm.PersonalizedPolicy`
+    runs too, with ``prefix=""``)."""
+    if max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ConfigError(
+            f"{prefix}max_prompt_length ({max_prompt_length}) must be less than "
+            f"{prefix}max_length ({max_length}): the response needs "
+            "tokens too"
         )
-        for key, value in values.items():
-            object.__setattr__(self, key, value)
-
-    @classmethod
-    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
-        """Checks across fields (the fields themselves are already checked)."""
-
-
-def _check_values(cls: type[Section], values: Mapping[str, Any], section: str) -> dict[str, Any]:
-    """``values`` (every field of ``cls``) checked, named ``section.key``."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        name = f"{section}.{f.name}" if section else f.name
-        value = values[f.name]
-        if value is None:
-            if f.metadata["required"]:
-                raise ConfigError(f"{name} is required ({f.metadata['required']})")
-            if f.default is not None:
-                raise ConfigError(
-                    f"{name} may not be null (leave it out to use its default, {show(f.default)})"
-                )
-        out[f.name] = f.metadata["check"](name, value)
-    cls._cross_check(out, section)
-    return out
 
 
 @dataclass(frozen=True)
@@ -259,6 +205,13 @@ class RewardModelConfig(ModelConfig):
 class PolicyModelConfig(ModelConfig):
     """The policy's backbone (a causal LM), plus its prompt budget and chat template."""
 
+    # a policy's budget holds a prompt token and a response token (the field keeps its place)
+    max_length: int = setting(
+        256,
+        "the token budget of prompt + response (an integer >= 2: a prompt token and a "
+        "response token)",
+        _integer(minimum=2),
+    )
     max_prompt_length: int | None = setting(
         None,
         "the token budget of the prompt (a positive integer below max_length; a longer "
@@ -268,19 +221,14 @@ class PolicyModelConfig(ModelConfig):
     chat_template: str = setting(
         "auto",
         "auto | none: auto applies the tokenizer's chat template when it has one",
-        _choice("auto", "none"),
+        _chat_template,
     )
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
-        budget = values["max_prompt_length"]
-        if budget is not None and budget >= values["max_length"]:
-            p = f"{section}." if section else ""
-            raise ConfigError(
-                f"{p}max_prompt_length ({budget}) must be less than "
-                f"{p}max_length ({values['max_length']}): the response needs "
-                "tokens too"
-            )
+        check_prompt_budget(
+            values["max_prompt_length"], values["max_length"], f"{section}." if section else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -488,12 +436,6 @@ class TrainingConfig(Section):
         return {trainer: getattr(self, name) for name, trainer in self.TRAINER_NAMES.items()}
 
 
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{name} must be true or false, got {show(value)}")
-
-
 @dataclass(frozen=True)
 class DPOConfig(Section):
     """Direct preference optimization of a policy (``train-policy``), in TRL's names."""
@@ -507,7 +449,7 @@ class DPOConfig(Section):
         "sigmoid",
         "sigmoid | ipo | pessimistic (pessimistic: DPO with "
         "the reward model's uncertainty margin Γ)",
-        _choice("sigmoid", "ipo", "pessimistic"),
+        _loss_type,
     )
     pessimism: float = setting(
         1.0,
@@ -529,7 +471,7 @@ class DPOConfig(Section):
         "true: one reference pass computes every pair's log π0 before training, read by "
         "every step of every epoch (TRL's option); false: recomputed in each step. "
         "iterate always keeps them",
-        _flag,
+        flag,
     )
 
     @classmethod
@@ -548,7 +490,7 @@ ITERATE_PAIR_RULES = ("max_min", "max_random", "random", "enhancer")
 ITERATE_GOLDS = ("toy", "anchors")
 
 
-def _annotator(name: str, value: Any) -> str:
+def _annotator(name: str, value: Any, *, text: bool = True) -> str:
     if isinstance(value, str):
         kind, sep, gold = value.partition(":")
         if value == "reward_model" or (kind == "gold" and sep and gold in ITERATE_GOLDS):
@@ -585,7 +527,7 @@ class IterateConfig(Section):
         "false: continue from π_{t-1} on the new round's pairs; "
         "true: re-initialize the adapters and retrain on all pairs "
         "so far",
-        _flag,
+        flag,
     )
     prompts: str | None = setting(
         None,
@@ -710,129 +652,7 @@ class IterateConfig(Section):
             seen[column] = key
 
 
-# ------------------------------------------------------------------ top-level settings
-@dataclass(frozen=True)
-class Setting:
-    """A top-level setting of a job config (``out``): a default, a help text, a check."""
-
-    default: Any
-    help: str = ""
-    check: Check = field(default=check_string)
-
-
-def _top(value: Any) -> Setting:
-    return value if isinstance(value, Setting) else Setting(value)
-
-
 # Older names of settings, by section (from the fields' ``renamed_from``)
-def _renames(cls: type) -> dict[str, str]:
-    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata["renamed_from"]}
-
-
 RENAMED: dict[str, dict[str, str]] = {
-    cls.SECTION: _renames(cls) for cls in (LoraConfig, TrainingConfig) if _renames(cls)
+    cls.SECTION: cls.renames() for cls in (LoraConfig, TrainingConfig) if cls.renames()
 }
-
-
-# ------------------------------------------------------------------ the resolver
-def resolve_sections(
-    config: Any,
-    sections: Mapping[str, type[Section]],
-    *,
-    top_level: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Check a job config and fill in the defaults.
-
-    ``sections`` maps a section name to its dataclass; ``top_level`` maps every other key to
-    its default (checked as a non-empty string) or a :class:`Setting`. Returns the sections'
-    instances and the top-level values, in that order. Refused with a :class:`ConfigError`: a
-    config that is not a mapping, unknown keys (a renamed one with its new name), bad values
-    (named ``section.key``) and an explicit ``null`` for a setting whose default is not null.
-    A section written as ``null`` means all its defaults; ``model: PATH`` means
-    ``model: {name_or_path: PATH}`` (the section class's ``SHORTHAND``). A ``package:PATH``
-    string is the path of a file shipped with pluralign
-    (:func:`pluralign._packaged.resolve_package_paths`).
-    """
-    from pluralign._packaged import resolve_package_paths
-
-    top = {key: _top(value) for key, value in (top_level or {}).items()}
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"a job config must be a mapping, got {show(config)}")
-    config = resolve_package_paths(dict(config))
-    valid = [*sections, *top]
-    unknown = sorted(set(config) - set(valid), key=str)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; valid: {', '.join(valid)}")
-    out: dict[str, Any] = {}
-    for name, cls in sections.items():
-        given = config.get(name)
-        if given is None:
-            given = {}
-        if isinstance(given, str) and cls.SHORTHAND:
-            given = {cls.SHORTHAND: given}
-        if not isinstance(given, Mapping):
-            raise ConfigError(f"{name!r} must be a mapping, got {show(given)}")
-        keys = [f.name for f in dataclasses.fields(cls)]
-        bad = sorted(set(given) - set(keys), key=str)
-        if bad:
-            renames = _renames(cls)
-            hints = [
-                f"unknown key {k!r} in {name!r}: renamed to {renames[k]!r}"
-                for k in bad
-                if isinstance(k, str) and k in renames
-            ]
-            rest = [k for k in bad if not (isinstance(k, str) and k in renames)]
-            if rest:
-                hints.append(f"unknown key(s) {rest} in {name!r}; valid: {', '.join(keys)}")
-            raise ConfigError("; ".join(hints))
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        values = _check_values(cls, {**defaults, **given}, name)
-        out[name] = cls(**values)
-    for key, spec in top.items():
-        out[key] = spec.check(key, config[key]) if key in config else spec.default
-    return out
-
-
-def to_plain(resolved: Mapping[str, Any]) -> dict[str, Any]:
-    """A resolved config as plain mappings (YAML / JSON), sections in their field order."""
-    return {
-        key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        for key, value in resolved.items()
-    }
-
-
-def describe(
-    sections: Mapping[str, type[Section]], top_level: Mapping[str, Any] | None = None
-) -> list[tuple[str, Any, str]]:
-    """``(section.key, default, help)`` of every setting, in config order (for docs and
-    listings); a required setting's help starts with ``required:``."""
-    rows = []
-    for name, cls in sections.items():
-        for f in dataclasses.fields(cls):
-            text = f.metadata["help"]
-            if f.metadata["required"]:
-                text = f"required: {text}"
-            rows.append((f"{name}.{f.name}", f.default, text))
-    for key, value in (top_level or {}).items():
-        spec = _top(value)
-        rows.append((key, spec.default, spec.help))
-    return rows
-
-
-def _yaml_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def settings_table(
-    sections: Mapping[str, type[Section]], top_level: Mapping[str, Any] | None = None
-) -> str:
-    """:func:`describe` as a Markdown table ``key | default | meaning``."""
-    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, default, text in describe(sections, top_level):
-        cell = text.replace("|", "\\|")
-        lines.append(f"| `{key}` | `{_yaml_value(default)}` | {cell} |")
-    return "\n".join(lines) + "\n"

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import ConfigError, DataValidationError, PluralignError
-from pluralign.llm.config import TrainingConfig
+from pluralign.llm.config import DPOConfig, TrainingConfig
 from pluralign.llm.data import _where, row_prompts
 from pluralign.llm.policy import NO_TEMPLATE, PersonalizedPolicy, _warn_truncated
 from pluralign.llm.trainer import LoRATrainer
@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 LOSS_TYPES = ("sigmoid", "ipo", "pessimistic")
+# the keywords that are settings of train-policy's dpo section take its defaults and checks
+_DPO = DPOConfig.defaults()
 
 
 def dpo_loss(
@@ -289,12 +291,12 @@ class DPOTrainer(LoRATrainer):
         self,
         *,
         args: TrainingConfig | Mapping[str, Any] | None = None,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        kl_samples: int = 4,
+        beta: float = _DPO["beta"],
+        loss_type: str = _DPO["loss_type"],
+        kl_samples: int = _DPO["kl_samples"],
         kl_max_prompts: int = 8,
         kl_max_new_tokens: int = 64,
-        precompute_ref_log_probs: bool = False,
+        precompute_ref_log_probs: bool = _DPO["precompute_ref_log_probs"],
         **kwargs: Any,
     ) -> None:
         super().__init__(args=args, **kwargs)
@@ -306,19 +308,16 @@ class DPOTrainer(LoRATrainer):
         self.precompute_ref_log_probs = precompute_ref_log_probs
 
     def _check(self) -> None:
-        from pluralign.llm._checks import check_choice, check_float, check_int
+        """The loop's checks, then the DPO keywords': those of ``dpo`` section settings by
+        that setting's check (:class:`~pluralign.llm.config.DPOConfig`), strict."""
+        from pluralign.settings import check_int
 
         super()._check()
-        check_float("beta", self.beta, low=0.0, low_open=True)
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        check_int("kl_samples", self.kl_samples, minimum=0)
+        for key in ("beta", "loss_type", "kl_samples"):
+            DPOConfig.check_value(key, getattr(self, key))
         check_int("kl_max_prompts", self.kl_max_prompts)
         check_int("kl_max_new_tokens", self.kl_max_new_tokens)
-        if not isinstance(self.precompute_ref_log_probs, bool):
-            raise ConfigError(
-                "precompute_ref_log_probs must be true or false, got "
-                f"{self.precompute_ref_log_probs!r}"
-            )
+        DPOConfig.check_value("precompute_ref_log_probs", self.precompute_ref_log_probs)
 
     def _loss_settings(self) -> dict[str, Any]:
         return {"beta": self.beta, "loss_type": self.loss_type}
@@ -368,7 +367,7 @@ class DPOTrainer(LoRATrainer):
                 eval_data = eval_data.with_reference(
                     reference_logprobs(policy, eval_data, batch_size=self.batch_size)
                 )
-        return self._train(policy, data, eval_data, trainable="all")
+        return self.fit_encoded(policy, data, eval_data)
 
     def _row_losses(
         self,

@@ -81,14 +81,6 @@ import torch
 from pluralign._atomic import atomic_write_text, fsync_dir
 from pluralign._parse import read_json_file
 from pluralign.errors import ConfigError, DataValidationError, PluralignError, PluralignWarning
-from pluralign.llm._checks import (
-    check_choice,
-    check_float,
-    check_int,
-    check_plain_file_name,
-    check_string,
-    show,
-)
 from pluralign.llm._files import fsync_file, read_tensors, write_tensors
 from pluralign.llm.policy import PersonalizedPolicy
 from pluralign.llm.reward_model import (
@@ -99,6 +91,14 @@ from pluralign.llm.reward_model import (
     pad_right,
     pool_hidden,
     tokenize_pairs,
+)
+from pluralign.settings import (
+    check_choice,
+    check_float,
+    check_int,
+    check_plain_file_name,
+    check_string,
+    show,
 )
 
 __all__ = [

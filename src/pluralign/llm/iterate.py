@@ -86,16 +86,12 @@ import yaml
 
 from pluralign._atomic import atomic_write_text
 from pluralign.errors import ConfigError, DataValidationError, PluralignWarning
-from pluralign.llm._checks import check_string
 from pluralign.llm.config import (
     DPOConfig,
     IterateConfig,
     LoraConfig,
     PolicyModelConfig,
-    Setting,
     TrainingConfig,
-    resolve_sections,
-    to_plain,
 )
 from pluralign.llm.pairs import (
     FeatureCovariance,
@@ -106,6 +102,7 @@ from pluralign.llm.pairs import (
     select_pair,
     win_rate,
 )
+from pluralign.settings import Setting, check_string, resolve_sections, to_plain
 
 __all__ = [
     "ITERATE_SECTIONS",
@@ -234,19 +231,10 @@ def _flat(plain: dict[str, Any]) -> dict[str, Any]:
 
 def _setting_defaults() -> dict[str, Any]:
     """``{"section.key": default}`` of every setting of an iterate config."""
-    import dataclasses
-
-    def default(f: dataclasses.Field) -> Any:
-        if f.default is not dataclasses.MISSING:
-            return f.default
-        if f.default_factory is not dataclasses.MISSING:
-            return f.default_factory()
-        return "<required>"
-
     return {
-        f"{name}.{f.name}": default(f)
+        f"{name}.{key}": default
         for name, cls in ITERATE_SECTIONS.items()
-        for f in dataclasses.fields(cls)
+        for key, default in cls.defaults().items()
     }
 
 
@@ -641,14 +629,10 @@ class _Loop:
             eval_every_epoch=False,
             **kwargs,
         )
+        # on encoded pairs: a user without pairs this round is allowed (fit refuses); the
+        # settings are checked before the pairs are encoded
         trainer._check()
-        # through the loop directly: a user without pairs this round is allowed (fit refuses)
-        trainer._train(
-            self.policy,
-            encode_dpo_pairs(self.policy, data).with_reference(ref),
-            None,
-            trainable="all",
-        )
+        trainer.fit_encoded(self.policy, encode_dpo_pairs(self.policy, data).with_reference(ref))
         timing["dpo"] = time.perf_counter() - start
         ev = trainer.train_evaluation_
         return {
@@ -981,7 +965,7 @@ def _write_outputs(loop: _Loop, resolved: dict[str, Any]) -> None:
 def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Gold (or proxy) reward and KL(π_t‖π0) against the round, one style per user (the KL
     per token dashed beside the sampled one), one legend below both panels."""
-    from pluralign.experiments.plots import (
+    from pluralign.plots import (
         _new_figure,
         figure_legend,
         method_style,

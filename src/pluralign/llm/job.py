@@ -55,16 +55,13 @@ import yaml
 from pluralign._atomic import atomic_write_text
 from pluralign._parse import parse_yaml
 from pluralign.errors import ConfigError
-from pluralign.llm._checks import check_string, show
 from pluralign.llm.config import (
     DataConfig,
     LoraConfig,
     RewardModelConfig,
-    Setting,
     TrainingConfig,
-    resolve_sections,
-    to_plain,
 )
+from pluralign.settings import Setting, check_string, resolve_sections, show, to_plain
 
 __all__ = [
     "RM_SECTIONS",
@@ -118,11 +115,11 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 def resolve_rm_config(config: dict[str, Any]) -> dict[str, Any]:
     """Check a train-rm config and fill in the defaults: ``{"model": RewardModelConfig,
     "lora": LoraConfig, "data": DataConfig, "train": TrainingConfig, "out": str}``
-    (:func:`pluralign.llm.config.to_plain` turns it into plain mappings).
+    (:func:`pluralign.settings.to_plain` turns it into plain mappings).
 
     Every value is checked here, before anything is loaded or trained, and a bad one raises a
     :class:`ConfigError` naming its key (``train.learning_rate``): the ranges are in the help
-    of each field (:func:`pluralign.llm.config.describe`); integers fit in 64 bits and are not
+    of each field (:func:`pluralign.settings.describe`); integers fit in 64 bits and are not
     booleans, and a setting whose default is not ``null`` may not be set to ``null``. A section
     written as ``null`` (``lora:`` with nothing under it) means all defaults; an old name
     (``train.lr``) is refused with its new one.
@@ -277,8 +274,8 @@ def write_run(
 ) -> None:
     """The outputs of a trained run, on the main process only and atomically: the per-user
     report (JSON), ``history.json``, the per-user accuracy plot and the PEFT adapters."""
-    from pluralign.experiments.plots import per_user_accuracy_plot
     from pluralign.llm.export import export_adapters
+    from pluralign.plots import per_user_accuracy_plot
 
     if state.is_main_process:
         atomic_write_text(out / report_name, json.dumps(report, indent=2) + "\n")

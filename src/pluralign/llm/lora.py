@@ -31,10 +31,13 @@ import torch
 from torch import nn
 
 from pluralign.errors import ConfigError, PluralignError
+from pluralign.llm.config import LoraConfig
 
 __all__ = ["SHARE_MODES", "MultiUserLoRA", "MultiUserLoRALinear", "TrainableState"]
 
 SHARE_MODES = ("B", "A", "independent", "pooled")
+# the keywords that are settings of the configs' lora section take its defaults and checks
+_LORA = LoraConfig.defaults()
 
 
 class _Router:
@@ -187,19 +190,19 @@ class MultiUserLoRA(nn.Module):
         n_users: int,
         target_modules: Sequence[str],
         *,
-        r: int = 8,
-        alpha: float = 16.0,
-        share: str = "B",
-        dropout: float = 0.0,
+        r: int = _LORA["r"],
+        alpha: float = _LORA["lora_alpha"],
+        share: str = _LORA["share"],
+        dropout: float = _LORA["lora_dropout"],
     ) -> None:
         super().__init__()
-        from pluralign.llm._checks import check_choice, check_float, check_int
+        from pluralign.settings import check_int
 
-        check_choice("share", share, SHARE_MODES)
-        r = check_int("LoRA rank r", r)
+        LoraConfig.check_value("share", share)
+        r = LoraConfig.check_value("r", r, name="LoRA rank r")
         n_users = check_int("n_users", n_users)
-        alpha = check_float("alpha", alpha, low=0.0, low_open=True)
-        dropout = check_float("dropout", dropout, low=0.0, high=1.0)
+        alpha = LoraConfig.check_value("lora_alpha", alpha, name="alpha")
+        dropout = LoraConfig.check_value("lora_dropout", dropout, name="dropout")
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         if not targets:
             raise ConfigError("target_modules is empty")

@@ -76,8 +76,8 @@ def load_pretrained(
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from pluralign.llm._checks import check_plain_file_name, check_string
     from pluralign.llm.reward_model import load_tokenizer
+    from pluralign.settings import check_plain_file_name, check_string
 
     text = check_string("name_or_path", name_or_path)
     gguf_file = check_plain_file_name("gguf_file", gguf_file)
@@ -267,7 +267,7 @@ def _check_dtype(dtype: Any) -> Any:
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
-    from pluralign.llm._checks import show
+    from pluralign.settings import show
 
     raise ConfigError(f"dtype must be a torch.dtype, its name or 'auto', got {show(dtype)}")
 

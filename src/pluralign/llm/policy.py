@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pluralign.errors import ConfigError, PluralignError, PluralignWarning
+from pluralign.llm.config import LoraConfig, PolicyModelConfig, check_prompt_budget
 from pluralign.llm.data import chat_ids
 from pluralign.llm.lora import MultiUserLoRA, TrainableState
 from pluralign.llm.reward_model import (
@@ -67,6 +68,10 @@ from pluralign.llm.reward_model import (
 __all__ = ["CHAT_TEMPLATES", "Generations", "PersonalizedPolicy", "all_linear_modules"]
 
 CHAT_TEMPLATES = ("auto", "none")
+# the keywords that are settings of train-policy's model and lora sections take their defaults
+# and checks (the LoRA settings are checked by MultiUserLoRA)
+_MODEL = PolicyModelConfig.defaults()
+_LORA = LoraConfig.defaults()
 NO_TEMPLATE = (
     "the preference data is conversational (TRL message lists) but the policy's "
     "tokenizer has no chat template (or chat_template='none'): the conversation "
@@ -146,6 +151,11 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         Response tokens per chunk of the output layer (memory, not numerics).
     seed:
         Seeds the LoRA initialization.
+
+    The parameters that are ``train-policy`` settings too (``r``, ``alpha``, ``share``,
+    ``dropout``: ``lora.*``; ``max_length``, ``max_prompt_length``, ``chat_template``:
+    ``model.*``) take those settings' defaults and checks
+    (:class:`~pluralign.llm.config.LoraConfig`, :class:`~pluralign.llm.config.PolicyModelConfig`).
     """
 
     def __init__(
@@ -155,20 +165,20 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         users: Sequence[Any],
         *,
         target_modules: Sequence[str] | str | None = None,
-        r: int = 8,
-        alpha: float = 16.0,
-        share: str = "B",
-        dropout: float = 0.0,
-        max_length: int = 512,
-        max_prompt_length: int | None = None,
-        chat_template: str = "auto",
+        r: int = _LORA["r"],
+        alpha: float = _LORA["lora_alpha"],
+        share: str = _LORA["share"],
+        dropout: float = _LORA["lora_dropout"],
+        max_length: int = _MODEL["max_length"],
+        max_prompt_length: int | None = _MODEL["max_prompt_length"],
+        chat_template: str = _MODEL["chat_template"],
         logits_chunk: int = 256,
         seed: int = 0,
         name_or_path: str | None = None,
         load_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        from pluralign.llm._checks import check_choice, check_int
+        from pluralign.settings import check_int
 
         self.user_ids = _unique_users(users)
         if not self.user_ids:
@@ -195,18 +205,11 @@ class PersonalizedPolicy(TrainableState, nn.Module):
             )
         self.model = model
         self.tokenizer = check_pad_token(tokenizer, None)
-        self.max_length = check_int("max_length", max_length, minimum=2)
-        self.max_prompt_length = (
-            self.max_length // 2
-            if max_prompt_length is None
-            else check_int("max_prompt_length", max_prompt_length)
-        )
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(
-                f"max_prompt_length={self.max_prompt_length} leaves no room for "
-                f"a response within max_length={self.max_length}"
-            )
-        check_choice("chat_template", chat_template, CHAT_TEMPLATES)
+        self.max_length = PolicyModelConfig.check_value("max_length", max_length)
+        budget = PolicyModelConfig.check_value("max_prompt_length", max_prompt_length)
+        self.max_prompt_length = self.max_length // 2 if budget is None else budget
+        check_prompt_budget(self.max_prompt_length, self.max_length)
+        PolicyModelConfig.check_value("chat_template", chat_template)
         self.chat_template = chat_template
         self.logits_chunk = check_int("logits_chunk", logits_chunk)
         self.model_type = getattr(config, "model_type", None)
@@ -684,7 +687,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         """
         from transformers import GenerationConfig, LogitsProcessorList
 
-        from pluralign.llm._checks import check_float, check_int
+        from pluralign.settings import check_float, check_int
 
         if len(prompts) != len(users):
             raise PluralignError(f"{len(prompts)} prompts for {len(users)} users")

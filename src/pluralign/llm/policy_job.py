@@ -62,17 +62,14 @@ import yaml
 
 from pluralign._atomic import atomic_write_text
 from pluralign.errors import ConfigError, DataValidationError, PluralignError, PluralignWarning
-from pluralign.llm._checks import check_string, show
 from pluralign.llm.config import (
     DataConfig,
     DPOConfig,
     LoraConfig,
     PolicyModelConfig,
-    Setting,
     TrainingConfig,
-    resolve_sections,
-    to_plain,
 )
+from pluralign.settings import Setting, check_string, resolve_sections, show, to_plain
 
 __all__ = [
     "POLICY_SECTIONS",
@@ -169,7 +166,7 @@ def _run_config(
     folder: str | Path, resolve: Callable[[dict[str, Any]], dict[str, Any]], command: str
 ) -> dict[str, Any]:
     """The resolved ``config.yaml`` of a ``command`` output folder."""
-    from pluralign.experiments.config import load_config
+    from pluralign.configfile import load_config
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pluralign.errors import ConfigError, PluralignError
+from pluralign.llm.config import LoraConfig, RewardModelConfig
 from pluralign.llm.lora import MultiUserLoRA, MultiUserLoRALinear, TrainableState
 
 __all__ = [
@@ -42,6 +43,10 @@ __all__ = [
 ]
 
 POOLINGS = ("auto", "mean", "cls", "last")
+# the keywords that are settings of train-rm's model and lora sections take their defaults and
+# checks (the LoRA settings are checked by MultiUserLoRA)
+_MODEL = RewardModelConfig.defaults()
+_LORA = LoraConfig.defaults()
 
 
 def default_target_modules(model_type: str) -> list[str]:
@@ -125,6 +130,11 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         Seeds the LoRA and head initialization.
     name_or_path:
         Where the backbone came from (written into exported adapters).
+
+    The parameters that are ``train-rm`` settings too (``r``, ``alpha``, ``share``,
+    ``dropout``: ``lora.*``; ``pooling``, ``max_length``: ``model.*``) take those settings'
+    defaults and checks (:class:`~pluralign.llm.config.LoraConfig`,
+    :class:`~pluralign.llm.config.RewardModelConfig`).
     """
 
     def __init__(
@@ -134,20 +144,19 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         users: Sequence[Any],
         *,
         target_modules: Sequence[str] | None = None,
-        r: int = 8,
-        alpha: float = 16.0,
-        share: str = "B",
-        dropout: float = 0.0,
-        pooling: str = "auto",
-        max_length: int = 512,
+        r: int = _LORA["r"],
+        alpha: float = _LORA["lora_alpha"],
+        share: str = _LORA["share"],
+        dropout: float = _LORA["lora_dropout"],
+        pooling: str = _MODEL["pooling"],
+        max_length: int = _MODEL["max_length"],
         disable_dropout: bool = True,
         seed: int = 0,
         name_or_path: str | None = None,
         load_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        RewardModelConfig.check_value("pooling", pooling)
         self.user_ids = _unique_users(users)
         if not self.user_ids:
             raise ConfigError("a personalized reward model needs at least one user")
@@ -436,12 +445,11 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
 
 
 def _check_max_length(max_length: Any, tokenizer: Any) -> int:
-    """``max_length`` as a positive integer that leaves room for a token of the prompt and of
-    the response beside the pair's special tokens: with less, Hugging Face tokenizers log an
-    error and return the pair *untruncated*, so the token budget would silently not hold."""
-    from pluralign.llm._checks import check_int
-
-    value = check_int("max_length", max_length)
+    """``max_length`` as a positive integer (the check of ``model.max_length``) that leaves
+    room for a token of the prompt and of the response beside the pair's special tokens: with
+    less, Hugging Face tokenizers log an error and return the pair *untruncated*, so the token
+    budget would silently not hold."""
+    value = RewardModelConfig.check_value("max_length", max_length)
     try:
         special = int(tokenizer.num_special_tokens_to_add(pair=True))
     except (AttributeError, TypeError, ValueError):

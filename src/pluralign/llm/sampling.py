@@ -116,7 +116,7 @@ def best_of_n(
     """Best-of-``n`` of ``policy`` (or its reference π0) under the users' reward model, with
     last-layer pessimism when ``pessimism > 0`` (module docstring; ``uncertainty`` is a fitted
     :class:`~pluralign.llm.uncertainty.LastLayerUncertainty`)."""
-    from pluralign.llm._checks import check_float
+    from pluralign.settings import check_float
 
     pessimism = check_float("pessimism", pessimism, low=0.0)
     if pessimism and uncertainty is None:
@@ -238,7 +238,7 @@ class SFTTrainer(LoRATrainer):
         )
         if not len(data):
             raise PluralignError("no samples to fine-tune on")
-        return self._train(policy, data, None, trainable="all")
+        return self.fit_encoded(policy, data)
 
     def _row_losses(
         self,
@@ -307,7 +307,7 @@ def multistep_rejection_sampling(
     batches. After each stage the policy is evaluated on ``eval_samples`` fresh samples per
     prompt (``0``: not evaluated, ``reward`` and ``kl`` are NaN) and ``on_stage(s, policy)``
     is called (e.g. to measure a gold reward). Returns one :class:`RejectionStage` per stage."""
-    from pluralign.llm._checks import check_float
+    from pluralign.settings import check_float
 
     etas = [check_float("eta", e, low=0.0, low_open=True) for e in etas]
     if not etas or any(b >= a for a, b in itertools.pairwise(etas)):

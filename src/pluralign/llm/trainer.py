@@ -46,7 +46,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -56,18 +56,11 @@ from pluralign._atomic import atomic_write_text, fsync_dir
 from pluralign._parse import parse_json, read_text
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import ConfigError, DataValidationError, PluralignError, PluralignWarning
-from pluralign.llm._checks import (
-    INT_MAX,
-    check_choice,
-    check_float,
-    check_int,
-    check_string,
-    show,
-)
 from pluralign.llm._files import read_tensors, read_torch, write_bytes, write_tensors
-from pluralign.llm.config import Section, TrainingConfig, resolve_sections
+from pluralign.llm.config import TrainingConfig
 from pluralign.llm.data import EncodedPairs, encode_pairs
 from pluralign.llm.reward_model import PersonalizedRewardModel
+from pluralign.settings import INT_MAX, Section, check_string, resolve_sections, show
 
 __all__ = [
     "ELSEWHERE",
@@ -98,7 +91,9 @@ def use_cpu(cpu: bool = False) -> bool:
 class _Default:
     """A keyword's default in the trainers' signatures: ``__init__`` tells a keyword left out
     from one given with the default value (``args`` conflicts). It prints as its value, so
-    ``help()`` and ``inspect.signature`` show the plain default."""
+    ``help()`` and ``inspect.signature`` show the plain default. (A plain default cannot tell
+    ``lr=1e-3`` given, which must agree with ``args``, from ``lr`` left out, and a ``None``
+    sentinel would show ``None`` as every default.)"""
 
     __slots__ = ("value",)
 
@@ -112,8 +107,8 @@ class _Default:
 # The defaults of the keywords that ``args`` also sets are TrainingConfig's (one source, so
 # ``RewardTrainer()`` and ``RewardTrainer(args=TrainingConfig())`` are the same trainer)
 _D = {
-    TrainingConfig.TRAINER_NAMES[f.name]: _Default(f.default)
-    for f in dataclasses.fields(TrainingConfig)
+    TrainingConfig.TRAINER_NAMES[name]: _Default(default)
+    for name, default in TrainingConfig.defaults().items()
 }
 
 
@@ -333,6 +328,32 @@ def _loop_settings(cls: type[LoRATrainer], args: Any, keywords: dict[str, Any]) 
     return out
 
 
+T = TypeVar("T", bound="LoRATrainer")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one training run works on (:meth:`LoRATrainer.fit_encoded`): the model, its
+    accelerate-prepared copy, the optimizer and the tensors it trains, the rows, and the run's
+    layout in optimizer steps (``stop``: ``max_steps`` or the end of the last epoch)."""
+
+    model: Any
+    wrapped: Any
+    optimizer: Any
+    params: list[tuple[str, torch.nn.Parameter]]
+    accelerator: Any
+    world: int
+    rank: int
+    device: torch.device
+    data: Any
+    eval_data: Any
+    steps_per_epoch: int
+    total_steps: int
+    stop: int
+    fingerprint: dict[str, Any]
+    ckpt_dir: Path | None
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -368,8 +389,9 @@ class LoRATrainer:
     :class:`~pluralign.llm.DPOTrainer`: LoRA factors (and a reward head) trained with AdamW
     under accelerate, with the batching, accumulation, checkpoints and resume of the module
     docstring. A subclass defines ``_row_losses`` (the loss of each row of a micro-batch),
-    ``evaluate`` and ``fit``; it may override ``_row_outputs`` to log training metrics (such as
-    ``accuracy``) computed in the same forward pass.
+    ``evaluate`` and ``fit`` (which encodes its rows and calls :meth:`fit_encoded`, the loop);
+    it may override ``_row_outputs`` to log training metrics (such as ``accuracy``) computed in
+    the same forward pass.
 
     Parameters
     ----------
@@ -473,52 +495,28 @@ class LoRATrainer:
                 "logging_steps": logging_steps,
             },
         )
-        self.epochs = settings["epochs"]
-        self.lr = settings["lr"]
-        self.batch_size = settings["batch_size"]
-        self.grad_accum = settings["grad_accum"]
-        self.weight_decay = settings["weight_decay"]
-        self.schedule = settings["schedule"]
-        self.warmup_steps = settings["warmup_steps"]
-        self.max_grad_norm = settings["max_grad_norm"]
-        self.seed = settings["seed"]
+        # the settings of ``args`` (TrainingConfig.TRAINER_NAMES' keywords), then the others
+        for keyword, value in settings.items():
+            setattr(self, keyword, value)
         self.output_dir = output_dir
-        self.checkpoint_every = settings["checkpoint_every"]
-        self.keep_checkpoints = settings["keep_checkpoints"]
         self.resume = resume
-        self.max_steps = settings["max_steps"]
         self.eval_every_epoch = eval_every_epoch
         self.progress = progress
         self.cpu = cpu
         self.mixed_precision = mixed_precision
-        self.logging_steps = settings["logging_steps"]
 
     # ------------------------------------------------------------------ checks
     def _check(self) -> None:
         """Refuse bad settings before any work (scikit-learn style: ``__init__`` only stores
-        them). The same ranges as ``train-rm``'s config
-        (:func:`~pluralign.llm.job.resolve_rm_config`): a non-finite or non-positive ``lr``
-        would train to NaN, and a negative ``warmup_steps`` makes the warm-up factor
+        them). Each setting of ``args`` is checked by its ``train`` field's own check
+        (:class:`~pluralign.llm.config.TrainingConfig`, the one check of ``train-rm``'s and
+        ``train-policy``'s configs), named by its keyword and strict (a number written as a
+        string is refused here; a config file may hold one): a non-finite or non-positive
+        ``lr`` would train to NaN, and a negative ``warmup_steps`` makes the warm-up factor
         ``(step + 1) / warmup_steps`` negative, i.e. gradient *ascent*; ``bool`` is refused
         where a number is expected."""
-        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "logging_steps"):
-            check_int(name, getattr(self, name))
-        check_int("max_steps", self.max_steps, optional=True)
-        check_int("warmup_steps", self.warmup_steps, minimum=0)
-        check_int("seed", self.seed, minimum=0)
-        check_float("lr", self.lr, low=0.0, low_open=True, high=MAX_LR, high_open=False)
-        check_float("weight_decay", self.weight_decay, low=0.0, high=MAX_LR, high_open=False)
-        check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, optional=True)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        every = self.checkpoint_every
-        if not (every == "epoch" and isinstance(every, str)) and (
-            isinstance(every, bool)
-            or not isinstance(every, int | np.integer)
-            or not 1 <= every <= INT_MAX
-        ):
-            raise ConfigError(
-                f"checkpoint_every must be 'epoch' or a positive integer, got {show(every)}"
-            )
+        for field, keyword in TrainingConfig.TRAINER_NAMES.items():
+            TrainingConfig.check_value(field, getattr(self, keyword), name=keyword)
         if self.output_dir is not None:
             check_string("output_dir", self.output_dir)
 
@@ -561,63 +559,197 @@ class LoRATrainer:
         return self.lr * warm
 
     # ------------------------------------------------------------------ fit
-    def _train(
-        self,
-        model: PersonalizedRewardModel,
-        data: EncodedPairs,
-        eval_data: EncodedPairs | None,
+    def fit_encoded(
+        self: T,
+        model: Any,
+        data: Any,
+        eval_data: Any = None,
         *,
-        trainable: str,
+        trainable: str = "all",
         user: int | None = None,
-    ) -> RewardTrainer:
+    ) -> T:
+        """Train ``model`` in place on rows already encoded for it (:class:`EncodedPairs`,
+        :class:`~pluralign.llm.dpo.EncodedDPOPairs`, ...) with the loop of the module
+        docstring, evaluating on ``eval_data`` (``None``: the training rows); ``fit`` encodes
+        its rows and calls this. Unlike ``fit`` it does not require every user of the model
+        to have rows (:func:`adapt_user`, a round of ``pluralign iterate``).
+        ``trainable="all"`` trains every LoRA factor (and a reward head); ``"user"`` only
+        user index ``user``'s own factors, the other users' rows of them masked out.
+
+        The jobs of one run: :meth:`_start` (accelerate, the optimizer, the run's layout),
+        :meth:`_resume_checkpoint`, :meth:`_open_log`; per optimizer step
+        :meth:`_batch_loss` (the loss and gradients of one global batch) and
+        :meth:`_optimizer_step`; per epoch :meth:`_end_epoch`; :meth:`_save_due` and
+        :meth:`_save`; and :meth:`_finish` (the final evaluations)."""
+        self._check()
+        run, hooks = self._start(model, data, eval_data, trainable, user)
+        state = self._resume_checkpoint(run)
+        history: list[dict[str, Any]] = state["history"]
+        step = state["global_step"]
+        log = self._open_log(run, state)
+        try:
+            for epoch in range(state["epoch"], self.epochs):
+                groups = self._groups(len(data), epoch, run.world)
+                start = state["group"] if epoch == state["epoch"] else 0
+                losses = list(state.get("epoch_losses", [])) if start else []
+                for g in range(start, len(groups)):
+                    if step >= run.stop:
+                        break
+                    n_rows = sum(len(b) for b in groups[g])
+                    loss, metric_sums = self._batch_loss(run, groups[g], epoch, g, n_rows)
+                    lr = self._optimizer_step(run, epoch, step, loss)
+                    step += 1
+                    losses.append(loss)
+                    log.progress.advance(epoch, loss)
+                    log.add_step(loss, n_rows, metric_sums)
+                    logged = log.due(step)
+                    if logged:
+                        log.log_train(step, lr)
+                    last_group = g == len(groups) - 1
+                    if last_group:
+                        logged = self._end_epoch(run, epoch, step, losses, history, log) or logged
+                        losses = []
+                    if logged:
+                        log.write(step)
+                    if self._save_due(run, step, last_group):
+                        self._save(run, step, epoch, g, last_group, history, losses, log)
+                if step >= run.stop:
+                    break
+        finally:
+            log.progress.close()
+            for hook in hooks:
+                hook.remove()
+        log.write(step)
+        return self._finish(run, history, log, step)
+
+    def _start(
+        self, model: Any, data: Any, eval_data: Any, trainable: str, user: int | None
+    ) -> tuple[_Run, list]:
+        """The run: accelerate, the trainable tensors (and the gradient hooks of
+        ``trainable="user"``, to remove after training), AdamW, the layout in optimizer steps
+        and the checkpoint fingerprint."""
         from accelerate import Accelerator
 
-        self._check()
         accelerator = Accelerator(cpu=use_cpu(self.cpu), mixed_precision=self.mixed_precision)
-        world, rank = accelerator.num_processes, accelerator.process_index
+        world = accelerator.num_processes
         params, hooks = _select_trainable(model, trainable, user)
         optimizer = torch.optim.AdamW(
             [p for _, p in params], lr=self.lr, weight_decay=self.weight_decay
         )
         wrapped, optimizer = accelerator.prepare(model, optimizer)
-        device = accelerator.device
-
         # every epoch has the same number of micro-batches (only their rows differ), so the
         # schedule is known without drawing all epochs' orders up front
         n_batches = len(self._micro_batches(len(data), 0, world))
         steps_per_epoch = math.ceil(n_batches / self.grad_accum)
         total_steps = self.epochs * steps_per_epoch
-        fingerprint = self._fingerprint(
-            data, model, trainable if user is None else f"{trainable}:{model.user_ids[user]}"
+        run = _Run(
+            model=model,
+            wrapped=wrapped,
+            optimizer=optimizer,
+            params=params,
+            accelerator=accelerator,
+            world=world,
+            rank=accelerator.process_index,
+            device=accelerator.device,
+            data=data,
+            eval_data=eval_data,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            stop=self.max_steps if self.max_steps is not None else total_steps,
+            fingerprint=self._fingerprint(
+                data, model, trainable if user is None else f"{trainable}:{model.user_ids[user]}"
+            ),
+            ckpt_dir=Path(self.output_dir) / "checkpoints" if self.output_dir else None,
         )
-        ckpt_dir = Path(self.output_dir) / "checkpoints" if self.output_dir else None
+        return run, hooks
 
+    def _groups(self, n: int, epoch: int, world: int) -> list[list[list[int]]]:
+        """Epoch ``epoch``'s micro-batches, ``grad_accum`` to an optimizer step."""
+        batches = self._micro_batches(n, epoch, world)
+        return [batches[i : i + self.grad_accum] for i in range(0, len(batches), self.grad_accum)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_checkpoint(self, run: _Run) -> dict[str, Any]:
+        """Where training stands: loaded (into the model and the optimizer) from the last
+        intact checkpoint of ``output_dir`` when resuming (:func:`_resume`; damaged ones are
+        set aside), else the start; sets ``resumed_from_``."""
         state: dict[str, Any] = {"epoch": 0, "group": 0, "global_step": 0, "history": []}
         self.resumed_from_ = None
-        if ckpt_dir is not None and self.resume:
+        if run.ckpt_dir is not None and self.resume:
             loaded, path, damaged = _resume(
-                ckpt_dir,
-                model,
-                optimizer,
-                fingerprint,
-                (self.epochs, steps_per_epoch),
+                run.ckpt_dir,
+                run.model,
+                run.optimizer,
+                run.fingerprint,
+                (self.epochs, run.steps_per_epoch),
                 self.schedule,
             )
-            accelerator.wait_for_everyone()  # every process has read the files
-            if accelerator.is_main_process:
+            run.accelerator.wait_for_everyone()  # every process has read the files
+            if run.accelerator.is_main_process:
                 _set_aside(damaged)
             if loaded is not None:
                 state = loaded
                 self.resumed_from_ = str(path)
-        history: list[dict[str, Any]] = state["history"]
+        return state
+
+    def _save_due(self, run: _Run, step: int, last_group: bool) -> bool:
+        """Whether a checkpoint is written after ``step``: every ``checkpoint_every`` steps
+        (or at the end of each epoch) and at the last step of the run."""
+        every = self.checkpoint_every
+        return run.ckpt_dir is not None and (
+            (every == "epoch" and last_group)
+            or step >= run.stop
+            or (every != "epoch" and step % every == 0)
+        )
+
+    def _save(
+        self,
+        run: _Run,
+        step: int,
+        epoch: int,
+        g: int,
+        last_group: bool,
+        history: list[dict[str, Any]],
+        losses: list[float],
+        log: _TrainLog,
+    ) -> None:
+        """Checkpoint ``step`` (after group ``g`` of ``epoch``): the trainable tensors, the
+        optimizer state and where training stands (:func:`_save_checkpoint`)."""
+        snapshot = {
+            "epoch": epoch + 1 if last_group else epoch,
+            "group": 0 if last_group else g + 1,
+            "global_step": step,
+            "history": history,
+            "epoch_losses": losses,
+            "log_history": log.history,
+            "log_pending": log.pending,
+            "fingerprint": run.fingerprint,
+            "epochs": self.epochs,
+            "total_steps": run.total_steps,
+        }
+        _save_checkpoint(
+            run.ckpt_dir,
+            step,
+            run.model,
+            run.optimizer,
+            snapshot,
+            run.accelerator,
+            self.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ logging
+    def _open_log(self, run: _Run, state: dict[str, Any]) -> _TrainLog:
+        """The run's log (module docstring), continuing a resumed run's history, with its
+        progress bar; rewrites the log files (dropping what a killed run logged after the
+        checkpoint it resumes from)."""
         step = state["global_step"]
-        stop = self.max_steps if self.max_steps is not None else total_steps
-        main = accelerator.is_main_process
-        progress = _Progress(self.progress and main, min(stop, total_steps), step)
+        main = run.accelerator.is_main_process
+        last = min(run.stop, run.total_steps)
+        progress = _Progress(self.progress and main, last, step)
         log = _TrainLog(
             self.logging_steps,
-            steps_per_epoch,
-            min(stop, total_steps),
+            run.steps_per_epoch,
+            last,
             step,
             state.get("log_history", []),
             state.get("log_pending"),
@@ -632,143 +764,113 @@ class LoRATrainer:
         if self.resumed_from_ is not None:
             progress.line(f"train resumed at step {step}/{log.last} from {self.resumed_from_}")
         log.write(step)  # drops what a killed run logged after its checkpoint
-        try:
-            for epoch in range(state["epoch"], self.epochs):
-                batches = self._micro_batches(len(data), epoch, world)
-                groups = [
-                    batches[i : i + self.grad_accum]
-                    for i in range(0, len(batches), self.grad_accum)
-                ]
-                start = state["group"] if epoch == state["epoch"] else 0
-                losses = list(state.get("epoch_losses", [])) if start else []
-                for g in range(start, len(groups)):
-                    if step >= stop:
-                        break
-                    group = groups[g]
-                    n_rows = sum(len(b) for b in group)
-                    wrapped.train()
-                    loss_sum = 0.0
-                    metric_sums: dict[str, float] = {}
-                    for m, rows in enumerate(group):
-                        torch.manual_seed(_seed(self.seed, epoch, g, m, rank))
-                        local = rows[rank::world]
-                        row_losses, row_metrics = self._row_outputs(
-                            wrapped, model, data, local, device
-                        )
-                        loss = row_losses.sum() * (world / n_rows)
-                        sync = m == len(group) - 1
-                        if sync:
-                            accelerator.backward(loss)
-                        else:
-                            with accelerator.no_sync(wrapped):
-                                accelerator.backward(loss)
-                        loss_sum += float(row_losses.detach().sum())
-                        for name, values in row_metrics.items():
-                            metric_sums[name] = metric_sums.get(name, 0.0) + float(
-                                values.detach().sum()
-                            )
-                    names = sorted(metric_sums)
-                    sums = accelerator.gather(
-                        torch.tensor([loss_sum] + [metric_sums[k] for k in names], device=device)
-                    )
-                    sums = sums.reshape(world, -1).sum(0).tolist()
-                    loss_value = sums[0] / n_rows
-                    # before the update: a non-finite loss or gradient is not applied (the
-                    # gradients are all-reduced, so every process decides the same)
-                    bad = (
-                        f"the loss is {loss_value}"
-                        if not math.isfinite(loss_value)
-                        else f"a gradient is not finite (loss {loss_value:.4g})"
-                        if not _all_finite(p.grad for _, p in params)
-                        else None
-                    )
-                    if bad is not None:
-                        raise PluralignError(
-                            f"training diverged at epoch {epoch + 1}, step {step + 1}: {bad}; "
-                            "stopped before that step was applied, nothing was exported, and "
-                            "the checkpoints hold only finite states. Lower "
-                            "train.learning_rate (or weight_decay) or set train.max_grad_norm"
-                        )
-                    if self.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_([p for _, p in params], self.max_grad_norm)
-                    lr = self._lr_at(step, total_steps)
-                    for group_ in optimizer.param_groups:
-                        group_["lr"] = lr
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if not _all_finite(p for _, p in params):
-                        raise PluralignError(
-                            f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
-                            "update made a trainable tensor non-finite; nothing was exported "
-                            "or checkpointed from it. Lower train.learning_rate (or "
-                            "weight_decay) or set train.max_grad_norm"
-                        )
-                    step += 1
-                    losses.append(loss_value)
-                    progress.advance(epoch, losses[-1])
-                    log.add_step(loss_value, n_rows, dict(zip(names, sums[1:], strict=True)))
-                    logged = log.due(step)
-                    if logged:
-                        log.log_train(step, lr)
-                    last_group = g == len(groups) - 1
-                    if last_group:
-                        metrics = (
-                            self.evaluate(model, eval_data, accelerator)
-                            if eval_data is not None and self.eval_every_epoch
-                            else None
-                        )
-                        history.append(self._epoch_record(epoch, step, losses, metrics))
-                        losses = []
-                        if metrics is not None:
-                            log.log_eval(step, metrics)
-                            logged = True
-                    if logged:
-                        log.write(step)
-                    every = self.checkpoint_every
-                    if ckpt_dir is not None and (
-                        (every == "epoch" and last_group)
-                        or step >= stop
-                        or (every != "epoch" and step % every == 0)
-                    ):
-                        snapshot = {
-                            "epoch": epoch + 1 if last_group else epoch,
-                            "group": 0 if last_group else g + 1,
-                            "global_step": step,
-                            "history": history,
-                            "epoch_losses": losses,
-                            "log_history": log.history,
-                            "log_pending": log.pending,
-                            "fingerprint": fingerprint,
-                            "epochs": self.epochs,
-                            "total_steps": total_steps,
-                        }
-                        _save_checkpoint(
-                            ckpt_dir,
-                            step,
-                            model,
-                            optimizer,
-                            snapshot,
-                            accelerator,
-                            self.keep_checkpoints,
-                        )
-                if step >= stop:
-                    break
-        finally:
-            progress.close()
-            for hook in hooks:
-                hook.remove()
-        log.write(step)
-        model.train(False)
+        return log
+
+    def _end_epoch(
+        self,
+        run: _Run,
+        epoch: int,
+        step: int,
+        losses: list[float],
+        history: list[dict[str, Any]],
+        log: _TrainLog,
+    ) -> bool:
+        """The end of ``epoch``: its evaluation (``eval_every_epoch``) and its record in
+        ``history``; whether an evaluation entry was logged."""
+        metrics = (
+            self.evaluate(run.model, run.eval_data, run.accelerator)
+            if run.eval_data is not None and self.eval_every_epoch
+            else None
+        )
+        history.append(self._epoch_record(epoch, step, losses, metrics))
+        if metrics is None:
+            return False
+        log.log_eval(step, metrics)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _batch_loss(
+        self, run: _Run, group: list[list[int]], epoch: int, g: int, n_rows: int
+    ) -> tuple[float, dict[str, float]]:
+        """The loss of one global batch (the ``n_rows`` rows of ``group``'s micro-batches,
+        group ``g`` of ``epoch``), its gradients accumulated (module docstring: each process
+        its share of each micro-batch, scaled so that DDP's average is the global mean; DDP
+        syncs only the last micro-batch), and the sums over the rows of the training metrics,
+        all summed over the processes."""
+        run.wrapped.train()
+        loss_sum = 0.0
+        metric_sums: dict[str, float] = {}
+        for m, rows in enumerate(group):
+            torch.manual_seed(_seed(self.seed, epoch, g, m, run.rank))
+            local = rows[run.rank :: run.world]
+            row_losses, row_metrics = self._row_outputs(
+                run.wrapped, run.model, run.data, local, run.device
+            )
+            loss = row_losses.sum() * (run.world / n_rows)
+            if m == len(group) - 1:
+                run.accelerator.backward(loss)
+            else:
+                with run.accelerator.no_sync(run.wrapped):
+                    run.accelerator.backward(loss)
+            loss_sum += float(row_losses.detach().sum())
+            for name, values in row_metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(values.detach().sum())
+        names = sorted(metric_sums)
+        sums = run.accelerator.gather(
+            torch.tensor([loss_sum] + [metric_sums[k] for k in names], device=run.device)
+        )
+        sums = sums.reshape(run.world, -1).sum(0).tolist()
+        return sums[0] / n_rows, dict(zip(names, sums[1:], strict=True))
+
+    def _optimizer_step(self, run: _Run, epoch: int, step: int, loss: float) -> float:
+        """Optimizer step ``step + 1`` from the accumulated gradients (clipped to
+        ``max_grad_norm``, at the scheduled learning rate, which it returns). A non-finite
+        loss or gradient is not applied, and an update that makes a tensor non-finite is
+        refused (the gradients are all-reduced, so every process decides the same)."""
+        params = [p for _, p in run.params]
+        bad = (
+            f"the loss is {loss}"
+            if not math.isfinite(loss)
+            else f"a gradient is not finite (loss {loss:.4g})"
+            if not _all_finite(p.grad for p in params)
+            else None
+        )
+        if bad is not None:
+            raise PluralignError(
+                f"training diverged at epoch {epoch + 1}, step {step + 1}: {bad}; "
+                "stopped before that step was applied, nothing was exported, and "
+                "the checkpoints hold only finite states. Lower "
+                "train.learning_rate (or weight_decay) or set train.max_grad_norm"
+            )
+        if self.max_grad_norm is not None:
+            run.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+        lr = self._lr_at(step, run.total_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if not _all_finite(params):
+            raise PluralignError(
+                f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
+                "update made a trainable tensor non-finite; nothing was exported "
+                "or checkpointed from it. Lower train.learning_rate (or "
+                "weight_decay) or set train.max_grad_norm"
+            )
+        return lr
+
+    def _finish(self: T, run: _Run, history: list[dict[str, Any]], log: _TrainLog, step: int) -> T:
+        """The fitted attributes: the histories and the final evaluations (module docstring)."""
+        run.model.train(False)
         self.history_ = history
         self.log_history_ = log.history
         self.global_step_ = step
-        self.train_evaluation_ = self.evaluate(model, data, accelerator)
+        self.train_evaluation_ = self.evaluate(run.model, run.data, run.accelerator)
         self.evaluation_ = (
-            self.evaluate(model, eval_data, accelerator)
-            if eval_data is not None
+            self.evaluate(run.model, run.eval_data, run.accelerator)
+            if run.eval_data is not None
             else self.train_evaluation_
         )
-        accelerator.wait_for_everyone()
+        run.accelerator.wait_for_everyone()
         return self
 
     def _row_outputs(
@@ -828,7 +930,7 @@ class RewardTrainer(LoRATrainer):
                 f"{len(missing)} user(s) of the model have no training rows: {missing[:10]}"
             )
         eval_data = encode_pairs(model, eval) if eval is not None and eval.n else None
-        return self._train(model, data, eval_data, trainable="all")
+        return self.fit_encoded(model, data, eval_data)
 
     def _row_losses(
         self,
@@ -924,7 +1026,7 @@ def adapt_user(
     trainer = RewardTrainer(
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, output_dir=None
     )
-    return trainer._train(model, data, None, trainable="user", user=index)
+    return trainer.fit_encoded(model, data, trainable="user", user=index)
 
 
 # ---------------------------------------------------------------------- trainable selection
@@ -1264,7 +1366,7 @@ def _resume(
             warnings.warn(
                 f"checkpoint {path} is damaged and is skipped: {err}",
                 PluralignWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             damaged.append(path)
             continue
@@ -1275,7 +1377,7 @@ def _resume(
         warnings.warn(
             f"no intact checkpoint in {ckpt_dir}: training starts from scratch",
             PluralignWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return None, None, damaged
 

@@ -52,7 +52,7 @@ from pluralign.online.exploration import (
 )
 from pluralign.policies.gibbs import Gibbs, gibbs_probs, kl_divergence
 from pluralign.rewards import Linear
-from pluralign.rewards._checks import check_number
+from pluralign.rewards.validation import check_number
 
 __all__ = ["OnlineGSHF", "PreferenceEnv", "sample_actions"]
 

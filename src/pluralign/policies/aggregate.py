@@ -48,6 +48,12 @@ Leximin levels after the first are solved by Kelley's cutting planes on the line
 the LP value bounds the level from above and the best feasible visited policy from below. After
 each level, the users whose cuts carry positive dual values (complementary slackness: they are at
 the level in every optimal policy) are fixed at the level reached, and the next is maximised.
+
+The solvers themselves (:func:`~pluralign.policies._solvers.double_oracle`,
+:func:`~pluralign.policies._solvers.kelley_cutting_planes` and their matrix game and LP) are plain
+functions in :mod:`pluralign.policies._solvers`; this module states the problems (the users'
+confidence sets and their closed-form worst cases) and keeps each call's diagnostics. The
+targets' geometry (features, ``π_ref``) is built per call and never stored on the policy.
 """
 
 from __future__ import annotations
@@ -56,15 +62,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linprog
-from scipy.sparse import csr_matrix, hstack
 
 from pluralign.confidence import ConfidenceSet, beta_rate
 from pluralign.data import PreferenceData, TargetStates
 from pluralign.errors import ConvergenceWarning, PluralignError
+from pluralign.policies._solvers import SimplexGeometry, double_oracle, kelley_cutting_planes
 from pluralign.policies.base import Policy, one_hot_argmax
 from pluralign.policies.pessimistic import Pessimistic, reference_probs
-from pluralign.rewards._checks import check_int, check_number, gap_message, warn
+from pluralign.rewards.diagnostics import gap_message, warn
+from pluralign.rewards.validation import check_int, check_number
 
 __all__ = ["Leximin", "PerUserPolicies", "Utilitarian", "user_confidence"]
 
@@ -266,132 +272,9 @@ class _Aggregate(Policy):
         return _Users(basis, np.array(centers), np.array(m_inv), np.array(betas))
 
     # ---- policy geometry ----------------------------------------------------------------------
-    def _setup(self, targets: TargetStates) -> None:
-        m, n_actions = targets.m, targets.n_actions
-        ref = reference_probs(self.reference, targets)
-        self._phi = targets.phi
-        self._phi_ref = np.einsum("ja,jad->jd", ref, targets.phi)
-        self._ref = ref
-        rows = np.repeat(np.arange(m), n_actions)
-        self._a_eq = csr_matrix(
-            (np.ones(m * n_actions), (rows, np.arange(m * n_actions))), shape=(m, m * n_actions)
-        )
-
-    def _gain(self, c: np.ndarray) -> np.ndarray:
-        """Coefficients of ``π`` in ``cᵀw̄(π)``: ``(cᵀφ(j,a) − cᵀφ_ref(j))/m``, flat (m·K,)."""
-        scores = self._phi @ c - (self._phi_ref @ c)[:, None]
-        return scores.ravel() / self._phi.shape[0]
-
-    def _wbar(self, probs: np.ndarray) -> np.ndarray:
-        return np.einsum("ja,jad->d", probs - self._ref, self._phi) / self._phi.shape[0]
-
-    # ---- the double oracle (utilitarian, max–min) -------------------------------------------
-    def _double_oracle(
-        self,
-        start: list[np.ndarray],
-        oracle: Callable[[np.ndarray], tuple[float, np.ndarray]],
-        targets: TargetStates,
-    ) -> tuple[np.ndarray, float, int]:
-        """``max_{w∈P} min_{θ∈S} θᵀw`` for a convex set ``S`` given by ``oracle(w) = (min_{θ∈S}
-        θᵀw, argmin)`` and ``P = {w̄(π)}``; ``start`` are points of ``S``. Returns the mixed
-        policy, the certified gap and the iterations (see the module docstring)."""
-        rows = np.arange(targets.m)
-        gains = targets.phi - self._phi_ref[:, None, :]  # φ(j, a) − φ_ref(j)
-
-        def best_response(theta: np.ndarray) -> tuple[np.ndarray, float]:
-            scores = gains @ theta
-            best = np.argmax(scores, axis=1)
-            return best, float(np.mean(scores[rows, best]))
-
-        vertices = [best_response(t)[0] for t in start]  # deterministic policies
-        points = [gains[rows, v].mean(axis=0) for v in vertices]  # their w̄
-        cuts = list(start)
-        best_lower, best_upper = -np.inf, np.inf
-        best_mix, best_vertices = np.ones(1), vertices[:1]
-        it = 0
-        for it in range(1, self.max_iter + 1):  # noqa: B007
-            mu, nu = _matrix_game(np.array(points) @ np.array(cuts).T)  # G[v, c] = w_vᵀθ_c
-            lower, worst = oracle(mu @ np.array(points))
-            if lower > best_lower:
-                best_lower, best_mix, best_vertices = lower, mu, list(vertices)
-            vertex, upper = best_response(nu @ np.array(cuts))
-            best_upper = min(best_upper, upper)
-            if best_upper - best_lower <= self.tol:
-                break
-            if not any(np.array_equal(vertex, v) for v in vertices):
-                vertices.append(vertex)
-                points.append(gains[rows, vertex].mean(axis=0))
-            cuts.append(worst)
-        probs = np.zeros((targets.m, targets.n_actions))
-        for weight, vertex in zip(best_mix, best_vertices, strict=True):
-            probs[rows, vertex] += weight
-        return probs, max(best_upper - best_lower, 0.0), it
-
-    # ---- the cutting-plane LP (leximin) -------------------------------------------------------
-    def _solve_lp(
-        self, cut_rows: list[tuple[int, np.ndarray]], fixed: dict[int, float]
-    ) -> tuple[np.ndarray, float, np.ndarray]:
-        """``max t`` over ``[π (m·K), t]``; cut ``(u, gain)``: ``t − gain·π ≤ 0`` for free users,
-        ``−gain·π ≤ −level_u`` for fixed ones. Returns ``(π, t, cut duals)``."""
-        size = self._a_eq.shape[1]
-        gains = np.stack([g for _, g in cut_rows])
-        t_col = np.array([0.0 if u in fixed else 1.0 for u, _ in cut_rows])[:, None]
-        b_ub = np.array([-fixed[u] if u in fixed else 0.0 for u, _ in cut_rows])
-        a_ub = hstack([csr_matrix(-gains), csr_matrix(t_col)]).tocsr()
-        a_eq = hstack([self._a_eq, csr_matrix((self._a_eq.shape[0], 1))]).tocsr()
-        c = np.zeros(size + 1)
-        c[-1] = -1.0
-        bounds = [(0.0, None)] * size + [(None, None)]
-        res = linprog(
-            c,
-            A_ub=a_ub,
-            b_ub=b_ub,
-            A_eq=a_eq,
-            b_eq=np.ones(a_eq.shape[0]),
-            bounds=bounds,
-            method="highs",
-        )
-        if res.status != 0:
-            raise PluralignError(f"aggregated-policy LP failed: {res.message}")
-        probs = np.clip(res.x[:size], 0.0, None).reshape(self._phi.shape[:2])
-        probs /= probs.sum(axis=1, keepdims=True)
-        return probs, float(res.x[-1]), np.asarray(res.ineqlin.marginals)
-
-    def _kelley(
-        self,
-        stack: _Users,
-        free: list[int],
-        fixed: dict[int, float],
-        cuts: list[tuple[int, np.ndarray]],
-    ) -> tuple[np.ndarray, float, float, np.ndarray, int]:
-        """Cutting planes for ``max min_{u free} Δ̲_u`` subject to ``Δ̲_u ≥ level_u`` (fixed)."""
-        best_probs, best_value = None, -np.inf
-        bound, duals, it = np.inf, np.zeros(0), 0
-        probs = values = None
-        for it in range(1, self.max_iter + 1):  # noqa: B007
-            probs, bound, duals = self._solve_lp(cuts, fixed)
-            values, worst = stack.values(self._wbar(probs))
-            true = float(values[free].min())
-            feasible = all(values[u] >= level - self.tol for u, level in fixed.items())
-            if feasible and true > best_value:
-                best_value, best_probs = true, probs
-            if bound - best_value <= self.tol:
-                break
-            levels = np.array([fixed.get(u, bound) for u in range(len(stack))])
-            shortfall = levels - values
-            if shortfall.max() <= 1e-12:
-                break
-            # The most violated cut of each kind: a free user (the worst) and a fixed one.
-            picks = {
-                int(np.argmax(np.where(np.isin(np.arange(len(stack)), free), shortfall, -np.inf)))
-            }
-            if fixed:
-                fixed_ids = np.array(list(fixed))
-                picks.add(int(fixed_ids[np.argmax(shortfall[fixed_ids])]))
-            cuts.extend((u, self._gain(worst[u])) for u in sorted(picks) if shortfall[u] > 1e-12)
-        if best_probs is None:  # pragma: no cover - fixed levels not reached within max_iter
-            best_probs, best_value = probs, float(values[free].min())
-        return best_probs, best_value, max(bound - best_value, 0.0), duals, it
+    def _geometry(self, targets: TargetStates) -> SimplexGeometry:
+        """The targets' features and ``π_ref`` for one call (built per call, never stored)."""
+        return SimplexGeometry(targets.phi, reference_probs(self.reference, targets))
 
 
 class Utilitarian(_Aggregate):
@@ -459,7 +342,7 @@ class Utilitarian(_Aggregate):
         if weights.shape != (n_users,) or (weights < 0).any() or weights.sum() <= 0:
             raise PluralignError(f"weights must be {n_users} non-negative numbers, not all 0")
         weights = weights / weights.sum()
-        self._setup(targets)
+        geometry = self._geometry(targets)
         # Start (and, without pessimism, finish): the greedy policy of the mean reward, the
         # maximiser of the linear Σ ω_u θ̂_uᵀw̄(π).
         if stack.pessimistic:
@@ -468,15 +351,17 @@ class Utilitarian(_Aggregate):
                 values, worst = stack.values(w)
                 return float(weights @ values), weights @ worst  # θ ∈ E = Σ_u ω_u A_u C_u
 
-            probs, self.duality_gap_, self.n_iter_ = self._double_oracle(
-                [weights @ stack.thetas], oracle, targets
+            solution = double_oracle(
+                geometry, [weights @ stack.thetas], oracle, tol=self.tol, max_iter=self.max_iter
             )
+            probs = solution.probs
+            self.duality_gap_, self.n_iter_ = solution.duality_gap, solution.n_iter
         else:
             probs = one_hot_argmax(targets.phi @ (weights @ stack.thetas))
             self.duality_gap_, self.n_iter_ = 0.0, 0
         self.converged_ = self.duality_gap_ <= self.tol
         self._warn_gap("double oracle")
-        self.user_values_ = stack.values(self._wbar(probs))[0]
+        self.user_values_ = stack.values(geometry.wbar(probs))[0]
         self.objective_ = float(weights @ self.user_values_)
         return probs
 
@@ -532,10 +417,10 @@ class Leximin(_Aggregate):
         self._check_params()
         stack = self._stack()
         n_users = len(stack)
-        self._setup(targets)
+        geometry = self._geometry(targets)
         if self.levels == 1:
-            return self._max_min(stack, targets)
-        cuts = [(u, self._gain(stack.thetas[u])) for u in range(n_users)]
+            return self._max_min(stack, geometry)
+        cuts = [(u, geometry.gain(stack.thetas[u])) for u in range(n_users)]
         fixed: dict[int, float] = {}
         levels: list[float] = []
         first_gap, total_it = None, 0
@@ -543,7 +428,11 @@ class Leximin(_Aggregate):
         probs = None
         while len(fixed) < n_users and len(levels) < max_levels:
             free = [u for u in range(n_users) if u not in fixed]
-            probs, level, gap, duals, it = self._kelley(stack, free, fixed, cuts)
+            solution = kelley_cutting_planes(
+                geometry, stack.values, free, fixed, cuts, tol=self.tol, max_iter=self.max_iter
+            )
+            probs, level, gap = solution.probs, solution.value, solution.duality_gap
+            duals, it = solution.duals, solution.n_iter
             total_it += it
             first_gap = gap if first_gap is None else first_gap
             levels.append(level)
@@ -554,7 +443,7 @@ class Leximin(_Aggregate):
                     weight[u] += abs(d)
             newly = [u for u in free if weight[u] > 1e-9]
             if not newly:  # degenerate duals: fix the users at the level
-                values = stack.values(self._wbar(probs))[0]
+                values = stack.values(geometry.wbar(probs))[0]
                 newly = [u for u in free if values[u] <= level + self.tol]
             for u in newly:
                 fixed[u] = level - self.tol
@@ -563,11 +452,11 @@ class Leximin(_Aggregate):
         self.n_iter_ = total_it
         self._warn_gap("cutting planes, worst user's level", reason="")
         self.levels_ = levels
-        self.user_values_ = stack.values(self._wbar(probs))[0]
+        self.user_values_ = stack.values(geometry.wbar(probs))[0]
         self.objective_ = float(self.user_values_.min())
         return probs
 
-    def _max_min(self, stack: _Users, targets: TargetStates) -> np.ndarray:
+    def _max_min(self, stack: _Users, geometry: SimplexGeometry) -> np.ndarray:
         """``max_π min_u Δ̲_u(π)`` by the double oracle (see the class docstring)."""
 
         def oracle(w: np.ndarray) -> tuple[float, np.ndarray]:
@@ -575,35 +464,14 @@ class Leximin(_Aggregate):
             u = int(np.argmin(values))
             return float(values[u]), worst[u]  # θ ∈ Θ = conv ∪_u A_u C_u
 
-        probs, self.duality_gap_, self.n_iter_ = self._double_oracle(
-            list(stack.thetas), oracle, targets
+        solution = double_oracle(
+            geometry, list(stack.thetas), oracle, tol=self.tol, max_iter=self.max_iter
         )
+        probs = solution.probs
+        self.duality_gap_, self.n_iter_ = solution.duality_gap, solution.n_iter
         self.converged_ = self.duality_gap_ <= self.tol
         self._warn_gap("double oracle")
-        self.user_values_ = stack.values(self._wbar(probs))[0]
+        self.user_values_ = stack.values(geometry.wbar(probs))[0]
         self.objective_ = float(self.user_values_.min())
         self.levels_ = [self.objective_]
         return probs
-
-
-def _matrix_game(game: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal mixed strategies ``(μ, ν)`` of ``max_μ min_ν μᵀ G ν`` (HiGHS; ν from the duals)."""
-    n_rows, n_cols = game.shape
-    c = np.zeros(n_rows + 1)
-    c[-1] = -1.0  # maximise t
-    a_ub = np.hstack([-game.T, np.ones((n_cols, 1))])  # t − (μᵀG)_c ≤ 0
-    a_eq = np.concatenate([np.ones(n_rows), [0.0]])[None, :]
-    res = linprog(
-        c,
-        A_ub=a_ub,
-        b_ub=np.zeros(n_cols),
-        A_eq=a_eq,
-        b_eq=[1.0],
-        bounds=[(0.0, None)] * n_rows + [(None, None)],
-        method="highs",
-    )
-    if res.status != 0:
-        raise PluralignError(f"aggregated-policy LP failed: {res.message}")
-    mu = np.clip(res.x[:n_rows], 0.0, None)
-    nu = np.abs(np.asarray(res.ineqlin.marginals))
-    return mu / mu.sum(), nu / nu.sum()

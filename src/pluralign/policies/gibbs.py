@@ -61,8 +61,9 @@ from pluralign.errors import ConvergenceWarning, PluralignError
 from pluralign.policies.base import Policy
 from pluralign.policies.pessimistic import Reference, reference_probs
 from pluralign.rewards import RewardModel
-from pluralign.rewards._checks import check_int, check_number, gap_message, warn
+from pluralign.rewards.diagnostics import gap_message, warn
 from pluralign.rewards.linear import LinearInParameters
+from pluralign.rewards.validation import check_int, check_number
 
 __all__ = [
     "Gibbs",

@@ -1,4 +1,9 @@
-"""The reward-model interface and the Bradley–Terry maximum-likelihood machinery they share.
+"""The estimator contract, the reward-model interface and the Bradley–Terry maximum-likelihood
+machinery the estimators share.
+
+:class:`EstimatorMixin` is every estimator's scikit-learn contract (hyper-parameters,
+``repr``, the fitted check); :class:`RewardModel` is the interface of a reward;
+:class:`BradleyTerryModel` fits one.
 
 Every estimator fits the penalized Bradley–Terry MLE
 
@@ -27,9 +32,8 @@ from pluralign.errors import (
     NotFittedError,
     SeparableDataWarning,
 )
-from pluralign.rewards._checks import (
-    check_int,
-    check_number,
+from pluralign.rewards._solver import SolverInfo, minimize_lbfgs
+from pluralign.rewards.diagnostics import (
     convergence_message,
     find_separation,
     rank,
@@ -37,9 +41,9 @@ from pluralign.rewards._checks import (
     unidentified_message,
     warn,
 )
-from pluralign.rewards._solver import SolverInfo, minimize_lbfgs
+from pluralign.rewards.validation import check_int, check_number
 
-__all__ = ["BradleyTerryModel", "RewardModel", "log_sigmoid"]
+__all__ = ["BradleyTerryModel", "EstimatorMixin", "RewardModel", "log_sigmoid"]
 
 
 def log_sigmoid(t: np.ndarray) -> np.ndarray:
@@ -48,15 +52,16 @@ def log_sigmoid(t: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -t)
 
 
-class RewardModel(ABC):
-    """A reward ``r(x, φ)``; fitted from comparisons by Bradley–Terry maximum likelihood.
+class EstimatorMixin:
+    """scikit-learn's estimator contract (its ``base.BaseEstimator``), shared by every estimator.
 
-    scikit-learn's estimator protocol, implemented here without importing scikit-learn (it is
-    not a dependency): the hyper-parameters are the arguments of ``__init__``, stored verbatim
-    as attributes of the same name; :meth:`get_params`, :meth:`set_params` and :meth:`score`
-    (higher is better) are what :func:`sklearn.base.clone` and ``GridSearchCV`` use, with
-    ``PreferenceData`` as ``X`` (the labels are ``data.y``; ``y`` is accepted only as ``None``
-    or ``data.y`` itself).
+    Implemented here without importing scikit-learn (it is not a dependency): the
+    hyper-parameters are the arguments of ``__init__``, which only stores them, verbatim, as
+    attributes of the same name (``fit`` validates them and sets the learned attributes, whose
+    names end in ``_``). :meth:`get_params` and :meth:`set_params` are what
+    :func:`sklearn.base.clone` and ``GridSearchCV`` use, ``repr`` shows them, and
+    :meth:`_check_fitted` raises :class:`~pluralign.errors.NotFittedError` until ``fit`` (or a
+    constructor of a fitted model) has set ``is_fitted_``.
     """
 
     # ``__init__`` arguments that are fitted inputs, not hyper-parameters: a fitted model passed
@@ -64,62 +69,11 @@ class RewardModel(ABC):
     # ``set_params`` does not reach inside them (as for scikit-learn's ``FrozenEstimator``);
     # the class's ``__sklearn_clone__`` keeps the same object, so a clone can still be fitted.
     _fitted_inputs: tuple[str, ...] = ()
-    # ``__init__`` arguments that set fitted state (``UserReward(basis, params)``); not
-    # hyper-parameters, so ``clone`` leaves them out and gives an unfitted model.
-    _state_arguments: tuple[str, ...] = ()
-
-    @abstractmethod
-    def fit(self, data: PreferenceData, y: None = None) -> RewardModel:
-        """Fit to ``data`` and return ``self`` (``y``: see :meth:`_check_y`)."""
-
-    @abstractmethod
-    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        """Rewards of responses ``phi``.
-
-        ``phi`` is ``(n, d_phi)`` with ``x`` ``(n, d_x)``, giving ``(n,)``; or ``(m, K, d_phi)``
-        (K candidates per state) with ``x`` ``(m, d_x)``, giving ``(m, K)``. Context-free models
-        ignore ``x`` (it may be ``None``).
-        """
-
-    def predict_proba(self, data: PreferenceData) -> np.ndarray:
-        """``P(y = 1) = σ(r(x, φ1) − r(x, φ0))`` for each comparison."""
-        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
-        return np.exp(log_sigmoid(margin))
-
-    def log_likelihood(self, data: PreferenceData) -> float:
-        """Mean Bradley–Terry log-likelihood per comparison (higher is better; ≤ 0)."""
-        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
-        sign = 2.0 * data.y - 1.0
-        return float(np.mean(log_sigmoid(sign * margin)))
-
-    def score(self, data: PreferenceData, y: None = None) -> float:
-        """:meth:`log_likelihood` of ``data``: the mean Bradley–Terry log-likelihood per
-        comparison, higher is better (what ``GridSearchCV`` maximises without ``scoring``)."""
-        self._check_y(data, y)
-        return self.log_likelihood(data)
 
     def _check_fitted(self) -> None:
         if not getattr(self, "is_fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(data) first")
 
-    def _check_y(self, data: PreferenceData, y: Any) -> None:
-        """Refuse a ``y`` other than ``None`` or the data's own labels.
-
-        ``fit(X, y)`` / ``score(X, y)`` is scikit-learn's signature; here the labels are part of
-        ``data`` (``data.y``). ``GridSearchCV(...).fit(data)`` passes no ``y``; a pipeline or a
-        stratified splitter may pass ``y``, which must then be ``data.y`` (rows in order).
-        """
-        if y is None:
-            return
-        labels = getattr(data, "y", None)
-        if labels is None or np.shape(y) != labels.shape or not np.array_equal(y, labels):
-            raise DataValidationError(
-                f"{type(self).__name__} reads its labels from data.y; y must be None or equal "
-                "to data.y",
-                field="y",
-            )
-
-    # ---- scikit-learn estimator protocol -----------------------------------------------------
     @classmethod
     def _get_param_names(cls) -> list[str]:
         """The hyper-parameters: the named arguments of ``__init__``, in signature order."""
@@ -128,9 +82,7 @@ class RewardModel(ABC):
         return [
             p.name
             for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self"
-            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-            and p.name not in cls._state_arguments
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         ]
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -152,7 +104,7 @@ class RewardModel(ABC):
                 out.update((f"{name}__{k}", v) for k, v in value.get_params(deep=True).items())
         return out
 
-    def set_params(self, **params: Any) -> RewardModel:
+    def set_params(self, **params: Any) -> EstimatorMixin:
         """Set hyper-parameters (``name=value``, or ``name__param=value`` for an
         estimator-valued one) and return ``self``, scikit-learn style: values are stored as
         given and checked by ``fit``. An unknown name raises a ``DataValidationError`` (a
@@ -194,6 +146,66 @@ class RewardModel(ABC):
 
         return Tags(estimator_type=None, target_tags=TargetTags(required=False))
 
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items())
+        return f"{type(self).__name__}({args})"
+
+
+class RewardModel(EstimatorMixin, ABC):
+    """A reward ``r(x, φ)``; fitted from comparisons by Bradley–Terry maximum likelihood.
+
+    An estimator in scikit-learn's sense (:class:`EstimatorMixin`): :meth:`score` (higher is
+    better) is what ``GridSearchCV`` maximises, with ``PreferenceData`` as ``X`` (the labels
+    are ``data.y``; ``y`` is accepted only as ``None`` or ``data.y`` itself).
+    """
+
+    @abstractmethod
+    def fit(self, data: PreferenceData, y: None = None) -> RewardModel:
+        """Fit to ``data`` and return ``self`` (``y``: see :meth:`_check_y`)."""
+
+    @abstractmethod
+    def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
+        """Rewards of responses ``phi``.
+
+        ``phi`` is ``(n, d_phi)`` with ``x`` ``(n, d_x)``, giving ``(n,)``; or ``(m, K, d_phi)``
+        (K candidates per state) with ``x`` ``(m, d_x)``, giving ``(m, K)``. Context-free models
+        ignore ``x`` (it may be ``None``).
+        """
+
+    def predict_proba(self, data: PreferenceData) -> np.ndarray:
+        """``P(y = 1) = σ(r(x, φ1) − r(x, φ0))`` for each comparison."""
+        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
+        return np.exp(log_sigmoid(margin))
+
+    def log_likelihood(self, data: PreferenceData) -> float:
+        """Mean Bradley–Terry log-likelihood per comparison (higher is better; ≤ 0)."""
+        margin = self.reward(data.x, data.phi1) - self.reward(data.x, data.phi0)
+        sign = 2.0 * data.y - 1.0
+        return float(np.mean(log_sigmoid(sign * margin)))
+
+    def score(self, data: PreferenceData, y: None = None) -> float:
+        """:meth:`log_likelihood` of ``data``: the mean Bradley–Terry log-likelihood per
+        comparison, higher is better (what ``GridSearchCV`` maximises without ``scoring``)."""
+        self._check_y(data, y)
+        return self.log_likelihood(data)
+
+    def _check_y(self, data: PreferenceData, y: Any) -> None:
+        """Refuse a ``y`` other than ``None`` or the data's own labels.
+
+        ``fit(X, y)`` / ``score(X, y)`` is scikit-learn's signature; here the labels are part of
+        ``data`` (``data.y``). ``GridSearchCV(...).fit(data)`` passes no ``y``; a pipeline or a
+        stratified splitter may pass ``y``, which must then be ``data.y`` (rows in order).
+        """
+        if y is None:
+            return
+        labels = getattr(data, "y", None)
+        if labels is None or np.shape(y) != labels.shape or not np.array_equal(y, labels):
+            raise DataValidationError(
+                f"{type(self).__name__} reads its labels from data.y; y must be None or equal "
+                "to data.y",
+                field="y",
+            )
+
 
 class BradleyTerryModel(RewardModel):
     """Shared fitting code: torch objective, SciPy L-BFGS, fitted-state bookkeeping.
@@ -215,7 +227,7 @@ class BradleyTerryModel(RewardModel):
     -----------------------
     ``fit`` refuses (``DataValidationError`` with ``field`` the parameter's name) an ``l2`` that
     is not a finite number ``≥ 0``, a ``tol`` that is not finite and ``> 0`` and a ``max_iter``
-    that is not an integer ``≥ 1``. After the fit (see :mod:`pluralign.rewards._checks`):
+    that is not an integer ``≥ 1``. After the fit (see :mod:`pluralign.rewards.diagnostics`):
 
     * ``ConvergenceWarning`` when the gradient criterion was not met (``converged_`` False);
     * with ``l2 = 0`` only, ``SeparableDataWarning`` when the MLE does not exist (the data are
@@ -269,7 +281,11 @@ class BradleyTerryModel(RewardModel):
         return 0.5 * self.l2 * torch.sum(params * params)
 
     def _validate(self, data: PreferenceData) -> None:
-        """Model-specific checks on the training data (e.g. that contexts exist)."""
+        """Model-specific checks on the training data (e.g. that contexts exist); sets nothing."""
+
+    def _prepare(self, data: PreferenceData) -> None:
+        """Learned state that the start and the objective need, set by ``fit`` after
+        :meth:`_validate` and before solving (e.g. ``RTVReduced``'s reduction ``rtv_``)."""
 
     def _check_params(self) -> None:
         """Refuse invalid common hyper-parameters (scikit-learn style: checked at ``fit``)."""
@@ -402,6 +418,7 @@ class BradleyTerryModel(RewardModel):
         self._check_y(data, y)
         self._check_params()
         self._validate(data)
+        self._prepare(data)
         params, info = self._solve(data, self._initial_params(data))
         self._store(params, data)
         self.solver_info_ = info
@@ -412,7 +429,3 @@ class BradleyTerryModel(RewardModel):
         if not self._quiet:
             self._diagnose(data)
         return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items())
-        return f"{type(self).__name__}({args})"

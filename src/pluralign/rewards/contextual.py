@@ -46,16 +46,13 @@ from typing import Any
 
 import numpy as np
 
+from pluralign._linalg import contract, orthonormal_columns
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
-from pluralign.rewards.linear import _check_phi, contract
 from pluralign.rewards.lowrank import LowRank
-from pluralign.rewards.multi_user import (
-    MultiUserModel,
-    _check_unknown,
-    _key,
-    _orthonormal,
-)
+from pluralign.rewards.multi_user import MultiUserModel
+from pluralign.rewards.users import check_unknown_user, user_key
+from pluralign.rewards.validation import check_phi
 
 __all__ = ["Contextual"]
 
@@ -131,7 +128,7 @@ class Contextual(MultiUserModel):
         :class:`LowRank` does; ``y``: ``None`` or ``data.y``)."""
         self._check_y(data, y)
         self._check_params()
-        _check_unknown(self.unknown_user)
+        check_unknown_user(self.unknown_user)
         if not isinstance(self.standardize, bool):
             raise DataValidationError(
                 f"must be true or false, got {self.standardize!r}", field="standardize"
@@ -202,7 +199,7 @@ class Contextual(MultiUserModel):
 
     def context_reward(self, contexts: Any, phi: np.ndarray) -> np.ndarray:
         """``θ(x)ᵀφ``: one context for all rows of ``phi``, or one per row."""
-        phi = _check_phi(type(self).__name__, phi, self.d_phi_)
+        phi = check_phi(type(self).__name__, phi, self.d_phi_)
         thetas = self.context_theta(contexts)
         if thetas.shape[0] == 1:
             return phi @ thetas[0]
@@ -225,14 +222,7 @@ class Contextual(MultiUserModel):
         new = np.unique(ids)
         if len(new) != len(ids):
             raise DataValidationError("a user id is given twice", field="users")
-        if len(self.users_) and new.dtype.kind != self.users_.dtype.kind:
-            raise DataValidationError(
-                f"user ids of type {new.dtype} do not match the model's ({self.users_.dtype})",
-                field="users",
-            )
-        known = [u for u in ids.tolist() if _key(u) in self._lookup]
-        if known:
-            raise DataValidationError(f"user {known[0]!r} is already known", field="users")
+        self._lookup.check_new(ids)
         self.contexts_ = np.concatenate([self.contexts_, x])
         self._append_users(ids, np.zeros(len(ids), dtype=np.int64), self.context_theta(x))
         return self
@@ -253,7 +243,7 @@ class Contextual(MultiUserModel):
 
     def user_basis(self) -> np.ndarray:
         """Orthonormal basis of ``span{θ̂0, R̂}`` (as for ``SharedBasis``)."""
-        return _orthonormal(np.concatenate([self.theta0_[:, None], self.basis_], axis=1))
+        return orthonormal_columns(np.concatenate([self.theta0_[:, None], self.basis_], axis=1))
 
     # ------------------------------------------------------------------ serialization
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -312,7 +302,7 @@ def _user_contexts(data: PreferenceData) -> tuple[np.ndarray, np.ndarray, np.nda
     differs = np.any(data.x != contexts[inverse], axis=1)
     if differs.any():
         row = int(np.argmax(differs))
-        user = _key(users[inverse[row]])
+        user = user_key(users[inverse[row]])
         raise DataValidationError(
             f"user {user!r} has another context here than on row {int(first[inverse[row]])}; "
             "a user has one context (give each user's rows the same x, or distinct user ids)",

@@ -20,9 +20,11 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from pluralign._linalg import contract
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
-from pluralign.rewards._checks import (
+from pluralign.rewards.base import BradleyTerryModel
+from pluralign.rewards.diagnostics import (
     ID_BUDGET,
     LP_BUDGET,
     kron_nnz,
@@ -32,9 +34,9 @@ from pluralign.rewards._checks import (
     signed,
     svd_cost,
 )
-from pluralign.rewards.base import BradleyTerryModel
+from pluralign.rewards.validation import check_phi, check_x
 
-__all__ = ["Bilinear", "Linear", "LinearInParameters", "contract"]
+__all__ = ["Bilinear", "Linear", "LinearInParameters"]
 
 
 class LinearInParameters(ABC):
@@ -74,7 +76,7 @@ class LinearInParameters(ABC):
         """Dimension ``k`` of ``z``."""
         return int(self.params_.size)
 
-    # ---- fit diagnostics (see pluralign.rewards._checks) ----------------------------------
+    # ---- fit diagnostics (see pluralign.rewards.diagnostics) ------------------------------
     def _separation_problems(self, data: PreferenceData) -> list[np.ndarray] | None:
         """The model's own signed design ``s_i Δz_i`` (``None`` above ``LP_BUDGET`` entries)."""
         if data.n * self.n_params > LP_BUDGET:
@@ -101,34 +103,6 @@ class LinearInParameters(ABC):
         return self.features(data.x, data.delta_phi), span
 
 
-def contract(g: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """``Σ_d g[j, d] · phi[j, (a,) d]``: per-row inner products, for ``phi`` 2-D or 3-D."""
-    if phi.ndim == 3:
-        return np.matmul(phi, g[:, :, None])[..., 0]
-    return np.einsum("nd,nd->n", g, phi)
-
-
-def _check_phi(model: str, phi: np.ndarray, d_phi: int) -> np.ndarray:
-    phi = np.asarray(phi, dtype=np.float64)
-    if phi.ndim not in (2, 3) or phi.shape[-1] != d_phi:
-        raise DataValidationError(
-            f"{model} expects phi of shape (n, {d_phi}) or (m, K, {d_phi}), got {phi.shape}",
-            field="phi",
-        )
-    return phi
-
-
-def _check_x(model: str, x: np.ndarray | None, phi: np.ndarray, d_x: int) -> np.ndarray:
-    if x is None:
-        raise DataValidationError(f"{model} needs user contexts x", field="x")
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != d_x or x.shape[0] != phi.shape[0]:
-        raise DataValidationError(
-            f"{model} expects x of shape ({phi.shape[0]}, {d_x}), got {x.shape}", field="x"
-        )
-    return x
-
-
 class Linear(LinearInParameters, BradleyTerryModel):
     """Context-free reward ``r(φ) = θᵀφ``: one reward model for everybody.
 
@@ -151,14 +125,14 @@ class Linear(LinearInParameters, BradleyTerryModel):
         self.d_phi_ = data.d_phi
 
     def reward_at(self, params: np.ndarray, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        return _check_phi("Linear", phi, self.d_phi_) @ params
+        return check_phi("Linear", phi, self.d_phi_) @ params
 
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         self._check_fitted()
-        return _check_phi("Linear", phi, self.d_phi_)
+        return check_phi("Linear", phi, self.d_phi_)
 
     def mean_features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        return _check_phi("Linear", phi, self.d_phi_).mean(axis=0)
+        return check_phi("Linear", phi, self.d_phi_).mean(axis=0)
 
 
 class Bilinear(LinearInParameters, BradleyTerryModel):
@@ -194,20 +168,20 @@ class Bilinear(LinearInParameters, BradleyTerryModel):
         self.d_x_, self.d_phi_ = data.d_x, data.d_phi
 
     def reward_at(self, params: np.ndarray, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        phi = _check_phi("Bilinear", phi, self.d_phi_)
-        xt = _check_x("Bilinear", x, phi, self.d_x_) @ params.reshape(self.d_x_, self.d_phi_)
+        phi = check_phi("Bilinear", phi, self.d_phi_)
+        xt = check_x("Bilinear", x, phi, self.d_x_) @ params.reshape(self.d_x_, self.d_phi_)
         return contract(xt, phi)
 
     def mean_features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        phi = _check_phi("Bilinear", phi, self.d_phi_)
-        x = _check_x("Bilinear", x, phi, self.d_x_)
+        phi = check_phi("Bilinear", phi, self.d_phi_)
+        x = check_x("Bilinear", x, phi, self.d_x_)
         return (x.T @ phi).ravel() / phi.shape[0]
 
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         """``vec(x φᵀ)``: materialized, ``k = d_x·d_phi`` columns; only for small dimensions."""
         self._check_fitted()
-        phi = _check_phi("Bilinear", phi, self.d_phi_)
-        x = _check_x("Bilinear", x, phi, self.d_x_)
+        phi = check_phi("Bilinear", phi, self.d_phi_)
+        x = check_x("Bilinear", x, phi, self.d_x_)
         if phi.ndim == 3:
             z = x[:, None, :, None] * phi[:, :, None, :]
             return z.reshape(*phi.shape[:2], -1)

@@ -46,12 +46,14 @@ import torch
 from scipy import sparse
 from scipy.special import expit
 
+from pluralign._linalg import contract
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
-from pluralign.rewards._checks import LP_BUDGET, check_int, check_number, kron_nnz, row_kron, signed
 from pluralign.rewards._solver import SolverInfo, blas_threads, minimize_lbfgs_numpy
 from pluralign.rewards.base import BradleyTerryModel
-from pluralign.rewards.linear import Bilinear, Linear, _check_phi, _check_x, contract
+from pluralign.rewards.diagnostics import LP_BUDGET, kron_nnz, row_kron, signed
+from pluralign.rewards.linear import Bilinear, Linear
+from pluralign.rewards.validation import check_int, check_number, check_phi, check_x
 
 __all__ = ["LowRank", "moment_matrix_svd"]
 
@@ -482,8 +484,8 @@ class LowRank(BradleyTerryModel):
     # --------------------------------------------------------------- prediction
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         self._check_fitted()
-        phi = _check_phi("LowRank", phi, self.d_phi_)
-        x = _check_x("LowRank", x, phi, self.d_x_)
+        phi = check_phi("LowRank", phi, self.d_phi_)
+        x = check_x("LowRank", x, phi, self.d_x_)
         # xᵀ L Rᵀ φ = ⟨Lᵀx, Rᵀφ⟩ without forming Θ.
         f = self.free_rows
         if f:

@@ -23,7 +23,9 @@ import numpy as np
 from pluralign._parse import read_json_file, read_npz
 from pluralign.errors import DataValidationError
 from pluralign.rewards.contextual import Contextual
-from pluralign.rewards.multi_user import PerUser, Pooled, SharedBasis, _key
+from pluralign.rewards.per_user import PerUser, Pooled
+from pluralign.rewards.shared_basis import SharedBasis
+from pluralign.rewards.users import user_key
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CLASSES", "load_model", "save_model"]
 
@@ -79,7 +81,7 @@ def save_model(
     arrays.update(designs or {})
     with atomic_open(folder / "model.npz", "wb") as handle:
         np.savez(handle, **arrays)
-    users = [_key(u) for u in model.users_.tolist()]
+    users = [user_key(u) for u in model.users_.tolist()]
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -185,7 +187,7 @@ def _check_features(features: Any, bad: Any) -> None:
     if not isinstance(features, dict) or features.get("kind") not in ("numeric", "text"):
         raise bad("features", "must be a mapping with kind 'numeric' or 'text'")
     if "context" in features:
-        from pluralign.data.loaders import ContextSchema
+        from pluralign.data.contexts import ContextSchema
 
         try:
             ContextSchema.from_dict(features["context"])

@@ -20,8 +20,9 @@ from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError, NotFittedError
 from pluralign.features.rtv import RTVMap
 from pluralign.rewards.base import BradleyTerryModel
-from pluralign.rewards.linear import LinearInParameters, _check_phi, _check_x
+from pluralign.rewards.linear import LinearInParameters
 from pluralign.rewards.lowrank import LowRank
+from pluralign.rewards.validation import check_phi, check_x
 
 __all__ = ["RTVReduced"]
 
@@ -89,6 +90,8 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
                 f"data must have d_x={self.base.d_x_}, d_phi={self.base.d_phi_} like the base",
                 field="x",
             )
+
+    def _prepare(self, data: PreferenceData) -> None:
         self.rtv_ = RTVMap.from_frames(self.base.U_, self.base.V_)
 
     def _initial_params(self, data: PreferenceData) -> np.ndarray:
@@ -122,13 +125,13 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
     # -------------------------------------------------------- linear-in-params API
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
         self._check_fitted()
-        phi = _check_phi("RTVReduced", phi, self.d_phi_)
-        return self.rtv_.transform(_check_x("RTVReduced", x, phi, self.d_x_), phi)
+        phi = check_phi("RTVReduced", phi, self.d_phi_)
+        return self.rtv_.transform(check_x("RTVReduced", x, phi, self.d_x_), phi)
 
     def reward_at(self, params: np.ndarray, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        phi = _check_phi("RTVReduced", phi, self.d_phi_)
-        return self.rtv_.reward_at(params, _check_x("RTVReduced", x, phi, self.d_x_), phi)
+        phi = check_phi("RTVReduced", phi, self.d_phi_)
+        return self.rtv_.reward_at(params, check_x("RTVReduced", x, phi, self.d_x_), phi)
 
     def mean_features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        phi = _check_phi("RTVReduced", phi, self.d_phi_)
-        return self.rtv_.mean_features(_check_x("RTVReduced", x, phi, self.d_x_), phi)
+        phi = check_phi("RTVReduced", phi, self.d_phi_)
+        return self.rtv_.mean_features(check_x("RTVReduced", x, phi, self.d_x_), phi)

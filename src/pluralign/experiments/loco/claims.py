@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pluralign.experiments.registry import EXPERIMENTS
 from pluralign.experiments.summary import summarize
 
 __all__ = ["check_loco_claims"]
@@ -111,6 +112,4 @@ def check_loco_claims(rows: list[dict[str, Any]], config: dict[str, Any]) -> lis
 
 
 def _describe(config: dict[str, Any], env: dict[str, Any]) -> str:
-    from pluralign.experiments import EXPERIMENTS
-
     return EXPERIMENTS[config["experiment"]].describe_setting(env)

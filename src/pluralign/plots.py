@@ -1,7 +1,9 @@
-"""Plots of experiment summaries (matplotlib, Agg backend, written atomically).
+"""Plots of summaries (matplotlib, Agg backend, written atomically): an experiment's metric
+against N, per-user accuracy bars. It imports nothing of pluralign's but ``_atomic``, so the
+experiments, the LLM jobs and the CLI all draw with it.
 
 Conventions shared by every plot here (and by the experiment-specific plots that use these
-helpers, e.g. :func:`pluralign.experiments.multi_user.plot_multi_user`):
+helpers, e.g. :func:`pluralign.experiments.multi_user.plots.plot_multi_user`):
 
 * Accuracy-like quantities (bounded in ``[0, 1]``, where a difference of a few points
   matters) are drawn on a **linear** axis. A log axis is kept only where the quantity spans

@@ -1,8 +1,5 @@
-"""Hyper-parameter validation and fit diagnostics shared by the estimators and policies.
-
-**Validation** follows scikit-learn: ``__init__`` stores hyper-parameters as given and ``fit``
-(``probs`` for policies) validates them, raising a
-:class:`~pluralign.errors.DataValidationError` whose ``field`` is the parameter's name.
+"""Fit diagnostics shared by the estimators and policies: pluralign's warnings and the tests
+behind them (hyper-parameter and input validation is :mod:`pluralign.rewards.validation`).
 
 **Diagnostics** run after every fit and issue pluralign's warnings (from the first frame outside
 the package, so the user's call site is shown):
@@ -42,24 +39,18 @@ the package, so the user's call site is shown):
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog
 
-from pluralign.errors import DataValidationError
-
 __all__ = [
     "ID_BUDGET",
     "LP_BUDGET",
-    "check_int",
-    "check_number",
     "convergence_message",
     "find_separation",
     "gap_message",
@@ -97,44 +88,6 @@ def warn(message: str, category: type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
-
-
-# ----------------------------------------------------------------------------- validation
-def check_number(
-    value: Any,
-    name: str,
-    *,
-    owner: str,
-    minimum: float = 0.0,
-    strict: bool = False,
-    below: float | None = None,
-) -> float:
-    """``value`` as a float if it is a finite real (not a bool) ``≥ minimum`` (``> minimum`` if
-    ``strict``; ``< below`` if given); else a ``DataValidationError`` naming ``owner.name``."""
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok:
-        number = float(value)
-        ok = (number > minimum if strict else number >= minimum) and (
-            below is None or number < below
-        )
-    if not ok:
-        bound = f"{'>' if strict else '≥'} {minimum:g}"
-        if below is not None:
-            bound = f"in ({minimum:g}, {below:g})" if strict else f"in [{minimum:g}, {below:g})"
-        raise DataValidationError(
-            f"{owner}.{name} must be a finite number {bound}, got {value!r}", field=name
-        )
-    return number
-
-
-def check_int(value: Any, name: str, *, owner: str, minimum: int = 1) -> int:
-    """``value`` as an int if it is an integer (not a bool) ``≥ minimum``; else a
-    ``DataValidationError`` naming ``owner.name``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise DataValidationError(
-            f"{owner}.{name} must be an integer ≥ {minimum}, got {value!r}", field=name
-        )
-    return int(value)
 
 
 # ----------------------------------------------------------------------------- linear algebra

@@ -1,0 +1,99 @@
+"""``pluralign run``: run (or resume) an experiment sweep (:mod:`pluralign.experiments`), and
+the printing of a run's results, shared with ``pluralign report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pluralign.cli.app import (
+    JsonFlag,
+    default_config_path,
+    fail,
+    load_command_config,
+    stdout_to_stderr,
+)
+from pluralign.cli.output import render, run_view
+from pluralign.errors import PluralignError
+
+__all__ = ["print_run_report", "run"]
+
+
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Experiment config: a YAML file, or a packaged config's name "
+            "(loco, loco_coverage, multi_user, gshf, quick). Default: the "
+            "built-in quick LoCo run."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/<config>).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Apply the config's quick overrides.")] = (
+        False
+    ),
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: cores).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Resume a results.jsonl that has no config.yaml "
+            "beside it, as results of this config.",
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run (or resume) an experiment sweep; print its summary and write results and plots."""
+    from pluralign.experiments import EXPERIMENTS, run_experiment
+    from pluralign.experiments.runner import run_rows
+    from pluralign.experiments.summary import summarize
+
+    try:
+        path, raw = load_command_config(
+            config or default_config_path(), announce=config is not None
+        )
+        out = out or Path("runs") / (path.stem + ("-quick" if quick else ""))
+        with stdout_to_stderr(as_json):
+            resolved = run_experiment(
+                raw, out, quick=quick, jobs=jobs, progress=progress, force=force
+            )
+        rows = run_rows(out / "results.jsonl", resolved)
+    except PluralignError as err:
+        raise fail(str(err)) from None
+    experiment = EXPERIMENTS[resolved["experiment"]]
+    summary = summarize(rows, experiment.metrics)
+    try:
+        print_run_report(
+            out, resolved, summary, f"{experiment.name} ({path})", rows=rows, as_json=as_json
+        )
+    except PluralignError as err:
+        raise fail(str(err)) from None
+
+
+def print_run_report(
+    out: Path,
+    resolved: dict[str, Any],
+    summary: list[dict[str, Any]],
+    title: str,
+    rows: list[dict[str, Any]] | None = None,
+    as_json: bool = False,
+) -> None:
+    """Tables and claims of a run (or, ``as_json``, one JSON document of them); ``rows`` are
+    its results (default: read from ``out``). The claims are the experiment's own (its
+    ``claims`` hook), checked on the finished units only."""
+    from pluralign.experiments import EXPERIMENTS
+    from pluralign.experiments.runner import complete_rows, run_rows
+
+    experiment = EXPERIMENTS[resolved["experiment"]]
+    if rows is None:
+        rows = run_rows(out / "results.jsonl", resolved)
+    finished = complete_rows(rows, resolved)  # claims compare whole units only
+    claims = [] if experiment.claims is None else list(experiment.claims(finished, resolved))
+    render(run_view(out, experiment, resolved, summary, claims, title), as_json)
