@@ -1,1 +1,1 @@
-"""pluralign's performance budgets, measured against peers in the same run (DESIGN §8)."""
+"""pluralign's performance budgets, measured against peers in the same run (docs/design.md §8)."""

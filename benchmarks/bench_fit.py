@@ -128,12 +128,12 @@ def bench_lowrank_vs_fullrank_sklearn() -> dict:
 
 
 def bench_lowrank_vs_fullrank_sklearn_d64() -> dict:
-    """P2 at d_x = d_phi = 64 (k = 4,096 Kronecker columns)."""
+    """P2 at d_x = d_phi = 64 (p = 4,096 Kronecker columns)."""
     return _p2(64)
 
 
 def bench_lowrank_vs_fullrank_sklearn_d128() -> dict:
-    """P2 at d_x = d_phi = 128 (k = 16,384 Kronecker columns, a 2.6 GB float64 matrix; one
+    """P2 at d_x = d_phi = 128 (p = 16,384 Kronecker columns, a 2.6 GB float64 matrix; one
     scikit-learn fit per thread setting)."""
     return _p2(128, sklearn_repeats=1)
 

@@ -1,4 +1,5 @@
-"""Online iterative GSHF: the cost of one round (refit + enhancer search + sampling).
+"""Online iterative GSHF (Xiong et al. 2024, ICML 2024, arXiv 2312.11456): the cost of one
+round (refit + enhancer search + sampling).
 
 Budget (issue 5): one round at d = 64, K = 32, m = 1000 takes at most 2 s (met by the
 eigen-direction scan; the default exact enhancer of issue 11 takes about 5 s there, see
@@ -61,7 +62,7 @@ def _parts(loop: OnlineGSHF, env: KLBandit, m: int) -> dict[str, float]:
     """The parts of the next round, timed alone from the loop's final state."""
     rng = np.random.default_rng(123)
     start = time.perf_counter()
-    states = env.sample_states(m, rng)
+    states = env.sample_targets(m, seed=rng)
     main = gibbs_probs(states.phi @ loop.theta_, env.reference_probs(states), env.eta)
     contexts = time.perf_counter() - start
     state = RoundState(
@@ -76,7 +77,7 @@ def _parts(loop: OnlineGSHF, env: KLBandit, m: int) -> dict[str, float]:
     start = time.perf_counter()
     a1, a2 = sample_actions(main, rng), sample_actions(second, rng)
     rows = np.arange(m)
-    env.compare(states.phi[rows, a1], states.phi[rows, a2], rng)
+    env.compare(states.phi[rows, a1], states.phi[rows, a2], seed=rng)
     sampling = time.perf_counter() - start
     start = time.perf_counter()
     loop._refit(loop.data_, env.d)

@@ -38,7 +38,7 @@ def bench_prs_solve() -> dict:
     tight.probs(targets)
     tight_seconds = time.perf_counter() - start
     return {
-        "setting": f"m={m} K={k_actions} d_x=d_phi={d} r={r} k={reduced.n_params} N={data.n}",
+        "setting": f"m={m} K={k_actions} d_x=d_phi={d} r={r} p={reduced.n_params} N={data.n}",
         "prs_solve_seconds_gap_1e-4": round(solve_seconds, 2),
         "prs_solve_seconds_gap_1e-6": round(tight_seconds, 2),
         "frank_wolfe_iterations_gap_1e-4": policy.n_iter_,

@@ -39,7 +39,7 @@ def one_run(
     *,
     n_users: int,
     d_phi: int,
-    k: int,
+    rank: int,
     d_context: int,
     n_per_user: int,
     n_new: int,
@@ -49,22 +49,26 @@ def one_run(
     env = MultiUser(
         n_users=n_users,
         d_phi=d_phi,
-        k=k,
+        rank=rank,
         n_per_user=n_per_user,
         seed=[seed],
         d_context=d_context,
         context_noise=noise,
     )
-    train = env.sample_offline([seed, 1])
+    train = env.sample_offline(seed=[seed, 1])
     l2 = ridge / train.n
-    contexts, thetas = env.new_context_users(n_new, [seed, 2])
+    contexts, thetas = env.new_context_users(n_new, seed=[seed, 2])
     new_ids = np.arange(n_users, n_users + n_new)
-    test = env.sample_comparisons(thetas, np.full(n_new, n_test), [seed, 3], new_ids, contexts)
-    adapt = env.sample_comparisons(thetas, np.full(n_new, 20), [seed, 4], new_ids, contexts)
+    test = env.sample_comparisons(
+        thetas, np.full(n_new, n_test), seed=[seed, 3], users=new_ids, contexts=contexts
+    )
+    adapt = env.sample_comparisons(
+        thetas, np.full(n_new, 20), seed=[seed, 4], users=new_ids, contexts=contexts
+    )
     index = test.users - n_users
     pooled = Pooled(l2).fit(train)
-    shared = SharedBasis(k, l2, seed=seed).fit(train)
-    contextual = Contextual(k, l2, seed=seed).fit(train)
+    shared = SharedBasis(rank, l2, seed=seed).fit(train)
+    contextual = Contextual(rank, l2, seed=seed).fit(train)
     out = {
         "pooled": accuracy(np.tile(pooled.theta0_, (n_new, 1)), test, index),
         "shared θ0": accuracy(np.tile(shared.theta0_, (n_new, 1)), test, index),
@@ -74,7 +78,7 @@ def one_run(
     rows = np.concatenate([[0], np.cumsum(np.full(n_new, 20))])
     for n in (5, 20):
         pick = np.concatenate([np.arange(rows[u], rows[u] + n) for u in range(n_new)])
-        model = SharedBasis(k, l2, seed=seed).fit(train)
+        model = SharedBasis(rank, l2, seed=seed).fit(train)
         model.adapt_user(adapt.subset(pick))
         out[f"shared + {n} pairs"] = accuracy(model.user_theta(new_ids), test, index)
     return out
@@ -87,7 +91,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     settings = dict(
-        n_users=40, d_phi=16, k=3, d_context=6, n_per_user=40, n_new=50, n_test=100, ridge=1.0
+        n_users=40, d_phi=16, rank=3, d_context=6, n_per_user=40, n_new=50, n_test=100, ridge=1.0
     )
     print(
         f"settings: {settings}, seeds 0..{args.seeds - 1}; mean ± s.e. over seeds of the "

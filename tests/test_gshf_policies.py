@@ -39,7 +39,7 @@ def per_state_objective(
 @pytest.mark.parametrize("eta", [0.1, 0.5, 2.0])
 def test_gibbs_equals_brute_force_maximisation_of_J_eta(eta):
     env = KLBandit(d=3, n_actions=3, eta=eta, ref_scale=1.5, seed=7)
-    states = env.sample_states(4, seed=1)
+    states = env.sample_targets(4, seed=1)
     rewards, ref = env.true_reward(states), env.reference_probs(states)
     gibbs = env.optimal_probs(states)
     grid = simplex_grid(3, 200)
@@ -70,7 +70,7 @@ def test_gibbs_equals_brute_force_maximisation_of_J_eta(eta):
 def test_gibbs_policy_of_a_model_matches_the_formula():
     env = KLBandit(d=4, n_actions=5, eta=0.3, seed=2)
     model = Linear(l2=1e-3).fit(env.sample_offline(200, seed=3))
-    states = env.sample_states(10, seed=4)
+    states = env.sample_targets(10, seed=4)
     probs = Gibbs(model, env.eta, reference=env.reference_probs).probs(states)
     weights = env.reference_probs(states) * np.exp(states.phi @ model.theta_ / env.eta)
     np.testing.assert_allclose(probs, weights / weights.sum(axis=1, keepdims=True), rtol=1e-12)
@@ -96,7 +96,7 @@ def test_gibbs_is_exact_for_extreme_temperatures_and_zero_reference_mass():
 # ---------------------------------------------------------------------- exact J_η and KL
 def test_optimal_value_closed_form_and_gap_identity():
     env = KLBandit(d=6, n_actions=7, eta=0.25, ref_alignment=0.3, seed=11)
-    states = env.sample_states(50, seed=12)
+    states = env.sample_targets(50, seed=12)
     opt = env.optimal_probs(states)
     assert env.policy_value(opt, states) == pytest.approx(env.optimal_value(states), rel=1e-12)
     # closed form by hand: η E log Σ π0 exp(r/η)
@@ -120,7 +120,7 @@ def test_optimal_value_closed_form_and_gap_identity():
 
 def test_kl_is_non_negative_and_zero_only_at_the_reference():
     env = KLBandit(d=5, n_actions=6, eta=0.5, seed=3)
-    states = env.sample_states(40, seed=4)
+    states = env.sample_targets(40, seed=4)
     ref = env.reference_probs(states)
     assert env.kl(ref, states) == 0.0
     rng = np.random.default_rng(5)
@@ -143,7 +143,7 @@ def test_kl_bandit_sampling_coverage_and_reference():
     env = KLBandit(
         d=8, n_actions=5, eta=0.2, coverage=0.25, uncovered_dim=3, uncovered_reward=0.0, seed=9
     )
-    deploy, source = env.sample_states(100, seed=1), env.source_states(100, seed=1)
+    deploy, source = env.sample_targets(100, seed=1), env.source_states(100, seed=1)
     basis = env.uncovered_basis
     np.testing.assert_allclose(source.phi @ basis, 0.25 * deploy.phi @ basis, atol=1e-12)
     rest = deploy.phi - deploy.phi @ basis @ basis.T
@@ -156,7 +156,7 @@ def test_kl_bandit_sampling_coverage_and_reference():
     p = 1 / (1 + np.exp(-(data.delta_phi @ env.theta_star)))
     assert abs(np.mean(data.y) - np.mean(p)) < 4 * np.sqrt(np.mean(p * (1 - p)) / data.n)
     flat = KLBandit(d=4, n_actions=3, ref_scale=0.0, seed=0)
-    np.testing.assert_allclose(flat.reference_probs(flat.sample_states(3, 0)), 1 / 3)
+    np.testing.assert_allclose(flat.reference_probs(flat.sample_targets(3, seed=0)), 1 / 3)
     for bad in (
         {"coverage": 0.0},
         {"behavior": "greedy"},
@@ -176,7 +176,7 @@ def offline_problem():
     data = env.sample_offline(150, seed=22)
     model = Linear(l2=1.0 / data.n).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=0.5 * beta_rate(3, data.n))
-    states = env.sample_states(12, seed=23)
+    states = env.sample_targets(12, seed=23)
     assert not cs.contains(np.zeros(3))
     return env, model, cs, states
 
@@ -290,7 +290,7 @@ def test_option2_is_the_gibbs_policy_of_the_pointwise_lower_bound(offline_proble
 
 def test_pessimistic_gibbs_refuses_mismatched_inputs(offline_problem):
     env, model, cs, states = offline_problem
-    small = Linear().fit(KLBandit(d=2, n_actions=3, seed=0).sample_offline(50, 0))
+    small = Linear().fit(KLBandit(d=2, n_actions=3, seed=0).sample_offline(50, seed=0))
     with pytest.raises(PluralignError):
         PessimisticGibbs(small, cs, env.eta)
     with pytest.raises(PluralignError):

@@ -318,7 +318,7 @@ def copy_with(src, dst, name, data):
         (lambda m: {**m, "users": ["a", "a", "c"]}, "users"),
         (lambda m: {**m, "users": ["a", 7, "c"]}, "users"),
         (lambda m: {**m, "class": ["SharedBasis"]}, "class"),
-        (lambda m: {**m, "params": {**m["params"], "k": "2"}}, "params.k"),
+        (lambda m: {**m, "params": {**m["params"], "rank": "2"}}, "params.rank"),
         (lambda m: {**m, "params": {**m["params"], "evil": 1}}, "params.evil"),
         (
             lambda m: {**m, "params": {**m["params"], "unknown_user": "sometimes"}},
@@ -375,10 +375,10 @@ def test_a_saved_model_round_trips_and_rank_refuses_a_broken_one(model_dir, tmp_
     assert ok.exit_code == 0, ok.output
     reward = json.loads(ok.output)["reward"]
     np.testing.assert_allclose(reward, model.user_theta("a")[0][:2])
-    meta["params"]["k"] = None
+    meta["params"]["rank"] = None
     broken = copy_with(model_dir, tmp_path / "m", "model.json", json.dumps(meta).encode())
     result = CliRunner().invoke(app, ["rank", str(broken), str(candidates), "--user", "a"])
-    assert result.exit_code == 2 and "params.k" in result.output
+    assert result.exit_code == 2 and "params.rank" in result.output
 
 
 # --------------------------------------------------------------------------- permissions

@@ -35,7 +35,7 @@ def _env(**kw) -> LowRankContextual:
 def test_lowrank_error_falls_with_n():
     env = _env()
     errors = [
-        env.estimation_error(LowRank(2, l2=1.0 / n).fit(env.sample_offline(n, 7)).theta_)
+        env.estimation_error(LowRank(2, l2=1.0 / n).fit(env.sample_offline(n, seed=7)).theta_)
         for n in (300, 3000, 30000)
     ]
     assert errors[0] > errors[1] > errors[2]
@@ -45,7 +45,7 @@ def test_lowrank_error_falls_with_n():
 @AT_FLOOR
 def test_lowrank_at_full_rank_matches_bilinear_optimum():
     env = _env(d_x=5, d_phi=4, rank=2)
-    data = env.sample_offline(1500, 1)
+    data = env.sample_offline(1500, seed=1)
     full = Bilinear(l2=1e-2, tol=1e-10).fit(data)
     for init in ("spectral", "random"):
         low = LowRank(4, l2=1e-2, tol=1e-10, init=init, seed=0).fit(data)
@@ -55,7 +55,7 @@ def test_lowrank_at_full_rank_matches_bilinear_optimum():
 
 def test_lowrank_svd_attributes_are_the_svd_of_theta():
     env = _env()
-    model = LowRank(2, l2=1e-3).fit(env.sample_offline(2000, 2))
+    model = LowRank(2, l2=1e-3).fit(env.sample_offline(2000, seed=2))
     s = np.linalg.svd(model.theta_, compute_uv=False)
     np.testing.assert_allclose(model.s_, s[:2], rtol=1e-8)
     np.testing.assert_allclose(model.U_ * model.s_ @ model.V_.T, model.theta_, atol=1e-10)
@@ -66,15 +66,15 @@ def test_lowrank_svd_attributes_are_the_svd_of_theta():
 
 def test_lowrank_reward_matches_theta_without_forming_it():
     env = _env()
-    model = LowRank(2).fit(env.sample_offline(500, 2))
-    targets = env.sample_targets(9, 4)
+    model = LowRank(2).fit(env.sample_offline(500, seed=2))
+    targets = env.sample_targets(9, seed=4)
     explicit = np.einsum("mi,ij,mkj->mk", targets.x, model.theta_, targets.phi)
     np.testing.assert_allclose(model.reward(targets.x, targets.phi), explicit, atol=1e-12)
 
 
 def test_randomized_svd_matches_dense_svd():
     env = _env(d_x=30, d_phi=25, rank=3)
-    data = env.sample_offline(4000, 5)
+    data = env.sample_offline(4000, seed=5)
     u_d, s_d, v_d = moment_matrix_svd(data, 3)
     u_r, s_r, v_r = moment_matrix_svd(data, 3, dense_limit=0, seed=1)
     np.testing.assert_allclose(s_r, s_d, rtol=1e-6)
@@ -100,7 +100,7 @@ def test_lowrank_with_one_hot_users_matches_per_user_truth():
 
 
 def test_lowrank_validates_rank_and_contexts():
-    data = _env().sample_offline(100, 0)
+    data = _env().sample_offline(100, seed=0)
     with pytest.raises(DataValidationError, match="rank"):
         LowRank(7).fit(data)
     with pytest.raises(DataValidationError, match="x"):
@@ -113,13 +113,13 @@ def test_rtv_dimension_and_exactness_when_truncated_block_is_zero():
     d_x, d_phi, r = 7, 5, 2
     u_hat, v_hat = haar_frame(rng, d_x, r), haar_frame(rng, d_phi, r)
     rtv = RTVMap.from_frames(u_hat, v_hat)
-    assert rtv.k == (d_x + d_phi) * r - r * r
+    assert rtv.n_params == (d_x + d_phi) * r - r * r
     # Θ with Û⊥ᵀ Θ V̂⊥ = 0: Θ = Û A + B V̂ᵀ.
     theta = u_hat @ rng.standard_normal((r, d_phi)) + rng.standard_normal((d_x, r)) @ v_hat.T
     params = rtv.params_from_theta(theta)
     x, phi = rng.standard_normal((11, d_x)), rng.standard_normal((11, d_phi))
     z = rtv_features(x, phi, u_hat, v_hat)
-    assert z.shape == (11, rtv.k)
+    assert z.shape == (11, rtv.n_params)
     np.testing.assert_allclose(z @ params, np.sum((x @ theta) * phi, axis=1), atol=1e-12)
     np.testing.assert_allclose(rtv.theta_from_params(params), theta, atol=1e-12)
 
@@ -139,9 +139,9 @@ def test_rtv_drops_exactly_the_complement_block():
 
 def test_rtv_structured_primitives_equal_materialized_features():
     env = _env()
-    data = env.sample_offline(800, 0)
+    data = env.sample_offline(800, seed=0)
     model = RTVReduced(LowRank(2).fit(data)).fit(data)
-    targets = env.sample_targets(7, 1)
+    targets = env.sample_targets(7, seed=1)
     z = model.features(targets.x, targets.phi)
     rng = np.random.default_rng(0)
     params = rng.standard_normal(model.n_params)
@@ -156,7 +156,7 @@ def test_rtv_structured_primitives_equal_materialized_features():
 def test_rtv_refit_equals_materialized_logistic_regression():
     sklearn = pytest.importorskip("sklearn.linear_model")
     env = _env()
-    data = env.sample_offline(1500, 0)
+    data = env.sample_offline(1500, seed=0)
     l2 = 1e-2
     model = RTVReduced(LowRank(2, l2=1e-3).fit(data), l2=l2, tol=1e-10).fit(data)
     dz = model.features(data.x, data.delta_phi)
@@ -169,7 +169,7 @@ def test_rtv_refit_equals_materialized_logistic_regression():
 
 # -------------------------------------------------------------------- confidence sets
 def test_worst_case_closed_form_equals_numeric_minimisation():
-    data = _env().sample_offline(400, 0)
+    data = _env().sample_offline(400, seed=0)
     model = Linear(l2=1e-2).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=0.7)
     w = np.random.default_rng(0).standard_normal(model.n_params)
@@ -190,7 +190,7 @@ def test_worst_case_closed_form_equals_numeric_minimisation():
 
 
 def test_design_and_fisher_matrices_match_explicit_sums():
-    data = _env().sample_offline(300, 0)
+    data = _env().sample_offline(300, seed=0)
     model = Bilinear(l2=1e-2).fit(data)
     dz = model.features(data.x, data.delta_phi)
     for kind in ("design", "fisher"):
@@ -204,7 +204,7 @@ def test_design_and_fisher_matrices_match_explicit_sums():
 
 
 def test_theory_beta_formula_and_rate():
-    data = _env().sample_offline(200, 0)
+    data = _env().sample_offline(200, seed=0)
     model = Linear(l2=1e-2).fit(data)
     cs = ConfidenceSet.fit(model, data, beta="theory", delta=0.1, bound_theta=2.0)
     big_l = np.sqrt(np.max(np.sum(data.delta_phi**2, axis=1)))
@@ -217,7 +217,7 @@ def test_theory_beta_formula_and_rate():
 
 
 def test_full_rank_pessimism_refuses_when_matrix_too_large():
-    data = _env().sample_offline(100, 0)
+    data = _env().sample_offline(100, seed=0)
     model = Bilinear().fit(data)
     with pytest.raises(ResourceError, match="PRS"):
         ConfidenceSet.fit(model, data, beta=1.0, max_bytes=1000)
@@ -226,17 +226,17 @@ def test_full_rank_pessimism_refuses_when_matrix_too_large():
 # ------------------------------------------------------------------ pessimistic policy
 def _small_problem(beta: float, seed: int = 0):
     env = _env(d_x=3, d_phi=3, rank=1, n_actions=3, shift=1.0, behavior="skewed", seed=seed)
-    data = env.sample_offline(150, seed)
+    data = env.sample_offline(150, seed=seed)
     model = Bilinear(l2=1.0 / 150).fit(data)
     cs = ConfidenceSet.fit(model, data, beta=beta)
-    targets = env.sample_targets(6, seed + 1)
+    targets = env.sample_targets(6, seed=seed + 1)
     return model, cs, targets
 
 
 def _explicit_objective(
     cs: ConfidenceSet, z: np.ndarray, z_ref: np.ndarray, probs: np.ndarray
 ) -> float:
-    """``f(π)`` from materialized features ``z`` (m, K, k), independent of the solver's path
+    """``f(π)`` from materialized features ``z`` (m, K, p), independent of the solver's path
     (``reward_at`` / ``mean_features``)."""
     w = np.einsum("ja,jak->k", probs, z) / z.shape[0] - z_ref
     return float(cs.center @ w - cs.beta * np.sqrt(max(w @ np.linalg.solve(cs.M, w), 0.0)))
@@ -325,14 +325,14 @@ def test_pointwise_is_argmax_of_lower_confidence_bound():
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 6.0])
 def test_prs_on_reduced_model_matches_an_independent_solver(scale):
-    """PRS (RTV-reduced, k = 7) against SLSQP; at scale 3 and 6 the optimum is mixed (better
+    """PRS (RTV-reduced, p = 7) against SLSQP; at scale 3 and 6 the optimum is mixed (better
     than every deterministic policy), where the solver cannot be right by starting at greedy."""
     env = _env(d_x=4, d_phi=4, rank=1, n_actions=3, shift=1.0, behavior="skewed")
-    data = env.sample_offline(400, 0)
+    data = env.sample_offline(400, seed=0)
     reduced = RTVReduced(LowRank(1, l2=1 / 400).fit(data), l2=1 / 400).fit(data)
     cs = ConfidenceSet.fit(reduced, data, beta=scale * beta_rate(reduced.n_params, data.n))
-    assert not cs.contains(np.zeros(cs.k))
-    targets = env.sample_targets(6, 1)
+    assert not cs.contains(np.zeros(cs.n_params))
+    targets = env.sample_targets(6, seed=1)
     policy = Pessimistic(reduced, cs, tol=1e-8)
     probs = policy.probs(targets)
     assert policy.converged_ and policy.duality_gap_ <= 1e-8
@@ -438,7 +438,7 @@ def test_markdown_table_cells_are_summary_means():
 
 def test_rtv_refuses_a_base_with_free_rows():
     env = _env()
-    data = env.sample_offline(300, 0)
+    data = env.sample_offline(300, seed=0)
     x = np.concatenate([np.ones((data.n, 1)), data.x], axis=1)
     augmented = PreferenceData(x, data.phi0, data.phi1, data.y)
     base = LowRank(2, free_rows=1).fit(augmented)

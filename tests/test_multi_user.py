@@ -25,22 +25,22 @@ AT_FLOOR = pytest.mark.filterwarnings(
 
 @pytest.fixture(scope="module")
 def env() -> MultiUser:
-    return MultiUser(n_users=6, d_phi=5, k=2, diversity=1.0, n_per_user=60, seed=3)
+    return MultiUser(n_users=6, d_phi=5, rank=2, diversity=1.0, n_per_user=60, seed=3)
 
 
 @pytest.fixture(scope="module")
 def train(env: MultiUser) -> PreferenceData:
-    return env.sample_offline([1])
+    return env.sample_offline(seed=[1])
 
 
 # --------------------------------------------------------------------------- estimators
 @AT_FLOOR
 def test_shared_basis_at_full_rank_is_per_user_plus_shared_offset():
-    """k = d_phi: θ_u = θ0 + B w_u is unconstrained, so SharedBasis reaches the optimum of the
+    """rank = d_phi: θ_u = θ0 + B w_u is unconstrained, so SharedBasis reaches the optimum of the
     convex 'per-user plus shared offset' model (Bilinear on [1, e_u], same ridge on Θ), and with
     a vanishing ridge its θ_u are PerUser's."""
-    env = MultiUser(n_users=4, d_phi=3, k=2, diversity=1.0, n_per_user=150, seed=0)
-    data = env.sample_offline([5])
+    env = MultiUser(n_users=4, d_phi=3, rank=2, diversity=1.0, n_per_user=150, seed=0)
+    data = env.sample_offline(seed=[5])
     l2 = 1e-3
     shared = SharedBasis(3, l2, tol=1e-9).fit(data)
     users, index = np.unique(data.users, return_inverse=True)
@@ -104,8 +104,8 @@ def test_shared_basis_structure_and_per_user_ridge(train):
 
 def test_adapt_user_fits_w_with_theta0_and_basis_frozen(env, train):
     model = SharedBasis(2, 1.0 / train.n).fit(train)
-    _, thetas_new = env.new_users(2, [9])
-    few = env.sample_comparisons(thetas_new, [20, 20], [10], users=np.array([100, 101]))
+    _, thetas_new = env.new_users(2, seed=[9])
+    few = env.sample_comparisons(thetas_new, [20, 20], seed=[10], users=np.array([100, 101]))
     theta0, basis = model.theta0_.copy(), model.basis_.copy()
     adapted = model.adapt_user(few)
     assert adapted is model and model.users_.tolist()[-2:] == [100, 101]
@@ -138,11 +138,11 @@ def test_adaptation_with_the_true_basis_recovers_a_new_user(env):
         },
         env.users,
         n_train=360,
-        k=2,
+        rank=2,
         l2=1e-6,
     )
-    _, theta_new = env.new_users(1, [4])
-    data = env.sample_comparisons(theta_new, [4000], [5], users=np.array([50]))
+    _, theta_new = env.new_users(1, seed=[4])
+    data = env.sample_comparisons(theta_new, [4000], seed=[5], users=np.array([50]))
     truth.adapt_user(data)
     err = np.linalg.norm(truth.user_theta(50)[0] - theta_new[0]) / np.linalg.norm(theta_new[0])
     assert err < 0.1
@@ -195,22 +195,22 @@ def test_subspace_distance_closed_form():
 
 # --------------------------------------------------------------------------- simulator
 def test_simulator_truth_counts_and_nesting():
-    env = MultiUser(n_users=3, d_phi=4, k=2, diversity=0.5, n_per_user=[5, 1, 8], seed=1)
+    env = MultiUser(n_users=3, d_phi=4, rank=2, diversity=0.5, n_per_user=[5, 1, 8], seed=1)
     np.testing.assert_allclose(env.thetas_star, env.theta0_star + env.W_star @ env.B_star.T)
-    data = env.sample_offline([2])
+    data = env.sample_offline(seed=[2])
     assert np.bincount(data.users).tolist() == [5, 1, 8]
-    more = env.sample_offline([2], n_per_user=[7, 3, 8])
+    more = env.sample_offline([7, 3, 8], seed=[2])
     for u, n in ((0, 5), (1, 1), (2, 8)):
         np.testing.assert_array_equal(data.phi0[data.users == u], more.phi0[more.users == u][:n])
-    same = MultiUser(n_users=4, d_phi=4, k=2, diversity=0.0, seed=1)
+    same = MultiUser(n_users=4, d_phi=4, rank=2, diversity=0.0, seed=1)
     assert np.allclose(same.thetas_star, same.theta0_star)
     with pytest.raises(ConfigError, match="one per user"):
         MultiUser(n_users=3, n_per_user=[5, 5])
 
 
 def test_simulator_values_match_brute_force():
-    env = MultiUser(n_users=3, d_phi=4, k=2, n_actions=3, seed=2)
-    targets = env.sample_targets(5, [1])
+    env = MultiUser(n_users=3, d_phi=4, rank=2, n_actions=3, seed=2)
+    targets = env.sample_targets(5, seed=[1])
     probs = np.random.default_rng(0).dirichlet(np.ones(3), size=5)
     for u in range(3):
         rewards = targets.phi @ env.thetas_star[u]
@@ -370,7 +370,7 @@ def test_plug_in_utilitarian_is_greedy_on_the_mean_reward(env):
     product of simplices, by an independent LP (scipy linprog, HiGHS), is reached."""
     from scipy.optimize import linprog
 
-    targets = env.sample_targets(30, [3])
+    targets = env.sample_targets(30, seed=[3])
     weights = np.array([1, 2, 3, 0, 0, 1])
     policy = Utilitarian(_truth_model(env), weights=weights)
     probs = policy.probs(targets)
@@ -388,8 +388,8 @@ def test_plug_in_utilitarian_is_greedy_on_the_mean_reward(env):
 
 def test_plug_in_leximin_matches_the_dual_by_grid_search():
     """Two users: max_π min_u Δ_u(π) = min_{λ∈[0,1]} mean_j max_a (λΔ_1 + (1−λ)Δ_2)(j, a)."""
-    env = MultiUser(n_users=2, d_phi=4, k=2, diversity=2.0, n_actions=4, seed=5)
-    targets = env.sample_targets(15, [2])
+    env = MultiUser(n_users=2, d_phi=4, rank=2, diversity=2.0, n_actions=4, seed=5)
+    targets = env.sample_targets(15, seed=[2])
     policy = Leximin(_truth_model(env), levels=1)
     probs = policy.probs(targets)
     ref = targets.phi.mean(axis=1, keepdims=True)
@@ -424,7 +424,7 @@ def test_full_leximin_raises_the_second_level(env):
     built one where the max–min optimum is a whole face: user 0 is the bottleneck (its best is
     1/6, from state 0 alone), and any split q ∈ [4/9, 5/9] of state 1 between users 1 and 2
     keeps both above it; only q = 1/2 (both at 1/4) raises the second level."""
-    targets = env.sample_targets(20, [7])
+    targets = env.sample_targets(20, seed=[7])
     _check_leximin(_truth_model(env), targets, env.thetas_star)
 
     thetas = np.array([[0.5, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -447,7 +447,7 @@ def test_full_leximin_raises_the_second_level(env):
 
 def test_pessimistic_aggregates_with_one_user_equal_pessimistic(env, train):
     model = SharedBasis(2, 1.0 / train.n).fit(train)
-    targets = env.sample_targets(25, [8])
+    targets = env.sample_targets(25, seed=[8])
     per_user = PerUserPolicies(model, train, beta=0.5)
     single = per_user.policy(3)
     assert isinstance(single, Pessimistic)
@@ -463,7 +463,7 @@ def test_pessimistic_utilitarian_is_optimal_and_certified(env, train):
     user's confidence set, maximised by SLSQP over the product of simplices from several random
     starts: pluralign's value is no worse, and its certified gap bounds the distance."""
     model = PerUser(1.0 / train.n).fit(train)
-    targets = env.sample_targets(5, [9])
+    targets = env.sample_targets(5, seed=[9])
     policy = Utilitarian(model, train, beta=0.3, tol=1e-6)
     probs = policy.probs(targets)
     assert policy.converged_ and policy.duality_gap_ <= 1e-6
@@ -483,7 +483,7 @@ def test_pessimistic_leximin_is_the_max_min_optimum(env, train):
     """Max–min of the pessimistic improvements Δ̲_u(π) (SharedBasis views), against SLSQP on
     the epigraph form max t s.t. Δ̲_u(π) ≥ t over the product of simplices, several starts."""
     model = SharedBasis(2, 1.0 / train.n).fit(train)
-    targets = env.sample_targets(5, [10])
+    targets = env.sample_targets(5, seed=[10])
     policy = Leximin(model, train, beta=0.5, levels=1, tol=1e-7)
     probs = policy.probs(targets)
     assert policy.converged_

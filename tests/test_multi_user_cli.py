@@ -20,8 +20,8 @@ from pluralign.rewards.persistence import load_model
 @pytest.fixture(scope="module")
 def numeric(tmp_path_factory):
     folder = tmp_path_factory.mktemp("numeric")
-    env = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
-    path = save_preferences(env.sample_offline([1]), folder / "prefs.jsonl")
+    env = MultiUser(n_users=4, d_phi=5, rank=2, diversity=1.0, n_per_user=40, seed=0)
+    path = save_preferences(env.sample_offline(seed=[1]), folder / "prefs.jsonl")
     candidates = folder / "candidates.jsonl"
     rng = np.random.default_rng(0)
     phis = [rng.standard_normal((k, 5)) for k in (3, 6, 2)]
@@ -37,7 +37,7 @@ def invoke(*args: str):
 def test_fit_saves_model_and_report_without_pickle(numeric, model):
     folder, path, _, _ = numeric
     out = folder / f"fit-{model}"
-    result = invoke("fit", path, "--model", model, "--k", "2", "--out", out)
+    result = invoke("fit", path, "--model", model, "--rank", "2", "--out", out)
     assert result.exit_code == 0, result.output
     for name in ("model.json", "model.npz", "report.json", "per_user_accuracy.csv", "accuracy.png"):
         assert (out / name).is_file(), name
@@ -72,7 +72,8 @@ def test_rank_returns_the_argmax_of_the_users_pessimistic_reward(numeric, beta):
     out = folder / "fit-rank"
     if not out.exists():
         assert (
-            invoke("fit", path, "--model", "shared_basis", "--k", "2", "--out", out).exit_code == 0
+            invoke("fit", path, "--model", "shared_basis", "--rank", "2", "--out", out).exit_code
+            == 0
         )
     model, _, designs = load_model(out)
     for user in (0, 3):
@@ -97,7 +98,7 @@ def test_the_python_workflow_is_what_fit_and_rank_run(numeric, tmp_path, beta):
 
     _, path, candidates, phis = numeric
     cli_out, py_out = tmp_path / "cli", tmp_path / "py"
-    assert invoke("fit", path, "--k", "2", "--seed", "3", "--out", cli_out).exit_code == 0
+    assert invoke("fit", path, "--rank", "2", "--seed", "3", "--out", cli_out).exit_code == 0
     result = fit_personalized(path, "shared_basis", 2, seed=3)
     result.save(py_out)
     for name in ("report.json", "per_user_accuracy.csv"):
@@ -122,7 +123,7 @@ def test_the_python_workflow_is_what_fit_and_rank_run(numeric, tmp_path, beta):
 def test_rank_refuses_unknown_users_and_bad_candidates(numeric, tmp_path):
     folder, path, candidates, _ = numeric
     out = folder / "fit-unknown"
-    assert invoke("fit", path, "--out", out, "--k", "2").exit_code == 0
+    assert invoke("fit", path, "--out", out, "--rank", "2").exit_code == 0
     result = invoke("rank", out, candidates, "--user", "42")
     assert result.exit_code == 2 and "unknown user 42" in " ".join(result.output.split())
     bad = tmp_path / "bad.jsonl"
@@ -133,7 +134,8 @@ def test_rank_refuses_unknown_users_and_bad_candidates(numeric, tmp_path):
 
     shared = folder / "fit-shared"
     assert (
-        invoke("fit", path, "--out", shared, "--k", "2", "--unknown-user", "shared").exit_code == 0
+        invoke("fit", path, "--out", shared, "--rank", "2", "--unknown-user", "shared").exit_code
+        == 0
     )
     model, _, _ = load_model(shared)
     result = invoke("rank", shared, candidates, "--user", "42")
@@ -144,8 +146,8 @@ def test_rank_refuses_unknown_users_and_bad_candidates(numeric, tmp_path):
 
 
 def test_fit_rejects_data_without_users(tmp_path):
-    env = MultiUser(n_users=2, d_phi=3, k=1, n_per_user=10, seed=0)
-    data = env.sample_offline([0])
+    env = MultiUser(n_users=2, d_phi=3, rank=1, n_per_user=10, seed=0)
+    data = env.sample_offline(seed=[0])
     from pluralign.data import PreferenceData
 
     path = save_preferences(PreferenceData(None, data.phi0, data.phi1, data.y), tmp_path / "p.npz")
@@ -157,7 +159,14 @@ TINY = {
     "experiment": "multi_user",
     "seed": 0,
     "repeats": 1,
-    "env": {"n_users": 4, "d_phi": 4, "k": 1, "n_targets": 15, "n_heldout": 10, "n_new_users": 2},
+    "env": {
+        "n_users": 4,
+        "d_phi": 4,
+        "rank": 1,
+        "n_targets": 15,
+        "n_heldout": 10,
+        "n_new_users": 2,
+    },
     "sweep": [{"diversity": [0.0, 1.0]}, {"n_users": [3, 4]}],
     "n_samples": [10],
 }

@@ -346,11 +346,12 @@ def test_per_user_bars_without_held_out_and_many_users(tmp_path):
 @pytest.fixture
 def multi_user_figures(monkeypatch, tmp_path):
     envs = [
-        {"n_users": 8, "d_phi": 6, "k": 2, "diversity": d, "imbalance": 0.0}
+        {"n_users": 8, "d_phi": 6, "rank": 2, "diversity": d, "imbalance": 0.0}
         for d in (0.0, 0.5, 1.0, 2.0)
     ]
     envs += [
-        {"n_users": u, "d_phi": 6, "k": 2, "diversity": 1.0, "imbalance": 0.0} for u in (4, 16, 64)
+        {"n_users": u, "d_phi": 6, "rank": 2, "diversity": 1.0, "imbalance": 0.0}
+        for u in (4, 16, 64)
     ]
     config = {"env": envs, "n_samples": [10, 50], "methods": METHODS}
     rng = np.random.default_rng(3)

@@ -378,7 +378,7 @@ def _one_state_instance(seed: int, margin: float):
 @pytest.mark.parametrize("margin", [2.0, 0.5])
 def test_frank_wolfe_closed_form_one_state_two_actions(seed, margin):
     model, cs, targets, a, s = _one_state_instance(seed, margin)
-    assert not cs.contains(np.zeros(cs.k))
+    assert not cs.contains(np.zeros(cs.n_params))
     w_ref = targets.phi.mean(axis=1)[0]
     sol = pairwise_frank_wolfe(model, cs, targets, w_ref, tol=1e-9, max_iter=200)
     expected = max(abs(a) - cs.beta * s, 0.0) / 2

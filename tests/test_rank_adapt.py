@@ -27,10 +27,10 @@ def records(result) -> list[dict]:
 def numeric(tmp_path_factory):
     """Training pairs of users 0..3, and 10 pairs of a new user 9 (drawn as another user 4)."""
     folder = tmp_path_factory.mktemp("rank_adapt")
-    env = MultiUser(n_users=5, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=1)
+    env = MultiUser(n_users=5, d_phi=5, rank=2, diversity=1.0, n_per_user=40, seed=1)
     rows = [
         json.loads(line)
-        for line in save_preferences(env.sample_offline([1]), folder / "all.jsonl")
+        for line in save_preferences(env.sample_offline(seed=[1]), folder / "all.jsonl")
         .read_text()
         .splitlines()
     ]
@@ -49,7 +49,7 @@ def numeric(tmp_path_factory):
 def _fit(folder, train, model, *extra):
     out = folder / "-".join([model, *extra]).replace("--", "")
     if not out.exists():
-        result = invoke("fit", train, "--model", model, "--k", "2", "--out", out, *extra)
+        result = invoke("fit", train, "--model", model, "--rank", "2", "--out", out, *extra)
         assert result.exit_code == 0, result.output
     return out
 
@@ -134,7 +134,7 @@ def test_rank_adapt_on_text_data(tmp_path):
     adapt = tmp_path / "zoe.jsonl"
     adapt.write_text("".join(json.dumps(r) + "\n" for r in new))
     out = tmp_path / "model"
-    assert invoke("fit", train, "--k", "2", "--out", out).exit_code == 0
+    assert invoke("fit", train, "--rank", "2", "--out", out).exit_code == 0
     result = invoke("rank", out, tmp_path / "candidates.jsonl", "--user", "zoe", "--adapt", adapt)
     assert result.exit_code == 0, result.output
     got = records(result)

@@ -51,10 +51,10 @@ def test_report_of_a_fit_folder(tmp_path):
     from pluralign.data import save_preferences
     from pluralign.envs import MultiUser
 
-    env = MultiUser(n_users=4, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=0)
-    data = save_preferences(env.sample_offline([1]), tmp_path / "prefs.jsonl")
+    env = MultiUser(n_users=4, d_phi=5, rank=2, diversity=1.0, n_per_user=40, seed=0)
+    data = save_preferences(env.sample_offline(seed=[1]), tmp_path / "prefs.jsonl")
     out = tmp_path / "model"
-    fitted = invoke("fit", data, "--k", "2", "--out", out)
+    fitted = invoke("fit", data, "--rank", "2", "--out", out)
     assert fitted.exit_code == 0, fitted.output
     shown = invoke("report", out)
     assert shown.exit_code == 0, shown.output
@@ -63,7 +63,7 @@ def test_report_of_a_fit_folder(tmp_path):
     assert_same_ending(fitted.stdout, shown.stdout)
     assert f"shared_basis on {data} (4 users, d_phi=5)" in shown.stdout.splitlines()[0]
 
-    fitted_json = invoke("fit", data, "--k", "2", "--out", out, "--json")
+    fitted_json = invoke("fit", data, "--rank", "2", "--out", out, "--json")
     assert fitted_json.exit_code == 0, fitted_json.output
     shown_json = invoke("report", out, "--json")
     assert shown_json.exit_code == 0, shown_json.output

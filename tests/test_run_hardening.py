@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from pluralign.cli import app
 from pluralign.errors import ConfigError, DataValidationError
 from pluralign.experiments import EXPERIMENTS, read_results, resolve_config, run_experiment
-from pluralign.experiments.config import _coerce, spec_table
+from pluralign.experiments.base import coerce
+from pluralign.experiments.config import spec_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "pluralign" / "configs"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
@@ -95,7 +96,7 @@ BAD_SETTINGS = [
     ("multi_user", "options", "rank", 17),  # > d_phi = 16
     ("multi_user", "options", "policy_tol", -1e-3),
     ("multi_user", "options", "policies", "yes"),
-    ("multi_user", "env", "k", 17),
+    ("multi_user", "env", "rank", 17),
     ("multi_user", "env", "imbalance", -1.0),
     ("multi_user", "env", "diversity", -0.5),
     ("multi_user", "env", "n_new_users", 0),
@@ -225,18 +226,18 @@ def test_nullable_uncovered_reward_takes_null_or_a_share():
 )
 def test_coerce_refuses_with_config_error(value, default):
     with pytest.raises(ConfigError, match="'key'"):
-        _coerce("key", value, default)
+        coerce("key", value, default)
 
 
 def test_coerce_still_converts_what_it_converted():
-    assert _coerce("k", "1e-4", 1.0) == pytest.approx(1e-4)
-    assert _coerce("k", 3, 1.0) == 3.0 and isinstance(_coerce("k", 3, 1.0), float)
-    assert _coerce("k", 2.0, 1) == 2 and isinstance(_coerce("k", 2.0, 1), int)
-    assert _coerce("k", "12", 1) == 12
-    assert _coerce("k", (1, "2"), [0.5]) == [1.0, 2.0]
-    assert _coerce("k", False, True) is False
-    assert _coerce("k", "x", "y") == "x"
-    assert _coerce("k", {"any": 1}, None) == {"any": 1}
+    assert coerce("k", "1e-4", 1.0) == pytest.approx(1e-4)
+    assert coerce("k", 3, 1.0) == 3.0 and isinstance(coerce("k", 3, 1.0), float)
+    assert coerce("k", 2.0, 1) == 2 and isinstance(coerce("k", 2.0, 1), int)
+    assert coerce("k", "12", 1) == 12
+    assert coerce("k", (1, "2"), [0.5]) == [1.0, 2.0]
+    assert coerce("k", False, True) is False
+    assert coerce("k", "x", "y") == "x"
+    assert coerce("k", {"any": 1}, None) == {"any": 1}
 
 
 def test_docs_tabulate_the_declared_constraints():
@@ -265,7 +266,7 @@ def test_a_27000_setting_sweep_resolves_and_dedupe_keeps_first_seen_order():
 
 
 def test_settings_with_one_name_are_refused_naming_both():
-    env = {"n_users": 5, "d_phi": 4, "k": 2}
+    env = {"n_users": 5, "d_phi": 4, "rank": 2}
     with pytest.raises(ConfigError) as info:  # n_actions is not part of the setting's name
         resolve_config(
             {

@@ -205,7 +205,7 @@ def test_estimation_error_shrinks_with_more_samples():
         return np.array(
             [
                 env.estimation_error(
-                    Bilinear(l2=1e-4).fit(env.sample_offline(size, [stream, k])).theta_
+                    Bilinear(l2=1e-4).fit(env.sample_offline(size, seed=[stream, k])).theta_
                 )
                 for k in range(repeats)
             ]

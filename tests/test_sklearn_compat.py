@@ -38,8 +38,8 @@ from pluralign.rewards import (
 # ------------------------------------------------------------------------------ data
 def multi_user_data(seed: int = 1) -> PreferenceData:
     """9 users × 40 comparisons, d_phi = 5, true shared basis of rank 2 (seeded)."""
-    env = MultiUser(n_users=9, d_phi=5, k=2, diversity=1.0, n_per_user=40, seed=3)
-    return env.sample_offline([seed])
+    env = MultiUser(n_users=9, d_phi=5, rank=2, diversity=1.0, n_per_user=40, seed=3)
+    return env.sample_offline(seed=[seed])
 
 
 def contextual_data(seed: int = 0) -> PreferenceData:
@@ -50,9 +50,9 @@ def contextual_data(seed: int = 0) -> PreferenceData:
 def users_with_contexts_data(seed: int = 0) -> PreferenceData:
     """8 users × 30 comparisons with 3-d user contexts, d_phi = 5 (seeded)."""
     env = MultiUser(
-        n_users=8, d_phi=5, k=2, n_per_user=30, seed=seed, d_context=3, context_noise=0.2
+        n_users=8, d_phi=5, rank=2, n_per_user=30, seed=seed, d_context=3, context_noise=0.2
     )
-    return env.sample_offline([seed])
+    return env.sample_offline(seed=[seed])
 
 
 def _fitted_lowrank() -> LowRank:
@@ -90,15 +90,15 @@ CASES: list[tuple[str, Callable[[], object], Callable[[], PreferenceData], dict]
     ("Pooled", lambda: Pooled(l2=0.04, tol=1e-7), multi_user_data, {"l2": 0.5}),
     (
         "SharedBasis",
-        lambda: SharedBasis(k=3, l2=0.01, unknown_user="shared", seed=2),
+        lambda: SharedBasis(rank=3, l2=0.01, unknown_user="shared", seed=2),
         multi_user_data,
-        {"k": 1, "l2": 0.1},
+        {"rank": 1, "l2": 0.1},
     ),
     (
         "Contextual",
-        lambda: Contextual(k=2, l2=0.02, unknown_user="shared", seed=3),
+        lambda: Contextual(rank=2, l2=0.02, unknown_user="shared", seed=3),
         users_with_contexts_data,
-        {"k": 1, "standardize": False},
+        {"rank": 1, "standardize": False},
     ),
     (
         "UserReward",
@@ -159,9 +159,9 @@ def test_clone_of_rtv_reduced_keeps_its_fitted_base_and_does_not_expose_its_para
 
 
 def test_get_params_lists_the_init_arguments_in_order_and_deep_changes_nothing_flat():
-    model = SharedBasis(k=3, l2=0.5, seed=7)
+    model = SharedBasis(rank=3, l2=0.5, seed=7)
     assert list(model.get_params(deep=False)) == [
-        "k",
+        "rank",
         "l2",
         "unknown_user",
         "adapt_l2",
@@ -175,7 +175,7 @@ def test_get_params_lists_the_init_arguments_in_order_and_deep_changes_nothing_f
         "device",
     ]
     assert model.get_params(deep=True) == model.get_params(deep=False) == model.get_params()
-    assert model.get_params()["k"] == 3 and model.get_params()["seed"] == 7
+    assert model.get_params()["rank"] == 3 and model.get_params()["seed"] == 7
     # UserReward's parameters ``v`` are fitted state (``UserReward.fitted``), not hyper-parameters
     assert list(UserReward(np.eye(2)).get_params()) == ["basis", "l2", "user"]
     assert list(UserReward.fitted(np.eye(2), np.ones(2)).get_params()) == ["basis", "l2", "user"]
@@ -241,11 +241,11 @@ def test_score_is_the_mean_bradley_terry_log_likelihood():
 
 def test_fit_accepts_y_none_or_the_data_labels_and_refuses_other_labels():
     data = multi_user_data()
-    plain = SharedBasis(k=2, l2=0.01).fit(data)
-    with_y = SharedBasis(k=2, l2=0.01).fit(data, data.y)
+    plain = SharedBasis(rank=2, l2=0.01).fit(data)
+    with_y = SharedBasis(rank=2, l2=0.01).fit(data, data.y)
     np.testing.assert_array_equal(with_y.thetas_, plain.thetas_)
     for model in (
-        SharedBasis(k=2),
+        SharedBasis(rank=2),
         PerUser(),
         Pooled(),
         Linear(),
@@ -296,7 +296,7 @@ def test_preference_data_is_indexable_as_scikit_learn_needs():
 # --------------------------------------------------------------------- GridSearchCV
 def test_grid_search_with_a_per_user_group_split_matches_a_hand_written_loop():
     data = multi_user_data()
-    grid = {"k": [1, 2, 3], "l2": [1e-3, 0.3]}
+    grid = {"rank": [1, 2, 3], "l2": [1e-3, 0.3]}
     folds = list(GroupKFold(n_splits=3).split(data, groups=data.users))
     for train, test in folds:  # a per-user split: every user is on one side only
         assert not set(data.users[train]) & set(data.users[test])
@@ -311,29 +311,29 @@ def test_grid_search_with_a_per_user_group_split_matches_a_hand_written_loop():
 
     # the oracle: every candidate fitted and scored by hand on the same folds
     oracle = {}
-    for k, l2 in itertools.product(grid["k"], grid["l2"]):
+    for rank, l2 in itertools.product(grid["rank"], grid["l2"]):
         scores = []
         for train, test in folds:
-            model = SharedBasis(k=k, l2=l2, unknown_user="shared")
+            model = SharedBasis(rank=rank, l2=l2, unknown_user="shared")
             model.fit(data.subset(train))
             scores.append(model.log_likelihood(data.subset(test)))
-        oracle[(k, l2)] = scores
+        oracle[(rank, l2)] = scores
 
     results = search.cv_results_
     assert len(results["params"]) == len(oracle)
     for i, params in enumerate(results["params"]):
-        scores = oracle[(params["k"], params["l2"])]
+        scores = oracle[(params["rank"], params["l2"])]
         assert results["mean_test_score"][i] == pytest.approx(np.mean(scores), abs=1e-10)
         for fold, score in enumerate(scores):
             assert results[f"split{fold}_test_score"][i] == pytest.approx(score, abs=1e-10)
     best = max(oracle, key=lambda key: np.mean(oracle[key]))
-    assert search.best_params_ == {"k": best[0], "l2": best[1]}
+    assert search.best_params_ == {"rank": best[0], "l2": best[1]}
     assert search.best_score_ == pytest.approx(np.mean(oracle[best]), abs=1e-10)
     # the candidates really differ, so the argmax is a real check
     means = sorted(np.mean(s) for s in oracle.values())
     assert means[-1] - means[-2] > 1e-6
     # refit on all the data with the best hyper-parameters
-    refit = SharedBasis(k=best[0], l2=best[1], unknown_user="shared").fit(data)
+    refit = SharedBasis(rank=best[0], l2=best[1], unknown_user="shared").fit(data)
     np.testing.assert_array_equal(search.best_estimator_.thetas_, refit.thetas_)
     assert search.score(data) == refit.score(data)
 

@@ -105,7 +105,7 @@ def test_cli_fit_and_rank_text(personas, cache, encoder, tmp_path):
             str(PERSONAS),
             "--model",
             "shared_basis",
-            "--k",
+            "--rank",
             "2",
             "--out",
             str(out),

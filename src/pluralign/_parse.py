@@ -131,7 +131,7 @@ def _constant(text: str) -> float:
     raise _Refused(f"{text} is not valid JSON (use a finite number)")
 
 
-_HOOKS = {
+_HOOKS: dict[bool, dict[str, Any]] = {
     True: {"parse_int": _int, "parse_float": _float, "parse_constant": _constant},
     False: {"parse_int": _int_or_inf},
 }
@@ -355,7 +355,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     _open_bytes(path)  # existence, regular file, readable
-    where = {"path": str(path)}
+    where: dict[str, Any] = {"path": str(path)}
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.namelist()

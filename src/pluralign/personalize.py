@@ -8,8 +8,8 @@ Layer: above the data readers (:mod:`pluralign.data`), the text encoder
 (:mod:`pluralign.confidence`) and the policies (:mod:`pluralign.policies`); below the command
 line (:mod:`pluralign.cli.personalize`), which only parses flags and prints what these return.
 
-Ranking with pessimism is the pointwise pessimistic policy (Zhu, Jordan & Jiao 2023, DESIGN §4):
-per prompt, the candidate with the highest lower confidence bound
+Ranking with pessimism is the pointwise pessimistic policy (Zhu, Jordan & Jiao 2023;
+docs/design.md §4): per prompt, the candidate with the highest lower confidence bound
 ``θ̂_uᵀφ − β‖φ − φ̄‖_{M_u⁻¹}`` (``φ̄`` the mean candidate, ``M_u`` the user's design matrix
 saved by :func:`fit_personalized`).
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from pluralign.data import PreferenceData
+    from pluralign.rewards.protocols import SavableUserModel
 
 __all__ = [
     "MODELS",
@@ -118,7 +119,7 @@ def split_per_user(
     return data.subset(~test), (data.subset(test) if test.any() else None)
 
 
-def design_matrices(model: Any, train: PreferenceData) -> dict[str, np.ndarray]:
+def design_matrices(model: SavableUserModel, train: PreferenceData) -> dict[str, np.ndarray]:
     """Per-user design matrices ``M_u = Σ̂_u + λI`` of the user views of a fitted multi-user
     ``model`` on its training data (for pessimistic ranking): ``design`` ``(G, p, p)``,
     ``design_index`` ``(U,)`` (user → matrix; a pooled model has one matrix for everybody),
@@ -206,7 +207,7 @@ class FitResult:
 def fit_personalized(
     data: Path,
     model: str = "shared_basis",
-    k: int = 4,
+    rank: int = 4,
     *,
     format: str = "auto",
     survey: Path | None = None,
@@ -223,16 +224,17 @@ def fit_personalized(
     """Fit a personalized reward model on the preference file ``data``, with a per-user
     accuracy report; :meth:`FitResult.save` writes it for :func:`rank_candidates`.
 
-    ``model``: ``shared_basis`` (``θ_u = θ0 + B w_u``, rank ``k``; P-ShareLoRA's shared
-    structure), ``per_user``, ``pooled`` (one reward for everybody), or ``contextual``
-    (LoCo-RLHF's ``xᵀΘφ`` on the users' contexts, rank ``k``; needs a user context on every
-    row, and scores a new user from their context). The data are read as by
-    :func:`load_training_data` (``format``, ``survey``, ``encoder``, ``mode``, ``cache_dir``,
-    ``columns``), split per user (:func:`split_per_user`, ``test_size``, ``seed``) and fitted
+    ``model``: ``shared_basis`` (``θ_u = θ0 + B w_u``, rank ``rank``; P-ShareLoRA's shared
+    structure, Liu et al. 2025, arXiv 2503.19201), ``per_user``, ``pooled`` (one reward for
+    everybody), or ``contextual`` (``xᵀΘφ`` of LoCo-RLHF, Lee, Sun & Liu 2024, arXiv 2412.19436,
+    on the users' contexts, rank ``rank``; needs a user context on every row, and scores a new
+    user from their context). The data are read as by :func:`load_training_data` (``format``,
+    ``survey``, ``encoder``, ``mode``, ``cache_dir``, ``columns``), split per user
+    (:func:`split_per_user`, ``test_size``, ``seed``) and fitted
     with ``l2 = ridge / N_train`` (a prior on the summed loss); ``unknown_user`` (``error`` or
     ``shared``: unknown users get ``θ0``) is the model's. ``parameter_names`` maps the
-    estimator's parameters (``k``, ``unknown_user``) to the names an error about their value
-    should use (the command line passes its flags, ``--k``)."""
+    estimator's parameters (``rank``, ``unknown_user``) to the names an error about their
+    value should use (the command line passes its flags, ``--rank``)."""
     from pluralign.errors import DataValidationError
     from pluralign.rewards import Contextual, PerUser, Pooled, SharedBasis
 
@@ -254,10 +256,10 @@ def fit_personalized(
     names = parameter_names or {}
     try:
         estimator = {
-            "shared_basis": lambda: SharedBasis(k, l2, unknown_user=unknown_user, seed=seed),
+            "shared_basis": lambda: SharedBasis(rank, l2, unknown_user=unknown_user, seed=seed),
             "per_user": lambda: PerUser(l2, unknown_user=unknown_user),
             "pooled": lambda: Pooled(l2),
-            "contextual": lambda: Contextual(k, l2, unknown_user=unknown_user, seed=seed),
+            "contextual": lambda: Contextual(rank, l2, unknown_user=unknown_user, seed=seed),
         }[model]().fit(train)
     except DataValidationError as err:
         if err.path is None and err.field in names:  # a parameter's value, not the data
@@ -277,7 +279,7 @@ def fit_personalized(
     ]
     summary = {
         "model": model,
-        "k": k if model in ("shared_basis", "contextual") else None,
+        "rank": rank if model in ("shared_basis", "contextual") else None,
         "n_train": train.n,
         "n_test": 0 if test is None else test.n,
         "users": len(users),

@@ -227,7 +227,7 @@ def metric_figure(
             if not pts:
                 continue
             ns, means, ses = zip(*pts, strict=True)
-            ses = [0.0 if se != se else se for se in ses]  # NaN (one repeat) -> no bar
+            ses = tuple(0.0 if se != se else se for se in ses)  # NaN (one repeat) -> no bar
             ax.errorbar(
                 dodge(ns, index, len(methods), log=logx),
                 means,

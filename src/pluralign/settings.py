@@ -28,6 +28,7 @@ builders :func:`integer`, :func:`real`, :func:`string`, :func:`choice`, :func:`f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -50,6 +51,7 @@ __all__ = [
     "check_plain_file_name",
     "check_string",
     "choice",
+    "default_of",
     "describe",
     "flag",
     "integer",
@@ -241,15 +243,31 @@ def setting(
     *,
     renamed_from: tuple[str, ...] = (),
     required: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Any:
     """A dataclass field of a config section. ``check(name, value, *, text=True)`` returns
     the value to use or raises a :class:`ConfigError` naming ``name``; ``renamed_from``: the
     names an older config used; ``required``: a field without a default (``None`` until set),
-    with the reason given when it is missing."""
-    return field(
-        default=default,
-        metadata={"help": help, "check": check, "renamed_from": renamed_from, "required": required},
-    )
+    with the reason given when it is missing; ``metadata``: further per-field declarations of
+    a subclass (e.g. an experiment parameter's constraint). A list or mapping default is
+    copied for every section built (a dataclass refuses a mutable default)."""
+    meta = {
+        **(metadata or {}),
+        "help": help,
+        "check": check,
+        "renamed_from": renamed_from,
+        "required": required,
+    }
+    if isinstance(default, list | dict):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """The default of a section's field (a fresh copy where it is a list or a mapping)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 # ------------------------------------------------------------------ sections
@@ -269,6 +287,9 @@ class Section:
     SECTION: ClassVar[str] = ""
     # ``section: TEXT`` is read as ``{SHORTHAND: TEXT}`` (``model: PATH``)
     SHORTHAND: ClassVar[str | None] = None
+    # True: an explicit ``null`` is handed to the field's check (which refuses it in its own
+    # words, or takes it) instead of being refused here for a setting whose default is not null
+    CHECK_NULLS: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         values = _check_values(
@@ -281,7 +302,25 @@ class Section:
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], section: str) -> None:
-        """Checks across fields (the fields themselves are already checked)."""
+        """Checks across fields (the fields themselves are already checked). It may replace
+        in ``values`` what depends on other fields (the value then used)."""
+
+    @classmethod
+    def _unknown_keys(cls, bad: list[Any], name: str) -> ConfigError:
+        """The error for the keys ``bad`` (in the order given) that are no setting of the
+        section ``name``: a renamed key with its new name, the others with the valid keys."""
+        keys = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(bad, key=str)
+        renames = cls.renames()
+        hints = [
+            f"unknown key {k!r} in {name!r}: renamed to {renames[k]!r}"
+            for k in bad
+            if isinstance(k, str) and k in renames
+        ]
+        rest = [k for k in bad if not (isinstance(k, str) and k in renames)]
+        if rest:
+            hints.append(f"unknown key(s) {rest} in {name!r}; valid: {', '.join(keys)}")
+        return ConfigError("; ".join(hints))
 
     @classmethod
     def from_dict(cls: type[S], given: Any, *, name: str | None = None) -> S:
@@ -298,19 +337,10 @@ class Section:
             given = {cls.SHORTHAND: given}
         if not isinstance(given, Mapping):
             raise ConfigError(f"{name!r} must be a mapping, got {show(given)}")
-        keys = [f.name for f in dataclasses.fields(cls)]
-        bad = sorted(set(given) - set(keys), key=str)
+        keys = {f.name for f in dataclasses.fields(cls)}
+        bad = [k for k in given if k not in keys]
         if bad:
-            renames = cls.renames()
-            hints = [
-                f"unknown key {k!r} in {name!r}: renamed to {renames[k]!r}"
-                for k in bad
-                if isinstance(k, str) and k in renames
-            ]
-            rest = [k for k in bad if not (isinstance(k, str) and k in renames)]
-            if rest:
-                hints.append(f"unknown key(s) {rest} in {name!r}; valid: {', '.join(keys)}")
-            raise ConfigError("; ".join(hints))
+            raise cls._unknown_keys(bad, name)
         values = _check_values(cls, {**cls.defaults(), **given}, name)
         return cls(**values)
 
@@ -322,7 +352,7 @@ class Section:
     def defaults(cls) -> dict[str, Any]:
         """The default of every setting, in field order (the one source of the defaults of
         the constructors that take these settings as keywords)."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        return {f.name: default_of(f) for f in dataclasses.fields(cls)}
 
     @classmethod
     def renames(cls) -> dict[str, str]:
@@ -347,7 +377,7 @@ def _fields_of(cls: type[Section]) -> dict[str, dataclasses.Field]:
 
 
 def _field(cls: type[Section], key: str) -> dataclasses.Field:
-    return _fields_of(cls)[key]
+    return _fields_of(cls)[key]  # type: ignore[arg-type]  # a class is hashable
 
 
 def _check_values(cls: type[Section], values: Mapping[str, Any], section: str) -> dict[str, Any]:
@@ -359,9 +389,10 @@ def _check_values(cls: type[Section], values: Mapping[str, Any], section: str) -
         if value is None:
             if f.metadata["required"]:
                 raise ConfigError(f"{name} is required ({f.metadata['required']})")
-            if f.default is not None:
+            if default_of(f) is not None and not cls.CHECK_NULLS:
                 raise ConfigError(
-                    f"{name} may not be null (leave it out to use its default, {show(f.default)})"
+                    f"{name} may not be null (leave it out to use its default, "
+                    f"{show(default_of(f))})"
                 )
         out[f.name] = f.metadata["check"](name, value)
     cls._cross_check(out, section)
@@ -424,7 +455,7 @@ def to_plain(resolved: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: value.to_dict()
         if isinstance(value, Section)
-        else dataclasses.asdict(value)
+        else dataclasses.asdict(value)  # type: ignore[arg-type]  # an instance
         if dataclasses.is_dataclass(value)
         else value
         for key, value in resolved.items()
@@ -442,7 +473,7 @@ def describe(
             text = f.metadata["help"]
             if f.metadata["required"]:
                 text = f"required: {text}"
-            rows.append((f"{name}.{f.name}", f.default, text))
+            rows.append((f"{name}.{f.name}", default_of(f), text))
     for key, value in (top_level or {}).items():
         spec = _top(value)
         rows.append((key, spec.default, spec.help))

@@ -34,7 +34,7 @@ _RUNS: dict[str, dict[str, Any]] = {
         "experiment": "multi_user",
         "seed": 0,
         "repeats": 2,
-        "env": [{"n_users": 4, "d_phi": 5, "k": 2, "diversity": d} for d in (0.0, 1.0)],
+        "env": [{"n_users": 4, "d_phi": 5, "rank": 2, "diversity": d} for d in (0.0, 1.0)],
         "n_samples": [10, 20],
         "methods": ["shared_basis", "per_user", "pooled"],
     },

@@ -4,7 +4,7 @@ the printing of a run's results, shared with ``pluralign report``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -49,23 +49,63 @@ def run(
         ),
     ] = False,
     as_json: JsonFlag = False,
+    backend: Annotated[
+        Literal["local", "ray"],
+        typer.Option(
+            "--backend",
+            help="Where units run: local worker processes, or one Ray task each "
+            "(needs the ray extra; see docs/experiments.md, running sweeps on a cluster).",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="With --backend ray: the cluster to join (auto, HOST:6379, "
+            "ray://HOST:10001). Default: RAY_ADDRESS, else a local Ray on this machine.",
+        ),
+    ] = None,
+    cpus_per_unit: Annotated[
+        int | None,
+        typer.Option(
+            "--cpus-per-unit",
+            min=1,
+            help="With --backend ray: CPUs (and BLAS / torch threads) per unit (default: 1).",
+        ),
+    ] = None,
 ) -> None:
     """Run (or resume) an experiment sweep; print its summary and write results and plots."""
     from pluralign.experiments import EXPERIMENTS, run_experiment
-    from pluralign.experiments.runner import run_rows
+    from pluralign.experiments.runner import RayBackend, UnitsFailedError, require_ray, run_rows
     from pluralign.experiments.summary import summarize
 
+    if backend == "local" and (address is not None or cpus_per_unit is not None):
+        raise fail("--address and --cpus-per-unit are options of --backend ray")
+    if backend == "ray" and jobs is not None:
+        raise fail(
+            "--jobs is the local backend's; with --backend ray, Ray runs as many units at once "
+            "as the cluster has CPUs (--cpus-per-unit each)"
+        )
+    runner = None if backend == "local" else RayBackend(address, cpus_per_unit or 1)
     try:
+        if runner is not None:
+            require_ray()  # before anything is written
         path, raw = load_command_config(
             config or default_config_path(), announce=config is not None
         )
         out = out or Path("runs") / (path.stem + ("-quick" if quick else ""))
         with stdout_to_stderr(as_json):
             resolved = run_experiment(
-                raw, out, quick=quick, jobs=jobs, progress=progress, force=force
+                raw,
+                out,
+                quick=quick,
+                jobs=jobs,
+                progress=progress,
+                force=force,
+                backend=runner,
             )
         rows = run_rows(out / "results.jsonl", resolved)
-    except PluralignError as err:
+    except (PluralignError, UnitsFailedError) as err:
         raise fail(str(err)) from None
     experiment = EXPERIMENTS[resolved["experiment"]]
     summary = summarize(rows, experiment.metrics)

@@ -17,7 +17,8 @@ from pluralign.errors import PluralignError
 __all__ = ["EXAMPLE_FILES", "data_validate", "example_data", "fit", "rank"]
 
 # the Python fields of fit's estimators, as the flags that set them (errors name the flag)
-FIT_FLAGS = {"k": "--k", "unknown_user": "--unknown-user"}
+FIT_FLAGS = {"rank": "--rank", "unknown_user": "--unknown-user"}
+DEFAULT_RANK = 4
 FORMAT_HELP = "auto (from the file), numeric, trl, summarize or prism"
 DATA_FILE_HELP = (
     "JSONL, a JSON array, CSV (each also .gz), Parquet or .npz; numeric, "
@@ -193,14 +194,18 @@ def fit(
             ),
         ),
     ] = ("shared_basis"),
-    k: Annotated[
-        int,
+    rank: Annotated[
+        int | None,
         typer.Option(
-            "--k",
+            "--rank",
             min=1,
+            show_default=str(DEFAULT_RANK),
             help=("Rank of the shared basis (shared_basis) or of Θ's context part (contextual)."),
         ),
-    ] = 4,
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", min=1, hidden=True, help="Deprecated name of --rank.")
+    ] = None,
     format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     survey: Annotated[Path | None, typer.Option("--survey", help="PRISM survey file.")] = None,
     encoder: Annotated[
@@ -244,6 +249,13 @@ def fit(
         raise fail(str(err)) from None
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
+    if k is not None:  # the flag's old name, kept working
+        if rank is not None:
+            raise fail("--k is the old name of --rank; give only --rank")
+        err_console.print(
+            "note: --k is deprecated; use --rank", markup=False, highlight=False, soft_wrap=True
+        )
+        rank = k
     columns = _column_options(
         user_column, prompt_column, chosen_column, rejected_column, context_column
     )
@@ -252,7 +264,7 @@ def fit(
             result = fit_personalized(
                 data,
                 model,
-                k,
+                DEFAULT_RANK if rank is None else rank,
                 format=format,
                 survey=survey,
                 encoder=encoder,

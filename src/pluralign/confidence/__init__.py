@@ -1,4 +1,4 @@
-"""Confidence sets around fitted reward models (DESIGN §3)."""
+"""Confidence sets around fitted reward models (docs/design.md §3)."""
 
 from pluralign.confidence.ellipsoid import ConfidenceSet, beta_rate, theory_beta
 

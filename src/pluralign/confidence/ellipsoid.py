@@ -1,12 +1,13 @@
-"""Ellipsoidal confidence sets for models linear in their parameters (DESIGN §3).
+"""Ellipsoidal confidence sets for models linear in their parameters (docs/design.md §3).
 
-For a model ``r = θᵀz(x, φ)`` with comparison differences ``Δz_i = z(x_i, φ1_i) − z(x_i, φ0_i)``
+For a model ``r = θᵀz(x, φ)``, ``θ ∈ R^p`` (``p = n_params``), with comparison differences
+``Δz_i = z(x_i, φ1_i) − z(x_i, φ0_i)``
 (Zhu, Jordan & Jiao 2023):
 
 * design matrix ``Σ̂ = (1/N) Σ_i Δz_i Δz_iᵀ`` (``kind="design"``), or Fisher information
   ``(1/N) Σ_i σ'(θ̂ᵀΔz_i) Δz_i Δz_iᵀ`` (``kind="fisher"``); ``M = Σ̂ + λI``;
 * ``C = {θ : ‖θ − θ̂‖_M ≤ β}``;
-* ``β = "theory"``: ``β = sqrt((k + log(1/δ)) / (γ² N) + λB²)`` with
+* ``β = "theory"``: ``β = sqrt((p + log(1/δ)) / (γ² N) + λB²)`` with
   ``γ = 1 / (2 + e^{−LB} + e^{LB})``, ``L = max_i ‖Δz_i‖`` and ``B`` a bound on ``‖θ‖``
   (``‖θ̂‖`` unless given). This is the constant of Zhu et al.'s Lemma 3.1 without its universal
   multiplier; it is very conservative when ``LB`` is large, which is why experiments sweep a
@@ -14,15 +15,15 @@ For a model ``r = θᵀz(x, φ)`` with comparison differences ``Δz_i = z(x_i, �
 * the worst case of a linear functional is closed-form:
   ``min_{θ∈C} θᵀw = θ̂ᵀw − β‖w‖_{M⁻¹}``, attained at ``θ̂ − β M⁻¹w / ‖w‖_{M⁻¹}``.
 
-``M`` is ``k×k`` and is accumulated from ``Δz`` in chunks of rows, so the ``N×k`` matrix of
-features is never held at once. When ``k×k`` would not fit in ``max_bytes`` (e.g. full-rank
-``k = d_x·d_phi`` at high dimension), construction refuses with a
+``M`` is ``p×p`` and is accumulated from ``Δz`` in chunks of rows, so the ``N×p`` matrix of
+features is never held at once. When ``p×p`` would not fit in ``max_bytes`` (e.g. full-rank
+``p = d_x·d_phi`` at high dimension), construction refuses with a
 :class:`~pluralign.errors.ResourceError` instead of running out of memory.
 
 Parameters are validated with a :class:`~pluralign.errors.DataValidationError` whose ``field``
 names the parameter: ``beta`` a finite number ``≥ 0`` (or ``"theory"``), ``delta`` in ``(0, 1)``,
 ``lam`` finite and ``> 0`` when given to :meth:`ConfidenceSet.fit` (``M = Σ̂ + λI`` must be
-positive definite, and ``Σ̂`` is singular whenever ``N < k``), ``bound_theta`` finite ``≥ 0``.
+positive definite, and ``Σ̂`` is singular whenever ``N < p``), ``bound_theta`` finite ``≥ 0``.
 """
 
 from __future__ import annotations
@@ -40,20 +41,22 @@ from pluralign.rewards.validation import check_int, check_number
 
 __all__ = ["ConfidenceSet", "beta_rate", "theory_beta"]
 
-_CHUNK_ENTRIES = 1 << 22  # rows per chunk × k: ~32 MB of float64 features at a time
+_CHUNK_ENTRIES = 1 << 22  # rows per chunk × p: ~32 MB of float64 features at a time
 
 
-def beta_rate(k: int, n: int, delta: float = 0.05) -> float:
-    """``sqrt((k + log(1/δ)) / N)``: the rate of ``β`` in the theory, without constants."""
+def beta_rate(n_params: int, n: float, delta: float = 0.05) -> float:
+    """``sqrt((p + log(1/δ)) / N)``, ``p = n_params``: the rate of ``β`` in the theory, without
+    constants."""
     delta = check_number(delta, "delta", owner="beta_rate", strict=True, below=1.0)
     n = check_number(n, "n", owner="beta_rate", strict=True)
-    return math.sqrt((k + math.log(1.0 / delta)) / n)
+    return math.sqrt((n_params + math.log(1.0 / delta)) / n)
 
 
 def theory_beta(
-    k: int, n: int, *, delta: float, lam: float, bound_theta: float, bound_feature: float
+    n_params: int, n: float, *, delta: float, lam: float, bound_theta: float, bound_feature: float
 ) -> float:
-    """``sqrt((k + log(1/δ)) / (γ² N) + λB²)``, ``γ = 1/(2 + e^{−LB} + e^{LB})``."""
+    """``sqrt((p + log(1/δ)) / (γ² N) + λB²)`` with ``p = n_params`` and
+    ``γ = 1/(2 + e^{−LB} + e^{LB})``."""
     delta = check_number(delta, "delta", owner="theory_beta", strict=True, below=1.0)
     n = check_number(n, "n", owner="theory_beta", strict=True)
     lam = check_number(lam, "lam", owner="theory_beta")
@@ -63,7 +66,7 @@ def theory_beta(
     # 1/γ = 2 + e^{−LB} + e^{LB} = 4 cosh²(LB/2); in logs, so it stays finite for large LB.
     log_cosh = half + math.log1p(math.exp(-2.0 * half)) - math.log(2.0)
     log_inv_gamma = math.log(4.0) + 2.0 * log_cosh
-    log_first = math.log(k + math.log(1.0 / delta)) + 2.0 * log_inv_gamma - math.log(n)
+    log_first = math.log(n_params + math.log(1.0 / delta)) + 2.0 * log_inv_gamma - math.log(n)
     first = math.exp(min(log_first, 700.0))
     return math.sqrt(first + lam * bound_theta**2)
 
@@ -80,7 +83,7 @@ def max_matrix_bytes() -> int:
 class ConfidenceSet:
     """``{θ : ‖θ − θ̂‖_M ≤ β}`` around a fitted linear-in-parameters model.
 
-    Build it with :meth:`fit`. Attributes: ``center`` (``θ̂``), ``beta``, ``M`` (k×k), ``lam``,
+    Build it with :meth:`fit`. Attributes: ``center`` (``θ̂``), ``beta``, ``M`` (p×p), ``lam``,
     ``n``, ``kind``, ``bound_feature`` (``L``), ``bound_theta`` (``B``).
     """
 
@@ -111,7 +114,8 @@ class ConfidenceSet:
         self._lower = np.tril(self._chol[0])
 
     @property
-    def k(self) -> int:
+    def n_params(self) -> int:
+        """Dimension ``p`` of ``θ`` (the model's ``n_params``)."""
         return int(self.center.size)
 
     @classmethod
@@ -157,21 +161,21 @@ class ConfidenceSet:
             check_number(bound_theta, "bound_theta", owner=owner)
         if max_bytes is not None:
             check_int(max_bytes, "max_bytes", owner=owner)
-        k = model.n_params
-        needed = 3 * 8 * k * k  # M, its Cholesky factor, one temporary
+        n_params = model.n_params
+        needed = 3 * 8 * n_params * n_params  # M, its Cholesky factor, one temporary
         limit = max_bytes if max_bytes is not None else max_matrix_bytes()
         if needed > limit:
             raise ResourceError(
-                f"a confidence set in {k} dimensions needs a {k}×{k} matrix "
+                f"a confidence set in {n_params} dimensions needs a {n_params}×{n_params} matrix "
                 f"(about {needed / 2**30:.1f} GiB with its factor), over the limit of "
                 f"{limit / 2**30:.1f} GiB. Full-rank pessimism does not scale to this dimension; "
-                "use the low-rank model and PRS (RTVReduced, k = (d_x+d_phi)r − r²)."
+                "use the low-rank model and PRS (RTVReduced, p = (d_x+d_phi)r − r²)."
             )
         n = data.n
-        lam = float(lam if lam is not None else (model.l2 if model.l2 > 0 else 1.0 / n))
-        M = np.zeros((k, k))
+        lam = float(lam if lam is not None else (model.l2 if model.l2 > 0 else 1.0 / n))  # type: ignore[attr-defined]  # every LinearInParameters model has l2
+        M = np.zeros((n_params, n_params))
         max_norm = 0.0
-        chunk = max(1, _CHUNK_ENTRIES // max(k, 1))
+        chunk = max(1, _CHUNK_ENTRIES // max(n_params, 1))
         for start in range(0, n, chunk):
             part = slice(start, min(n, start + chunk))
             x = None if data.x is None else data.x[part]
@@ -189,7 +193,7 @@ class ConfidenceSet:
         bound = float(bound_theta if bound_theta is not None else np.linalg.norm(center))
         if beta == "theory":
             beta_value = theory_beta(
-                k, n, delta=delta, lam=lam, bound_theta=bound, bound_feature=max_norm
+                n_params, n, delta=delta, lam=lam, bound_theta=bound, bound_feature=max_norm
             )
         else:
             beta_value = check_number(beta, "beta", owner=owner)
@@ -208,20 +212,20 @@ class ConfidenceSet:
         """Refuse a model that is not linear in its parameters or has another dimension."""
         if not isinstance(model, LinearInParameters):
             raise PluralignError(f"{type(model).__name__} is not linear in its parameters")
-        if model.n_params != self.k:
+        if model.n_params != self.n_params:
             raise PluralignError(
-                f"confidence set has k={self.k} but the model has {model.n_params} params"
+                f"confidence set has {self.n_params} params but the model has {model.n_params}"
             )
 
     # ------------------------------------------------------------------ geometry
     def solve(self, w: np.ndarray) -> np.ndarray:
-        """``M⁻¹ w`` (``w`` of shape (k,) or (k, p))."""
+        """``M⁻¹ w`` (``w`` of shape (p,) or (p, m))."""
         return cho_solve(self._chol, w, check_finite=False)
 
     def norm(self, w: np.ndarray) -> np.ndarray:
         """``‖w‖_{M⁻¹} = sqrt(wᵀM⁻¹w)`` along the last axis of ``w``."""
         w = np.asarray(w, float)
-        flat = w.reshape(-1, self.k)
+        flat = w.reshape(-1, self.n_params)
         half = solve_triangular(self._lower, flat.T, lower=True, check_finite=False)
         return np.sqrt(np.sum(half * half, axis=0)).reshape(w.shape[:-1])
 

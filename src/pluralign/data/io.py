@@ -102,7 +102,7 @@ def load_preferences(
     missing = [k for k in ("phi0", "phi1", "y") if k not in found]
     if missing:
         raise DataValidationError("missing array", field=missing[0], path=str(path))
-    arrays = {k: found.get(k) for k in _FIELDS}
+    arrays: dict[str, Any] = {k: found.get(k) for k in _FIELDS}
     try:
         data = PreferenceData(**arrays)
     except DataValidationError as err:
@@ -131,7 +131,7 @@ def iter_jsonl_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, A
     rules of :mod:`pluralign._parse`) or not an object raises :class:`DataValidationError`
     naming the file and line."""
     for lineno, row in iter_json_lines(path):
-        where = {"path": str(path), "line": lineno}
+        where: dict[str, Any] = {"path": str(path), "line": lineno}
         if not isinstance(row, dict):
             raise DataValidationError("each line must be a JSON object", **where)
         yield row, where
@@ -173,7 +173,7 @@ def _load_rows(source: Any, *, errors: str, split: str | None, **columns: str | 
     for path, line, row in iter_rows(
         source, problems, split=split, typed=(x_key, "phi0", "phi1", "y")
     ):
-        where = {"path": path, "line": line}
+        where: dict[str, Any] = {"path": path, "line": line}
         try:
             if not isinstance(row, dict | Mapping):
                 raise DataValidationError("each line must be a JSON object", **where)

@@ -42,9 +42,10 @@ differs is refused, naming both values.
 
 **summarize_from_feedback** (``openai/summarize_from_feedback``, ``comparisons`` configuration):
 ``info`` {``post``, ``title``, ``subreddit``, ``article``…}, ``summaries`` (two ``{"text": ...}``),
-``choice`` (0/1: the preferred summary), ``worker`` (the labeler = the user). The prompt is
-P-ShareLoRA's ``SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:`` and the response
-the summary, joined by one space (``template = "{prompt} {response}"``). Rows without a post (the
+``choice`` (0/1: the preferred summary), ``worker`` (the labeler = the user). The prompt is that
+of P-ShareLoRA (Liu et al. 2025, arXiv 2503.19201),
+``SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:``, and the response is the
+summary, joined by one space (``template = "{prompt} {response}"``). Rows without a post (the
 CNN/DM part) are skipped unless ``include_articles=True`` (prompt ``ARTICLE: {article}\\nTL;DR:``).
 
 **PRISM-style data** (Kirk et al. 2024): a survey file, one row per participant (``user_id`` and
@@ -486,7 +487,7 @@ def _append(
 # ---------------------------------------------------------------------------- summarize
 def _summarize_row(
     row: Any, include_articles: bool, cols: Columns
-) -> tuple[str, str, str, str] | None:
+) -> tuple[str, str, str, str | int] | None:
     if not isinstance(row, Mapping):
         raise RowError(None, "each row must be a JSON object")
     for key in ("info", "summaries", "choice"):

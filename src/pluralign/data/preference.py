@@ -218,13 +218,13 @@ class PreferenceData:
         """``subset(index)``; ``data[index, ...]`` is the same (scikit-learn indexes so)."""
         if isinstance(index, tuple):
             if (len(index) == 2 and index[1] is Ellipsis) or len(index) == 1:
-                index = index[0]
+                index = index[0]  # type: ignore[assignment]  # numpy typing of a row index / object dtype
             else:
                 raise TypeError(
                     "PreferenceData is indexed by rows only: data[index] or "
                     f"data[index, ...], got a tuple of {len(index)}"
                 )
-        if np.ndim(index) == 0 and not isinstance(index, slice):
+        if np.ndim(index) == 0 and not isinstance(index, slice):  # type: ignore[arg-type]  # numpy typing of a row index / object dtype
             raise TypeError(
                 "PreferenceData is indexed by an array of row indices, a boolean mask or a "
                 f"slice, got {index!r}; comparison i alone is data[[i]]"
@@ -236,8 +236,8 @@ class PreferenceData:
         ``__getitem__``: ``np.asarray(data)`` is a 0-d object array holding it."""
         out = np.empty(1, dtype=object)
         out[0] = self  # stored as the element, not unpacked
-        out = out.reshape(())
-        return out if dtype is None else out.astype(dtype)
+        out = out.reshape(())  # type: ignore[assignment]  # numpy typing of a row index / object dtype
+        return out if dtype is None else out.astype(dtype)  # type: ignore[call-overload]  # numpy typing of a row index / object dtype
 
     def split(
         self, test_size: float = 0.2, seed: int | np.random.Generator = 0

@@ -336,7 +336,7 @@ def _json_array(text: str, path: str, problems: Problems) -> Iterator[tuple[str,
     def where(i: int) -> int:
         return text.count("\n", 0, i) + 1
 
-    pos = _WHITESPACE.match(text, text.index("[") + 1).end()
+    pos = _WHITESPACE.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]  # the pattern matches the empty string
     line, counted = where(pos), pos
     if text[pos : pos + 1] == "]":
         stop = pos + 1
@@ -363,7 +363,7 @@ def _json_array(text: str, path: str, problems: Problems) -> Iterator[tuple[str,
                 problems.append(
                     DataValidationError(err.bare, path=path, line=line, field=err.field)
                 )
-            pos = _WHITESPACE.match(text, stop).end()
+            pos = _WHITESPACE.match(text, stop).end()  # type: ignore[union-attr]  # the pattern matches the empty string
             if text[pos : pos + 1] == "]":
                 stop = pos + 1
                 break
@@ -374,7 +374,7 @@ def _json_array(text: str, path: str, problems: Problems) -> Iterator[tuple[str,
                     path=path,
                     line=where(pos),
                 )
-            pos = _WHITESPACE.match(text, pos + 1).end()
+            pos = _WHITESPACE.match(text, pos + 1).end()  # type: ignore[union-attr]  # the pattern matches the empty string
             if text[pos : pos + 1] == "]":
                 raise DataValidationError(
                     "invalid JSON (a trailing comma in the array)", path=path, line=where(pos)

@@ -1,7 +1,7 @@
 """The GSHF simulator: a reverse-KL regularized linear contextual bandit with known truth.
 
-Xiong et al. 2024 (GSHF, arXiv 2312.11456) model RLHF as a contextual bandit with a reference
-policy ``π0`` (the SFT model) and the objective
+Xiong et al. 2024 (GSHF, ICML 2024, arXiv 2312.11456) model RLHF as a contextual bandit with a
+reference policy ``π0`` (the SFT model) and the objective
 
     J_η(π) = E_x [ Σ_a π(a|x) r*(x,a) − η KL(π(·|x) ‖ π0(·|x)) ],   r*(x,a) = θ*ᵀφ(x,a),
 
@@ -55,7 +55,7 @@ BEHAVIORS = ("reference", "uniform")
 
 
 class KLBandit:
-    """KL-regularized linear preference bandit (DESIGN §5, ``kl_bandit``).
+    """KL-regularized linear preference bandit (docs/design.md §5, ``kl_bandit``).
 
     Parameters
     ----------
@@ -160,12 +160,14 @@ class KLBandit:
         )
 
     # ------------------------------------------------------------------ sampling
-    def sample_states(self, m: int, seed: int | list[int] | np.random.Generator) -> TargetStates:
+    def sample_targets(
+        self, m: int, *, seed: int | list[int] | np.random.Generator
+    ) -> TargetStates:
         """``m`` deployment contexts: ``K`` candidates each, features uniform on the sphere."""
         rng = np.random.default_rng(seed)
         return TargetStates(x=None, phi=unit_sphere(rng, (m, self.n_actions), self.d))
 
-    def source_states(self, m: int, seed: int | list[int] | np.random.Generator) -> TargetStates:
+    def source_states(self, m: int, *, seed: int | list[int] | np.random.Generator) -> TargetStates:
         """``m`` offline (source) contexts: the uncovered component shrunk by ``coverage``."""
         rng = np.random.default_rng(seed)
         phi = unit_sphere(rng, (m, self.n_actions), self.d)
@@ -173,11 +175,13 @@ class KLBandit:
         phi -= (1.0 - self.coverage) * (phi @ basis) @ basis.T
         return TargetStates(x=None, phi=phi)
 
-    def sample_offline(self, n: int, seed: int | list[int] | np.random.Generator) -> PreferenceData:
+    def sample_offline(
+        self, n: int, *, seed: int | list[int] | np.random.Generator
+    ) -> PreferenceData:
         """``n`` offline comparisons: source contexts, two distinct responses from the behaviour
         policy, Bradley–Terry labels from ``θ*``."""
         rng = np.random.default_rng(seed)
-        states = self.source_states(n, rng)
+        states = self.source_states(n, seed=rng)
         logits = (
             self.reference_logits(states)
             if self.behavior == "reference"
@@ -186,10 +190,10 @@ class KLBandit:
         a0, a1 = gumbel_top2(rng, logits)
         rows = np.arange(n)
         phi0, phi1 = states.phi[rows, a0], states.phi[rows, a1]
-        return PreferenceData(x=None, phi0=phi0, phi1=phi1, y=self.compare(phi0, phi1, rng))
+        return PreferenceData(x=None, phi0=phi0, phi1=phi1, y=self.compare(phi0, phi1, seed=rng))
 
     def compare(
-        self, phi0: np.ndarray, phi1: np.ndarray, seed: int | list[int] | np.random.Generator
+        self, phi0: np.ndarray, phi1: np.ndarray, *, seed: int | list[int] | np.random.Generator
     ) -> np.ndarray:
         """The Bradley–Terry oracle: ``y = 1`` (``phi1`` preferred) with probability
         ``σ(r*(φ1) − r*(φ0))``."""

@@ -1,6 +1,6 @@
 """The LoCo-RLHF simulator: a contextual low-rank Bradley–Terry reward with known truth.
 
-Truth (Lee, Sun & Liu 2024, LoCo-RLHF): ``r*(x, φ) = xᵀΘ*φ`` with
+Truth (Lee, Sun & Liu 2024, LoCo-RLHF, arXiv 2412.19436): ``r*(x, φ) = xᵀΘ*φ`` with
 ``Θ* = c · U diag(s) Vᵀ``, where ``U ∈ R^{d_x×r}`` and ``V ∈ R^{d_phi×r}`` are Haar-random
 orthonormal frames, ``s`` is drawn uniformly in ``singular_values`` and
 ``c = sqrt(d_x·d_phi / r)``. With the distributions below, ``E[r*(x, φ)²] = mean(s²)`` on source
@@ -104,7 +104,7 @@ def gumbel_top2(rng: np.random.Generator, logits: np.ndarray) -> tuple[np.ndarra
 
 
 class LowRankContextual:
-    """Contextual low-rank preference simulator (DESIGN §5, ``lowrank_contextual``).
+    """Contextual low-rank preference simulator (docs/design.md §5, ``lowrank_contextual``).
 
     Parameters
     ----------
@@ -223,17 +223,19 @@ class LowRankContextual:
     def _candidates(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """``"subspace"`` ordinary candidates ``sqrt(1 − ε²)·B u + ε·C w``, ``ε = offline_leak``."""
         leak = self.offline_leak
-        u = unit_sphere(rng, shape, self.support_basis.shape[1]) @ self.support_basis.T
-        w = unit_sphere(rng, shape, self.complement_basis.shape[1]) @ self.complement_basis.T
+        u = unit_sphere(rng, shape, self.support_basis.shape[1]) @ self.support_basis.T  # type: ignore[union-attr]  # set in __init__ for shift="subspace"
+        w = unit_sphere(rng, shape, self.complement_basis.shape[1]) @ self.complement_basis.T  # type: ignore[union-attr]  # set in __init__ for shift="subspace"
         return np.sqrt(1.0 - leak**2) * u + leak * w
 
     def _uncovered(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         """Out-of-support candidates ``sqrt(1 − c²)·B u + c·e``, ``c = uncovered_scale``."""
         c = self.uncovered_scale
-        u = unit_sphere(rng, shape, self.support_basis.shape[1]) @ self.support_basis.T
-        return np.sqrt(1.0 - c**2) * u + c * self.novel_direction
+        u = unit_sphere(rng, shape, self.support_basis.shape[1]) @ self.support_basis.T  # type: ignore[union-attr]  # set in __init__ for shift="subspace"
+        return np.sqrt(1.0 - c**2) * u + c * self.novel_direction  # type: ignore[operator]  # set in __init__ for shift="subspace"
 
-    def sample_offline(self, n: int, seed: int | np.random.Generator) -> PreferenceData:
+    def sample_offline(
+        self, n: int, *, seed: int | list[int] | np.random.Generator
+    ) -> PreferenceData:
         """``n`` comparisons on source contexts, actions from the behaviour policy."""
         rng = np.random.default_rng(seed)
         x = self._contexts(rng, n, target=False)
@@ -249,7 +251,9 @@ class LowRankContextual:
         y = (rng.random(n) < 1.0 / (1.0 + np.exp(-margin))).astype(np.int8)
         return PreferenceData(x=x, phi0=phi[rows, a0], phi1=phi[rows, a1], y=y)
 
-    def sample_targets(self, m: int, seed: int | np.random.Generator) -> TargetStates:
+    def sample_targets(
+        self, m: int, *, seed: int | list[int] | np.random.Generator
+    ) -> TargetStates:
         """``m`` deployment states: shifted contexts, ``K`` fresh candidates each.
 
         ``"subspace"``: ``K`` candidates from the offline law, then ``n_uncovered``
@@ -283,11 +287,11 @@ class LowRankContextual:
     def policy_value(self, policy: Policy | np.ndarray, targets: TargetStates) -> float:
         """Exact ``J(π) = (1/m) Σ_j Σ_a π(a|j) r*(j, a)`` on the target sample."""
         probs = as_probs(policy, targets)
-        return float(np.mean(np.sum(probs * self.true_reward(targets.x, targets.phi), axis=1)))
+        return float(np.mean(np.sum(probs * self.true_reward(targets.x, targets.phi), axis=1)))  # type: ignore[arg-type]  # set in __init__ for shift="subspace"
 
     def optimal_value(self, targets: TargetStates) -> float:
         """``J(π*)``, the value of the per-state argmax of ``r*``."""
-        return float(np.mean(np.max(self.true_reward(targets.x, targets.phi), axis=1)))
+        return float(np.mean(np.max(self.true_reward(targets.x, targets.phi), axis=1)))  # type: ignore[arg-type]  # set in __init__ for shift="subspace"
 
     def suboptimality(self, policy: Policy | np.ndarray, targets: TargetStates) -> float:
         """``J(π*) − J(π)`` (≥ 0)."""

@@ -3,9 +3,9 @@
 Truth (P-ShareLoRA, linear case; Liu et al. 2025, arXiv 2503.19201): user ``u`` has the reward
 ``r_u(φ) = θ_uᵀφ`` with
 
-    θ_u = θ0 + B w_u,   B ∈ R^{d_phi×k} a Haar-random orthonormal frame,
+    θ_u = θ0 + B w_u,   B ∈ R^{d_phi×r} a Haar-random orthonormal frame (r = rank),
     θ0 = shared_scale · sqrt(d_phi) · e (``e`` a random unit vector),
-    w_u = diversity · sqrt(d_phi / k) · g_u,   g_u ~ N(0, I_k).
+    w_u = diversity · sqrt(d_phi / r) · g_u,   g_u ~ N(0, I_r).
 
 Candidates are uniform on the unit sphere of ``R^{d_phi}``, where ``Var(θᵀφ) = ‖θ‖²/d_phi``:
 the shared reward has standard deviation ``shared_scale`` over candidates and each user's
@@ -21,16 +21,16 @@ personal deviation ``Bw_u`` about ``diversity``. ``diversity = 0`` makes all use
 * Target states (deployment): ``m`` states with ``n_actions`` candidates each, shared by all
   users; values are exact (true rewards).
 
-**Users with contexts** (``d_context = d_x``; LoCo-RLHF's contextual model, Lee, Sun & Liu 2024):
-each user has a context ``x_u ~ N(0, I_{d_x})`` and
+**Users with contexts** (``d_context = d_x``; the contextual model of LoCo-RLHF, Lee, Sun & Liu
+2024, arXiv 2412.19436): each user has a context ``x_u ~ N(0, I_{d_x})`` and
 
-    g_u = sqrt(1 − ν) · Mᵀx_u + sqrt(ν) · ε_u,   M ∈ R^{d_x×k} with N(0, 1/d_x) entries,
-    ε_u ~ N(0, I_k),
+    g_u = sqrt(1 − ν) · Mᵀx_u + sqrt(ν) · ε_u,   M ∈ R^{d_x×r} with N(0, 1/d_x) entries,
+    ε_u ~ N(0, I_r),
 
-in place of ``g_u`` above, so ``θ_u = θ0 + B w_u`` is ``[1, x_u]ᵀΘφ`` with a rank-``k`` context
+in place of ``g_u`` above, so ``θ_u = θ0 + B w_u`` is ``[1, x_u]ᵀΘφ`` with a rank-``r`` context
 part plus a personal residual. ``ν = context_noise``: ``0`` makes a user's reward a function of
 their context (a new user's context tells everything), ``1`` makes it unrelated to it. ``g_u``
-has covariance ``(1 − ν) MᵀM + ν I ≈ I_k`` either way, so ``diversity`` keeps its meaning.
+has covariance ``(1 − ν) MᵀM + ν I ≈ I_r`` either way, so ``diversity`` keeps its meaning.
 Offline comparisons then carry the users' contexts as ``x``.
 """
 
@@ -51,7 +51,7 @@ def _counts(n_per_user: int | Sequence[int], n_users: int) -> np.ndarray:
     if isinstance(n_per_user, int | np.integer) and not isinstance(n_per_user, bool):
         counts = np.full(n_users, int(n_per_user))
     else:
-        counts = np.asarray(list(n_per_user))
+        counts = np.asarray(list(n_per_user))  # type: ignore[arg-type]  # a bool fails here
         if counts.shape != (n_users,) or counts.dtype.kind not in "iu":
             raise ConfigError(
                 f"n_per_user must be an integer or a list of {n_users} integers (one per user), "
@@ -63,7 +63,7 @@ def _counts(n_per_user: int | Sequence[int], n_users: int) -> np.ndarray:
 
 
 class MultiUser:
-    """Users with rewards ``θ_u = θ0 + B w_u`` (DESIGN §5, ``multi_user``).
+    """Users with rewards ``θ_u = θ0 + B w_u`` (docs/design.md §5, ``multi_user``).
 
     Parameters
     ----------
@@ -71,8 +71,8 @@ class MultiUser:
         Number of training users ``U``.
     d_phi:
         Feature dimension.
-    k:
-        Rank of the shared basis ``B`` (``1 ≤ k ≤ d_phi``).
+    rank:
+        Rank ``r`` of the shared basis ``B`` (``1 ≤ r ≤ d_phi``).
     diversity:
         Size of the personal deviations relative to the shared reward (see the module
         docstring); ``0`` means identical users.
@@ -90,16 +90,16 @@ class MultiUser:
     context_noise:
         ``ν ∈ [0, 1]``, the share of the personal part not explained by the context.
 
-    Truth attributes: ``theta0_star`` (d_phi,), ``B_star`` (d_phi, k), ``W_star`` (U, k),
+    Truth attributes: ``theta0_star`` (d_phi,), ``B_star`` (d_phi, r), ``W_star`` (U, r),
     ``thetas_star`` (U, d_phi); ``users`` are the integer ids ``0..U−1``; with ``d_context``,
-    ``contexts`` (U, d_x) and ``M_star`` (d_x, k).
+    ``contexts`` (U, d_x) and ``M_star`` (d_x, r).
     """
 
     def __init__(
         self,
         n_users: int = 20,
         d_phi: int = 16,
-        k: int = 3,
+        rank: int = 3,
         diversity: float = 1.0,
         n_per_user: int | Sequence[int] = 50,
         n_actions: int = 8,
@@ -111,13 +111,13 @@ class MultiUser:
     ) -> None:
         if n_users < 1:
             raise ConfigError(f"n_users must be ≥ 1, got {n_users}")
-        if not 1 <= k <= d_phi:
-            raise ConfigError(f"k must be in [1, d_phi] = [1, {d_phi}], got {k}")
+        if not 1 <= rank <= d_phi:
+            raise ConfigError(f"rank must be in [1, d_phi] = [1, {d_phi}], got {rank}")
         if n_actions < 2:
             raise ConfigError(f"n_actions must be ≥ 2, got {n_actions}")
         if diversity < 0 or shared_scale < 0:
             raise ConfigError("diversity and shared_scale must be ≥ 0")
-        self.n_users, self.d_phi, self.k = n_users, d_phi, k
+        self.n_users, self.d_phi, self.rank = n_users, d_phi, rank
         self.diversity, self.n_actions, self.seed = float(diversity), n_actions, seed
         self.shared_scale = float(shared_scale)
         self.n_per_user = _counts(n_per_user, n_users)
@@ -133,32 +133,35 @@ class MultiUser:
 
         rng = np.random.default_rng(seed)
         self.theta0_star = self.shared_scale * np.sqrt(d_phi) * unit_sphere(rng, (), d_phi)
-        self.B_star = haar_frame(rng, d_phi, k)
+        self.B_star = haar_frame(rng, d_phi, rank)
         if d_context is None:
             self.contexts = None
             self.W_star = self._weights(rng, n_users)
         else:
-            self.M_star = rng.standard_normal((d_context, k)) / np.sqrt(d_context)
+            self.M_star = rng.standard_normal((d_context, rank)) / np.sqrt(d_context)
             self.contexts, self.W_star = self._context_weights(rng, n_users)
         self.thetas_star = self.theta0_star + self.W_star @ self.B_star.T
         self.users = np.arange(n_users)
 
     def _weights(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return self.diversity * np.sqrt(self.d_phi / self.k) * rng.standard_normal((n, self.k))
+        return (
+            self.diversity * np.sqrt(self.d_phi / self.rank) * rng.standard_normal((n, self.rank))
+        )
 
     def _context_weights(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(contexts (n, d_x), W (n, k))`` of ``n`` users with contexts."""
-        x = rng.standard_normal((n, self.d_context))
+        """``(contexts (n, d_x), W (n, r))`` of ``n`` users with contexts."""
+        x = rng.standard_normal((n, self.d_context))  # type: ignore[arg-type]  # d_context set
         g = np.sqrt(1.0 - self.context_noise) * x @ self.M_star + np.sqrt(
             self.context_noise
-        ) * rng.standard_normal((n, self.k))
-        return x, self.diversity * np.sqrt(self.d_phi / self.k) * g
+        ) * rng.standard_normal((n, self.rank))
+        return x, self.diversity * np.sqrt(self.d_phi / self.rank) * g
 
     # ------------------------------------------------------------------ sampling
     def sample_comparisons(
         self,
         thetas: np.ndarray,
         counts: np.ndarray | Sequence[int],
+        *,
         seed: int | list[int],
         users: np.ndarray | None = None,
         contexts: np.ndarray | None = None,
@@ -195,14 +198,17 @@ class MultiUser:
         )
 
     def sample_offline(
-        self, seed: int | list[int], n_per_user: int | Sequence[int] | None = None
+        self, n: int | Sequence[int] | None = None, *, seed: int | list[int]
     ) -> PreferenceData:
-        """Training comparisons of every user (``n_per_user`` overrides the constructor's)."""
-        counts = self.n_per_user if n_per_user is None else _counts(n_per_user, self.n_users)
-        return self.sample_comparisons(self.thetas_star, counts, seed, self.users, self.contexts)
+        """Training comparisons of every user: ``n`` per user (an integer, or one count per
+        user), by default the constructor's ``n_per_user``."""
+        counts = self.n_per_user if n is None else _counts(n, self.n_users)
+        return self.sample_comparisons(
+            self.thetas_star, counts, seed=seed, users=self.users, contexts=self.contexts
+        )
 
-    def new_users(self, n: int, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` fresh users from the same population: ``(W_new (n, k), thetas_new (n, d_phi))``
+    def new_users(self, n: int, *, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` fresh users from the same population: ``(W_new (n, r), thetas_new (n, d_phi))``
         (with ``d_context``, see :meth:`new_context_users` for their contexts)."""
         if self.d_context is not None:
             _, w = self._context_weights(np.random.default_rng(seed), n)
@@ -210,7 +216,7 @@ class MultiUser:
             w = self._weights(np.random.default_rng(seed), n)
         return w, self.theta0_star + w @ self.B_star.T
 
-    def new_context_users(self, n: int, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def new_context_users(self, n: int, *, seed: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
         """``n`` fresh users with contexts: ``(contexts (n, d_x), thetas (n, d_phi))``; the same
         users as :meth:`new_users` with the same seed."""
         if self.d_context is None:
@@ -218,7 +224,7 @@ class MultiUser:
         x, w = self._context_weights(np.random.default_rng(seed), n)
         return x, self.theta0_star + w @ self.B_star.T
 
-    def sample_targets(self, m: int, seed: int | list[int]) -> TargetStates:
+    def sample_targets(self, m: int, *, seed: int | list[int]) -> TargetStates:
         """``m`` deployment states shared by all users, ``K`` candidates each."""
         rng = np.random.default_rng(seed)
         return TargetStates(x=None, phi=unit_sphere(rng, (m, self.n_actions), self.d_phi))

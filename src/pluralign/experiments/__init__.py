@@ -1,4 +1,4 @@
-"""Experiments, their configs and the sweep runner (DESIGN §7).
+"""Experiments, their configs and the sweep runner (docs/design.md §7).
 
 Layout (imports point down this list, never up):
 

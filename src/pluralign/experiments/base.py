@@ -11,21 +11,28 @@ with ``unit_n`` (the unit's ``n``, which keys resuming) and ``unit_rows`` (the u
 so that a unit cut short mid-write is recomputed). A point may carry its own ``fit_seconds``.
 
 Every env parameter and option is declared with a default *and* a constraint (:class:`Range`
-or :class:`Choice`, in ``env_spec`` / ``option_spec``); :func:`pluralign.experiments.config.
-resolve_config` converts each value to its default's type and then checks its constraint, so a
-config is refused when it is resolved, with the key named, never midway through a run.
+or :class:`Choice`, in ``env_spec`` / ``option_spec``). From these declarations each
+:class:`Experiment` generates its two typed config sections (:func:`schema_section`: an
+:class:`ExperimentSection` on :mod:`pluralign.settings`, one field per key), which
+:func:`pluralign.experiments.config.resolve_config` builds for every env setting and the
+options: building one converts each value to its default's type (:func:`coerce`) and then
+checks its constraint, so a config is refused when it is resolved, with the key named, never
+midway through a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from pluralign.errors import ConfigError
+from pluralign.settings import Section, setting
 
 __all__ = [
     "MAX_DIM",
@@ -38,9 +45,12 @@ __all__ = [
     "Choice",
     "Constraint",
     "Experiment",
+    "ExperimentSection",
     "Range",
     "Unit",
     "UnitContext",
+    "coerce",
+    "schema_section",
     "show",
 ]
 
@@ -184,6 +194,205 @@ class Choice:
 Constraint = Range | Choice
 
 
+# ------------------------------------------------------------------ values and sections
+def _number(value: Any) -> int | float | None:
+    """``value`` as a finite int or float (a string is parsed), or ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:  # not an integer, or past Python's 4,300-digit limit
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None  # "1e999999" reads as inf
+    return None
+
+
+def coerce(key: str, value: Any, default: Any) -> Any:
+    """Give ``value`` the type of ``default`` (YAML reads ``1e-4`` as a string), or refuse.
+
+    Numbers must be finite (the string ``1e999999`` reads as inf and is refused); an int default
+    takes whole numbers only (``2``, ``2.0``, ``"2"``, ``"1e3"``); a bool default takes a bool
+    only; a list default takes a non-empty list of values like its first item. A mapping, list
+    or ``null`` where a scalar is expected is refused. A ``None`` default takes anything.
+    """
+
+    def refuse() -> ConfigError:
+        kind = (
+            "true or false"
+            if isinstance(default, bool)
+            else "a whole number"
+            if isinstance(default, int)
+            else "a finite number"
+            if isinstance(default, float)
+            else "a non-empty list"
+            if isinstance(default, list)
+            else "a string"
+        )
+        return ConfigError(
+            f"{key!r} must be {kind} like the default {show(default)}, got {show(value)}"
+        )
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse()
+        return value
+    if isinstance(default, int | float):
+        number = _number(value)
+        if number is None:
+            raise refuse()
+        if isinstance(default, int):
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise refuse()
+                number = int(number)
+            return number
+        try:
+            return float(number)
+        except OverflowError:  # an int past the float range
+            raise refuse() from None
+    if isinstance(default, list):
+        if not isinstance(value, list | tuple) or not value:
+            raise refuse()
+        return [coerce(key, v, default[0]) for v in value]
+    if isinstance(default, str) and not isinstance(value, str):
+        raise refuse()
+    return value
+
+
+def _check_parameter(
+    name: str, value: Any, *, default: Any, constraint: Constraint | None, text: bool = True
+) -> Any:
+    """The check of one experiment parameter (a :func:`~pluralign.settings.setting` check):
+    ``null`` where the constraint is ``nullable`` (or where neither a default nor a constraint
+    says what the value is), otherwise :func:`coerce` to the default's type (a ``None`` default:
+    a float). The constraint itself is checked across the section
+    (:meth:`ExperimentSection._cross_check`), since it may name other keys."""
+    nullable = getattr(constraint, "nullable", False)
+    if value is None and (nullable or (default is None and constraint is None)):
+        return None
+    return coerce(name, value, 0.0 if default is None else default)
+
+
+_S = TypeVar("_S", bound="ExperimentSection")
+
+
+@dataclass(frozen=True)
+class ExperimentSection(Section):
+    """A typed section of an experiment's config: the parameters of one env setting
+    (``SECTION = "env"``) or the options (``"options"``). Each field is a parameter whose
+    metadata holds its constraint (``None``: anything); building a section converts every value
+    (:func:`coerce`; an explicit ``null`` is the check's to refuse) and then checks every
+    constraint in field order, with the whole section at hand (``at_most`` names other keys).
+
+    A section is generated from an experiment's declarations by :func:`schema_section`;
+    :meth:`from_dict` refuses an unknown key naming ``KIND`` (``unknown env parameter 'dx';
+    valid: ...``)."""
+
+    CHECK_NULLS: ClassVar[bool] = True
+    KIND: ClassVar[str] = "parameter"
+
+    @classmethod
+    def from_dict(cls: type[_S], given: Any, *, name: str | None = None) -> _S:
+        """The section of the mapping ``given``, its missing keys at their defaults; the first
+        unknown key (in the order given) is refused listing the valid ones."""
+        if given is None:
+            given = {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"{name or cls.SECTION!r} must be a mapping, got {show(given)}")
+        keys = cls.defaults()
+        bad = [key for key in given if key not in keys]
+        if bad:
+            raise cls._unknown_keys(bad, name or cls.SECTION)
+        return cls(**{**keys, **given})
+
+    @classmethod
+    def _unknown_keys(cls, bad: list[Any], name: str) -> ConfigError:
+        valid = [f.name for f in dataclasses.fields(cls)]
+        renames = cls.renames()
+        if isinstance(bad[0], str) and bad[0] in renames:
+            return ConfigError(f"unknown {cls.KIND} {show(bad[0])}: renamed to {renames[bad[0]]!r}")
+        return ConfigError(f"unknown {cls.KIND} {show(bad[0])}; valid: {', '.join(valid)}")
+
+    @classmethod
+    def constraints(cls) -> dict[str, Constraint]:
+        """The declared constraint of every parameter that has one, in field order."""
+        return {
+            f.name: f.metadata["constraint"]
+            for f in dataclasses.fields(cls)
+            if f.metadata["constraint"] is not None
+        }
+
+    @classmethod
+    def _cross_check(cls, values: dict[str, Any], section: str) -> None:
+        prefix = f"{section}." if section else ""
+        for key, constraint in cls.constraints().items():
+            constraint.check(f"{prefix}{key}", values[key], values)
+
+
+@functools.cache
+def _reserved() -> frozenset[str]:
+    return frozenset(dir(ExperimentSection))
+
+
+def schema_section(
+    title: str,
+    section: str,
+    kind: str,
+    defaults: Mapping[str, Any],
+    spec: Mapping[str, Constraint],
+    *,
+    renamed: Mapping[str, str] | None = None,
+) -> type[ExperimentSection]:
+    """The :class:`ExperimentSection` of one section (``"env"`` or ``"options"``) of an
+    experiment, generated from its declarations: a field per key of ``defaults`` (its default,
+    the constraint in ``spec`` if any, the constraint's description as its help), so the
+    declarations stay the one source of the defaults, the checks and the tables of the docs.
+    ``title`` names the class (``loco.env``), ``kind`` the key in errors (``env parameter``)."""
+    extra = [key for key in spec if key not in defaults]
+    if extra:
+        raise TypeError(f"{title}: constraints of undeclared keys {extra}")
+    reserved = [key for key in defaults if key in _reserved() or not key.isidentifier()]
+    if reserved:
+        raise TypeError(f"{title}: keys {reserved} cannot be section fields")
+    fields = []
+    for key, default in defaults.items():
+        constraint = spec.get(key)
+        check = functools.partial(_check_parameter, default=default, constraint=constraint)
+        help_text = constraint.describe() if constraint is not None else "anything"
+        fields.append(
+            (
+                key,
+                Any if default is None else type(default),
+                setting(
+                    default,
+                    help_text,
+                    check,
+                    renamed_from=tuple(old for old, new in (renamed or {}).items() if new == key),
+                    metadata={"constraint": constraint},
+                ),
+            )
+        )
+    cls = dataclasses.make_dataclass(
+        "".join(part.title() for part in title.replace(".", "_").split("_")),
+        fields,
+        bases=(ExperimentSection,),
+        frozen=True,
+        namespace={"SECTION": section, "KIND": kind},
+    )
+    cls.__qualname__ = cls.__name__
+    cls.__doc__ = f"The typed ``{section}`` section of the ``{title.split('.')[0]}`` experiment."
+    return cls
+
+
 @dataclass(frozen=True)
 class Unit:
     """One cell of the sweep: setting index, sample size and repeat."""
@@ -246,7 +455,8 @@ class Experiment:
     ``env_spec`` / ``option_spec`` give every env parameter / option a :class:`Range` or
     :class:`Choice`, checked when a config is resolved; ``check_config(resolved)`` (optional)
     checks what relates sections (e.g. an option bounded by an env parameter) and raises
-    :class:`~pluralign.errors.ConfigError`.
+    :class:`~pluralign.errors.ConfigError`. ``env_section`` / ``option_section`` are the typed
+    sections generated from these declarations (:func:`schema_section`).
     """
 
     name: str
@@ -265,6 +475,24 @@ class Experiment:
     env_spec: Mapping[str, Constraint] = field(default_factory=dict)
     option_spec: Mapping[str, Constraint] = field(default_factory=dict)
     check_config: Callable[[dict[str, Any]], None] | None = None
+    renamed: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    env_section: type[ExperimentSection] = field(init=False, repr=False, compare=False)
+    option_section: type[ExperimentSection] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for attribute, section, kind, defaults, spec in (
+            ("env_section", "env", "env parameter", self.env_defaults, self.env_spec),
+            ("option_section", "options", "option", self.option_defaults, self.option_spec),
+        ):
+            built = schema_section(
+                f"{self.name}.{section}",
+                section,
+                kind,
+                defaults,
+                spec,
+                renamed=self.renamed.get(section, {}),
+            )
+            object.__setattr__(self, attribute, built)
 
     def run_unit(self, config: dict[str, Any], unit: Unit) -> list[dict[str, Any]]:
         env_params = config["env"][unit.setting]

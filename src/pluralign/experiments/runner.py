@@ -1,4 +1,9 @@
-"""Run an experiment's sweep: parallel over cores, resumable, written atomically.
+"""Run an experiment's sweep: parallel over cores (or a Ray cluster), resumable, written
+atomically.
+
+Backends (:class:`LocalBackend`, the default: spawned worker processes; :class:`RayBackend`:
+one Ray task per unit) only run units; this process writes every row, so the output folder,
+resuming and the rows themselves do not depend on the backend.
 
 Resuming (:func:`resume_rows`): a torn last line (a run killed mid-write) is dropped; any other
 malformed line, or a row of a setting, method or unit the config does not have, is a
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -34,8 +40,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -49,9 +56,16 @@ from pluralign.experiments.summary import summarize, write_summary_csv
 from pluralign.plots import plot_metric
 
 __all__ = [
+    "Backend",
+    "LocalBackend",
+    "RayBackend",
+    "UnitFailure",
+    "UnitsFailedError",
     "complete_rows",
+    "describe_unit",
     "read_config_file",
     "read_results",
+    "require_ray",
     "resume_rows",
     "run_experiment",
     "run_rows",
@@ -326,6 +340,183 @@ def _execute(
             raise
 
 
+# ---------------------------------------------------------------- backends
+# A backend runs units and yields each finished one as ``(unit, rows)``, or as
+# ``(unit, UnitFailure)`` when it keeps going past a failed unit (the Ray backend does; the local
+# pool stops at the first unit that raises, and the exception propagates as it is).
+@dataclass(frozen=True)
+class UnitFailure:
+    """A unit that did not finish: which one, and why (``error``: one line; ``detail``: the
+    backend's full report, e.g. the worker's traceback)."""
+
+    unit: Unit
+    error: str
+    detail: str = ""
+
+
+BackendResult = tuple[Unit, list[dict[str, Any]] | UnitFailure]
+
+
+def describe_unit(config: dict[str, Any], unit: Unit) -> str:
+    """A unit's identity for messages: its setting's name and index, ``n`` and repeat."""
+    setting = _experiment(config).describe_setting(config["env"][unit.setting])
+    return f"unit (setting {setting!r} [#{unit.setting}], n={unit.n}, repeat={unit.repeat})"
+
+
+class UnitsFailedError(RuntimeError):
+    """Units of a sweep failed (each named, with its error); every other unit finished and its
+    rows are in ``results.jsonl``, so running the same sweep again computes only the missing
+    units. ``failures``: the :class:`UnitFailure` of each."""
+
+    def __init__(self, config: dict[str, Any], failures: list[UnitFailure], finished: int):
+        self.failures = failures
+        lines = [f"{describe_unit(config, f.unit)}: {f.error}" for f in failures]
+        super().__init__(
+            f"{len(failures)} unit(s) failed ({finished} other unit(s) of this run finished "
+            "and were written); run the same command again to compute only the missing "
+            "units:\n  " + "\n  ".join(lines)
+        )
+
+
+class Backend(Protocol):
+    """Where units run: ``execute(config, units)`` submits them and yields each finished unit
+    (see :data:`BackendResult`), in the order they finish."""
+
+    def execute(self, config: dict[str, Any], units: list[Unit]) -> Iterator[BackendResult]: ...
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    """``jobs`` spawned worker processes on this machine (default: all cores; one process runs
+    units in-process), one BLAS / torch thread each; the first unit that raises stops the run."""
+
+    jobs: int | None = None
+
+    def execute(self, config: dict[str, Any], units: list[Unit]) -> Iterator[BackendResult]:
+        jobs = max(1, min(self.jobs or os.cpu_count() or 1, len(units) or 1))
+        yield from _execute(config, units, jobs)
+
+
+RAY_INSTALL_HINT = (
+    "the Ray backend needs the `ray` package: pip install 'pluralign[ray]' "
+    "(or pip install 'ray>=2.9'), on the driver and on every node of the cluster"
+)
+
+
+def require_ray() -> Any:
+    """The ``ray`` module; a ConfigError saying how to install it if it is missing."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(RAY_INSTALL_HINT) from None
+    return ray
+
+
+@contextlib.contextmanager
+def _closed_after(results: Iterator[BackendResult]) -> Iterator[Iterator[BackendResult]]:
+    """``results``, closed on leaving (a generator's ``finally`` runs: a pool is shut down,
+    units in flight cancelled), also when the run stops early."""
+    try:
+        yield results
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+def _ray_unit(config: dict[str, Any], unit: Unit, threads: int) -> list[dict[str, Any]]:
+    """The Ray task of one unit: its rows, computed with ``threads`` BLAS / torch threads.
+
+    Ray sets a worker's ``OMP_NUM_THREADS`` to its task's CPUs when the node's environment does
+    not set it; the limits are also applied here (torch, and BLAS through ``threadpoolctl``
+    where it is installed), since a worker process serves many tasks.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        limits: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(threads, user_api="blas")
+    with limits:
+        return _experiment(config).run_unit(config, unit)
+
+
+def _ray_failure(ray: Any, unit: Unit, exc: BaseException) -> UnitFailure:
+    """What went wrong with a unit's Ray task, in one line (and the full report)."""
+    if isinstance(exc, ray.exceptions.RayTaskError):  # the unit raised
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        error = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+        return UnitFailure(unit, error, str(exc))
+    # the worker died (WorkerCrashedError: killed, os._exit, out of memory), its node was lost…
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UnitFailure(unit, f"{type(exc).__name__}: {first}".rstrip(": "), str(exc))
+
+
+@dataclass(frozen=True)
+class RayBackend:
+    """Each unit is a Ray task (``cpus_per_unit`` CPUs, that many BLAS / torch threads).
+
+    Ray is reached at ``address`` (``ray.init(address=...)``: ``"auto"``, ``"HOST:6379"``,
+    ``"ray://HOST:10001"``); without one, a Ray already initialized in this process is used,
+    else ``ray.init()`` joins the cluster of ``RAY_ADDRESS`` or starts a local one (shut down
+    when the run ends). The config goes to the object store once; rows come back to this
+    process (the driver), which alone writes the output folder. A unit that raises, or whose
+    worker dies, is reported with its identity (:class:`UnitFailure`) and the other units
+    finish. Tasks are not retried (``max_retries=0``): a rerun computes the missing units.
+    """
+
+    address: str | None = None
+    cpus_per_unit: int = 1
+
+    def execute(self, config: dict[str, Any], units: list[Unit]) -> Iterator[BackendResult]:
+        if not units:
+            return
+        ray = require_ray()
+        started = not ray.is_initialized()
+        if started:
+            try:
+                ray.init(
+                    address=self.address, include_dashboard=False, logging_level=logging.WARNING
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = self.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
+                raise ConfigError(f"cannot start or reach Ray ({where}): {exc}") from None
+        try:
+            yield from self._run(ray, config, units)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, ray: Any, config: dict[str, Any], units: list[Unit]) -> Iterator[BackendResult]:
+        task = ray.remote(
+            num_cpus=self.cpus_per_unit,
+            max_retries=0,
+        )(_ray_unit)  # looked up now, so that tests can substitute it
+        shared = ray.put(config)
+        pending = {task.remote(shared, unit, self.cpus_per_unit): unit for unit in units}
+        try:
+            while pending:
+                ready, rest = ray.wait(list(pending), num_returns=1)
+                if rest:  # everything else that is done by now, in one call
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                for ref in ready:
+                    unit = pending.pop(ref)
+                    try:
+                        rows = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        yield unit, _ray_failure(ray, unit, exc)
+                    else:
+                        yield unit, rows
+        finally:
+            for ref in pending:  # the run was stopped: its units in flight are dropped
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+
+
 def run_experiment(
     config: dict[str, Any],
     out: str | Path,
@@ -335,6 +526,7 @@ def run_experiment(
     progress: bool = True,
     on_unit: Callable[[Unit], None] | None = None,
     force: bool = False,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep of ``config`` into ``out``; return the resolved config.
 
@@ -342,7 +534,15 @@ def run_experiment(
     already in ``out/results.jsonl`` are skipped (see :func:`resume_rows`). A ``results.jsonl``
     without a ``config.yaml`` beside it is refused unless ``force`` (its rows are then resumed
     as rows of this config). ``on_unit`` is called after each finished unit.
+
+    ``backend`` runs the units (default: ``LocalBackend(jobs)``; ``RayBackend(...)`` runs each
+    as a Ray task, and then ``jobs`` must be ``None``). Either way this process writes the rows
+    as units finish, and the same config gives the same rows. Units a backend reports as failed
+    (:class:`UnitFailure`) are left out; once every other unit has finished,
+    :class:`UnitsFailedError` names them.
     """
+    if backend is not None and jobs is not None:
+        raise ConfigError("jobs is the local backend's; leave it out with another backend")
     resolved = resolve_config(config, quick=quick)
     experiment = _experiment(resolved)
     out = Path(out)
@@ -378,10 +578,15 @@ def run_experiment(
     atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     todo = [u for u in units_of(resolved) if u.key not in complete]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
+    backend = backend or LocalBackend(jobs)
+    failures: list[UnitFailure] = []
     bar = _progress(progress, len(units_of(resolved)), len(units_of(resolved)) - len(todo))
-    with bar as (advance), results_path.open("a", encoding="utf-8") as sink:
-        for unit, unit_rows in _execute(resolved, todo, jobs):
+    finished = _closed_after(iter(backend.execute(resolved, todo)))
+    with bar as (advance), results_path.open("a", encoding="utf-8") as sink, finished as done:
+        for unit, unit_rows in done:
+            if isinstance(unit_rows, UnitFailure):
+                failures.append(unit_rows)
+                continue
             sink.write("".join(json.dumps(r) + "\n" for r in unit_rows))
             sink.flush()
             os.fsync(sink.fileno())
@@ -389,6 +594,8 @@ def run_experiment(
             advance()
             if on_unit is not None:
                 on_unit(unit)
+    if failures:
+        raise UnitsFailedError(resolved, failures, len(todo) - len(failures))
 
     method_order = {m: i for i, m in enumerate(resolved["methods"])}
     kept.sort(key=lambda r: (*_row_key(r, settings), method_order[r["method"]], r["n"]))

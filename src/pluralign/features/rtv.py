@@ -1,4 +1,5 @@
-"""Rotation–truncation–vectorization (RTV), the reduction behind LoCo-RLHF's PRS policy.
+"""Rotation–truncation–vectorization (RTV), the reduction behind LoCo-RLHF's PRS policy (Lee,
+Sun & Liu 2024, arXiv 2412.19436).
 
 Given a rank-r estimate ``Θ̂ = Û D̂ V̂ᵀ`` and orthonormal complements ``Û⊥, V̂⊥``, rotate
 ``x̃ = [Û Û⊥]ᵀx`` and ``φ̃ = [V̂ V̂⊥]ᵀφ``. In rotated coordinates ``xᵀΘφ = x̃ᵀΘ̃φ̃`` with
@@ -10,10 +11,10 @@ subspace errors), so it is dropped. What remains is linear in the reduced parame
 
 with reduced features
 
-    z(x, φ) = [vec(x̃_{1:r} φ̃ᵀ) ; vec(x̃_{r+1:} φ̃_{1:r}ᵀ)],   k = (d_x + d_phi) r − r².
+    z(x, φ) = [vec(x̃_{1:r} φ̃ᵀ) ; vec(x̃_{r+1:} φ̃_{1:r}ᵀ)],   p = (d_x + d_phi) r − r².
 
 Everything here runs in ``O((d_x + d_phi) r)`` per (x, φ) pair except :meth:`RTVMap.transform`,
-which materializes ``z`` (``k`` numbers per pair) for confidence sets.
+which materializes ``z`` (``p`` numbers per pair, :attr:`RTVMap.n_params`) for confidence sets.
 """
 
 from __future__ import annotations
@@ -73,14 +74,14 @@ class RTVMap:
         return int(self.V.shape[0])
 
     @property
-    def k(self) -> int:
-        """Reduced dimension ``(d_x + d_phi) r − r²``."""
+    def n_params(self) -> int:
+        """Reduced dimension ``p = (d_x + d_phi) r − r²`` (the length of ``θ_z``)."""
         r = self.rank
         return (self.d_x + self.d_phi) * r - r * r
 
     # ------------------------------------------------------------- parameters
     def params_from_theta(self, theta: np.ndarray) -> np.ndarray:
-        """Rotate ``Θ`` and drop the ``[r:, r:]`` block: ``θ_z`` of length ``k``."""
+        """Rotate ``Θ`` and drop the ``[r:, r:]`` block: ``θ_z`` of length ``p``."""
         rotated = self.U.T @ theta @ self.V
         r = self.rank
         return np.concatenate([rotated[:r, :].ravel(), rotated[r:, :r].ravel()])
@@ -88,9 +89,9 @@ class RTVMap:
     def _blocks(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         r = self.rank
         params = np.asarray(params, float)
-        if params.shape != (self.k,):
+        if params.shape != (self.n_params,):
             raise DataValidationError(
-                f"must have shape ({self.k},), got {params.shape}", field="params"
+                f"must have shape ({self.n_params},), got {params.shape}", field="params"
             )
         top = params[: r * self.d_phi].reshape(r, self.d_phi)  # Θ̃[:r, :]
         bottom = params[r * self.d_phi :].reshape(self.d_x - r, r)  # Θ̃[r:, :r]
@@ -114,7 +115,7 @@ class RTVMap:
 
     # --------------------------------------------------------------- features
     def transform(self, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
-        """Materialized reduced features ``z(x, φ)``: ``(n, k)`` or ``(m, K, k)``."""
+        """Materialized reduced features ``z(x, φ)``: ``(n, p)`` or ``(m, K, p)``."""
         x, phi = np.asarray(x, float), np.asarray(phi, float)
         r = self.rank
         xr = x @ self.U
@@ -146,5 +147,5 @@ class RTVMap:
 def rtv_features(
     x: np.ndarray, phi: np.ndarray, U_hat: np.ndarray, V_hat: np.ndarray
 ) -> np.ndarray:
-    """RTV-reduced features of ``(x, φ)`` given ``Û``, ``V̂``: ``k = (d_x+d_phi)r − r²`` columns."""
+    """RTV-reduced features of ``(x, φ)`` given ``Û``, ``V̂``: ``p = (d_x+d_phi)r − r²`` columns."""
     return RTVMap.from_frames(U_hat, V_hat).transform(x, phi)

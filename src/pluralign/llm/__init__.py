@@ -1,6 +1,6 @@
 """The LLM layer: personalized reward models and policies on transformers.
 
-Reward models (P-ShareLoRA on real networks):
+Reward models (P-ShareLoRA, Liu et al. 2025, arXiv 2503.19201, on real networks):
 
 * :class:`MultiUserLoRA` — every user's LoRA update of chosen linear modules in stacked tensors
   (``share="B"``, ``"A"``, ``"independent"``, ``"pooled"``);
@@ -11,7 +11,7 @@ Reward models (P-ShareLoRA on real networks):
 * :func:`export_adapters` / :class:`ExportedReward` — per-user PEFT adapter folders;
 * :class:`LastLayerUncertainty` — the bandit layer's confidence set on the reward head.
 
-Policies (GSHF's practical forms, seed 002):
+Policies (the practical forms of GSHF, Xiong et al. 2024, ICML 2024, arXiv 2312.11456):
 
 * :class:`PersonalizedPolicy` — a causal LM with multi-user LoRA, whose reference π0 is the
   adapters switched off; masked response log-probabilities and mixed-user sampling;

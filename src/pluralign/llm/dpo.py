@@ -1,4 +1,5 @@
-"""DPO against a fixed reference on a personalized policy (GSHF's practical offline form).
+"""DPO against a fixed reference on a personalized policy (the practical offline form of GSHF,
+Xiong et al. 2024, ICML 2024, arXiv 2312.11456).
 
 For a comparison ``(x, y_w ≻ y_l)`` of user ``u`` and the log-ratios
 ``h_w = log π_u(y_w|x) − log π0(y_w|x)``, ``h_l`` likewise (π0: the adapters off,
@@ -6,10 +7,10 @@ For a comparison ``(x, y_w ≻ y_l)`` of user ``u`` and the log-ratios
 
 * ``"sigmoid"`` (DPO, Rafailov et al. 2023): ``−log σ(β (h_w − h_l))`` — the Bradley–Terry
   likelihood of the reward ``r = β log π/π0`` that makes π the Gibbs policy
-  ``π ∝ π0 exp(r/β)`` of the KL-regularized objective (GSHF, seed 002, with ``η = β``);
+  ``π ∝ π0 exp(r/β)`` of the KL-regularized objective (GSHF, with ``η = β``);
 * ``"ipo"`` (Azar et al. 2023): ``(h_w/n_w − h_l/n_l − 1/(2β))²`` with the log-ratios averaged
   over the ``n`` response tokens (TRL's convention, confirmed with the IPO authors);
-* ``"pessimistic"`` (GSHF's offline pessimism, seed 002): ``−log σ(β (h_w − h_l) + Γ_w − Γ_l)``.
+* ``"pessimistic"`` (GSHF's offline pessimism): ``−log σ(β (h_w − h_l) + Γ_w − Γ_l)``.
   If π is the Gibbs policy of the pessimistic reward ``r − Γ``, the reward it implies is
   ``β log π/π0 + Γ``, whose Bradley–Terry likelihood is this loss: fitting it makes
   ``β log π/π0`` estimate ``r − Γ``, so responses whose reward is uncertain (large

@@ -1,7 +1,7 @@
 """Multi-user LoRA: every user's low-rank update of a linear layer, in stacked tensors.
 
-P-ShareLoRA (Park et al., seed 001) personalizes a reward model by giving each user ``u`` a
-low-rank update of chosen weight matrices, with one factor shared across users::
+P-ShareLoRA (Liu et al. 2025, arXiv 2503.19201) personalizes a reward model by giving each
+user ``u`` a low-rank update of chosen weight matrices, with one factor shared across users::
 
     W_u = W + (α / r) · B_u A_u,     A_u ∈ R^{r×in}, B_u ∈ R^{out×r}
 

@@ -12,9 +12,10 @@ else the gold reward):
 * ``enhancer`` — among the pairs ``(a, b)`` with ``a`` in the top half and ``b`` in the bottom
   half of the candidates ordered by ``s`` (top half: the first ``⌊n/2⌋``; a stable sort, so
   equal scores keep the candidates' order) and ``s_a ≠ s_b``, the pair of largest
-  ``‖φ_a − φ_b‖_{Σ⁻¹}`` (the per-pair prototype of the GSHF authors' code; the bandit layer's
-  ``uncertainty``); the first such pair in (top, bottom) order on equal norms. ``Σ = λI +
-  Σ Δφ Δφᵀ`` over the pairs kept so far (:class:`FeatureCovariance`).
+  ``‖φ_a − φ_b‖_{Σ⁻¹}`` (the per-pair prototype of the code of GSHF's authors, Xiong et al.
+  2024, ICML 2024, arXiv 2312.11456; the bandit layer's ``uncertainty``); the first such pair in
+  (top, bottom) order on equal norms. ``Σ = λI + Σ Δφ Δφᵀ`` over the pairs kept so far
+  (:class:`FeatureCovariance`).
 
 A pair is a **tie** when its two selection scores are equal (its label would carry no
 information about the score); ties are dropped by the loop and counted.

@@ -2,9 +2,10 @@
 
 ``π_u(y | x)`` is a causal LM whose chosen linear layers carry user ``u``'s LoRA update
 (:class:`~pluralign.llm.MultiUserLoRA`, every share mode). The reference policy ``π0`` of DPO
-and of the KL-regularized objective ``E r − η·KL(π‖π0)`` (GSHF, seed 002) is the same network
-with the adapters switched off (:meth:`PersonalizedPolicy.reference`), so no second copy of the
-weights is kept: DPO's "fixed reference" costs one extra forward pass, not a model.
+and of the KL-regularized objective ``E r − η·KL(π‖π0)`` (GSHF, Xiong et al. 2024, ICML 2024,
+arXiv 2312.11456) is the same network with the adapters switched off
+(:meth:`PersonalizedPolicy.reference`), so no second copy of the weights is kept: DPO's "fixed
+reference" costs one extra forward pass, not a model.
 
 **Sequences.** A row is a prompt and a response. The prompt is rendered with the tokenizer's
 chat template as one user turn with the generation prompt when the tokenizer has one

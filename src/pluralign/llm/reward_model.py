@@ -4,7 +4,8 @@
 hidden state under user ``u``'s LoRA update (:mod:`pluralign.llm.lora`) and ``w`` a shared linear
 head without bias (a bias cancels in the Bradley–Terry likelihood
 ``P(chosen ≻ rejected) = σ(r_u(x, y_c) − r_u(x, y_r))``, so it is not identifiable). This is
-P-ShareLoRA's personalized reward model (Park et al., seed 001, §4; ``share="B"`` by default).
+P-ShareLoRA's personalized reward model (Liu et al. 2025, arXiv 2503.19201, §4; ``share="B"``
+by default).
 
 ``pooling``: ``"mean"`` (masked mean over tokens, what sentence-transformers' MiniLM uses),
 ``"cls"`` (the first token) or ``"last"`` (the last non-pad token, how a causal LM is read);

@@ -1,5 +1,5 @@
 """Training-free and sampling-based policies: best-of-n with pessimism, multi-step rejection
-sampling (GSHF, seed 002).
+sampling (GSHF, Xiong et al. 2024, ICML 2024, arXiv 2312.11456).
 
 **Best-of-n.** Draw ``n`` responses per (prompt, user) from a policy, score them with the
 user's reward model, return the best. With ``pessimism = β > 0`` the score is the pessimistic

@@ -1,8 +1,8 @@
 """Bradley–Terry training of a personalized reward model, with accelerate.
 
 The loss of a batch ``S`` of rows ``(x, y_c, y_r, u)`` is the mean negative log-likelihood
-``−(1/|S|) Σ log σ(r_u(x, y_c) − r_u(x, y_r))`` (P-ShareLoRA's objective, seed 001 eq. 4).
-Only the LoRA factors and the head are trained (AdamW).
+``−(1/|S|) Σ log σ(r_u(x, y_c) − r_u(x, y_r))`` (the objective of P-ShareLoRA, Liu et al.
+2025, arXiv 2503.19201, eq. 4). Only the LoRA factors and the head are trained (AdamW).
 
 **Processes.** The trainer runs under ``accelerate launch`` (several processes or GPUs) as well
 as in a plain Python process. Every process draws the same seeded order of rows; each global

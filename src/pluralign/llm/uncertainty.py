@@ -10,8 +10,8 @@ with no ensemble: from the training pairs' feature differences
     M = (1/N) Σ_i Δφ_i Δφ_iᵀ + λI,     C = {w : ‖w − ŵ‖_M ≤ β}.
 
 The head is shared by all users (only the features are personal), so every user's pairs inform
-``M``. GSHF's offline pessimism (seed 002) penalizes a response by its uncertainty relative to a
-reference point of the prompt,
+``M``. The offline pessimism of GSHF (Xiong et al. 2024, ICML 2024, arXiv 2312.11456)
+penalizes a response by its uncertainty relative to a reference point of the prompt,
 
     Γ_u(x, y) = β · ‖φ_u(x, y) − ν(x)‖_{M⁻¹},
 

@@ -1,4 +1,7 @@
-"""Online and hybrid iterative preference learning under a KL constraint (GSHF, DESIGN §4)."""
+"""Online and hybrid iterative preference learning under a KL constraint (docs/design.md §4).
+
+GSHF: Xiong et al. 2024 (ICML 2024, arXiv 2312.11456), in the bandit layer.
+"""
 
 from pluralign.online.exploration import (
     EXPLORATIONS,

@@ -5,7 +5,8 @@ draws the pair ``(a¹, a²)`` of every context with :meth:`Exploration.draw_pair
 (the names in :data:`EXPLORATIONS`) covers two kinds of design:
 
 *Policy-level designs* choose a policy ``π²_t`` (:meth:`Exploration.second_policy`); then
-``a¹ ~ π¹_t`` and ``a² ~ π²_t`` (Xiong et al. 2024, GSHF, Algorithm 2):
+``a¹ ~ π¹_t`` and ``a² ~ π²_t`` (Xiong et al. 2024, GSHF, ICML 2024, arXiv 2312.11456,
+Algorithm 2):
 
 * ``enhancer`` (:class:`Enhancer`) — GSHF's enhancer: maximise the uncertainty of the feature
   difference, subject to staying KL-close to the main agent (see its docstring);

@@ -1,6 +1,6 @@
 """Online iterative GSHF: a main agent, an exploration policy, and a Bradley–Terry oracle.
 
-Xiong et al. 2024 (GSHF, arXiv 2312.11456), Algorithm 2, on a linear KL bandit
+Xiong et al. 2024 (GSHF, ICML 2024, arXiv 2312.11456), Algorithm 2, on a linear KL bandit
 (:class:`~pluralign.envs.KLBandit`). Starting from data ``D_0`` (empty, or an offline data set for
 the **hybrid** setting), for ``t = 1..T``:
 
@@ -63,11 +63,11 @@ class PreferenceEnv(Protocol):
     eta: float
     d: int
 
-    def sample_states(self, m: int, seed: Any) -> TargetStates: ...
+    def sample_targets(self, m: int, *, seed: Any) -> TargetStates: ...
 
     def reference_probs(self, states: TargetStates) -> np.ndarray: ...
 
-    def compare(self, phi0: np.ndarray, phi1: np.ndarray, seed: Any) -> np.ndarray: ...
+    def compare(self, phi0: np.ndarray, phi1: np.ndarray, *, seed: Any) -> np.ndarray: ...
 
     def optimal_probs(self, states: TargetStates) -> np.ndarray: ...
 
@@ -232,7 +232,7 @@ class OnlineGSHF:
         for t in range(1, self.n_rounds + 1):
             start = time.perf_counter()
             rng = np.random.default_rng([*seed, t])
-            states = env.sample_states(m, rng)
+            states = env.sample_targets(m, seed=rng)
             ref = env.reference_probs(states)
             main = gibbs_probs(states.phi @ theta, ref, env.eta)
             pairs = exploration.draw_pairs(
@@ -244,7 +244,9 @@ class OnlineGSHF:
             rows = np.arange(m)
             phi1, phi2 = states.phi[rows, a1], states.phi[rows, a2]
             width = float(np.mean(cs.beta * cs.norm(phi1 - phi2)))
-            batch = PreferenceData(x=None, phi0=phi1, phi1=phi2, y=env.compare(phi1, phi2, rng))
+            batch = PreferenceData(
+                x=None, phi0=phi1, phi1=phi2, y=env.compare(phi1, phi2, seed=rng)
+            )
             data = batch if data is None else PreferenceData.concatenate([data, batch])
             model, theta, cs = self._refit(data, env.d)
             record = {

@@ -1,4 +1,4 @@
-"""Policies over finite candidate sets (DESIGN §4)."""
+"""Policies over finite candidate sets (docs/design.md §4)."""
 
 from pluralign.policies.aggregate import Leximin, PerUserPolicies, Utilitarian, user_confidence
 from pluralign.policies.base import Policy, as_probs, one_hot_argmax

@@ -18,7 +18,8 @@ ellipsoids). Its linear maximiser is a per-state argmax (:func:`best_response`),
 the true objective of any policy bounds it from below. Each solver reports the difference of
 the best such bounds as a certified **duality gap**.
 
-* :func:`pairwise_frank_wolfe` — one ellipsoid (Zhu, Jordan & Jiao 2023; LoCo-RLHF's PRS):
+* :func:`pairwise_frank_wolfe` — one ellipsoid (Zhu, Jordan & Jiao 2023; the PRS policy of
+  LoCo-RLHF, Lee, Sun & Liu 2024, arXiv 2412.19436):
   Frank–Wolfe with an active set and pairwise corrections (Lacoste-Julien & Jaggi 2015), with
   its pieces :func:`line_search`, :func:`pairwise_corrective`, :func:`restricted_dual` and
   :func:`escape_cone`.
@@ -361,8 +362,8 @@ def kelley_cutting_planes(
             picks.add(int(fixed_ids[np.argmax(shortfall[fixed_ids])]))
         cuts.extend((u, geometry.gain(worst[u])) for u in sorted(picks) if shortfall[u] > 1e-12)
     if best_probs is None:  # pragma: no cover - fixed levels not reached within max_iter
-        best_probs, best_value = probs, float(values[free].min())
-    return CuttingPlaneSolution(best_probs, best_value, bound, duals, it)
+        best_probs, best_value = probs, float(values[free].min())  # type: ignore[index]  # set on the first iteration
+    return CuttingPlaneSolution(best_probs, best_value, bound, duals, it)  # type: ignore[arg-type]  # set on the first iteration
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ def pairwise_frank_wolfe(
     by Frank–Wolfe with an active set and pairwise corrections (Lacoste-Julien & Jaggi 2015, "On
     the global linear convergence of Frank–Wolfe optimization variants"; see
     :mod:`pluralign.policies.pessimistic` for the steps). The iterate is a convex combination of
-    deterministic policies held in ``k``-space (``v_i = w(e(a_i))``, ``M⁻¹v_i``, ``θ̂ᵀv_i``, the Gram
+    deterministic policies held in ``p``-space (``v_i = w(e(a_i))``, ``M⁻¹v_i``, ``θ̂ᵀv_i``, the Gram
     matrix ``G_ij = v_iᵀM⁻¹v_j``); each iteration takes the worst-case ``θ_t ∈ C`` (the
     supergradient ``θ̂ − βM⁻¹w/‖w‖_{M⁻¹}``, or :func:`restricted_dual` at the cone point ``w = 0``),
     calls the linear oracle (:func:`best_response` on ``θ_tᵀz(j, a)`` via ``model.reward_at``),

@@ -70,6 +70,7 @@ from pluralign.policies._solvers import SimplexGeometry, double_oracle, kelley_c
 from pluralign.policies.base import Policy, one_hot_argmax
 from pluralign.policies.pessimistic import Pessimistic, reference_probs
 from pluralign.rewards.diagnostics import gap_message, warn
+from pluralign.rewards.protocols import UserViews
 from pluralign.rewards.validation import check_int, check_number
 
 __all__ = ["Leximin", "PerUserPolicies", "Utilitarian", "user_confidence"]
@@ -77,19 +78,20 @@ __all__ = ["Leximin", "PerUserPolicies", "Utilitarian", "user_confidence"]
 Beta = float | str | Callable[[int, int], float]
 
 
-def _beta_value(beta: Beta, k: int, n: int) -> float | str:
+def _beta_value(beta: Beta, n_params: int, n: int) -> float | str:
     if callable(beta):
-        return float(beta(k, n))
+        return float(beta(n_params, n))
     return beta
 
 
 def rate_beta(scale: float, delta: float = 0.05) -> Callable[[int, int], float]:
-    """``β = scale · sqrt((k + log(1/δ)) / n)`` (the theory's rate, constant exposed)."""
-    return lambda k, n: scale * beta_rate(k, n, delta)
+    """``β = scale · sqrt((p + log(1/δ)) / n)`` for ``p`` parameters (the theory's rate, constant
+    exposed)."""
+    return lambda n_params, n: scale * beta_rate(n_params, n, delta)
 
 
 def user_confidence(
-    model: Any,
+    model: UserViews,
     user: Any,
     data: PreferenceData,
     *,
@@ -98,7 +100,8 @@ def user_confidence(
     delta: float = 0.05,
 ) -> tuple[Any, ConfidenceSet]:
     """User ``u``'s view ``θ_u = A v`` and its confidence set from the comparisons that
-    inform it. ``beta`` is a number, ``"theory"``, or ``f(k, n) -> β`` (e.g. :func:`rate_beta`)."""
+    inform it. ``beta`` is a number, ``"theory"``, or ``f(n_params, n) -> β`` (e.g.
+    :func:`rate_beta`)."""
     view = model.user_model(user)
     rows = model.confidence_rows(user, data)
     value = _beta_value(beta, view.n_params, rows.n)
@@ -115,8 +118,8 @@ class PerUserPolicies:
     data:
         The training comparisons (for the confidence sets).
     beta:
-        Confidence radius: a number, ``"theory"``, or ``f(k, n) -> β``. ``0`` gives the greedy
-        policy of each user's estimate.
+        Confidence radius: a number, ``"theory"``, or ``f(n_params, n) -> β``. ``0`` gives the
+        greedy policy of each user's estimate.
     kind, delta:
         Passed to :meth:`~pluralign.confidence.ConfidenceSet.fit`.
     reference, pointwise, tol, max_iter:
@@ -128,7 +131,7 @@ class PerUserPolicies:
 
     def __init__(
         self,
-        model: Any,
+        model: UserViews,
         data: PreferenceData,
         *,
         beta: Beta = 1.0,
@@ -167,7 +170,7 @@ class PerUserPolicies:
 
     def all_probs(self, targets: TargetStates, users: Sequence[Any] | None = None) -> np.ndarray:
         """Every user's policy on the same targets, ``(U, m, K)``."""
-        users = self.model.users_ if users is None else users
+        users = self.model.users_ if users is None else users  # type: ignore[assignment]  # ids, any sequence
         return np.stack([self.probs(targets, u) for u in np.asarray(users).tolist()])
 
 
@@ -208,9 +211,14 @@ class _Users:
 class _Aggregate(Policy):
     """Shared machinery of :class:`Utilitarian` and :class:`Leximin` (see the module doc)."""
 
+    # diagnostics of the last solve
+    converged_: bool
+    duality_gap_: float
+    n_iter_: int
+
     def __init__(
         self,
-        model: Any,
+        model: UserViews,
         data: PreferenceData | None = None,
         *,
         users: Sequence[Any] | None = None,
@@ -260,16 +268,21 @@ class _Aggregate(Policy):
         centers, m_inv, betas, basis = [], [], [], None
         for user in users:
             view, cs = user_confidence(
-                self.model, user, self.data, beta=self.beta, kind=self.kind, delta=self.delta
+                self.model,
+                user,
+                self.data,  # type: ignore[arg-type]  # not plug_in: the data are given
+                beta=self.beta,
+                kind=self.kind,
+                delta=self.delta,
             )
             if basis is None:
                 basis = view.basis
             elif view.basis.shape != basis.shape or not np.allclose(view.basis, basis):
                 raise PluralignError("aggregated policies need users' views in one basis")
             centers.append(cs.center)
-            m_inv.append(cs.solve(np.eye(cs.k)))
+            m_inv.append(cs.solve(np.eye(cs.n_params)))
             betas.append(cs.beta)
-        return _Users(basis, np.array(centers), np.array(m_inv), np.array(betas))
+        return _Users(basis, np.array(centers), np.array(m_inv), np.array(betas))  # type: ignore[arg-type]  # >= 1 user
 
     # ---- policy geometry ----------------------------------------------------------------------
     def _geometry(self, targets: TargetStates) -> SimplexGeometry:
@@ -305,7 +318,7 @@ class Utilitarian(_Aggregate):
 
     def __init__(
         self,
-        model: Any,
+        model: UserViews,
         data: PreferenceData | None = None,
         *,
         users: Sequence[Any] | None = None,
@@ -388,7 +401,7 @@ class Leximin(_Aggregate):
 
     def __init__(
         self,
-        model: Any,
+        model: UserViews,
         data: PreferenceData | None = None,
         *,
         users: Sequence[Any] | None = None,
@@ -447,14 +460,14 @@ class Leximin(_Aggregate):
                 newly = [u for u in free if values[u] <= level + self.tol]
             for u in newly:
                 fixed[u] = level - self.tol
-        self.duality_gap_ = float(first_gap)
+        self.duality_gap_ = float(first_gap)  # type: ignore[arg-type]  # set by the first level
         self.converged_ = self.duality_gap_ <= self.tol
         self.n_iter_ = total_it
         self._warn_gap("cutting planes, worst user's level", reason="")
         self.levels_ = levels
-        self.user_values_ = stack.values(geometry.wbar(probs))[0]
+        self.user_values_ = stack.values(geometry.wbar(probs))[0]  # type: ignore[arg-type]  # set by the solve
         self.objective_ = float(self.user_values_.min())
-        return probs
+        return probs  # type: ignore[return-value]  # set by the solve
 
     def _max_min(self, stack: _Users, geometry: SimplexGeometry) -> np.ndarray:
         """``max_π min_u Δ̲_u(π)`` by the double oracle (see the class docstring)."""

@@ -1,8 +1,8 @@
-"""KL-regularized (Gibbs) policies and their offline pessimistic variants (GSHF, DESIGN §4).
+"""KL-regularized (Gibbs) policies and their offline pessimistic variants (docs/design.md §4).
 
 Xiong et al. 2024, "Iterative Preference Learning from Human Feedback: Bridging Theory and
-Practice for RLHF under KL-Constraint" (GSHF, arXiv 2312.11456) study the reverse-KL regularized
-contextual bandit
+Practice for RLHF under KL-Constraint" (GSHF, ICML 2024, arXiv 2312.11456) study the reverse-KL
+regularized contextual bandit
 
     J_η(π) = E_x [ Σ_a π(a|x) r(x,a) − η KL(π(·|x) ‖ π0(·|x)) ],
 
@@ -215,7 +215,7 @@ class PessimisticGibbs(Policy):
         ref, nu, w_ref = self._setup(targets)
         diff = targets.phi - nu[:, None, :]  # z(x,φ) − z(x,ν) = z(x, φ − ν): z is linear in φ
         width = np.empty((targets.m, targets.n_actions))
-        chunk = max(1, _CHUNK_ENTRIES // (targets.n_actions * cs.k))
+        chunk = max(1, _CHUNK_ENTRIES // (targets.n_actions * cs.n_params))
         for start in range(0, targets.m, chunk):
             part = slice(start, min(targets.m, start + chunk))
             x = None if targets.x is None else targets.x[part]
@@ -231,10 +231,10 @@ class PessimisticGibbs(Policy):
         cs, model, eta = self.confidence, self.model, self.eta
         ref, _, w_ref = self._setup(targets)
         log_ref = _log(ref)
-        if cs.contains(np.zeros(cs.k)):
+        if cs.contains(np.zeros(cs.n_params)):
             # θ = 0 ∈ C: g(0) = 0 bounds f(π*), and π0 attains f(π0) = 0.
             self.duality_gap_, self.n_iter_, self.converged_ = 0.0, 0, True
-            self.pessimistic_value_, self.theta_ = 0.0, np.zeros(cs.k)
+            self.pessimistic_value_, self.theta_ = 0.0, np.zeros(cs.n_params)
             return ref.copy()
         chol = np.linalg.cholesky(cs.M)  # M = L Lᵀ
 
@@ -256,7 +256,7 @@ class PessimisticGibbs(Policy):
             hess = cs.beta**2 * self._whitened_hessian(probs, targets, chol)
             return dual, probs, theta, grad, hess
 
-        u = np.zeros(cs.k)
+        u = np.zeros(cs.n_params)
         dual, probs, theta, grad, hess = evaluate(u, 2)
         best_dual = dual
         best_primal = self._objective(probs, targets, ref, w_ref)
@@ -302,17 +302,17 @@ class PessimisticGibbs(Policy):
         self, probs: np.ndarray, targets: TargetStates, chol: np.ndarray
     ) -> np.ndarray:
         """``L⁻¹ ∇²g L⁻ᵀ`` with ``∇²g = (1/η) E_x Cov_{π}[z]``, accumulated in chunks of states."""
-        k, n_actions = self.confidence.k, targets.n_actions
-        cov = np.zeros((k, k))
-        chunk = max(1, _CHUNK_ENTRIES // (n_actions * k))
+        n_params, n_actions = self.confidence.n_params, targets.n_actions
+        cov = np.zeros((n_params, n_params))
+        chunk = max(1, _CHUNK_ENTRIES // (n_actions * n_params))
         for start in range(0, targets.m, chunk):
             part = slice(start, min(targets.m, start + chunk))
             x = None if targets.x is None else targets.x[part]
-            z = self.model.features(x, targets.phi[part])  # (c, K, k)
+            z = self.model.features(x, targets.phi[part])  # (c, K, p)
             p = probs[part]
             centred = z - np.einsum("ja,jak->jk", p, z)[:, None, :]
             weighted = centred * np.sqrt(p)[:, :, None]
-            flat = weighted.reshape(-1, k)
+            flat = weighted.reshape(-1, n_params)
             cov += flat.T @ flat
         cov /= targets.m * self.eta
         half = solve_triangular(chol, cov, lower=True)

@@ -2,7 +2,8 @@
 
 For a model ``r = θᵀz(x, φ)`` with confidence set ``C = {θ : ‖θ − θ̂‖_M ≤ β}``, on target states
 ``j = 1..m`` with candidates ``a = 1..K`` and a reference policy ``π_ref``
-(Zhu, Jordan & Jiao 2023; LoCo-RLHF's PRS when the model is RTV-reduced):
+(Zhu, Jordan & Jiao 2023; with an RTV-reduced model, the PRS policy of LoCo-RLHF, Lee, Sun &
+Liu 2024, arXiv 2412.19436):
 
     π̂ = argmax_π min_{θ∈C} θᵀ w(π),   w(π) = (1/m) Σ_j (Σ_a π(a|j) z(j,a) − Σ_a π_ref(a|j) z(j,a))
       = argmax_π f(π),                f(π) = θ̂ᵀ w(π) − β ‖w(π)‖_{M⁻¹}.
@@ -11,9 +12,9 @@ For a model ``r = θᵀz(x, φ)`` with confidence set ``C = {θ : ‖θ − θ̂
 **Frank–Wolfe with an active set and pairwise corrections** (the pairwise / fully-corrective
 variants of Lacoste-Julien & Jaggi 2015, "On the global linear convergence of Frank–Wolfe
 optimization variants"). The iterate is a convex combination ``π = Σ_i λ_i e(a_i)`` of vertices of
-the product of simplices (deterministic policies ``a_i``, one action per state), held in ``k``-space
-as ``v_i = w(e(a_i))``, ``M⁻¹v_i``, ``θ̂ᵀv_i`` and the Gram matrix ``G_ij = v_iᵀM⁻¹v_j``. Each
-iteration
+the product of simplices (deterministic policies ``a_i``, one action per state), held in
+``p``-space (``p`` = the model's ``n_params``) as ``v_i = w(e(a_i))``, ``M⁻¹v_i``, ``θ̂ᵀv_i`` and
+the Gram matrix ``G_ij = v_iᵀM⁻¹v_j``. Each iteration
 
 1. takes the worst-case parameter ``θ_t = θ̂ − β M⁻¹w / ‖w‖_{M⁻¹}`` (the supergradient of ``f``),
 2. calls the linear oracle: a per-state argmax of ``θ_tᵀz(j, a)`` (``reward_at``, no ``z``), whose
@@ -170,7 +171,7 @@ class Pessimistic(Policy):
         cs, model = self.confidence, self.model
         ref = reference_probs(self.reference, targets)
         w_ref = model.mean_features(targets.x, np.einsum("ja,jad->jd", ref, targets.phi))
-        if cs.contains(np.zeros(cs.k)):
+        if cs.contains(np.zeros(cs.n_params)):
             # ‖θ̂‖_M ≤ β: θ = 0 is in C, so h(0) = 0 bounds every policy's pessimistic value and
             # the reference policy (w = 0, value 0) is optimal: not enough evidence to deviate.
             self.duality_gap_, self.n_iter_, self.converged_ = 0.0, 0, True
@@ -204,7 +205,7 @@ class Pessimistic(Policy):
         # z(j,a) − z_ref(j) = z(x_j, φ_ja − φ_ref_j): z is linear in φ for fixed x.
         diff = targets.phi - phi_ref[:, None, :]
         lcb = np.empty((targets.m, targets.n_actions))
-        chunk = max(1, _CHUNK_ENTRIES // (targets.n_actions * cs.k))
+        chunk = max(1, _CHUNK_ENTRIES // (targets.n_actions * cs.n_params))
         for start in range(0, targets.m, chunk):
             part = slice(start, min(targets.m, start + chunk))
             x = None if targets.x is None else targets.x[part]

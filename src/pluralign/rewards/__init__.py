@@ -1,4 +1,4 @@
-"""Reward models fitted by Bradley–Terry maximum likelihood (DESIGN §2)."""
+"""Reward models fitted by Bradley–Terry maximum likelihood (docs/design.md §2)."""
 
 from pluralign.rewards.base import BradleyTerryModel, RewardModel
 from pluralign.rewards.contextual import Contextual

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from pluralign.rewards.diagnostics import (
     warn,
 )
 from pluralign.rewards.validation import check_int, check_number
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["BradleyTerryModel", "EstimatorMixin", "RewardModel", "log_sigmoid"]
 
@@ -104,7 +107,7 @@ class EstimatorMixin:
                 out.update((f"{name}__{k}", v) for k, v in value.get_params(deep=True).items())
         return out
 
-    def set_params(self, **params: Any) -> EstimatorMixin:
+    def set_params(self, **params: Any) -> Self:
         """Set hyper-parameters (``name=value``, or ``name__param=value`` for an
         estimator-valued one) and return ``self``, scikit-learn style: values are stored as
         given and checked by ``fit``. An unknown name raises a ``DataValidationError`` (a
@@ -159,8 +162,10 @@ class RewardModel(EstimatorMixin, ABC):
     are ``data.y``; ``y`` is accepted only as ``None`` or ``data.y`` itself).
     """
 
+    is_fitted_: bool  # set by ``fit`` (or a constructor of a fitted model)
+
     @abstractmethod
-    def fit(self, data: PreferenceData, y: None = None) -> RewardModel:
+    def fit(self, data: PreferenceData, y: None = None) -> Self:
         """Fit to ``data`` and return ``self`` (``y``: see :meth:`_check_y`)."""
 
     @abstractmethod
@@ -240,6 +245,13 @@ class BradleyTerryModel(RewardModel):
     ``unidentified_`` (the number of such directions, ``None`` when not checked) record the
     outcome.
     """
+
+    # learned by ``fit``
+    solver_info_: SolverInfo
+    n_iter_: int
+    converged_: bool
+    separable_: bool | None
+    unidentified_: int | None
 
     _quiet = False  # internal fits (spectral starts, wrapped estimators) warn through their owner
     _start_note = (
@@ -408,7 +420,7 @@ class BradleyTerryModel(RewardModel):
             work=data.n * x0.size,
         )
 
-    def fit(self, data: PreferenceData, y: None = None) -> BradleyTerryModel:
+    def fit(self, data: PreferenceData, y: None = None) -> Self:
         """Penalized Bradley–Terry MLE on ``data``; returns ``self`` (``y``: ``None`` or
         ``data.y``, for scikit-learn's ``fit(X, y)``)."""
         if not isinstance(data, PreferenceData):

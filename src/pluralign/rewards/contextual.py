@@ -3,14 +3,14 @@
 Reward (Lee, Sun & Liu 2024, LoCo-RLHF, arXiv 2412.19436): a user with context ``x ∈ R^{d_x}``
 (survey attributes, one-hot categories, any numeric description) has
 
-    r(x, φ) = x̃ᵀ Θ φ,   x̃ = [1, z(x)],   Θ = [θ0ᵀ ; L Rᵀ],   rank(L Rᵀ) ≤ k,
+    r(x, φ) = x̃ᵀ Θ φ,   x̃ = [1, z(x)],   Θ = [θ0ᵀ ; L Rᵀ],   rank(L Rᵀ) ≤ r,
 
 so ``θ(x) = θ0 + R Lᵀ z(x)``: a shared reward ``θ0`` plus a personal part that lies in the
-``k``-dimensional span of ``R`` and is a *linear function of the context*. ``z(x) = (x − μ)/σ``
-standardizes each context column by its mean and standard deviation over the training
-comparisons (``standardize=True``, the default; a constant column keeps ``σ = 1``), so the ridge
-treats an age in years and a one-hot region alike and ``θ0`` is the reward of the average
-context; with ``standardize=False``, ``z(x) = x``.
+``r``-dimensional span of ``R`` (``r = rank``) and is a *linear function of the context*.
+``z(x) = (x − μ)/σ`` standardizes each context column by its mean and standard deviation over the
+training comparisons (``standardize=True``, the default; a constant column keeps ``σ = 1``), so
+the ridge treats an age in years and a one-hot region alike and ``θ0`` is the reward of the
+average context; with ``standardize=False``, ``z(x) = x``.
 
 The fit is :class:`~pluralign.rewards.LowRank` with ``free_rows = 1`` on ``x̃`` (Burer–Monteiro
 factors, spectral start, closed-form gradients; Kronecker features are never formed):
@@ -18,10 +18,11 @@ factors, spectral start, closed-form gradients; Kronecker features are never for
     min  (1/N) Σ_i −log σ(s_i x̃_iᵀ Θ Δφ_i) + (λ/2)(‖θ0‖² + ‖L Rᵀ‖²_F) + (μ/4)‖LᵀL − RᵀR‖²_F.
 
 With one-hot user ids as contexts and ``standardize=False`` this is exactly
-:class:`~pluralign.rewards.SharedBasis` (P-ShareLoRA's ``θ_u = θ0 + B w_u``): ``Contextual``
+:class:`~pluralign.rewards.SharedBasis` (``θ_u = θ0 + B w_u`` of P-ShareLoRA, Liu et al. 2025,
+arXiv 2503.19201): ``Contextual``
 generalizes it from "who the user is" to "what is known about the user", which is what lets it
 score a user it has never seen. After the fit, ``basis_`` is the orthonormal right singular frame
-of ``L Rᵀ`` and ``context_weights_`` (``d_x × k``) the matching left factor, so
+of ``L Rᵀ`` and ``context_weights_`` (``d_x × r``) the matching left factor, so
 ``θ(x) = theta0_ + basis_ @ (context_weights_ᵀ z(x))``.
 
 **Users.** Comparisons may carry user ids: each user's context must then be the same on all
@@ -42,7 +43,7 @@ are those of ``SharedBasis``: ``θ_u = A v`` with ``A`` an orthonormal basis of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from pluralign.rewards.multi_user import MultiUserModel
 from pluralign.rewards.users import check_unknown_user, user_key
 from pluralign.rewards.validation import check_phi
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["Contextual"]
 
 
@@ -62,8 +66,8 @@ class Contextual(MultiUserModel):
 
     Parameters
     ----------
-    k:
-        Rank of the context part ``L Rᵀ`` (``1 ≤ k ≤ min(d_x, d_phi)``).
+    rank:
+        Rank ``r`` of the context part ``L Rᵀ`` (``1 ≤ r ≤ min(d_x, d_phi)``).
     l2:
         Ridge ``λ`` on ``Θ = [θ0ᵀ; L Rᵀ]`` (mean loss).
     unknown_user:
@@ -75,8 +79,8 @@ class Contextual(MultiUserModel):
     balance, init, seed, dense_svd_limit, tol, max_iter, dtype, device:
         Passed to :class:`~pluralign.rewards.LowRank`.
 
-    Learned: ``theta0_`` (d_phi,), ``basis_`` (d_phi, k; orthonormal), ``context_weights_``
-    (d_x, k), ``context_mean_`` and ``context_scale_`` (d_x,), ``users_`` (U,; empty without
+    Learned: ``theta0_`` (d_phi,), ``basis_`` (d_phi, r; orthonormal), ``context_weights_``
+    (d_x, r), ``context_mean_`` and ``context_scale_`` (d_x,), ``users_`` (U,; empty without
     user ids), ``contexts_`` (U, d_x), ``thetas_ = context_theta(contexts_)``, ``user_counts_``,
     ``n_train_``, ``d_x_``, ``d_phi_``, ``estimator_`` (the fitted ``LowRank``), ``n_iter_``,
     ``converged_``.
@@ -84,7 +88,7 @@ class Contextual(MultiUserModel):
 
     def __init__(
         self,
-        k: int = 2,
+        rank: int = 2,
         l2: float = 1e-3,
         *,
         unknown_user: str = "error",
@@ -98,7 +102,7 @@ class Contextual(MultiUserModel):
         dtype: str = "float64",
         device: str = "cpu",
     ) -> None:
-        self.k = k
+        self.rank = rank
         self.l2 = l2
         self.unknown_user = unknown_user
         self.standardize = standardize
@@ -107,9 +111,9 @@ class Contextual(MultiUserModel):
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
 
     def lowrank(self) -> LowRank:
-        """The ``LowRank(k, free_rows=1)`` estimator this model fits on ``[1, z(x)]``."""
+        """The ``LowRank(rank, free_rows=1)`` estimator this model fits on ``[1, z(x)]``."""
         return LowRank(
-            self.k,
+            self.rank,
             self.l2,
             balance=self.balance,
             init=self.init,
@@ -139,11 +143,15 @@ class Contextual(MultiUserModel):
                 field="x",
             )
         top = min(data.d_x, data.d_phi)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= top:
+        if (
+            isinstance(self.rank, bool)
+            or not isinstance(self.rank, int)
+            or not 1 <= self.rank <= top
+        ):
             raise DataValidationError(
                 f"must be an integer in [1, min(d_x, d_phi)] = [1, {top}] (d_x = {data.d_x} "
-                f"context columns), got {self.k!r}",
-                field="k",
+                f"context columns), got {self.rank!r}",
+                field="rank",
             )
         users, contexts, counts = _user_contexts(data)
         if self.standardize:
@@ -261,8 +269,13 @@ class Contextual(MultiUserModel):
 
     @classmethod
     def from_arrays(
-        cls, arrays: dict[str, np.ndarray], users: Sequence[Any], *, n_train: int, **params: Any
-    ) -> Contextual:
+        cls,
+        arrays: dict[str, np.ndarray],
+        users: Sequence[Any] | np.ndarray,
+        *,
+        n_train: int,
+        **params: Any,
+    ) -> Self:
         model = cls(**params)
         f64 = {
             key: np.asarray(arrays[key], dtype=np.float64)
@@ -298,7 +311,7 @@ def _user_contexts(data: PreferenceData) -> tuple[np.ndarray, np.ndarray, np.nda
     users, first, inverse, counts = np.unique(
         data.users, return_index=True, return_inverse=True, return_counts=True
     )
-    contexts = data.x[first]
+    contexts = data.x[first]  # type: ignore[index]  # x: Contextual requires contexts
     differs = np.any(data.x != contexts[inverse], axis=1)
     if differs.any():
         row = int(np.argmax(differs))

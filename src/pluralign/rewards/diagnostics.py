@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,8 @@ __all__ = [
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 LP_BUDGET = 500_000
-"""Largest number of non-zeros of the separability LP (``N·k`` for dense features; about 0.5 s
-with HiGHS). Above it only the fitted-margin certificate is checked."""
+"""Largest number of non-zeros of the separability LP (``N·p`` for dense features with ``p``
+parameters; about 0.5 s with HiGHS). Above it only the fitted-margin certificate is checked."""
 
 ID_BUDGET = 10**9
 """Largest ``rows·cols·min(rows, cols)`` of a rank computation (an SVD) in the identifiability
@@ -82,7 +83,7 @@ _FEAS_TOL = 1e-9  # ... and no normalized margin is below −_FEAS_TOL
 
 def warn(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` with the ``stacklevel`` of the first frame outside pluralign."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame = frame.f_back
@@ -98,7 +99,7 @@ def svd_cost(shape: tuple[int, int]) -> int:
 
 def rank(matrix: np.ndarray | sparse.spmatrix) -> int:
     """Numerical rank (NumPy's tolerance: ``s_max · max(shape) · eps``)."""
-    dense = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix, dtype=np.float64)
+    dense = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix, dtype=np.float64)  # type: ignore[union-attr]  # scipy is untyped: a sparse matrix here
     if dense.size == 0:
         return 0
     values = np.linalg.svd(dense, compute_uv=False)
@@ -148,7 +149,7 @@ def _lp_direction(a: np.ndarray | sparse.spmatrix) -> np.ndarray | None:
     mask if there is none, ``None`` if the LP failed or its direction does not verify in float64
     (a positive optimum whose margins dip below ``−_FEAS_TOL``: undecided, not "no")."""
     norms = (
-        np.sqrt(np.asarray(a.multiply(a).sum(axis=1)).ravel())
+        np.sqrt(np.asarray(a.multiply(a).sum(axis=1)).ravel())  # type: ignore[union-attr]  # scipy is untyped: a sparse matrix here
         if sparse.issparse(a)
         else np.linalg.norm(a, axis=1)
     )

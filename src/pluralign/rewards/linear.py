@@ -68,12 +68,12 @@ class LinearInParameters(ABC):
         """``(1/n) Σ_i z(x_i, φ_i)`` for ``phi`` of shape ``(n, d_phi)``."""
 
     def reward(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        self._check_fitted()
+        self._check_fitted()  # type: ignore[attr-defined]  # a mixin of a RewardModel
         return self.reward_at(self.params_, x, phi)
 
     @property
     def n_params(self) -> int:
-        """Dimension ``k`` of ``z``."""
+        """Dimension ``p`` of ``z``."""
         return int(self.params_.size)
 
     # ---- fit diagnostics (see pluralign.rewards.diagnostics) ------------------------------
@@ -88,14 +88,14 @@ class LinearInParameters(ABC):
         contexts' span and the training responses' differences. ``z`` is bilinear in
         ``(x, φ)``, so ``S`` is spanned by ``z(b, c)`` over bases ``b`` of ``span{x_i}`` and ``c``
         of ``span{φ − φ′}``. ``None`` when an SVD would exceed ``ID_BUDGET``."""
-        k = self.n_params
-        if svd_cost((data.n, k)) > ID_BUDGET:
+        n_params = self.n_params
+        if svd_cost((data.n, n_params)) > ID_BUDGET:
             return None
         responses = response_basis(data.phi0, data.phi1)
         if self._uses_context and data.x is not None:
             contexts = row_basis(data.x)
             p, q = contexts.shape[0], responses.shape[0]
-            if svd_cost((p * q, k)) > ID_BUDGET:
+            if svd_cost((p * q, n_params)) > ID_BUDGET:
                 return None
             span = self.features(np.repeat(contexts, q, axis=0), np.tile(responses, (p, 1)))
         else:
@@ -153,9 +153,9 @@ class Bilinear(LinearInParameters, BradleyTerryModel):
 
     def _separation_problems(self, data: PreferenceData) -> list[np.ndarray] | None:
         """``s_i vec(x_i Δφ_iᵀ)``, sparse for mostly-zero contexts (one-hot users)."""
-        if kron_nnz(data.x, data.d_phi) > LP_BUDGET:
+        if kron_nnz(data.x, data.d_phi) > LP_BUDGET:  # type: ignore[arg-type]  # x: Bilinear requires contexts
             return None
-        return [signed(row_kron(data.x, data.delta_phi), 2.0 * data.y - 1.0)]
+        return [signed(row_kron(data.x, data.delta_phi), 2.0 * data.y - 1.0)]  # type: ignore[arg-type]  # x: Bilinear requires contexts
 
     def _margins(self, params: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x, dphi = batch["x"], batch["dphi"]
@@ -178,7 +178,7 @@ class Bilinear(LinearInParameters, BradleyTerryModel):
         return (x.T @ phi).ravel() / phi.shape[0]
 
     def features(self, x: np.ndarray | None, phi: np.ndarray) -> np.ndarray:
-        """``vec(x φᵀ)``: materialized, ``k = d_x·d_phi`` columns; only for small dimensions."""
+        """``vec(x φᵀ)``: materialized, ``p = d_x·d_phi`` columns; only for small dimensions."""
         self._check_fitted()
         phi = check_phi("Bilinear", phi, self.d_phi_)
         x = check_x("Bilinear", x, phi, self.d_x_)

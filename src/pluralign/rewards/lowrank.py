@@ -1,7 +1,8 @@
 """LoCo-RLHF's low-rank contextual reward, fitted by Burer–Monteiro factorization.
 
-Reward (Lee, Sun & Liu 2024, LoCo-RLHF): ``r(x, φ) = xᵀΘφ`` with ``rank Θ ≤ r``, parametrized
-as ``Θ = L Rᵀ`` with ``L ∈ R^{d_x×r}``, ``R ∈ R^{d_phi×r}``. The estimator minimises
+Reward (Lee, Sun & Liu 2024, LoCo-RLHF, arXiv 2412.19436): ``r(x, φ) = xᵀΘφ`` with
+``rank Θ ≤ r``, parametrized as ``Θ = L Rᵀ`` with ``L ∈ R^{d_x×r}``, ``R ∈ R^{d_phi×r}``. The
+estimator minimises
 
     ℓ(L Rᵀ) + (λ/2)‖L Rᵀ‖²_F + (μ/4)‖LᵀL − RᵀR‖²_F
 
@@ -40,6 +41,7 @@ is the ``S`` above, since ``σ(0) = ½``), then fits ``Θ_f`` and the ``r×r`` c
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -63,6 +65,7 @@ __all__ = ["LowRank", "moment_matrix_svd"]
 # development machine, 1 thread, N = 20k, the four products of an evaluation took 0.35 ms at
 # d = 32 and 2.2 ms at d = 128 for r = 2 this way, against 0.72 and 5.7 ms by GEMM on ``X, ΔΦ``
 # (OpenBLAS is slow for 2–3 columns); from r = 4 on GEMM was as fast or faster.
+_BT = TypeVar("_BT", bound=BradleyTerryModel)  # the type of a model _quiet passes through
 _GEMV_RANK = 3
 
 
@@ -91,22 +94,22 @@ def moment_matrix_svd(
     else:
         w = (data.y - expit(np.asarray(offset, dtype=np.float64))) / data.n
     if data.d_x * data.d_phi <= dense_limit:
-        u, s, vt = np.linalg.svd(x.T @ (w[:, None] * dphi), full_matrices=False)
+        u, s, vt = np.linalg.svd(x.T @ (w[:, None] * dphi), full_matrices=False)  # type: ignore[union-attr]  # x: fit/_validate require contexts
         return u[:, :rank], s[:rank], vt[:rank].T
 
     def s_mul(v: np.ndarray) -> np.ndarray:
-        return x.T @ (w[:, None] * (dphi @ v))
+        return x.T @ (w[:, None] * (dphi @ v))  # type: ignore[union-attr]  # x: fit/_validate require contexts
 
     def st_mul(u: np.ndarray) -> np.ndarray:
         return dphi.T @ (w[:, None] * (x @ u))
 
     rng = np.random.default_rng(seed)
-    k = min(rank + oversample, data.d_x, data.d_phi)
-    q, _ = np.linalg.qr(s_mul(rng.standard_normal((data.d_phi, k))))
+    width = min(rank + oversample, data.d_x, data.d_phi)  # sketch width: rank + oversampling
+    q, _ = np.linalg.qr(s_mul(rng.standard_normal((data.d_phi, width))))
     for _ in range(power_iters):
         q, _ = np.linalg.qr(st_mul(q))
         q, _ = np.linalg.qr(s_mul(q))
-    b = st_mul(q).T  # k × d_phi, = qᵀ S
+    b = st_mul(q).T  # width × d_phi, = qᵀ S
     ub, s, vt = np.linalg.svd(b, full_matrices=False)
     return (q @ ub)[:, :rank], s[:rank], vt[:rank].T
 
@@ -256,7 +259,7 @@ class LowRank(BradleyTerryModel):
             return cached[1]
         dphi = data.delta_phi
         if hasattr(self, "_fit_dphi"):
-            self._fit_dphi = (data, dphi)
+            self._fit_dphi = (data, dphi)  # type: ignore[assignment]  # a cache, None until set
         return dphi
 
     def _uses_numpy(self) -> bool:
@@ -276,7 +279,7 @@ class LowRank(BradleyTerryModel):
         ``∇_R = ΔΦᵀ diag(g) X_{f+1:} L + λ R LᵀL − μ R G`` and
         ``∇_{Θ_f} = X_{1:f}ᵀ diag(g) ΔΦ + λ Θ_f``. One evaluation costs ``O(N (d_x + d_phi) r)``.
         """
-        return self._numpy_objective(data.x, data.delta_phi, 2.0 * data.y - 1.0)(
+        return self._numpy_objective(data.x, data.delta_phi, 2.0 * data.y - 1.0)(  # type: ignore[arg-type]  # x: fit/_validate require contexts
             np.asarray(params, dtype=np.float64)
         )
 
@@ -331,7 +334,7 @@ class LowRank(BradleyTerryModel):
             parts = [grad_l.ravel(), grad_r.ravel()]
             if f:
                 value += 0.5 * lam * float(np.sum(free * free))
-                parts.insert(0, (x_free.T @ (g[:, None] * dphi) + lam * free).ravel())
+                parts.insert(0, (x_free.T @ (g[:, None] * dphi) + lam * free).ravel())  # type: ignore[union-attr]  # x: fit/_validate require contexts
             return value, np.concatenate(parts)
 
         return fun
@@ -339,7 +342,7 @@ class LowRank(BradleyTerryModel):
     def _solve(self, data: PreferenceData, x0: np.ndarray) -> tuple[np.ndarray, SolverInfo]:
         if not self._uses_numpy():
             return super()._solve(data, x0)
-        fun = self._numpy_objective(data.x, self._delta_phi(data), 2.0 * data.y - 1.0)
+        fun = self._numpy_objective(data.x, self._delta_phi(data), 2.0 * data.y - 1.0)  # type: ignore[arg-type]  # x: fit/_validate require contexts
         return minimize_lbfgs_numpy(fun, x0, tol=self.tol, max_iter=self.max_iter)
 
     def _initial_params(self, data: PreferenceData) -> np.ndarray:
@@ -358,7 +361,7 @@ class LowRank(BradleyTerryModel):
         )
         if self._uses_numpy():
             # The r²-parameter core fit by Newton's method (explicit r²×r² Hessian).
-            z = (_skinny(data.x, u0)[:, :, None] * _skinny(dphi, v0)[:, None, :]).reshape(
+            z = (_skinny(data.x, u0)[:, :, None] * _skinny(dphi, v0)[:, None, :]).reshape(  # type: ignore[arg-type]  # x: fit/_validate require contexts
                 data.n, -1
             )
             core = _newton_logistic(
@@ -387,7 +390,7 @@ class LowRank(BradleyTerryModel):
             left = 1e-2 * rng.standard_normal((d_rest, r))
             right = 1e-2 * rng.standard_normal((data.d_phi, r))
             return np.concatenate([np.zeros(f * data.d_phi), left.ravel(), right.ravel()])
-        x_free, x_rest = data.x[:, :f], data.x[:, f:]
+        x_free, x_rest = data.x[:, :f], data.x[:, f:]  # type: ignore[index]  # x: fit/_validate require contexts
         dphi = data.delta_phi
         free_data = PreferenceData(x=x_free, phi0=np.zeros_like(dphi), phi1=dphi, y=data.y)
         free = (
@@ -464,7 +467,7 @@ class LowRank(BradleyTerryModel):
     def _separation_problems(self, data: PreferenceData) -> list[object] | None:
         """The two conditional problems of the class docstring (``None`` above ``LP_BUDGET``)."""
         f, r, dphi = self.free_rows, self.rank, data.delta_phi
-        x_free, x_rest = data.x[:, :f], data.x[:, f:]
+        x_free, x_rest = data.x[:, :f], data.x[:, f:]  # type: ignore[index]  # x: fit/_validate require contexts
         shared = kron_nnz(x_free, data.d_phi)
         if shared + max(kron_nnz(x_rest, r), data.n * r * data.d_phi) > LP_BUDGET:
             return None
@@ -476,7 +479,7 @@ class LowRank(BradleyTerryModel):
                 part = sparse.hstack([sparse.csr_matrix(free), part]).tocsr()
             elif f:
                 part = np.hstack(
-                    [np.asarray(free.todense()) if sparse.issparse(free) else free, part]
+                    [np.asarray(free.todense()) if sparse.issparse(free) else free, part]  # type: ignore[union-attr]  # scipy is untyped
                 )
             problems.append(signed(part, sign))
         return problems
@@ -507,8 +510,8 @@ def _newton_logistic(
     """``argmin_θ mean softplus(−s zθ) + (l2/2)‖θ‖²`` by damped Newton (Armijo backtracking),
     from ``θ = 0``, until the largest gradient entry is ``≤ tol`` or ``max_iter`` steps (for the
     small convex fits of the spectral start; the last iterate is returned either way)."""
-    n, k = z.shape
-    theta = np.zeros(k)
+    n, n_params = z.shape
+    theta = np.zeros(n_params)
 
     def value(th: np.ndarray) -> tuple[float, np.ndarray]:
         sm = sign * (z @ th)
@@ -523,7 +526,7 @@ def _newton_logistic(
         grad = z.T @ (sign * (q - 1.0)) / n + l2 * theta
         if np.max(np.abs(grad)) <= tol:
             break
-        hess = (z.T * (q * (1.0 - q) / n)) @ z + l2 * np.eye(k)
+        hess = (z.T * (q * (1.0 - q) / n)) @ z + l2 * np.eye(n_params)
         try:
             step = -np.linalg.solve(hess, grad)
         except np.linalg.LinAlgError:
@@ -540,7 +543,7 @@ def _newton_logistic(
     return theta
 
 
-def _quiet(model: BradleyTerryModel) -> BradleyTerryModel:
+def _quiet(model: _BT) -> _BT:
     """Mark an internal fit (a spectral start) as one that issues no warnings of its own."""
     model._quiet = True
     return model

@@ -25,9 +25,9 @@ bookkeeping, the warnings of fits that separate per user, and the arrays saved b
 vector ``v``, ``θ_u = A v`` (:class:`~pluralign.rewards.UserReward`), usable with
 :class:`~pluralign.confidence.ConfidenceSet` and the pessimistic policies. ``A = I`` for
 ``PerUser`` and ``Pooled``; for ``SharedBasis`` ``A`` is an orthonormal basis of
-``span{θ̂0, B̂}`` (dimension ``k+1``), so a user's confidence set lives in the reduced space that
-the shared structure leaves uncertain — P-ShareLoRA's per-user pessimism, the analogue of
-LoCo-RLHF's pessimism in a reduced subspace.
+``span{θ̂0, B̂}`` (dimension ``r+1``, ``r = rank``), so a user's confidence set lives in the
+reduced space that the shared structure leaves uncertain — P-ShareLoRA's per-user pessimism, the
+analogue of LoCo-RLHF's pessimism in a reduced subspace (Lee, Sun & Liu 2024, arXiv 2412.19436).
 
 **Warnings** (see :class:`~pluralign.rewards.BradleyTerryModel`): each model warns under its own
 name, never through its inner estimator. ``ConvergenceWarning`` when the inner solver stopped
@@ -43,7 +43,7 @@ comparisons leave their reward differences between the training responses uninfo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,6 +69,9 @@ from pluralign.rewards.user_reward import UserReward
 from pluralign.rewards.users import UserIndex, user_key
 from pluralign.rewards.validation import check_int, check_number, check_phi
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["MultiUserModel"]
 
 
@@ -86,6 +89,19 @@ class MultiUserModel(RewardModel):
 
     l2: float
     unknown_user: str
+    tol: float
+    max_iter: int
+    adapt_l2: float | None
+
+    # learned by ``fit`` (``basis_``, ``weights_`` only by models with a shared basis)
+    users_: np.ndarray
+    thetas_: np.ndarray
+    theta0_: np.ndarray
+    user_counts_: np.ndarray
+    n_train_: int
+    d_phi_: int
+    basis_: np.ndarray
+    weights_: np.ndarray
 
     # ---- users ------------------------------------------------------------------------
     def _set_users(self, users: np.ndarray) -> None:
@@ -145,7 +161,7 @@ class MultiUserModel(RewardModel):
     def per_user_accuracy(self, data: PreferenceData) -> dict[Any, tuple[float, int]]:
         """``{user: (accuracy, n_comparisons)}`` over the users present in ``data``."""
         correct = _correct(self.margins(data), data.y)
-        users, inverse, counts = np.unique(data.users, return_inverse=True, return_counts=True)
+        users, inverse, counts = np.unique(data.users, return_inverse=True, return_counts=True)  # type: ignore[call-overload]  # users: checked by the caller
         sums = np.bincount(inverse, weights=correct, minlength=len(users))
         return {
             user_key(u): (float(s / c), int(c))
@@ -314,8 +330,13 @@ class MultiUserModel(RewardModel):
 
     @classmethod
     def from_arrays(
-        cls, arrays: dict[str, np.ndarray], users: Sequence[Any], *, n_train: int, **params: Any
-    ) -> MultiUserModel:
+        cls,
+        arrays: dict[str, np.ndarray],
+        users: Sequence[Any] | np.ndarray,
+        *,
+        n_train: int,
+        **params: Any,
+    ) -> Self:
         """Rebuild a fitted model from :meth:`to_arrays` output, user ids and hyper-parameters."""
         model = cls(**params)
         thetas = np.asarray(arrays["thetas"], dtype=np.float64)

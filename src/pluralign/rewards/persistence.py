@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,15 @@ import numpy as np
 from pluralign._parse import read_json_file, read_npz
 from pluralign.errors import DataValidationError
 from pluralign.rewards.contextual import Contextual
+from pluralign.rewards.multi_user import MultiUserModel
 from pluralign.rewards.per_user import PerUser, Pooled
+from pluralign.rewards.protocols import SavableUserModel
 from pluralign.rewards.shared_basis import SharedBasis
 from pluralign.rewards.users import user_key
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CLASSES", "load_model", "save_model"]
 
-MODEL_CLASSES: dict[str, type] = {
+MODEL_CLASSES: dict[str, type[MultiUserModel]] = {
     "SharedBasis": SharedBasis,
     "PerUser": PerUser,
     "Pooled": Pooled,
@@ -37,6 +40,8 @@ MODEL_CLASSES: dict[str, type] = {
 }
 FORMAT = "pluralign-multi-user"
 FORMAT_VERSION = 1
+# hyper-parameters that version 1 folders written by older pluralign name differently (old → new)
+RENAMED_PARAMS = {"SharedBasis": {"k": "rank"}, "Contextual": {"k": "rank"}}
 # what save_model writes itself, and the metadata `pluralign fit` adds
 REQUIRED_KEYS = ("format", "version", "class", "params", "users", "n_train", "d_phi", "has_design")
 METADATA_KEYS = ("features", "ridge", "seed", "test_size", "data")
@@ -53,7 +58,7 @@ ENCODER_KEYS = {
 
 
 def save_model(
-    model: Any,
+    model: SavableUserModel,
     folder: str | Path,
     *,
     metadata: dict[str, Any] | None = None,
@@ -77,7 +82,7 @@ def save_model(
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = dict(model.to_arrays())
+    arrays: dict[str, Any] = dict(model.to_arrays())
     arrays.update(designs or {})
     with atomic_open(folder / "model.npz", "wb") as handle:
         np.savez(handle, **arrays)
@@ -102,7 +107,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
+def _renamed_params(
+    params: dict[str, Any], cls_name: str, bad: Callable[[str, str], DataValidationError]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``params`` with the older names of :data:`RENAMED_PARAMS` (``k`` of ``SharedBasis`` and
+    ``Contextual``, written by pluralign before the rank was called ``rank``) under their
+    names, in order, and ``{new: old}`` for the ones renamed (errors name the key as written).
+    A folder giving both names is refused."""
+    renames = {old: new for old, new in RENAMED_PARAMS.get(cls_name, {}).items() if old in params}
+    for old, new in renames.items():
+        if new in params:
+            raise bad(f"params.{old}", f"renamed to {new!r}; give only {new!r}")
+    out = {renames.get(key, key): value for key, value in params.items()}
+    return out, {new: old for old, new in renames.items()}
+
+
+def _check_meta(meta: Any, where: dict[str, Any]) -> dict[str, Any]:
     def bad(field: str, message: str) -> DataValidationError:
         return DataValidationError(message, field=field, **where)
 
@@ -129,6 +149,8 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
     defaults = cls().get_params()
     if not isinstance(params, dict):
         raise bad("params", "must be a mapping of hyper-parameters")
+    params, named = _renamed_params(params, meta["class"], bad)
+    meta["params"] = params
     for key in sorted(set(params) | set(defaults)):
         if key not in defaults:
             raise bad(f"params.{key}", f"unknown hyper-parameter of {meta['class']}")
@@ -152,7 +174,7 @@ def _check_meta(meta: Any, where: dict[str, str]) -> dict[str, Any]:
             ok = False
         if not ok:
             raise bad(
-                f"params.{key}",
+                f"params.{named.get(key, key)}",
                 f"must be like {default!r}"
                 + (f" (one of {PARAM_CHOICES[key]})" if key in PARAM_CHOICES else "")
                 + f", got {value!r}",
@@ -223,7 +245,7 @@ def _check_features(features: Any, bad: Any) -> None:
 
 
 def _check_arrays(
-    arrays: dict[str, np.ndarray], meta: dict[str, Any], where: dict[str, str]
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], where: dict[str, Any]
 ) -> None:
     def bad(field: str, message: str) -> DataValidationError:
         return DataValidationError(message, field=field, **where)
@@ -247,20 +269,22 @@ def _check_arrays(
                 else " (model.json says has_design: false)"
             ),
         )
-    k = arrays["basis"].shape[-1] if (shared or contextual) and arrays["basis"].ndim == 2 else None
+    rank = (
+        arrays["basis"].shape[-1] if (shared or contextual) and arrays["basis"].ndim == 2 else None
+    )
     shapes: dict[str, tuple] = {
         "theta0": (d_phi,),
         "thetas": (n_users, d_phi),
         "user_counts": (n_users,),
     }
     if shared:
-        shapes |= {"basis": (d_phi, k), "weights": (n_users, k)}
+        shapes |= {"basis": (d_phi, rank), "weights": (n_users, rank)}
     if contextual:
         weights = arrays["context_weights"]
         d_x = weights.shape[0] if weights.ndim == 2 and weights.shape[0] else None
         shapes |= {
-            "basis": (d_phi, k),
-            "context_weights": (d_x, k),
+            "basis": (d_phi, rank),
+            "context_weights": (d_x, rank),
             "contexts": (n_users, d_x),
             "context_mean": (d_x,),
             "context_scale": (d_x,),

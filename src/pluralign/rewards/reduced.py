@@ -1,7 +1,8 @@
-"""The RTV-reduced low-rank model: LoCo-RLHF's refit in the reduced space.
+"""The RTV-reduced low-rank model: LoCo-RLHF's refit in the reduced space (Lee, Sun & Liu 2024,
+arXiv 2412.19436).
 
 Given a fitted :class:`~pluralign.rewards.LowRank` (``Θ̂ = Û D̂ V̂ᵀ``), the reward is restricted to
-the ``k = (d_x+d_phi)r − r²``-dimensional space of :class:`~pluralign.features.RTVMap` and the
+the ``p = (d_x+d_phi)r − r²``-dimensional space of :class:`~pluralign.features.RTVMap` and the
 Bradley–Terry MLE is refitted there (a convex problem), warm-started from the rotated ``Θ̂``:
 
     θ̂_z = argmin (1/N) Σ_i −log σ(s_i θ_zᵀ Δz_i) + (λ/2)‖θ_z‖².
@@ -38,7 +39,7 @@ class RTVReduced(LinearInParameters, BradleyTerryModel):
         As for every :class:`~pluralign.rewards.BradleyTerryModel` (``l2`` is a ridge on
         ``θ_z``, i.e. on the retained entries of the rotated ``Θ``).
 
-    Learned attributes: ``rtv_`` (the :class:`RTVMap`), ``params_`` (``θ̂_z``, length ``k``),
+    Learned attributes: ``rtv_`` (the :class:`RTVMap`), ``params_`` (``θ̂_z``, length ``p``),
     ``theta_`` (``Θ`` rebuilt from ``θ̂_z``, truncated block zero).
 
     Warnings as for every :class:`~pluralign.rewards.BradleyTerryModel`; the refit is linear in

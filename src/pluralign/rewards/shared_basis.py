@@ -1,16 +1,18 @@
 """P-ShareLoRA's linear personalized reward ``SharedBasis``: ``θ_u = θ0 + B w_u`` with a shared
 basis, and its adaptation to new users.
 
-``SharedBasis(k)``: ``θ_u = θ0 + B w_u`` with a shared offset ``θ0``, a shared basis
-``B ∈ R^{d_phi×k}`` and per-user weights ``w_u ∈ R^k`` (``d_phi(k+1) + U·k`` parameters; Liu et
+``SharedBasis(rank)``: ``θ_u = θ0 + B w_u`` with a shared offset ``θ0``, a shared basis
+``B ∈ R^{d_phi×r}`` (``r = rank``) and per-user weights ``w_u ∈ R^r`` (``d_phi(r+1) + U·r``
+parameters; Liu et
 al. 2025, "A Shared Low-Rank Adaptation Approach to Personalized RLHF", P-ShareLoRA, arXiv
 2503.19201, linear case). With augmented one-hot contexts ``x = [1, e_u]ᵀ ∈ R^{U+1}`` this is
 ``xᵀΘφ`` with
 
     Θ = [θ0ᵀ ; W Bᵀ],   W = [w_1 … w_U]ᵀ,
 
-i.e. LoCo-RLHF's low-rank model with one unconstrained (full-rank) first row:
-:class:`~pluralign.rewards.LowRank` with ``rank = k`` and ``free_rows = 1``. ``SharedBasis``
+i.e. the low-rank model of LoCo-RLHF (Lee, Sun & Liu 2024, arXiv 2412.19436) with one
+unconstrained (full-rank) first row:
+:class:`~pluralign.rewards.LowRank` with the same ``rank`` and ``free_rows = 1``. ``SharedBasis``
 *is* that estimator (Burer–Monteiro factors ``L = W``, ``R = B``, ridge on all of ``Θ``):
 
     min  (1/N) Σ_i −log σ(s_i (θ0 + B w_{u_i})ᵀΔφ_i)
@@ -19,7 +21,7 @@ i.e. LoCo-RLHF's low-rank model with one unconstrained (full-rank) first row:
 After the fit, ``basis_`` is the orthonormal right singular frame of ``WBᵀ`` and
 ``weights_`` the matching coordinates, so ``θ_u = theta0_ + basis_ @ weights_[u]``.
 
-**New users** (``adapt_user``): ``θ0`` and ``B`` are frozen and only ``w_new`` (``k`` numbers) is
+**New users** (``adapt_user``): ``θ0`` and ``B`` are frozen and only ``w_new`` (``r`` numbers) is
 fitted from the new user's comparisons,
 
     ŵ = argmin_w (1/n) Σ_i −log σ(s_i (θ0 + B w)ᵀΔφ_i) + (λ_a/2)‖w‖²,
@@ -67,17 +69,17 @@ def subspace_distance(basis_hat: np.ndarray, basis_star: np.ndarray) -> float:
     q_hat, _ = np.linalg.qr(np.asarray(basis_hat, dtype=np.float64))
     q_star, _ = np.linalg.qr(np.asarray(basis_star, dtype=np.float64))
     residual = q_hat - q_star @ (q_star.T @ q_hat)
-    return float(min(1.0, np.linalg.norm(residual, 2)))
+    return float(min(1.0, np.linalg.norm(residual, 2)))  # type: ignore[arg-type]  # a float
 
 
 class SharedBasis(MultiUserModel):
-    """P-ShareLoRA (linear): ``θ_u = θ0 + B w_u``, fitted as ``LowRank(k, free_rows=1)`` on
+    """P-ShareLoRA (linear): ``θ_u = θ0 + B w_u``, fitted as ``LowRank(rank, free_rows=1)`` on
     augmented one-hot contexts ``[1, e_u]`` (see the module docstring).
 
     Parameters
     ----------
-    k:
-        Rank of the shared basis ``B`` (``1 ≤ k ≤ min(U, d_phi)``).
+    rank:
+        Rank ``r`` of the shared basis ``B`` (``1 ≤ r ≤ min(U, d_phi)``).
     l2:
         Ridge ``λ`` on ``Θ = [θ0ᵀ; WBᵀ]`` (mean loss).
     unknown_user:
@@ -87,14 +89,14 @@ class SharedBasis(MultiUserModel):
     balance, init, seed, dense_svd_limit, tol, max_iter, dtype, device:
         Passed to :class:`~pluralign.rewards.LowRank`.
 
-    Learned: ``theta0_`` (d_phi,), ``basis_`` (d_phi, k; orthonormal), ``weights_`` (U, k),
+    Learned: ``theta0_`` (d_phi,), ``basis_`` (d_phi, r; orthonormal), ``weights_`` (U, r),
     ``thetas_ = theta0_ + weights_ @ basis_ᵀ``, ``users_``, ``user_counts_``, ``estimator_``
     (the fitted ``LowRank``), ``n_iter_``, ``converged_``.
     """
 
     def __init__(
         self,
-        k: int = 2,
+        rank: int = 2,
         l2: float = 1e-3,
         *,
         unknown_user: str = "error",
@@ -108,7 +110,7 @@ class SharedBasis(MultiUserModel):
         dtype: str = "float64",
         device: str = "cpu",
     ) -> None:
-        self.k = k
+        self.rank = rank
         self.l2 = l2
         self.unknown_user = unknown_user
         self.adapt_l2 = adapt_l2
@@ -117,9 +119,9 @@ class SharedBasis(MultiUserModel):
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
 
     def lowrank(self) -> LowRank:
-        """The ``LowRank(k, free_rows=1)`` estimator this model fits."""
+        """The ``LowRank(rank, free_rows=1)`` estimator this model fits."""
         return LowRank(
-            self.k,
+            self.rank,
             self.l2,
             balance=self.balance,
             init=self.init,
@@ -140,10 +142,14 @@ class SharedBasis(MultiUserModel):
         check_unknown_user(self.unknown_user)
         users, index = training_users(data, type(self).__name__)
         top = min(len(users), data.d_phi)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= top:
+        if (
+            isinstance(self.rank, bool)
+            or not isinstance(self.rank, int)
+            or not 1 <= self.rank <= top
+        ):
             raise DataValidationError(
-                f"must be an integer in [1, min(n_users, d_phi)] = [1, {top}], got {self.k!r}",
-                field="k",
+                f"must be an integer in [1, min(n_users, d_phi)] = [1, {top}], got {self.rank!r}",
+                field="rank",
             )
         x = augmented_one_hot(index, len(users))
         inner = self.lowrank()
@@ -166,7 +172,7 @@ class SharedBasis(MultiUserModel):
     def from_lowrank(
         cls, inner: LowRank, users: Sequence[Any], data: PreferenceData, **params: Any
     ) -> SharedBasis:
-        """Wrap a ``LowRank(k, free_rows=1)`` fitted on augmented one-hot contexts of ``users``
+        """Wrap a ``LowRank(rank, free_rows=1)`` fitted on augmented one-hot contexts of ``users``
         (in order: column ``1 + i`` of ``x`` is ``users[i]``)."""
         if inner.free_rows != 1 or inner.d_x_ != len(users) + 1:
             raise DataValidationError(
@@ -175,13 +181,13 @@ class SharedBasis(MultiUserModel):
             )
         model = cls(inner.rank, inner.l2, **params)
         model._store_lowrank(inner)
-        users = np.asarray(list(users))
-        counts = data.x[:, 1:].sum(axis=0).astype(np.int64)
-        model._finish(users, counts, data, inner)
+        users = np.asarray(list(users))  # type: ignore[assignment]  # ids as an array
+        counts = data.x[:, 1:].sum(axis=0).astype(np.int64)  # type: ignore[index]  # x: one-hot user contexts, set by fit
+        model._finish(users, counts, data, inner)  # type: ignore[arg-type]  # an array
         return model
 
     def user_basis(self) -> np.ndarray:
-        """Orthonormal basis of ``span{θ̂0, B̂}`` (dimension ``k+1``, or ``k`` if ``θ̂0 ∈ span B̂``)."""
+        """Orthonormal basis of ``span{θ̂0, B̂}`` (dimension ``r+1``, or ``r`` if ``θ̂0 ∈ span B̂``)."""
         return orthonormal_columns(np.concatenate([self.theta0_[:, None], self.basis_], axis=1))
 
     def adapt_user(self, data: PreferenceData, user: Any = None) -> SharedBasis:
@@ -265,9 +271,9 @@ class _FrozenBasis(BradleyTerryModel):
 
     def _separation_problems(self, data: PreferenceData) -> list[Any] | None:
         """``s_i e_{u_i} ⊗ BᵀΔφ_i``: recession directions of ``w`` (offsets do not matter)."""
-        if kron_nnz(data.x, self.basis.shape[1]) > LP_BUDGET:
+        if kron_nnz(data.x, self.basis.shape[1]) > LP_BUDGET:  # type: ignore[arg-type]  # x: one-hot user contexts, set by fit
             return None
-        return [signed(row_kron(data.x, data.delta_phi @ self.basis), 2.0 * data.y - 1.0)]
+        return [signed(row_kron(data.x, data.delta_phi @ self.basis), 2.0 * data.y - 1.0)]  # type: ignore[arg-type]  # x: one-hot user contexts, set by fit
 
     def _estimate_norm(self) -> float:
         return float(np.linalg.norm(self.weights_))

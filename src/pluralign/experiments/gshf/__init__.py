@@ -1,7 +1,7 @@
-"""The ``gshf`` experiment: KL-regularized preference learning (seed 002) on ``KLBandit``.
+"""The ``gshf`` experiment: KL-regularized preference learning on ``KLBandit``.
 
-Xiong et al. 2024 (GSHF, arXiv 2312.11456) in the bandit layer: offline (MLE-Gibbs versus the
-two pessimistic options), online iterative learning with five pair designs, and
+Xiong et al. 2024 (GSHF, ICML 2024, arXiv 2312.11456) in the bandit layer: offline (MLE-Gibbs
+versus the two pessimistic options), online iterative learning with five pair designs, and
 hybrid learning, all on one axis: **rounds** ``t = 0..T`` of ``m`` comparisons each
 (``n_samples: [T]``, one value; option ``batch_size`` is ``m``). Every method returns a curve,
 one row per round, with ``n`` = the round (see :mod:`pluralign.experiments.base`).

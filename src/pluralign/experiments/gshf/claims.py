@@ -1,5 +1,6 @@
-"""The GSHF claims (C8–C10 of ``docs/gshf.md``), checked on a ``gshf`` run's results, and
-:func:`report`, the text of those comparisons for a finished run folder."""
+"""The GSHF claims (C8–C10 of ``docs/gshf.md``; Xiong et al. 2024, ICML 2024, arXiv
+2312.11456), checked on a ``gshf`` run's results, and :func:`report`, the text of those
+comparisons for a finished run folder."""
 
 from __future__ import annotations
 

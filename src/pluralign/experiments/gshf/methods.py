@@ -173,13 +173,13 @@ def _env(ctx: UnitContext) -> KLBandit:
 
 def _offline(ctx: UnitContext) -> PreferenceData:
     size = max(_rounds(ctx) * ctx.options["batch_size"], ctx.options["hybrid_offline"], 1)
-    return ctx.cached("offline", lambda: _env(ctx).sample_offline(size, ctx.seed(1)))
+    return ctx.cached("offline", lambda: _env(ctx).sample_offline(size, seed=ctx.seed(1)))
 
 
 def _eval(ctx: UnitContext) -> dict[str, Any]:
     def build() -> dict[str, Any]:
         env = _env(ctx)
-        states = env.sample_states(ctx.env_params["n_eval"], ctx.seed(3))
+        states = env.sample_targets(ctx.env_params["n_eval"], seed=ctx.seed(3))
         return {
             "states": states,
             "ref": env.reference_probs(states),

@@ -1,4 +1,5 @@
-"""The ``loco`` experiment: LoCo-RLHF (seed 000) on the ``LowRankContextual`` simulator.
+"""The ``loco`` experiment: LoCo-RLHF (Lee, Sun & Liu 2024, arXiv 2412.19436) on the
+``LowRankContextual`` simulator.
 
 Per unit (setting, N, repeat): one truth ``Θ*``, one offline sample of size N from source
 contexts under the behaviour policy, one held-out sample from the same distribution, and one
@@ -49,8 +50,8 @@ without effect on any draw, under ``coverage: full``, the default).
 Options: ``ridge_grid`` (each model family — linear, full-rank, low-rank — picks its ridge from
 this grid by held-out log-likelihood on a 20% split of the offline data only, then refits on
 all of it with ``l2 = ridge / N``; the chosen value is reported as ``ridge``), ``beta`` (the
-confidence radius is ``β = beta · sqrt((k + log(1/δ))/N)``,
-the theory's rate with its constant exposed, so that models of different dimension ``k`` are
+confidence radius is ``β = beta · sqrt((p + log(1/δ))/N)``,
+the theory's rate with its constant exposed, so that models of different dimension ``p`` are
 treated alike), ``delta``, ``fw_tol`` and ``fw_max_iter`` (the Frank–Wolfe duality-gap tolerance and
 iteration cap; the gap reached is reported either way).
 """

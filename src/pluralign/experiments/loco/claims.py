@@ -1,4 +1,5 @@
-"""The LoCo-RLHF claims (C1–C4), checked on a ``loco`` run's results.
+"""The LoCo-RLHF claims (C1–C4; Lee, Sun & Liu 2024, arXiv 2412.19436), checked on a ``loco``
+run's results.
 
 * C1 — PRS sub-optimality is below full-rank pessimistic at every N, in every setting.
 * C2 — with skewed behaviour and context shift, PRS is below low-rank greedy at small N

@@ -145,9 +145,9 @@ def _draws(ctx: UnitContext):
     env = _env(ctx)
     if "draws" not in ctx.objects:
         n_max = max(ctx.config["n_samples"])
-        offline = env.sample_offline(n_max, ctx.seed(1)).subset(slice(0, ctx.unit.n))
-        heldout = env.sample_offline(ctx.env_params["n_heldout"], ctx.seed(2))
-        targets = env.sample_targets(ctx.env_params["n_targets"], ctx.seed(3))
+        offline = env.sample_offline(n_max, seed=ctx.seed(1)).subset(slice(0, ctx.unit.n))
+        heldout = env.sample_offline(ctx.env_params["n_heldout"], seed=ctx.seed(2))
+        targets = env.sample_targets(ctx.env_params["n_targets"], seed=ctx.seed(3))
         ctx.objects["draws"] = (offline, heldout, targets)
     return ctx.objects["draws"]
 

@@ -1,4 +1,5 @@
-"""The ``multi_user`` experiment: P-ShareLoRA (seed 001, linear) on the ``MultiUser`` simulator.
+"""The ``multi_user`` experiment: P-ShareLoRA (Liu et al. 2025, arXiv 2503.19201; linear) on
+the ``MultiUser`` simulator.
 
 Per unit (setting, n, repeat) — ``n`` is the number of comparisons **per user** — one truth
 ``θ_u = θ0 + B* w_u``, one training sample (user ``u`` gets ``n`` comparisons, or ``n·ω_u`` with
@@ -7,13 +8,14 @@ per user, ``n_targets`` target states shared by all users, and ``n_new_users`` f
 the same population, each with 50 adaptation comparisons (their first 10, 20 and 50 are used)
 and ``n_heldout`` held-out ones. Every method sees the same draws.
 
-Methods (models; ``k`` = option ``rank`` or the true ``k``; ridge ``λ = ridge / N_total``):
+Methods (models; rank ``r`` = option ``rank``, or the true ``env.rank`` when it is 0; ridge
+``λ = ridge / N_total``):
 
 * ``shared_basis`` — :class:`~pluralign.rewards.SharedBasis` (``θ0 + B w_u``);
 * ``per_user`` — :class:`~pluralign.rewards.PerUser` (independent ``θ_u``);
 * ``pooled`` — :class:`~pluralign.rewards.Pooled` (one ``θ``);
 * ``lowrank_onehot`` — the same model as ``shared_basis`` through the LoCo path: contexts
-  ``x = [1, e_u]`` built by hand and ``LowRank(k, free_rows=1)`` fitted from a *random* start
+  ``x = [1, e_u]`` built by hand and ``LowRank(r, free_rows=1)`` fitted from a *random* start
   (``shared_basis`` starts spectrally), so agreement of the two is a check of the non-convex fit.
 
 Metrics (per row; "per user" metrics are averaged over the training users):
@@ -22,7 +24,7 @@ Metrics (per row; "per user" metrics are averaged over the training users):
   ``oracle_accuracy`` — the same for the true ``θ_u`` (the ceiling: labels are BT draws);
 * ``heldout_loglik``, ``train_loglik`` — mean BT log-likelihood per comparison;
 * ``param_error`` — ``(Σ_u‖θ̂_u − θ_u‖² / Σ_u‖θ_u‖²)^{1/2}``;
-* ``subspace_distance`` — ``‖sin Θ(B̂, B*)‖₂``; for ``per_user``, ``B̂`` is the top-``k`` principal
+* ``subspace_distance`` — ``‖sin Θ(B̂, B*)‖₂``; for ``per_user``, ``B̂`` is the top-``r`` principal
   subspace of the centred ``θ̂_u`` (a two-stage estimate); not defined for ``pooled``;
 * ``value_gap`` — mean over users of ``J_u(π*_u) − J_u(π̂_u)`` for each user's greedy policy;
   ``value_gap_pessimistic`` — the same for per-user pessimistic policies
@@ -49,6 +51,7 @@ from pluralign.experiments.multi_user.methods import (
     METRICS,
     OPTION_DEFAULTS,
     OPTION_SPEC,
+    RENAMED,
     check_config,
     describe_setting,
     lowrank_onehot,
@@ -91,5 +94,6 @@ MULTI_USER = register(
         env_spec=ENV_SPEC,
         option_spec=OPTION_SPEC,
         check_config=check_config,
+        renamed=RENAMED,
     )
 )

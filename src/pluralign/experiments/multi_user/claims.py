@@ -1,5 +1,5 @@
-"""The P-ShareLoRA claims (C5–C7), checked on a ``multi_user`` run's results (see
-:func:`check_multi_user_claims`)."""
+"""The P-ShareLoRA claims (C5–C7; Liu et al. 2025, arXiv 2503.19201), checked on a
+``multi_user`` run's results (see :func:`check_multi_user_claims`)."""
 
 from __future__ import annotations
 

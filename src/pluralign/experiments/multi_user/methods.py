@@ -36,6 +36,7 @@ __all__ = [
     "METRICS",
     "OPTION_DEFAULTS",
     "OPTION_SPEC",
+    "RENAMED",
     "check_config",
     "describe_setting",
     "lowrank_onehot",
@@ -51,7 +52,7 @@ ADAPT_SIZES = (10, 20, 50)
 ENV_DEFAULTS: dict[str, Any] = {
     "n_users": 20,
     "d_phi": 16,
-    "k": 3,
+    "rank": 3,
     "diversity": 1.0,
     "n_actions": 8,
     "imbalance": 0.0,
@@ -70,11 +71,15 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "policy_tol": 1e-4,
 }
 
+# Older names of env parameters / options ({section: {old: new}}, as pluralign.llm.config's
+# RENAMED): a config that uses one is refused with the new name.
+RENAMED: dict[str, dict[str, str]] = {"env": {"k": "rank"}}
+
 # What each value may be (checked by resolve_config; tabulated in docs/experiments.md).
 ENV_SPEC: dict[str, Constraint] = {
     "n_users": Range(1, MAX_DIM),
     "d_phi": Range(1, MAX_DIM),
-    "k": Range(1, MAX_DIM, at_most=("d_phi",)),
+    "rank": Range(1, MAX_DIM, at_most=("d_phi",)),
     "diversity": Range(0, MAX_SCALE),
     "n_actions": Range(2, MAX_DIM),
     "imbalance": Range(0, 100),
@@ -86,7 +91,7 @@ ENV_SPEC: dict[str, Constraint] = {
 
 OPTION_SPEC: dict[str, Constraint] = {
     "ridge": Range(0, None, lo_open=True),
-    "rank": Range(0, MAX_DIM),  # 0: the true k; otherwise ≤ every setting's d_phi
+    "rank": Range(0, MAX_DIM),  # 0: the true rank; otherwise ≤ every setting's d_phi
     "beta": Range(0, None),
     "delta": Range(0, 1, lo_open=True, hi_open=True),
     "policies": Choice((False, True)),
@@ -121,7 +126,7 @@ def check_config(config: dict[str, Any]) -> None:
         if rank > env["d_phi"]:
             raise ConfigError(
                 f"'options.rank' must be ≤ 'env.d_phi' = {env['d_phi']} of every "
-                f"setting (0: the true k), got {rank}"
+                f"setting (0: the true rank), got {rank}"
             )
         drawn = env["n_users"] * (n_max + env["n_heldout"]) + env["n_new_users"] * (
             max(ADAPT_SIZES) + env["n_heldout"]
@@ -141,7 +146,7 @@ def _env(ctx: UnitContext) -> MultiUser:
         ctx.objects["env"] = MultiUser(
             p["n_users"],
             p["d_phi"],
-            p["k"],
+            p["rank"],
             p["diversity"],
             1,
             p["n_actions"],
@@ -177,18 +182,18 @@ def _draws(ctx: UnitContext) -> dict[str, Any]:
     n_max = max(ctx.config["n_samples"])
     count_seed = ctx.seed(7)
     full = env.sample_offline(
-        ctx.seed(1), user_counts(n_max, env.n_users, p["imbalance"], count_seed)
+        user_counts(n_max, env.n_users, p["imbalance"], count_seed), seed=ctx.seed(1)
     )
     train = _nested(full, user_counts(ctx.unit.n, env.n_users, p["imbalance"], count_seed))
-    heldout = env.sample_offline(ctx.seed(2), p["n_heldout"])
-    targets = env.sample_targets(p["n_targets"], ctx.seed(3))
-    w_new, thetas_new = env.new_users(p["n_new_users"], ctx.seed(4))
+    heldout = env.sample_offline(p["n_heldout"], seed=ctx.seed(2))
+    targets = env.sample_targets(p["n_targets"], seed=ctx.seed(3))
+    w_new, thetas_new = env.new_users(p["n_new_users"], seed=ctx.seed(4))
     new_ids = env.n_users + np.arange(p["n_new_users"])
     new_adapt = env.sample_comparisons(
-        thetas_new, [max(ADAPT_SIZES)] * len(new_ids), ctx.seed(5), new_ids
+        thetas_new, [max(ADAPT_SIZES)] * len(new_ids), seed=ctx.seed(5), users=new_ids
     )
     new_heldout = env.sample_comparisons(
-        thetas_new, [p["n_heldout"]] * len(new_ids), ctx.seed(6), new_ids
+        thetas_new, [p["n_heldout"]] * len(new_ids), seed=ctx.seed(6), users=new_ids
     )
     ctx.objects["draws"] = {
         "train": train,
@@ -203,7 +208,7 @@ def _draws(ctx: UnitContext) -> dict[str, Any]:
 
 
 def _rank(ctx: UnitContext) -> int:
-    return ctx.options["rank"] or ctx.env_params["k"]
+    return ctx.options["rank"] or ctx.env_params["rank"]
 
 
 def _l2(ctx: UnitContext) -> float:
@@ -229,7 +234,7 @@ def _pooled(ctx: UnitContext) -> Pooled:
 
 
 def _lowrank_onehot(ctx: UnitContext) -> SharedBasis:
-    """The LoCo path: augmented one-hot contexts by hand, ``LowRank(k, free_rows=1)``."""
+    """The LoCo path: augmented one-hot contexts by hand, ``LowRank(rank, free_rows=1)``."""
     train = _draws(ctx)["train"]
 
     def build() -> SharedBasis:
@@ -258,14 +263,14 @@ def _accuracies(model: MultiUserModel, data: PreferenceData) -> np.ndarray:
     return np.array([acc for acc, _ in model.per_user_accuracy(data).values()])
 
 
-def _estimated_basis(model: MultiUserModel, k: int) -> np.ndarray | None:
+def _estimated_basis(model: MultiUserModel, rank: int) -> np.ndarray | None:
     if isinstance(model, Pooled):
         return None
     if hasattr(model, "basis_"):
         return model.basis_
     centred = model.thetas_ - model.thetas_.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return vt[:k].T
+    return vt[:rank].T
 
 
 def _oracle_accuracy(ctx: UnitContext) -> float:
@@ -329,7 +334,7 @@ def _new_user_metrics(
                 "weights": env.W_star,
             }
             oracle = SharedBasis.from_arrays(
-                arrays, env.users, n_train=model.n_train_, k=env.k, l2=model.l2
+                arrays, env.users, n_train=model.n_train_, rank=env.rank, l2=model.l2
             ).adapt_user(few)
             out[f"newuser_truebasis_accuracy_{size}"] = float(np.mean(_accuracies(oracle, heldout)))
     if true_basis:
@@ -381,7 +386,8 @@ def pooled(ctx: UnitContext) -> dict[str, float]:
 
 
 def lowrank_onehot(ctx: UnitContext) -> dict[str, float]:
-    """``shared_basis`` through ``LowRank(k, free_rows=1)`` on hand-built ``[1, e_u]`` contexts."""
+    """``shared_basis`` through ``LowRank(rank, free_rows=1)`` on hand-built ``[1, e_u]``
+    contexts."""
     model = _lowrank_onehot(ctx)
     metrics = _evaluate(ctx, model, new_users=False)
     metrics["shared_basis_loglik_gap"] = metrics["train_loglik"] - _shared_basis(
@@ -392,7 +398,7 @@ def lowrank_onehot(ctx: UnitContext) -> dict[str, float]:
 
 def describe_setting(env: dict[str, Any]) -> str:
     extra = f" imb={env['imbalance']}" if env["imbalance"] > 0 else ""
-    return f"U={env['n_users']} d={env['d_phi']} k={env['k']} div={env['diversity']}{extra}"
+    return f"U={env['n_users']} d={env['d_phi']} r={env['rank']} div={env['diversity']}{extra}"
 
 
 def sweep_groups(config: dict[str, Any]) -> tuple[dict[str, dict], list[str], list[str]]:
