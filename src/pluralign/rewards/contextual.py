@@ -50,8 +50,8 @@ import numpy as np
 from pluralign._linalg import contract, orthonormal_columns
 from pluralign.data import PreferenceData
 from pluralign.errors import DataValidationError
-from pluralign.rewards.lowrank import LowRank
 from pluralign.rewards.multi_user import MultiUserModel
+from pluralign.rewards.shared_basis import FreeRowLowRank
 from pluralign.rewards.users import check_unknown_user, user_key
 from pluralign.rewards.validation import check_phi
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["Contextual"]
 
 
-class Contextual(MultiUserModel):
+class Contextual(FreeRowLowRank, MultiUserModel):
     """LoCo-RLHF's contextual low-rank reward ``[1, z(x)]ᵀ Θ φ`` for users with contexts ``x``.
 
     Parameters
@@ -109,22 +109,6 @@ class Contextual(MultiUserModel):
         self.balance, self.init, self.seed = balance, init, seed
         self.dense_svd_limit = dense_svd_limit
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
-
-    def lowrank(self) -> LowRank:
-        """The ``LowRank(rank, free_rows=1)`` estimator this model fits on ``[1, z(x)]``."""
-        return LowRank(
-            self.rank,
-            self.l2,
-            balance=self.balance,
-            init=self.init,
-            seed=self.seed,
-            dense_svd_limit=self.dense_svd_limit,
-            free_rows=1,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            dtype=self.dtype,
-            device=self.device,
-        )
 
     # ------------------------------------------------------------------ fitting
     def fit(self, data: PreferenceData, y: None = None) -> Contextual:

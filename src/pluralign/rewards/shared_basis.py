@@ -56,7 +56,7 @@ from pluralign.rewards.users import (
     training_users,
 )
 
-__all__ = ["SharedBasis", "subspace_distance"]
+__all__ = ["FreeRowLowRank", "SharedBasis", "subspace_distance"]
 
 
 def subspace_distance(basis_hat: np.ndarray, basis_star: np.ndarray) -> float:
@@ -72,7 +72,40 @@ def subspace_distance(basis_hat: np.ndarray, basis_star: np.ndarray) -> float:
     return float(min(1.0, np.linalg.norm(residual, 2)))  # type: ignore[arg-type]  # a float
 
 
-class SharedBasis(MultiUserModel):
+class FreeRowLowRank:
+    """What a model fitted as ``LowRank(rank, free_rows=1)`` on augmented contexts ``[1, x]``
+    shares (``SharedBasis`` on ``x = e_u``, ``Contextual`` on ``x = z(context)``): the
+    hyper-parameters it passes on, and the inner estimator built from them."""
+
+    rank: int
+    l2: float
+    balance: float
+    init: str
+    seed: int
+    dense_svd_limit: int
+    tol: float
+    max_iter: int
+    dtype: str
+    device: str
+
+    def lowrank(self) -> LowRank:
+        """The ``LowRank(rank, free_rows=1)`` estimator this model fits on ``[1, x]``."""
+        return LowRank(
+            self.rank,
+            self.l2,
+            balance=self.balance,
+            init=self.init,
+            seed=self.seed,
+            dense_svd_limit=self.dense_svd_limit,
+            free_rows=1,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+
+class SharedBasis(FreeRowLowRank, MultiUserModel):
     """P-ShareLoRA (linear): ``θ_u = θ0 + B w_u``, fitted as ``LowRank(rank, free_rows=1)`` on
     augmented one-hot contexts ``[1, e_u]`` (see the module docstring).
 
@@ -118,22 +151,6 @@ class SharedBasis(MultiUserModel):
         self.dense_svd_limit = dense_svd_limit
         self.tol, self.max_iter, self.dtype, self.device = tol, max_iter, dtype, device
 
-    def lowrank(self) -> LowRank:
-        """The ``LowRank(rank, free_rows=1)`` estimator this model fits."""
-        return LowRank(
-            self.rank,
-            self.l2,
-            balance=self.balance,
-            init=self.init,
-            seed=self.seed,
-            dense_svd_limit=self.dense_svd_limit,
-            free_rows=1,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            dtype=self.dtype,
-            device=self.device,
-        )
-
     def fit(self, data: PreferenceData, y: None = None) -> SharedBasis:
         """Fit ``θ0, B, W`` jointly; returns ``self`` (warns as :class:`LowRank` does, naming
         the users of separated comparisons; ``y``: ``None`` or ``data.y``)."""
@@ -170,7 +187,7 @@ class SharedBasis(MultiUserModel):
 
     @classmethod
     def from_lowrank(
-        cls, inner: LowRank, users: Sequence[Any], data: PreferenceData, **params: Any
+        cls, inner: LowRank, users: Sequence[Any] | np.ndarray, data: PreferenceData, **params: Any
     ) -> SharedBasis:
         """Wrap a ``LowRank(rank, free_rows=1)`` fitted on augmented one-hot contexts of ``users``
         (in order: column ``1 + i`` of ``x`` is ``users[i]``)."""
@@ -181,9 +198,9 @@ class SharedBasis(MultiUserModel):
             )
         model = cls(inner.rank, inner.l2, **params)
         model._store_lowrank(inner)
-        users = np.asarray(list(users))  # type: ignore[assignment]  # ids as an array
+        users = np.asarray(list(users))
         counts = data.x[:, 1:].sum(axis=0).astype(np.int64)  # type: ignore[index]  # x: one-hot user contexts, set by fit
-        model._finish(users, counts, data, inner)  # type: ignore[arg-type]  # an array
+        model._finish(users, counts, data, inner)
         return model
 
     def user_basis(self) -> np.ndarray:

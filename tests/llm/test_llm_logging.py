@@ -319,7 +319,7 @@ def test_train_rm_loads_without_third_party_noise_and_restores_it(
         "model": {"name_or_path": tiny_causal, "max_length": 64},
         "lora": {"r": 2},
         "data": {
-            "train": str(Path(__file__).parent / "fixtures" / "personas.jsonl"),
+            "train": str(Path(__file__).parents[1] / "fixtures" / "personas.jsonl"),
             "test_size": 0.25,
         },
         "train": {"num_train_epochs": 1, "train_batch_size": 64, "max_steps": 1},
@@ -432,7 +432,7 @@ def test_the_fit_path_shows_the_embedding_progress_on_a_terminal(monkeypatch, tm
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     load_training_data(
-        Path(__file__).parent / "fixtures" / "personas.jsonl",
+        Path(__file__).parents[1] / "fixtures" / "personas.jsonl",
         "auto",
         None,
         None,

@@ -36,7 +36,7 @@ from pluralign.llm.trainer import (
 )
 from pluralign.settings import resolve_sections
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ROOT / "docs" / "names.md"
 USERS = ["ana", "ben", "chen", "dara", "eli", "fay"]
 KEYWORDS = list(TrainingConfig.TRAINER_NAMES.values())

@@ -19,7 +19,7 @@ from pluralign.cli import app
 from pluralign.data.loaders import read_trl
 from pluralign.llm import ExportedReward, per_user_metrics, split_per_user
 
-PERSONAS = Path(__file__).parent / "fixtures" / "personas.jsonl"
+PERSONAS = Path(__file__).parents[1] / "fixtures" / "personas.jsonl"
 
 
 def invoke(*args):

@@ -28,7 +28,7 @@ from pluralign.llm import (
 from pluralign.llm.export import RESERVED_NAMES
 from pluralign.llm.job import apply_overrides, resolve_rm_config, train_reward_model
 
-PERSONAS = Path(__file__).parent / "fixtures" / "personas.jsonl"
+PERSONAS = Path(__file__).parents[1] / "fixtures" / "personas.jsonl"
 
 
 # ---------------------------------------------------------------------- shared set-up

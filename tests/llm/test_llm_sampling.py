@@ -309,7 +309,7 @@ def bon_setup():
     """A policy with random LoRA, a reward model with random LoRA/head, and the numpy ``M``
     of the last-layer confidence set built from the reward model's features. The uncertainty
     object is given that ``M`` through ConfidenceSet's constructor, so these tests do not
-    depend on ``LastLayerUncertainty.fit`` (tests/test_llm_uncertainty.py checks it)."""
+    depend on ``LastLayerUncertainty.fit`` (tests/llm/test_llm_uncertainty.py checks it)."""
     from pluralign.confidence import ConfidenceSet
     from pluralign.data.loaders import TextPreferences
     from pluralign.llm.uncertainty import LastLayerUncertainty

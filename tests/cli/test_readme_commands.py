@@ -48,7 +48,7 @@ from pluralign.cli.app import load_command_config, resolve_config_path
 from pluralign.cli.personalize import EXAMPLE_FILES
 from pluralign.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELLS = ("bash", "sh", "shell", "console")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")

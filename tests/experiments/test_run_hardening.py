@@ -23,8 +23,8 @@ from pluralign.experiments import EXPERIMENTS, read_results, resolve_config, run
 from pluralign.experiments.base import coerce
 from pluralign.experiments.config import spec_table
 
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "pluralign" / "configs"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
+CONFIGS = Path(__file__).resolve().parents[2] / "src" / "pluralign" / "configs"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "experiments.md"
 EXPERIMENT_CONFIGS = ("loco.yaml", "multi_user.yaml", "gshf.yaml", "quick.yaml")
 
 GSHF_TINY = {

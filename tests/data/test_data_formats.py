@@ -27,7 +27,7 @@ from pluralign.data.loaders import (
 )
 from pluralign.errors import DataValidationError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 TRL = {"prompt": "p", "chosen": "a", "rejected": "b", "user_id": "u"}
 NUMERIC = {"phi0": [0.0, 1.0], "phi1": [1.0, 0.0], "y": 1, "user": "u"}
 

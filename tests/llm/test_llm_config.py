@@ -23,7 +23,7 @@ from pluralign.llm.config import (
 from pluralign.llm.job import RM_SECTIONS, RM_TOP_LEVEL, apply_overrides, resolve_rm_config
 from pluralign.settings import Setting, describe, resolve_sections, settings_table, to_plain
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POLICY = {
     "model": PolicyModelConfig,
     "lora": LoraConfig,

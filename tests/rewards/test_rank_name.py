@@ -25,7 +25,7 @@ from pluralign.personalize import fit_personalized
 from pluralign.rewards import Contextual, PerUser, SharedBasis
 from pluralign.rewards.persistence import load_model, save_model
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy_k"
+LEGACY = Path(__file__).parents[1] / "fixtures" / "legacy_k"
 CLASSES = {"shared_basis": SharedBasis, "contextual": Contextual}
 
 

@@ -43,7 +43,7 @@ RESPONSES = [
     "Patch",
     "Seven, or any other prime you like: 2, 3, 5, 11.",
 ]
-PERSONAS = Path(__file__).parent / "fixtures" / "personas.jsonl"
+PERSONAS = Path(__file__).parents[1] / "fixtures" / "personas.jsonl"
 # what transformers and PEFT say when tensors of a checkpoint and a model do not line up
 KEY_TROUBLE = re.compile(
     r"missing|unexpected|newly initialized|not initialized|mismatch", re.IGNORECASE

@@ -546,7 +546,7 @@ def test_a_mapped_column_that_is_missing_is_refused_naming_the_mapping():
         del r["x"]
     data = load_preferences(renamed, user_column="annotator", context_column="profile")
     assert data.users.tolist() == ["a", "a", "b"] and data.x.shape == (3, 2)
-    fixture = Path(__file__).parent / "fixtures" / "summarize_from_feedback.jsonl"
+    fixture = Path(__file__).parents[1] / "fixtures" / "summarize_from_feedback.jsonl"
     rows = [json.loads(t) for t in fixture.read_text().splitlines()]
     workers = [r["worker"] for r in rows]
     rows = [{**{k: v for k, v in r.items() if k != "worker"}, "labeler": r["worker"]} for r in rows]

@@ -14,7 +14,7 @@ from pluralign.cli import app
 from pluralign.data import read_prism, read_summarize_from_feedback, read_trl, validate_file
 from pluralign.errors import DataValidationError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

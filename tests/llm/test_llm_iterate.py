@@ -625,5 +625,5 @@ def test_docs_hold_the_generated_iterate_settings_table():
     from pluralign.llm.iterate import ITERATE_TOP_LEVEL
     from pluralign.settings import settings_table
 
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "iterate.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "iterate.md").read_text()
     assert settings_table({"iterate": IterateConfig}, ITERATE_TOP_LEVEL) in docs

@@ -236,7 +236,8 @@ def test_summarize_choice_must_be_an_integer(tmp_path):
 
     row = json.loads(
         Path(__file__)
-        .parent.joinpath("fixtures/summarize_from_feedback.jsonl")
+        .parents[1]
+        .joinpath("fixtures/summarize_from_feedback.jsonl")
         .read_text()
         .splitlines()[0]
     )
@@ -248,7 +249,7 @@ def test_summarize_choice_must_be_an_integer(tmp_path):
 def test_prism_conversation_id_must_be_a_string_or_integer(tmp_path):
     from pathlib import Path
 
-    fixtures = Path(__file__).parent / "fixtures"
+    fixtures = Path(__file__).parents[1] / "fixtures"
     rows = [json.loads(t) for t in (fixtures / "prism_utterances.jsonl").read_text().splitlines()]
     rows[0]["conversation_id"] = ["c", 1]
     pairs = lines(tmp_path / "pairs.jsonl", *map(json.dumps, rows))

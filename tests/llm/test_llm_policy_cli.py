@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pluralign.cli import app
 
-DATA = Path(__file__).parent / "fixtures" / "policy_toy.jsonl"
+DATA = Path(__file__).parents[1] / "fixtures" / "policy_toy.jsonl"
 CONFIG = Path(str(resources.files("pluralign") / "configs" / "policy_toy.yaml"))
 USERS = ["vowels", "digits"]
 # the packaged toy config, smaller: 2 epochs of 5 steps, one KL sample per prompt
@@ -79,7 +79,7 @@ def test_toy_config_is_packaged_and_its_data_is_two_users():
     from pluralign.llm.toy import GOLD_REWARDS
 
     assert (
-        Path(__file__).parents[1] / "configs" / "policy_toy.yaml"
+        Path(__file__).parents[2] / "configs" / "policy_toy.yaml"
     ).read_text() == CONFIG.read_text()
     resolved = resolve_policy_config(load_config(CONFIG))
     assert resolved["model"].name_or_path == "toy-llama" and resolved["dpo"].beta == 0.1
@@ -98,7 +98,7 @@ def test_docs_hold_the_generated_policy_settings_table():
     from pluralign.llm.policy_job import POLICY_TOP_LEVEL
     from pluralign.settings import settings_table
 
-    docs = (Path(__file__).parents[1] / "docs" / "llm.md").read_text(encoding="utf-8")
+    docs = (Path(__file__).parents[2] / "docs" / "llm.md").read_text(encoding="utf-8")
     section = docs[docs.index("## Personalized policies: train-policy and generate") :]
     assert (
         settings_table({"model": PolicyModelConfig, "dpo": DPOConfig}, POLICY_TOP_LEVEL) in section

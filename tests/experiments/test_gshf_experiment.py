@@ -181,7 +181,7 @@ def test_report_and_rounds_to_target(reference):
 
 
 def test_shipped_config_resolves():
-    path = Path(__file__).parents[1] / "src" / "pluralign" / "configs" / "gshf.yaml"
+    path = Path(__file__).parents[2] / "src" / "pluralign" / "configs" / "gshf.yaml"
     config = yaml.safe_load(path.read_text())
     resolved = resolve_config(config)
     assert resolved["methods"] == METHODS

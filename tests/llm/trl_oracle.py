@@ -26,7 +26,7 @@ How the oracle drives TRL
   numpy / ``random`` RNG states so a caller's random stream is not reseeded behind its back.
 
 TRL 1.16's conventions (read from ``trl/trainer/dpo_trainer.py``, checked by
-``tests/test_llm_dpo_oracle.py`` against a plain-torch closed form)
+``tests/llm/test_llm_dpo_oracle.py`` against a plain-torch closed form)
 ------------------------------------------------------------------------------------------------
 * Batch layout (``DataCollatorForPreference``): ``input_ids`` / ``attention_mask`` /
   ``completion_mask`` of shape ``(2B, T)``, rows ``[chosen_0..chosen_{B-1}, rejected_0..]``; each
