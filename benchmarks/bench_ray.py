@@ -1,4 +1,4 @@
-"""P9 (issue 16): the Ray backend of ``pluralign run`` against the local process pool.
+"""P10 (issue 16): the Ray backend of ``pluralign run`` against the local process pool.
 
 Budget: 200 small units (units of the quick LoCo config, ``configs/quick.yaml``: d_x = d_phi =
 10, rank 2, 8 actions, 1,000 target states, its 6 methods, N from 250 to 4,000; 40 repeats ×
@@ -52,7 +52,7 @@ def _timed(out: Path, **kwargs) -> tuple[float, list[dict]]:
 
 
 def bench_ray_backend() -> dict:
-    """P9 (issue 16): 200 quick-LoCo units, Ray backend ≤ 1.3× the local pool (2 cores)."""
+    """P10 (issue 16): 200 quick-LoCo units, Ray backend ≤ 1.3× the local pool (2 cores)."""
     try:
         import ray
     except ImportError:

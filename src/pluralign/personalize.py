@@ -84,7 +84,7 @@ def load_training_data(
         from pluralign.data.contexts import ContextSchema
 
         pdata = load_preferences(data, **columns)
-        meta = {"kind": "numeric", "format": fmt}
+        meta: dict[str, Any] = {"kind": "numeric", "format": fmt}
         if pdata.x is not None:
             meta["context"] = ContextSchema.vector(pdata.d_x).to_dict()
         return pdata, meta
@@ -115,7 +115,7 @@ def split_per_user(
     ``test`` is ``None`` when nothing is held out."""
     from pluralign.data.split import per_user_test_mask
 
-    test = per_user_test_mask(data.users, test_size, seed)
+    test = per_user_test_mask(data.users, test_size, seed)  # type: ignore[arg-type]  # per-user data has ids
     return data.subset(~test), (data.subset(test) if test.any() else None)
 
 
@@ -263,7 +263,7 @@ def fit_personalized(
         }[model]().fit(train)
     except DataValidationError as err:
         if err.path is None and err.field in names:  # a parameter's value, not the data
-            raise PluralignError(f"{names[err.field]}: {err.bare}") from None
+            raise PluralignError(f"{names[err.field]}: {err.bare}") from None  # type: ignore[index]
         raise
     train_acc = estimator.per_user_accuracy(train)
     test_acc = estimator.per_user_accuracy(test) if test is not None else {}
@@ -661,7 +661,7 @@ def rank_candidates(
                 f"{model_dir} has no design matrices; refit, or rank without --pessimism"
             )
         view = model.user_model(uid)
-        row = int(designs["design_index"][model.user_index(uid, allow_unknown=False)[0]])
+        design_row = int(designs["design_index"][model.user_index(uid, allow_unknown=False)[0]])
         p = int(np.asarray(view.params_).size)
         if designs["design"].shape[1] != p:
             raise PluralignError(
@@ -671,10 +671,10 @@ def rank_candidates(
             )
         cs = ConfidenceSet(
             view.params_,
-            designs["design"][row],
+            designs["design"][design_row],
             pessimism,
-            lam=float(designs["design_lam"][row]),
-            n=int(designs["design_n"][row]),
+            lam=float(designs["design_lam"][design_row]),
+            n=int(designs["design_n"][design_row]),
             kind="design",
             bound_feature=float("nan"),
             bound_theta=float("nan"),

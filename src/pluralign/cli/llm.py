@@ -343,21 +343,24 @@ def generate(
             else:
                 if not users:
                     raise PluralignError("--prompt needs --user (repeatable)")
-                pairs = [(p, u) for p in prompt for u in users]
+                # --prompt is given: exactly one of --prompt and --prompts is (checked above)
+                pairs = [(p, u) for p in prompt for u in users]  # type: ignore[union-attr]
             texts, who = [p for p, _ in pairs], [u for _, u in pairs]
             policy = load_policy(run, users=who)
             records: list[dict[str, Any]] = []
             if best_of is not None:
                 from pluralign.llm.sampling import best_of_n
 
-                rm = load_reward_model(reward_model, users=who)
+                # --best-of comes with --reward-model (checked above)
+                rm = load_reward_model(reward_model, users=who)  # type: ignore[arg-type]
                 beta = pessimism or 0.0
                 uncertainty = None
                 if beta > 0:
                     from pluralign.llm.uncertainty import LastLayerUncertainty
 
                     uncertainty = LastLayerUncertainty(beta=1.0).fit(
-                        rm, reward_model_rows(reward_model)
+                        rm,
+                        reward_model_rows(reward_model),  # type: ignore[arg-type]
                     )
                 rows = [(i, j) for i in range(len(pairs)) for j in range(n)]
                 picked = best_of_n(
@@ -423,9 +426,9 @@ def generate(
     columns = [Column(c, justify="left") for c in ("user", "prompt", "response")]
     if best_of:
         columns += [Column("reward"), Column("penalty")]
-    cells = []
+    cells: list[list[Text | str]] = []
     for r in records[:200]:
-        row = [Text(str(r["user_id"])), Text(r["prompt"]), Text(r["response"])]
+        row: list[Text | str] = [Text(str(r["user_id"])), Text(r["prompt"]), Text(r["response"])]
         if best_of:
             row += [f"{r['reward']:.4g}", f"{r['penalty']:.4g}"]
         cells.append(row)

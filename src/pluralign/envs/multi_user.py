@@ -47,7 +47,7 @@ from pluralign.errors import ConfigError
 __all__ = ["MultiUser"]
 
 
-def _counts(n_per_user: int | Sequence[int], n_users: int) -> np.ndarray:
+def _counts(n_per_user: int | Sequence[int] | np.ndarray, n_users: int) -> np.ndarray:
     if isinstance(n_per_user, int | np.integer) and not isinstance(n_per_user, bool):
         counts = np.full(n_users, int(n_per_user))
     else:
@@ -198,7 +198,7 @@ class MultiUser:
         )
 
     def sample_offline(
-        self, n: int | Sequence[int] | None = None, *, seed: int | list[int]
+        self, n: int | Sequence[int] | np.ndarray | None = None, *, seed: int | list[int]
     ) -> PreferenceData:
         """Training comparisons of every user: ``n`` per user (an integer, or one count per
         user), by default the constructor's ``n_per_user``."""

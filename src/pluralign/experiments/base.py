@@ -114,17 +114,17 @@ class Range:
 
     def describe(self) -> str:
         """The allowed values, e.g. ``(0, 1)``, ``[1, 10^8], ≤ d_x, d_phi``."""
-        if self.lo is None and self.hi is None:
-            text = "finite"
-        elif self.hi is None:
-            text = f"{'>' if self.lo_open else '≥'} {_bound(self.lo)}"
-        elif self.lo is None:
-            text = f"{'<' if self.hi_open else '≤'} {_bound(self.hi)}"
-        else:
+        if self.lo is not None and self.hi is not None:
             text = (
                 f"in {'(' if self.lo_open else '['}{_bound(self.lo)}, {_bound(self.hi)}"
                 f"{')' if self.hi_open else ']'}"
             )
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '≥'} {_bound(self.lo)}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '≤'} {_bound(self.hi)}"
+        else:
+            text = "finite"
         if self.at_most:
             text += ", ≤ " + ", ".join(f"`{k}`" for k in self.at_most)
         if self.length is not None:
@@ -462,7 +462,7 @@ class Experiment:
     name: str
     env_defaults: Mapping[str, Any]
     option_defaults: Mapping[str, Any]
-    methods: Mapping[str, Callable[[UnitContext], dict[str, float]]]
+    methods: Mapping[str, Callable[[UnitContext], dict[str, float] | list[dict[str, float]]]]
     default_n_samples: tuple[int, ...]
     metrics: tuple[str, ...]
     plot_metric: str

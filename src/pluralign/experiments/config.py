@@ -40,7 +40,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,7 +72,7 @@ TOP_LEVEL_KEYS = (
 
 
 def _unknown(
-    kind: str, given: object, valid: object, renamed: Mapping[str, str] | None = None
+    kind: str, given: object, valid: Iterable[object], renamed: Mapping[str, str] | None = None
 ) -> ConfigError:
     """An unknown key, refused with the valid ones (or with its new name if ``renamed``, the
     experiment's older names of a section's keys, lists it)."""

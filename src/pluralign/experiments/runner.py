@@ -203,7 +203,7 @@ def run_rows(path: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     seen: set[tuple] = set()
     rows = []
     for line, row in _numbered_rows(path):
-        where = {"path": str(path), "line": line}
+        where: dict[str, Any] = {"path": str(path), "line": line}
         if row["setting"] not in settings:
             raise DataValidationError(
                 f"a row of setting {show(row['setting'])}, which "

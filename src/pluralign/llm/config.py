@@ -73,7 +73,7 @@ TEXT_FORMATS = ("trl", "summarize", "prism")
 
 # ------------------------------------------------------------------ checks of one value
 # The modules that define these choices import torch and (the trainer) import this module;
-# they are read when a value is checked, and tests/test_llm_config.py checks that the help
+# they are read when a value is checked, and tests/llm/test_llm_config.py checks that the help
 # texts list the same choices.
 def _pooling(name: str, value: Any, *, text: bool = True) -> str:
     from pluralign.llm.reward_model import POOLINGS
@@ -108,7 +108,7 @@ def _chat_template(name: str, value: Any, *, text: bool = True) -> str:
 def _up_to_max_lr(name: str, value: Any, *, low_open: bool, text: bool = True) -> float:
     from pluralign.llm.trainer import MAX_LR
 
-    return check_float(
+    return check_float(  # type: ignore[return-value]  # not optional: a float
         name, value, low=0.0, low_open=low_open, high=MAX_LR, high_open=False, text=text
     )
 
@@ -142,7 +142,7 @@ def _every(name: str, value: Any, *, text: bool = True) -> int | str:
     if (
         isinstance(value, numbers.Integral)
         and not isinstance(value, bool)
-        and 1 <= value <= INT_MAX
+        and 1 <= value <= INT_MAX  # type: ignore[operator]  # an Integral compares with int
     ):
         return int(value)
     raise ConfigError(f"{name} must be 'epoch' or a positive integer, got {show(value)}")
@@ -485,7 +485,7 @@ class DPOConfig(Section):
 
 
 # the pair rules and gold oracles of ``pluralign iterate`` (pluralign.llm.pairs checks them
-# against its own PAIR_RULES and GOLDS; tests/test_llm_iterate.py too)
+# against its own PAIR_RULES and GOLDS; tests/llm/test_llm_iterate.py too)
 ITERATE_PAIR_RULES = ("max_min", "max_random", "random", "enhancer")
 ITERATE_GOLDS = ("toy", "anchors")
 

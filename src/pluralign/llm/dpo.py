@@ -170,7 +170,7 @@ def reference_logprobs(
             logps, _ = policy.sequence_logprobs(
                 **{k: v.to(policy.device) for k, v in batch.items()}, reference=True
             )
-            logps = logps.double().cpu().numpy()
+            logps = logps.double().cpu().numpy()  # type: ignore[assignment]  # as an array
             out[start : start + len(rows), 0] = logps[: len(rows)]
             out[start : start + len(rows), 1] = logps[len(rows) :]
     finally:
@@ -425,8 +425,8 @@ class DPOTrainer(LoRATrainer):
         ``KL(π_u‖π0)`` estimated on samples (class docstring). Every process computes the
         same numbers (the sampling is seeded), so no gather is needed."""
         if isinstance(data, TextPreferences):
-            margins = np.zeros(data.n) if self.loss_type == "pessimistic" else None
-            data = encode_dpo_pairs(policy, data, margins)
+            pair_margins = np.zeros(data.n) if self.loss_type == "pessimistic" else None
+            data = encode_dpo_pairs(policy, data, pair_margins)
         was_training = policy.training
         policy.train(False)
         device = policy.device
@@ -470,15 +470,15 @@ class DPOTrainer(LoRATrainer):
     def _kl_per_user(self, policy: PersonalizedPolicy, data: EncodedDPOPairs) -> dict[str, float]:
         if not self.kl_samples:
             return {}
-        prompts: dict[str, list[str]] = {}
-        for p, u in zip(data.prompts, data.users, strict=True):
+        prompts: dict[str, list[str | list[dict]]] = {}
+        for prompt, u in zip(data.prompts, data.users, strict=True):
             mine = prompts.setdefault(u, [])
-            if p not in mine and len(mine) < self.kl_max_prompts:
-                mine.append(p)
+            if prompt not in mine and len(mine) < self.kl_max_prompts:
+                mine.append(prompt)
         flat_prompts = [p for u in prompts for p in prompts[u]]
         flat_users = [u for u in prompts for _ in prompts[u]]
         samples = policy.generate(
-            flat_prompts,
+            flat_prompts,  # type: ignore[arg-type]  # conversational prompts too (prompt_ids)
             flat_users,
             n=self.kl_samples,
             max_new_tokens=self.kl_max_new_tokens,

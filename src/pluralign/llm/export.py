@@ -229,10 +229,12 @@ def seq_cls_head(model: PersonalizedRewardModel) -> SeqClsHead | str:
         MODEL_MAPPING,
     )
 
-    config = getattr(model.backbone, "config", None)
+    # a transformers config (or None: no model class then, KeyError below); the mappings give
+    # a model class, or a tuple of them
+    config: Any = getattr(model.backbone, "config", None)
     try:
-        cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
-        bases = MODEL_MAPPING[type(config)]
+        cls: Any = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+        bases: Any = MODEL_MAPPING[type(config)]
     except KeyError:
         return (
             f"transformers has no AutoModelForSequenceClassification for model type "
@@ -361,7 +363,8 @@ def export_adapters(
     layers = list(model.lora.layers())
     first = layers[0][1]
     head = getattr(model, "head", None)
-    seq_cls = None if head is None else seq_cls_head(model)
+    # a model with a head is a reward model
+    seq_cls = None if head is None else seq_cls_head(model)  # type: ignore[arg-type]
     if isinstance(seq_cls, str):
         warnings.warn(
             f"{seq_cls}: the reward adapters in {out} are written for AutoModel + "
@@ -373,11 +376,11 @@ def export_adapters(
         )
         seq_cls = None
     elif seq_cls is not None:
-        _warn_pad_token_id(model, seq_cls)
+        _warn_pad_token_id(model, seq_cls)  # type: ignore[arg-type]  # a reward model
     base_name = _stable_name(model.name_or_path)
     config = LoraConfig(
         r=first.r,
-        lora_alpha=first.alpha,
+        lora_alpha=first.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r: a float works
         lora_dropout=first.dropout.p if isinstance(first.dropout, torch.nn.Dropout) else 0.0,
         target_modules=[name for name, _ in layers],
         bias="none",
@@ -462,7 +465,7 @@ def _warn_pad_token_id(model: PersonalizedRewardModel, seq_cls: SeqClsHead) -> N
     if seq_cls.modules != ["score"]:
         return
     config = model.backbone.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # type: ignore[operator]  # a transformers config
     ours = model.tokenizer.pad_token_id
     if getattr(text, "pad_token_id", None) != ours:
         warnings.warn(
@@ -856,7 +859,7 @@ class ExportedReward:
             )
         source = self.config["base_model_name_or_path"]
         load = {**self.config["load_kwargs"], "trust_remote_code": trust_remote_code}
-        errors = (*_LOAD_ERRORS, SafetensorError)
+        errors: tuple[type[BaseException], ...] = (*_LOAD_ERRORS, SafetensorError)
         if base is None or isinstance(base, str | Path):
             where = base or source
             if where is None:
@@ -926,7 +929,7 @@ class ExportedReward:
         try:
             with quiet_third_party():  # peft's is_gradient_checkpointing FutureWarning
                 self.model = PeftModel.from_pretrained(base, str(folder), config=lora_config).eval()
-        except (*errors, TypeError) as exc:
+        except (*errors, TypeError) as exc:  # type: ignore[misc]  # exception classes
             raise DataValidationError(
                 f"the adapter does not fit the base model ({type(exc).__name__}: {str(exc)[:300]})",
                 path=str(folder / ADAPTER_WEIGHTS),
@@ -940,7 +943,7 @@ class ExportedReward:
         """Rewards of ``(prompt, response)`` pairs for this user (float64)."""
         if len(prompts) != len(responses):
             raise PluralignError(f"{len(prompts)} prompts but {len(responses)} responses")
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int("batch_size", batch_size)  # type: ignore[assignment]  # not optional
         out = []
         pooling, max_length = self.config["pooling"], self.config["max_length"]
         for start in range(0, len(prompts), batch_size):
@@ -955,15 +958,16 @@ class ExportedReward:
                 continue
             hidden = self.model(**kwargs).last_hidden_state
             pooled = pool_hidden(hidden, batch["attention_mask"], pooling)
-            out.append(pooled @ self.head.to(hidden.dtype).T)
+            out.append(pooled @ self.head.to(hidden.dtype).T)  # type: ignore[union-attr]  # not seq_cls: a head
         return torch.cat(out).squeeze(-1).double().numpy() if out else np.zeros(0)
 
 
 def _is_seq_cls(model: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    classes = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(
-        type(getattr(model, "config", None)), None
+    classes: Any = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(
+        type(getattr(model, "config", None)),  # type: ignore[arg-type]  # None: no class
+        None,
     )
     classes = classes if isinstance(classes, tuple) else (classes,)
     return any(c is not None and isinstance(model, c) for c in classes)

@@ -79,7 +79,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -102,7 +102,12 @@ from pluralign.llm.pairs import (
     select_pair,
     win_rate,
 )
-from pluralign.settings import Setting, check_string, resolve_sections, to_plain
+from pluralign.settings import Section, Setting, check_string, resolve_sections, to_plain
+
+if TYPE_CHECKING:
+    from pluralign.data.loaders import TextPreferences
+    from pluralign.llm.policy import PersonalizedPolicy
+    from pluralign.llm.protocols import BatchedRewardModel
 
 __all__ = [
     "ITERATE_SECTIONS",
@@ -116,7 +121,7 @@ __all__ = [
     "run_iterate",
 ]
 
-ITERATE_SECTIONS = {
+ITERATE_SECTIONS: dict[str, type[Section]] = {
     "model": PolicyModelConfig,
     "lora": LoraConfig,
     "train": TrainingConfig,
@@ -337,13 +342,13 @@ class _Loop:
         resolved: dict[str, Any],
         out: Path,
         *,
-        policy: Any,
+        policy: PersonalizedPolicy,
         users: list[str],
         rows: list[tuple[str, str]],
         eval_rows: list[tuple[str, str]],
         gold: GoldOracle | None,
-        reward_model: Any,
-        offline: Any,
+        reward_model: BatchedRewardModel | None,
+        offline: TextPreferences | None,
         progress: bool,
     ) -> None:
         self.r = resolved
@@ -374,7 +379,7 @@ class _Loop:
             return self.rm.score(
                 prompts, [t if t.strip() else " " for t in texts], users, batch_size=self.batch
             )
-        return self.gold.score(prompts, texts, users)
+        return self.gold.score(prompts, texts, users)  # type: ignore[union-attr]  # no rm: gold
 
     def features(
         self,
@@ -391,7 +396,7 @@ class _Loop:
                 batch_size=self.batch,
                 conversations=conversations,
             )
-        return self.gold.features(prompts, texts, users)
+        return self.gold.features(prompts, texts, users)  # type: ignore[union-attr]  # no rm: gold
 
     def _sigma_for(self, dim: int) -> FeatureCovariance:
         if self.sigma is None:
@@ -417,8 +422,11 @@ class _Loop:
         self._sigma_for(phi_c.shape[1]).add(phi_c - phi_r)
 
     # -------------------------------------------------------------- one round
-    def collect(self, t: int, timing: dict[str, float]) -> tuple[Any, dict[str, Any]]:
-        """Steps 1–3 of round ``t``: the round's pairs and their statistics per user."""
+    def collect(
+        self, t: int, timing: dict[str, float]
+    ) -> tuple[Any, dict[str, Any], dict[str, list] | None]:
+        """Steps 1–3 of round ``t``: the round's pairs, their statistics per user and, when π0
+        sampled them, the sampled token ids and log-probabilities (``None`` otherwise)."""
         from pluralign.data.loaders import TextPreferences
 
         it = self.it
@@ -447,7 +455,7 @@ class _Loop:
                 flat_u.append(u)
                 owner.append(i)
                 flat_ids.append(samples.token_ids[i][j])
-                flat_lp.append(samples.logprobs[i][j])
+                flat_lp.append(samples.logprobs[i][j])  # type: ignore[index]  # generate records them
         owner_arr = np.asarray(owner, dtype=np.int64)
         scores = self.selection_scores(flat_p, flat_t, flat_u) if flat_t else np.zeros(0)
         phi = self.features(flat_p, flat_t, flat_u) if flat_t else np.zeros((0, 1))
@@ -458,7 +466,7 @@ class _Loop:
         sigma_inv = sigma.inverse() if sigma is not None else None
         rng_pairs = np.random.default_rng(round_seed(it.seed, t, STREAMS["pairs"]))
         rng_labels = np.random.default_rng(round_seed(it.seed, t, STREAMS["labels"]))
-        stats = {
+        stats: dict[str, dict[str, Any]] = {
             u: {
                 "rows": 0,
                 "pairs": 0,
@@ -499,11 +507,11 @@ class _Loop:
                 a_wins = bool(scores[ia] > scores[ib])
             else:
                 a_wins = bool(
-                    bradley_terry(gold[ia : ia + 1], gold[ib : ib + 1], it.bt_scale, rng_labels)[0]
+                    bradley_terry(gold[ia : ia + 1], gold[ib : ib + 1], it.bt_scale, rng_labels)[0]  # type: ignore[index]  # a gold annotator
                 )
             ic, ir = (ia, ib) if a_wins else (ib, ia)
             delta = phi[ic] - phi[ir]
-            unc = float(sigma.norm(delta)[0])
+            unc = float(sigma.norm(delta)[0])  # type: ignore[union-attr]  # set: there are samples
             margin = float(abs(scores[ia] - scores[ib]))
             s["pairs"] += 1
             s["margin"].append(margin)
@@ -523,7 +531,7 @@ class _Loop:
             ):
                 kept[key].append(value)
         if kept["d"]:
-            sigma.add(np.array(kept["d"]))
+            sigma.add(np.array(kept["d"]))  # type: ignore[union-attr]  # set: there are pairs
         pairs = TextPreferences(
             prompts=kept["p"],
             chosen=kept["c"],
@@ -701,7 +709,7 @@ class _Loop:
                 "proxy": None if proxy is None else float(proxy[m].mean()),
                 "kl": float(gap[m].mean()),
                 "kl_token": float(token_kl[m].mean()),
-                "win_rate": None if gold is None else win_rate(gold[m], gold_ref[m]),
+                "win_rate": None if gold is None else win_rate(gold[m], gold_ref[m]),  # type: ignore[index]  # set with gold
             }
         return out
 
@@ -797,7 +805,7 @@ def run_iterate(
     _quiet_transformers()
     say = log or (print if progress else (lambda _msg: None))
 
-    rows = read_prompt_file(it.prompts)
+    rows = read_prompt_file(it.prompts)  # type: ignore[arg-type]  # iterate.prompts is required
     users = list(dict.fromkeys(u for _, u in rows))
     eval_rows = read_prompt_file(it.eval_prompts) if it.eval_prompts else rows
     extra = sorted({u for _, u in eval_rows} - set(users))
@@ -822,7 +830,7 @@ def run_iterate(
         raise ConfigError("iterate.annotator reward_model needs iterate.reward_model")
 
     plain = to_plain(resolved)
-    fingerprint = {
+    fingerprint: dict[str, Any] = {
         "config": {k: v for k, v in plain.items() if k != "out"},
         "files": {
             "iterate.prompts (contents)": _file_hash(it.prompts),
@@ -872,7 +880,12 @@ def run_iterate(
         timing: dict[str, float] = {}
         refs, _ = loop.reference_logps(loop.data[0], None, timing)
         loop.refs = [refs]
-        record = {"round": 0, "users": loop.evaluate(0, timing), "pairs": None, "dpo": None}
+        record: dict[str, Any] = {
+            "round": 0,
+            "users": loop.evaluate(0, timing),
+            "pairs": None,
+            "dpo": None,
+        }
         loop.history = [record]
         loop.timings = [timing]
         loop.save(0, fingerprint)

@@ -172,7 +172,7 @@ def train_reward_model(
     )
     with quiet_third_party():  # the weight-loading bar; a report of weights pluralign ignores
         model = PersonalizedRewardModel.from_pretrained(
-            model_path,
+            model_path,  # type: ignore[arg-type]  # model.name_or_path is required
             users,
             gguf_file=m.gguf_file,
             pad_token=m.pad_token,
@@ -234,7 +234,7 @@ def train_reward_model(
         trainer.history_,
         model,
         "accuracy.png",
-        f"{Path(m.name_or_path).name}, share={lora.share}, r={lora.r}: per-user accuracy",
+        f"{Path(m.name_or_path).name}, share={lora.share}, r={lora.r}: per-user accuracy",  # type: ignore[arg-type]
     )
     return report
 
@@ -256,7 +256,7 @@ def read_splits(d: DataConfig) -> tuple[Any, Any, list[str]]:
             read_text_preferences(d.eval, format=d.format, survey=d.survey, **columns),
         )
     else:
-        train, test = split_per_user(prefs, d.test_size, d.split_seed)
+        train, test = split_per_user(prefs, d.test_size, d.split_seed)  # type: ignore[assignment]  # test may be None
     users = list(dict.fromkeys(str(u) for u in train.users.tolist()))
     folder_names(users)
     return train, test, users

@@ -200,7 +200,7 @@ class MultiUserLoRA(nn.Module):
 
         LoraConfig.check_value("share", share)
         r = LoraConfig.check_value("r", r, name="LoRA rank r")
-        n_users = check_int("n_users", n_users)
+        n_users = check_int("n_users", n_users)  # type: ignore[assignment]  # not optional
         alpha = LoraConfig.check_value("lora_alpha", alpha, name="alpha")
         dropout = LoraConfig.check_value("lora_dropout", dropout, name="dropout")
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -266,7 +266,7 @@ class MultiUserLoRA(nn.Module):
     def layers(self) -> Iterator[tuple[str, MultiUserLoRALinear]]:
         """``(module name, adapted layer)`` pairs, in model order."""
         for name in self.module_names:
-            yield name, self.model.get_submodule(name)
+            yield name, self.model.get_submodule(name)  # type: ignore[misc]  # an adapted layer
 
     @contextlib.contextmanager
     def route(self, user_index: torch.Tensor | None) -> Iterator[None]:

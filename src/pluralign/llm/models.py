@@ -79,7 +79,7 @@ def load_pretrained(
     from pluralign.llm.reward_model import load_tokenizer
     from pluralign.settings import check_plain_file_name, check_string
 
-    text = check_string("name_or_path", name_or_path)
+    text: str = check_string("name_or_path", name_or_path)  # type: ignore[assignment]  # not optional
     gguf_file = check_plain_file_name("gguf_file", gguf_file)
     tokenizer = check_string("tokenizer", tokenizer, optional=True)
     pad_token = check_string("pad_token", pad_token, optional=True)
@@ -111,7 +111,7 @@ def load_pretrained(
 
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     try:
-        model, info = auto.from_pretrained(source, **load)
+        model, info = auto.from_pretrained(source, **load)  # type: ignore[misc]  # output_loading_info
     except _LOAD_ERRORS as exc:
         if isinstance(exc, PluralignError):
             raise

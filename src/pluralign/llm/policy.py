@@ -91,7 +91,7 @@ _UNSUPPORTED_HEADS = ("final_logit_softcapping", "logit_scale", "output_multipli
 def all_linear_modules(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` of ``model`` except its output layer (PEFT's
     ``"all-linear"``): attention and MLP projections of every block."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]  # a transformers model
     return [
         name
         for name, m in model.named_modules()
@@ -185,7 +185,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         if not self.user_ids:
             raise ConfigError("a personalized policy needs at least one user")
         config = getattr(model, "config", None)
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]  # a transformers model
         if not isinstance(output, nn.Linear):
             raise ConfigError(
                 f"{type(model).__name__} has no linear output layer: give a "
@@ -212,7 +212,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
         check_prompt_budget(self.max_prompt_length, self.max_length)
         PolicyModelConfig.check_value("chat_template", chat_template)
         self.chat_template = chat_template
-        self.logits_chunk = check_int("logits_chunk", logits_chunk)
+        self.logits_chunk: int = check_int("logits_chunk", logits_chunk)  # type: ignore[assignment]  # not optional
         self.model_type = getattr(config, "model_type", None)
         self.name_or_path = name_or_path or getattr(config, "_name_or_path", None)
         self.load_kwargs = dict(load_kwargs or {})
@@ -692,12 +692,13 @@ class PersonalizedPolicy(TrainableState, nn.Module):
 
         if len(prompts) != len(users):
             raise PluralignError(f"{len(prompts)} prompts for {len(users)} users")
-        n = check_int("n", n)
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens)
-        temperature = check_float("temperature", temperature, low=0.0, low_open=True)
-        top_p = check_float("top_p", top_p, low=0.0, low_open=True, high=1.0, high_open=False)
+        # check_int / check_float return None only when ``optional``
+        n = check_int("n", n)  # type: ignore[assignment]
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens)  # type: ignore[assignment]
+        temperature = check_float("temperature", temperature, low=0.0, low_open=True)  # type: ignore[assignment]
+        top_p = check_float("top_p", top_p, low=0.0, low_open=True, high=1.0, high_open=False)  # type: ignore[assignment]
         top_k = check_int("top_k", top_k, optional=True)
-        seed = check_int("seed", seed, minimum=0)
+        seed = check_int("seed", seed, minimum=0)  # type: ignore[assignment]
         users = [_user_key(u) for u in users]
         index = self.user_index(users)
         rows = [(i, self.prompt_ids(p)) for i, p in enumerate(prompts) for _ in range(n)]
@@ -733,7 +734,7 @@ class PersonalizedPolicy(TrainableState, nn.Module):
                 ):
                     torch.manual_seed(_batch_seed(seed, b))
                     recorder = _SampledLogprobs()
-                    out = self.model.generate(
+                    out = self.model.generate(  # type: ignore[operator]  # a transformers causal LM
                         input_ids=batch["input_ids"].to(self.device),
                         attention_mask=batch["attention_mask"].to(self.device),
                         generation_config=config,

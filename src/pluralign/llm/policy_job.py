@@ -128,7 +128,7 @@ def build_policy(resolved: dict[str, Any], users: list[str]) -> Any:
     m: PolicyModelConfig = resolved["model"]
     lora: LoraConfig = resolved["lora"]
     t: TrainingConfig = resolved["train"]
-    settings = {
+    settings: dict[str, Any] = {
         "target_modules": lora.target_modules,
         "r": lora.r,
         "alpha": lora.lora_alpha,
@@ -157,7 +157,12 @@ def build_policy(resolved: dict[str, Any], users: list[str]) -> Any:
             )
         name, gguf_file = found[0], gguf_file or found[1]
     return PersonalizedPolicy.from_pretrained(
-        name, users, gguf_file=gguf_file, pad_token=m.pad_token, tokenizer=m.tokenizer, **settings
+        name,  # type: ignore[arg-type]  # model.name_or_path is required
+        users,
+        gguf_file=gguf_file,
+        pad_token=m.pad_token,
+        tokenizer=m.tokenizer,
+        **settings,
     )
 
 
@@ -348,9 +353,11 @@ def _pessimism(
     rows = [train] + ([test] if test is not None and test.n else [])
     prompts = [p for r in rows for p in row_prompts(r)]  # a conversational row's messages
     users = [str(u) for r in rows for u in r.users]
-    reward_model = load_reward_model(dpo.reward_model, users=users)
+    # dpo.reward_model is required with loss_type=pessimistic (the only caller)
+    reward_model = load_reward_model(dpo.reward_model, users=users)  # type: ignore[arg-type]
     uncertainty = LastLayerUncertainty(beta=1.0).fit(
-        reward_model, reward_model_rows(dpo.reward_model)
+        reward_model,
+        reward_model_rows(dpo.reward_model),  # type: ignore[arg-type]
     )
     centers = reference_centers(
         policy, reward_model, prompts, users, seed=seed, batch_size=batch_size
@@ -454,7 +461,7 @@ def train_policy(
         trainer.history_,
         policy,
         "per_user.png",
-        f"{Path(m.name_or_path).name}, share={lora.share}, beta={dpo.beta:g}, "
+        f"{Path(m.name_or_path).name}, share={lora.share}, beta={dpo.beta:g}, "  # type: ignore[arg-type]
         f"{dpo.loss_type}: implicit-reward accuracy",
     )
     return report

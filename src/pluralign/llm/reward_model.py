@@ -50,11 +50,12 @@ _MODEL = RewardModelConfig.defaults()
 _LORA = LoraConfig.defaults()
 
 
-def default_target_modules(model_type: str) -> list[str]:
+def default_target_modules(model_type: str | None) -> list[str]:
     """PEFT's default LoRA targets for a transformers ``model_type`` (e.g. query/value)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    # no model type (None) has no default targets: refused below
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)  # type: ignore[arg-type]
     if not targets:
         raise ConfigError(
             f"no default LoRA target modules for model type {model_type!r}; give target_modules"
@@ -277,7 +278,7 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
         """The LoRA factors (``lora.<module>.lora_A`` ...) and the head."""
         for name, p in self.lora.lora_parameters():
             yield f"lora.{name}", p
-        yield "head.weight", self.head.weight
+        yield "head.weight", self.head.weight  # type: ignore[misc]  # a Parameter, typed Tensor
 
     def train(self, mode: bool = True) -> PersonalizedRewardModel:
         super().train(mode)
@@ -391,7 +392,7 @@ class PersonalizedRewardModel(TrainableState, nn.Module):
                     prompts[sl],
                     responses[sl],
                     None if conversations is None else conversations[sl],
-                    where=lambda i, start=start: {"row": start + i},
+                    where=lambda i, start=start: {"row": start + i},  # type: ignore[misc]
                 )
                 batch = self.collate(rows)
                 batch = {k: v.to(device) for k, v in batch.items()}

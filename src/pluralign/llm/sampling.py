@@ -29,14 +29,18 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pluralign.errors import ConfigError, PluralignError
 from pluralign.llm.policy import Generations, PersonalizedPolicy
+from pluralign.llm.protocols import PairScorer
 from pluralign.llm.trainer import LoRATrainer
+
+if TYPE_CHECKING:
+    from pluralign.llm.uncertainty import LastLayerUncertainty
 
 __all__ = [
     "BestOfN",
@@ -85,7 +89,9 @@ class BestOfN:
     candidates: Generations
 
 
-def _norms(reward_model: Any, uncertainty: Any, candidates: Generations) -> np.ndarray:
+def _norms(
+    reward_model: PairScorer, uncertainty: LastLayerUncertainty, candidates: Generations
+) -> np.ndarray:
     m, n = len(candidates.prompts), len(candidates.texts[0]) if candidates.texts else 0
     prompts = [p for p in candidates.prompts for _ in range(n)]
     users = [u for u in candidates.users for _ in range(n)]
@@ -99,13 +105,13 @@ def _norms(reward_model: Any, uncertainty: Any, candidates: Generations) -> np.n
 
 def best_of_n(
     policy: PersonalizedPolicy,
-    reward_model: Any,
+    reward_model: PairScorer,
     prompts: Sequence[str],
     users: Sequence[Any],
     *,
     n: int = 8,
     pessimism: float = 0.0,
-    uncertainty: Any = None,
+    uncertainty: LastLayerUncertainty | None = None,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -118,7 +124,7 @@ def best_of_n(
     :class:`~pluralign.llm.uncertainty.LastLayerUncertainty`)."""
     from pluralign.settings import check_float
 
-    pessimism = check_float("pessimism", pessimism, low=0.0)
+    pessimism = check_float("pessimism", pessimism, low=0.0)  # type: ignore[assignment]  # not optional
     if pessimism and uncertainty is None:
         raise ConfigError("pessimism > 0 needs a fitted LastLayerUncertainty (uncertainty=...)")
     candidates = policy.generate(
@@ -136,7 +142,8 @@ def best_of_n(
     flat_users = [u for u in candidates.users for _ in range(n)]
     texts = [t if t else " " for group in candidates.texts for t in group]
     rewards = reward_model.score(flat_prompts, texts, flat_users).reshape(len(prompts), n)
-    norms = _norms(reward_model, uncertainty, candidates) if pessimism else None
+    # uncertainty is given with pessimism > 0 (checked above)
+    norms = _norms(reward_model, uncertainty, candidates) if pessimism else None  # type: ignore[arg-type]
     chosen = select_best(rewards, norms, pessimism)
     return BestOfN(
         prompts=list(prompts),
@@ -193,7 +200,7 @@ class _Samples:
     """Accepted responses to train on: prompts, response token ids, users."""
 
     prompts: list[str]
-    responses: list[list[int]]
+    responses: list[list[int] | str]  # token ids, or text
     users: list[str]
     encoded: list[dict[str, list[int]]] = field(default_factory=list)
     user_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -309,7 +316,7 @@ def multistep_rejection_sampling(
     is called (e.g. to measure a gold reward). Returns one :class:`RejectionStage` per stage."""
     from pluralign.settings import check_float
 
-    etas = [check_float("eta", e, low=0.0, low_open=True) for e in etas]
+    etas = [check_float("eta", e, low=0.0, low_open=True) for e in etas]  # type: ignore[misc]  # not optional
     if not etas or any(b >= a for a, b in itertools.pairwise(etas)):
         raise ConfigError(f"etas must be a non-empty decreasing schedule, got {etas}")
     trainer = trainer or SFTTrainer(epochs=2, lr=5e-3, batch_size=batch_size, progress=False)

@@ -44,7 +44,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -106,7 +106,7 @@ class _Default:
 
 # The defaults of the keywords that ``args`` also sets are TrainingConfig's (one source, so
 # ``RewardTrainer()`` and ``RewardTrainer(args=TrainingConfig())`` are the same trainer)
-_D = {
+_D: dict[str, Any] = {
     TrainingConfig.TRAINER_NAMES[name]: _Default(default)
     for name, default in TrainingConfig.defaults().items()
 }
@@ -358,7 +358,7 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def per_user_metrics(margins: np.ndarray, users: Sequence[str]) -> dict[str, Any]:
+def per_user_metrics(margins: np.ndarray, users: Sequence[str] | np.ndarray) -> dict[str, Any]:
     """Pairwise accuracy (``r_c > r_r``; a tie counts one half) and mean BT loss, per user and
     overall (``accuracy`` over rows, ``mean_user_accuracy`` over users)."""
     margins = np.asarray(margins, dtype=np.float64)
@@ -451,6 +451,25 @@ class LoRATrainer:
     # defaults of the keywords above that a subclass changes (DPOTrainer: one epoch at 5e-4);
     # with ``args`` the section's defaults apply instead
     _DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    # the settings of ``args`` or the keywords, set by ``__init__`` (one ``setattr`` loop)
+    epochs: int
+    lr: float
+    batch_size: int
+    grad_accum: int
+    weight_decay: float
+    schedule: str
+    warmup_steps: int
+    max_grad_norm: float | None
+    seed: int
+    checkpoint_every: int | str
+    keep_checkpoints: int
+    max_steps: int | None
+    logging_steps: int
+
+    # defined by each subclass (the class docstring)
+    _row_losses: Callable[..., torch.Tensor]
+    evaluate: Callable[..., dict[str, Any]]
 
     def __init__(
         self,
@@ -699,7 +718,7 @@ class LoRATrainer:
         return run.ckpt_dir is not None and (
             (every == "epoch" and last_group)
             or step >= run.stop
-            or (every != "epoch" and step % every == 0)
+            or (every != "epoch" and step % every == 0)  # type: ignore[operator]  # an int here
         )
 
     def _save(
@@ -728,7 +747,7 @@ class LoRATrainer:
             "total_steps": run.total_steps,
         }
         _save_checkpoint(
-            run.ckpt_dir,
+            run.ckpt_dir,  # type: ignore[arg-type]  # set: _save runs only when _save_due
             step,
             run.model,
             run.optimizer,
@@ -974,7 +993,7 @@ class RewardTrainer(LoRATrainer):
         was_training = model.training
         model.train(False)
         rows = list(range(rank, len(data), world))
-        margins = []
+        margins: list[tuple[int, float]] = []
         for i in range(0, len(rows), self.batch_size):
             local = rows[i : i + self.batch_size]
             batch = {k: v.to(device) for k, v in data.batch(local, model).items()}

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pluralign.data.loaders import TextPreferences
 from pluralign.errors import PluralignError
+from pluralign.llm.protocols import BatchedFeatures, ReferenceSampler
+
+if TYPE_CHECKING:
+    from pluralign.llm.reward_model import PersonalizedRewardModel
 
 __all__ = [
     "LastLayerUncertainty",
@@ -47,14 +51,14 @@ __all__ = [
 
 
 def pair_features(
-    reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
+    reward_model: BatchedFeatures, prefs: TextPreferences, *, batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(φ of the chosen sides, φ of the rejected sides)`` of ``prefs``' rows under each row's
     user, tokenized as the reward model's training tokenized them (module docstring)."""
     from pluralign.llm.data import conversations
 
     users = [str(u) for u in prefs.users]
-    return tuple(
+    return tuple(  # type: ignore[return-value]  # two sides
         reward_model.features(
             prefs.prompts,
             getattr(prefs, side),
@@ -97,7 +101,7 @@ class LastLayerUncertainty:
         self.delta = delta
 
     def fit(
-        self, reward_model: Any, prefs: TextPreferences, *, batch_size: int = 32
+        self, reward_model: PersonalizedRewardModel, prefs: TextPreferences, *, batch_size: int = 32
     ) -> LastLayerUncertainty:
         """Build ``M`` from the feature differences of ``prefs`` (the reward model's training
         pairs) under each row's user."""
@@ -139,7 +143,7 @@ class LastLayerUncertainty:
 
 
 def pessimism_margins(
-    reward_model: Any,
+    reward_model: BatchedFeatures,
     uncertainty: LastLayerUncertainty,
     prefs: TextPreferences,
     centers: dict[tuple[Any, str], np.ndarray],
@@ -164,8 +168,8 @@ def pessimism_margins(
 
 
 def reference_centers(
-    policy: Any,
-    reward_model: Any,
+    policy: ReferenceSampler,
+    reward_model: BatchedFeatures,
     prompts: Sequence[str | list[dict]],
     users: Sequence[str],
     *,
@@ -187,7 +191,7 @@ def reference_centers(
         unique.setdefault((prompt_key(p), u), p)
     keys = list(unique)
     samples = policy.generate(
-        [unique[k] for k in keys],
+        [unique[k] for k in keys],  # type: ignore[misc]  # conversational prompts too (prompt_ids)
         [u for _, u in keys],
         n=n,
         max_new_tokens=max_new_tokens,

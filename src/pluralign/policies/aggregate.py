@@ -168,9 +168,11 @@ class PerUserPolicies:
         """User ``u``'s policy on ``targets``, ``(m, K)``."""
         return self.policy(user).probs(targets)
 
-    def all_probs(self, targets: TargetStates, users: Sequence[Any] | None = None) -> np.ndarray:
+    def all_probs(
+        self, targets: TargetStates, users: Sequence[Any] | np.ndarray | None = None
+    ) -> np.ndarray:
         """Every user's policy on the same targets, ``(U, m, K)``."""
-        users = self.model.users_ if users is None else users  # type: ignore[assignment]  # ids, any sequence
+        users = self.model.users_ if users is None else users
         return np.stack([self.probs(targets, u) for u in np.asarray(users).tolist()])
 
 

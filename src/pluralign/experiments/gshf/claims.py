@@ -4,6 +4,7 @@ comparisons for a finished run folder."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def _curves(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[
     return out
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error (NaN, NaN for no values: nothing to compare)."""
     arr = np.asarray(values, float)
     if arr.size == 0:

@@ -189,7 +189,7 @@ def _fit(ctx: UnitContext, family: str, make: Callable[[float], BradleyTerryMode
 
     def build():
         model = make(_ridge(ctx, family, make) / offline.n).fit(offline)
-        model.ridge_ = _ridge(ctx, family, make)
+        model.ridge_ = _ridge(ctx, family, make)  # type: ignore[attr-defined]  # recorded for reports
         return model
 
     return ctx.cached(family, build)
@@ -214,7 +214,7 @@ def _reduced(ctx: UnitContext) -> RTVReduced:
 
     def build() -> RTVReduced:
         model = RTVReduced(base, l2=base.l2).fit(offline)
-        model.ridge_ = base.ridge_
+        model.ridge_ = base.ridge_  # type: ignore[attr-defined]  # recorded for reports
         return model
 
     return ctx.cached("rtv", build)
@@ -298,7 +298,8 @@ def _pessimistic(
         tol=ctx.options["fw_tol"],
         max_iter=ctx.options["fw_max_iter"],
     )
-    metrics = _evaluate(ctx, report_model or model, policy)
+    # Every model passed here is a RewardModel as well as LinearInParameters.
+    metrics = _evaluate(ctx, report_model or model, policy)  # type: ignore[arg-type]
     metrics["duality_gap"] = policy.duality_gap_
     return metrics
 

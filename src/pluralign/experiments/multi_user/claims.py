@@ -88,7 +88,7 @@ def check_multi_user_claims(
             values = [sub.get((s, "shared_basis", n)) for s in user_sweep]
             if None in values:
                 continue
-            falls = all(a > b for a, b in itertools.pairwise(values))
+            falls = all(a > b for a, b in itertools.pairwise(values))  # type: ignore[operator]  # no None here
             ok &= falls
             parts.append(
                 f"n={n} ({'falls' if falls else 'not monotone'}): "

@@ -7,7 +7,7 @@ metrics), its draws, models and methods: what one unit computes.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -169,9 +169,10 @@ def user_counts(n: int, n_users: int, imbalance: float, seed: list[int]) -> np.n
 
 def _nested(data: PreferenceData, counts: np.ndarray) -> PreferenceData:
     """Each user's first ``counts[u]`` comparisons (rows are grouped by user, in order)."""
-    users, start = np.unique(data.users, return_index=True)
+    ids = cast(np.ndarray, data.users)  # multi-user data: every row has a user id
+    users, start = np.unique(ids, return_index=True)
     rank = np.arange(data.n) - np.repeat(start, np.diff(np.append(start, data.n)))
-    index = np.searchsorted(users, data.users)
+    index = np.searchsorted(users, ids)
     return data.subset(rank < counts[index])
 
 
@@ -322,7 +323,8 @@ def _new_user_metrics(
         if isinstance(model, Pooled):
             out[f"newuser_accuracy_{size}"] = float(np.mean(_accuracies(model, heldout)))
             continue
-        adapted = copy.deepcopy(model).adapt_user(few)
+        # Only models that adapt a new user (SharedBasis, PerUser) get here; Pooled returned above.
+        adapted = copy.deepcopy(model).adapt_user(few)  # type: ignore[attr-defined]
         out[f"newuser_accuracy_{size}"] = float(np.mean(_accuracies(adapted, heldout)))
         if true_basis:
             env = _env(ctx)
