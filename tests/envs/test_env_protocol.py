@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pluralign.envs import KLBandit, LowRankContextual, MultiUser
+from pluralign.errors import ConfigError
 
 SIMULATORS = {
     "lowrank_contextual": lambda: LowRankContextual(d_x=4, d_phi=5, rank=2, seed=0),
@@ -68,3 +69,9 @@ def test_multi_user_n_is_per_user_and_defaults_to_the_constructor():
         np.testing.assert_array_equal(
             more.phi0[more.users == u][:count], default.phi0[default.users == u]
         )
+
+
+@pytest.mark.parametrize("bad", [True, 2.5, None, [3, 3], [1.0] * 4, "40"])
+def test_multi_user_refuses_a_bad_n_per_user_with_a_config_error(bad):
+    with pytest.raises(ConfigError, match="n_per_user must be an integer or a list of 4"):
+        MultiUser(n_users=4, n_per_user=bad)

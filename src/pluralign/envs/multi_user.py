@@ -51,7 +51,10 @@ def _counts(n_per_user: int | Sequence[int] | np.ndarray, n_users: int) -> np.nd
     if isinstance(n_per_user, int | np.integer) and not isinstance(n_per_user, bool):
         counts = np.full(n_users, int(n_per_user))
     else:
-        counts = np.asarray(list(n_per_user))  # type: ignore[arg-type]  # a bool fails here
+        try:  # a boolean, a float or anything not iterable is refused below, not a TypeError
+            counts = np.asarray(list(n_per_user))  # type: ignore[arg-type]
+        except TypeError:
+            counts = np.zeros(0)
         if counts.shape != (n_users,) or counts.dtype.kind not in "iu":
             raise ConfigError(
                 f"n_per_user must be an integer or a list of {n_users} integers (one per user), "
