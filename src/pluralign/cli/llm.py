@@ -40,6 +40,16 @@ __all__ = [
 ]
 
 
+# the options every LLM job command takes (one declaration, the same --help text)
+OutOption = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
+]
+ResumeOption = Annotated[
+    bool, typer.Option(help="Continue from the last checkpoint in the output folder.")
+]
+ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+
 def run_llm_job(
     command: str,
     module: str,
@@ -77,13 +87,9 @@ def train_rm(
             "config's name (rm_personas); see docs/llm.md."
         ),
     ],
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Continue from the last checkpoint in the output folder.")
-    ] = True,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    out: OutOption = None,
+    resume: ResumeOption = True,
+    progress: ProgressOption = True,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -142,13 +148,9 @@ def train_policy_command(
             "policy_personas); see docs/llm.md."
         ),
     ],
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Continue from the last checkpoint in the output folder.")
-    ] = True,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    out: OutOption = None,
+    resume: ResumeOption = True,
+    progress: ProgressOption = True,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -191,9 +193,7 @@ def iterate_command(
             "iterate_smollm2); see docs/iterate.md."
         ),
     ],
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output folder (default: the config's out).")
-    ] = None,
+    out: OutOption = None,
     resume: Annotated[
         bool, typer.Option(help="Continue after the last finished round in the output folder.")
     ] = True,
